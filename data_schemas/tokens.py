@@ -1,0 +1,69 @@
+"""The tokens table: one row per response token, written by ``stages.score``.
+
+This is the table people query. Names from DESIGN.md / METHODS.md:
+``sample_id``, ``pos`` (0 = first response token), ``token_id``, ``segment`` (0 = student token,
+1 = teacher-prefix / off-policy guidance token), ``teacher_logprob`` (fp32, log pi_T(token_id)),
+``teacher_topk_ids`` / ``teacher_topk_logprobs`` (K per row, sorted by descending probability;
+full-vocabulary log-softmax gathered, never renormalised over K), ``teacher_topk_logmass`` (log of
+the summed top-K probability; the tail mass is 1 - exp of it), ``teacher_entropy``,
+``behavior_logprob`` / ``behavior_entropy`` (the model that sampled, after the rollout prompt),
+``ref_logprob`` (optional reference model after the train prompt), and optionally the behaviour's
+top-K ids with the teacher's log-probs on them (vOPD student-support baseline).
+fp16 is used where ~1e-3 relative precision is enough (top-K tails, entropies), fp32 for the
+scalars the advantage is built from.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from data_schemas.common import TableSpec, check_table
+
+NAME = "tokens"
+VERSION = 1
+
+SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("pos", pa.int32(), nullable=False),
+        pa.field("token_id", pa.int32(), nullable=False),
+        pa.field("segment", pa.uint8(), nullable=False),
+        pa.field("is_guided", pa.bool_(), nullable=False),
+        pa.field("teacher_logprob", pa.float32(), nullable=False),
+        pa.field("teacher_topk_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("teacher_topk_logprobs", pa.list_(pa.float16()), nullable=False),
+        pa.field("teacher_topk_logmass", pa.float32(), nullable=False),
+        pa.field("teacher_entropy", pa.float16(), nullable=True),  # null when not computed
+        pa.field("behavior_logprob", pa.float32(), nullable=False),
+        pa.field("behavior_entropy", pa.float16(), nullable=True),  # null when not computed
+        pa.field("ref_logprob", pa.float32(), nullable=True),  # null without a reference model
+        pa.field("behavior_topk_ids", pa.list_(pa.int32()), nullable=True),
+        pa.field("teacher_logprobs_on_behavior_topk", pa.list_(pa.float16()), nullable=True),
+    ]
+)
+
+SPEC = TableSpec(
+    name=NAME,
+    schema=SCHEMA,
+    keys=("sample_id", "pos"),
+    logprob_cols=(
+        "teacher_logprob",
+        "teacher_topk_logprobs",
+        "teacher_topk_logmass",
+        "behavior_logprob",
+        "ref_logprob",
+        "teacher_logprobs_on_behavior_topk",
+    ),
+    finite_cols=("teacher_entropy", "behavior_entropy"),
+    id_cols=("token_id", "teacher_topk_ids", "behavior_topk_ids"),
+    same_length=(
+        ("teacher_topk_ids", "teacher_topk_logprobs"),
+        ("behavior_topk_ids", "teacher_logprobs_on_behavior_topk"),
+    ),
+    fixed_length=("teacher_topk_ids", "behavior_topk_ids"),
+)
+
+
+def validate(table: pa.Table, *, where: str = "tokens", vocab_size: int | None = None) -> pa.Table:
+    """Check the table: nulls, NaN/inf or positive log-probs, ragged top-K, ids, unique keys."""
+    return check_table(table, SPEC, where=where, vocab_size=vocab_size)

@@ -1,0 +1,66 @@
+"""One error type for user mistakes, and the entry-point wrapper that prints it as one line.
+
+A ``UserError`` says what is wrong, where, and how to fix it. Entry points catch it, print
+``error: <what> (<where>). Fix: <fix>`` to stderr and exit with status 2; the traceback is shown
+only when ``DISTILLERY_DEBUG=1`` is set (or the config has ``debug=true``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix: bad input, bad config, mismatched models, a locked run dir."""
+
+    def __init__(self, what: str, where: str | None = None, fix: str | None = None):
+        self.what, self.where, self.fix = what, where, fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        s = self.what
+        if self.where:
+            s += f" ({self.where})"
+        if self.fix:
+            s += f". Fix: {self.fix}"
+        return s
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("DISTILLERY_DEBUG", "") not in ("", "0", "false")
+
+
+def report_and_exit(err: BaseException) -> None:
+    """Print a user error as one readable line and exit non-zero (traceback only in debug)."""
+    if debug_enabled():
+        traceback.print_exception(err)
+    if isinstance(err, UserError):
+        print(f"error: {err.line()}", file=sys.stderr, flush=True)
+    else:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        if not debug_enabled():
+            print("(set DISTILLERY_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR if isinstance(err, UserError) else 1)
+
+
+def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for entry points: a UserError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            report_and_exit(err)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,313 @@
+"""Per-token log-prob statistics, computed memory-bounded from a causal LM's hidden states.
+
+Used by the ``score`` stage (teacher, behaviour and reference passes), by rollout tests and by the
+trainer. One rule everywhere (METHODS.md, "Notation"): a log-prob is the **full-vocabulary**
+log-softmax of **fp32** LM-head logits, then gathered; never a softmax over K survivors.
+
+Memory: the head is applied to ``chunk`` positions at a time, so at most ``[chunk, V]`` fp32 logits
+live at once (V = 152k, chunk = 1024 is ~600 MB); ``[B, T, V]`` is never built for a batch.
+
+Padded vocabularies: some families pad the embedding matrix past the tokenizer (151,936 vs 152,064
+rows). ``vocab_size`` is always the *tokenizer's* size; rows ``>= vocab_size`` are set to -inf before
+the softmax, so they enter neither the normaliser nor the top-K.
+
+Public functions:
+
+- ``head_logprob_stats(hidden, lm_head, targets, k, vocab_size, ...)``: stats from hidden states.
+- ``logits_logprob_stats(logits, targets, k, vocab_size, ...)``: the same from given logits.
+- ``gather_logprobs(logits, ids, vocab_size, temperature)``: log-probs at given ids + log-normaliser.
+- ``model_hidden_states(model, input_ids, attention_mask)``: final (normed) hidden states.
+- ``model_head(model)``: the output head as an fp32 callable (with the model's logit transforms).
+- ``response_positions(prefix_lens, response_lens, seq_len)``: flat indices of scoring positions.
+- ``sequence_stats(model, prefix_ids, response_ids, k, vocab_size, ...)``: the whole path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Head = Callable[[Tensor], Tensor] | nn.Module
+
+
+def _check_vocab(width: int, vocab_size: int, k: int | None = None) -> None:
+    if vocab_size > width:
+        raise ValueError(
+            f"vocab_size={vocab_size} (tokenizer) exceeds the head's {width} rows: wrong tokenizer?"
+        )
+    if k is not None and not 0 <= k <= vocab_size:
+        raise ValueError(f"top-k must be in [0, vocab_size={vocab_size}], got k={k}")
+
+
+def masked_logits(logits: Tensor, vocab_size: int, temperature: float = 1.0) -> Tensor:
+    """fp32 logits at ``temperature`` with padded-vocabulary columns (``>= vocab_size``) at -inf.
+
+    Out of place, so it is safe inside autograd (the trainer's student logits).
+    """
+    z = logits.float()  # [n, V]
+    if temperature != 1.0:
+        z = z / temperature
+    width = z.shape[-1]
+    _check_vocab(width, vocab_size)
+    if width > vocab_size:
+        pad = torch.arange(width, device=z.device) >= vocab_size  # [V]
+        z = z.masked_fill(pad, float("-inf"))
+    return z
+
+
+def _fp32_head(lm_head: Head) -> Callable[[Tensor], Tensor]:
+    """The head as a callable returning fp32 logits.
+
+    An ``nn.Linear`` head (what every transformers causal LM has) is computed in fp32 from an fp32
+    copy of its weight, made once here, not per chunk: bf16 matmuls would round logits by ~1e-2
+    before the log-softmax (DESIGN: "compute the head in fp32"). Other callables are trusted and
+    their output is cast with ``.float()``.
+    """
+    if isinstance(lm_head, nn.Linear):
+        w = lm_head.weight.float()  # [V, H]; no copy when already fp32
+        b = None if lm_head.bias is None else lm_head.bias.float()
+        return lambda h: F.linear(h.float(), w, b)
+    return lambda h: lm_head(h).float()
+
+
+@torch.no_grad()
+def head_logprob_stats(
+    hidden: Tensor,
+    lm_head: Head,
+    targets: Tensor,
+    k: int,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+    want_entropy: bool = True,
+) -> dict[str, Tensor]:
+    """Log-prob statistics of the next-token distributions at ``N`` positions, chunked.
+
+    With ``z = head(h).float() / temperature`` (padded columns at -inf) and
+    ``log π = log_softmax(z)`` over the full vocabulary:
+
+    - ``logprob`` [N] fp32: ``log π(target)``.
+    - ``topk_ids`` [N, K] int32, sorted by descending probability; ``topk_logprobs`` [N, K] fp32:
+      the full-vocabulary log-probs at those ids (not renormalised).
+    - ``topk_logmass`` [N] fp32: ``log Σ_{i∈top-K} π(i)``; exactly 0 when K = vocab_size. With
+      k = 0 there is no top-K: the id/log-prob tensors are ``[N, 0]`` and the logmass is NaN
+      (undefined, deliberately not 0 so it cannot pass for "all the mass").
+    - ``entropy`` [N] fp32: ``−Σ_i π(i) log π(i)`` over the full vocabulary (only when
+      ``want_entropy``; the key is absent otherwise, so a consumer cannot read a placeholder).
+
+    No gradient (scoring). ``hidden`` is [N, H]; ``targets`` [N] int64; ``chunk`` bounds the live
+    ``[chunk, V]`` fp32 logits.
+    """
+    n = hidden.shape[0]
+    if targets.shape != (n,):
+        raise ValueError(f"targets must be [{n}], got {tuple(targets.shape)}")
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
+    head = _fp32_head(lm_head)
+    dev = hidden.device
+    logprob = torch.empty(n, dtype=torch.float32, device=dev)  # [N]
+    topk_ids = torch.empty(n, k, dtype=torch.int32, device=dev)  # [N, K]
+    topk_lp = torch.empty(n, k, dtype=torch.float32, device=dev)  # [N, K]
+    logmass = torch.full((n,), math.nan, dtype=torch.float32, device=dev)  # [N]
+    entropy = torch.empty(n, dtype=torch.float32, device=dev) if want_entropy else None  # [N]
+    targets = targets.to(device=dev, dtype=torch.long)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        z = masked_logits(head(hidden[s:e]), vocab_size, temperature)  # [n, V] fp32
+        if s == 0:
+            _check_vocab(z.shape[-1], vocab_size, k)
+        logp = torch.log_softmax(z, dim=-1)  # [n, V]
+        del z
+        tgt = targets[s:e]
+        if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= vocab_size):
+            raise ValueError(f"target ids must be in [0, {vocab_size})")
+        logprob[s:e] = logp.gather(1, tgt[:, None]).squeeze(1)  # [n]
+        if k > 0:
+            vals, ids = logp.topk(k, dim=-1, sorted=True)  # [n, K] each
+            topk_ids[s:e] = ids.to(torch.int32)
+            topk_lp[s:e] = vals
+            # K = V: the mass is 1 by definition; logsumexp would give ±1e-7 rounding instead.
+            logmass[s:e] = 0.0 if k == vocab_size else torch.logsumexp(vals, dim=-1)
+        if entropy is not None:
+            # -inf (padded) columns have p = 0: define 0·log 0 = 0 instead of NaN.
+            p = logp.exp()  # [n, V]
+            entropy[s:e] = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+    out = {
+        "logprob": logprob,
+        "topk_ids": topk_ids,
+        "topk_logprobs": topk_lp,
+        "topk_logmass": logmass,
+    }
+    if entropy is not None:
+        out["entropy"] = entropy
+    return out
+
+
+def logits_logprob_stats(
+    logits: Tensor,
+    targets: Tensor,
+    k: int,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+    want_entropy: bool = True,
+) -> dict[str, Tensor]:
+    """``head_logprob_stats`` from precomputed logits ``[N, V]`` (the head is the identity).
+
+    Still chunked: each ``[chunk, V]`` slice is cast to fp32 separately, so bf16 logits for many
+    positions never become one fp32 copy.
+    """
+    return head_logprob_stats(
+        logits, lambda x: x, targets, k, vocab_size, temperature, chunk, want_entropy
+    )
+
+
+def gather_logprobs(
+    logits: Tensor, ids: Tensor, vocab_size: int, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Full-vocabulary log-probs at given ids, with gradient (the trainer's top-K terms).
+
+    ``logits`` [N, V] (any float dtype, cast to fp32), ``ids`` [N, K] integer ids
+    ``< vocab_size``. Returns ``(log π(ids)`` [N, K] fp32, ``logZ`` [N] fp32) where
+    ``logZ = logsumexp(z)`` over the unpadded vocabulary and ``log π(i) = z_i − logZ``, with
+    ``z = logits / temperature``. Only the [N, V] fp32 logits are materialised (no [N, V] log-softmax).
+    """
+    z = masked_logits(logits, vocab_size, temperature)  # [N, V]
+    log_z = torch.logsumexp(z, dim=-1)  # [N]
+    return z.gather(1, ids.long()) - log_z[:, None], log_z  # [N, K], [N]
+
+
+# ---------------------------------------------------------------- transformers causal LMs
+
+
+def model_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Final hidden states ``[B, T, H]`` of a transformers causal LM, *after* its final norm.
+
+    Runs the decoder body (``model.get_decoder()``, i.e. ``model.model`` for Llama/Qwen/Gemma),
+    whose ``last_hidden_state`` already includes the final norm, and never calls the LM head: the
+    head is applied later, in chunks, at the scoring positions only. Falls back to
+    ``output_hidden_states=True`` (whose last entry is normed in transformers' decoder models) for
+    architectures without a decoder accessor. Right padding keeps default position ids correct.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and decoder is not model:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state  # [B, T, H]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return out.hidden_states[-1]  # [B, T, H]
+
+
+def model_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The model's output head as an fp32 callable ``[n, H] -> [n, V]``.
+
+    Applies the logit transforms transformers performs after ``lm_head`` for the families that
+    have one (Gemma 2/3 ``final_logit_softcapping``, Granite ``logits_scaling``), so that the
+    result equals ``model(...).logits`` (tested for Llama).
+    """
+    head = _fp32_head(model.get_output_embeddings())
+    cfg = getattr(model, "config", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logits_scaling", None)
+
+    def apply(h: Tensor) -> Tensor:
+        z = head(h)  # [n, V] fp32
+        if scale:
+            z = z / scale
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return z
+
+    return apply
+
+
+def response_positions(
+    prefix_lens: Sequence[int], response_lens: Sequence[int], seq_len: int
+) -> Tensor:
+    """Flat indices into a right-padded ``[B, seq_len]`` batch of the positions scoring responses.
+
+    Row ``b`` holds ``prefix_b ⊕ response_b``; response token ``j`` sits at ``prefix_lens[b] + j``
+    and is scored by the *previous* position's next-token distribution (position p predicts token
+    p + 1), so its index is ``b·seq_len + prefix_lens[b] − 1 + j``. Rows are concatenated in order
+    (``[M]`` int64, ``M = Σ response_lens``). Every prefix must be non-empty: nothing predicts the
+    first token of a sequence.
+    """
+    idx = []
+    for b, (p, r) in enumerate(zip(prefix_lens, response_lens, strict=True)):
+        if p < 1:
+            raise ValueError(f"row {b}: empty prefix, nothing scores the first response token")
+        if p + r > seq_len:
+            raise ValueError(f"row {b}: prefix {p} + response {r} exceeds seq_len {seq_len}")
+        start = b * seq_len + p - 1
+        idx.append(torch.arange(start, start + r, dtype=torch.long))
+    return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)  # [M]
+
+
+@torch.no_grad()
+def sequence_stats(
+    model: nn.Module,
+    prefix_ids: list[list[int]],
+    response_ids: list[list[int]],
+    k: int,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+    pad_id: int = 0,
+    want_entropy: bool = True,
+) -> list[dict[str, np.ndarray]]:
+    """Score each response after its prefix: one dict of numpy arrays per sequence.
+
+    Pads ``prefix ⊕ response`` rows on the right, runs the decoder once for the batch, keeps the
+    hidden states at the response-scoring positions only (``response_positions``) and applies the
+    head to them in chunks (``head_logprob_stats``). Keys per sequence (length ``R`` = its response
+    length): ``logprob`` [R] fp32, ``topk_ids`` [R, K] int32, ``topk_logprobs`` [R, K] fp32,
+    ``topk_logmass`` [R] fp32, ``entropy`` [R] fp32.
+
+    The model runs in its own dtype and mode: load it in fp32 and call ``model.eval()`` for scores
+    (the score stage does); the head is computed in fp32 regardless. The caller picks the batch
+    (all rows are forwarded together, padded to the longest).
+    """
+    if len(prefix_ids) != len(response_ids):
+        raise ValueError("prefix_ids and response_ids must have the same length")
+    if not prefix_ids:
+        return []
+    device = next(model.parameters()).device
+    p_lens = [len(p) for p in prefix_ids]
+    r_lens = [len(r) for r in response_ids]
+    seq_len = max(p + r for p, r in zip(p_lens, r_lens))
+    ids = torch.full((len(p_lens), seq_len), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(p_lens), seq_len), dtype=torch.long)  # [B, T]
+    for b, (p, r) in enumerate(zip(prefix_ids, response_ids)):
+        row = list(p) + list(r)
+        ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[b, : len(row)] = 1
+    pos = response_positions(p_lens, r_lens, seq_len)  # [M]
+    # The target of position p is the token at p + 1 in the same row.
+    targets = ids.reshape(-1)[pos + 1]  # [M]
+    hidden = model_hidden_states(model, ids.to(device), mask.to(device))  # [B, T, H]
+    hidden = hidden.reshape(-1, hidden.shape[-1])[pos.to(device)]  # [M, H]
+    stats = head_logprob_stats(
+        hidden,
+        model_head(model),
+        targets.to(device),
+        k,
+        vocab_size,
+        temperature,
+        chunk,
+        want_entropy,
+    )
+    stats = {name: t.cpu().numpy() for name, t in stats.items()}
+    out, start = [], 0
+    for r in r_lens:
+        out.append({name: a[start : start + r] for name, a in stats.items()})
+        start += r
+    return out

@@ -1,0 +1,545 @@
+"""Every distillation loss in METHODS.md, as small pure functions of the student's logits.
+
+Interface (the trainer calls it once per micro-batch chunk of response positions):
+
+    loss_sum, metrics = LOSSES[name](logits, batch, vocab_size=V, temperature=1.0, **kwargs)
+
+- ``logits`` [N, V]: the student's logits at the N selected response positions (position p scores
+  token p + 1), any float dtype; cast to fp32 and log-softmaxed **once** per call over the full
+  (unpadded) vocabulary. Only K columns are gathered from it; no dense teacher [N, V] is ever built.
+- ``batch``: per-token tensors named like the stored columns: ``token_id`` [N] int, ``weight`` [N]
+  (selection weight, 0 = excluded; all ones when absent), ``segment`` [N] uint8 (0 = on-policy
+  student token, 1 = teacher-prefix / off-policy guidance token; all 0 when absent),
+  ``teacher_logprob`` [N], ``teacher_topk_ids`` [N, K], ``teacher_topk_logprobs`` [N, K],
+  ``teacher_topk_logmass`` [N], ``behavior_logprob`` [N], optional ``ref_logprob`` [N],
+  ``behavior_topk_ids`` [N, Kb] and ``teacher_logprobs_on_behavior_topk`` [N, Kb].
+- ``vocab_size``: the tokenizer's size; logit columns ``>= vocab_size`` (padded embedding rows) are
+  masked out of the normaliser. ``temperature`` divides the student's logits. The stored teacher
+  log-probs must have been scored at the same temperature (the trainer checks the manifest).
+- Returns ``loss_sum = Σ_t w_t · L_t``: a weighted **sum**, not a mean. The trainer divides by the
+  global Σ w over all accumulation steps and ranks, so splitting a batch into chunks and summing is
+  exactly one call (tested). ``metrics`` are detached sums too; ``average_metrics`` turns the
+  accumulated totals into means (each metric knows its denominator).
+
+Excluded tokens (w = 0) contribute nothing, not even NaN: their per-token inputs are zeroed before
+any arithmetic, so unscored rows (NaN teacher log-probs, id -1 padding) are harmless.
+
+Policy-gradient losses (``opd_k1``, ``vopd``, ``exopd``, the trusted part of ``tropd``) share the
+surrogate ``L_t = −sg(A_t)·log π_θ(y_t)``, whose gradient is the REINFORCE estimate
+``−A_t ∇log π_θ(y_t)`` of ``∇ KL(π_θ‖π_T)`` when ``A_t = r_t`` and ``y_t ~ π_θ``. They take an optional
+truncated importance weight ``is_clip = C``: ``A_t ← min(π_θ(y_t)/π_b(y_t), C)·A_t`` (detached), for
+rollouts sampled by an older student ``π_b`` (stale data; off by default, as in Lightning OPD).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Metrics = dict[str, Tensor]
+LossFn = Callable[..., tuple[Tensor, Metrics]]
+
+# Metrics averaged over on-policy (segment 0) weighted tokens rather than all weighted tokens:
+# r_t estimates the reverse KL only on tokens the student sampled itself.
+ONPOLICY_METRICS = ("reward", "rkl_k1", "staleness")
+# Count metrics (kept as totals) and max-reduced metrics (the trainer takes the max, not the sum).
+COUNT_METRICS = ("tokens", "tokens_onpolicy")
+MAX_SUFFIX = "_max"
+
+
+# ---------------------------------------------------------------------------- shared inputs
+
+
+@dataclass
+class Prepared:
+    """The student's full-vocabulary log-probs and the cleaned per-token batch, computed once.
+
+    ``combined_loss`` builds one and passes it as ``logits`` to every term, so the [N, V]
+    log-softmax is computed once per call however many terms there are.
+    """
+
+    logp: Tensor  # [N, V] fp32 log π_θ at the loss temperature; padded columns -inf; with grad
+    token_logp: Tensor  # [N] log π_θ(y_t)
+    batch: dict[str, Tensor]  # per-token fields, excluded rows zeroed, floats in fp32
+    w: Tensor  # [N] fp32 selection weight
+
+    def at(self, ids: Tensor) -> Tensor:
+        """Student full-vocabulary log-probs at ids [N, K] -> [N, K]."""
+        return self.logp.gather(1, ids)
+
+    def need(self, name: str, why: str) -> Tensor:
+        if name not in self.batch:
+            raise KeyError(f"batch has no {name!r} column, needed by {why}")
+        return self.batch[name]
+
+
+def prepare(
+    logits: Tensor | Prepared,
+    batch: Mapping[str, Tensor],
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+) -> Prepared:
+    """Student log-softmax (fp32, full unpadded vocabulary, at ``temperature``) + cleaned batch."""
+    if isinstance(logits, Prepared):
+        return logits
+    n, width = logits.shape
+    vocab_size = width if vocab_size is None else vocab_size
+    if vocab_size > width:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the logits' {width} columns")
+    w = batch.get("weight")
+    w = torch.ones(n, device=logits.device) if w is None else w.float()  # [N]
+    keep = w != 0  # [N]
+    clean: dict[str, Tensor] = {}
+    for name, x in batch.items():
+        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] != n:
+            continue
+        k = keep.view(-1, *([1] * (x.ndim - 1)))  # [N, 1...] broadcast over the K axis
+        if x.is_floating_point():
+            clean[name] = torch.where(k, x.float(), 0.0)
+        elif name.endswith("_ids") or name == "token_id":
+            clean[name] = torch.where(k, x.long(), 0)  # id -1 padding must still gather
+        else:
+            clean[name] = x
+    z = logits.float()  # [N, V]
+    if temperature != 1.0:
+        z = z / temperature
+    if width > vocab_size:
+        # Out of place (masked_fill, not an in-place write): keeps autograd happy.
+        z = z.masked_fill(torch.arange(width, device=z.device) >= vocab_size, float("-inf"))
+    logp = torch.log_softmax(z, dim=-1)  # [N, V]
+    if "token_id" not in clean:
+        raise KeyError("batch has no 'token_id' column")
+    token_logp = logp.gather(1, clean["token_id"][:, None]).squeeze(1)  # [N]
+    return Prepared(logp=logp, token_logp=token_logp, batch=clean, w=w)
+
+
+def _segment(p: Prepared) -> Tensor:
+    seg = p.batch.get("segment")
+    return torch.zeros_like(p.w, dtype=torch.long) if seg is None else seg.long()  # [N]
+
+
+def _base_metrics(p: Prepared) -> Metrics:
+    """Diagnostics every loss reports (sums; see ``average_metrics``)."""
+    lp = p.token_logp.detach()  # [N]
+    on = p.w * (_segment(p) == 0)  # [N] on-policy weight
+    m = {"tokens": p.w.sum(), "tokens_onpolicy": on.sum()}
+    if "teacher_logprob" in p.batch:
+        r = p.batch["teacher_logprob"] - lp  # [N]
+        m["reward"] = (on * r).sum()
+        m["rkl_k1"] = -m["reward"]  # k1 estimate of KL(π_θ‖π_T) on tokens sampled from π_θ
+    if "behavior_logprob" in p.batch:
+        m["staleness"] = (on * (lp - p.batch["behavior_logprob"])).sum()
+    return m
+
+
+def _finish(p: Prepared, per_token: Tensor, extra: Metrics | None = None) -> tuple[Tensor, Metrics]:
+    loss_sum = (p.w * per_token).sum()  # scalar; linear in w
+    m = _base_metrics(p)
+    m["loss"] = loss_sum.detach()
+    for name, v in (extra or {}).items():
+        m[name] = v.detach()
+    return loss_sum, m
+
+
+def average_metrics(totals: Mapping[str, float]) -> dict[str, float]:
+    """Turn metric totals (summed over chunks, accumulation steps and ranks) into means.
+
+    ``reward``, ``rkl_k1``, ``staleness`` are divided by ``tokens_onpolicy``; ``*_max`` and the token
+    counts are kept; everything else (losses, KLs, IS weight, fractions) is divided by ``tokens``.
+    """
+    out = {}
+    for name, v in totals.items():
+        base = name.rsplit("/", 1)[-1]
+        if base in COUNT_METRICS or base.endswith(MAX_SUFFIX):
+            out[name] = float(v)
+            continue
+        den = totals.get("tokens_onpolicy" if base in ONPOLICY_METRICS else "tokens", 0.0)
+        out[name] = float(v) / float(den) if den else math.nan
+    return out
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _renorm(lp: Tensor) -> Tensor:
+    """log p̃ on a support: log-probs [N, K] renormalised to sum to 1 over K."""
+    return lp - torch.logsumexp(lp, dim=-1, keepdim=True)  # [N, K]
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """``KL(a‖b) = Σ_i a_i (log a_i − log b_i)`` over the last axis, with 0·log 0 = 0.
+
+    Entries with ``a_i = 0`` are replaced by 0 *before* the arithmetic so that neither the value
+    nor the gradient can pick up ``0·(−inf)`` NaNs.
+    """
+    a = log_a.exp()  # [N, K]
+    live = a > 0
+    diff = torch.where(live, log_a, 0.0) - torch.where(live, log_b, 0.0)  # [N, K]
+    return (a * diff).sum(-1)  # [N]
+
+
+def _support(p: Prepared, support: str, why: str) -> tuple[Tensor, Tensor]:
+    """(ids [N, K] int64, teacher full-vocab log-probs on them [N, K] fp32) for a top-K support."""
+    if support == "teacher":
+        return (
+            p.need("teacher_topk_ids", why),
+            p.need("teacher_topk_logprobs", why),
+        )
+    if support == "behavior":
+        return (
+            p.need("behavior_topk_ids", why),
+            p.need("teacher_logprobs_on_behavior_topk", why),
+        )
+    raise ValueError(f"support must be 'teacher' or 'behavior', got {support!r}")
+
+
+def _pg(p: Prepared, adv: Tensor, is_clip: float | None) -> tuple[Tensor, Metrics]:
+    """Per-token policy-gradient surrogate ``−sg(iw·A)·log π_θ(y)`` [N] and IS metrics."""
+    lp = p.token_logp  # [N]
+    adv = adv.detach()  # [N]
+    m: Metrics = {}
+    if is_clip is not None:
+        if is_clip <= 0:
+            raise ValueError("is_clip must be > 0")
+        beh = p.need("behavior_logprob", "the importance weight (is_clip)")
+        ratio = (lp.detach() - beh).exp()  # [N] π_θ/π_b
+        iw = ratio.clamp(max=is_clip)  # [N] truncated: bounded variance, small bias
+        m["is_weight"] = (p.w * iw).sum()
+        m["is_clipped"] = (p.w * (ratio > is_clip)).sum()
+        live = ratio.masked_fill(p.w == 0, 0.0)
+        m["is_ratio_max"] = live.max() if live.numel() else live.new_zeros(())
+        adv = adv * iw
+    return -adv * lp, m
+
+
+def _topk_fkl_tokens(p: Prepared, tail_bucket: bool, why: str) -> Tensor:
+    """Per-token top-K forward KL on the teacher's support [N] (see ``topk_fkl``)."""
+    ids, t_lp = _support(p, "teacher", why)  # [N, K], [N, K]
+    s_lp = p.at(ids)  # [N, K] student, full-vocab normalised
+    if not tail_bucket:
+        return _kl(_renorm(t_lp), _renorm(s_lp))
+    # Teacher tail mass from the stored fp32 log-mass (top-K log-probs may be stored in fp16).
+    logmass = p.batch.get("teacher_topk_logmass")
+    if logmass is None:
+        logmass = torch.logsumexp(t_lp, dim=-1)  # [N]
+    tail_t = (-torch.expm1(logmass.clamp(max=0.0))).clamp(0.0, 1.0)  # [N] 1 − exp(logmass)
+    # Student tail mass = logsumexp over the columns outside S, computed exactly from the
+    # log-softmax rather than as 1 − Σ_S p_θ (which cancels catastrophically when the tail is
+    # small). S columns get a finite floor, not -inf, so that K = V yields a finite value and a
+    # finite gradient (then multiplied by tail_t = 0).
+    floor = torch.finfo(p.logp.dtype).min
+    log_tail_s = torch.logsumexp(p.logp.scatter(1, ids, floor), dim=-1)  # [N]
+    head = _kl(t_lp, s_lp)  # [N] Σ_S p_T (log p_T − log p_θ), unnormalised
+    return head + torch.special.xlogy(tail_t, tail_t) - tail_t * log_tail_s  # [N]
+
+
+# --------------------------------------------------------------------------------- losses
+
+
+def opd_k1(
+    logits: Tensor | Prepared,
+    batch: Mapping[str, Tensor],
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    is_clip: float | None = None,
+) -> tuple[Tensor, Metrics]:
+    """Sampled-token OPD (K1; Lightning OPD, Thinking Machines' on-policy distillation).
+
+    ``r_t = log π_T(y_t) − log π_θ(y_t)``,  ``L_t = −sg(r_t)·log π_θ(y_t)``.
+
+    The gradient ``−r_t ∇log π_θ(y_t) = (log π_θ − log π_T)(y_t)·∇log π_θ(y_t)`` is the
+    single-sample estimate of ``∇ KL(π_θ‖π_T)`` for ``y_t ~ π_θ``. Optional truncated importance
+    weight ``min(exp(log π_θ − log π_b), is_clip)`` (detached) for stale rollouts.
+    """
+    p = prepare(logits, batch, vocab_size, temperature)
+    r = p.need("teacher_logprob", "opd_k1") - p.token_logp.detach()  # [N]
+    per_token, m = _pg(p, r, is_clip)
+    return _finish(p, per_token, m)
+
+
+def vopd(
+    logits: Tensor | Prepared,
+    batch: Mapping[str, Tensor],
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    support: str = "teacher",
+    is_clip: float | None = None,
+) -> tuple[Tensor, Metrics]:
+    """vOPD: OPD with a control-variate baseline.
+
+    ``A_t = r_t + sg(KL_t(π_θ‖π_T))``,  ``L_t = −sg(A_t)·log π_θ(y_t)``, with
+    ``KL_t = Σ_{i∈S} p̃_θ(i)(log p̃_θ(i) − log p̃_T(i))`` on a top-K support ``S``, both distributions
+    renormalised on it: ``support="teacher"`` (stored teacher top-K ids and log-probs) or
+    ``"behavior"`` (the behaviour policy's top-K ids with the teacher's log-probs on them).
+
+    Sign: ``E_{y~π_θ}[r_t] = −KL_t(π_θ‖π_T)``, so ``A_t = r_t + KL_t = r_t − E[r_t]`` is the reward
+    minus its expected value (a state-value baseline): adding ``+KL`` *centres* the reward. It keeps
+    the gradient unbiased because the baseline ``b_t = −KL_t`` does not depend on the sampled
+    ``y_t`` (only on ``s_t`` and the stored support) and is detached:
+    ``E_y[b_t ∇log π_θ(y)] = b_t ∇Σ_y π_θ(y) = 0``. The top-K approximation of ``KL_t`` only makes
+    the baseline less optimal (less variance reduction), never biased.
+    """
+    p = prepare(logits, batch, vocab_size, temperature)
+    ids, t_lp = _support(p, support, "vopd")  # [N, K], [N, K]
+    kl = _kl(_renorm(p.at(ids).detach()), _renorm(t_lp))  # [N] baseline, no gradient
+    r = p.need("teacher_logprob", "vopd") - p.token_logp.detach()  # [N]
+    per_token, m = _pg(p, r + kl, is_clip)
+    m["baseline_kl"] = (p.w * kl).sum()
+    return _finish(p, per_token, m)
+
+
+def exopd(
+    logits: Tensor | Prepared,
+    batch: Mapping[str, Tensor],
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    lam: float = 1.25,
+    is_clip: float | None = None,
+) -> tuple[Tensor, Metrics]:
+    """G-OPD / ExOPD: reward extrapolation past the teacher.
+
+    ``A_t = λ·log π_T(y_t) + (1−λ)·log π_ref(y_t) − log π_θ(y_t)``, ``L_t = −sg(A_t)·log π_θ(y_t)``.
+    λ = 1 is ``opd_k1`` exactly (``ref_logprob`` is then not read); λ = 1.25 is ExOPD's default
+    (λ > 1 extrapolates along the teacher-minus-reference direction). ``π_ref`` is the student's
+    initial checkpoint by default, or the teacher's pre-RL base for "reward correction".
+    """
+    p = prepare(logits, batch, vocab_size, temperature)
+    t = p.need("teacher_logprob", "exopd")  # [N]
+    if lam == 1.0:
+        target = t  # bit-identical to opd_k1 (and no ref column needed)
+    else:
+        target = lam * t + (1.0 - lam) * p.need("ref_logprob", f"exopd with lam={lam}")  # [N]
+    per_token, m = _pg(p, target - p.token_logp.detach(), is_clip)
+    return _finish(p, per_token, m)
+
+
+def topk_fkl(
+    logits: Tensor | Prepared,
+    batch: Mapping[str, Tensor],
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    tail_bucket: bool = True,
+) -> tuple[Tensor, Metrics]:
+    """Top-K forward KL ``KL(π_T‖π_θ)`` on the teacher's top-K support ``S``.
+
+    ``tail_bucket=True`` (default; TRL's trick): a (K+1)-way distribution, the K teacher ids plus one
+    bucket for everything else. Teacher: ``p_T(i) = exp(teacher_topk_logprobs)`` and tail
+    ``1 − exp(teacher_topk_logmass)``; student: its full-vocabulary probabilities ``p_θ(i)`` (not
+    renormalised) and tail ``1 − Σ_{i∈S} p_θ(i)``:
+
+        L_t = Σ_{i∈S} p_T(i)(log p_T(i) − log p_θ(i)) + tail_T (log tail_T − log tail_θ)
+
+    With K = V (no truncation) the tail is empty and this is the dense forward KL exactly.
+    ``tail_bucket=False``: both distributions renormalised on ``S``:
+    ``Σ_{i∈S} p̃_T(i)(log p̃_T(i) − log p̃_θ(i))`` (blind to mass the student puts outside ``S``).
+    """
+    p = prepare(logits, batch, vocab_size, temperature)
+    return _finish(p, _topk_fkl_tokens(p, tail_bucket, "topk_fkl"))
+
+
+def topk_rkl(
+    logits: Tensor | Prepared,
+    batch: Mapping[str, Tensor],
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    support: str = "teacher",
+    form: str = "biased",
+    renormalize: bool = True,
+) -> tuple[Tensor, Metrics]:
+    """Top-K reverse KL ``KL(π_θ‖π_T)`` on a top-K support (teacher's or behaviour's).
+
+    ``renormalize=True`` (default), with ``p̃`` renormalised on ``S``:
+
+    - ``form="biased"``: ``L_t = Σ_{i∈S} p̃_θ(i)(log p̃_θ(i) − log p̃_T(i))``, gradient through p̃_θ.
+    - ``form="stopgrad"`` ("Many Faces" fix):
+      ``L_t = −Σ_{i∈S} sg(p̃_θ(i)(log p̃_T(i) − log p̃_θ(i)))·log p̃_θ(i)``.
+
+    Note: with both distributions renormalised the two forms have the **same gradient** (because
+    ``Σ_S p̃_θ ∇log p̃_θ = ∇Σ_S p̃_θ = 0``); only the reported value differs (the stop-gradient
+    surrogate's value is not a KL, so its KL is reported as ``kl``). The forms differ when the
+    student is *not* renormalised, ``renormalize=False`` (METHODS.md's formula, full-vocabulary
+    log-probs inside the logs): ``biased`` = ``Σ_{i∈S} p_θ(i)(log p_θ(i) − log p_T(i))``, whose
+    gradient carries the extra ``∇Σ_S p_θ`` term that pushes mass out of ``S``; ``stopgrad`` =
+    ``−Σ_{i∈S} sg(p̃_θ(i)(log p_T(i) − log p_θ(i)))·log p_θ(i)``, which drops it.
+    "Rethinking OPD" default: ``support="behavior"`` with K = 16 (the student's support).
+    """
+    if form not in ("biased", "stopgrad"):
+        raise ValueError(f"form must be 'biased' or 'stopgrad', got {form!r}")
+    p = prepare(logits, batch, vocab_size, temperature)
+    ids, t_lp = _support(p, support, "topk_rkl")  # [N, K], [N, K]
+    s_lp = p.at(ids)  # [N, K] full-vocab
+    s_tilde = _renorm(s_lp)  # [N, K]
+    if renormalize:
+        s_log, t_log = s_tilde, _renorm(t_lp)
+    else:
+        s_log, t_log = s_lp, t_lp
+    kl = _kl(s_log, t_log)  # [N] (truncated when not renormalised)
+    if form == "biased":
+        return _finish(p, kl, {"kl": (p.w * kl).sum()})
+    coef = (s_tilde.exp() * (t_log - s_log)).detach()  # [N, K]
+    per_token = -(coef * s_log).sum(-1)  # [N]
+    return _finish(p, per_token, {"kl": (p.w * kl).sum()})
+
+
+def gkd_jsd(
+    logits: Tensor | Prepared,
+    batch: Mapping[str, Tensor],
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> tuple[Tensor, Metrics]:
+    """Generalised Jensen-Shannon divergence (GKD, OPSD) on the teacher's top-K support.
+
+    Both distributions renormalised on ``S`` (teacher at the stored temperature, student at
+    ``temperature``; OPSD: K = 50, β = 0.5, both at the sampling temperature). TRL's convention
+    (``GKDTrainer.generalized_jsd_loss``):
+
+        M = β·p̃_T + (1−β)·p̃_θ,   JSD_β = β·KL(p̃_T‖M) + (1−β)·KL(p̃_θ‖M)
+        β = 0 → KL(p̃_T‖p̃_θ) (forward),   β = 1 → KL(p̃_θ‖p̃_T) (reverse)
+
+    The endpoints are evaluated as the KLs themselves. The interior formula tends to 0 at both
+    ends, but in the matching direction: ``JSD_β / β → KL(p_T‖p_θ)`` as β → 0 and
+    ``JSD_β / (1−β) → KL(p_θ‖p_T)`` as β → 1, which is why β (the teacher's weight in M) is also
+    the weight of ``KL(p_T‖M)``: small β behaves like (a scaled) forward KL. Expect the loss scale
+    to jump at the endpoints.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    p = prepare(logits, batch, vocab_size, temperature)
+    ids, t_lp = _support(p, "teacher", "gkd_jsd")  # [N, K], [N, K]
+    s = _renorm(p.at(ids))  # [N, K]
+    t = _renorm(t_lp)  # [N, K]
+    if beta == 0.0:
+        jsd = _kl(t, s)  # [N]
+    elif beta == 1.0:
+        jsd = _kl(s, t)  # [N]
+    else:
+        log_m = torch.logsumexp(
+            torch.stack([t + math.log(beta), s + math.log(1.0 - beta)]), dim=0
+        )  # [N, K]
+        jsd = beta * _kl(t, log_m) + (1.0 - beta) * _kl(s, log_m)  # [N]
+    return _finish(p, jsd)
+
+
+def tropd(
+    logits: Tensor | Prepared,
+    batch: Mapping[str, Tensor],
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    tau: float = 0.5,
+    outlier: str = "fkl",
+    tail_bucket: bool = True,
+    is_clip: float | None = None,
+) -> tuple[Tensor, Metrics]:
+    """TrOPD: OPD only where the teacher is trusted (the trust test is the **inferred** form).
+
+    On student tokens (``segment == 0``) the teacher is trusted when
+    ``min(π_T(y_t)/π_θ(y_t), 1) ≥ τ``, i.e. ``r_t ≥ log τ`` (current student, detached):
+
+    - trusted: ``opd_k1`` (``−sg(r_t)·log π_θ(y_t)``);
+    - untrusted, ``outlier="fkl"``: top-K forward KL (``topk_fkl``, tail bucket per ``tail_bucket``);
+      ``"mask"``: nothing; ``"clip"``: ``opd_k1`` with the reward clipped at ``log τ``,
+      ``−sg(max(r_t, log τ))·log π_θ(y_t)`` (bounded push-down instead of a huge negative reward).
+
+    Teacher-prefix tokens (``segment == 1``, off-policy guidance sampled from the teacher) get top-K
+    forward KL: a policy gradient is meaningless on tokens the student did not sample. Other
+    segments (privileged context, padding) get nothing; the selection gives them w = 0 anyway.
+    τ = 0.5 is a default, not a published value.
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    if outlier not in ("fkl", "mask", "clip"):
+        raise ValueError(f"outlier must be 'fkl', 'mask' or 'clip', got {outlier!r}")
+    p = prepare(logits, batch, vocab_size, temperature)
+    seg = _segment(p)  # [N]
+    r = p.need("teacher_logprob", "tropd") - p.token_logp.detach()  # [N]
+    log_tau = math.log(tau)
+    student = seg == 0
+    trusted = student & (r >= log_tau)  # [N]
+    untrusted = student & ~trusted  # [N]
+    guide = seg == 1  # [N]
+    k1, m = _pg(p, r, is_clip)  # [N]
+    zero = torch.zeros_like(k1)
+    per_token = torch.where(trusted, k1, zero)  # [N]
+    if outlier == "clip":
+        clipped, _ = _pg(p, r.clamp(min=log_tau), is_clip)  # [N]
+        per_token = torch.where(untrusted, clipped, per_token)
+    use_fkl = guide | untrusted if outlier == "fkl" else guide  # [N]
+    if bool(use_fkl.any()):
+        fkl = _topk_fkl_tokens(p, tail_bucket, "tropd")  # [N]
+        per_token = torch.where(use_fkl, fkl, per_token)
+    m["trusted"] = (p.w * trusted).sum()
+    m["untrusted"] = (p.w * untrusted).sum()
+    m["guide"] = (p.w * guide).sum()
+    return _finish(p, per_token, m)
+
+
+def sft(
+    logits: Tensor | Prepared,
+    batch: Mapping[str, Tensor],
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Metrics]:
+    """SFT / cross-entropy on the stored tokens: ``L_t = −log π_θ(y_t)``."""
+    p = prepare(logits, batch, vocab_size, temperature)
+    return _finish(p, -p.token_logp)
+
+
+LOSSES: dict[str, LossFn] = {
+    "opd_k1": opd_k1,
+    "vopd": vopd,
+    "exopd": exopd,
+    "topk_fkl": topk_fkl,
+    "topk_rkl": topk_rkl,
+    "gkd_jsd": gkd_jsd,
+    "tropd": tropd,
+    "sft": sft,
+}
+
+_BASE_KEYS = ("tokens", "tokens_onpolicy", "reward", "rkl_k1", "staleness")
+
+
+def combined_loss(
+    logits: Tensor,
+    batch: Mapping[str, Tensor],
+    terms: list[tuple[str, float, dict]],
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Metrics]:
+    """Weighted sum of loss terms, ``Σ_j c_j · loss_sum_j``, sharing one student log-softmax.
+
+    ``terms``: ``[(name, coefficient, kwargs), ...]`` with names from ``LOSSES``. Metrics: the
+    shared diagnostics once (``tokens``, ``reward``, ...), ``loss`` (the total) and each term's own
+    metrics prefixed ``<name>/`` (``<name>#<j>/`` when a name repeats).
+    """
+    if not terms:
+        raise ValueError("combined_loss needs at least one term")
+    p = prepare(logits, batch, vocab_size, temperature)
+    names = [t[0] for t in terms]
+    total: Tensor | None = None
+    metrics: Metrics = {}
+    for j, (name, coef, kwargs) in enumerate(terms):
+        if name not in LOSSES:
+            raise KeyError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
+        loss, m = LOSSES[name](p, batch, **(kwargs or {}))
+        label = name if names.count(name) == 1 else f"{name}#{j}"
+        total = coef * loss if total is None else total + coef * loss
+        for k, v in m.items():
+            if k in _BASE_KEYS:
+                metrics[k] = v
+            else:
+                metrics[f"{label}/{k}"] = v
+    metrics["loss"] = total.detach()
+    return total, metrics

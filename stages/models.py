@@ -1,0 +1,158 @@
+"""Loading models and tokenizers with clear errors, and the fingerprints provenance checks use.
+
+A *model fingerprint* hashes the config and the weight files; a *tokenizer fingerprint* hashes the
+vocabulary (token -> id) and the special tokens. Stages store both in manifests and refuse to mix
+data from different tokenizers or a teacher other than the one expected. We compare tokenizers,
+never ``config.vocab_size``: many families pad the embedding matrix past the tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from stages.errors import UserError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+FULL_HASH_LIMIT = 1 << 30  # hash weight files fully up to 1 GiB; larger: size + head + tail
+
+
+def _check_dir(path: str | None, role: str) -> Path:
+    if not path:
+        raise UserError(f"no {role} model configured", f"{role}.path", f"set {role}.path=DIR")
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(
+            f"{role} model directory not found: {path}",
+            f"{role}.path",
+            "point it at a local Hugging Face model directory (save_pretrained format); the demo "
+            "builds its models with `python scripts/make_demo.py`",
+        )
+    if not (p / "config.json").exists():
+        raise UserError(
+            f"{path} has no config.json: not a Hugging Face model directory",
+            f"{role}.path",
+            "save the model with save_pretrained()",
+        )
+    return p
+
+
+def load_tokenizer(path: str | None, role: str = "student"):
+    from transformers import AutoTokenizer
+
+    p = _check_dir(path, role)
+    try:
+        tok = AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load the {role} tokenizer ({str(e).splitlines()[0]})",
+            str(p),
+            "save the tokenizer next to the weights (tokenizer.save_pretrained(DIR))",
+        ) from None
+    if tok.eos_token_id is None:
+        raise UserError(f"the {role} tokenizer has no EOS token", str(p), "set tokenizer.eos_token")
+    return tok
+
+
+def load_model(
+    path: str | None,
+    role: str = "student",
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+):
+    """A causal LM in eval mode on ``device``; a UserError when it is not one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = _check_dir(path, role)
+    try:
+        config = AutoConfig.from_pretrained(p)
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(
+            f"{p} is not a causal LM that transformers can load ({str(e).splitlines()[0][:200]})",
+            f"{role}.path",
+            "use a directory saved by a *ForCausalLM model",
+        ) from None
+    del config
+    return model.to(device).eval()
+
+
+def vocab_size(tok) -> int:
+    """Number of ids the tokenizer can produce (base vocabulary plus added tokens)."""
+    return len(tok)
+
+
+def tokenizer_fingerprint(tok) -> str:
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    special = {k: getattr(tok, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    blob = json.dumps([vocab, special], separators=(",", ":"))
+    return "tok-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_LIMIT:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        else:  # very large shards: size + first and last 16 MiB (cheap, still catches swaps)
+            h.update(str(size).encode())
+            h.update(f.read(1 << 24))
+            f.seek(size - (1 << 24))
+            h.update(f.read(1 << 24))
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str | None, role: str = "model") -> str:
+    """Hash of config.json and the weight files of a model directory."""
+    p = _check_dir(path, role)
+    h = hashlib.sha256((p / "config.json").read_bytes())
+    for f in sorted(p.iterdir()):
+        if f.suffix in WEIGHT_SUFFIXES and f.is_file():
+            st = f.stat()
+            h.update(f.name.encode())
+            h.update(_file_digest(str(f), st.st_size, st.st_mtime_ns).encode())
+    return "model-" + h.hexdigest()[:16]
+
+
+def check_same_tokenizer(fp_a: str, fp_b: str, a: str, b: str) -> None:
+    if fp_a != fp_b:
+        raise UserError(
+            f"the {a} and {b} tokenizers differ ({fp_a} vs {fp_b}); token ids would not mean the "
+            "same thing",
+            f"{a}.path / {b}.path",
+            "use models that share one tokenizer (cross-tokenizer distillation is not supported)",
+        )
+
+
+def check_embedding_rows(model, tok, role: str) -> None:
+    """The model must have a row for every id the tokenizer can produce (padding is fine)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size(tok):
+        raise UserError(
+            f"the {role} model has {rows} output rows but its tokenizer has {vocab_size(tok)} ids",
+            f"{role}.path",
+            "use the matching tokenizer",
+        )
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but CUDA is not available", "train.device", "use device=auto")
+    return torch.device(name)
+
+
+def context_length(model) -> int:
+    c = model.config
+    return int(
+        getattr(c, "max_position_embeddings", None) or os.environ.get("DISTILLERY_CTX", 2048)
+    )

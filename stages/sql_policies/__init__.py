@@ -1,0 +1,1 @@
+"""Selection policies as parameterised DuckDB SQL files (see stages/select.py)."""
