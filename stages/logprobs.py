@@ -116,6 +116,10 @@ def head_logprob_stats(
     logmass = torch.full((n,), math.nan, dtype=torch.float32, device=dev)  # [N]
     entropy = torch.empty(n, dtype=torch.float32, device=dev) if want_entropy else None  # [N]
     targets = targets.to(device=dev, dtype=torch.long)
+    # Checked once up front (a device sync), not per chunk: an id past the tokenizer would
+    # silently gather a padded row's -inf.
+    if n and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+        raise ValueError(f"target ids must be in [0, {vocab_size})")
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         z = masked_logits(head(hidden[s:e]), vocab_size, temperature)  # [n, V] fp32
@@ -123,10 +127,7 @@ def head_logprob_stats(
             _check_vocab(z.shape[-1], vocab_size, k)
         logp = torch.log_softmax(z, dim=-1)  # [n, V]
         del z
-        tgt = targets[s:e]
-        if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= vocab_size):
-            raise ValueError(f"target ids must be in [0, {vocab_size})")
-        logprob[s:e] = logp.gather(1, tgt[:, None]).squeeze(1)  # [n]
+        logprob[s:e] = logp.gather(1, targets[s:e, None]).squeeze(1)  # [n]
         if k > 0:
             vals, ids = logp.topk(k, dim=-1, sorted=True)  # [n, K] each
             topk_ids[s:e] = ids.to(torch.int32)
@@ -212,7 +213,8 @@ def model_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
     Applies the logit transforms transformers performs after ``lm_head`` for the families that
     have one (Gemma 2/3 ``final_logit_softcapping``, Granite ``logits_scaling``), so that the
-    result equals ``model(...).logits`` (tested for Llama).
+    result equals ``model(...).logits`` (tested for Llama). Differentiable; but for a non-fp32
+    head the fp32 weight copy is a snapshot taken here, so a trainer calls this once per step.
     """
     head = _fp32_head(model.get_output_embeddings())
     cfg = getattr(model, "config", None)

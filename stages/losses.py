@@ -95,8 +95,10 @@ def prepare(
     keep = w != 0  # [N]
     clean: dict[str, Tensor] = {}
     for name, x in batch.items():
-        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] != n:
+        if not isinstance(x, Tensor) or x.ndim == 0:
             continue
+        if x.shape[0] != n:
+            raise ValueError(f"batch[{name!r}] has {x.shape[0]} rows, logits have {n}")
         k = keep.view(-1, *([1] * (x.ndim - 1)))  # [N, 1...] broadcast over the K axis
         if x.is_floating_point():
             clean[name] = torch.where(k, x.float(), 0.0)

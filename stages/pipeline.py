@@ -1,0 +1,107 @@
+"""The pipeline: every stage in order, with one resolved config; resumes what is done.
+
+    python -m stages.pipeline experiment=demo
+
+Order (``pipeline.stages``): [demo world] -> sft (when ``sft.enabled``) -> rollout -> score ->
+select -> train -> eval -> report. Each stage skips work whose manifest already exists for the
+same config (dataset ids), resumes a partial shard set, and refuses data written by a different
+config unless ``overwrite=true``. ``pipeline.variants`` are extra training runs on the SAME cached
+rollouts and teacher log-probs (another loss or selection): only select + train run again.
+Reads/writes: everything under ``run_dir`` (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import time
+
+from omegaconf import OmegaConf
+
+from stages.config import CONF_DIR, Config, hydra_entry
+from stages.errors import UserError
+
+GROUPS = ("select", "loss", "train", "eval", "rollout", "score", "data")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of ``cfg`` with Hydra-style overrides: ``group=option`` loads conf/<group>/<option>.yaml,
+    ``a.b=value`` sets a key. Keys are type-checked against the dataclasses."""
+    node = OmegaConf.structured(copy.deepcopy(cfg))
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if not sep:
+            raise UserError(f"override '{ov}' is not key=value", "pipeline.variants", None)
+        if key in GROUPS and (CONF_DIR / key / f"{value}.yaml").exists():
+            node[key] = OmegaConf.merge(
+                OmegaConf.structured(type(getattr(cfg, key))()),
+                OmegaConf.load(CONF_DIR / key / f"{value}.yaml"),
+            )
+        else:
+            try:
+                OmegaConf.update(
+                    node,
+                    key,
+                    OmegaConf.create({"v": value})["v"]
+                    if not value.startswith(("[", "{"))
+                    else OmegaConf.create(value),
+                    merge=False,
+                )
+            except Exception as e:  # noqa: BLE001 - OmegaConf raises several types here
+                raise UserError(
+                    f"bad override '{ov}' ({e})",
+                    "pipeline.variants",
+                    "use group=option or a.b=value with existing keys",
+                ) from None
+    return OmegaConf.to_object(node)  # type: ignore[return-value]
+
+
+def run_stage(name: str, cfg: Config) -> dict:
+    mod = importlib.import_module(f"stages.{name}")
+    t0 = time.time()
+    print(f"\n=== {name} ===", flush=True)
+    out = mod.run(cfg)
+    print(f"=== {name} done in {time.time() - t0:.1f}s ===", flush=True)
+    return out if isinstance(out, dict) else {}
+
+
+def run(cfg: Config) -> dict:
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    if cfg.demo_world:
+        from stages import demoworld
+
+        t = time.time()
+        need_big = "teacher_big" in (cfg.teacher.path or "")
+        print(f"=== demo world -> {cfg.demo_world} ===", flush=True)
+        demoworld.build_world(cfg.demo_world, demoworld.WorldSettings(teacher_big=need_big))
+        timings["world"] = time.time() - t
+    for stage in cfg.pipeline.stages:
+        if stage == "sft" and not cfg.sft.enabled:
+            continue
+        if stage == "eval" and cfg.pipeline.variants:
+            continue  # evaluate once, after the variants are trained too
+        t = time.time()
+        run_stage(stage, cfg)
+        timings[stage] = time.time() - t
+        if stage == "train":
+            for v in cfg.pipeline.variants:
+                vcfg = apply_overrides(cfg, [*v.overrides, f"train.name={v.name}"])
+                t = time.time()
+                print(f"\n--- variant {v.name}: {' '.join(v.overrides)} ---", flush=True)
+                run_stage("select", vcfg)
+                run_stage("train", vcfg)
+                timings[f"variant:{v.name}"] = time.time() - t
+    if cfg.pipeline.variants and "eval" in cfg.pipeline.stages:
+        t = time.time()
+        run_stage("eval", cfg)
+        timings["eval"] = time.time() - t
+    timings["total"] = time.time() - t0
+    print("\npipeline timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    return timings
+
+
+main = hydra_entry("pipeline")(run)
+
+if __name__ == "__main__":
+    main()
