@@ -24,4 +24,6 @@ if [ ! -f "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+# Headless Chromium for the report's browser test (Debian package; skipped when present).
+bash scripts/install_chromium.sh || echo "warning: chromium not installed; the browser test will skip"
 python -c "import torch, transformers, pyarrow, duckdb, hydra; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -1,0 +1,1180 @@
+"""Report stage: plots and one self-contained HTML page about a run, to look at rather than read.
+
+Reads (everything under ``run_dir``; only ``rollouts/`` is required, the rest is shown when present
+and replaced by a note when not): ``rollouts/``, ``tokens/``, every ``selected/<name>/``, every
+``train/<name>/metrics.jsonl``, ``eval/results.json``, and the student tokenizer (the rollouts
+manifest's ``extra.policy_path``, else its ``config.student.path``, else ``student.path``) to decode
+token ids; without one the page shows ids. Datasets are read only when committed (manifest present,
+shard sizes and footers checked), with DuckDB over their shards.
+
+Writes ``run_dir/report/``:
+- ``training_curves.png``: every numeric key of each metrics.jsonl against step, runs overlaid;
+- ``entropy_divergence.png``: 2-D histogram of behaviour entropy x (teacher - behaviour log-prob)
+  over student tokens, with the TIP Q3 thresholds (``tip_q3``'s defaults: median entropy and the
+  top 10 % of the divergence ``behavior_logprob - teacher_logprob``, i.e. the bottom 10 % of the
+  plotted gap; a ``tip_q3`` rule in ``select.rules`` or a selection manifest overrides them);
+- ``kept_by_position.png``: fraction of student tokens with weight > 0 per response position, per
+  selection;
+- ``eval_accuracy.png``: greedy accuracy per checkpoint and eval set;
+- ``report.html``: no server, no network (inline CSS/JS, images as data URIs): the plots, the
+  results table, the selections, a token browser over at most ``report.max_rollouts`` rollouts
+  (seeded sample) coloured by selection weight or by teacher - student log-prob gap, with the
+  teacher's top ``report.show_topk`` on hover/click, filters by prompt id / kind / guided, and the
+  resolved configs from the manifests. ``report.html#selftest`` runs a browser self-test (used by
+  tests/test_report.py) that writes its findings into ``<pre id="selftest">``.
+The directory is built under a temporary name and swapped into place, so a killed run leaves the
+previous report intact; a re-run rebuilds it (it takes seconds).
+
+Run: ``python -m stages.report experiment=demo [report.max_rollouts=500 report.show_topk=8]``
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from data_schemas import manifest as manifest_mod
+from data_schemas import rollouts as rollouts_schema
+from data_schemas import selected as selected_schema
+from data_schemas import tokens as tokens_schema
+from stages import store
+from stages.config import Config, hydra_entry
+from stages.errors import UserError
+
+# tip_q3.sql defaults (conf/select/tip_q3.yaml): median entropy, top 10 % divergence
+Q3_DEFAULTS = {"entropy_quantile": 0.5, "divergence_quantile": 0.9, "divergence": "rkl"}
+# metrics plotted first when present; every other numeric key follows in file order
+PREFERRED_METRICS = ("loss", "reward", "rkl", "reverse_kl", "staleness", "kept_fraction")
+X_KEYS = ("step", "global_step", "iteration")
+MAX_PANELS = 16
+PAGE_SIZE = 40  # rollouts rendered per "show more" in the browser
+# The report only reads: shard sizes and footers (dataset ids) are checked, but hashing every byte
+# of a multi-GB token table would dominate its run time; the training stages verify checksums.
+VERIFY_CHECKSUMS = False
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass
+class RunData:
+    """The committed datasets of a run (manifests) and notes about what is missing."""
+
+    run_dir: Path
+    rollouts: dict
+    tokens: dict | None = None
+    selections: dict[str, dict] = field(default_factory=dict)  # name -> manifest
+    notes: list[str] = field(default_factory=list)
+
+
+def _optional(directory: Path, table, what_writes_it: str, notes: list[str]) -> dict | None:
+    """The manifest of a committed dataset, or None (with a note) when it is missing/incomplete."""
+    if manifest_mod.read(directory) is None:
+        partial = any(directory.glob("bucket=*/shard-*.parquet"))
+        state = "incomplete (no manifest yet)" if partial else "missing"
+        notes.append(f"{directory.name}: {state}; run {what_writes_it} to add it to the report")
+        return None
+    return store.open_committed(
+        directory, table, verify_checksums=VERIFY_CHECKSUMS, what_writes_it=what_writes_it
+    )
+
+
+def open_run(run_dir: Path) -> RunData:
+    if not (run_dir / "rollouts" / manifest_mod.FILENAME).exists():
+        partial = any((run_dir / "rollouts").glob("bucket=*/shard-*.parquet"))
+        raise UserError(
+            "no committed rollouts in the run dir: nothing to report"
+            + (" (rollouts are incomplete)" if partial else ""),
+            str(run_dir / "rollouts"),
+            "run `python -m stages.rollout` (or the pipeline) for this run_dir first, or point "
+            "run_dir at an existing run",
+        )
+    rollouts = store.open_committed(
+        run_dir / "rollouts",
+        rollouts_schema,
+        verify_checksums=VERIFY_CHECKSUMS,
+        what_writes_it="python -m stages.rollout",
+    )
+    if rollouts["rows"] == 0:
+        raise UserError(
+            "the rollouts dataset is empty: nothing to report",
+            str(run_dir / "rollouts"),
+            "check data.prompts (and data.max_prompts) and re-run the rollout stage",
+        )
+    data = RunData(run_dir=run_dir, rollouts=rollouts)
+    data.tokens = _optional(run_dir / "tokens", tokens_schema, "python -m stages.score", data.notes)
+    sel_root = run_dir / "selected"
+    for d in sorted(sel_root.iterdir()) if sel_root.is_dir() else []:
+        if d.is_dir() and not d.name.startswith("."):
+            m = _optional(d, selected_schema, "python -m stages.select", data.notes)
+            if m is not None:
+                data.selections[d.name] = m
+    if not data.selections:
+        data.notes.append("no committed selection under selected/: no kept-fraction plot")
+    return data
+
+
+def _sql_list(paths: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def connect(data: RunData) -> tuple[duckdb.DuckDBPyConnection, dict[str, str]]:
+    """A DuckDB connection with views ``rollouts``, ``tokens`` and one per selection (name->view)."""
+    con = duckdb.connect()
+    con.execute("SET threads = 2")
+
+    def view(name: str, directory: Path, m: dict, schema: pa.Schema) -> None:
+        paths = store.shard_paths(directory, m)
+        if paths:
+            src = f"read_parquet({_sql_list(paths)}, hive_partitioning = false)"
+            con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {src}')
+        else:  # a committed dataset with zero shards: an empty view with the right columns
+            con.register(name, schema.empty_table())
+
+    view("rollouts", data.run_dir / "rollouts", data.rollouts, rollouts_schema.SCHEMA)
+    if data.tokens is not None:
+        view("tokens", data.run_dir / "tokens", data.tokens, tokens_schema.SCHEMA)
+    views = {}
+    for i, (name, m) in enumerate(data.selections.items()):
+        view(f"sel_{i}", data.run_dir / "selected" / name, m, selected_schema.SCHEMA)
+        views[name] = f"sel_{i}"
+    return con, views
+
+
+def read_metrics(run_dir: Path, notes: list[str]) -> dict[str, list[dict]]:
+    """Training run name -> its metrics.jsonl records (bad lines skipped with a note)."""
+    runs: dict[str, list[dict]] = {}
+    for f in sorted((run_dir / "train").glob("*/metrics.jsonl")):
+        recs, bad = [], 0
+        for line in f.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1  # e.g. the last line of a killed run
+                continue
+            if isinstance(rec, dict):
+                recs.append(rec)
+        if bad:
+            notes.append(f"{f.relative_to(run_dir)}: skipped {bad} unreadable line(s)")
+        if recs:
+            runs[f.parent.name] = recs
+    if not runs:
+        notes.append("no train/*/metrics.jsonl yet: no training curves")
+    return runs
+
+
+def read_eval(run_dir: Path, notes: list[str]) -> dict | None:
+    path = run_dir / "eval" / "results.json"
+    if not path.exists():
+        notes.append("no eval/results.json yet: no accuracy plot or results table")
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"eval results are not valid JSON ({e})", str(path), "re-run python -m stages.eval"
+        ) from None
+    results = doc.get("results") or {}
+    sets = doc.get("sets") or sorted(
+        {k for r in results.values() for k, v in r.items() if isinstance(v, dict)}
+    )
+    return {"results": results, "sets": list(sets)}
+
+
+def q3_params(cfg: Config, data: RunData) -> dict:
+    """TIP Q3 quantiles: a tip_q3 rule of this config or of a selection, else the defaults."""
+    rules = [r.__dict__ for r in cfg.select.rules]
+    for m in data.selections.values():
+        rules += ((m.get("config") or {}).get("select") or {}).get("rules") or []
+    for r in rules:
+        if r.get("policy") == "tip_q3":
+            return Q3_DEFAULTS | {
+                k: v for k, v in (r.get("params") or {}).items() if k in Q3_DEFAULTS
+            }
+    return dict(Q3_DEFAULTS)
+
+
+# ----------------------------------------------------------------------------- numbers (SQL)
+@dataclass
+class Hist2D:
+    counts: np.ndarray  # [n_gap_bins, n_entropy_bins]
+    h_edges: np.ndarray
+    g_edges: np.ndarray
+    h_threshold: float  # entropy quantile
+    g_threshold: float  # Q3 is gap <= this (divergence rkl), or |gap| >= this (divergence abs)
+    abs_mode: bool
+    n_tokens: int
+    n_q3: int
+
+
+def entropy_gap_hist(con: duckdb.DuckDBPyConnection, q3: dict, bins: int = 60) -> Hist2D | None:
+    """2-D histogram of behaviour entropy x (teacher - behaviour log-prob), student tokens only.
+
+    Computed in DuckDB (bins by GROUP BY), so it scales to token tables that do not fit in memory.
+    Outliers beyond the 0.1/99.9 % gap quantiles land in the edge bins.
+    """
+    base = (
+        "SELECT behavior_entropy::DOUBLE AS h, (teacher_logprob - behavior_logprob)::DOUBLE AS g "
+        "FROM tokens WHERE segment = 0 AND behavior_entropy IS NOT NULL"
+    )
+    # tip_q3 keeps D >= quantile(D, q). rkl: D = b - t = -g, i.e. g <= quantile(g, 1 - q);
+    # abs: D = |g|, i.e. |g| >= quantile(|g|, q)
+    abs_mode = q3["divergence"] == "abs"
+    n, hq, gq_rkl, gq_abs, hlo, hhi, glo, ghi = con.execute(
+        f"SELECT count(*), quantile_cont(h, $eq), quantile_cont(g, 1 - $dq), "
+        f"quantile_cont(abs(g), $dq), min(h), max(h), "
+        f"quantile_cont(g, 0.001), quantile_cont(g, 0.999) FROM ({base})",
+        {"eq": float(q3["entropy_quantile"]), "dq": float(q3["divergence_quantile"])},
+    ).fetchone()
+    if not n:
+        return None
+    gq = float(gq_abs if abs_mode else gq_rkl)
+    hpad = 0.03 * max(float(hhi) - float(hlo), 1e-3)
+    h_lo, h_hi = max(float(hlo) - hpad, 0.0), float(hhi) + hpad
+    g_lo = min(float(glo), -gq if abs_mode else gq, 0.0)
+    g_hi = max(float(ghi), gq if abs_mode else 0.0, 0.0)
+    pad = 0.02 * max(g_hi - g_lo, 1e-3)
+    g_lo, g_hi = g_lo - pad, g_hi + pad
+    rows = con.execute(
+        f"SELECT least(greatest(floor((h - $h0) / $hw), 0), $nb - 1)::INT AS i, "
+        f"least(greatest(floor((g - $g0) / $gw), 0), $nb - 1)::INT AS j, count(*) AS c, "
+        f"count(*) FILTER (WHERE h < $hq AND CASE WHEN $abs THEN abs(g) >= $gq "
+        f"ELSE g <= $gq END) AS q3 "
+        f"FROM ({base}) GROUP BY ALL",
+        {
+            "h0": h_lo,
+            "hw": (h_hi - h_lo) / bins,
+            "g0": g_lo,
+            "gw": (g_hi - g_lo) / bins,
+            "nb": bins,
+            "hq": float(hq),
+            "gq": gq,
+            "abs": abs_mode,
+        },
+    ).fetchall()
+    counts = np.zeros((bins, bins), dtype=np.int64)  # [gap bins, entropy bins]
+    n_q3 = 0
+    for i, j, c, q in rows:
+        counts[j, i] += c
+        n_q3 += q
+    return Hist2D(
+        counts=counts,
+        h_edges=np.linspace(h_lo, h_hi, bins + 1),
+        g_edges=np.linspace(g_lo, g_hi, bins + 1),
+        h_threshold=float(hq),
+        g_threshold=gq,
+        abs_mode=abs_mode,
+        n_tokens=int(n),
+        n_q3=int(n_q3),
+    )
+
+
+@dataclass
+class KeptCurve:
+    pos: np.ndarray  # [P] response positions with at least one student token
+    kept: np.ndarray  # [P] fraction of student tokens with weight > 0
+    n: np.ndarray  # [P] student tokens at the position
+    overall: float  # kept tokens / student tokens
+    sequences: int
+    tokens: int
+    kept_tokens: int
+    mean_weight: float  # over kept tokens
+
+
+def kept_by_position(con: duckdb.DuckDBPyConnection, view: str) -> KeptCurve:
+    rows = con.execute(
+        f"SELECT pos, count(*) AS n, avg((w > 0)::INT) AS kept, sum((w > 0)::INT) AS k, "
+        f"sum(w) AS ws FROM (SELECT unnest(weights) AS w, unnest(segments) AS s, "
+        f"unnest(range(response_len)) AS pos FROM {view}) WHERE s = 0 GROUP BY pos ORDER BY pos"
+    ).fetchall()
+    seqs = con.execute(f"SELECT count(*) FROM {view}").fetchone()[0]
+    arr = np.array(rows, dtype=np.float64).reshape(-1, 5)  # [P, (pos, n, kept, k, wsum)]
+    tokens, kept_tokens = int(arr[:, 1].sum()), int(arr[:, 3].sum())
+    return KeptCurve(
+        pos=arr[:, 0].astype(int),
+        kept=arr[:, 2],
+        n=arr[:, 1].astype(int),
+        overall=kept_tokens / tokens if tokens else 0.0,
+        sequences=int(seqs),
+        tokens=tokens,
+        kept_tokens=kept_tokens,
+        mean_weight=float(arr[:, 4].sum() / kept_tokens) if kept_tokens else 0.0,
+    )
+
+
+# ----------------------------------------------------------------------------- plots
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas by default
+
+    return Figure(figsize=(w, h), dpi=100, layout="constrained")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def metric_keys(runs: dict[str, list[dict]]) -> tuple[str | None, list[str]]:
+    """The x key (step) and the numeric metric keys to plot, preferred ones first."""
+    keys: list[str] = []
+    for recs in runs.values():
+        for r in recs:
+            for k, v in r.items():
+                if k not in keys and isinstance(v, int | float) and not isinstance(v, bool):
+                    keys.append(k)
+    x = next((k for k in X_KEYS if k in keys), None)
+    keys = [k for k in keys if k != x]
+    first = [k for p in PREFERRED_METRICS for k in keys if k == p]
+    first += [k for k in keys if k not in first and any(p in k for p in PREFERRED_METRICS)]
+    return x, first + [k for k in keys if k not in first]
+
+
+def plot_training(runs: dict[str, list[dict]], path: Path, notes: list[str]) -> Path | None:
+    x_key, keys = metric_keys(runs)
+    if not keys:
+        notes.append("metrics.jsonl files have no numeric keys: no training curves")
+        return None
+    if len(keys) > MAX_PANELS:
+        notes.append(f"training curves: showing {MAX_PANELS} of {len(keys)} metrics")
+        keys = keys[:MAX_PANELS]
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig = _figure(4.2 * cols, 2.8 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, key in zip(axes, keys, strict=False):
+        for (name, recs), c in zip(runs.items(), colours, strict=True):
+            pts = [
+                (r.get(x_key, i) if x_key else i, r[key])
+                for i, r in enumerate(recs)
+                if isinstance(r.get(key), int | float) and math.isfinite(r[key])
+            ]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, color=c, label=name, lw=1.4, marker="." if len(xs) < 30 else None)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel(x_key or "record", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(keys) :]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncol=min(4, len(runs)), fontsize=9)
+    return _save(fig, path)
+
+
+def plot_entropy_gap(hist: Hist2D, q3: dict, path: Path) -> Path:
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import NullFormatter
+
+    fig = _figure(7.0, 5.0)
+    ax = fig.subplots()
+    counts = np.ma.masked_equal(hist.counts, 0)
+    mesh = ax.pcolormesh(
+        hist.h_edges,
+        hist.g_edges,
+        counts,
+        cmap="viridis",
+        norm=LogNorm(vmin=1, vmax=max(int(hist.counts.max()), 2)),
+    )
+    cb = fig.colorbar(mesh, ax=ax, label="tokens per bin", format="%g")
+    cb.ax.yaxis.set_minor_formatter(NullFormatter())
+    h0, h1 = hist.h_edges[0], hist.h_threshold
+    g0, g1, t = hist.g_edges[0], hist.g_edges[-1], hist.g_threshold
+    # the Q3 region (low entropy, high divergence), shaded
+    spans = [(-t, g0), (t, g1)] if hist.abs_mode else [(t, g0)]
+    for edge, end in spans:
+        ax.add_patch(
+            Rectangle((h0, min(edge, end)), h1 - h0, abs(end - edge), fc="tab:red", alpha=0.15)
+        )
+        ax.axhline(edge, color="tab:red", ls="--", lw=1.2)
+    ax.axvline(hist.h_threshold, color="tab:red", ls="--", lw=1.2)
+    ax.axhline(0.0, color="0.5", lw=0.6)
+    eq, dq = q3["entropy_quantile"], q3["divergence_quantile"]
+    ax.text(
+        h0 + 0.02 * (hist.h_edges[-1] - h0),
+        g0 + 0.03 * (g1 - g0),
+        f"Q3 (overconfident & wrong): {hist.n_q3:,} tokens "
+        f"({100 * hist.n_q3 / hist.n_tokens:.1f}%)",
+        color="tab:red",
+        fontsize=8,
+    )
+    ax.set_xlabel(f"behaviour entropy H_b (nats); dashed: {eq:g} quantile = {h1:.3g}")
+    ax.set_ylabel("teacher − behaviour log-prob (nats)")
+    rule = f"|gap| ≥ {t:.3g}" if hist.abs_mode else f"gap ≤ {t:.3g}"
+    ax.set_title(
+        f"{hist.n_tokens:,} student tokens; dashed: divergence ({q3['divergence']}) top "
+        f"{100 * (1 - dq):.3g}% ({rule})",
+        fontsize=9,
+    )
+    return _save(fig, path)
+
+
+def plot_kept(curves: dict[str, KeptCurve], path: Path) -> Path:
+    fig = _figure(7.0, 4.2)
+    ax = fig.subplots()
+    twin = ax.twinx()
+    ref = max(curves.values(), key=lambda c: len(c.pos))
+    twin.fill_between(ref.pos, ref.n, step="mid", color="0.85", zorder=0)
+    twin.set_ylabel("student tokens at position", color="0.5", fontsize=8)
+    twin.tick_params(labelsize=8, colors="0.5")
+    ax.set_zorder(twin.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    for i, (name, c) in enumerate(curves.items()):
+        ax.plot(
+            c.pos,
+            c.kept,
+            color=f"C{i % 10}",
+            lw=1.5,
+            marker="." if len(c.pos) < 60 else None,
+            label=f"{name} ({100 * c.overall:.1f}% kept)",
+        )
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("response position")
+    ax.set_ylabel("fraction of tokens kept (weight > 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_eval(ev: dict, path: Path) -> Path | None:
+    names = list(ev["results"])
+    sets = [s for s in ev["sets"] if any(s in r for r in ev["results"].values())]
+    if not names or not sets:
+        return None
+    fig = _figure(max(5.0, 1.1 * len(names) * len(sets) + 2), 4.0)
+    ax = fig.subplots()
+    width = 0.8 / len(sets)
+    xs = np.arange(len(names))
+    for j, s in enumerate(sets):
+        acc = [100 * ev["results"][n].get(s, {}).get("accuracy", float("nan")) for n in names]
+        bars = ax.bar(xs + (j - (len(sets) - 1) / 2) * width, acc, width, label=s, color=f"C{j}")
+        ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=2)
+    ax.set_xticks(xs, names, rotation=20 if len(names) > 4 else 0, fontsize=9)
+    ax.set_ylabel("greedy accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, title="eval set", title_fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- token browser data
+def load_decoder(data: RunData, cfg: Config, notes: list[str]):
+    """The student tokenizer (the policy that sampled), or None: the browser then shows ids."""
+    from stages import models
+
+    cands = [
+        (data.rollouts.get("extra") or {}).get("policy_path"),
+        ((data.rollouts.get("config") or {}).get("student") or {}).get("path"),
+        cfg.student.path,
+    ]
+    for p in cands:
+        if p and Path(p).is_dir():
+            try:
+                return models.load_tokenizer(p, "student")
+            except UserError:
+                continue
+    notes.append(
+        "no student tokenizer found (rollouts manifest extra.policy_path / config.student.path): "
+        "the token browser shows token ids"
+    )
+    return None
+
+
+def decode_vocab(tok, ids: set[int]) -> dict[str, str]:
+    """id -> its text as one token (byte-level pieces that decode to U+FFFD keep the raw token)."""
+    if tok is None:
+        return {}
+    out = {}
+    for i in sorted(ids):
+        s = tok.decode([i], skip_special_tokens=False)
+        if not s or "\ufffd" in s:
+            s = tok.convert_ids_to_tokens(i) or str(i)
+        out[str(i)] = s
+    return out
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), nd)
+
+
+def sample_indices(total: int, k: int, seed: int) -> np.ndarray:
+    """``min(k, total)`` distinct indices of ``range(total)``, seeded, in ascending order."""
+    k = min(k, total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=k, replace=False))
+
+
+def browser_data(
+    con: duckdb.DuckDBPyConnection,
+    data: RunData,
+    views: dict[str, str],
+    tok,
+    cfg: Config,
+) -> dict:
+    """The JSON blob the page renders: a seeded sample of rollouts with per-token values."""
+    k = cfg.report.show_topk
+    all_ids = [
+        r[0]
+        for r in con.execute(
+            "SELECT sample_id FROM rollouts ORDER BY prompt_id, sample_idx, sample_id"
+        ).fetchall()
+    ]
+    total = len(all_ids)
+    n_show = min(total, cfg.report.max_rollouts)
+    chosen = [all_ids[i] for i in sample_indices(total, n_show, cfg.seed)]
+    con.register("chosen", pa.table({"sample_id": chosen, "ord": list(range(len(chosen)))}))
+    rows = (
+        con.sql(
+            "SELECT r.sample_id, prompt_id, kind, is_guided, finish_reason, correct, answer, "
+            "train_prompt_ids, rollout_prompt_ids, response_ids, behavior_logprobs "
+            "FROM rollouts r JOIN chosen USING (sample_id) ORDER BY ord"
+        )
+        .to_arrow_table()
+        .to_pylist()
+    )
+    stats: dict[str, dict] = {}
+    if data.tokens is not None:
+        for s in (
+            con.sql(
+                "SELECT sample_id, list(pos ORDER BY pos) AS pos, "
+                "list(segment ORDER BY pos) AS seg, list(teacher_logprob ORDER BY pos) AS tlp, "
+                "list(behavior_logprob ORDER BY pos) AS blp, "
+                "list(behavior_entropy::FLOAT ORDER BY pos) AS ent, "
+                "list(teacher_entropy::FLOAT ORDER BY pos) AS tent, "
+                "list(teacher_topk_logmass ORDER BY pos) AS tm, "
+                f"list(teacher_topk_ids[1:{k}] ORDER BY pos) AS kid, "
+                f"list(teacher_topk_logprobs[1:{k}]::FLOAT[] ORDER BY pos) AS klp "
+                "FROM tokens JOIN chosen USING (sample_id) GROUP BY sample_id"
+            )
+            .to_arrow_table()
+            .to_pylist()
+        ):
+            stats[s["sample_id"]] = s
+    weights: dict[str, dict[str, list]] = {name: {} for name in views}
+    for name, v in views.items():
+        for sid, w in con.execute(
+            f"SELECT sample_id, weights FROM {v} JOIN chosen USING (sample_id)"
+        ).fetchall():
+            weights[name][sid] = w
+
+    vocab_ids: set[int] = set()
+    out, gaps, wmax = [], [], 1.0
+    for r in rows:
+        sid, resp = r["sample_id"], r["response_ids"]
+        t = len(resp)
+        st = stats.get(sid)
+        tlp, blp, ent, tent, seg = (
+            [None] * t,
+            list(r["behavior_logprobs"]),
+            [None] * t,
+            [None] * t,
+            [0] * t,
+        )
+        topk, tm = [None] * t, [None] * t
+        if st is not None:
+            for j, p in enumerate(st["pos"]):
+                if 0 <= p < t:
+                    tlp[p], blp[p], ent[p], tent[p] = (
+                        st["tlp"][j],
+                        st["blp"][j],
+                        st["ent"][j],
+                        st["tent"][j],
+                    )
+                    seg[p], tm[p] = st["seg"][j], st["tm"][j]
+                    ids, lps = st["kid"][j], st["klp"][j]
+                    topk[p] = [ids, [_r(math.exp(x), 4) for x in lps]]
+                    vocab_ids.update(ids)
+        gap = [_r(a - b) if a is not None and b is not None else None for a, b in zip(tlp, blp)]
+        gaps += [abs(g) for g, s in zip(gap, seg) if g is not None and s == 0]
+        w = {n: weights[n][sid] for n in views if sid in weights[n]}
+        for ws in w.values():
+            wmax = max(wmax, max(ws, default=0.0))
+        vocab_ids.update(resp)
+        out.append(
+            {
+                "sid": sid,
+                "pid": r["prompt_id"],
+                "kind": r["kind"],
+                "guided": bool(r["is_guided"]),
+                "finish": r["finish_reason"],
+                "correct": r["correct"],
+                "answer": r["answer"],
+                "prompt": _decode_text(tok, r["train_prompt_ids"]),
+                "rprompt": _decode_text(tok, r["rollout_prompt_ids"]) if r["is_guided"] else None,
+                "ids": resp,
+                "seg": seg,
+                "tlp": [_r(x) for x in tlp],
+                "blp": [_r(x) for x in blp],
+                "gap": gap,
+                "ent": [_r(x) for x in ent],
+                "tent": [_r(x) for x in tent],
+                "tm": [_r(math.exp(x), 4) if x is not None else None for x in tm],
+                "topk": topk,
+                "w": {n: [_r(x) for x in ws] for n, ws in w.items()},
+            }
+        )
+    # colour scale of the gap: the 95th percentile of |gap| (at least 1 nat), so a few outliers
+    # do not wash the rest out
+    gapscale = max(1.0, float(np.quantile(gaps, 0.95))) if gaps else 1.0
+    return {
+        "total": total,
+        "shown": n_show,
+        "seed": cfg.seed,
+        "show_topk": k,
+        "has_tokens": data.tokens is not None,
+        "decoded": tok is not None,
+        "selections": list(views),
+        "default_selection": cfg.select.name
+        if cfg.select.name in views
+        else next(iter(views), None),
+        "wmax": _r(wmax),
+        "gapscale": _r(gapscale),
+        "page": PAGE_SIZE,
+        "vocab": decode_vocab(tok, vocab_ids),
+        "rollouts": out,
+    }
+
+
+def _decode_text(tok, ids: list[int]) -> str:
+    if tok is None:
+        return " ".join(map(str, ids))
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------- HTML
+def _img(path: Path, alt: str) -> str:
+    b64 = base64.b64encode(path.read_bytes()).decode()
+    wide = ' class="wide"' if path.stem == "training_curves" else ""  # many panels: full width
+    return (
+        f'<figure{wide}><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></figure>'
+    )
+
+
+def _json_for_script(obj) -> str:
+    # inside <script>, "</" would end the element: escape every "<" (valid JSON either way)
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+
+
+def results_table(ev: dict | None) -> str:
+    if not ev or not ev["results"]:
+        return '<p class="note">No eval results yet (run <code>python -m stages.eval</code>).</p>'
+    sets = ev["sets"]
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in sets)
+    extra_keys = sorted(
+        {
+            k
+            for r in ev["results"].values()
+            for s in sets
+            for k in (r.get(s) or {})
+            if k.startswith("pass@")
+        }
+    )
+    head += "".join(f"<th>{html.escape(s)} {k}</th>" for s in sets for k in extra_keys)
+    body = []
+    best = {
+        s: max((r[s]["accuracy"] for r in ev["results"].values() if s in r), default=None)
+        for s in sets
+    }
+    for name, r in ev["results"].items():
+        cells = []
+        for s in sets:
+            e = r.get(s)
+            if not e:
+                cells.append("<td>–</td>")
+                continue
+            cls = ' class="best"' if e["accuracy"] == best[s] else ""
+            cells.append(
+                f'<td{cls}>{100 * e["accuracy"]:.1f}% <span class="dim">'
+                f"({e.get('correct', '?')}/{e.get('n', '?')})</span></td>"
+            )
+        for s in sets:
+            for k in extra_keys:
+                v = (r.get(s) or {}).get(k)
+                cells.append(f"<td>{100 * v:.1f}%</td>" if isinstance(v, float) else "<td>–</td>")
+        kl = r.get("rkl_to_teacher")
+        cells.append(
+            f"<td>{kl:.4f}</td>" if isinstance(kl, float) and math.isfinite(kl) else "<td>–</td>"
+        )
+        body.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
+    return (
+        f'<table class="grid"><tr><th>checkpoint</th>{head}<th>reverse KL to teacher '
+        f"(nats/token)</th></tr>{''.join(body)}</table>"
+    )
+
+
+def selections_table(data: RunData, curves: dict[str, KeptCurve]) -> str:
+    if not curves:
+        return '<p class="note">No committed selection yet (run <code>python -m stages.select</code>).</p>'
+    rows = []
+    for name, c in curves.items():
+        rules = ((data.selections[name].get("config") or {}).get("select") or {}).get("rules")
+        rule_txt = ", ".join(
+            f"{r.get('policy')}{json.dumps(r.get('params')) if r.get('params') else ''}"
+            for r in rules or []
+        )
+        rows.append(
+            f'<tr><th>{html.escape(name)}</th><td class="l">{html.escape(rule_txt)}</td>'
+            f"<td>{c.sequences:,}</td><td>{c.tokens:,}</td><td>{c.kept_tokens:,}</td>"
+            f"<td>{100 * c.overall:.1f}%</td><td>{c.mean_weight:.3f}</td></tr>"
+        )
+    return (
+        '<table class="grid"><tr><th>selection</th><th>rules</th><th>sequences</th>'
+        "<th>student tokens</th><th>kept</th><th>kept fraction</th><th>mean weight (kept)</th>"
+        f"</tr>{''.join(rows)}</table>"
+    )
+
+
+def train_configs(run_dir: Path) -> dict[str, dict]:
+    """Training run name -> the resolved config its train stage saved (train/<name>/config.json)."""
+    out = {}
+    for f in sorted((run_dir / "train").glob("*/config.json")):
+        try:
+            out[f.parent.name] = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            continue  # being rewritten by a running trainer: shown next time
+    return out
+
+
+def config_section(data: RunData) -> str:
+    items = [("rollouts", data.rollouts), ("tokens", data.tokens)] + [
+        (f"selected/{n}", m) for n, m in data.selections.items()
+    ]
+    parts = []
+    for name, m in items:
+        if m is None:
+            continue
+        shown = {k: m.get(k) for k in ("stage", "dataset_id", "rows", "fingerprints", "inputs")}
+        shown["extra"] = m.get("extra")
+        shown["config"] = m.get("config")
+        parts.append(
+            f"<details><summary><b>{html.escape(name)}</b> — stage {html.escape(str(m['stage']))},"
+            f" {m['rows']:,} rows, dataset {html.escape(m['dataset_id'])}</summary>"
+            f"<pre>{html.escape(json.dumps(shown, indent=1, default=str))}</pre></details>"
+        )
+    for name, c in train_configs(data.run_dir).items():
+        parts.append(
+            f"<details><summary><b>train/{html.escape(name)}</b> — training run config"
+            f"</summary><pre>{html.escape(json.dumps(c, indent=1, default=str))}</pre></details>"
+        )
+    return "".join(parts)
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+header{background:#1d2330;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
+header .sub{color:#b9c2d3;font-size:13px}main{padding:12px 24px 40px;max-width:1400px}
+section{background:#fff;border:1px solid #e1e4ea;border-radius:8px;padding:12px 16px;margin:14px 0}
+h2{font-size:16px;margin:2px 0 10px}.note{color:#8a5a00;background:#fff6e0;border-radius:4px;padding:4px 8px;margin:4px 0}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:10px;align-items:start}
+figure{margin:0}figure.wide,figure.zoom{grid-column:1/-1}figure img{cursor:zoom-in}figure.zoom img{cursor:zoom-out}figure img{max-width:100%;border:1px solid #eee;border-radius:4px}
+table.grid{border-collapse:collapse;font-size:13px}table.grid th,table.grid td{border:1px solid #e1e4ea;padding:4px 8px;text-align:right}
+table.grid th{background:#f0f2f5;text-align:left}td.l{text-align:left}td.best{background:#e6f4ea;font-weight:600}.dim{color:#888;font-weight:400}
+.controls{display:flex;flex-wrap:wrap;gap:14px;align-items:center;margin-bottom:8px}
+.controls label{white-space:nowrap}.legend{display:inline-block;width:160px;height:12px;vertical-align:middle;border:1px solid #ccc}
+.rollout{border:1px solid #e1e4ea;border-left:4px solid #c8ced8;border-radius:4px;padding:6px 10px;margin:8px 0;background:#fff}
+.rollout.guided{border-left-color:#d98c00}.meta{font-size:12px;color:#555;margin-bottom:3px}
+.badge{display:inline-block;padding:0 6px;border-radius:8px;font-size:11px;margin-right:4px;background:#eef0f4}
+.badge.g{background:#ffe2b0;color:#7a4700;font-weight:600}.badge.ok{background:#d8f0dd}.badge.bad{background:#f7d6d6}
+.prompt{font:12px/1.4 ui-monospace,monospace;color:#445;white-space:pre-wrap;margin-bottom:3px}
+.prompt.ctx{color:#7a4700}.toks{font:13px/1.9 ui-monospace,"DejaVu Sans Mono",monospace}
+.tok{white-space:pre;padding:1px 2px;margin:0 1px;border-radius:3px;cursor:pointer;border:1px solid transparent}
+.tok:hover,.tok.active{border-color:#1d2330}.tok.prefix{border:1px dashed #888}.tok.zero{color:#8b93a1}
+#topk-popup{position:absolute;display:none;z-index:10;background:#fff;border:1px solid #aab;border-radius:6px;
+box-shadow:0 4px 16px rgba(0,0,0,.18);padding:8px 10px;font-size:12px;min-width:240px;max-width:360px}
+#topk-popup table{border-collapse:collapse;width:100%}#topk-popup td{padding:1px 4px}
+#topk-popup tr.sampled td{background:#fff3c4;font-weight:600}.bar{height:8px;background:#4c78a8;border-radius:2px}
+#topk-popup .hdr{font-weight:600;margin-bottom:4px}#topk-popup .kv{color:#444;margin-bottom:4px}
+pre{font-size:12px;background:#f6f7f9;padding:8px;overflow:auto;max-height:480px}
+#show-more{margin:6px 0;padding:4px 14px}
+"""
+
+JS = r"""
+(function () {
+  "use strict";
+  var errors = [];
+  window.addEventListener("error", function (e) { errors.push(String(e.message)); });
+  var D = JSON.parse(document.getElementById("report-data").textContent);
+  var $ = function (id) { return document.getElementById(id); };
+  var state = { mode: D.selections.length ? "weight" : "gap", sel: D.default_selection,
+                limit: D.page, pinned: null };
+
+  function tokText(id) { var s = D.vocab[String(id)]; return s === undefined ? "#" + id : s; }
+  function visible(s) { return s.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5") || "\u2205"; }
+  function mix(c, t) {  // white -> colour c by t in [0, 1]
+    t = Math.max(0, Math.min(1, t));
+    return "rgb(" + c.map(function (v) { return Math.round(255 + (v - 255) * t); }).join(",") + ")";
+  }
+  function weightOf(r, i) {
+    var w = state.sel && r.w[state.sel];
+    return w ? w[i] : null;
+  }
+  function colour(r, i) {
+    if (state.mode === "weight") {
+      var w = weightOf(r, i);
+      if (w === null || w === undefined) return "rgb(255,255,255)";
+      if (w <= 0) return "rgb(236,238,241)";
+      return mix([44, 160, 44], 0.25 + 0.75 * Math.min(w / D.wmax, 1));
+    }
+    var g = r.gap[i];
+    if (g === null || g === undefined) return "rgb(255,255,255)";
+    var a = Math.max(-1, Math.min(1, g / D.gapscale));
+    // teacher finds the token less likely than the student did: red; more likely: blue
+    return a < 0 ? mix([214, 39, 40], -a) : mix([31, 119, 180], a);
+  }
+  function matches(r) {
+    var q = $("filter-prompt").value.trim().toLowerCase();
+    var kind = $("filter-kind").value, guided = $("filter-guided").value;
+    if (q && r.pid.toLowerCase().indexOf(q) < 0 && r.sid.toLowerCase().indexOf(q) < 0) return false;
+    if (kind !== "__all" && String(r.kind) !== kind) return false;
+    if (guided === "guided" && !r.guided) return false;
+    if (guided === "unguided" && r.guided) return false;
+    return true;
+  }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = text;
+    return e;
+  }
+  function renderRollout(r, ri) {
+    var box = el("div", "rollout" + (r.guided ? " guided" : ""));
+    box.dataset.r = ri;
+    var meta = el("div", "meta");
+    if (r.guided) meta.appendChild(el("span", "badge g", "guided"));
+    if (r.kind !== null) meta.appendChild(el("span", "badge", r.kind));
+    meta.appendChild(el("span", "badge", r.finish));
+    if (r.correct !== null) meta.appendChild(el("span", "badge " + (r.correct ? "ok" : "bad"),
+                                               r.correct ? "correct" : "wrong"));
+    meta.appendChild(document.createTextNode(" prompt " + r.pid + " \u00b7 sample " + r.sid +
+      (r.answer ? " \u00b7 answer: " + r.answer : "")));
+    box.appendChild(meta);
+    if (r.rprompt !== null) box.appendChild(el("div", "prompt ctx", "rollout prompt (with context): " + r.rprompt));
+    box.appendChild(el("div", "prompt", "train prompt: " + r.prompt));
+    var toks = el("div", "toks");
+    for (var i = 0; i < r.ids.length; i++) {
+      var s = el("span", "tok" + (r.seg[i] ? " prefix" : ""), visible(tokText(r.ids[i])));
+      s.dataset.r = ri; s.dataset.i = i;
+      s.style.backgroundColor = colour(r, i);
+      var w = weightOf(r, i);
+      if (state.mode === "weight" && w !== null && w !== undefined && w <= 0) s.classList.add("zero");
+      toks.appendChild(s);
+    }
+    box.appendChild(toks);
+    return box;
+  }
+  function render() {
+    hidePopup(true);
+    var list = $("rollouts");
+    list.textContent = "";
+    var hits = [];
+    D.rollouts.forEach(function (r, i) { if (matches(r)) hits.push(i); });
+    hits.slice(0, state.limit).forEach(function (i) { list.appendChild(renderRollout(D.rollouts[i], i)); });
+    $("count").textContent = "Showing " + D.shown + " of " + D.total + " rollouts" +
+      (D.shown < D.total ? " (seeded sample, seed " + D.seed + ")" : "") + "; " + hits.length +
+      " match the filter" + (hits.length > state.limit ? ", first " + state.limit + " rendered" : "") + ".";
+    $("show-more").style.display = hits.length > state.limit ? "" : "none";
+    legend();
+  }
+  function legend() {
+    var lg = $("legend"), lt = $("legend-text");
+    if (state.mode === "weight") {
+      lg.style.background = "linear-gradient(90deg, rgb(236,238,241) 0 12%, " + mix([44, 160, 44], 0.25) +
+        " 12%, " + mix([44, 160, 44], 1) + ")";
+      lt.textContent = "weight 0 (grey) \u2192 " + D.wmax + " (green) in selection " + state.sel;
+    } else {
+      lg.style.background = "linear-gradient(90deg, " + mix([214, 39, 40], 1) + ", #fff, " +
+        mix([31, 119, 180], 1) + ")";
+      lt.textContent = "teacher \u2212 student log-prob: \u2212" + D.gapscale + " (teacher disagrees, red) \u2192 +" +
+        D.gapscale + " nats (blue)";
+    }
+  }
+  function fmt(x, nd) { return x === null || x === undefined ? "\u2013" : Number(x).toFixed(nd === undefined ? 3 : nd); }
+  function showPopup(span, pin) {
+    var r = D.rollouts[+span.dataset.r], i = +span.dataset.i, pop = $("topk-popup");
+    pop.textContent = "";
+    pop.appendChild(el("div", "hdr", "\u201c" + visible(tokText(r.ids[i])) + "\u201d  pos " + i +
+      (r.seg[i] ? " (teacher prefix)" : "") + "  \u00b7 id " + r.ids[i]));
+    var kv = "teacher lp " + fmt(r.tlp[i]) + " \u00b7 student lp " + fmt(r.blp[i]) + " \u00b7 gap " + fmt(r.gap[i]) +
+      "\nstudent entropy " + fmt(r.ent[i]) + " \u00b7 teacher entropy " + fmt(r.tent[i]);
+    D.selections.forEach(function (n) { if (r.w[n]) kv += "\nweight in " + n + ": " + fmt(r.w[n][i]); });
+    var k = el("div", "kv", kv); k.style.whiteSpace = "pre-line"; pop.appendChild(k);
+    var tk = r.topk[i];
+    if (tk) {
+      var tbl = el("table");
+      tbl.appendChild(el("caption", null, "teacher top-" + tk[0].length + " (probability)"));
+      for (var j = 0; j < tk[0].length; j++) {
+        var tr = el("tr", "topk-row" + (tk[0][j] === r.ids[i] ? " sampled" : ""));
+        tr.appendChild(el("td", null, String(j + 1)));
+        tr.appendChild(el("td", null, visible(tokText(tk[0][j]))));
+        tr.appendChild(el("td", null, fmt(tk[1][j], 4)));
+        var bc = el("td"); var bar = el("div", "bar"); bar.style.width = Math.round(100 * tk[1][j]) + "px";
+        bc.appendChild(bar); tr.appendChild(bc); tbl.appendChild(tr);
+      }
+      pop.appendChild(tbl);
+      if (r.tm[i] !== null) pop.appendChild(el("div", "kv", "mass outside the stored top-K: " + fmt(1 - r.tm[i], 4)));
+    } else {
+      pop.appendChild(el("div", "kv", "no teacher scores for this token (run the score stage)"));
+    }
+    pop.style.display = "block";
+    var b = span.getBoundingClientRect();
+    var left = Math.min(b.left + window.scrollX, window.scrollX + document.documentElement.clientWidth - pop.offsetWidth - 8);
+    pop.style.left = Math.max(4, left) + "px";
+    pop.style.top = (b.bottom + window.scrollY + 4) + "px";
+    if (pin) {
+      if (state.pinned) state.pinned.classList.remove("active");
+      state.pinned = span; span.classList.add("active");
+    }
+  }
+  function hidePopup(force) {
+    if (state.pinned && !force) return;
+    if (state.pinned) state.pinned.classList.remove("active");
+    state.pinned = null;
+    $("topk-popup").style.display = "none";
+  }
+  var list = $("rollouts");
+  list.addEventListener("mouseover", function (e) {
+    if (e.target.classList.contains("tok") && !state.pinned) showPopup(e.target, false);
+  });
+  list.addEventListener("mouseout", function (e) {
+    if (e.target.classList.contains("tok")) hidePopup(false);
+  });
+  document.addEventListener("click", function (e) {
+    var t = e.target;
+    if (t.classList && t.classList.contains("tok")) {
+      if (state.pinned === t) hidePopup(true); else showPopup(t, true);
+    } else if (!$("topk-popup").contains(t)) {
+      hidePopup(true);
+    }
+  });
+  document.addEventListener("keydown", function (e) { if (e.key === "Escape") hidePopup(true); });
+  ["color-weight", "color-gap"].forEach(function (id) {
+    $(id).addEventListener("change", function () { state.mode = $(id).value; render(); });
+  });
+  $("selection").addEventListener("change", function () { state.sel = $("selection").value; render(); });
+  ["filter-prompt", "filter-kind", "filter-guided"].forEach(function (id) {
+    $(id).addEventListener(id === "filter-prompt" ? "input" : "change", function () { state.limit = D.page; render(); });
+  });
+  $("show-more").addEventListener("click", function () { state.limit += D.page; render(); });
+  Array.prototype.forEach.call(document.querySelectorAll("#plots figure:not(.wide)"), function (f) {
+    f.addEventListener("click", function () { f.classList.toggle("zoom"); });
+  });
+
+  // controls
+  if (!D.selections.length) { $("color-weight").disabled = true; $("selection").disabled = true; }
+  if (!D.has_tokens) { $("color-gap").disabled = !D.selections.length ? false : true; }
+  $(state.mode === "weight" ? "color-weight" : "color-gap").checked = true;
+  D.selections.forEach(function (n) { var o = el("option", null, n); o.value = n; $("selection").appendChild(o); });
+  if (state.sel) $("selection").value = state.sel;
+  var kinds = [];
+  D.rollouts.forEach(function (r) { if (r.kind !== null && kinds.indexOf(r.kind) < 0) kinds.push(r.kind); });
+  kinds.sort().forEach(function (k) { var o = el("option", null, k); o.value = k; $("filter-kind").appendChild(o); });
+  render();
+
+  // Browser self-test (report.html#selftest): render, switch the colouring, open a popup, filter,
+  // and write what happened into a pre#selftest element for tests/test_report.py (chromium --dump-dom).
+  if (location.hash === "#selftest") {
+    var out = { errors: errors };
+    try {
+      var toks = document.querySelectorAll("#rollouts .tok");
+      out.tokens_rendered = toks.length;
+      out.rollouts_rendered = document.querySelectorAll("#rollouts .rollout").length;
+      out.mode_before = state.mode;
+      var before = Array.prototype.map.call(toks, function (t) { return getComputedStyle(t).backgroundColor; });
+      var other = state.mode === "weight" ? "color-gap" : "color-weight";
+      $(other).click();
+      out.mode_after = state.mode;
+      var after = Array.prototype.map.call(document.querySelectorAll("#rollouts .tok"),
+        function (t) { return getComputedStyle(t).backgroundColor; });
+      out.colours_changed = before.filter(function (c, i) { return c !== after[i]; }).length;
+      out.distinct_colours_after = after.filter(function (c, i) { return after.indexOf(c) === i; }).length;
+      var target = Array.prototype.find.call(document.querySelectorAll("#rollouts .tok"), function (t) {
+        return D.rollouts[+t.dataset.r].topk[+t.dataset.i]; });
+      if (target) target.click();
+      var pop = $("topk-popup");
+      out.popup_visible = getComputedStyle(pop).display !== "none" && pop.offsetHeight > 0;
+      out.popup_rows = pop.querySelectorAll("tr.topk-row").length;
+      out.popup_text = pop.textContent.slice(0, 400);
+      document.body.click();
+      out.popup_closed = getComputedStyle(pop).display === "none";
+      $("filter-guided").value = "guided";
+      $("filter-guided").dispatchEvent(new Event("change"));
+      var boxes = document.querySelectorAll("#rollouts .rollout");
+      out.guided_filter_rendered = boxes.length;
+      out.guided_filter_all_guided = Array.prototype.every.call(boxes, function (b) { return b.classList.contains("guided"); });
+      out.guided_in_data = D.rollouts.filter(function (r) { return r.guided; }).length;
+      $("filter-guided").value = "all";
+      $("filter-guided").dispatchEvent(new Event("change"));
+      out.count_text = $("count").textContent;
+    } catch (e) { errors.push(String(e && e.stack || e)); }
+    var pre = document.createElement("pre"); pre.id = "selftest";
+    pre.textContent = JSON.stringify(out);
+    document.body.appendChild(pre);
+  }
+})();
+"""
+
+
+def render_html(
+    *,
+    data: RunData,
+    plots: list[tuple[Path, str]],
+    notes: list[str],
+    ev: dict | None,
+    curves: dict[str, KeptCurve],
+    blob: dict,
+) -> str:
+    e = html.escape
+    m = data.rollouts
+    n_tok = data.tokens["rows"] if data.tokens else None
+    sub = (
+        f"{e(str(data.run_dir))} · {m['rows']:,} rollouts"
+        + (f" · {n_tok:,} scored tokens" if n_tok is not None else "")
+        + f" · {len(data.selections)} selection(s) · generated {time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    notes_html = "".join(f'<div class="note">{e(n)}</div>' for n in notes)
+    figs = "".join(_img(p, alt) for p, alt in plots) or '<p class="note">No plots.</p>'
+    decoded = (
+        "" if blob["decoded"] else '<div class="note">No tokenizer: tokens are shown as ids.</div>'
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>distillery report — {e(data.run_dir.name)}</title>
+<style>{CSS}</style></head>
+<body>
+<header><h1>distillery report — {e(data.run_dir.name)}</h1><div class="sub">{sub}</div></header>
+<main>
+{f'<section id="notes"><h2>Notes</h2>{notes_html}</section>' if notes else ""}
+<section id="plots"><h2>Plots <span class="dim">(click one to enlarge)</span></h2><div class="plots">{figs}</div></section>
+<section id="results"><h2>Eval results</h2>{results_table(ev)}</section>
+<section id="selections"><h2>Selections</h2>{selections_table(data, curves)}</section>
+<section id="browser"><h2>Rollouts</h2>{decoded}
+<div class="controls">
+ <span>colour by:
+  <label><input type="radio" name="colour" id="color-weight" value="weight"> selection weight</label>
+  <label><input type="radio" name="colour" id="color-gap" value="gap"> teacher − student log-prob</label>
+ </span>
+ <label>selection <select id="selection"></select></label>
+ <label>prompt / sample id <input id="filter-prompt" type="search" placeholder="filter…" size="14"></label>
+ <label>kind <select id="filter-kind"><option value="__all">all</option></select></label>
+ <label>guided <select id="filter-guided"><option value="all">all</option>
+  <option value="guided">guided only</option><option value="unguided">unguided only</option></select></label>
+</div>
+<div><span class="legend" id="legend"></span> <span id="legend-text" class="dim"></span></div>
+<p id="count"></p>
+<p class="dim">Hover a token for the teacher's top-{blob["show_topk"]}; click to pin it (Esc closes).
+Dashed tokens are teacher-prefix segments (not student tokens).</p>
+<div id="rollouts"></div><button id="show-more" type="button">show more</button>
+</section>
+<section id="config"><h2>Resolved configs (from the manifests)</h2>{config_section(data)}</section>
+</main>
+<div id="topk-popup" role="dialog"></div>
+<script type="application/json" id="report-data">{_json_for_script(blob)}</script>
+<script>{JS}</script>
+</body></html>
+"""
+
+
+# ----------------------------------------------------------------------------- the stage
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` with renames, so a reader sees the old or the new report."""
+    old = final.with_name(f".report-old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build(cfg: Config, out: Path) -> tuple[dict[str, Path], list[str]]:
+    """Write the plots and report.html into ``out``; return (name -> path, notes)."""
+    run_dir = Path(cfg.run_dir)
+    data = open_run(run_dir)
+    notes = data.notes
+    con, views = connect(data)
+    written: dict[str, Path] = {}
+    plots: list[tuple[Path, str]] = []
+
+    runs = read_metrics(run_dir, notes)
+    ev = read_eval(run_dir, notes)
+    tok = load_decoder(data, cfg, notes)
+    if runs and (p := plot_training(runs, out / "training_curves.png", notes)):
+        written["training_curves"] = p
+        plots.append((p, "training curves"))
+
+    q3 = q3_params(cfg, data)
+    if data.tokens is not None:
+        hist = entropy_gap_hist(con, q3)
+        if hist is None:
+            notes.append("no student tokens with a behaviour entropy: no entropy x divergence plot")
+        else:
+            p = plot_entropy_gap(hist, q3, out / "entropy_divergence.png")
+            written["entropy_divergence"] = p
+            plots.append((p, "behaviour entropy x teacher-behaviour divergence"))
+
+    curves = {name: kept_by_position(con, v) for name, v in views.items()}
+    curves = {n: c for n, c in curves.items() if c.tokens}
+    if curves:
+        p = plot_kept(curves, out / "kept_by_position.png")
+        written["kept_by_position"] = p
+        plots.append((p, "kept fraction by position"))
+
+    if ev and (p := plot_eval(ev, out / "eval_accuracy.png")):
+        written["eval_accuracy"] = p
+        plots.append((p, "eval accuracy"))
+
+    blob = browser_data(con, data, views, tok, cfg)
+    con.close()
+    doc = render_html(data=data, plots=plots, notes=notes, ev=ev, curves=curves, blob=blob)
+    (out / "report.html").write_text(doc, encoding="utf-8")
+    written["html"] = out / "report.html"
+    return written, notes
+
+
+def run(cfg: Config) -> dict:
+    r = cfg.report
+    if r.max_rollouts < 0 or r.show_topk < 1:
+        raise UserError(
+            f"impossible report settings (max_rollouts={r.max_rollouts}, show_topk={r.show_topk})",
+            "report",
+            "use report.max_rollouts >= 0 and report.show_topk >= 1",
+        )
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(
+            "run dir not found", str(run_dir), "point run_dir at a run (e.g. runs/demo)"
+        )
+    final = run_dir / "report"
+    for stale in run_dir.glob(".report-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = run_dir / f".report-tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        written, notes = build(cfg, tmp)
+        _swap_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    paths = {k: str(final / p.name) for k, p in written.items()}
+    for n in notes:
+        print(f"[report] note: {n}")
+    for k, p in paths.items():
+        print(f"[report] {k}: {p}")
+    return paths
+
+
+main = hydra_entry("report")(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""SFT stage: the teacher answers the prompts, the student is trained with cross-entropy on them.
+
+Lightning OPD's recipe starts OPD from a student SFT-ed on the OPD teacher's own answers (teacher
+consistency). Reads ``data.prompts``, ``teacher.path`` (the policy that answers; it sees
+``rollout.teacher_template``, so a self-teacher may read the context) and ``student.path``.
+Writes ``run_dir/sft_data/`` (the teacher's answers: a rollouts table whose manifest records the
+SFT teacher's fingerprint, which the score stage checks against the OPD teacher),
+``run_dir/selected/sft/`` (the answers as a train-ready table: weight 1 on every answer token, the
+teacher's own log-prob as ``teacher_logprob``, no top-K) and ``run_dir/checkpoints/sft/final``
+(the SFT student, trained by stages/train.py with ``loss=sft``). The rollout stage then samples
+from this checkpoint and the trainer starts from it.
+
+Run: ``python -m stages.sft experiment=demo_lightning`` (the pipeline runs it when sft.enabled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_schemas import prompts as prompts_schema
+from data_schemas import rollouts as rollouts_schema
+from data_schemas import selected as selected_schema
+from stages import models, store
+from stages.config import Config, hydra_entry
+from stages.generation import Sampling, generate_rollouts
+
+
+def sft_data_dir(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / "sft_data"
+
+
+def to_selected(rollouts: pa.Table) -> pa.Table:
+    """Teacher answers -> train-ready rows: every answer token weighted 1, no top-K (K = 0)."""
+    n = rollouts.num_rows
+    lens = rollouts["response_len"]
+    ones = pa.array([[1.0] * t for t in lens.to_pylist()], pa.list_(pa.float32()))
+    zeros_u8 = pa.array([[0] * t for t in lens.to_pylist()], pa.list_(pa.uint8()))
+    zeros_f = pa.array([[0.0] * t for t in lens.to_pylist()], pa.list_(pa.float32()))
+    empty_i = pa.array([[] for _ in range(n)], pa.list_(pa.int32()))
+    empty_h = pa.array([[] for _ in range(n)], pa.list_(pa.float16()))
+    cols = {
+        "sample_id": rollouts["sample_id"],
+        "prompt_id": rollouts["prompt_id"],
+        "is_guided": rollouts["is_guided"],
+        "train_prompt_ids": rollouts["train_prompt_ids"],
+        "response_ids": rollouts["response_ids"],
+        "response_len": lens,
+        "n_kept": lens,
+        "weights": ones,
+        "segments": zeros_u8,
+        # the teacher sampled these tokens: its own log-prob is the teacher log-prob
+        "teacher_logprob": rollouts["behavior_logprobs"],
+        "behavior_logprob": rollouts["behavior_logprobs"],
+        "ref_logprob": pa.nulls(n, pa.list_(pa.float32())),
+        "topk_k": pa.array([0] * n, pa.int32()),
+        "teacher_topk_ids": empty_i,
+        "teacher_topk_logprobs": empty_h,
+        "teacher_topk_logmass": zeros_f,
+        "behavior_topk_k": pa.array([0] * n, pa.int32()),
+        "behavior_topk_ids": pa.nulls(n, pa.list_(pa.int32())),
+        "teacher_logprobs_on_behavior_topk": pa.nulls(n, pa.list_(pa.float16())),
+    }
+    return pa.Table.from_pydict(cols, schema=selected_schema.SCHEMA)
+
+
+def write_selected(cfg: Config, sft_manifest: dict, tok_vocab: int) -> dict:
+    src = sft_data_dir(cfg)
+    out = Path(cfg.run_dir) / "selected" / "sft"
+    did = store.content_id({"sft_data": sft_manifest["dataset_id"]})
+    with store.open_writer(
+        out,
+        selected_schema,
+        dataset_id=did,
+        stage="sft",
+        overwrite=cfg.overwrite,
+        vocab_size=tok_vocab,
+    ) as w:
+        if not w.complete:
+            paths = store.shard_paths(src, sft_manifest)
+            for s, p in enumerate(paths):
+                if not w.is_done(s):
+                    t = rollouts_schema.validate(pq.read_table(p), where=str(p))
+                    w.write_shard(s, to_selected(t))
+            w.commit(
+                len(paths),
+                config={},
+                fingerprints=sft_manifest["fingerprints"],
+                inputs={"sft_data": sft_manifest["dataset_id"]},
+                extra={"summary": {"sequences": sft_manifest["rows"]}},
+            )
+    return store.open_committed(out, selected_schema, what_writes_it="python -m stages.sft")
+
+
+def run(cfg: Config) -> dict:
+    from stages import train
+    from stages.pipeline import apply_overrides
+
+    prompts = prompts_schema.read(cfg.data.prompts, max_prompts=cfg.data.max_prompts)
+    tok_s = models.load_tokenizer(cfg.student.path, "student")
+    tok_t = models.load_tokenizer(cfg.teacher.path, "teacher")
+    models.check_same_tokenizer(
+        models.tokenizer_fingerprint(tok_s),
+        models.tokenizer_fingerprint(tok_t),
+        "student",
+        "teacher",
+    )
+    # The teacher answers from its own view (teacher_template), every prompt with a context.
+    r = dataclasses.replace(
+        cfg.rollout, guided_template=cfg.rollout.teacher_template, guided_fraction=1.0
+    )
+    s = Sampling(
+        n=cfg.sft.n,
+        temperature=cfg.sft.temperature,
+        top_p=1.0,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+    )
+    summary = generate_rollouts(
+        cfg,
+        cfg.teacher.path,
+        prompts,
+        sft_data_dir(cfg),
+        "sft",
+        rollout=r,
+        sampling=s,
+        dtype=cfg.teacher.dtype,
+        tokenizer_path=cfg.teacher.path,
+        fingerprints={"teacher": models.model_fingerprint(cfg.teacher.path, "teacher")},
+        inputs={
+            "prompts": store.file_sha256(cfg.data.prompts),
+            "max_prompts": cfg.data.max_prompts,
+        },
+    )
+    m = store.open_committed(
+        sft_data_dir(cfg), rollouts_schema, what_writes_it="python -m stages.sft"
+    )
+    write_selected(cfg, m, models.vocab_size(tok_s))
+    tcfg = apply_overrides(
+        cfg,
+        [
+            "loss=sft",
+            "train.name=sft",
+            "train.selection=sft",
+            f"train.epochs={cfg.sft.epochs}",
+            f"train.lr={cfg.sft.lr}",
+            f"train.init={cfg.student.path}",
+        ],
+    )
+    summary["train"] = train.run(tcfg)
+    return summary
+
+
+main = hydra_entry("sft")(run)
+
+if __name__ == "__main__":
+    main()
