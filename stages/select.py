@@ -1,0 +1,650 @@
+"""Select stage: decide, in SQL, which tokens carry the learning signal; write train-ready rows.
+
+Reads ``run_dir/rollouts/`` and ``run_dir/tokens/`` (both verified with ``store.open_committed``,
+then read in place by DuckDB) and writes ``run_dir/selected/<select.name>/`` (the ``selected``
+table: one row per sequence with per-token ``weights``, the teacher/behaviour/reference columns and
+the teacher top-K flattened to T*K) plus a summary in the manifest (``extra.summary``), printed as a
+small table. Several selections of one run coexist; a re-run with the same inputs and config is a
+no-op, a killed run resumes per shard, another config is refused unless ``overwrite=true``.
+
+    python -m stages.select run_dir=runs/demo select=entropy_half
+    python -m stages.select run_dir=runs/demo select=evidence 'select.rules.0.params.threshold=0.5'
+
+How it works:
+
+1. Pass 1 (DuckDB, CPU, memory-bounded: ``select.memory_limit``, spills to
+   ``run_dir/.duckdb_tmp/``): each rule of ``select.rules`` is one parameterised SQL file in
+   ``stages/sql_policies/<policy>.sql`` (read the header of each for its formula, its paper and its
+   parameters; parameters are DuckDB prepared parameters ``$name``, validated here first). A policy
+   returns a weight for every token (0 = excluded); rules compose by the product of their weights.
+   ``policy`` may also be a path to your own ``.sql`` file following the same contract (all.sql).
+2. Pass 2 (per input shard, Arrow): the weights of a tokens shard are joined back by row number,
+   tokens are put in sequence order, checked against the rollouts (ids, lengths, positions), and
+   written as per-sequence rows (``select.rows_per_shard`` per output shard). A sequence whose
+   tokens are all excluded stays (``n_kept = 0``) and is counted, never dropped silently.
+
+Selections from rollout-time values (behaviour entropy/log-probs) are exact for one pass over fresh
+rollouts and a proxy afterwards; the behaviour log-prob is kept so the trainer can measure staleness.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_schemas import manifest as manifest_mod
+from data_schemas import rollouts, selected, tokens
+from stages import store
+from stages.config import Config, SelectConfig, as_dict, hydra_entry
+from stages.errors import UserError
+
+POLICY_DIR = Path(__file__).resolve().parent / "sql_policies"
+POSITION_BUCKETS = ((0, 3), (4, 7), (8, 15), (16, 31), (32, None))
+ROW_BITS = 32  # rid = shard << 32 | row number in the shard file
+
+NEEDS_FIX = {
+    "behavior_entropy": "score with score.behavior=true score.entropy=true (full-vocabulary entropy)",
+    "ref_logprob": "score with ref.path set (a reference model), or use the span rule alone "
+    "(threshold=null top_fraction=null span=true)",
+}
+
+
+# ----------------------------------------------------------------------------- policy registry
+@dataclass(frozen=True)
+class Param:
+    """One policy parameter: its default and a check (strict: bound values are numbers/choices)."""
+
+    default: Any
+    check: Callable[[Any], bool]
+    rule: str  # what the check enforces, for the error message
+
+
+def _num(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False, null=False):
+    def ok(v: Any) -> bool:
+        if v is None:
+            return null
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return ok
+
+
+def _choice(*options: str) -> Callable[[Any], bool]:
+    return lambda v: v in options
+
+
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+INF = math.inf
+ENTROPY_PARAMS = {
+    "rho": Param(0.5, _num(0, 1, lo_open=True), "a number in (0, 1]"),
+    "mode": Param("sample", _choice("sample", "top"), "'sample' or 'top'"),
+    "alpha": Param(1.0, _num(0, INF, hi_open=True), "a number >= 0"),
+}
+Q3_PARAMS = {
+    "entropy_quantile": Param(0.5, _num(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
+    "divergence_quantile": Param(0.9, _num(0, 1, hi_open=True), "a number in [0, 1)"),
+    "divergence": Param("rkl", _choice("rkl", "abs"), "'rkl' or 'abs'"),
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    params: dict[str, Param] = field(default_factory=dict)
+    # per-token columns that must be non-null on student tokens, given the bound parameters
+    needs: Callable[[dict], tuple[str, ...]] = lambda p: ()
+
+
+POLICIES: dict[str, Policy] = {
+    "all": Policy(),
+    "entropy": Policy(ENTROPY_PARAMS, lambda p: ("behavior_entropy",)),
+    "tip_q3": Policy(Q3_PARAMS, lambda p: ("behavior_entropy",)),
+    "tip_type_aware": Policy({**ENTROPY_PARAMS, **Q3_PARAMS}, lambda p: ("behavior_entropy",)),
+    "evidence": Policy(
+        {
+            "threshold": Param(1.0, _num(-INF, INF, null=True), "a number (nats) or null"),
+            "top_fraction": Param(None, _num(0, 1, lo_open=True, null=True), "in (0, 1] or null"),
+            "span": Param(True, _bool, "true or false"),
+            "keep_rest": Param(0.0, _num(0, 1), "a number in [0, 1]"),
+        },
+        lambda p: (
+            ("ref_logprob",) if p["threshold"] is not None or p["top_fraction"] is not None else ()
+        ),
+    ),
+    "trust_region": Policy({"tau": Param(0.5, _num(0, 1, lo_open=True), "a number in (0, 1]")}),
+    "iw_position": Policy({"w_max": Param(1.5, _num(1, INF, hi_open=True), "a number >= 1")}),
+}
+
+
+@dataclass
+class Rule:
+    """A resolved rule: the policy name, its SQL text and its validated parameters."""
+
+    policy: str
+    sql: str
+    params: dict[str, Any]
+    needs: tuple[str, ...]
+
+
+def sql_parameters(sql: str) -> set[str]:
+    """The ``$name`` prepared parameters a SQL text uses (comments ignored)."""
+    body = "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
+    return set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", body))
+
+
+def resolve_rule(policy: str, params: dict[str, Any]) -> Rule:
+    """Validate a rule's policy and parameters (UserError naming the fix) and load its SQL."""
+    where = f"select.rules (policy {policy})"
+    params = dict(params or {})
+    if policy.endswith(".sql"):  # the user's own policy file: scalars only, bound as given
+        path = Path(policy)
+        if not path.is_file():
+            raise UserError(f"policy file {policy} not found", where, "give an existing .sql path")
+        for k, v in params.items():
+            if not (v is None or isinstance(v, bool | int | float | str)):
+                raise UserError(
+                    f"parameter {k}={v!r} is not a scalar", where, "use numbers/strings"
+                )
+        return Rule(policy, path.read_text(), params, ())
+    if policy not in POLICIES:
+        raise UserError(
+            f"unknown selection policy '{policy}'",
+            where,
+            f"use one of {sorted(POLICIES)} or a path to your own .sql file",
+        )
+    spec = POLICIES[policy]
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise UserError(
+            f"unknown parameter(s) {unknown} for policy '{policy}'",
+            where,
+            f"its parameters are {sorted(spec.params)} (see stages/sql_policies/{policy}.sql)",
+        )
+    bound = {}
+    for name, p in spec.params.items():
+        v = params.get(name, p.default)
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not p.check(v):
+            raise UserError(
+                f"parameter {name}={v!r} of policy '{policy}' must be {p.rule}",
+                where,
+                f"set select.rules[i].params.{name}",
+            )
+        bound[name] = v
+    return Rule(policy, (POLICY_DIR / f"{policy}.sql").read_text(), bound, spec.needs(bound))
+
+
+def bind(rule: Rule, *, seed: int, ln_v: float) -> dict[str, Any]:
+    """Exactly the parameters the SQL text uses (DuckDB refuses missing and unused ones)."""
+    avail = {**rule.params, "seed": int(seed), "ln_v": float(ln_v)}
+    used = sql_parameters(rule.sql)
+    missing = sorted(used - set(avail))
+    if missing:
+        raise UserError(
+            f"policy {rule.policy} uses parameter(s) {missing} that are not set",
+            "select.rules",
+            "add them to the rule's params",
+        )
+    return {k: avail[k] for k in sorted(used)}
+
+
+# ----------------------------------------------------------------------------- DuckDB pass
+def _sql_str(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _files_sql(paths: list[Path]) -> str:
+    return "[" + ", ".join(_sql_str(p) for p in paths) + "]"
+
+
+def connect(tmp_dir: Path, memory_limit: str, threads: int) -> duckdb.DuckDBPyConnection:
+    """A DuckDB session with a memory limit that spills to ``tmp_dir``."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        con = duckdb.connect(
+            ":memory:",
+            config={
+                "memory_limit": memory_limit,
+                "threads": int(threads),
+                "temp_directory": str(tmp_dir),
+                "preserve_insertion_order": False,
+            },
+        )
+    except duckdb.Error as e:
+        raise UserError(
+            f"cannot start DuckDB ({e})", "select.memory_limit / select.threads", "fix them"
+        ) from None
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
+def create_views(con: duckdb.DuckDBPyConnection, tok_files: list[Path], ro_files: list[Path]):
+    """``tok`` (tokens + rid + shard) and ``rollouts_in``, read in place from the shard files."""
+    con.execute(
+        f"""
+        CREATE OR REPLACE VIEW tok AS
+        SELECT
+            (CAST(regexp_extract(filename, 'shard-(\\d+)\\.parquet$', 1) AS BIGINT) << {ROW_BITS})
+                | file_row_number AS rid,
+            CAST(regexp_extract(filename, 'shard-(\\d+)\\.parquet$', 1) AS BIGINT) AS shard,
+            sample_id, pos, token_id, segment, is_guided, teacher_logprob, behavior_logprob,
+            behavior_entropy, teacher_entropy, ref_logprob, teacher_topk_logmass
+        FROM read_parquet({_files_sql(tok_files)}, hive_partitioning = true, filename = true,
+                          file_row_number = true)
+        """
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE VIEW rollouts_in AS
+        SELECT * FROM read_parquet({_files_sql(ro_files)}, hive_partitioning = true)
+        """
+    )
+
+
+def check_needs(con: duckdb.DuckDBPyConnection, rules: list[Rule], where: str) -> None:
+    """A policy whose input column is null on student tokens cannot run: say which and how to fix."""
+    cols = sorted({c for r in rules for c in r.needs})
+    if not cols:
+        return
+    counts = con.execute(
+        "SELECT "
+        + ", ".join(f"count(*) FILTER (WHERE {c} IS NULL)" for c in cols)
+        + " FROM tok WHERE segment = 0"
+    ).fetchone()
+    for c, n in zip(cols, counts):
+        if n:
+            policy = next(r.policy for r in rules if c in r.needs)
+            raise UserError(
+                f"selection policy '{policy}' needs {c}, which is null for {n} student tokens",
+                where,
+                NEEDS_FIX.get(c, "re-run the score stage with that column"),
+            )
+
+
+def compute_weights(con: duckdb.DuckDBPyConnection, rules: list[Rule], *, seed: int, ln_v: float):
+    """Create the temp table ``w`` (rid, sample_id, pos, segment, is_guided, h, d, weight)."""
+    n_tok = con.execute("SELECT count(*) FROM tok").fetchone()[0]
+    for i, rule in enumerate(rules):
+        try:
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE rule_{i} AS {rule.sql}",
+                bind(rule, seed=seed, ln_v=ln_v),
+            )
+            n, bad, dup = con.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE weight IS NULL OR NOT isfinite(weight) "
+                f"OR weight < 0), count(*) - count(DISTINCT rid) FROM rule_{i}"
+            ).fetchone()
+        except duckdb.Error as e:
+            raise UserError(
+                f"selection policy '{rule.policy}' failed in DuckDB: {str(e).splitlines()[0]}",
+                f"select.rules[{i}]",
+                "check the policy's SQL and parameters",
+            ) from None
+        if n != n_tok or bad or dup:
+            raise UserError(
+                f"selection policy '{rule.policy}' returned {n} rows for {n_tok} tokens "
+                f"({bad} null/negative/non-finite weights, {dup} duplicated rid)",
+                f"select.rules[{i}]",
+                "a policy must return exactly one (rid, weight >= 0) per row of tok",
+            )
+    product = " * ".join(f"r{i}.weight" for i in range(len(rules)))
+    joins = " ".join(f"JOIN rule_{i} AS r{i} USING (rid)" for i in range(len(rules)))
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE w AS
+        SELECT rid, sample_id, pos, segment, is_guided, behavior_entropy::DOUBLE AS h,
+               (behavior_logprob - teacher_logprob)::DOUBLE AS d, ({product})::DOUBLE AS weight
+        FROM tok {joins}
+        ORDER BY rid
+        """
+    )
+    for i in range(len(rules)):
+        con.execute(f"DROP TABLE rule_{i}")
+
+
+def _groups(rows: list[tuple]) -> dict[str, dict]:
+    return {
+        str(g): {"tokens": int(n), "kept": int(k), "fraction": (k / n) if n else 0.0}
+        for g, n, k in rows
+        if g is not None
+    }
+
+
+def summarize(con: duckdb.DuckDBPyConnection) -> dict:
+    """Kept tokens overall, per TIP quadrant (median splits), guided/unguided, position bucket."""
+    total, student, kept, wsum, n_seq = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE segment = 0), count(*) FILTER (WHERE weight > 0), "
+        "coalesce(sum(weight), 0), count(DISTINCT sample_id) FROM w"
+    ).fetchone()
+    bucket = "CASE " + " ".join(
+        f"WHEN pos <= {hi} THEN '{lo}-{hi}'" for lo, hi in POSITION_BUCKETS if hi is not None
+    )
+    bucket += f" ELSE '{POSITION_BUCKETS[-1][0]}+' END"
+    quadrant = (
+        "CASE WHEN h IS NULL THEN NULL ELSE "
+        "(CASE WHEN h < mh THEN 'low' ELSE 'high' END) || '_entropy/' || "
+        "(CASE WHEN d < md THEN 'low' ELSE 'high' END) || '_divergence' END"
+    )
+
+    def by(expr: str) -> dict:
+        return _groups(
+            con.execute(
+                f"""
+                WITH s AS (SELECT * FROM w WHERE segment = 0),
+                     m AS (SELECT median(h) AS mh, median(d) AS md FROM s)
+                SELECT {expr} AS g, count(*), count(*) FILTER (WHERE weight > 0)
+                FROM s, m GROUP BY g ORDER BY min(pos), g
+                """
+            ).fetchall()
+        )
+
+    return {
+        "tokens_total": int(total),
+        "student_tokens": int(student),
+        "tokens_kept": int(kept),
+        "kept_fraction": kept / student if student else 0.0,
+        "weight_sum": float(wsum),
+        "sequences": int(n_seq),
+        "by_quadrant": by(quadrant),
+        "by_guided": by("CASE WHEN is_guided THEN 'guided' ELSE 'unguided' END"),
+        "by_position": by(bucket),
+    }
+
+
+# ----------------------------------------------------------------------------- Arrow pass
+def assemble(ro: pa.Table, tk: pa.Table, weight: np.ndarray, where: str) -> pa.Table:
+    """Per-sequence rows (rollouts order) from one rollouts shard and its tokens shard.
+
+    ``weight`` is aligned with ``tk`` rows. Tokens are placed by (sequence, pos) with one scatter,
+    which also proves that every response position has exactly one token row.
+    """
+    fix = "re-run python -m stages.score with overwrite=true (tokens must match the rollouts)"
+    n_seq = ro.num_rows
+    lens = ro["response_len"].to_numpy().astype(np.int64)  # [S]
+    offsets = np.zeros(n_seq + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    n_tok = int(offsets[-1])
+    row = pc.fill_null(pc.index_in(tk["sample_id"], value_set=ro["sample_id"]), -1).to_numpy()
+    pos = tk["pos"].to_numpy().astype(np.int64)  # [N]
+    if (row < 0).any():
+        sid = tk["sample_id"][int(np.flatnonzero(row < 0)[0])]
+        raise UserError(
+            f"token rows for sample {sid} which is not in the rollouts shard", where, fix
+        )
+    if (pos < 0).any() or (pos >= lens[row]).any():
+        raise UserError("token positions outside the response length", where, fix)
+    dest = offsets[row] + pos  # [N] flat index of each token row in sequence order
+    hits = np.bincount(dest, minlength=n_tok)
+    if len(dest) != n_tok or (hits != 1).any():
+        raise UserError(
+            f"{int((hits == 0).sum())} response positions missing and "
+            f"{int((hits > 1).sum())} duplicated in the tokens table",
+            where,
+            fix,
+        )
+    order = np.empty(n_tok, np.int64)
+    order[dest] = np.arange(n_tok)  # order[j] = token row that goes to flat position j
+
+    token_id = tk["token_id"].to_numpy()[order]
+    resp = pc.list_flatten(ro["response_ids"]).to_numpy()
+    if not np.array_equal(token_id, resp):
+        raise UserError("tokens.token_id differs from rollouts.response_ids", where, fix)
+
+    off32 = pa.array(offsets.astype(np.int32))
+
+    def per_token(values: np.ndarray) -> pa.Array:
+        return pa.ListArray.from_arrays(off32, pa.array(values))
+
+    def col(name: str) -> np.ndarray:
+        return tk[name].to_numpy()[order]
+
+    def topk(ids: str, lps: str) -> tuple[int, pa.Array | None, pa.Array | None]:
+        nulls = tk[ids].null_count
+        if nulls == n_tok:
+            return 0, None, None
+        if nulls:
+            raise UserError(f"{ids} is null for some tokens only", where, fix)
+        k = len(tk[ids][0])
+        flat_ids = pc.list_flatten(tk[ids]).to_numpy().reshape(n_tok, k)[order].ravel()  # [N*K]
+        flat_lps = pc.list_flatten(tk[lps]).to_numpy().reshape(n_tok, k)[order].ravel()  # [N*K]
+        offk = pa.array((offsets * k).astype(np.int32))
+        return (
+            k,
+            pa.ListArray.from_arrays(offk, pa.array(flat_ids)),
+            pa.ListArray.from_arrays(offk, pa.array(flat_lps, pa.float16())),
+        )
+
+    k, t_ids, t_lps = topk("teacher_topk_ids", "teacher_topk_logprobs")
+    kb, b_ids, b_lps = topk("behavior_topk_ids", "teacher_logprobs_on_behavior_topk")
+    ref_nulls = tk["ref_logprob"].null_count
+    if 0 < ref_nulls < n_tok:
+        raise UserError("ref_logprob is null for some tokens only", where, fix)
+    w = weight[order].astype(np.float32)  # [N]
+    n_kept = (
+        np.add.reduceat((w > 0).astype(np.int32), offsets[:-1]) if n_seq else np.zeros(0, np.int32)
+    )
+    empty_lists = lambda typ: pa.nulls(n_seq, pa.list_(typ))  # noqa: E731
+    return pa.table(
+        {
+            "sample_id": ro["sample_id"],
+            "prompt_id": ro["prompt_id"],
+            "is_guided": ro["is_guided"],
+            "train_prompt_ids": ro["train_prompt_ids"],
+            "response_ids": ro["response_ids"],
+            "response_len": ro["response_len"],
+            "n_kept": pa.array(n_kept.astype(np.int32)),
+            "weights": per_token(w),
+            "segments": per_token(col("segment")),
+            "teacher_logprob": per_token(col("teacher_logprob")),
+            "behavior_logprob": per_token(col("behavior_logprob")),
+            "ref_logprob": empty_lists(pa.float32())
+            if ref_nulls
+            else per_token(col("ref_logprob")),
+            "topk_k": pa.array(np.full(n_seq, k, np.int32)),
+            "teacher_topk_ids": t_ids,
+            "teacher_topk_logprobs": t_lps,
+            "teacher_topk_logmass": per_token(col("teacher_topk_logmass")),
+            "behavior_topk_k": pa.array(np.full(n_seq, kb, np.int32)),
+            "behavior_topk_ids": b_ids if kb else empty_lists(pa.int32()),
+            "teacher_logprobs_on_behavior_topk": b_lps if kb else empty_lists(pa.float16()),
+        },
+        schema=selected.SCHEMA,
+    )
+
+
+def output_plan(ro_manifest: dict, rows_per_shard: int) -> list[int]:
+    """First output shard of each input shard (plus the total at the end): deterministic resume."""
+    starts = [0]
+    for s in ro_manifest["shards"]:
+        starts.append(starts[-1] + math.ceil(s["rows"] / rows_per_shard))
+    return starts
+
+
+# ----------------------------------------------------------------------------- the stage
+def dataset_id_of(ro_id: str, tk_id: str, sel: SelectConfig, seed: int) -> str:
+    # memory_limit/threads change how, not what: they do not enter the id
+    cfg = {k: v for k, v in as_dict_select(sel).items() if k not in ("memory_limit", "threads")}
+    return store.content_id({"rollouts": ro_id, "tokens": tk_id, "select": cfg, "seed": seed})
+
+
+def as_dict_select(sel: SelectConfig) -> dict:
+    return {
+        "name": sel.name,
+        "rules": [{"policy": r.policy, "params": dict(r.params)} for r in sel.rules],
+        "rows_per_shard": sel.rows_per_shard,
+        "memory_limit": sel.memory_limit,
+        "threads": sel.threads,
+    }
+
+
+def _vocab_ln(*manifests: dict) -> float:
+    """ln V for the entropy normaliser H/ln V (it only scales the sampling keys and sets the floor)."""
+    for m in manifests:
+        for where in (m.get("extra", {}), m.get("extra", {}).get("tokenizer", {})):
+            v = where.get("vocab_size") if isinstance(where, dict) else None
+            if isinstance(v, int) and v > 1:
+                return math.log(v)
+    return 1.0
+
+
+def run(cfg: Config) -> dict:
+    sel = cfg.select
+    if not re.fullmatch(r"[A-Za-z0-9_.=-]+", sel.name) or sel.name.startswith("."):
+        raise UserError(
+            f"select.name '{sel.name}' is not a plain folder name", "config", "rename it"
+        )
+    if sel.rows_per_shard < 1:
+        raise UserError("select.rows_per_shard must be >= 1", "config", "fix select.rows_per_shard")
+    if not sel.rules:
+        raise UserError("select.rules is empty", "config", "give at least one rule (policy: all)")
+    rules = [resolve_rule(r.policy, r.params) for r in sel.rules]
+    run_dir = Path(cfg.run_dir)
+    ro_dir, tk_dir = run_dir / "rollouts", run_dir / "tokens"
+    out_dir = run_dir / "selected" / sel.name
+    ro_m = store.open_committed(ro_dir, rollouts, what_writes_it="python -m stages.rollout")
+    tk_m = store.open_committed(tk_dir, tokens, what_writes_it="python -m stages.score")
+    if tk_m["inputs"].get("rollouts", ro_m["dataset_id"]) != ro_m["dataset_id"]:
+        raise UserError(
+            "the tokens were scored from other rollouts than the ones in this run",
+            str(tk_dir),
+            "re-run python -m stages.score with overwrite=true",
+        )
+    if len(tk_m["shards"]) != len(ro_m["shards"]):
+        raise UserError(
+            f"tokens has {len(tk_m['shards'])} shards, rollouts {len(ro_m['shards'])} (must be 1:1)",
+            str(tk_dir),
+            "re-run python -m stages.score with overwrite=true",
+        )
+    dataset_id = dataset_id_of(ro_m["dataset_id"], tk_m["dataset_id"], sel, cfg.seed)
+    existing = manifest_mod.read(out_dir)
+    if existing is not None and existing["dataset_id"] == dataset_id:
+        summary = existing["extra"].get("summary", {})
+        print(f"select: {out_dir} is up to date (dataset {dataset_id})")
+        print_summary(summary, sel.name)
+        return {"dataset_id": dataset_id, "dir": str(out_dir), "summary": summary}
+    if existing is not None and not cfg.overwrite:  # refuse before the expensive pass
+        raise UserError(
+            f"{out_dir} already holds a selection from a different run or config "
+            f"(dataset_id {existing['dataset_id']}, this run {dataset_id})",
+            str(out_dir),
+            "pass overwrite=true to replace it, or choose another select.name",
+        )
+
+    tmp_dir = run_dir / ".duckdb_tmp" / f"select-{sel.name}"
+    con = connect(tmp_dir, sel.memory_limit, sel.threads)
+    try:
+        create_views(con, store.shard_paths(tk_dir, tk_m), store.shard_paths(ro_dir, ro_m))
+        check_needs(con, rules, str(tk_dir))
+        compute_weights(con, rules, seed=cfg.seed, ln_v=_vocab_ln(tk_m, ro_m))
+        summary = summarize(con)
+        if summary["tokens_kept"] == 0:
+            desc = "; ".join(f"{r.policy} {r.params}" for r in rules)
+            raise UserError(
+                f"selection '{sel.name}' keeps 0 of {summary['student_tokens']} student tokens "
+                f"({desc}): nothing to train on",
+                "select.rules",
+                "loosen the policy parameters (e.g. a lower threshold) or choose another policy",
+            )
+        summary["sequences_no_kept"] = write_selected(
+            con, cfg, dataset_id, out_dir, ro_dir, ro_m, tk_dir, tk_m, rules, summary
+        )
+    finally:
+        con.close()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    print_summary(summary, sel.name)
+    return {"dataset_id": dataset_id, "dir": str(out_dir), "summary": summary}
+
+
+def write_selected(
+    con, cfg, dataset_id, out_dir, ro_dir, ro_m, tk_dir, tk_m, rules, summary
+) -> int:
+    """Pass 2: per input shard, assemble and write; commit the manifest. Returns #n_kept==0 rows."""
+    sel = cfg.select
+    plan = output_plan(ro_m, sel.rows_per_shard)
+    ro_paths, tk_paths = store.shard_paths(ro_dir, ro_m), store.shard_paths(tk_dir, tk_m)
+    no_kept = 0
+    with store.open_writer(
+        out_dir,
+        selected,
+        dataset_id=dataset_id,
+        stage="select",
+        overwrite=cfg.overwrite,
+        row_group_rows=min(sel.rows_per_shard, 1024),
+    ) as w:
+        for s in range(len(ro_paths)):
+            outs = range(plan[s], plan[s + 1])
+            if all(w.is_done(o) for o in outs):  # resume: already written
+                for o in outs:
+                    n_kept = pq.read_table(w.shard_path(o), columns=["n_kept"])["n_kept"]
+                    no_kept += int((n_kept.to_numpy() == 0).sum())
+                continue
+            ro = pq.read_table(
+                ro_paths[s],
+                columns=[
+                    "sample_id",
+                    "prompt_id",
+                    "is_guided",
+                    "train_prompt_ids",
+                    "response_ids",
+                    "response_len",
+                ],
+            )
+            tk = pq.read_table(tk_paths[s], columns=[f.name for f in tokens.SCHEMA])
+            lo = s << ROW_BITS
+            got = con.execute(
+                f"SELECT rid - {lo} AS row, weight FROM w WHERE rid >= {lo} AND rid < {lo + (1 << ROW_BITS)}"
+            ).fetchnumpy()
+            weight = np.zeros(tk.num_rows, np.float64)
+            weight[got["row"]] = got["weight"]  # [N] aligned with the tokens shard's rows
+            table = assemble(ro, tk, weight, f"shard {s} of {tk_dir}")
+            no_kept += int((table["n_kept"].to_numpy() == 0).sum())
+            for j, o in enumerate(outs):
+                w.write_shard(o, table.slice(j * sel.rows_per_shard, sel.rows_per_shard))
+        summary["sequences_no_kept"] = no_kept
+        w.commit(
+            plan[-1],
+            config=as_dict(cfg),
+            fingerprints={**ro_m["fingerprints"], **tk_m["fingerprints"]},
+            inputs={"rollouts": ro_m["dataset_id"], "tokens": tk_m["dataset_id"]},
+            extra={
+                "summary": summary,
+                "rules": [{"policy": r.policy, "params": r.params} for r in rules],
+            },
+        )
+    return no_kept
+
+
+def print_summary(summary: dict, name: str) -> None:
+    """The summary as a small table on stdout."""
+    if not summary:
+        return
+    print(
+        f"selection '{name}': kept {summary['tokens_kept']} / {summary['student_tokens']} student "
+        f"tokens ({100 * summary['kept_fraction']:.1f} %), weight sum {summary['weight_sum']:.1f}, "
+        f"{summary.get('sequences_no_kept', 0)} of {summary['sequences']} sequences with none kept"
+    )
+    print(f"  {'group':<36} {'tokens':>10} {'kept':>10} {'fraction':>9}")
+    for section in ("by_quadrant", "by_guided", "by_position"):
+        for g, v in summary.get(section, {}).items():
+            print(f"  {g:<36} {v['tokens']:>10} {v['kept']:>10} {v['fraction']:>9.3f}")
+
+
+main = hydra_entry("select")(run)
+
+if __name__ == "__main__":
+    main()

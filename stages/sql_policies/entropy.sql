@@ -1,0 +1,42 @@
+-- entropy (TIP, "Token Importance in OPD"): keep a fraction $rho of the student tokens, favouring
+-- high behaviour entropy H_b (the tokens where the student is unsure carry most of the signal).
+--
+--   mode = 'top'    : the round($rho * N) tokens with the highest H_b (ties: sample_id, pos).
+--   mode = 'sample' : weighted sampling without replacement (Efraimidis-Spirakis exponential keys):
+--                     key = -ln(u) / max(Hbar, 1e-8)^$alpha,  Hbar = H_b / ln V,
+--                     keep the round($rho * N) smallest keys. $alpha = 0 is uniform sampling.
+--                     u in (0, 1) comes from md5("<seed>:<sample_id>:<pos>") (top 53 bits of
+--                     md5_number, i.e. the digest read little-endian), so it is reproducible,
+--                     platform-independent and does not depend on row order or threads.
+--
+-- "Keep $rho" is GLOBAL: over all student tokens (segment 0) of the dataset, not per sequence, so a
+-- long confident answer may keep few tokens and a hard one many (as in TIP). N = number of student
+-- tokens. Parameters: $rho in (0, 1], $mode in ('top', 'sample'), $alpha >= 0.
+-- Needs: behavior_entropy (score with score.behavior=true and score.entropy=true).
+WITH keyed AS (
+    SELECT
+        rid,
+        segment,
+        sample_id,
+        pos,
+        CASE
+            WHEN segment <> 0 THEN NULL
+            WHEN $mode = 'top' THEN -behavior_entropy::DOUBLE
+            ELSE -ln(((md5_number(concat($seed, ':', sample_id, ':', pos)) >> 75)::DOUBLE + 0.5)
+                     / 9007199254740992.0)
+                 / pow(greatest(behavior_entropy::DOUBLE / $ln_v, 1e-8), $alpha)
+        END AS key
+    FROM tok
+),
+ranked AS (
+    SELECT
+        rid,
+        segment,
+        -- student tokens first, ordered by key; ties broken by (sample_id, pos): deterministic
+        row_number() OVER (ORDER BY segment <> 0, key, sample_id, pos) AS rn
+    FROM keyed
+),
+-- (a plain count, not count(*) OVER (): DuckDB evaluates that window far more slowly)
+n AS (SELECT count(*) AS n_student FROM tok WHERE segment = 0)
+SELECT rid, CASE WHEN segment = 0 AND rn <= round($rho * n_student) THEN 1.0 ELSE 0.0 END AS weight
+FROM ranked, n
