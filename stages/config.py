@@ -120,8 +120,8 @@ class ScoreConfig:
     entropy: bool = True
     # Token budget per forward batch (sequences are length-bucketed to fill it).
     batch_tokens: int = 8192
-    # Positions per chunk of the fp32 LM head (bounds memory for large vocabularies).
-    chunk_positions: int = 1024
+    # Positions per chunk of the fp32 LM head (bounds memory; 128-256 keeps [chunk, V] in cache).
+    chunk_positions: int = 256
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
 

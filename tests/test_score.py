@@ -1,0 +1,436 @@
+"""The score stage (stages/score.py) against a plain transformers recomputation.
+
+Rollouts are written directly through the shard store (ids from the ``tiny_lm`` tokenizer, random
+responses), so these tests do not depend on the rollout stage. The reference for every stored
+number is ``log_softmax(model(prefix + response).logits.float())`` at the response positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from data_schemas import rollouts as rollouts_table
+from data_schemas import tokens as tokens_table
+from stages import models, store
+from stages.config import compose
+from stages.errors import UserError
+from stages.score import length_buckets, plan_shard, run
+from tests.conftest import WORDS, build_tiny_lm
+
+ROOT = Path(__file__).resolve().parent.parent
+TOL = 1e-4  # nats, fp32 HF backend vs the plain recomputation
+FP16_TOL = 2e-3  # stored fp16 columns (relative ~1e-3)
+
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread. With two, every 20-token matmul pays an OpenMP barrier
+    that costs milliseconds on a busy 2-core CI machine (30x slower, measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_rollouts(
+    run_dir: Path,
+    policy: Path,
+    *,
+    n_rows: int = 12,
+    rows_per_shard: int = 4,
+    seed: int = 0,
+    max_resp: int = 12,
+) -> Path:
+    """A committed rollouts table: half the rows guided (rollout prefix = teacher prefix)."""
+    tok = models.load_tokenizer(str(policy))
+    v = len(tok)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_rows):
+        prompt = tok(f"question : w{i % 90} w{(i * 7) % 90} ? answer :").input_ids
+        context = tok(f"evidence : w{(i * 3) % 90} .", add_special_tokens=False).input_ids
+        teacher = prompt[:1] + context + prompt[1:]
+        guided = i % 2 == 0
+        resp = rng.integers(4, v, size=int(rng.integers(1, max_resp + 1))).tolist()
+        if i % 3 == 0:  # a few identical responses in a row: must not confuse the pass planner
+            resp = [5, 6, 7]
+        rows.append(
+            {
+                "sample_id": f"s{i:04d}",
+                "prompt_id": f"p{i // 2:03d}",
+                "sample_idx": i % 2,
+                "train_prompt_ids": prompt,
+                "rollout_prompt_ids": teacher if guided else prompt,
+                "teacher_prompt_ids": teacher,
+                "response_ids": resp,
+                "behavior_logprobs": [-1.0] * len(resp),
+                "response_len": len(resp),
+                "is_guided": guided,
+                "finish_reason": "length",
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "answer": None,
+                "kind": None,
+                "correct": None,
+            }
+        )
+    rdir = run_dir / "rollouts"
+    shards = [rows[s : s + rows_per_shard] for s in range(0, n_rows, rows_per_shard)]
+    with store.open_writer(
+        rdir, rollouts_table, dataset_id=f"test-rollouts-{seed}", stage="rollout", vocab_size=v
+    ) as w:
+        for s, part in enumerate(shards):
+            w.write_shard(s, pa.Table.from_pylist(part, schema=rollouts_table.SCHEMA))
+        assert w.commit(
+            len(shards),
+            config={},
+            fingerprints={
+                "student": models.model_fingerprint(str(policy)),
+                "tokenizer": models.tokenizer_fingerprint(tok),
+            },
+            inputs={},
+            extra={"policy_path": str(policy)},
+        )
+    return rdir
+
+
+def cfg_for(run_dir: Path, student: Path, teacher: Path, *extra: str):
+    return compose(
+        "score",
+        [
+            f"run_dir={run_dir}",
+            f"student.path={student}",
+            f"teacher.path={teacher}",
+            "score.backend=hf",
+            *extra,
+        ],
+    )
+
+
+@functools.cache
+def _model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def dense(path: Path, prefix: list[int], response: list[int], vocab: int) -> np.ndarray:
+    """[R, V] fp32 log-probs of each response token's position, straight from transformers."""
+    ids = torch.tensor([list(prefix) + list(response)])
+    with torch.no_grad():
+        logits = _model(str(path))(ids).logits[0].float()[:, :vocab]  # [L, V] (padding dropped)
+    lsm = torch.log_softmax(logits, dim=-1)
+    return lsm[len(prefix) - 1 : len(prefix) + len(response) - 1].numpy()  # [R, V]
+
+
+def entropy_of(lsm: np.ndarray) -> np.ndarray:
+    return -(np.exp(lsm) * lsm).sum(-1)
+
+
+def read_tokens(run_dir: Path) -> pa.Table:
+    return store.read_table(run_dir / "tokens", tokens_table).sort_by(
+        [("sample_id", "ascending"), ("pos", "ascending")]
+    )
+
+
+def rollouts_rows(run_dir: Path) -> dict[str, dict]:
+    return {
+        r["sample_id"]: r
+        for r in store.read_table(run_dir / "rollouts", rollouts_table).to_pylist()
+    }
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def test_length_buckets_respect_budget_and_cover_all():
+    lengths = [5, 30, 7, 7, 100, 12, 3]
+    batches = length_buckets(lengths, 32)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 32
+
+
+# ----------------------------------------------------------------------------- numbers
+def test_hf_matches_transformers_recomputation(tmp_path, tiny_lm, tiny_teacher):
+    """Teacher, behaviour (after the rollout prompt), ref (after the train prompt) and the vOPD
+    behaviour-support columns equal a dense recomputation; small batches and chunks exercised."""
+    write_rollouts(tmp_path, tiny_lm)
+    k, kb = 8, 4
+    out = run(
+        cfg_for(
+            tmp_path,
+            tiny_lm,
+            tiny_teacher,
+            f"ref.path={tiny_lm}",
+            f"score.topk={k}",
+            f"score.behavior_topk={kb}",
+            "score.batch_tokens=40",
+            "score.chunk_positions=5",
+        )
+    )
+    assert out["committed"] and out["tokens"] > 0
+    vocab = len(models.load_tokenizer(str(tiny_lm)))
+    t = read_tokens(tmp_path).to_pylist()
+    rows = rollouts_rows(tmp_path)
+    assert len(t) == sum(len(r["response_ids"]) for r in rows.values())
+    by_sample: dict[str, list[dict]] = {}
+    for r in t:
+        by_sample.setdefault(r["sample_id"], []).append(r)
+    for sid, toks in by_sample.items():
+        ro = rows[sid]
+        resp = ro["response_ids"]
+        assert [x["pos"] for x in toks] == list(range(len(resp)))
+        assert [x["token_id"] for x in toks] == resp
+        assert all(x["segment"] == 0 and x["is_guided"] == ro["is_guided"] for x in toks)
+        d_t = dense(tiny_teacher, ro["teacher_prompt_ids"], resp, vocab)  # [R, V]
+        d_b = dense(tiny_lm, ro["rollout_prompt_ids"], resp, vocab)
+        d_r = dense(tiny_lm, ro["train_prompt_ids"], resp, vocab)
+        for j, x in enumerate(toks):
+            assert abs(x["teacher_logprob"] - d_t[j, resp[j]]) < TOL
+            true_top = np.argsort(-d_t[j], kind="stable")[:k]
+            assert x["teacher_topk_ids"] == true_top.tolist()
+            np.testing.assert_allclose(x["teacher_topk_logprobs"], d_t[j, true_top], atol=FP16_TOL)
+            mass = np.log(np.exp(d_t[j, true_top].astype(np.float64)).sum())
+            assert abs(x["teacher_topk_logmass"] - mass) < TOL
+            assert abs(x["teacher_entropy"] - entropy_of(d_t[j])) < FP16_TOL * 3
+            assert abs(x["behavior_logprob"] - d_b[j, resp[j]]) < TOL
+            assert abs(x["behavior_entropy"] - entropy_of(d_b[j])) < FP16_TOL * 3
+            assert abs(x["ref_logprob"] - d_r[j, resp[j]]) < TOL
+            b_top = np.argsort(-d_b[j], kind="stable")[:kb]
+            assert x["behavior_topk_ids"] == b_top.tolist()
+            np.testing.assert_allclose(
+                x["teacher_logprobs_on_behavior_topk"], d_t[j, b_top], atol=FP16_TOL
+            )
+    m = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    assert m["fingerprints"]["teacher"] == models.model_fingerprint(str(tiny_teacher))
+    assert m["fingerprints"]["behavior"] == models.model_fingerprint(str(tiny_lm))
+    assert m["fingerprints"]["ref"] == models.model_fingerprint(str(tiny_lm))
+    assert m["inputs"]["rollouts"] == "test-rollouts-0"
+    assert m["extra"]["entropy_source"] == "hf"
+
+
+def test_reuse_equals_separate_passes(tmp_path, tiny_lm):
+    """Teacher = behaviour = ref = one model (the demo's shape): 2 passes per row, not 3, and the
+    same numbers as scoring every role with its own pass (a copy with another fingerprint)."""
+    shared, separate = tmp_path / "shared", tmp_path / "separate"
+    write_rollouts(shared, tiny_lm, n_rows=8)
+    write_rollouts(separate, tiny_lm, n_rows=8)
+    # same weights, different fingerprint: forces one pass per role
+    t_copy, r_copy = tmp_path / "teacher_copy", tmp_path / "ref_copy"
+    for c, tag in ((t_copy, "t"), (r_copy, "r")):
+        shutil.copytree(tiny_lm, c)
+        conf = json.loads((c / "config.json").read_text())
+        conf["_distillery_test_copy"] = tag
+        (c / "config.json").write_text(json.dumps(conf))
+    kb = "score.behavior_topk=4"
+    a = run(cfg_for(shared, tiny_lm, tiny_lm, f"ref.path={tiny_lm}", kb))
+    b = run(cfg_for(separate, tiny_lm, t_copy, f"ref.path={r_copy}", kb))
+    rows = rollouts_rows(shared)
+    distinct = sum(
+        len(
+            {
+                tuple(r["teacher_prompt_ids"]),
+                tuple(r["rollout_prompt_ids"]),
+                tuple(r["train_prompt_ids"]),
+            }
+        )
+        for r in rows.values()
+    )
+    assert distinct == 2 * len(rows)
+    assert a["passes_run"] == distinct and a["passes_reused"] == len(rows)
+    assert b["passes_run"] == 3 * len(rows) and b["passes_reused"] == 0
+    ta, tb = read_tokens(shared), read_tokens(separate)
+    assert ta.num_rows == tb.num_rows
+    for c in tokens_table.SCHEMA.names:
+        x, y = ta[c].to_pylist(), tb[c].to_pylist()
+        if c in ("teacher_logprob", "behavior_logprob", "ref_logprob", "teacher_topk_logmass"):
+            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=c)
+        elif c in ("teacher_entropy", "behavior_entropy"):
+            np.testing.assert_allclose(x, y, atol=2e-3, err_msg=c)
+        elif c in ("teacher_topk_logprobs", "teacher_logprobs_on_behavior_topk"):
+            np.testing.assert_allclose(np.array(x), np.array(y), atol=2e-3, err_msg=c)
+        else:
+            assert x == y, c
+
+
+@pytest.mark.parametrize("pad", [0, 13])
+def test_k_equals_vocab_and_padded_vocab(tmp_path, pad):
+    """K = V: log-mass exactly 0 and the entropy is the dense one; padded rows never appear."""
+    base = build_tiny_lm(
+        tmp_path / "m", seed=3, pad_vocab_to=(len(WORDS) + 4 + pad) if pad else None
+    )
+    write_rollouts(tmp_path / "run", base, n_rows=4)
+    vocab = len(WORDS) + 4
+    run(cfg_for(tmp_path / "run", base, base, f"score.topk={vocab}", "score.behavior_topk=5"))
+    t = read_tokens(tmp_path / "run").to_pylist()
+    rows = rollouts_rows(tmp_path / "run")
+    for x in t:
+        ro = rows[x["sample_id"]]
+        d = dense(base, ro["teacher_prompt_ids"], ro["response_ids"], vocab)[x["pos"]]
+        assert x["teacher_topk_logmass"] == 0.0
+        assert sorted(x["teacher_topk_ids"]) == list(range(vocab))
+        assert max(x["behavior_topk_ids"]) < vocab
+        assert abs(x["teacher_entropy"] - entropy_of(d)) < FP16_TOL * 3
+        assert abs(x["teacher_logprob"] - d[x["token_id"]]) < TOL
+
+
+# ----------------------------------------------------------------------------- refusals
+def test_refuses_teacher_with_other_tokenizer(tmp_path, tiny_lm):
+    other = build_tiny_lm(tmp_path / "other", words=[f"v{i}" for i in range(96)])
+    write_rollouts(tmp_path / "run", tiny_lm, n_rows=2)
+    with pytest.raises(UserError, match="tokenizers differ"):
+        run(cfg_for(tmp_path / "run", tiny_lm, other))
+    assert not (tmp_path / "run" / "tokens" / "manifest.json").exists()
+
+
+def test_refuses_teacher_other_than_sft_teacher_unless_allowed(tmp_path, tiny_lm, tiny_teacher):
+    run_dir = tmp_path / "run"
+    write_rollouts(run_dir, tiny_lm, n_rows=2)
+    (run_dir / "sft_data").mkdir()
+    sft_fp = models.model_fingerprint(str(tiny_lm))
+    (run_dir / "sft_data" / "manifest.json").write_text(
+        json.dumps({"fingerprints": {"teacher": sft_fp}})
+    )
+    with pytest.raises(UserError, match="teacher consistency") as e:
+        run(cfg_for(run_dir, tiny_lm, tiny_teacher))
+    assert sft_fp in str(e.value) and models.model_fingerprint(str(tiny_teacher)) in str(e.value)
+    out = run(cfg_for(run_dir, tiny_lm, tiny_teacher, "score.allow_teacher_mismatch=true"))
+    assert out["committed"]
+
+
+def test_refuses_topk_above_vocab(tmp_path, tiny_lm):
+    write_rollouts(tmp_path, tiny_lm, n_rows=2)
+    vocab = len(WORDS) + 4
+    with pytest.raises(
+        UserError, match=f"score.topk={vocab + 1} exceeds the vocabulary size {vocab}"
+    ):
+        run(cfg_for(tmp_path, tiny_lm, tiny_lm, f"score.topk={vocab + 1}"))
+
+
+@pytest.mark.slow  # a subprocess pays the import of torch + transformers + hydra (~10 s)
+def test_cli_user_error_exits_2(tmp_path, tiny_lm):
+    write_rollouts(tmp_path, tiny_lm, n_rows=2)
+    p = subprocess.run(
+        [sys.executable, "-m", "stages.score", f"run_dir={tmp_path}", f"student.path={tiny_lm}",
+         f"teacher.path={tiny_lm}", "score.topk=100000", "score.backend=hf"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert p.returncode == 2 and "score.topk" in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------- resume, workers
+def test_two_workers_equal_one(tmp_path, tiny_lm, tiny_teacher):
+    one, two = tmp_path / "one", tmp_path / "two"
+    write_rollouts(one, tiny_lm, n_rows=10, rows_per_shard=3)
+    write_rollouts(two, tiny_lm, n_rows=10, rows_per_shard=3)
+    run(cfg_for(one, tiny_lm, tiny_teacher))
+    a = run(cfg_for(two, tiny_lm, tiny_teacher, "worker.index=1", "worker.count=2"))
+    assert not a["committed"] and not (two / "tokens" / "manifest.json").exists()
+    b = run(cfg_for(two, tiny_lm, tiny_teacher, "worker.index=0", "worker.count=2"))
+    assert b["committed"]
+    assert read_tokens(one).equals(read_tokens(two))
+
+
+def test_killed_run_resumes_identically(tmp_path, tiny_lm, tiny_teacher):
+    """SIGKILL the CLI after its first token shard lands; a re-run finishes with no duplicates and
+    the same table as an uninterrupted run."""
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    kw = dict(n_rows=80, rows_per_shard=2, max_resp=24)  # 40 shards, ~30 ms each
+    write_rollouts(killed, tiny_lm, **kw)
+    write_rollouts(clean, tiny_lm, **kw)
+    args = ["score.batch_tokens=8", f"ref.path={tiny_lm}"]  # one sequence per forward
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.score", f"run_dir={killed}", f"student.path={tiny_lm}",
+         f"teacher.path={tiny_teacher}", "score.backend=hf", *args],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    first = killed / "tokens" / store.shard_relpath(0)
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "the first token shard never appeared"
+    assert not (killed / "tokens" / "manifest.json").exists(), "finished before the kill"
+    written = len(list((killed / "tokens").glob("bucket=*/shard-*.parquet")))
+    out = run(cfg_for(killed, tiny_lm, tiny_teacher, *args))
+    assert out["committed"] and out["shards_written"] == 40 - written
+    run(cfg_for(clean, tiny_lm, tiny_teacher, *args))
+    a, b = read_tokens(killed), read_tokens(clean)
+    assert a.num_rows == len(set(zip(a["sample_id"].to_pylist(), a["pos"].to_pylist())))
+    assert a.equals(b)
+
+
+def test_plan_reuses_shared_prefixes(tiny_lm):
+    """Pure planner check: guided rows share teacher+behaviour, unguided share behaviour+ref."""
+    from stages.score import Role
+
+    roles = [
+        Role("teacher", "m", "float32", "fp", 4, True),
+        Role("behavior", "m", "float32", "fp", 0, True),
+        Role("ref", "m", "float32", "fp", 0, False),
+    ]
+    rows = [
+        {"teacher_prompt_ids": [1, 9, 2], "rollout_prompt_ids": [1, 9, 2],
+         "train_prompt_ids": [1, 2], "response_ids": [5]},
+        {"teacher_prompt_ids": [1, 9, 3], "rollout_prompt_ids": [1, 3],
+         "train_prompt_ids": [1, 3], "response_ids": [6]},
+    ]  # fmt: skip
+    plan = plan_shard(rows, roles, behavior_topk=2)
+    assert len(plan.jobs) == 4 and plan.requests == 6
+    assert plan.of[0]["teacher"] == plan.of[0]["behavior"] != plan.of[0]["ref"]
+    assert plan.of[1]["behavior"] == plan.of[1]["ref"] != plan.of[1]["teacher"]
+    # the unguided row's teacher pass gathers at its behaviour pass's top-Kb ids
+    assert plan.jobs[plan.of[1]["teacher"]].gathers == [plan.of[1]["behavior"]]
+    assert plan.jobs[plan.of[0]["teacher"]].gathers == []
+    assert plan.jobs[plan.of[0]["teacher"]].k == 4
+
+
+# ----------------------------------------------------------------------------- vLLM parity
+@pytest.mark.vllm
+def test_vllm_backend_matches_transformers(tmp_path, tiny_lm):
+    """One engine (teacher = behaviour = ref = tiny_lm, the demo's shape) to keep start-up to one;
+    log-probs and top-K from vLLM, entropies from the HF pass (recorded in the manifest)."""
+    from stages import vllm_backend as vb
+
+    ok, why = vb.vllm_available()
+    if not ok:
+        pytest.skip(f"vLLM not usable here: {why}")
+    write_rollouts(tmp_path, tiny_lm, n_rows=6)
+    cfg = cfg_for(tmp_path, tiny_lm, tiny_lm, "score.topk=8", f"ref.path={tiny_lm}")
+    cfg.score.backend = "vllm"
+    try:
+        out = run(cfg)
+    finally:
+        vb.clear_llm_cache()
+    assert out["backend"] == "vllm"
+    vocab = len(WORDS) + 4
+    rows = rollouts_rows(tmp_path)
+    for x in read_tokens(tmp_path).to_pylist():
+        ro = rows[x["sample_id"]]
+        d_t = dense(tiny_lm, ro["teacher_prompt_ids"], ro["response_ids"], vocab)[x["pos"]]
+        d_b = dense(tiny_lm, ro["rollout_prompt_ids"], ro["response_ids"], vocab)[x["pos"]]
+        d_r = dense(tiny_lm, ro["train_prompt_ids"], ro["response_ids"], vocab)[x["pos"]]
+        assert abs(x["teacher_logprob"] - d_t[x["token_id"]]) < 1e-3
+        assert abs(x["behavior_logprob"] - d_b[x["token_id"]]) < 1e-3
+        assert abs(x["ref_logprob"] - d_r[x["token_id"]]) < 1e-3
+        assert x["teacher_topk_ids"] == np.argsort(-d_t, kind="stable")[:8].tolist()
+        assert abs(x["teacher_entropy"] - entropy_of(d_t)) < FP16_TOL * 3  # from the HF pass
+        assert abs(x["behavior_entropy"] - entropy_of(d_b)) < FP16_TOL * 3
+    m = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    assert m["extra"]["backend"] == "vllm" and m["extra"]["entropy_source"] == "hf"
