@@ -1,0 +1,352 @@
+"""The trainer's streaming loader: selected shards -> packed, padded micro-batches, resumably.
+
+Reads ``run_dir/selected/<name>/`` row group by row group (``store.stream``: row groups strided by
+rank, a seeded shuffle per epoch), converts each row group to per-sequence numpy arrays in a
+background thread (a bounded queue of ``prefetch`` row groups; pyarrow releases the GIL), and packs
+sequences greedily, in stream order, into micro-batches whose *padded* size
+``n_seqs * max(prompt + response length)`` stays under ``micro_batch_tokens`` (a sequence longer
+than the budget gets a micro-batch of its own). The whole dataset is never in memory.
+
+Position (saved in checkpoints): ``{"store": <stream state before the row group being consumed>,
+"skip": <rows of it already packed>}``. Checkpoints are taken at step boundaries, so a resumed
+loader yields exactly the micro-batches an uninterrupted run would have.
+
+Equal steps on every rank (DDP/FSDP collectives would hang otherwise): ``plan_steps`` replays the
+packing on the two length columns only (``response_len``, ``train_prompt_ids``) for every rank
+before training, and every rank runs ``min_r(micro_batches_r // grad_accum)`` steps. The ragged
+tail (at most ``grad_accum`` - 1 micro-batches per rank, plus a rank's surplus over the smallest
+rank) is dropped: it is reported, never silently mixed into a partial step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from stages import store
+from stages.errors import UserError
+
+# Columns the trainer reads (sample_id/prompt_id identify sequences for the online teacher).
+LIST_COLUMNS = (
+    "train_prompt_ids",
+    "response_ids",
+    "weights",
+    "segments",
+    "teacher_logprob",
+    "behavior_logprob",
+    "ref_logprob",
+    "teacher_topk_ids",
+    "teacher_topk_logprobs",
+    "teacher_topk_logmass",
+    "behavior_topk_ids",
+    "teacher_logprobs_on_behavior_topk",
+)
+SCALAR_COLUMNS = ("sample_id", "topk_k", "behavior_topk_k")
+COLUMNS = list(SCALAR_COLUMNS + LIST_COLUMNS)
+
+Seq = dict  # one sequence: column name -> numpy array (lists) or scalar; None for null lists
+
+
+# ----------------------------------------------------------------------------- packing rule
+def fits(n: int, max_len: int, new_len: int, budget: int) -> bool:
+    """Can a sequence of ``new_len`` join ``n`` sequences padded to ``max_len`` under ``budget``?"""
+    return n == 0 or (n + 1) * max(max_len, new_len) <= budget
+
+
+def count_micro_batches(lengths: Iterator[int], budget: int) -> int:
+    """Micro-batches the greedy packer makes from a stream of sequence lengths."""
+    count, n, max_len = 0, 0, 0
+    for ln in lengths:
+        if not fits(n, max_len, ln, budget):
+            count, n, max_len = count + 1, 0, 0
+        n, max_len = n + 1, max(max_len, ln)
+    return count + (n > 0)
+
+
+def _rank_lengths(
+    directory: Path, m: dict, rank: int, world_size: int, epochs: int, seed: int | None
+) -> Iterator[int]:
+    cols = ["train_prompt_ids", "response_len"]
+    for tbl, _ in store.stream(
+        directory,
+        m,
+        rank=rank,
+        world_size=world_size,
+        epochs=epochs,
+        shuffle_seed=seed,
+        columns=cols,
+    ):
+        import pyarrow.compute as pc
+
+        p = pc.list_value_length(tbl["train_prompt_ids"]).to_numpy(zero_copy_only=False)
+        yield from (p + tbl["response_len"].to_numpy()).tolist()
+
+
+@dataclass
+class Plan:
+    """How many optimizer steps every rank runs, and what is dropped to keep ranks in step."""
+
+    steps: int
+    micro_per_rank: list[int]
+    dropped_micro_batches: int  # summed over ranks
+
+
+def plan_steps(
+    directory: Path,
+    m: dict,
+    *,
+    world_size: int,
+    epochs: int,
+    shuffle_seed: int | None,
+    budget: int,
+    grad_accum: int,
+    max_steps: int | None,
+) -> Plan:
+    """Replay the packing for every rank (lengths only) and fix the common number of steps."""
+    micro = [
+        count_micro_batches(
+            _rank_lengths(directory, m, r, world_size, epochs, shuffle_seed), budget
+        )
+        for r in range(world_size)
+    ]
+    steps = min(micro) // grad_accum
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    return Plan(steps, micro, sum(micro) - steps * grad_accum * world_size)
+
+
+# ----------------------------------------------------------------------------- row groups
+def _list_values(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets [R+1], flat values, valid [R]) of a list column chunk."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    valid = ~arr.is_null().to_numpy(zero_copy_only=False)
+    return offsets, values, valid
+
+
+def table_to_seqs(tbl: pa.Table) -> list[Seq]:
+    """Per-sequence numpy views of a row group (no per-element Python objects)."""
+    n = tbl.num_rows
+    seqs: list[Seq] = [{} for _ in range(n)]
+    for c in SCALAR_COLUMNS:
+        vals = tbl[c].to_pylist()
+        for i in range(n):
+            seqs[i][c] = vals[i]
+    for c in LIST_COLUMNS:
+        offsets, values, valid = _list_values(tbl[c])
+        offsets = offsets - offsets[0]  # sliced arrays keep their parent's offsets
+        for i in range(n):
+            seqs[i][c] = values[offsets[i] : offsets[i + 1]] if valid[i] else None
+    return seqs
+
+
+def seq_len(s: Seq) -> int:
+    return len(s["train_prompt_ids"]) + len(s["response_ids"])
+
+
+# ----------------------------------------------------------------------------- the stream
+_END = object()
+
+
+@dataclass
+class MicroBatchStream:
+    """Yields packed micro-batches (lists of sequences) for one rank; ``position()`` resumes it."""
+
+    directory: Path
+    manifest: dict
+    budget: int
+    rank: int = 0
+    world_size: int = 1
+    epochs: int = 1
+    shuffle_seed: int | None = None
+    prefetch: int = 2
+    start: dict | None = None  # a ``position()`` from a checkpoint
+    _rows: list[Seq] = field(default_factory=list)
+    _i: int = 0
+    _rg_state: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})
+    _done: bool = False
+
+    def __post_init__(self) -> None:
+        start = self.start or {"store": {"epoch": 0, "index": 0}, "skip": 0}
+        self._next_state = dict(start["store"])
+        self._skip = int(start["skip"])
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="selected-prefetch", daemon=True)
+        self._thread.start()
+
+    # background thread: read + convert row groups, hand them over with the state *before* them
+    def _produce(self) -> None:
+        try:
+            before = dict(self._next_state)
+            for tbl, after in store.stream(
+                self.directory,
+                self.manifest,
+                rank=self.rank,
+                world_size=self.world_size,
+                state=self._next_state,
+                epochs=self.epochs,
+                shuffle_seed=self.shuffle_seed,
+                columns=COLUMNS,
+            ):
+                if not self._put((table_to_seqs(tbl), before)):
+                    return
+                before = after
+            self._put(_END)
+        except BaseException as e:  # surfaced in the consumer thread
+            self._put(e)
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _peek(self) -> Seq | None:
+        while self._i >= len(self._rows):
+            if self._done:
+                return None
+            item = self._queue.get()
+            if item is _END:
+                self._done = True
+                return None
+            if isinstance(item, BaseException):
+                raise item
+            self._rows, self._rg_state = item
+            self._i, self._skip = self._skip, 0  # resume inside the first row group
+        return self._rows[self._i]
+
+    def next_micro_batch(self) -> list[Seq] | None:
+        """The next packed micro-batch, or None when the data is exhausted."""
+        out: list[Seq] = []
+        max_len = 0
+        while (s := self._peek()) is not None:
+            ln = seq_len(s)
+            if not fits(len(out), max_len, ln, self.budget):
+                break
+            out.append(s)
+            max_len = max(max_len, ln)
+            self._i += 1
+        return out or None
+
+    def position(self) -> dict:
+        """Where the next micro-batch starts (call at a step boundary)."""
+        return {"store": dict(self._rg_state), "skip": self._i}
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.05)
+
+
+# ----------------------------------------------------------------------------- collation
+@dataclass
+class MicroBatch:
+    """One padded micro-batch: model inputs plus the per-response-token loss batch."""
+
+    input_ids: torch.Tensor  # [B, L] right-padded
+    attention_mask: torch.Tensor  # [B, L]
+    positions: torch.Tensor  # [M] flat indices into [B*L] of the positions predicting responses
+    batch: dict[str, torch.Tensor]  # per response token, [M] or [M, K]
+    prefix_ids: list[list[int]]  # for the online teacher
+    response_ids: list[list[int]]
+    sample_ids: list[str]
+    n_tokens: int  # response tokens (M)
+    n_kept: int  # tokens with weight > 0
+
+    def to(self, device: torch.device) -> MicroBatch:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda":  # pinned host memory makes the copy asynchronous
+                return t.pin_memory().to(device, non_blocking=True)
+            return t
+
+        self.input_ids = move(self.input_ids)
+        self.attention_mask = move(self.attention_mask)
+        self.positions = move(self.positions)
+        self.batch = {k: move(v) for k, v in self.batch.items()}
+        return self
+
+
+def _cat(seqs: list[Seq], col: str, dtype: np.dtype) -> np.ndarray:
+    return np.concatenate([np.asarray(s[col], dtype=dtype) for s in seqs])
+
+
+def collate(seqs: list[Seq], pad_id: int, where: str = "selected") -> MicroBatch:
+    """Pad ``train_prompt_ids + response_ids`` rows and concatenate the per-token columns."""
+    from stages.logprobs import response_positions
+
+    p_lens = [len(s["train_prompt_ids"]) for s in seqs]
+    r_lens = [len(s["response_ids"]) for s in seqs]
+    if min(p_lens) < 1:
+        raise UserError(
+            "a selected sequence has an empty train prompt: nothing predicts its first token",
+            where,
+            "re-run rollout/select; every prompt needs at least one token (e.g. BOS)",
+        )
+    width = max(p + r for p, r in zip(p_lens, r_lens))
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)  # [B, L]
+    mask = np.zeros((len(seqs), width), dtype=np.int64)  # [B, L]
+    for b, s in enumerate(seqs):
+        row = np.concatenate([s["train_prompt_ids"], s["response_ids"]])
+        ids[b, : len(row)] = row
+        mask[b, : len(row)] = 1
+    ks = {s["topk_k"] for s in seqs}
+    if len(ks) != 1:
+        raise UserError(f"mixed top-K sizes {sorted(ks)} in one selection", where, "re-run select")
+    k = ks.pop()
+    batch = {
+        "token_id": torch.from_numpy(_cat(seqs, "response_ids", np.int64)),  # [M]
+        "weight": torch.from_numpy(_cat(seqs, "weights", np.float32)),  # [M]
+        "segment": torch.from_numpy(_cat(seqs, "segments", np.uint8)),  # [M]
+        "teacher_logprob": torch.from_numpy(_cat(seqs, "teacher_logprob", np.float32)),
+        "behavior_logprob": torch.from_numpy(_cat(seqs, "behavior_logprob", np.float32)),
+        "teacher_topk_ids": torch.from_numpy(
+            _cat(seqs, "teacher_topk_ids", np.int64).reshape(-1, k)
+        ),  # [M, K]
+        "teacher_topk_logprobs": torch.from_numpy(
+            _cat(seqs, "teacher_topk_logprobs", np.float32).reshape(-1, k)
+        ),  # [M, K]
+        "teacher_topk_logmass": torch.from_numpy(_cat(seqs, "teacher_topk_logmass", np.float32)),
+    }
+    # Optional columns enter the batch only when every sequence has them: a loss that needs a
+    # missing one fails loudly instead of reading zeros.
+    if all(s["ref_logprob"] is not None for s in seqs):
+        batch["ref_logprob"] = torch.from_numpy(_cat(seqs, "ref_logprob", np.float32))
+    kb = {s["behavior_topk_k"] for s in seqs}
+    if (
+        len(kb) == 1
+        and (kb_ := kb.pop()) > 0
+        and all(s["behavior_topk_ids"] is not None for s in seqs)
+    ):
+        batch["behavior_topk_ids"] = torch.from_numpy(
+            _cat(seqs, "behavior_topk_ids", np.int64).reshape(-1, kb_)
+        )  # [M, Kb]
+        batch["teacher_logprobs_on_behavior_topk"] = torch.from_numpy(
+            _cat(seqs, "teacher_logprobs_on_behavior_topk", np.float32).reshape(-1, kb_)
+        )  # [M, Kb]
+    pos = response_positions(p_lens, r_lens, width)  # [M]
+    return MicroBatch(
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        positions=pos,
+        batch=batch,
+        prefix_ids=[s["train_prompt_ids"].tolist() for s in seqs],
+        response_ids=[s["response_ids"].tolist() for s in seqs],
+        sample_ids=[s["sample_id"] for s in seqs],
+        n_tokens=int(sum(r_lens)),
+        n_kept=int((batch["weight"] > 0).sum()),
+    )
