@@ -21,7 +21,8 @@ def quick_world(tmp_path_factory) -> Path:
 def demo_overrides(world: Path, run_dir: Path) -> list[str]:
     base = world / "models" / "base"
     sets = ",".join(
-        f"{n}: {world / 'prompts' / (n + '.parquet')}" for n in ("private_closed", "public_closed")
+        f"{n}: {world / 'prompts' / (n + '.parquet')}"
+        for n in ("private_closed", "private_paraphrase", "public_closed", "reading")
     )
     return [
         "experiment=demo",
