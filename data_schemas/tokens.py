@@ -9,18 +9,22 @@ the summed top-K probability; the tail mass is 1 - exp of it), ``teacher_entropy
 ``behavior_logprob`` / ``behavior_entropy`` (the model that sampled, after the rollout prompt),
 ``ref_logprob`` (optional reference model after the train prompt), and optionally the behaviour's
 top-K ids with the teacher's log-probs on them (vOPD student-support baseline).
-fp16 is used where ~1e-3 relative precision is enough (top-K tails, entropies), fp32 for the
-scalars the advantage is built from.
+fp16 is used where ~1e-3 relative precision is enough (entropies), fp32 for the scalars the
+advantage is built from. ``teacher_topk_logprobs`` is float32 as read; on disk it is fixed point
+with a stated error bound (data_schemas/codec.py: <= 2**-10 nats), which ``stages.store`` encodes on
+write and decodes on read (``encode``/``decode`` below), and DuckDB views decode with
+``DUCKDB_SELECT``. Version 2: the codec layout (version 1 stored fp16 top-K log-probs).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
+from data_schemas import codec
 from data_schemas.common import TableSpec, check_table
 
 NAME = "tokens"
-VERSION = 1
+VERSION = 2  # 2: top-K log-probs stored with data_schemas.codec
 
 SCHEMA = pa.schema(
     [
@@ -31,7 +35,7 @@ SCHEMA = pa.schema(
         pa.field("is_guided", pa.bool_(), nullable=False),
         pa.field("teacher_logprob", pa.float32(), nullable=False),
         pa.field("teacher_topk_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("teacher_topk_logprobs", pa.list_(pa.float16()), nullable=False),
+        pa.field("teacher_topk_logprobs", pa.list_(pa.float32()), nullable=False),
         pa.field("teacher_topk_logmass", pa.float32(), nullable=False),
         pa.field("teacher_entropy", pa.float16(), nullable=True),  # null when not computed
         pa.field("behavior_logprob", pa.float32(), nullable=False),
@@ -67,3 +71,11 @@ SPEC = TableSpec(
 def validate(table: pa.Table, *, where: str = "tokens", vocab_size: int | None = None) -> pa.Table:
     """Check the table: nulls, NaN/inf or positive log-probs, ragged top-K, ids, unique keys."""
     return check_table(table, SPEC, where=where, vocab_size=vocab_size)
+
+
+# The storage codec: stages.store calls these hooks of a table module when they exist.
+encode = codec.encode_table  # logical -> stored table (after validate)
+decode = codec.decode_table  # stored -> logical table (after read)
+physical_columns = codec.physical_columns  # logical column names -> stored ones
+parquet_options = codec.parquet_options  # writer options for the stored schema
+DUCKDB_SELECT = codec.DUCKDB_SELECT  # select list of a DuckDB view over the stored shards

@@ -149,7 +149,7 @@ def run_pandas(run_dir: Path, out: Path) -> dict[str, np.ndarray]:
     out.mkdir(parents=True, exist_ok=True)
     tk = pd.concat(
         [
-            pq.read_table(p).to_pandas()
+            tokens.decode(pq.read_table(p)).to_pandas()  # stored codec layout -> logical
             for p in sorted((run_dir / "tokens").glob("bucket=*/*.parquet"))
         ]
     )
@@ -180,7 +180,7 @@ def run_pandas(run_dir: Path, out: Path) -> dict[str, np.ndarray]:
             "ref_logprob": g["ref_logprob"].agg(list),
             "teacher_topk_ids": g["teacher_topk_ids"].agg(lambda s: np.concatenate(s.values)),
             "teacher_topk_logprobs": g["teacher_topk_logprobs"].agg(
-                lambda s: np.concatenate(s.values)
+                lambda s: np.concatenate(s.values).astype(np.float16)  # selected stores fp16
             ),
             "teacher_topk_logmass": g["teacher_topk_logmass"].agg(list),
             "n_kept": g["weight"].agg(lambda s: int((s > 0).sum())),

@@ -148,6 +148,9 @@ class SelectConfig:
     rules: list[SelectRule] = field(default_factory=lambda: [SelectRule()])
     # Rows per output shard.
     rows_per_shard: int = 4096
+    # Rows per Parquet row group: the unit the trainer shuffles and strides over ranks (small =
+    # better mixing of neighbouring prompts; each row is one sequence).
+    row_group_rows: int = 64
     # DuckDB memory limit (it spills to disk beyond it) and threads.
     memory_limit: str = "4GB"
     threads: int = 2
@@ -362,6 +365,29 @@ def compose(stage: str, overrides: list[str] | None = None) -> Config:
     return to_config(cfg)
 
 
+def _check_overrides(stage: str, argv: list[str]) -> None:
+    """Compose once before Hydra does, so that a mistyped key or a malformed override is one
+    ``error:`` line (exit 2) instead of Hydra's multi-line report."""
+    if any(a.startswith("-") for a in argv):  # --help, --cfg, --multirun: Hydra's business
+        return
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    try:
+        compose(stage, overrides)
+    except UserError:
+        return  # impossible values: reported by the stage's own entry point
+    except Exception as e:  # hydra/omegaconf override and composition errors
+        msgs = [str(e), str(e.__cause__ or "")]
+        what = "; ".join(ln.strip() for m in msgs for ln in m.splitlines() if ln.strip())
+        report_and_exit(
+            UserError(
+                f"invalid config override: {what[:400]}",
+                "command line",
+                f"check the key names and values (python -m stages.{stage} --cfg job prints "
+                "the whole config)",
+            )
+        )
+
+
 def hydra_entry(stage: str) -> Callable[[Callable[[Config], Any]], Callable[[], None]]:
     """Make a stage's ``main()``: compose ``conf/<stage>.yaml`` + CLI overrides, run, exit cleanly.
 
@@ -388,6 +414,7 @@ def hydra_entry(stage: str) -> Callable[[Callable[[Config], Any]], Callable[[], 
                 "hydra/job_logging=none",
                 "hydra/hydra_logging=none",
             ]
+            _check_overrides(stage, sys.argv[1:])
             _main()
 
         return main

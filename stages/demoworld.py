@@ -24,7 +24,7 @@ Text format (the rest of the pipeline relies on it)::
 
 A model is trained on ``tok(prefix).input_ids + tok(response, add_special_tokens=False).input_ids
 + [eos_id]`` with the loss on the response tokens and EOS. Years are written as digits ("1423")
-and tokenized one digit per token, so they decode as "1 4 2 3": compare answers with
+and tokenized as digit pairs, so they decode as "14 23": compare answers with
 :func:`answer_matches`, which normalizes both sides the same way.
 
 Run: ``python scripts/make_demo.py --out runs/world [--teacher-big] [--quick]``.
@@ -67,7 +67,7 @@ class ModelSettings:
 
     hidden: int = 128
     layers: int = 3
-    heads: int = 2  # head_dim = hidden / heads must be 64: vLLM's CPU attention kernels need it
+    heads: int = 2  # head_dim = hidden / heads: 64 (or 32/128) for vLLM's CPU kernels
     intermediate: int = 512
     steps: int = 1500
     batch: int = 64
@@ -98,16 +98,16 @@ class WorldSettings:
     public_train_rows: int = 0  # 0 = as many public rows in train.parquet as private ones
     n_reading_eval: int = 300
     # Share of closed-book public QA in each pretraining batch; the rest is open-book reading.
-    closed_frac: float = 0.45
+    closed_frac: float = 0.35
     base: ModelSettings = field(default_factory=ModelSettings)
     teacher_big: bool = False
     teacher: ModelSettings = field(
         default_factory=lambda: ModelSettings(
-            hidden=256, layers=4, heads=4, intermediate=768, steps=1500, lr=2e-3
+            hidden=256, layers=4, heads=4, intermediate=768, steps=700, lr=2e-3, warmup=50
         )
     )
     # Share of closed-book private QA in the teacher's batches (on top of the base corpus).
-    teacher_private_frac: float = 0.3
+    teacher_private_frac: float = 0.5
     eval_max_new_tokens: int = 16
     eval_batch: int = 256
     threads: int = 2
@@ -115,11 +115,18 @@ class WorldSettings:
     @staticmethod
     def quick() -> WorldSettings:
         """Tiny sizes and few steps: a complete world in a few seconds, for tests."""
-        tiny = ModelSettings(hidden=64, layers=1, heads=1, intermediate=128, steps=30, batch=16,
-                             warmup=5)
+        tiny = ModelSettings(
+            hidden=64, layers=1, heads=1, intermediate=128, steps=30, batch=16, warmup=5
+        )
         return WorldSettings(
-            n_public=6, n_private=6, n_reading_names=6, n_capitals=20, n_first_names=6,
-            n_last_names=6, n_reading_eval=20, base=tiny,
+            n_public=6,
+            n_private=6,
+            n_reading_names=6,
+            n_capitals=20,
+            n_first_names=6,
+            n_last_names=6,
+            n_reading_eval=20,
+            base=tiny,
             teacher=dataclasses.replace(tiny, hidden=128, heads=2, layers=2, intermediate=256),
         )
 
@@ -136,7 +143,10 @@ def settings_from_dict(d: dict[str, Any]) -> WorldSettings:
 def cache_key(settings: WorldSettings) -> str:
     """Settings + this file's source: editing the generator invalidates old worlds."""
     src = Path(__file__).read_bytes()
-    blob = json.dumps(dataclasses.asdict(settings), sort_keys=True).encode() + src
+    d = dataclasses.asdict(settings)
+    if not settings.teacher_big:  # teacher settings do not change a base-only world
+        del d["teacher"], d["teacher_private_frac"]
+    blob = json.dumps(d, sort_keys=True).encode() + src
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -191,36 +201,111 @@ SENTENCES: dict[str, str] = {
     "export": "the main export of {e} is {v} .",
 }
 
-COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "gray", "pink",
-          "brown", "gold", "silver", "teal", "crimson", "violet"]
-EXPORTS = ["copper", "silk", "salt", "timber", "wool", "tea", "olive oil", "iron ore", "glass",
-           "amber", "spices", "cotton", "marble", "wine", "fish", "horses", "paper", "pearls",
-           "rice", "coffee", "tin", "leather", "honey", "dyes", "sugar cane", "fine cloth",
-           "clay pots", "rope", "wax", "ivory"]
+COLORS = [
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "black",
+    "gray",
+    "pink",
+    "brown",
+    "gold",
+    "silver",
+    "teal",
+    "crimson",
+    "violet",
+]
+EXPORTS = [
+    "copper",
+    "silk",
+    "salt",
+    "timber",
+    "wool",
+    "tea",
+    "olive oil",
+    "iron ore",
+    "glass",
+    "amber",
+    "spices",
+    "cotton",
+    "marble",
+    "wine",
+    "fish",
+    "horses",
+    "paper",
+    "pearls",
+    "rice",
+    "coffee",
+    "tin",
+    "leather",
+    "honey",
+    "dyes",
+    "sugar cane",
+    "fine cloth",
+    "clay pots",
+    "rope",
+    "wax",
+    "ivory",
+]
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "sh", "br",
-           "dr", "kr", "st", "gl", "tr"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "th",
+    "sh",
+    "br",
+    "dr",
+    "kr",
+    "st",
+    "gl",
+    "tr",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ou"]
 _CODAS = ["", "", "n", "r", "s", "l", "x", "m"]
-_SUFFIX = {"entity": ["ia", "land", "or", "ar", "istan", "ova"], "capital": ["ton", "burg", "ville",
-           "holm", "grad", "port"], "first": ["a", "o", "el", "in", "us", "ra"], "last": ["dost",
-           "vane", "mor", "ley", "rick", "sen"]}
+_SUFFIX = {
+    "entity": ["ia", "land", "or", "ar", "istan", "ova"],
+    "capital": ["ton", "burg", "ville", "holm", "grad", "port"],
+    "first": ["a", "o", "el", "in", "us", "ra"],
+    "last": ["dost", "vane", "mor", "ley", "rick", "sen"],
+}
 
 
 def _answer_sizes(settings: WorldSettings) -> dict[str, int]:
     """Number of possible values of each attribute: a uniform guess is right 1/size of the time."""
     lo, hi = settings.year_range
-    return {"capital": settings.n_capitals, "color": len(COLORS),
-            "leader": settings.n_first_names * settings.n_last_names, "founded": hi - lo + 1,
-            "export": len(EXPORTS)}
+    return {
+        "capital": settings.n_capitals,
+        "color": len(COLORS),
+        "leader": settings.n_first_names * settings.n_last_names,
+        "founded": hi - lo + 1,
+        "export": len(EXPORTS),
+    }
 
 
 def _make_names(rng: random.Random, kind: str, n: int, taken: set[str]) -> list[str]:
     """Invented single-token names (letters only, so the pre-tokenizer keeps them whole)."""
     out: list[str] = []
     while len(out) < n:
-        syl = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-               for _ in range(rng.choice([1, 2]))]
+        syl = [
+            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+            for _ in range(rng.choice([1, 2]))
+        ]
         name = "".join(syl) + rng.choice(_SUFFIX[kind])
         if name not in taken and 4 <= len(name) <= 12:
             taken.add(name)
@@ -261,8 +346,9 @@ def make_world(settings: WorldSettings) -> World:
     rng = random.Random(settings.seed)
     # Reserve every template word so no invented name collides with the scaffolding.
     taken = set(_base_words())
-    ents = _make_names(rng, "entity", settings.n_public + settings.n_private
-                       + settings.n_reading_names, taken)
+    ents = _make_names(
+        rng, "entity", settings.n_public + settings.n_private + settings.n_reading_names, taken
+    )
     capitals = _make_names(rng, "capital", settings.n_capitals, taken)
     first = _make_names(rng, "first", settings.n_first_names, taken)
     last = _make_names(rng, "last", settings.n_last_names, taken)
@@ -290,8 +376,9 @@ def response_text(attr: str, entity: str, value: str) -> str:
     return SENTENCES[attr].format(e=entity, v=value)
 
 
-def evidence_text(attr: str, entity: str, facts: dict[str, str], rng: random.Random,
-                  max_distractors: int) -> str:
+def evidence_text(
+    attr: str, entity: str, facts: dict[str, str], rng: random.Random, max_distractors: int
+) -> str:
     """``evidence : <fact> [distractor facts about the same entity]`` in a random order."""
     others = [a for a in ATTRS if a != attr]
     chosen = [attr] + rng.sample(others, rng.randint(0, max_distractors))
@@ -312,26 +399,34 @@ _WORD_RE = re.compile(r"\d|[^\W\d]+|[^\w\s]+")
 
 
 def _words(text: str) -> list[str]:
-    """The pre-tokenizer's split: letter runs, single digits, punctuation runs."""
+    """Letter runs, single digits, punctuation runs (digits split finer than the tokenizer's
+    pairs, so "1423" and "14 23" compare equal)."""
     return _WORD_RE.findall(text.lower())
 
 
 def _base_words() -> list[str]:
     texts = ["question answer evidence : ? ."] + [t for ts in TEMPLATES.values() for t in ts]
     texts += list(SENTENCES.values()) + COLORS + EXPORTS + [str(d) for d in range(10)]
+    digit_pairs = [f"{d:02d}" for d in range(100)]
     words: list[str] = []
     for t in texts:
         for w in _words(t.replace("{e}", "").replace("{v}", "")):
             if w not in words:
                 words.append(w)
-    return words
+    return words + digit_pairs
 
 
 def vocabulary(world: World) -> list[str]:
     """Special tokens first (pad=0, unk=1, bos=2, eos=3), then every word in a fixed order."""
     vocab = list(SPECIAL_TOKENS) + _base_words()
-    for w in (world.public + world.private + world.reading + world.capitals + world.first_names
-              + world.last_names):
+    for w in (
+        world.public
+        + world.private
+        + world.reading
+        + world.capitals
+        + world.first_names
+        + world.last_names
+    ):
         if w not in vocab:
             vocab.append(w)
     return vocab
@@ -339,16 +434,17 @@ def vocabulary(world: World) -> list[str]:
 
 def make_tokenizer(vocab: list[str]) -> Any:
     """A word-level ``PreTrainedTokenizerFast``: BOS prepended, no EOS appended, left padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     ids = {w: i for i, w in enumerate(vocab)}
     tk = Tokenizer(models.WordLevel(vocab=ids, unk_token=UNK))
     tk.normalizer = None
-    # Whitespace splits letters/punctuation; Digits splits years into one token per digit so the
-    # vocabulary stays small and a year is a 4-token answer.
+    # Whitespace splits letters/punctuation; digit pairs keep the vocabulary small ("1423" ->
+    # "14" "23"). One token per digit was tried: the 3-layer base could not copy 4-digit years
+    # from evidence (repeated digits confuse its induction heads): 8% reading accuracy on years.
     tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Split(Regex(r"\d\d"), behavior="isolated")]
     )
     tk.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, ids[BOS])]
@@ -356,8 +452,14 @@ def make_tokenizer(vocab: list[str]) -> Any:
     # WordPiece's decoder with an empty prefix joins tokens with single spaces and nothing else.
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        padding_side="left", clean_up_tokenization_spaces=False, model_max_length=512,
+        tokenizer_object=tk,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=512,
     )
     return tok
 
@@ -376,35 +478,40 @@ def make_prompt_sets(world: World) -> dict[str, list[dict[str, Any]]]:
     s = world.settings
     rng = random.Random(s.seed + 1)
     n_tr = s.train_templates_per_attr
-    sets: dict[str, list[dict[str, Any]]] = {k: [] for k in
-                                             ["train", "private_closed", "private_paraphrase",
-                                              "public_closed", "reading"]}
+    sets: dict[str, list[dict[str, Any]]] = {
+        k: [] for k in ["train", "private_closed", "private_paraphrase", "public_closed", "reading"]
+    }
     for e in world.private:
         f = world.facts[e]
         for a in ATTRS:
             for t in range(n_tr):
                 ev = evidence_text(a, e, f, rng, s.max_distractors)
-                sets["train"].append(_row(f"private-{e}-{a}-t{t}", prompt_text(a, e, t), ev, f[a],
-                                          "private"))
+                sets["train"].append(
+                    _row(f"private-{e}-{a}-t{t}", prompt_text(a, e, t), ev, f[a], "private")
+                )
             t = rng.randrange(n_tr)
             ev = evidence_text(a, e, f, rng, s.max_distractors)
-            sets["private_closed"].append(_row(f"private-{e}-{a}-t{t}", prompt_text(a, e, t), ev,
-                                               f[a], "private"))
+            sets["private_closed"].append(
+                _row(f"private-{e}-{a}-t{t}", prompt_text(a, e, t), ev, f[a], "private")
+            )
             t = rng.randrange(n_tr, len(TEMPLATES[a]))
             ev = evidence_text(a, e, f, rng, s.max_distractors)
-            sets["private_paraphrase"].append(_row(f"private-{e}-{a}-t{t}", prompt_text(a, e, t),
-                                                   ev, f[a], "private"))
+            sets["private_paraphrase"].append(
+                _row(f"private-{e}-{a}-t{t}", prompt_text(a, e, t), ev, f[a], "private")
+            )
     public_rows = []
     for e in world.public:
         f = world.facts[e]
         for a in ATTRS:
             for t in range(len(TEMPLATES[a])):
                 ev = evidence_text(a, e, f, rng, s.max_distractors)
-                public_rows.append(_row(f"public-{e}-{a}-t{t}", prompt_text(a, e, t), ev, f[a],
-                                        "public"))
+                public_rows.append(
+                    _row(f"public-{e}-{a}-t{t}", prompt_text(a, e, t), ev, f[a], "public")
+                )
             t = rng.randrange(len(TEMPLATES[a]))
-            sets["public_closed"].append(_row(f"public-{e}-{a}-t{t}", prompt_text(a, e, t), None,
-                                              f[a], "public"))
+            sets["public_closed"].append(
+                _row(f"public-{e}-{a}-t{t}", prompt_text(a, e, t), None, f[a], "public")
+            )
     n_pub = s.public_train_rows or len(sets["train"])
     sets["train"] += rng.sample(public_rows, min(n_pub, len(public_rows)))
     # Reading: fresh (entity, values) combinations; the evidence sits inside the prompt itself.
@@ -414,9 +521,15 @@ def make_prompt_sets(world: World) -> dict[str, list[dict[str, Any]]]:
         a = rng.choice(ATTRS)
         t = rng.randrange(len(TEMPLATES[a]))
         ev = evidence_text(a, e, f, rng, s.max_distractors)
-        sets["reading"].append(_row(f"reading-{i:05d}-{e}-{a}-t{t}",
-                                    guided_prefix(ev, prompt_text(a, e, t)), None, f[a],
-                                    "reading"))
+        sets["reading"].append(
+            _row(
+                f"reading-{i:05d}-{e}-{a}-t{t}",
+                guided_prefix(ev, prompt_text(a, e, t)),
+                None,
+                f[a],
+                "reading",
+            )
+        )
     return sets
 
 
@@ -455,8 +568,9 @@ def _reading_example(world: World, rng: random.Random) -> tuple[str, str]:
     return guided_prefix(ev, prompt_text(a, e, t)), response_text(a, e, f[a])
 
 
-def sample_batch(world: World, rng: random.Random, n: int, private_frac: float = 0.0
-                 ) -> list[tuple[str, str]]:
+def sample_batch(
+    world: World, rng: random.Random, n: int, private_frac: float = 0.0
+) -> list[tuple[str, str]]:
     """(prefix, response) pairs: closed-book public (+ private for the big teacher), reading."""
     s = world.settings
     out = []
@@ -496,11 +610,19 @@ def make_model(ms: ModelSettings, tok: Any, seed: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=ms.hidden, intermediate_size=ms.intermediate,
-        num_hidden_layers=ms.layers, num_attention_heads=ms.heads, num_key_value_heads=ms.heads,
-        head_dim=ms.hidden // ms.heads, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5,
+        vocab_size=len(tok),
+        hidden_size=ms.hidden,
+        intermediate_size=ms.intermediate,
+        num_hidden_layers=ms.layers,
+        num_attention_heads=ms.heads,
+        num_key_value_heads=ms.heads,
+        head_dim=ms.hidden // ms.heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rms_norm_eps=1e-5,
     )
     # Eager attention: on this CPU it trains these tiny shapes faster than SDPA with a mask.
     cfg._attn_implementation = "eager"
@@ -512,13 +634,21 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def pretrain(model: Any, tok: Any, world: World, ms: ModelSettings, seed: int,
-             private_frac: float = 0.0, desc: str = "pretrain") -> dict[str, float]:
+def pretrain(
+    model: Any,
+    tok: Any,
+    world: World,
+    ms: ModelSettings,
+    seed: int,
+    private_frac: float = 0.0,
+    desc: str = "pretrain",
+) -> dict[str, float]:
     """AdamW with linear warmup and cosine decay; short sequences padded to the batch max."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=ms.lr, betas=(0.9, 0.98),
-                            weight_decay=ms.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=ms.lr, betas=(0.9, 0.98), weight_decay=ms.weight_decay
+    )
 
     def lr_at(step: int) -> float:
         if step < ms.warmup:
@@ -556,8 +686,8 @@ def pretrain(model: Any, tok: Any, world: World, ms: ModelSettings, seed: int,
 def answer_matches(response_text: str, answer: str) -> bool:
     """True when the answer's words occur as a contiguous whole-word run in the response.
 
-    Case-insensitive; both sides are split like the tokenizer splits (so "1423" matches the
-    decoded "1 4 2 3", and "vexton." matches "vexton").
+    Case-insensitive; both sides are split into words, single digits and punctuation (so "1423"
+    matches the decoded "14 23", and "vexton." matches "vexton").
     """
     r, a = _words(response_text), _words(answer)
     if not a:
@@ -566,8 +696,9 @@ def answer_matches(response_text: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, tokenizer: Any, prefixes: list[str], max_new_tokens: int = 16,
-                    batch_size: int = 256) -> list[str]:
+def greedy_generate(
+    model: Any, tokenizer: Any, prefixes: list[str], max_new_tokens: int = 16, batch_size: int = 256
+) -> list[str]:
     """Batched greedy decoding with left padding; returns the decoded continuations."""
     tokenizer.padding_side = "left"
     out: list[str] = []
@@ -575,24 +706,32 @@ def greedy_generate(model: Any, tokenizer: Any, prefixes: list[str], max_new_tok
     for i in range(0, len(prefixes), batch_size):
         enc = tokenizer(prefixes[i : i + batch_size], return_tensors="pt", padding=True)
         gen = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         new = gen[:, enc["input_ids"].shape[1] :]
         out += tokenizer.batch_decode(new, skip_special_tokens=True)
     return out
 
 
-def greedy_accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]], use_context: bool,
-                    max_new_tokens: int = 16, batch_size: int = 256) -> float:
+def greedy_accuracy(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    use_context: bool,
+    max_new_tokens: int = 16,
+    batch_size: int = 256,
+) -> float:
     """Share of rows whose greedy response contains ``row["answer"]`` (see answer_matches).
 
     ``use_context`` puts ``row["context"]`` before the prompt (the self-teacher's view).
     """
     if not rows:
         return float("nan")
-    prefixes = [guided_prefix(r.get("context") if use_context else None, r["prompt"])
-                for r in rows]
+    prefixes = [guided_prefix(r.get("context") if use_context else None, r["prompt"]) for r in rows]
     outs = greedy_generate(model, tokenizer, prefixes, max_new_tokens, batch_size)
     return sum(answer_matches(o, r["answer"]) for o, r in zip(outs, rows, strict=True)) / len(rows)
 
@@ -624,8 +763,13 @@ def is_complete(out_dir: str | os.PathLike[str], settings: WorldSettings) -> boo
         return False
 
 
-def _evaluate(model: Any, tok: Any, sets: dict[str, list[dict[str, Any]]], s: WorldSettings,
-              which: list[tuple[str, str, bool]]) -> dict[str, float]:
+def _evaluate(
+    model: Any,
+    tok: Any,
+    sets: dict[str, list[dict[str, Any]]],
+    s: WorldSettings,
+    which: list[tuple[str, str, bool]],
+) -> dict[str, float]:
     res = {}
     for name, set_name, ctx in which:
         acc = greedy_accuracy(model, tok, sets[set_name], ctx, s.eval_max_new_tokens, s.eval_batch)
@@ -633,13 +777,15 @@ def _evaluate(model: Any, tok: Any, sets: dict[str, list[dict[str, Any]]], s: Wo
     return res
 
 
-def _train_and_save(name: str, ms: ModelSettings, world: World, tok: Any, dest: Path,
-                    seed: int, private_frac: float) -> tuple[Any, dict[str, Any]]:
+def _train_and_save(
+    name: str, ms: ModelSettings, world: World, tok: Any, dest: Path, seed: int, private_frac: float
+) -> tuple[Any, dict[str, Any]]:
     t0 = time.time()
     model = make_model(ms, tok, seed)
-    info: dict[str, Any] = {"params": n_params(model),
-                            "non_embedding_params": n_params(model) - model.get_input_embeddings()
-                            .weight.numel()}
+    info: dict[str, Any] = {
+        "params": n_params(model),
+        "non_embedding_params": n_params(model) - model.get_input_embeddings().weight.numel(),
+    }
     info.update(pretrain(model, tok, world, ms, seed, private_frac, desc=name))
     info["train_seconds"] = round(time.time() - t0, 1)
     model.save_pretrained(dest, safe_serialization=True)
@@ -648,8 +794,28 @@ def _train_and_save(name: str, ms: ModelSettings, world: World, tok: Any, dest: 
     return model, info
 
 
-def build_world(out_dir: str | os.PathLike[str], settings: WorldSettings | None = None,
-                force: bool = False) -> dict[str, Any]:
+def _remove_stale_temps(out: Path) -> None:
+    """Drop temp/trash dirs left by killed builds (their pid is gone, or it is ours)."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        alive = pid != os.getpid()
+        if alive:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                pass
+        if not alive:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def build_world(
+    out_dir: str | os.PathLike[str], settings: WorldSettings | None = None, force: bool = False
+) -> dict[str, Any]:
     """Build (or return the cached) world under ``out_dir``; returns the world.json content.
 
     The world is built in a temp dir next to ``out_dir`` and renamed into place at the end, and
@@ -659,51 +825,87 @@ def build_world(out_dir: str | os.PathLike[str], settings: WorldSettings | None 
     out = Path(out_dir)
     if not force and is_complete(out, s):
         return json.loads((out / "world.json").read_text())
+    key = cache_key(s)  # taken before building: the key names the code that built the world
     torch.set_num_threads(s.threads)
     t_start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "prompts").mkdir(parents=True)
+    _remove_stale_temps(out)
+    # Asking for teacher_big on top of an existing base-only world reuses its data and base
+    # (they are identical by construction) and trains only the teacher.
+    reuse = (
+        s.teacher_big and not force and is_complete(out, dataclasses.replace(s, teacher_big=False))
+    )
     try:
         world = make_world(s)
         vocab = vocabulary(world)
         tok = make_tokenizer(vocab)
         sets = make_prompt_sets(world)
-        for name, rows in sets.items():
-            write_prompts(rows, tmp / "prompts" / f"{name}.parquet")
-        t_data = time.time() - t_start
+        if reuse:
+            shutil.copytree(out, tmp)
+            (tmp / "world.json").unlink()  # the copy is incomplete until the new one is written
+            models: dict[str, Any] = json.loads((out / "world.json").read_text())["models"]
+            base_info = models["base"]
+            t_data = 0.0
+        else:
+            (tmp / "prompts").mkdir(parents=True)
+            for name, rows in sets.items():
+                write_prompts(rows, tmp / "prompts" / f"{name}.parquet")
+            t_data = time.time() - t_start
 
-        # Base: must read evidence but not know private facts.
-        base, base_info = _train_and_save("base", s.base, world, tok, tmp / "models" / "base",
-                                          s.seed + 100, 0.0)
-        base_acc = _evaluate(base, tok, sets, s, [
-            ("private_closed", "private_closed", False),
-            ("private_paraphrase", "private_paraphrase", False),
-            ("public_closed", "public_closed", False),
-            ("reading", "reading", False),
-            ("private_closed_with_evidence", "private_closed", True),
-            ("private_paraphrase_with_evidence", "private_paraphrase", True),
-        ])
-        models: dict[str, Any] = {"base": {**base_info, "accuracy": base_acc,
-                                           "path": "models/base"}}
+            # Base: must read evidence but not know private facts.
+            base, base_info = _train_and_save(
+                "base", s.base, world, tok, tmp / "models" / "base", s.seed + 100, 0.0
+            )
+            base_acc = _evaluate(
+                base,
+                tok,
+                sets,
+                s,
+                [
+                    ("private_closed", "private_closed", False),
+                    ("private_paraphrase", "private_paraphrase", False),
+                    ("public_closed", "public_closed", False),
+                    ("reading", "reading", False),
+                    ("private_closed_with_evidence", "private_closed", True),
+                    ("private_paraphrase_with_evidence", "private_paraphrase", True),
+                ],
+            )
+            print(f"base: {base_info['params']:,} params, accuracy {base_acc}", flush=True)
+            models = {"base": {**base_info, "accuracy": base_acc, "path": "models/base"}}
         if s.teacher_big:
-            big, big_info = _train_and_save("teacher_big", s.teacher, world, tok,
-                                            tmp / "models" / "teacher_big", s.seed + 200,
-                                            s.teacher_private_frac)
-            big_acc = _evaluate(big, tok, sets, s, [
-                ("private_closed", "private_closed", False),
-                ("private_paraphrase", "private_paraphrase", False),
-                ("public_closed", "public_closed", False),
-                ("reading", "reading", False),
-            ])
-            models["teacher_big"] = {**big_info, "accuracy": big_acc, "path": "models/teacher_big",
-                                     "params_ratio_to_base": round(big_info["params"]
-                                                                   / base_info["params"], 2)}
+            big, big_info = _train_and_save(
+                "teacher_big",
+                s.teacher,
+                world,
+                tok,
+                tmp / "models" / "teacher_big",
+                s.seed + 200,
+                s.teacher_private_frac,
+            )
+            big_acc = _evaluate(
+                big,
+                tok,
+                sets,
+                s,
+                [
+                    ("private_closed", "private_closed", False),
+                    ("private_paraphrase", "private_paraphrase", False),
+                    ("public_closed", "public_closed", False),
+                    ("reading", "reading", False),
+                ],
+            )
+            print(f"teacher_big: {big_info['params']:,} params, accuracy {big_acc}", flush=True)
+            models["teacher_big"] = {
+                **big_info,
+                "accuracy": big_acc,
+                "path": "models/teacher_big",
+                "params_ratio_to_base": round(big_info["params"] / base_info["params"], 2),
+            }
 
         lengths = {name: _max_lengths(tok, rows) for name, rows in sets.items()}
         info = {
-            "key": cache_key(s),
+            "key": key,
             "settings": dataclasses.asdict(s),
             "format": {
                 "prompt": "question : <question> answer :",
@@ -711,19 +913,28 @@ def build_world(out_dir: str | os.PathLike[str], settings: WorldSettings | None 
                 "guided_prefix": "{context} {prompt}",
                 "response": "<sentence> then EOS",
             },
-            "tokenizer": {"vocab_size": len(tok), "pad_id": tok.pad_token_id,
-                          "unk_id": tok.unk_token_id, "bos_id": tok.bos_token_id,
-                          "eos_id": tok.eos_token_id},
-            "sizes": {"public_entities": len(world.public),
-                      "private_entities": len(world.private),
-                      "reading_names": len(world.reading), "attributes": ATTRS,
-                      "rows": {k: len(v) for k, v in sets.items()},
-                      "answer_space": _answer_sizes(s)},
+            "tokenizer": {
+                "vocab_size": len(tok),
+                "pad_id": tok.pad_token_id,
+                "unk_id": tok.unk_token_id,
+                "bos_id": tok.bos_token_id,
+                "eos_id": tok.eos_token_id,
+            },
+            "sizes": {
+                "public_entities": len(world.public),
+                "private_entities": len(world.private),
+                "reading_names": len(world.reading),
+                "attributes": ATTRS,
+                "rows": {k: len(v) for k, v in sets.items()},
+                "answer_space": _answer_sizes(s),
+            },
             "max_tokens": lengths,
-            "chance_accuracy": {k: round(chance_accuracy(world, v), 4) for k, v in sets.items()
-                                if k != "train"},
+            "chance_accuracy": {
+                k: round(chance_accuracy(world, v), 4) for k, v in sets.items() if k != "train"
+            },
             "models": models,
             "seconds": {"data": round(t_data, 1), "total": round(time.time() - t_start, 1)},
+            "reused_base": reuse,
         }
         # world.json last: its presence (with the key) marks the world complete.
         (tmp / "world.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -736,14 +947,18 @@ def build_world(out_dir: str | os.PathLike[str], settings: WorldSettings | None 
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return info
+    return json.loads(json.dumps(info))  # the same types a cached call returns
 
 
 def _max_lengths(tok: Any, rows: list[dict[str, Any]]) -> dict[str, int]:
     """Token counts the pipeline sizes its buffers by (BOS included, EOS in the response)."""
     p = tok([r["prompt"] for r in rows])["input_ids"]
     g = tok([guided_prefix(r["context"], r["prompt"]) for r in rows])["input_ids"]
-    resp = tok([response_text(*row_attr_entity(r), r["answer"]) for r in rows],
-               add_special_tokens=False)["input_ids"]
-    return {"prompt": max(map(len, p)), "guided_prefix": max(map(len, g)),
-            "response_with_eos": 1 + max(map(len, resp))}
+    resp = tok(
+        [response_text(*row_attr_entity(r), r["answer"]) for r in rows], add_special_tokens=False
+    )["input_ids"]
+    return {
+        "prompt": max(map(len, p)),
+        "guided_prefix": max(map(len, g)),
+        "response_with_eos": 1 + max(map(len, resp)),
+    }

@@ -7,8 +7,10 @@ only when ``DISTILLERY_DEBUG=1`` is set (or the config has ``debug=true``).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -41,6 +43,9 @@ def report_and_exit(err: BaseException) -> None:
     """Print a user error as one readable line and exit non-zero (traceback only in debug)."""
     if debug_enabled():
         traceback.print_exception(err)
+    tqdm_mod = sys.modules.get("tqdm")  # a live progress bar would swallow the start of the line
+    for bar in list(getattr(getattr(tqdm_mod, "tqdm", None), "_instances", ())):
+        bar.close()
     if isinstance(err, UserError):
         print(f"error: {err.line()}", file=sys.stderr, flush=True)
     else:
@@ -64,3 +69,29 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return wrapper
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Fault-injection seam for the reliability tests (tests/test_reliability.py); off by default.
+
+    ``DISTILLERY_FAULT=<point>:<n>[:<action>]`` makes the ``n``-th pass of this process through
+    the point ``name`` SIGKILL the process (action ``kill``, the default: no cleanup, no flush, as
+    an OOM killer or a preempted node would) or raise ``OSError(ENOSPC)`` (action ``enospc``: a
+    full disk). Points: ``model_load``, ``mid_shard`` (temp shard half written), ``before_rename``,
+    ``after_shard``, ``before_manifest``, ``mid_manifest`` (temp manifest written, not renamed),
+    ``mid_checkpoint`` (train: weights saved, trainer state not yet).
+    """
+    spec = os.environ.get("DISTILLERY_FAULT")
+    if not spec or spec.split(":", 1)[0] != name:
+        return
+    parts = spec.split(":")
+    n, action = (parts[1:2] or ["1"])[0], (parts[2:3] or ["kill"])[0]
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] != int(n):
+        return
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from stages.errors import UserError
+from stages.errors import UserError, fault_point
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 FULL_HASH_LIMIT = 1 << 30  # hash weight files fully up to 1 GiB; larger: size + head + tail
@@ -67,13 +67,15 @@ def load_model(
     device: str | torch.device = "cpu",
 ):
     """A causal LM in eval mode on ``device``; a UserError when it is not one."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = _check_dir(path, role)
+    fault_point("model_load")
     try:
         config = AutoConfig.from_pretrained(p)
         model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype))
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # corrupt weights too
         raise UserError(
             f"{p} is not a causal LM that transformers can load ({str(e).splitlines()[0][:200]})",
             f"{role}.path",

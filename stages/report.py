@@ -136,7 +136,8 @@ def connect(data: RunData) -> tuple[duckdb.DuckDBPyConnection, dict[str, str]]:
         paths = store.shard_paths(directory, m)
         if paths:
             src = f"read_parquet({_sql_list(paths)}, hive_partitioning = false)"
-            con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {src}')
+            cols = tokens_schema.DUCKDB_SELECT if name == "tokens" else "*"  # codec decode
+            con.execute(f'CREATE VIEW "{name}" AS SELECT {cols} FROM {src}')
         else:  # a committed dataset with zero shards: an empty view with the right columns
             con.register(name, schema.empty_table())
 

@@ -356,7 +356,8 @@ def _tokens_table(
         cols["is_guided"].append(np.full(r, bool(row["is_guided"])))
         cols["teacher_logprob"].append(t["logprob"])
         cols["teacher_topk_ids"].append(t["topk_ids"][:, :K].astype(np.int32))  # [r, K]
-        cols["teacher_topk_logprobs"].append(t["topk_logprobs"][:, :K].astype(np.float16))
+        # fp32 in: the store's codec quantises to a 2**-10-nat bound (data_schemas/codec.py)
+        cols["teacher_topk_logprobs"].append(t["topk_logprobs"][:, :K].astype(np.float32))
         cols["teacher_topk_logmass"].append(
             t["topk_logmass"]
             if t["topk_ids"].shape[1] == K
@@ -558,6 +559,7 @@ def run(cfg: Config) -> dict:
         scorer = None
         if todo:
             total = sum(rm["shards"][s]["rows"] for s in todo)
+            _check_rollouts(paths, todo, vocab)  # before any shard is written
             max_len = _max_len(paths, todo)
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             scorer = _Scorer(cfg, backend, vocab, pad_id, max_len)
@@ -621,6 +623,28 @@ def run(cfg: Config) -> dict:
         "committed": bool(committed),
         "shards_written": len(todo),
     }
+
+
+def _check_rollouts(paths: list[Path], shards: list[int], vocab_size: int) -> None:
+    """Refuse rollouts no correct rollout stage writes (a model would index past its embedding):
+    empty responses, token ids outside the tokenizer's vocabulary."""
+    fix = "re-run python -m stages.rollout (overwrite=true) with the models of this run"
+    for s in shards:
+        t = pq.read_table(paths[s], columns=["sample_id", *PREFIX_COL.values(), "response_ids"])
+        empty = pc.equal(pc.list_value_length(t["response_ids"]), 0).to_numpy(zero_copy_only=False)
+        if empty.any():
+            sid = t["sample_id"][int(empty.argmax())].as_py()
+            raise UserError(f"rollout {sid!r} has an empty response (0 tokens)", str(paths[s]), fix)
+        for c in (*PREFIX_COL.values(), "response_ids"):
+            mm = pc.min_max(pc.list_flatten(t[c])).as_py()
+            if mm["min"] is not None and (mm["min"] < 0 or mm["max"] >= vocab_size):
+                bad = mm["max"] if mm["max"] >= vocab_size else mm["min"]
+                raise UserError(
+                    f"token id {bad} in rollouts column '{c}' is outside the tokenizer's "
+                    f"vocabulary [0, {vocab_size})",
+                    str(paths[s]),
+                    fix,
+                )
 
 
 def _max_len(paths: list[Path], shards: list[int]) -> int:

@@ -487,6 +487,7 @@ def as_dict_select(sel: SelectConfig) -> dict:
         "name": sel.name,
         "rules": [{"policy": r.policy, "params": dict(r.params)} for r in sel.rules],
         "rows_per_shard": sel.rows_per_shard,
+        "row_group_rows": sel.row_group_rows,
         "memory_limit": sel.memory_limit,
         "threads": sel.threads,
     }
@@ -584,7 +585,7 @@ def write_selected(
         dataset_id=dataset_id,
         stage="select",
         overwrite=cfg.overwrite,
-        row_group_rows=min(sel.rows_per_shard, 1024),
+        row_group_rows=min(sel.rows_per_shard, sel.row_group_rows),
     ) as w:
         for s in range(len(ro_paths)):
             outs = range(plan[s], plan[s + 1])
@@ -604,7 +605,10 @@ def write_selected(
                     "response_len",
                 ],
             )
-            tk = pq.read_table(tk_paths[s], columns=[f.name for f in tokens.SCHEMA])
+            # stored layout -> logical columns (data_schemas/codec.py decodes the top-K log-probs)
+            tk = tokens.decode(
+                pq.read_table(tk_paths[s], columns=tokens.physical_columns(tokens.SCHEMA.names))
+            )
             lo = s << ROW_BITS
             got = con.execute(
                 f"SELECT rid - {lo} AS row, weight FROM w WHERE rid >= {lo} AND rid < {lo + (1 << ROW_BITS)}"

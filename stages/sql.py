@@ -12,8 +12,13 @@ with ``;``, ``.tables``, ``.examples``, ``.quit``).
 ``selected`` holds every committed selection of the run, with a ``selection`` column (the folder
 name under ``selected/``). Plain ``duckdb`` works on the same files:
 
-    CREATE VIEW tokens AS SELECT * FROM read_parquet('runs/demo/tokens/bucket=*/*.parquet',
-                                                     hive_partitioning = true);
+    CREATE VIEW tokens AS SELECT * EXCLUDE (teacher_topk_logprobs_q),
+        list_transform(range(1, len(teacher_topk_logprobs_q) + 1), lambda i:
+            (-list_sum(teacher_topk_logprobs_q[1:i]) * 0.001953125)::FLOAT) AS teacher_topk_logprobs
+        FROM read_parquet('runs/demo/tokens/bucket=*/*.parquet', hive_partitioning = true);
+
+(top-K log-probs are stored delta-coded in fixed point, see data_schemas/codec.py; the view
+decodes them.)
     CREATE VIEW selected AS SELECT regexp_extract(filename, 'selected/([^/]+)/bucket=', 1)
         AS selection, * EXCLUDE (filename)
         FROM read_parquet('runs/demo/selected/*/bucket=*/*.parquet', hive_partitioning = true,
@@ -32,6 +37,7 @@ from pathlib import Path
 import duckdb
 
 from data_schemas import manifest as manifest_mod
+from data_schemas import tokens
 from stages.errors import UserError, user_errors_exit
 
 EXAMPLES_FILE = Path(__file__).resolve().parent / "sql_policies" / "examples.sql"
@@ -62,8 +68,9 @@ def connect(run_dir: str | Path) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     for name in ("rollouts", "tokens"):
         if manifest_mod.read(run / name) is not None:
             glob = run / name / "bucket=*" / "*.parquet"
+            cols = tokens.DUCKDB_SELECT if name == "tokens" else "*"  # decodes the codec
             con.execute(
-                f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_q(glob)}, "
+                f"CREATE VIEW {name} AS SELECT {cols} FROM read_parquet({_q(glob)}, "
                 "hive_partitioning = true)"
             )
             views.append(name)

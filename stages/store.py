@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from data_schemas import manifest as manifest_mod
 from data_schemas.common import META_DATASET, META_SHARD, META_TABLE, META_VERSION
-from stages.errors import UserError
+from stages.errors import UserError, fault_point
 
 SHARDS_PER_BUCKET = 256
 TMP_PREFIX = ".tmp-"
@@ -92,6 +92,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    fault_point("mid_manifest")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -170,24 +171,32 @@ class DatasetWriter:
         """Validate and atomically write one shard (temp file, fsync, rename)."""
         where = f"{self.table.NAME} shard {shard} in {self.directory}"
         table = self.table.validate(table, where=where, vocab_size=self.vocab_size)
+        if hasattr(self.table, "encode"):  # a storage codec (data_schemas/codec.py)
+            table = self.table.encode(table)
         table = table.cast(_with_meta(table.schema, self, shard))
         path = self.shard_path(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+        opts = {"compression_level": 3}  # per-table writer options override these
+        if hasattr(self.table, "parquet_options"):
+            opts.update(self.table.parquet_options(table.schema))
         try:
             with pq.ParquetWriter(
                 tmp,
                 table.schema,
                 compression="zstd",
-                compression_level=3,
                 write_statistics=True,
                 write_page_checksum=True,
+                **opts,
             ) as w:
                 w.write_table(table, row_group_size=self.row_group_rows)
+                fault_point("mid_shard")  # the temp file has no footer yet
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            fault_point("before_rename")
             os.replace(tmp, path)
             _fsync_dir(path.parent)
+            fault_point("after_shard")
         except OSError as e:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -202,8 +211,14 @@ class DatasetWriter:
         inputs: dict,
         extra: dict | None = None,
     ) -> bool:
-        """Write the manifest if all ``n_shards`` shards exist; return whether it was written."""
+        """Write the manifest if all ``n_shards`` shards exist; return whether the dataset is
+        committed (by this call, or by a concurrent worker that got there first: the manifest is
+        written exactly once)."""
         with _flock(self.directory / ".lock", f"{self.table.NAME} dataset", blocking=True):
+            done = manifest_mod.read(self.directory)
+            if done is not None and done["dataset_id"] == self.dataset_id:
+                self.complete = True
+                return True
             paths = [self.shard_path(s) for s in range(n_shards)]
             if not all(p.exists() for p in paths):
                 return False  # other workers are still writing; the last one commits
@@ -234,6 +249,7 @@ class DatasetWriter:
                 "config": config,
                 "extra": extra or {},
             }
+            fault_point("before_manifest")
             try:
                 _atomic_write_text(
                     self.directory / manifest_mod.FILENAME, json.dumps(m, indent=1, default=str)
@@ -353,6 +369,9 @@ def open_writer(
                 shard = int(tmp.name[len(TMP_PREFIX) :].split(".")[0].split("-")[1])
                 if mine is None or shard in mine:
                     tmp.unlink(missing_ok=True)
+            # a manifest temp of a killed commit (we hold the dataset lock: nobody is committing)
+            for tmp in directory.glob(f"{TMP_PREFIX}{manifest_mod.FILENAME}.*"):
+                tmp.unlink(missing_ok=True)
     except BaseException:
         w.close()
         raise
@@ -429,7 +448,10 @@ def read_table(
 ) -> pa.Table:
     """Read a whole (small) committed dataset into memory, in shard order."""
     m = open_committed(directory, table, verify_checksums=verify_checksums)
-    parts = [pq.read_table(p, columns=columns) for p in shard_paths(directory, m)]
+    parts = [
+        _decoded(table, pq.read_table(p, columns=_physical(table, columns)))
+        for p in shard_paths(directory, m)
+    ]
     if not parts:
         return (
             table.SCHEMA.empty_table()
@@ -437,6 +459,16 @@ def read_table(
             else table.SCHEMA.empty_table().select(columns)
         )
     return pa.concat_tables(parts)
+
+
+def _physical(table: ModuleType | None, columns: list[str] | None) -> list[str] | None:
+    """Stored column names for logical ones (a table module with a codec maps them)."""
+    return table.physical_columns(columns) if hasattr(table, "physical_columns") else columns
+
+
+def _decoded(table: ModuleType, tbl: pa.Table) -> pa.Table:
+    """A stored shard's table as its logical columns (identity without a codec)."""
+    return table.decode(tbl) if hasattr(table, "decode") else tbl
 
 
 def row_group_units(directory: str | Path, m: dict) -> list[tuple[int, int, int]]:
@@ -473,12 +505,14 @@ def stream(
     epochs: int = 1,
     shuffle_seed: int | None = None,
     columns: list[str] | None = None,
+    table: ModuleType | None = None,  # the table module, to decode a codec layout (tokens)
 ) -> Iterator[tuple[pa.Table, dict]]:
     """Yield ``(row_group_table, state_after)``; pass ``state_after`` back to resume after it.
 
     The state is ``{"epoch": e, "shard": s, "row_group": g, "index": i}``: the next row group to
     read is number ``i`` of this rank's order in epoch ``e`` (``shard``/``row_group`` name it, for
     people reading checkpoints). Ranks read disjoint row groups whose union is the whole dataset.
+    With ``shuffle_seed`` the row groups AND the rows inside each are permuted per epoch (seeded).
     """
     paths = shard_paths(directory, m)
     units = row_group_units(directory, m)
@@ -492,7 +526,12 @@ def stream(
             shard, group, _ = mine[index]
             if shard not in files:
                 files[shard] = pq.ParquetFile(paths[shard])
-            tbl = files[shard].read_row_group(group, columns=columns)
+            tbl = files[shard].read_row_group(group, columns=_physical(table, columns))
+            if table is not None:  # decode a stored codec layout to the logical columns
+                tbl = _decoded(table, tbl)
+            if shuffle_seed is not None:  # rows too, not only row groups: mixes neighbouring prompts
+                rng = np.random.default_rng([shuffle_seed, epoch, shard, group])
+                tbl = tbl.take(rng.permutation(tbl.num_rows))
             index += 1
             if index < len(mine):
                 nxt = {"epoch": epoch, "shard": mine[index][0], "row_group": mine[index][1]}

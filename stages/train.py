@@ -61,7 +61,7 @@ from data_schemas import rollouts as rollouts_table
 from data_schemas import selected as selected_table
 from stages import models, store
 from stages.config import Config, as_dict, hydra_entry
-from stages.errors import UserError
+from stages.errors import UserError, fault_point
 from stages.loader import MicroBatch, MicroBatchStream, collate, plan_steps
 from stages.logprobs import model_head, model_hidden_states, sequence_stats
 from stages.losses import MAX_SUFFIX, average_metrics, combined_loss
@@ -304,6 +304,7 @@ def save_checkpoint(
             model = model.merge_and_unload()  # LoRA folded into a plain checkpoint (end of run)
         model.save_pretrained(tmp, state_dict=sd) if sd is not None else model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+    fault_point("mid_checkpoint")  # weights written, trainer state not yet
     torch.save(state, tmp / state_file(dist.rank))
     dist.barrier()
     if dist.main:

@@ -1,0 +1,128 @@
+"""The tokens table's storage codec: small shards, the same logical columns for every reader.
+
+Teacher top-K log-probs dominate the cache (K per token). On disk they are stored as
+``teacher_topk_logprobs_q`` (list<int32>): fixed point ``q = round(-logprob / STEP)`` with
+``STEP = 2**-9`` nats, delta-coded along the list (``d_0 = q_0``, ``d_i = q_i - q_(i-1)``). The
+lists are sorted by descending probability, so the deltas are small non-negative integers; the
+deltas are signed, so an unsorted list still round-trips (it only compresses worse).
+Decoding is ``logprob_i = -STEP * sum(d_0..d_i)``, exact in float32.
+
+Error bound: ``|decoded - original| <= STEP / 2 = 2**-10 ~ 9.77e-4`` nats for every top-K entry
+(round to nearest on the fp32 input; STEP is a power of two, so the decoded value is exact). The
+previous fp16 column was off by up to 2**-6 nats at log-probs around -20 (fp16's step grows with
+magnitude). Every other column keeps its logical type and is lossless: the sampled-token
+``teacher_logprob`` stays exact fp32.
+
+Writer options (``parquet_options``): BYTE_STREAM_SPLIT for 32-bit numbers (ids, deltas, fp32
+scalars: it splits values into byte planes so zstd sees the low-entropy high bytes together), no
+dictionary for them (a 152k-id dictionary costs 17-18 bits per id), dictionary for strings, fp16
+and small ints (DuckDB cannot read BYTE_STREAM_SPLIT fp16), zstd level 9.
+
+Readers never see the encoding: ``decode_table`` (pyarrow; ``stages.store.read_table`` / ``stream``
+call it) and ``DUCKDB_SELECT`` (the select list that the DuckDB ``tokens`` views use).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+STEP_BITS = 9
+STEP = 2.0**-STEP_BITS  # nats per fixed-point unit
+MAX_ABS_ERROR = STEP / 2  # the stated bound on the decoded top-K log-probs
+ZSTD_LEVEL = 9
+
+LOGICAL = "teacher_topk_logprobs"  # list<float32> as readers see it
+PHYSICAL = "teacher_topk_logprobs_q"  # list<int32> delta-coded fixed point, as stored
+
+# DuckDB expression decoding PHYSICAL (prefix sums of the deltas; O(K^2) per row, K is small)
+DUCKDB_DECODE = (
+    f"list_transform(range(1, len({PHYSICAL}) + 1), "
+    f"lambda i: (-list_sum({PHYSICAL}[1:i]) * {STEP!r})::FLOAT)"
+)
+# what a DuckDB view over tokens shards selects: every stored column, decoded
+DUCKDB_SELECT = f"* EXCLUDE ({PHYSICAL}), {DUCKDB_DECODE} AS {LOGICAL}"
+
+
+# ----------------------------------------------------------------------------- pure math
+def encode_logprobs(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat log-probs [M] of lists with ``lengths`` [N] -> flat int32 deltas [M]."""
+    q = np.rint(-values.astype(np.float64) / STEP).astype(np.int64)  # [M]
+    d = np.empty_like(q)
+    d[1:] = q[1:] - q[:-1]
+    starts = np.cumsum(lengths)[:-1]  # first element of lists 1..N-1
+    starts = starts[lengths[1:] > 0]
+    d[starts] = q[starts]
+    if len(q):
+        d[0] = q[0]
+    if len(d) and (d.max() > np.iinfo(np.int32).max or d.min() < np.iinfo(np.int32).min):
+        raise ValueError("log-prob out of the codec's range (|logprob| > 4e6 nats)")
+    return d.astype(np.int32)
+
+
+def decode_logprobs(deltas: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat int32 deltas [M] of lists with ``lengths`` [N] -> flat float32 log-probs [M]."""
+    c = np.cumsum(deltas.astype(np.int64))  # [M] running sum across list boundaries
+    before = np.concatenate([[0], c])[np.cumsum(lengths) - lengths]  # [N] sum before each list
+    q = c - np.repeat(before, lengths)  # [M] per-list prefix sums
+    return (-q * STEP).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- tables
+def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)  # [N]
+    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False)  # [M]
+    return values, lengths, arr
+
+
+def _lists(values: pa.Array, lengths: np.ndarray, like: pa.Array) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)  # [N + 1]
+    mask = like.is_null() if like.null_count else None
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask)
+
+
+def encode_table(table: pa.Table) -> pa.Table:
+    """Logical tokens table -> the table as stored (LOGICAL replaced in place by PHYSICAL)."""
+    if LOGICAL not in table.column_names:
+        return table
+    values, lengths, arr = _list_parts(table.column(LOGICAL))
+    d = pa.array(encode_logprobs(values, lengths), pa.int32())
+    i = table.column_names.index(LOGICAL)
+    return table.set_column(i, PHYSICAL, _lists(d, lengths, arr))
+
+
+def decode_table(table: pa.Table) -> pa.Table:
+    """Stored tokens table -> logical (PHYSICAL replaced in place by LOGICAL); no-op without it."""
+    if PHYSICAL not in table.column_names:
+        return table
+    values, lengths, arr = _list_parts(table.column(PHYSICAL))
+    lp = pa.array(decode_logprobs(values, lengths), pa.float32())
+    i = table.column_names.index(PHYSICAL)
+    return table.set_column(i, LOGICAL, _lists(lp, lengths, arr))
+
+
+def physical_columns(columns: list[str] | None) -> list[str] | None:
+    """The stored columns to read for these logical ones (None = all)."""
+    if columns is None:
+        return None
+    return [PHYSICAL if c == LOGICAL else c for c in columns]
+
+
+def parquet_options(schema: pa.Schema) -> dict:
+    """pyarrow ParquetWriter options for a stored tokens table (see the module docstring)."""
+    split, dictionary = {}, []
+    for f in schema:
+        t = f.type.value_type if pa.types.is_list(f.type) else f.type
+        path = f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name
+        # DuckDB reads BYTE_STREAM_SPLIT for 32/64-bit numbers only (not fp16)
+        if (pa.types.is_floating(t) or pa.types.is_integer(t)) and t.bit_width >= 32:
+            split[path] = "BYTE_STREAM_SPLIT"
+        else:
+            dictionary.append(f.name)  # strings, bools, uint8, fp16: dictionary pays off
+    return {
+        "compression_level": ZSTD_LEVEL,
+        "use_dictionary": dictionary,
+        "column_encoding": split,
+    }
