@@ -97,6 +97,9 @@ class WorldSettings:
     train_templates_per_attr: int = 3  # the rest of TEMPLATES[attr] is held out (paraphrases)
     public_train_rows: int = 0  # 0 = as many public rows in train.parquet as private ones
     n_reading_eval: int = 300
+    # Open-book reading prompts (fresh facts, evidence inside the prompt) appended to train.parquet
+    # in train_mix.parquet: anchors that keep the student reading while it learns private facts.
+    n_reading_train: int = 600
     # Share of closed-book public QA in each pretraining batch; the rest is open-book reading.
     closed_frac: float = 0.35
     base: ModelSettings = field(default_factory=ModelSettings)
@@ -126,6 +129,7 @@ class WorldSettings:
             n_first_names=6,
             n_last_names=6,
             n_reading_eval=20,
+            n_reading_train=10,
             base=tiny,
             teacher=dataclasses.replace(tiny, hidden=128, heads=2, layers=2, intermediate=256),
         )
@@ -530,6 +534,26 @@ def make_prompt_sets(world: World) -> dict[str, list[dict[str, Any]]]:
                 "reading",
             )
         )
+    # train_mix = train + open-book reading anchors, drawn from their own RNG so that adding them
+    # changes none of the other sets.
+    arng = random.Random(s.seed + 7)
+    anchors = []
+    for i in range(s.n_reading_train):
+        e = arng.choice(world.reading)
+        f = world.random_facts(arng)
+        a = arng.choice(ATTRS)
+        t = arng.randrange(len(TEMPLATES[a]))
+        ev = evidence_text(a, e, f, arng, s.max_distractors)
+        anchors.append(
+            _row(
+                f"anchor-{i:05d}-{e}-{a}-t{t}",
+                guided_prefix(ev, prompt_text(a, e, t)),
+                None,
+                f[a],
+                "reading_anchor",
+            )
+        )
+    sets["train_mix"] = sets["train"] + anchors
     return sets
 
 
@@ -930,7 +954,9 @@ def build_world(
             },
             "max_tokens": lengths,
             "chance_accuracy": {
-                k: round(chance_accuracy(world, v), 4) for k, v in sets.items() if k != "train"
+                k: round(chance_accuracy(world, v), 4)
+                for k, v in sets.items()
+                if not k.startswith("train")
             },
             "models": models,
             "seconds": {"data": round(t_data, 1), "total": round(time.time() - t_start, 1)},

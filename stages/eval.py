@@ -31,7 +31,7 @@ from data_schemas import prompts as prompts_schema
 from stages import models
 from stages.config import Config, as_dict, hydra_entry
 from stages.errors import UserError
-from stages.store import _atomic_write_text, content_id
+from stages.store import atomic_write_text, content_id
 
 
 def checkpoint_paths(cfg: Config) -> dict[str, str]:
@@ -261,7 +261,7 @@ def run(cfg: Config) -> dict:
         "seconds": round(time.time() - t0, 1),
         "cache": cache,
     }
-    _atomic_write_text(path, json.dumps(doc, indent=1))
+    atomic_write_text(path, json.dumps(doc, indent=1))
     print(format_table(results, list(sets)), flush=True)
     return results
 

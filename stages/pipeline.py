@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import time
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from stages.config import CONF_DIR, Config, hydra_entry
 from stages.errors import UserError
+from stages.store import atomic_write_text
 
 GROUPS = ("select", "loss", "train", "eval", "rollout", "score", "data")
 
@@ -98,6 +101,8 @@ def run(cfg: Config) -> dict:
         timings["eval"] = time.time() - t
     timings["total"] = time.time() - t0
     print("\npipeline timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    # read by scripts/bench.py (demo.end_to_end_seconds)
+    atomic_write_text(Path(cfg.run_dir) / "timings.json", json.dumps(timings, indent=1))
     return timings
 
 

@@ -86,7 +86,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -251,7 +251,7 @@ class DatasetWriter:
             }
             fault_point("before_manifest")
             try:
-                _atomic_write_text(
+                atomic_write_text(
                     self.directory / manifest_mod.FILENAME, json.dumps(m, indent=1, default=str)
                 )
             except OSError as e:

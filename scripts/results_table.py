@@ -1,0 +1,194 @@
+"""Re-run the demo's results table: every ablation of the README, several seeds, one command.
+
+    python scripts/results_table.py --seeds 0 1 2 --out docs/RESULTS.md        # everything
+    python scripts/results_table.py --seeds 0 1 2 --rows headline               # base + EDGE-OPD
+    python scripts/results_table.py --seeds 0 --rows guided,unguided,lightning  # one seed of the rest
+
+Each seed gets its own run dirs under ``--root`` (default ``runs/results``); the stages resume, so
+an interrupted call continues where it stopped and a second call only re-evaluates. Rows:
+
+* ``headline``: base; EDGE-OPD (the ``demo`` experiment: guided rollouts + evidence selection).
+* ``guided`` (same cached guided rollouts and teacher log-probs as EDGE-OPD): all tokens;
+  ``opd_k1`` vs ``topk_fkl`` vs ``vopd`` vs ``exopd``; TIP entropy 50 %.
+* ``unguided``: OPSD without guidance (no guided rollouts, all tokens) and with the evidence mask.
+* ``lightning``: ``demo_lightning`` (teacher_big): SFT only; SFT + offline OPD; a teacher-mismatch
+  ablation (OPD teacher != SFT teacher, ``score.allow_teacher_mismatch=true``).
+
+Writes a Markdown table (mean ± standard deviation over seeds, and n) and the raw numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from stages import eval as eval_stage  # noqa: E402
+from stages import pipeline, rollout, score, select, sft, train  # noqa: E402
+from stages.config import compose  # noqa: E402
+
+SETS = ["private_closed", "private_paraphrase", "public_closed", "reading"]
+
+# (row label, run-dir kind, train name, overrides on top of the run's config)
+GUIDED = [
+    ("EDGE-OPD: guided + evidence mask (demo)", "guided", "edge", []),
+    ("guided, all tokens (topk_fkl)", "guided", "all", ["select=all"]),
+    ("guided, all tokens, opd_k1", "guided", "opd_k1", ["select=all", "loss=opd_k1"]),
+    ("guided, all tokens, vopd", "guided", "vopd", ["select=all", "loss=vopd"]),
+    ("guided, all tokens, exopd (lambda 1.25)", "guided", "exopd", ["select=all", "loss=exopd"]),
+    ("guided, TIP entropy 50 % (topk_fkl)", "guided", "tip50", ["select=entropy_half"]),
+]
+UNGUIDED = [
+    ("OPSD without guidance, all tokens", "unguided", "all", ["select=all"]),
+    ("unguided + evidence mask", "unguided", "evidence", ["select=evidence"]),
+]
+LIGHTNING = [
+    ("Lightning: SFT only", "lightning", "sft", None),
+    ("Lightning: SFT + offline OPD (opd_k1)", "lightning", "opd", []),
+    ("Lightning: teacher mismatch (OPD teacher = base reading evidence)", "mismatch", "opd", []),
+]
+
+
+def run_dir_config(kind: str, seed: int, root: Path, world: Path) -> tuple[list[str], bool]:
+    base = world / "models" / "base"
+    common = [
+        f"seed={seed}",
+        f"run_dir={root / f'seed{seed}' / kind}",
+        "demo_world=null",
+        f"data.prompts={world / 'prompts' / 'train_mix.parquet'}",
+        *[f"data.eval_sets.{s}={world / 'prompts' / (s + '.parquet')}" for s in SETS],
+    ]
+    models = [f"student.path={base}", f"teacher.path={base}", f"ref.path={base}"]
+    if kind == "guided":
+        return ["experiment=demo", *common, *models], False
+    if kind == "unguided":
+        return ["experiment=demo", *common, *models, "rollout.guided_fraction=0"], False
+    big = world / "models" / "teacher_big"
+    lightning = [
+        "experiment=demo_lightning",
+        *common,
+        f"student.path={base}",
+        f"teacher.path={big}",
+    ]
+    if kind == "lightning":
+        return lightning, True
+    # mismatch: SFT on teacher_big's answers, but the OPD teacher is the base reading the evidence
+    return [*lightning, "score.allow_teacher_mismatch=true"], True
+
+
+def ensure_run(kind: str, seed: int, root: Path, world: Path, rows: list) -> dict:
+    ov, has_sft = run_dir_config(kind, seed, root, world)
+    cfg = compose("pipeline", ov)
+    if has_sft:
+        sft.run(cfg)
+    if kind == "mismatch":  # same SFT student, then scored by a different teacher
+        cfg = compose(
+            "pipeline",
+            [
+                *ov,
+                f"teacher.path={world / 'models' / 'base'}",
+                "rollout.teacher_template='{context} {prompt}'",
+                f"ref.path={world / 'models' / 'base'}",
+            ],
+        )
+    rollout.run(cfg)
+    score.run(cfg)
+    names = []
+    for _, _, name, extra in rows:
+        if extra is None:
+            names.append(name)
+            continue
+        tcfg = pipeline.apply_overrides(cfg, [*extra, f"train.name={name}"])
+        select.run(tcfg)
+        train.run(tcfg)
+        names.append(name)
+    ecfg = pipeline.apply_overrides(cfg, [f"eval.checkpoints=[base,{','.join(names)}]"])
+    return eval_stage.run(ecfg)
+
+
+def fmt(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    m = 100 * statistics.mean(vals)
+    if len(vals) == 1:
+        return f"{m:.1f}"
+    return f"{m:.1f} ± {100 * statistics.stdev(vals):.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--world", default="runs/world", help="demo world dir (make_demo.py)")
+    ap.add_argument("--root", default="runs/results", help="where the run dirs go")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rows", default="headline,guided,unguided,lightning")
+    ap.add_argument("--out", default="docs/RESULTS.md")
+    args = ap.parse_args(argv)
+    world, root = Path(args.world), Path(args.root)
+    wanted = set(args.rows.split(","))
+    if "lightning" in wanted:
+        from stages import demoworld
+
+        demoworld.build_world(world, demoworld.WorldSettings(teacher_big=True))
+    else:
+        from stages import demoworld
+
+        demoworld.build_world(world, demoworld.WorldSettings())
+    plan: dict[str, list] = {}
+    if wanted & {"headline", "guided"}:
+        plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:1]
+    if "unguided" in wanted:
+        plan["unguided"] = UNGUIDED
+    if "lightning" in wanted:
+        plan["lightning"] = LIGHTNING[:2]
+        plan["mismatch"] = LIGHTNING[2:]
+    table: dict[str, dict[str, list[float]]] = {}
+    raw: dict = {}
+    t0 = time.time()
+    for seed in args.seeds:
+        for kind, rows in plan.items():
+            res = ensure_run(kind, seed, root, world, rows)
+            raw[f"seed{seed}/{kind}"] = res
+            entries = [("base", "base")] if kind in ("guided", "unguided") else []
+            entries += [(label, name) for label, _, name, _ in rows]
+            for label, name in entries:
+                if name not in res:
+                    continue
+                row = table.setdefault(label, {s: [] for s in SETS})
+                if label == "base" and len(row[SETS[0]]) >= len(args.seeds):
+                    continue  # base is shared by the guided and unguided run dirs
+                for s in SETS:
+                    row[s].append(res[name][s]["accuracy"])
+    lines = [
+        "| run | " + " | ".join(SETS) + " | seeds |",
+        "|---|" + "---|" * (len(SETS) + 1),
+    ]
+    for label, row in table.items():
+        lines.append(
+            f"| {label} | " + " | ".join(fmt(row[s]) for s in SETS) + f" | {len(row[SETS[0]])} |"
+        )
+    md = "\n".join(lines)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head = (
+        f"Greedy accuracy (%) on the demo world's eval sets, mean ± std over seeds. Command: "
+        f"`python scripts/results_table.py --seeds {' '.join(map(str, args.seeds))} "
+        f"--rows {args.rows}` ({time.time() - t0:.0f} s on this machine).\n\n"
+    )
+    out.write_text(head + md + "\n")
+    (root / "results.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "results.json").write_text(
+        json.dumps({"table": table, "raw": raw}, indent=1, default=str)
+    )
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
