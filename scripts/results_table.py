@@ -7,8 +7,9 @@
 Each seed gets its own run dirs under ``--root`` (default ``runs/results``); the stages resume, so
 an interrupted call continues where it stopped and a second call only re-evaluates. Rows:
 
-* ``headline``: base; EDGE-OPD (the ``demo`` experiment: guided rollouts + evidence selection).
-* ``guided`` (same cached guided rollouts and teacher log-probs as EDGE-OPD): all tokens;
+* ``headline``: base; EDGE-OPD (the ``demo`` experiment: guided rollouts + soft evidence mask).
+* ``guided`` (same cached guided rollouts and teacher log-probs as EDGE-OPD): strict evidence
+  mask; all tokens;
   ``opd_k1`` vs ``topk_fkl`` vs ``vopd`` vs ``exopd``; TIP entropy 50 %.
 * ``unguided``: OPSD without guidance (no guided rollouts, all tokens) and with the evidence mask.
 * ``lightning``: ``demo_lightning`` (teacher_big): SFT only; SFT + offline OPD; a teacher-mismatch
@@ -38,7 +39,8 @@ SETS = ["private_closed", "private_paraphrase", "public_closed", "reading"]
 
 # (row label, run-dir kind, train name, overrides on top of the run's config)
 GUIDED = [
-    ("EDGE-OPD: guided + evidence mask (demo)", "guided", "edge", []),
+    ("EDGE-OPD: guided + soft evidence mask (the demo)", "guided", "edge", []),
+    ("guided + strict evidence mask (keep_rest 0)", "guided", "edge_strict", ["select=evidence"]),
     ("guided, all tokens (topk_fkl)", "guided", "all", ["select=all"]),
     ("guided, all tokens, opd_k1", "guided", "opd_k1", ["select=all", "loss=opd_k1"]),
     ("guided, all tokens, vopd", "guided", "vopd", ["select=all", "loss=vopd"]),
@@ -122,6 +124,31 @@ def fmt(vals: list[float]) -> str:
     return f"{m:.1f} ± {100 * statistics.stdev(vals):.1f}"
 
 
+def write_table(args, table: dict, raw: dict, root: Path, seconds: float) -> None:
+    lines = [
+        "| run | " + " | ".join(SETS) + " | seeds |",
+        "|---|" + "---|" * (len(SETS) + 1),
+    ]
+    for label, row in table.items():
+        lines.append(
+            f"| {label} | " + " | ".join(fmt(row[s]) for s in SETS) + f" | {len(row[SETS[0]])} |"
+        )
+    md = "\n".join(lines)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head = (
+        "Greedy accuracy (%) on the demo world's eval sets, mean ± std over seeds. Command: "
+        f"`python scripts/results_table.py --seeds {' '.join(map(str, args.seeds))} "
+        f"--rows {args.rows}` ({seconds:.0f} s so far on this machine).\n\n"
+    )
+    out.write_text(head + md + "\n")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.json").write_text(
+        json.dumps({"table": table, "raw": raw}, indent=1, default=str)
+    )
+    print(md, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--world", default="runs/world", help="demo world dir (make_demo.py)")
@@ -129,17 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", default="headline,guided,unguided,lightning")
     ap.add_argument("--out", default="docs/RESULTS.md")
+    ap.add_argument(
+        "--no-build",
+        action="store_true",
+        help="use --world as it is (do not build or check its cache key)",
+    )
     args = ap.parse_args(argv)
     world, root = Path(args.world), Path(args.root)
     wanted = set(args.rows.split(","))
-    if "lightning" in wanted:
+    if not args.no_build:
         from stages import demoworld
 
-        demoworld.build_world(world, demoworld.WorldSettings(teacher_big=True))
-    else:
-        from stages import demoworld
-
-        demoworld.build_world(world, demoworld.WorldSettings())
+        demoworld.build_world(world, demoworld.WorldSettings(teacher_big="lightning" in wanted))
     plan: dict[str, list] = {}
     if wanted & {"headline", "guided"}:
         plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:1]
@@ -161,32 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in res:
                     continue
                 row = table.setdefault(label, {s: [] for s in SETS})
-                if label == "base" and len(row[SETS[0]]) >= len(args.seeds):
+                if label == "base" and len(row[SETS[0]]) > args.seeds.index(seed):
                     continue  # base is shared by the guided and unguided run dirs
                 for s in SETS:
                     row[s].append(res[name][s]["accuracy"])
-    lines = [
-        "| run | " + " | ".join(SETS) + " | seeds |",
-        "|---|" + "---|" * (len(SETS) + 1),
-    ]
-    for label, row in table.items():
-        lines.append(
-            f"| {label} | " + " | ".join(fmt(row[s]) for s in SETS) + f" | {len(row[SETS[0]])} |"
-        )
-    md = "\n".join(lines)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    head = (
-        f"Greedy accuracy (%) on the demo world's eval sets, mean ± std over seeds. Command: "
-        f"`python scripts/results_table.py --seeds {' '.join(map(str, args.seeds))} "
-        f"--rows {args.rows}` ({time.time() - t0:.0f} s on this machine).\n\n"
-    )
-    out.write_text(head + md + "\n")
-    (root / "results.json").parent.mkdir(parents=True, exist_ok=True)
-    (root / "results.json").write_text(
-        json.dumps({"table": table, "raw": raw}, indent=1, default=str)
-    )
-    print(md)
+            write_table(args, table, raw, root, time.time() - t0)  # after every run: partial ok
     return 0
 
 

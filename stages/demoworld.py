@@ -99,7 +99,7 @@ class WorldSettings:
     n_reading_eval: int = 300
     # Open-book reading prompts (fresh facts, evidence inside the prompt) appended to train.parquet
     # in train_mix.parquet: anchors that keep the student reading while it learns private facts.
-    n_reading_train: int = 600
+    n_reading_train: int = 1200
     # Share of closed-book public QA in each pretraining batch; the rest is open-book reading.
     closed_frac: float = 0.35
     base: ModelSettings = field(default_factory=ModelSettings)

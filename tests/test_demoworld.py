@@ -24,7 +24,7 @@ from data_schemas import prompts as prompts_schema
 from stages import demoworld as dw
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT_FILES = ["train", "private_closed", "private_paraphrase", "public_closed", "reading"]
+PROMPT_FILES = ["train", "train_mix", "private_closed", "private_paraphrase", "public_closed", "reading"]
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -167,6 +167,11 @@ def test_prompt_files_match_schema(quick_world: Path) -> None:
         assert r["prompt"].startswith("question : ") and r["prompt"].endswith(" answer :")
         assert dw.answer_matches(r["context"], r["answer"])
         assert not dw.answer_matches(r["prompt"], r["answer"])
+    mix = pq.read_table(quick_world / "prompts" / "train_mix.parquet").to_pylist()
+    assert mix[: len(train)] == train and len(mix) == len(train) + s.n_reading_train
+    anchors = mix[len(train) :]
+    assert all(r["kind"] == "reading_anchor" and r["context"] is None for r in anchors)
+    assert all(dw.answer_matches(r["prompt"], r["answer"]) for r in anchors)
     reading = pq.read_table(quick_world / "prompts" / "reading.parquet").to_pylist()
     assert all(r["context"] is None and r["prompt"].startswith("evidence : ") for r in reading)
     assert all(dw.answer_matches(r["prompt"], r["answer"]) for r in reading)
