@@ -56,6 +56,13 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                     "pipeline.variants",
                     "use group=option or a.b=value with existing keys",
                 ) from None
+    # train.name / train.selection default to interpolations of loss.name and select.name, which
+    # the typed config has already resolved: re-derive them unless the overrides set them.
+    keys = {ov.partition("=")[0] for ov in overrides}
+    if "select" in keys and "train.selection" not in keys:
+        node.train.selection = node.select.name
+    if keys & {"select", "loss"} and "train.name" not in keys:
+        node.train.name = f"{node.loss.name}-{node.select.name}"
     return OmegaConf.to_object(node)  # type: ignore[return-value]
 
 

@@ -77,3 +77,7 @@ def test_apply_overrides_types_and_groups():
         "x",
     )
     assert cfg.loss.name == "topk_fkl"  # the original is untouched
+    # the selection a variant trains on follows its select group (regression: it kept the old one)
+    assert v.train.selection == "entropy_half"
+    w = pipeline.apply_overrides(cfg, ["select=all", "loss=opd_k1"])
+    assert (w.train.selection, w.train.name) == ("all", "opd_k1-all")
