@@ -451,6 +451,22 @@ class _Scorer:
         by_model: dict[tuple, list[Job]] = {}
         for j in jobs:
             by_model.setdefault(j.role.model_key, []).append(j)
+
+        def run_hf(role, jobs, with_stats, bar):  # the HF pass (all of it, or vLLM's extras)
+            hf_score(
+                self.hf_model(role),
+                jobs,
+                vocab_size=self.vocab,
+                batch_tokens=sc.batch_tokens,
+                chunk=sc.chunk_positions,
+                pad_id=self.pad_id,
+                done=done,
+                behavior_topk=sc.behavior_topk,
+                stats=with_stats,
+                gather=gather,
+                progress=bar,
+            )
+
         for group in by_model.values():
             role = group[0].role
             need_hf_extra = any(j.entropy or (gather and j.gathers) for j in group)
@@ -462,36 +478,13 @@ class _Scorer:
                     continue
                 extra = [j for j in group if j.entropy or (gather and j.gathers)]
                 saved = {id(j): j.result for j in extra}
-                hf_score(
-                    self.hf_model(role),
-                    extra,
-                    vocab_size=self.vocab,
-                    batch_tokens=sc.batch_tokens,
-                    chunk=sc.chunk_positions,
-                    pad_id=self.pad_id,
-                    done=done,
-                    behavior_topk=sc.behavior_topk,
-                    stats=any(j.entropy for j in extra),
-                    gather=gather,
-                )
+                run_hf(role, extra, any(j.entropy for j in extra), None)
                 for j in extra:  # keep vLLM's log-probs, take HF's entropy
                     hf_res, j.result = j.result, saved[id(j)]
                     if j.entropy and hf_res is not None:
                         j.result["entropy"] = hf_res["entropy"]
                 continue
-            hf_score(
-                self.hf_model(role),
-                group,
-                vocab_size=self.vocab,
-                batch_tokens=sc.batch_tokens,
-                chunk=sc.chunk_positions,
-                pad_id=self.pad_id,
-                done=done,
-                behavior_topk=sc.behavior_topk,
-                stats=stats,
-                gather=gather,
-                progress=progress,
-            )
+            run_hf(role, group, stats, progress)
 
     def _vllm(self, role: Role, group: list[Job]) -> None:
         from stages import vllm_backend as vb
