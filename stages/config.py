@@ -302,6 +302,13 @@ class PipelineConfig:
     )
     # Extra training runs on the same cached log-probs (ablations), each "key=value" overrides.
     variants: list[TrainVariant] = field(default_factory=list)
+    # Rounds of fresh rollouts: round r >= 2 samples with round r-1's final checkpoint, scores with
+    # the same teacher and reference, and trains on from it, all under run_dir/round<r>/ (its
+    # checkpoint is checkpoints/<train.name>-r<r>). 1 = one offline pass (Lightning OPD).
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "pipeline.rounds", "must be >= 1")
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Reads: ``data.eval_sets`` (prompts files with verifiable ``answer``s), the checkpoints to evaluate
 (``eval.checkpoints``: names under ``run_dir/checkpoints/<name>/final`` or model paths; empty = the
-base student, the SFT checkpoint if any, and every trained ``checkpoints/*/final``), and the
+base student, the SFT checkpoint if any, every trained ``checkpoints/*/final`` and those of later
+rounds, ``round<r>/checkpoints/*/final``), and the
 teacher (``teacher.path``) for the KL column.
 Writes: ``run_dir/eval/results.json`` (atomically) and a table on stdout. Results are cached per
 (checkpoint fingerprint, eval set, settings), so re-running after one more training only evaluates
@@ -44,6 +45,8 @@ def checkpoint_paths(cfg: Config) -> dict[str, str]:
                 out["base"] = cfg.student.path
             elif (ckpt_root / c / "final").is_dir():
                 out[c] = str(ckpt_root / c / "final")
+            elif c in (later := round_checkpoints(Path(cfg.run_dir))):
+                out[c] = str(later[c])
             elif Path(c).is_dir():
                 out[Path(c).name] = c
             else:
@@ -59,7 +62,20 @@ def checkpoint_paths(cfg: Config) -> dict[str, str]:
     for d in sorted(ckpt_root.glob("*/final")) if ckpt_root.is_dir() else []:
         if d.parent.name != "sft":
             out[d.parent.name] = str(d)
+    for name, d in round_checkpoints(Path(cfg.run_dir)).items():
+        out[name] = str(d)
     return out
+
+
+def round_checkpoints(run_dir: Path) -> dict[str, Path]:
+    """Later rounds of fresh rollouts (``pipeline.rounds``), in round order:
+    ``run_dir/round<r>/checkpoints/<name>-r<r>/final``."""
+    found = []
+    for d in run_dir.glob("round*/checkpoints/*/final"):
+        r = d.parts[-4][len("round") :]
+        if r.isdigit():
+            found.append((int(r), d.parent.name, d))
+    return {name: d for _, name, d in sorted(found)}
 
 
 @torch.inference_mode()

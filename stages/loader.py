@@ -308,6 +308,7 @@ def collate(seqs: list[Seq], pad_id: int, where: str = "selected") -> MicroBatch
     if len(ks) != 1:
         raise UserError(f"mixed top-K sizes {sorted(ks)} in one selection", where, "re-run select")
     k = ks.pop()
+    m = sum(r_lens)  # response tokens in the micro-batch (K may be 0: SFT data has no teacher)
     batch = {
         "token_id": torch.from_numpy(_cat(seqs, "response_ids", np.int64)),  # [M]
         "weight": torch.from_numpy(_cat(seqs, "weights", np.float32)),  # [M]
@@ -315,10 +316,10 @@ def collate(seqs: list[Seq], pad_id: int, where: str = "selected") -> MicroBatch
         "teacher_logprob": torch.from_numpy(_cat(seqs, "teacher_logprob", np.float32)),
         "behavior_logprob": torch.from_numpy(_cat(seqs, "behavior_logprob", np.float32)),
         "teacher_topk_ids": torch.from_numpy(
-            _cat(seqs, "teacher_topk_ids", np.int64).reshape(-1, k)
+            _cat(seqs, "teacher_topk_ids", np.int64).reshape(m, k)
         ),  # [M, K]
         "teacher_topk_logprobs": torch.from_numpy(
-            _cat(seqs, "teacher_topk_logprobs", np.float32).reshape(-1, k)
+            _cat(seqs, "teacher_topk_logprobs", np.float32).reshape(m, k)
         ),  # [M, K]
         "teacher_topk_logmass": torch.from_numpy(_cat(seqs, "teacher_topk_logmass", np.float32)),
     }

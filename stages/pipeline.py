@@ -7,6 +7,8 @@ select -> train -> eval -> report. Each stage skips work whose manifest already 
 same config (dataset ids), resumes a partial shard set, and refuses data written by a different
 config unless ``overwrite=true``. ``pipeline.variants`` are extra training runs on the SAME cached
 rollouts and teacher log-probs (another loss or selection): only select + train run again.
+``pipeline.rounds`` > 1 adds rounds of fresh rollouts: rollout -> score -> select -> train again
+from the previous round's checkpoint, under ``run_dir/round<r>/``; eval then shows every round.
 Reads/writes: everything under ``run_dir`` (see DESIGN.md).
 """
 
@@ -66,6 +68,23 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return OmegaConf.to_object(node)  # type: ignore[return-value]
 
 
+def round_config(cfg: Config, r: int) -> Config:
+    """Round ``r`` (>= 2) of fresh rollouts: the policy and the initial weights are round r-1's
+    final checkpoint; teacher, reference, selection and loss stay; outputs go to run_dir/round<r>/.
+    The seed moves on so that the samples (and which prompts are guided) are fresh."""
+    prev_dir = Path(cfg.run_dir) if r == 2 else Path(cfg.run_dir) / f"round{r - 1}"
+    prev_name = cfg.train.name if r == 2 else f"{cfg.train.name}-r{r - 1}"
+    out = copy.deepcopy(cfg)
+    out.run_dir = str(Path(cfg.run_dir) / f"round{r}")
+    out.student.path = str(prev_dir / "checkpoints" / prev_name / "final")
+    out.seed = cfg.seed + r - 1
+    out.train.name = f"{cfg.train.name}-r{r}"
+    out.train.init = None
+    out.sft.enabled = False  # the SFT warm start happened before round 1
+    out.pipeline.variants = []
+    return out
+
+
 def run_stage(name: str, cfg: Config) -> dict:
     mod = importlib.import_module(f"stages.{name}")
     t0 = time.time()
@@ -89,8 +108,8 @@ def run(cfg: Config) -> dict:
     for stage in cfg.pipeline.stages:
         if stage == "sft" and not cfg.sft.enabled:
             continue
-        if stage == "eval" and cfg.pipeline.variants:
-            continue  # evaluate once, after the variants are trained too
+        if stage == "eval" and (cfg.pipeline.variants or cfg.pipeline.rounds > 1):
+            continue  # evaluate once, after the variants and later rounds are trained too
         t = time.time()
         run_stage(stage, cfg)
         timings[stage] = time.time() - t
@@ -102,7 +121,14 @@ def run(cfg: Config) -> dict:
                 run_stage("select", vcfg)
                 run_stage("train", vcfg)
                 timings[f"variant:{v.name}"] = time.time() - t
-    if cfg.pipeline.variants and "eval" in cfg.pipeline.stages:
+        if stage == "train":
+            for r in range(2, cfg.pipeline.rounds + 1):
+                rcfg, t = round_config(cfg, r), time.time()
+                print(f"\n--- round {r}: rollouts from {rcfg.student.path} ---", flush=True)
+                for name in ("rollout", "score", "select", "train"):
+                    run_stage(name, rcfg)
+                timings[f"round{r}"] = time.time() - t
+    if (cfg.pipeline.variants or cfg.pipeline.rounds > 1) and "eval" in cfg.pipeline.stages:
         t = time.time()
         run_stage("eval", cfg)
         timings["eval"] = time.time() - t

@@ -41,7 +41,8 @@ def to_selected(rollouts: pa.Table) -> pa.Table:
     zeros_u8 = pa.array([[0] * t for t in lens.to_pylist()], pa.list_(pa.uint8()))
     zeros_f = pa.array([[0.0] * t for t in lens.to_pylist()], pa.list_(pa.float32()))
     empty_i = pa.array([[] for _ in range(n)], pa.list_(pa.int32()))
-    empty_h = pa.array([[] for _ in range(n)], pa.list_(pa.float16()))
+    types = {f.name: f.type for f in selected_schema.SCHEMA}
+    empty_f = pa.array([[] for _ in range(n)], types["teacher_topk_logprobs"])
     cols = {
         "sample_id": rollouts["sample_id"],
         "prompt_id": rollouts["prompt_id"],
@@ -58,11 +59,13 @@ def to_selected(rollouts: pa.Table) -> pa.Table:
         "ref_logprob": pa.nulls(n, pa.list_(pa.float32())),
         "topk_k": pa.array([0] * n, pa.int32()),
         "teacher_topk_ids": empty_i,
-        "teacher_topk_logprobs": empty_h,
+        "teacher_topk_logprobs": empty_f,
         "teacher_topk_logmass": zeros_f,
         "behavior_topk_k": pa.array([0] * n, pa.int32()),
         "behavior_topk_ids": pa.nulls(n, pa.list_(pa.int32())),
-        "teacher_logprobs_on_behavior_topk": pa.nulls(n, pa.list_(pa.float16())),
+        "teacher_logprobs_on_behavior_topk": pa.nulls(
+            n, types["teacher_logprobs_on_behavior_topk"]
+        ),
     }
     return pa.Table.from_pydict(cols, schema=selected_schema.SCHEMA)
 

@@ -64,6 +64,21 @@ def test_pipeline_end_to_end_and_retrain_on_cache(quick_world, tmp_path):
     assert (run_dir / "checkpoints" / "opd_k1-all" / "final" / "config.json").exists()
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "tokens").rglob("*.parquet")} == stamp
 
+    # a second round of fresh rollouts: round 1 is reused as it is, round 2 samples with round 1's
+    # checkpoint, trains on from it, and eval shows both
+    from stages import models
+
+    cfg3 = compose("pipeline", [*demo_overrides(quick_world, run_dir), "pipeline.rounds=2"])
+    pipeline.run(cfg3)
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "tokens").rglob("*.parquet")} == stamp
+    r1 = run_dir / "checkpoints" / cfg.train.name / "final"
+    r2 = run_dir / "round2" / "checkpoints" / f"{cfg.train.name}-r2" / "final"
+    assert (r2 / "config.json").exists()
+    roll = json.loads((run_dir / "round2" / "rollouts" / "manifest.json").read_text())
+    assert roll["fingerprints"]["student"] == models.model_fingerprint(str(r1), "student")
+    res = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
+    assert list(res)[-1] == f"{cfg.train.name}-r2" and "base" in res
+
 
 def test_apply_overrides_types_and_groups():
     cfg = compose("pipeline", ["experiment=demo"])
