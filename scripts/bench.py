@@ -1,7 +1,9 @@
 """Every benchmark in one process, one JSON object: storage, score, rollout, select, train, demo.
 
 Each suite is ``scripts/bench_<name>.py``'s ``bench(quick)``; a suite that is missing or fails is
-recorded as ``"<name>.error"`` (with the traceback's last line) instead of stopping the others.
+recorded as ``"<name>.error"`` (with the traceback's last line) instead of stopping the others,
+and the command then exits with status 1 after writing the JSON (CI fails on a crash, never on a
+timing: no figure is checked against its goal here).
 Ratios are taken inside one suite's run, so they survive a noisy, shared machine better than
 absolute numbers. ``demo.end_to_end_seconds`` is read from ``runs/demo/timings.json`` (the
 pipeline's stage timings) when a demo run left one.
@@ -76,6 +78,7 @@ def machine() -> dict:
 def run_suite(name: str, quick: bool) -> dict:
     """One suite's results, or its error; never raises."""
     t0 = time.time()
+    threads = _torch_threads()
     try:
         mod = importlib.import_module(f"bench_{name}")
         if name == "score":  # quick: no vLLM engine start-up (~35 s on CPU)
@@ -87,9 +90,22 @@ def run_suite(name: str, quick: bool) -> dict:
             raise
         last = traceback.format_exc().strip().splitlines()[-1]
         res = {f"{name}.error": f"{type(e).__name__}: {e}"[:500], f"{name}.traceback": last}
+    finally:
+        _torch_threads(threads)  # a suite's thread setting must not leak into the next one
     res = dict(res)
     res[f"{name}.bench_seconds"] = round(time.time() - t0, 1)
     return res
+
+
+def _torch_threads(n: int | None = None) -> int | None:
+    """torch's intra-op thread count (set it first when ``n`` is given); None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def demo_timings(run_dir: Path = ROOT / "runs" / "demo") -> dict:
@@ -125,6 +141,10 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps({k: res[k] for k in HEADLINE}, indent=1, default=str))
+    failed = sorted(k.removesuffix(".error") for k in res if k.endswith(".error"))
+    if failed:  # the JSON is written, the others ran; CI still sees the crash
+        print(f"[bench] failed suites: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ TensorBoard events in ``.../tb/``.
     torchrun --nproc_per_node=N -m stages.train experiment=demo [train.fsdp=true]
 
 Recipe, top to bottom: setup (distributed, provenance, model, optimizer, plan, resume) -> train
-(form the step's micro-batches, all-reduce its weighted-token count, forward/backward each
-micro-batch, clip, step, log, save) -> cleanup (final checkpoint).
+(form the step's micro-batches; ``train_step``: all-reduce its weighted-token count,
+forward/backward each micro-batch, clip, step; then log, save) -> cleanup (final checkpoint).
+``train_step`` is also what ``scripts/bench_train.py`` times, offline against online.
 
 - The student sees ``train_prompt_ids + response_ids``; only the hidden states at positions that
   predict response tokens go through the LM head (fp32, ``train.chunk_positions`` rows at a time,
@@ -237,23 +238,28 @@ def teacher_prefixes(run_dir: Path) -> dict[str, list[int]] | None:
     return dict(zip(t["sample_id"].to_pylist(), t["teacher_prompt_ids"].to_pylist()))
 
 
-@torch.no_grad()
 def online_teacher(
     teacher: nn.Module, mb: MicroBatch, prefixes, k: int, vocab: int, cfg: Config, pad_id: int
 ) -> None:
-    """Replace the cached teacher columns of ``mb`` with a live teacher pass (standard OPD)."""
+    """Replace the cached teacher columns of ``mb`` with a live teacher pass (standard OPD).
+
+    What a live-teacher trainer does per micro-batch: a teacher forward under ``inference_mode``,
+    full-vocabulary fp32 log-softmax, top-K gather (``sequence_stats``, as the score stage does).
+    """
     pre = [prefixes.get(s, p) if prefixes else p for s, p in zip(mb.sample_ids, mb.prefix_ids)]
-    stats = sequence_stats(
-        teacher,
-        pre,
-        mb.response_ids,
-        k,
-        vocab,
-        cfg.loss.temperature,
-        cfg.train.chunk_positions,
-        pad_id,
-        want_entropy=False,
-    )
+    with torch.inference_mode():
+        stats = sequence_stats(
+            teacher,
+            pre,
+            mb.response_ids,
+            k,
+            vocab,
+            cfg.loss.temperature,
+            cfg.train.chunk_positions,
+            pad_id,
+            want_entropy=False,
+        )
+    # Built outside inference mode: the loss may save these tensors for backward.
     dev = mb.batch["token_id"].device
     cat = lambda key: torch.from_numpy(np.concatenate([s[key] for s in stats])).to(dev)  # noqa: E731
     mb.batch["teacher_logprob"] = cat("logprob")  # [M]
@@ -312,6 +318,65 @@ def save_checkpoint(
             shutil.rmtree(path)
         os.replace(tmp, path)
     dist.barrier()
+
+
+# ============================================================================ one optimizer step
+def train_step(
+    wrapped: nn.Module,
+    mbs: list[MicroBatch],
+    optim: torch.optim.Optimizer,
+    sched,
+    params: list[Tensor],
+    dist: Dist,
+    *,
+    grad_clip: float,
+    autocast=contextlib.nullcontext,
+    score=None,
+) -> dict:
+    """Forward/backward every micro-batch of one step, clip, step; the step's metric row.
+
+    ``score(mb)``, when given, replaces the cached teacher columns first (``train.online``). The
+    row holds the averaged loss metrics, ``grad_norm``, ``lr``, token counts and
+    ``input_tokens`` (padded-batch tokens, summed over ranks) for the caller's tokens/s.
+    """
+    counts = torch.tensor(
+        [
+            float(sum(mb.batch["weight"].double().sum() for mb in mbs)),
+            sum(mb.n_tokens for mb in mbs),
+            sum(mb.n_kept for mb in mbs),
+            sum(int(mb.attention_mask.sum()) for mb in mbs),
+        ],
+        dtype=torch.float64,
+    )
+    # Every micro-batch's weighted-token count is known before any backward: the denominator.
+    count, n_tok, n_kept, n_in = dist.all_reduce(counts).tolist()
+    scale = dist.world_size / count if count > 0 else 0.0
+    sums: dict[str, Tensor] = {}
+    for i, mb in enumerate(mbs):
+        mb.to(dist.device)
+        if score is not None:
+            score(mb)
+        with _no_sync(wrapped, i == len(mbs) - 1), autocast():
+            loss_sum, mets = wrapped(mb.input_ids, mb.attention_mask, mb.positions, mb.batch)
+            (loss_sum * scale).backward()
+        add_metrics(sums, mets)
+    totals = reduce_totals(sums, dist)
+    clip = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    lr = sched.get_last_lr()[0]
+    if count > 0:  # a step whose tokens all have weight 0 changes nothing (not even decay)
+        optim.step()
+    optim.zero_grad(set_to_none=True)
+    sched.step()
+    return {
+        **average_metrics(totals),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens": n_tok,
+        "kept_fraction": n_kept / max(n_tok, 1),
+        "weighted_tokens": count,
+        "input_tokens": n_in,
+    }
 
 
 # ============================================================================ the recipe
@@ -501,6 +566,12 @@ def run(cfg: Config) -> dict:
         t_tok = models.tokenizer_fingerprint(models.load_tokenizer(cfg.teacher.path, "teacher"))
         models.check_same_tokenizer(tok_fp, t_tok, "student", "teacher")
         prefixes = teacher_prefixes(run_dir)
+    score = None
+    if teacher is not None:
+
+        def score(mb: MicroBatch) -> None:  # the cached K, so the loss sees the same support size
+            k = mb.batch["teacher_topk_ids"].shape[1]
+            online_teacher(teacher, mb, prefixes, k, vocab, cfg, pad_id)
 
     writer = None
     if dist.main:
@@ -549,68 +620,21 @@ def run(cfg: Config) -> dict:
                 collate(loader.next_micro_batch(), pad_id, str(sel_dir))
                 for _ in range(tc.grad_accum)
             ]
-            counts = torch.tensor(
-                [
-                    float(sum(mb.batch["weight"].double().sum() for mb in mbs)),
-                    sum(mb.n_tokens for mb in mbs),
-                    sum(mb.n_kept for mb in mbs),
-                    sum(int(mb.attention_mask.sum()) for mb in mbs),
-                ],
-                dtype=torch.float64,
-            )
-            count, n_tok, n_kept, n_in = dist.all_reduce(counts).tolist()
-            scale = dist.world_size / count if count > 0 else 0.0
-            sums: dict[str, Tensor] = {}
-            for i, mb in enumerate(mbs):
-                mb.to(dist.device)
-                if teacher is not None:
-                    online_teacher(
-                        teacher,
-                        mb,
-                        prefixes,
-                        mb.batch["teacher_topk_ids"].shape[1],
-                        vocab,
-                        cfg,
-                        pad_id,
-                    )
-                last = i == len(mbs) - 1
-                with _no_sync(wrapped, last), autocast():
-                    loss_sum, mets = wrapped(
-                        mb.input_ids, mb.attention_mask, mb.positions, mb.batch
-                    )
-                    (loss_sum * scale).backward()
-                add_metrics(sums, mets)
-            totals = reduce_totals(sums, dist)
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(
-                    params, tc.grad_clip if tc.grad_clip > 0 else float("inf")
-                )
-            )
-            lr = sched.get_last_lr()[0]
-            if count > 0:  # a step whose tokens all have weight 0 changes nothing (not even decay)
-                optim.step()
-            optim.zero_grad(set_to_none=True)
-            sched.step()
+            stats = train_step(
+                wrapped, mbs, optim, sched, params, dist, grad_clip=tc.grad_clip,
+                autocast=autocast, score=score,
+            )  # fmt: skip
             step += 1
             sync()
             secs = time.perf_counter() - t0
-            row = {
-                "step": step,
-                **average_metrics(totals),
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "tokens": n_tok,
-                "kept_fraction": n_kept / max(n_tok, 1),
-                "weighted_tokens": count,
-                "tokens_per_s": n_in / secs,
-                "step_s": secs,
-            }
+            n_in = stats.pop("input_tokens")
+            row = {"step": step, **stats, "tokens_per_s": n_in / secs, "step_s": secs}
             history.append(row["loss"])
             bar.update(1)
             bar.set_postfix(
                 loss=f"{row['loss']:.4f}",
                 rkl=f"{row.get('rkl_k1', float('nan')):.4f}",
-                gn=f"{grad_norm:.2f}",
+                gn=f"{row['grad_norm']:.2f}",
                 tps=f"{row['tokens_per_s']:.0f}",
             )
             if step % tc.log_every == 0 or step == plan.steps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -142,8 +143,17 @@ def test_bench_records_a_failing_suite_instead_of_crashing():
     assert "no_such_suite.error" in res and "ModuleNotFoundError" in res["no_such_suite.error"]
 
 
+# Quick mode starts no vLLM engine, and the demo figure needs a demo run: these may be null.
+MAY_BE_NULL = {
+    "score.vllm_tokens_per_s_over_hf",
+    "rollout.vllm_stage_overhead",
+    "demo.end_to_end_seconds",
+}
+
+
 @pytest.mark.slow
 def test_bench_quick_runs(tmp_path):
+    """The CI bench: fails on a crash (any suite), never on a noisy timing (values only finite)."""
     out = tmp_path / "bench.json"
     p = subprocess.run(
         [sys.executable, "scripts/bench.py", "--quick", "--out", str(out)],
@@ -152,9 +162,29 @@ def test_bench_quick_runs(tmp_path):
         text=True,
         timeout=600,
     )
+    res = json.loads(out.read_text())  # written even when a suite failed
+    errors = {k: v for k, v in res.items() if k.endswith((".error", ".traceback"))}
+    assert not errors, errors
     assert p.returncode == 0, p.stderr[-2000:]
-    res = json.loads(out.read_text())
     for k in bench.HEADLINE + ("machine.nproc", "machine.cpu", "machine.torch", "date"):
-        assert k in res
+        assert k in res, k
+    for k in set(bench.HEADLINE) - MAY_BE_NULL:
+        assert isinstance(res[k], (int, float)) and math.isfinite(res[k]), (k, res[k])
     assert res["storage.max_abs_logprob_error"] <= codec.MAX_ABS_ERROR
     assert res["storage.bytes_per_token_k32"] < res["storage.naive_bytes_per_token_k32"]
+
+
+def test_bench_exits_nonzero_when_a_suite_crashed(tmp_path, monkeypatch):
+    def crash(quick):
+        raise RuntimeError("boom")
+
+    import types
+
+    monkeypatch.setitem(sys.modules, "bench_crash", types.SimpleNamespace(bench=crash))
+    monkeypatch.setattr(bench, "SUITES", ("crash",))
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--out", str(tmp_path / "b.json")])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 1
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["crash.error"] == "RuntimeError: boom"

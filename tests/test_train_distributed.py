@@ -19,7 +19,13 @@ import torch.multiprocessing as mp
 
 from stages.train import run
 from tests.conftest import build_tiny_lm
-from tests.test_train import assert_params_close, make_selection, params_of, train_cfg
+from tests.test_train import (  # noqa: F401 - one_torch_thread: an autouse fixture
+    assert_params_close,
+    make_selection,
+    one_torch_thread,
+    params_of,
+    train_cfg,
+)
 
 pytestmark = pytest.mark.distributed
 SEQ = 5 + 6  # prompt (BOS + 4) + response tokens
