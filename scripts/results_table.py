@@ -11,7 +11,8 @@ an interrupted call continues where it stopped and a second call only re-evaluat
 * ``guided`` (same cached guided rollouts and teacher log-probs as EDGE-OPD): strict evidence
   mask; all tokens;
   ``opd_k1`` vs ``topk_fkl`` vs ``vopd`` vs ``exopd``; TIP entropy 50 %.
-* ``unguided``: OPSD without guidance (no guided rollouts, all tokens) and with the evidence mask.
+* ``unguided``: OPSD without guidance (no guided rollouts, all tokens); ``unguided_mask``: the
+  same rollouts with the evidence mask.
 * ``lightning``: ``demo_lightning`` (teacher_big): SFT only; SFT + offline OPD; a teacher-mismatch
   ablation (OPD teacher != SFT teacher, ``score.allow_teacher_mismatch=true``).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -49,11 +51,11 @@ GUIDED = [
 ]
 UNGUIDED = [
     ("OPSD without guidance, all tokens", "unguided", "all", ["select=all"]),
-    ("unguided + evidence mask", "unguided", "evidence", ["select=evidence"]),
 ]
+UNGUIDED_MASK = [("unguided + evidence mask", "unguided", "evidence", ["select=evidence"])]
 LIGHTNING = [
     ("Lightning: SFT only", "lightning", "sft", None),
-    ("Lightning: SFT + offline OPD (opd_k1)", "lightning", "opd", []),
+    ("Lightning: SFT + offline OPD (topk_fkl)", "lightning", "opd", []),
     ("Lightning: teacher mismatch (OPD teacher = base reading evidence)", "mismatch", "opd", []),
 ]
 
@@ -76,6 +78,7 @@ def run_dir_config(kind: str, seed: int, root: Path, world: Path) -> tuple[list[
     lightning = [
         "experiment=demo_lightning",
         *common,
+        f"data.prompts={world / 'prompts' / 'train.parquet'}",  # no anchors: see the experiment
         f"student.path={base}",
         f"teacher.path={big}",
     ]
@@ -88,6 +91,13 @@ def run_dir_config(kind: str, seed: int, root: Path, world: Path) -> tuple[list[
 def ensure_run(kind: str, seed: int, root: Path, world: Path, rows: list) -> dict:
     ov, has_sft = run_dir_config(kind, seed, root, world)
     cfg = compose("pipeline", ov)
+    if kind == "mismatch" and not (Path(cfg.run_dir) / "checkpoints" / "sft").exists():
+        # the same SFT as the lightning run (same config, deterministic): copy it, do not redo it
+        src = root / f"seed{seed}" / "lightning"
+        ensure_run("lightning", seed, root, world, LIGHTNING[:1])
+        for d in ("sft_data", "selected/sft", "checkpoints/sft", "train/sft"):
+            if (src / d).exists():
+                shutil.copytree(src / d, Path(cfg.run_dir) / d, dirs_exist_ok=True)
     if has_sft:
         sft.run(cfg)
     if kind == "mismatch":  # same SFT student, then scored by a different teacher
@@ -171,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     plan: dict[str, list] = {}
     if wanted & {"headline", "guided"}:
         plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:1]
-    if "unguided" in wanted:
-        plan["unguided"] = UNGUIDED
+    if wanted & {"unguided", "unguided_mask"}:
+        plan["unguided"] = (UNGUIDED if "unguided" in wanted else []) + (
+            UNGUIDED_MASK if "unguided_mask" in wanted else []
+        )
     if "lightning" in wanted:
         plan["lightning"] = LIGHTNING[:2]
         plan["mismatch"] = LIGHTNING[2:]
