@@ -22,6 +22,14 @@ How it works:
    tokens are put in sequence order, checked against the rollouts (ids, lengths, positions), and
    written as per-sequence rows (``select.rows_per_shard`` per output shard). A sequence whose
    tokens are all excluded stays (``n_kept = 0``) and is counted, never dropped silently.
+   Columnar throughout: a per-sequence list column is the tokens' flat values plus new offsets
+   (no copy when the rows are already in sequence order, as the score stage writes them); the
+   codec's top-K deltas are decoded once, straight to float32; shard s is written by a
+   background thread while shard s+1 is read and assembled.
+
+Where the time goes (5M tokens, K = 32, 25 shards, 2 cores; ``scripts/bench_select.py``): Parquet
+write of the output ~35 % of the CPU, Parquet read of the inputs ~25 %, DuckDB ~15 %, top-K decode
+and assembly ~12 %, checksums of inputs and outputs ~7 %, output validation ~3 %.
 
 Selections from rollout-time values (behaviour entropy/log-probs) are exact for one pass over fresh
 rollouts and a proxy afterwards; the behaviour log-prob is kept so the trainer can measure staleness.
@@ -33,6 +41,7 @@ import math
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +52,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_schemas import codec, rollouts, selected, tokens
 from data_schemas import manifest as manifest_mod
-from data_schemas import rollouts, selected, tokens
 from stages import store
 from stages.config import Config, SelectConfig, as_dict, hydra_entry
 from stages.errors import UserError
@@ -276,8 +285,37 @@ def check_needs(con: duckdb.DuckDBPyConnection, rules: list[Rule], where: str) -
             )
 
 
+def _policy_error(i: int, rule: Rule, msg: str) -> UserError:
+    return UserError(
+        f"selection policy '{rule.policy}' {msg}",
+        f"select.rules[{i}]",
+        "a policy must return exactly one (rid, weight >= 0) per row of tok",
+    )
+
+
+def _explain_bad_rids(con: duckdb.DuckDBPyConnection, rules: list[Rule], n_tok: int) -> None:
+    """Name the rule whose rids are not one per token (only runs once a check has failed)."""
+    for i, rule in enumerate(rules):
+        n, dup, missing = con.execute(
+            f"SELECT (SELECT count(*) FROM rule_{i}), "
+            f"(SELECT count(*) - count(DISTINCT rid) FROM rule_{i}), "
+            f"(SELECT count(*) FROM tok ANTI JOIN rule_{i} USING (rid))"
+        ).fetchone()
+        if dup or missing:
+            raise _policy_error(
+                i,
+                rule,
+                f"returned {n} rows for {n_tok} tokens ({dup} duplicated rid, {missing} missing)",
+            )
+
+
 def compute_weights(con: duckdb.DuckDBPyConnection, rules: list[Rule], *, seed: int, ln_v: float):
-    """Create the temp table ``w`` (rid, sample_id, pos, segment, is_guided, h, d, weight)."""
+    """Create the temp table ``w`` (rid, pos, segment, is_guided, h, d, weight).
+
+    ``w`` is not sorted by rid (sorting all tokens cost more than the rest of this function):
+    ``shard_weights`` scatters any order, and the join emits rows in scan order, roughly by rid,
+    so DuckDB's min/max zone maps still skip most of ``w`` for one shard's rid range.
+    """
     n_tok = con.execute("SELECT count(*) FROM tok").fetchone()[0]
     for i, rule in enumerate(rules):
         try:
@@ -285,9 +323,9 @@ def compute_weights(con: duckdb.DuckDBPyConnection, rules: list[Rule], *, seed: 
                 f"CREATE OR REPLACE TEMP TABLE rule_{i} AS {rule.sql}",
                 bind(rule, seed=seed, ln_v=ln_v),
             )
-            n, bad, dup = con.execute(
+            n, bad = con.execute(
                 f"SELECT count(*), count(*) FILTER (WHERE weight IS NULL OR NOT isfinite(weight) "
-                f"OR weight < 0), count(*) - count(DISTINCT rid) FROM rule_{i}"
+                f"OR weight < 0) FROM rule_{i}"
             ).fetchone()
         except duckdb.Error as e:
             raise UserError(
@@ -295,64 +333,84 @@ def compute_weights(con: duckdb.DuckDBPyConnection, rules: list[Rule], *, seed: 
                 f"select.rules[{i}]",
                 "check the policy's SQL and parameters",
             ) from None
-        if n != n_tok or bad or dup:
-            raise UserError(
-                f"selection policy '{rule.policy}' returned {n} rows for {n_tok} tokens "
-                f"({bad} null/negative/non-finite weights, {dup} duplicated rid)",
-                f"select.rules[{i}]",
-                "a policy must return exactly one (rid, weight >= 0) per row of tok",
+        if n != n_tok or bad:
+            raise _policy_error(
+                i,
+                rule,
+                f"returned {n} rows for {n_tok} tokens ({bad} null/negative/non-finite weights)",
             )
     product = " * ".join(f"r{i}.weight" for i in range(len(rules)))
-    joins = " ".join(f"JOIN rule_{i} AS r{i} USING (rid)" for i in range(len(rules)))
+    joins = " ".join(f"LEFT JOIN rule_{i} AS r{i} USING (rid)" for i in range(len(rules)))
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE w AS
-        SELECT rid, sample_id, pos, segment, is_guided, behavior_entropy::DOUBLE AS h,
+        SELECT rid, pos, segment, is_guided, behavior_entropy::DOUBLE AS h,
                (behavior_logprob - teacher_logprob)::DOUBLE AS d, ({product})::DOUBLE AS weight
         FROM tok {joins}
-        ORDER BY rid
         """
     )
+    # Every rule has n_tok rows with non-null weights, so the left joins give exactly n_tok rows
+    # and no null weight iff each rule holds every rid once: the one-to-one check without a
+    # count(DISTINCT rid) per rule (a hash aggregate over all tokens, each time).
+    n_w, missing = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE weight IS NULL) FROM w"
+    ).fetchone()
+    if n_w != n_tok or missing:
+        _explain_bad_rids(con, rules, n_tok)
     for i in range(len(rules)):
         con.execute(f"DROP TABLE rule_{i}")
 
 
-def _groups(rows: list[tuple]) -> dict[str, dict]:
+def _roll_up(rows: list[tuple], label: Callable[[tuple], str | None]) -> dict:
+    """Sum fine groups (key..., tokens, kept, first pos) into the groups ``label`` names, ordered
+    by their first position, then name; a None label (no entropy) is left out."""
+    acc: dict[str, list[int]] = {}
+    for r in rows:
+        g = label(r)
+        if g is None:
+            continue
+        n, k, first = acc.setdefault(g, [0, 0, r[-1]])
+        acc[g] = [n + r[-3], k + r[-2], min(first, r[-1])]
     return {
-        str(g): {"tokens": int(n), "kept": int(k), "fraction": (k / n) if n else 0.0}
-        for g, n, k in rows
-        if g is not None
+        g: {"tokens": int(n), "kept": int(k), "fraction": (k / n) if n else 0.0}
+        for g, (n, k, _) in sorted(acc.items(), key=lambda kv: (kv[1][2], kv[0]))
     }
+
+
+def _bucket(i: int) -> str:
+    lo, hi = POSITION_BUCKETS[i]
+    return f"{lo}-{hi}" if hi is not None else f"{lo}+"
+
+
+def _quadrant(no_h: bool | None, low_h: bool | None, low_d: bool | None) -> str | None:
+    if no_h:
+        return None
+    h, d = ("low" if low_h else "high"), ("low" if low_d else "high")
+    return f"{h}_entropy/{d}_divergence"
 
 
 def summarize(con: duckdb.DuckDBPyConnection) -> dict:
     """Kept tokens overall, per TIP quadrant (median splits), guided/unguided, position bucket."""
+    # sequences = tokens at pos 0: pass 2 proves one row per response position (or fails)
     total, student, kept, wsum, n_seq = con.execute(
         "SELECT count(*), count(*) FILTER (WHERE segment = 0), count(*) FILTER (WHERE weight > 0), "
-        "coalesce(sum(weight), 0), count(DISTINCT sample_id) FROM w"
+        "coalesce(sum(weight), 0), count(*) FILTER (WHERE pos = 0) FROM w"
     ).fetchone()
     bucket = "CASE " + " ".join(
-        f"WHEN pos <= {hi} THEN '{lo}-{hi}'" for lo, hi in POSITION_BUCKETS if hi is not None
+        f"WHEN pos <= {hi} THEN {i}" for i, (_, hi) in enumerate(POSITION_BUCKETS) if hi is not None
     )
-    bucket += f" ELSE '{POSITION_BUCKETS[-1][0]}+' END"
-    quadrant = (
-        "CASE WHEN h IS NULL THEN NULL ELSE "
-        "(CASE WHEN h < mh THEN 'low' ELSE 'high' END) || '_entropy/' || "
-        "(CASE WHEN d < md THEN 'low' ELSE 'high' END) || '_divergence' END"
-    )
-
-    def by(expr: str) -> dict:
-        return _groups(
-            con.execute(
-                f"""
-                WITH s AS (SELECT * FROM w WHERE segment = 0),
-                     m AS (SELECT median(h) AS mh, median(d) AS md FROM s)
-                SELECT {expr} AS g, count(*), count(*) FILTER (WHERE weight > 0)
-                FROM s, m GROUP BY g ORDER BY min(pos), g
-                """
-            ).fetchall()
-        )
-
+    bucket += f" ELSE {len(POSITION_BUCKETS) - 1} END"
+    # One aggregation into at most 4 x 2 x 5 fine groups, rolled up here three ways: a hash
+    # aggregate on small keys instead of three GROUP BYs on strings built per token.
+    rows = con.execute(
+        f"""
+        WITH s AS (SELECT * FROM w WHERE segment = 0),
+             m AS (SELECT median(h) AS mh, median(d) AS md FROM s)
+        SELECT h IS NULL, h < mh, d < md, is_guided, {bucket} AS b,
+               count(*), count(*) FILTER (WHERE weight > 0), min(pos)
+        FROM s, m GROUP BY ALL
+        """
+    ).fetchall()
     return {
         "tokens_total": int(total),
         "student_tokens": int(student),
@@ -360,18 +418,80 @@ def summarize(con: duckdb.DuckDBPyConnection) -> dict:
         "kept_fraction": kept / student if student else 0.0,
         "weight_sum": float(wsum),
         "sequences": int(n_seq),
-        "by_quadrant": by(quadrant),
-        "by_guided": by("CASE WHEN is_guided THEN 'guided' ELSE 'unguided' END"),
-        "by_position": by(bucket),
+        "by_quadrant": _roll_up(rows, lambda r: _quadrant(*r[:3])),
+        "by_guided": _roll_up(rows, lambda r: "guided" if r[3] else "unguided"),
+        "by_position": _roll_up(rows, lambda r: _bucket(r[4])),
     }
 
 
 # ----------------------------------------------------------------------------- Arrow pass
-def assemble(ro: pa.Table, tk: pa.Table, weight: np.ndarray, where: str) -> pa.Table:
-    """Per-sequence rows (rollouts order) from one rollouts shard and its tokens shard.
+# What pass 2 reads of a tokens shard, as stored: the top-K log-probs stay in the codec's
+# fixed-point deltas (data_schemas/codec.py) and are decoded here with the fixed-K fast path.
+TOKEN_COLUMNS = (
+    "sample_id",
+    "pos",
+    "token_id",
+    "segment",
+    "teacher_logprob",
+    "behavior_logprob",
+    "ref_logprob",
+    "teacher_topk_ids",
+    codec.PHYSICAL,
+    "teacher_topk_logmass",
+    "behavior_topk_ids",
+    "teacher_logprobs_on_behavior_topk",
+)
+ROLLOUT_COLUMNS = (
+    "sample_id",
+    "prompt_id",
+    "is_guided",
+    "train_prompt_ids",
+    "response_ids",
+    "response_len",
+)
 
-    ``weight`` is aligned with ``tk`` rows. Tokens are placed by (sequence, pos) with one scatter,
-    which also proves that every response position has exactly one token row.
+
+def read_tokens_shard(path: Path) -> pa.Table:
+    """The columns pass 2 needs of one tokens shard, top-K log-probs still codec-encoded.
+
+    A shard in the logical layout (``teacher_topk_logprobs`` as floats) is read as it is.
+    """
+    names = set(pq.read_schema(path).names)
+    cols = [c for c in TOKEN_COLUMNS if c in names]
+    if codec.PHYSICAL not in names:
+        cols.append(codec.LOGICAL)
+    return pq.read_table(path, columns=cols)
+
+
+def decode_topk(deltas: np.ndarray, k: int) -> np.ndarray:
+    """Flat codec deltas [N*K] of fixed-K lists -> flat float32 log-probs [N*K].
+
+    Equal to ``codec.decode_logprobs`` (tested) but a row-wise cumsum on the [N, K] view instead
+    of a global cumsum plus per-list corrections: ~8x faster on millions of tokens. int32 sums
+    are exact when no prefix sum can overflow (|d| * K < 2^31, true for any log-prob above
+    -2^22 / K nats); otherwise int64. int -> float32 then * -STEP (a power of two) rounds exactly
+    like the codec's float64 product cast to float32.
+    """
+    d = deltas.reshape(-1, k)  # [N, K]
+    big = len(deltas) and max(int(deltas.max()), -int(deltas.min())) * k >= 2**31
+    q = np.cumsum(d, axis=1, dtype=np.int64 if big else np.int32)  # [N, K] fixed-point, >= 0
+    out = q.astype(np.float32)
+    out *= np.float32(-codec.STEP)
+    return out.reshape(-1)
+
+
+def _flat_values(col: pa.ChunkedArray) -> pa.Array:
+    """The values of a list column as one array (zero copy for a single chunk)."""
+    arr = col.combine_chunks()
+    return arr.flatten()
+
+
+def sequence_order(ro: pa.Table, tk: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sequence offsets [S+1] and the token row for every flat (sequence, pos) slot.
+
+    Proves that every response position has exactly one token row and that the tokens match
+    ``response_ids``. The order is None when the rows are already in sequence order (what the
+    score stage writes), so the columns can be used without a gather.
     """
     fix = "re-run python -m stages.score with overwrite=true (tokens must match the rollouts)"
     n_seq = ro.num_rows
@@ -397,47 +517,85 @@ def assemble(ro: pa.Table, tk: pa.Table, weight: np.ndarray, where: str) -> pa.T
             where,
             fix,
         )
-    order = np.empty(n_tok, np.int64)
-    order[dest] = np.arange(n_tok)  # order[j] = token row that goes to flat position j
-
-    token_id = tk["token_id"].to_numpy()[order]
-    resp = pc.list_flatten(ro["response_ids"]).to_numpy()
-    if not np.array_equal(token_id, resp):
+    order = None
+    if not np.array_equal(dest, np.arange(n_tok)):
+        order = np.empty(n_tok, np.int64)
+        order[dest] = np.arange(n_tok)  # order[j] = token row that goes to flat position j
+    token_id = tk["token_id"].to_numpy()
+    if order is not None:
+        token_id = token_id[order]
+    if not np.array_equal(token_id, pc.list_flatten(ro["response_ids"]).to_numpy()):
         raise UserError("tokens.token_id differs from rollouts.response_ids", where, fix)
+    return offsets, order
 
+
+def topk_lists(
+    tk: pa.Table, ids: str, lps: str, offsets: np.ndarray, order: np.ndarray | None, where: str
+) -> tuple[int, pa.Array | None, pa.Array | None]:
+    """K and the per-sequence [T*K] lists of one top-K pair (None, None when not stored).
+
+    The flat values are reused as they are (sequence order) or gathered row-wise; only the
+    list offsets change (offsets * K). Codec-encoded log-probs are decoded to float32.
+    """
+    fix = "re-run python -m stages.score with overwrite=true"
+    n_tok = int(offsets[-1])
+    nulls = tk[ids].null_count
+    if nulls == n_tok:
+        return 0, None, None
+    if nulls:
+        raise UserError(f"{ids} is null for some tokens only", where, fix)
+    flat_ids = _flat_values(tk[ids])
+    k = len(flat_ids) // n_tok if n_tok else 0
+    lens = pc.list_value_length(tk[ids])
+    if n_tok and (len(flat_ids) != n_tok * k or pc.min_max(lens).as_py() != {"min": k, "max": k}):
+        raise UserError(f"{ids} lists are not all of one length K", where, fix)
+    flat_lps = _flat_values(tk[lps])
+    if len(flat_lps) != len(flat_ids):
+        raise UserError(f"{lps} and {ids} differ in length", where, fix)
+    if order is not None:
+        flat_ids = pa.array(flat_ids.to_numpy().reshape(n_tok, k)[order].ravel())  # [N*K]
+        flat_lps = pa.array(
+            flat_lps.to_numpy(zero_copy_only=False).reshape(n_tok, k)[order].ravel()
+        )
+    if lps == codec.PHYSICAL:
+        flat_lps = pa.array(decode_topk(flat_lps.to_numpy(), k))
+    offk = pa.array((offsets * k).astype(np.int32))
+    return k, pa.ListArray.from_arrays(offk, flat_ids), pa.ListArray.from_arrays(offk, flat_lps)
+
+
+def assemble(ro: pa.Table, tk: pa.Table, weight: np.ndarray, where: str) -> pa.Table:
+    """Per-sequence rows (rollouts order) from one rollouts shard and its tokens shard.
+
+    ``tk`` is a shard as ``read_tokens_shard`` returns it (or in the logical layout); ``weight``
+    is aligned with its rows. Everything is columnar: a list column is its flat values in
+    sequence order plus the response offsets, so no Python loop runs per sequence or token.
+    """
+    offsets, order = sequence_order(ro, tk, where)
+    n_seq, n_tok = ro.num_rows, int(offsets[-1])
     off32 = pa.array(offsets.astype(np.int32))
 
-    def per_token(values: np.ndarray) -> pa.Array:
-        return pa.ListArray.from_arrays(off32, pa.array(values))
+    def per_token(name: str) -> pa.Array:
+        values = tk[name].combine_chunks()
+        if order is not None:
+            values = values.take(pa.array(order))
+        return pa.ListArray.from_arrays(off32, values)
 
-    def col(name: str) -> np.ndarray:
-        return tk[name].to_numpy()[order]
-
-    def topk(ids: str, lps: str) -> tuple[int, pa.Array | None, pa.Array | None]:
-        nulls = tk[ids].null_count
-        if nulls == n_tok:
-            return 0, None, None
-        if nulls:
-            raise UserError(f"{ids} is null for some tokens only", where, fix)
-        k = len(tk[ids][0])
-        flat_ids = pc.list_flatten(tk[ids]).to_numpy().reshape(n_tok, k)[order].ravel()  # [N*K]
-        flat_lps = pc.list_flatten(tk[lps]).to_numpy().reshape(n_tok, k)[order].ravel()  # [N*K]
-        offk = pa.array((offsets * k).astype(np.int32))
-        return (
-            k,
-            pa.ListArray.from_arrays(offk, pa.array(flat_ids)),
-            pa.ListArray.from_arrays(offk, pa.array(flat_lps, pa.float16())),
-        )
-
-    k, t_ids, t_lps = topk("teacher_topk_ids", "teacher_topk_logprobs")
-    kb, b_ids, b_lps = topk("behavior_topk_ids", "teacher_logprobs_on_behavior_topk")
+    lps = codec.PHYSICAL if codec.PHYSICAL in tk.column_names else codec.LOGICAL
+    k, t_ids, t_lps = topk_lists(tk, "teacher_topk_ids", lps, offsets, order, where)
+    kb, b_ids, b_lps = topk_lists(
+        tk, "behavior_topk_ids", "teacher_logprobs_on_behavior_topk", offsets, order, where
+    )
     ref_nulls = tk["ref_logprob"].null_count
     if 0 < ref_nulls < n_tok:
-        raise UserError("ref_logprob is null for some tokens only", where, fix)
-    w = weight[order].astype(np.float32)  # [N]
-    n_kept = (
-        np.add.reduceat((w > 0).astype(np.int32), offsets[:-1]) if n_seq else np.zeros(0, np.int32)
-    )
+        raise UserError(
+            "ref_logprob is null for some tokens only",
+            where,
+            "re-run python -m stages.score with overwrite=true",
+        )
+    w = weight if order is None else weight[order]
+    w = w.astype(np.float32)  # [N]
+    kept = np.concatenate([[0], np.cumsum(w > 0)])  # [N+1] (reduceat mishandles empty rows)
+    n_kept = kept[offsets[1:]] - kept[offsets[:-1]]  # [S]
     empty_lists = lambda typ: pa.nulls(n_seq, pa.list_(typ))  # noqa: E731
     return pa.table(
         {
@@ -448,17 +606,15 @@ def assemble(ro: pa.Table, tk: pa.Table, weight: np.ndarray, where: str) -> pa.T
             "response_ids": ro["response_ids"],
             "response_len": ro["response_len"],
             "n_kept": pa.array(n_kept.astype(np.int32)),
-            "weights": per_token(w),
-            "segments": per_token(col("segment")),
-            "teacher_logprob": per_token(col("teacher_logprob")),
-            "behavior_logprob": per_token(col("behavior_logprob")),
-            "ref_logprob": empty_lists(pa.float32())
-            if ref_nulls
-            else per_token(col("ref_logprob")),
+            "weights": pa.ListArray.from_arrays(off32, pa.array(w)),
+            "segments": per_token("segment"),
+            "teacher_logprob": per_token("teacher_logprob"),
+            "behavior_logprob": per_token("behavior_logprob"),
+            "ref_logprob": empty_lists(pa.float32()) if ref_nulls else per_token("ref_logprob"),
             "topk_k": pa.array(np.full(n_seq, k, np.int32)),
             "teacher_topk_ids": t_ids,
             "teacher_topk_logprobs": t_lps,
-            "teacher_topk_logmass": per_token(col("teacher_topk_logmass")),
+            "teacher_topk_logmass": per_token("teacher_topk_logmass"),
             "behavior_topk_k": pa.array(np.full(n_seq, kb, np.int32)),
             "behavior_topk_ids": b_ids if kb else empty_lists(pa.int32()),
             "teacher_logprobs_on_behavior_topk": b_lps if kb else empty_lists(pa.float16()),
@@ -571,22 +727,48 @@ def run(cfg: Config) -> dict:
     return {"dataset_id": dataset_id, "dir": str(out_dir), "summary": summary}
 
 
+def shard_weights(con: duckdb.DuckDBPyConnection, shard: int, n_rows: int) -> np.ndarray:
+    """The weights of one tokens shard, aligned with its rows [N] (any row order in ``w``)."""
+    lo = shard << ROW_BITS
+    got = con.execute(
+        f"SELECT rid - {lo} AS row, weight FROM w WHERE rid >= {lo} AND rid < {lo + (1 << ROW_BITS)}"
+    ).fetchnumpy()
+    weight = np.zeros(n_rows, np.float64)
+    weight[got["row"]] = got["weight"]
+    return weight
+
+
 def write_selected(
     con, cfg, dataset_id, out_dir, ro_dir, ro_m, tk_dir, tk_m, rules, summary
 ) -> int:
-    """Pass 2: per input shard, assemble and write; commit the manifest. Returns #n_kept==0 rows."""
+    """Pass 2: per input shard, assemble and write; commit the manifest. Returns #n_kept==0 rows.
+
+    Writing (validation, zstd, fsync) runs in one background thread while the next shard is read
+    and assembled: Parquet IO and numpy release the GIL, so the two overlap on a second core.
+    At most one assembled shard waits to be written (memory stays bounded), and shards are
+    written in order, one at a time, as before.
+    """
     sel = cfg.select
     plan = output_plan(ro_m, sel.rows_per_shard)
     ro_paths, tk_paths = store.shard_paths(ro_dir, ro_m), store.shard_paths(tk_dir, tk_m)
     no_kept = 0
-    with store.open_writer(
-        out_dir,
-        selected,
-        dataset_id=dataset_id,
-        stage="select",
-        overwrite=cfg.overwrite,
-        row_group_rows=min(sel.rows_per_shard, sel.row_group_rows),
-    ) as w:
+
+    def write(w: store.DatasetWriter, outs: range, table: pa.Table) -> None:
+        for j, o in enumerate(outs):
+            w.write_shard(o, table.slice(j * sel.rows_per_shard, sel.rows_per_shard))
+
+    with (
+        store.open_writer(
+            out_dir,
+            selected,
+            dataset_id=dataset_id,
+            stage="select",
+            overwrite=cfg.overwrite,
+            row_group_rows=min(sel.rows_per_shard, sel.row_group_rows),
+        ) as w,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="select-write") as writer,
+    ):
+        pending: Future | None = None
         for s in range(len(ro_paths)):
             outs = range(plan[s], plan[s + 1])
             if all(w.is_done(o) for o in outs):  # resume: already written
@@ -594,31 +776,16 @@ def write_selected(
                     n_kept = pq.read_table(w.shard_path(o), columns=["n_kept"])["n_kept"]
                     no_kept += int((n_kept.to_numpy() == 0).sum())
                 continue
-            ro = pq.read_table(
-                ro_paths[s],
-                columns=[
-                    "sample_id",
-                    "prompt_id",
-                    "is_guided",
-                    "train_prompt_ids",
-                    "response_ids",
-                    "response_len",
-                ],
-            )
-            # stored layout -> logical columns (data_schemas/codec.py decodes the top-K log-probs)
-            tk = tokens.decode(
-                pq.read_table(tk_paths[s], columns=tokens.physical_columns(tokens.SCHEMA.names))
-            )
-            lo = s << ROW_BITS
-            got = con.execute(
-                f"SELECT rid - {lo} AS row, weight FROM w WHERE rid >= {lo} AND rid < {lo + (1 << ROW_BITS)}"
-            ).fetchnumpy()
-            weight = np.zeros(tk.num_rows, np.float64)
-            weight[got["row"]] = got["weight"]  # [N] aligned with the tokens shard's rows
+            ro = pq.read_table(ro_paths[s], columns=list(ROLLOUT_COLUMNS))
+            tk = read_tokens_shard(tk_paths[s])
+            weight = shard_weights(con, s, tk.num_rows)  # [N] aligned with the tokens rows
             table = assemble(ro, tk, weight, f"shard {s} of {tk_dir}")
             no_kept += int((table["n_kept"].to_numpy() == 0).sum())
-            for j, o in enumerate(outs):
-                w.write_shard(o, table.slice(j * sel.rows_per_shard, sel.rows_per_shard))
+            if pending is not None:
+                pending.result()  # raises the writer's error, if any
+            pending = writer.submit(write, w, outs, table)
+        if pending is not None:
+            pending.result()
         summary["sequences_no_kept"] = no_kept
         w.commit(
             plan[-1],

@@ -34,6 +34,8 @@ def write_run(
     with_entropy: bool = True,
     lens: list[int] = LENS,
     n_shards: int = 2,
+    shuffle: bool = True,
+    entropy_step: float | None = None,
 ) -> list[dict]:
     """Write committed rollouts/ and tokens/ under ``run_dir``; return the sequences (ground truth)."""
     rng = np.random.default_rng(seed)
@@ -59,7 +61,7 @@ def write_run(
                 "behavior_lp": -rng.uniform(0.01, 4.0, t).astype(np.float32),
                 "ref_lp": -rng.uniform(0.01, 4.0, t).astype(np.float32),
                 # fp16 on disk: keep the fp16 value as the truth
-                "entropy": rng.uniform(0.0, 3.0, t).astype(np.float16),
+                "entropy": _steps(rng.uniform(0.0, 3.0, t), entropy_step).astype(np.float16),
                 "topk_ids": rng.integers(0, V, size=(t, K)).astype(np.int32),
                 "topk_lp": -np.sort(rng.uniform(2.0, 6.0, size=(t, K))).astype(np.float16),
             }
@@ -76,8 +78,9 @@ def write_run(
     with store.open_writer(run_dir / "tokens", tokens, dataset_id=tk_id, stage="score") as w:
         for s, part in enumerate(shards):
             tbl = tokens_table(part, with_ref=with_ref, with_entropy=with_entropy)
-            perm = np.random.default_rng(s).permutation(tbl.num_rows)  # rows out of order on disk
-            w.write_shard(s, tbl.take(perm))
+            if shuffle:  # rows out of order on disk (the score stage writes them in order)
+                tbl = tbl.take(np.random.default_rng(s).permutation(tbl.num_rows))
+            w.write_shard(s, tbl)
         w.commit(
             n_shards,
             config={},
@@ -86,6 +89,11 @@ def write_run(
             extra={"vocab_size": V},
         )
     return seqs
+
+
+def _steps(x: np.ndarray, step: float | None) -> np.ndarray:
+    """Round to multiples of ``step`` (many exact ties), or leave as is."""
+    return x if step is None else np.round(x / step) * step
 
 
 def rollouts_table(seqs: list[dict]) -> pa.Table:
@@ -205,6 +213,14 @@ def test_all_keeps_student_tokens_and_carries_columns(run_dir):
     np.testing.assert_array_equal(np.array(r["ref_logprob"], np.float32), q["ref_lp"])
     assert r["topk_k"] == K
     assert r["teacher_topk_ids"] == q["topk_ids"].ravel().tolist()  # [T*K] row-major
+    # float32, exactly the tokens table's (codec-decoded) values: no fp16 rounding on top
+    tk = store.read_table(d / "tokens", tokens).to_pylist()
+    want = [
+        t["teacher_topk_logprobs"]
+        for t in sorted(tk, key=lambda t: t["pos"])
+        if t["sample_id"] == q["sample_id"]
+    ]
+    assert r["teacher_topk_logprobs"] == [v for row in want for v in row]
     np.testing.assert_array_equal(
         np.array(r["teacher_topk_logprobs"], np.float16), q["topk_lp"].ravel()
     )
@@ -221,6 +237,21 @@ def test_entropy_top_keeps_highest_entropy(run_dir):
     h = flat(seqs, "entropy").astype(np.float64)
     want = keep_smallest(-h, student(seqs), 0.5, ties_of(seqs))
     np.testing.assert_array_equal(got_weights(rows, seqs), want)
+
+
+def test_entropy_top_breaks_ties_by_sample_and_position(tmp_path):
+    seqs = write_run(tmp_path, entropy_step=0.5)  # 7 distinct entropies for ~40 tokens
+    h = flat(seqs, "entropy").astype(np.float64)
+    for rho in (0.3, 0.5, 0.9):
+        _, rows = run_select(
+            tmp_path,
+            "entropy_half",
+            "select.rules.0.params.mode=top",
+            f"select.rules.0.params.rho={rho}",
+            f"select.name=ties{rho}",
+        )
+        want = keep_smallest(-h, student(seqs), rho, ties_of(seqs))
+        np.testing.assert_array_equal(got_weights(rows, seqs), want)
 
 
 def test_entropy_sample_matches_formula_and_seed(run_dir):
@@ -393,3 +424,71 @@ def test_resume_after_a_killed_run(tmp_path):
     res2, rows2 = run_select(tmp_path, "all", "select.rows_per_shard=1")
     assert rows2.keys() == rows.keys() and res2["dataset_id"] == res["dataset_id"]
     assert res2["summary"]["sequences_no_kept"] == 0
+
+
+# ----------------------------------------------------------------------------- the Arrow pass
+def test_rows_in_score_order_give_the_same_selection(tmp_path):
+    """The fast path (tokens rows already in sequence order) equals the gather path."""
+    tables = []
+    for shuffle in (True, False):
+        d = tmp_path / f"shuffle{shuffle}"
+        write_run(d, shuffle=shuffle)
+        res, _ = run_select(d, "entropy_half")
+        tables.append(store.read_table(Path(res["dir"]), selected))
+    assert tables[0].equals(tables[1])
+
+
+@pytest.mark.parametrize("scale", [1, 100_000])  # -3e6 nats: the int64 path
+def test_decode_topk_matches_the_codec(scale):
+    from data_schemas import codec
+    from stages.select import decode_topk
+
+    rng = np.random.default_rng(0)
+    lp = -np.sort(rng.uniform(0, 30, (500, 32)) * scale, axis=1).astype(np.float32)  # [N, K]
+    lens = np.full(500, 32)
+    d = codec.encode_logprobs(lp.ravel(), lens)
+    got = decode_topk(d, 32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, codec.decode_logprobs(d, lens))
+
+
+def test_policy_with_a_duplicated_and_a_missing_rid_is_refused(run_dir, tmp_path):
+    d, _ = run_dir
+    sql = tmp_path / "bad.sql"  # one row per token, but the first rid is replaced by the last
+    sql.write_text(
+        "SELECT CASE WHEN rid = (SELECT min(rid) FROM tok) THEN (SELECT max(rid) FROM tok) "
+        "ELSE rid END AS rid, 1.0 AS weight FROM tok"
+    )
+    with pytest.raises(UserError, match="1 duplicated rid, 1 missing"):
+        run_select(d, "all", f"select.rules.0.policy={sql}", "select.name=bad")
+
+
+@pytest.mark.parametrize(
+    "col,value,match",
+    [
+        (
+            "teacher_topk_logprobs",
+            [-1.0, math.nan] * K,
+            r"invalid value \S*nan\S* in 'teacher_topk_logprobs'",
+        ),
+        ("teacher_topk_logprobs", [-1.0, 0.5] * K, "finite and <= 0"),
+        ("teacher_logprob", [-1.0, math.inf], r"invalid value \S*inf\S* in 'teacher_logprob'"),
+        ("ref_logprob", [-math.inf, -1.0], r"invalid value \S*-inf\S* in 'ref_logprob'"),
+        ("weights", [1.0, -1.0], "negative value in 'weights'"),
+        ("weights", [math.nan, 1.0], r"invalid value \S*nan\S* in 'weights'"),
+    ],
+)
+def test_selected_validate_rejects_bad_floats(col, value, match):
+    """The min/max check of the float lists refuses what check_table refuses, same message."""
+    from data_schemas.common import SchemaError
+    from tests.test_schemas import selected_rows
+
+    rows = selected_rows()
+    rows[0][col] = value
+    if col == "teacher_topk_logprobs":
+        rows[0]["teacher_topk_ids"] = list(range(len(value)))
+        rows[0]["topk_k"] = len(value) // 2
+    table = pa.Table.from_pylist(rows, schema=selected.SCHEMA)
+    with pytest.raises(SchemaError, match=match):
+        selected.validate(table)
+    selected.validate(pa.Table.from_pylist(selected_rows(), schema=selected.SCHEMA))

@@ -28,19 +28,18 @@ q AS (
     FROM keyed
     WHERE segment = 0
 ),
-ranked AS (
-    SELECT
-        rid,
-        segment,
-        h,
-        div,
-        row_number() OVER (ORDER BY segment <> 0, key, sample_id, pos) AS rn
-    FROM keyed
+-- the entropy rule as in entropy.sql: keys below the m-th smallest, then ties by (sample_id, pos)
+n AS (SELECT round($rho * count(*))::BIGINT AS m FROM tok WHERE segment = 0),
+cut AS (
+    SELECT max(key) AS k
+    FROM (SELECT key FROM keyed WHERE key IS NOT NULL ORDER BY key LIMIT (SELECT m FROM n))
 ),
--- (a plain count, not count(*) OVER (): DuckDB evaluates that window far more slowly)
-n AS (SELECT count(*) AS n_student FROM tok WHERE segment = 0)
+below AS (SELECT count(*) AS n_below FROM keyed, cut WHERE key < k),
+ties AS (
+    SELECT rid, row_number() OVER (ORDER BY sample_id, pos) AS rn FROM keyed, cut WHERE key = k
+)
 SELECT
     rid,
-    CASE WHEN segment = 0 AND (rn <= round($rho * n_student) OR (h < h_q AND div >= d_q))
+    CASE WHEN segment = 0 AND (key < k OR rn <= m - n_below OR (h < h_q AND div >= d_q))
          THEN 1.0 ELSE 0.0 END AS weight
-FROM ranked, q, n
+FROM keyed CROSS JOIN q CROSS JOIN cut CROSS JOIN below CROSS JOIN n LEFT JOIN ties USING (rid)
