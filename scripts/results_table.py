@@ -7,10 +7,11 @@
 Each seed gets its own run dirs under ``--root`` (default ``runs/results``); the stages resume, so
 an interrupted call continues where it stopped and a second call only re-evaluates. Rows:
 
-* ``headline``: base; EDGE-OPD (the ``demo`` experiment: guided rollouts + soft evidence mask).
+* ``headline``: base; EDGE-OPD (the ``demo`` experiment: guided rollouts, soft evidence mask times
+  a retention weight on the reading anchors); the same without the retention weight.
 * ``guided`` (same cached guided rollouts and teacher log-probs as EDGE-OPD): strict evidence
-  mask; all tokens;
-  ``opd_k1`` vs ``topk_fkl`` vs ``vopd`` vs ``exopd``; TIP entropy 50 %.
+  mask; all tokens; ``opd_k1`` vs ``topk_fkl`` vs ``vopd`` vs ``exopd`` on the soft mask; TIP
+  entropy 50 %.
 * ``unguided``: OPSD without guidance (no guided rollouts, all tokens); ``unguided_mask``: the
   same rollouts with the evidence mask.
 * ``lightning``: ``demo_lightning`` (teacher_big): SFT only; SFT + offline OPD; a teacher-mismatch
@@ -41,12 +42,33 @@ SETS = ["private_closed", "private_paraphrase", "public_closed", "reading"]
 
 # (row label, run-dir kind, train name, overrides on top of the run's config)
 GUIDED = [
-    ("EDGE-OPD: guided + soft evidence mask (the demo)", "guided", "edge", []),
+    (
+        "EDGE-OPD: guided + soft evidence mask x retention weight (the demo)",
+        "guided",
+        "edge_retain",
+        [],
+    ),
+    (
+        "guided + soft evidence mask, no retention weight (the first demo recipe)",
+        "guided",
+        "edge",
+        ["select=evidence_soft"],
+    ),
     ("guided + strict evidence mask (keep_rest 0)", "guided", "edge_strict", ["select=evidence"]),
     ("guided, all tokens (topk_fkl)", "guided", "all", ["select=all"]),
-    ("guided, all tokens, opd_k1", "guided", "opd_k1", ["select=all", "loss=opd_k1"]),
-    ("guided, all tokens, vopd", "guided", "vopd", ["select=all", "loss=vopd"]),
-    ("guided, all tokens, exopd (lambda 1.25)", "guided", "exopd", ["select=all", "loss=exopd"]),
+    (
+        "guided + soft evidence mask, opd_k1",
+        "guided",
+        "opd_k1",
+        ["select=evidence_soft", "loss=opd_k1"],
+    ),
+    ("guided + soft evidence mask, vopd", "guided", "vopd", ["select=evidence_soft", "loss=vopd"]),
+    (
+        "guided + soft evidence mask, exopd (lambda 1.25)",
+        "guided",
+        "exopd",
+        ["select=evidence_soft", "loss=exopd"],
+    ),
     ("guided, TIP entropy 50 % (topk_fkl)", "guided", "tip50", ["select=entropy_half"]),
 ]
 UNGUIDED = [
@@ -180,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         demoworld.build_world(world, demoworld.WorldSettings(teacher_big="lightning" in wanted))
     plan: dict[str, list] = {}
     if wanted & {"headline", "guided"}:
-        plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:1]
+        plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:2]
     if wanted & {"unguided", "unguided_mask"}:
         plan["unguided"] = (UNGUIDED if "unguided" in wanted else []) + (
             UNGUIDED_MASK if "unguided_mask" in wanted else []

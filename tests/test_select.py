@@ -36,6 +36,7 @@ def write_run(
     n_shards: int = 2,
     shuffle: bool = True,
     entropy_step: float | None = None,
+    no_context: tuple[int, ...] = (),
 ) -> list[dict]:
     """Write committed rollouts/ and tokens/ under ``run_dir``; return the sequences (ground truth)."""
     rng = np.random.default_rng(seed)
@@ -54,7 +55,8 @@ def write_run(
                 "prompt_id": f"p{i // 2}",
                 "is_guided": i % 2 == 1,
                 "train_prompt_ids": prompt,
-                "teacher_prompt_ids": CONTEXT + prompt,
+                # sequences in no_context: the teacher reads the student's own prefix
+                "teacher_prompt_ids": prompt if i in no_context else CONTEXT + prompt,
                 "response_ids": resp,
                 "segment": seg,
                 "teacher_lp": -rng.uniform(0.01, 4.0, t).astype(np.float32),
@@ -330,6 +332,33 @@ def test_evidence_threshold_span_keep_rest(run_dir):
         d, "evidence", "select.rules.0.params.threshold=null", "select.name=span_only"
     )
     np.testing.assert_array_equal(got_weights(rows, seqs), (st & span).astype(float))
+
+
+def test_evidence_retain_weighs_sequences_without_context(tmp_path):
+    seqs = write_run(tmp_path, no_context=(2, 5))
+    e = flat(seqs, "teacher_lp") - flat(seqs, "ref_lp")
+    own = np.concatenate(
+        [[q["teacher_prompt_ids"] == q["train_prompt_ids"]] * len(q["response_ids"]) for q in seqs]
+    )
+    span = np.concatenate(
+        [
+            [
+                (t in q["teacher_prompt_ids"]) and (t not in q["train_prompt_ids"])
+                for t in q["response_ids"]
+            ]
+            for q in seqs
+        ]
+    )
+    st = student(seqs)
+    soft = np.where(st, np.where((e >= 1.0) | span, 1.0, 0.3), 0.0)
+    want = soft * np.where(own, 10.0, 1.0)
+    assert own.sum() > 0 and (want > 1).sum() > 0
+    _, rows = run_select(tmp_path, "evidence_retain")
+    np.testing.assert_allclose(got_weights(rows, seqs), want, rtol=1e-6)
+    _, rows = run_select(
+        tmp_path, "evidence_retain", "select.rules.1.params.weight=0", "select.name=drop_own"
+    )
+    np.testing.assert_allclose(got_weights(rows, seqs), np.where(own, 0.0, soft), rtol=1e-6)
 
 
 def test_trust_region_and_iw_position(run_dir):
