@@ -8,7 +8,14 @@ sequence: behaviour/ref off, so the number is the cost of one teacher pass).
 
 FLOPs counted per pass: ``2 · (non-embedding body params) · (prefix + response tokens)`` for the
 decoder plus ``2 · H · V`` per scored (response) position for the LM head; attention's ``T²`` terms
-are reported separately (``flops_attention``) and not included in the fraction.
+are reported separately (``flops_attention``) and not included in the fraction. Padding tokens the
+batching adds are not counted (they are waste), and neither is the statistics' elementwise work
+(log-softmax, top-K, entropy): both are costs the fraction must absorb.
+
+Where the time goes: ``hf_body_fraction_of_matmul_limit`` times the decoder alone on the same
+batches (its FLOPs only), so ``1 - body_seconds / seconds`` is the share of the LM head and its
+statistics. The machine may be shared (other jobs steal cores from a 2-thread run): the limit is
+measured before and after the runs, and the 1-minute load average is stated with them.
 
 Run: ``python scripts/bench_score.py --out bench_score.json [--quick] [--no-vllm]``.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -120,6 +128,27 @@ def bench_hf(path: Path, jobs, *, batch_tokens: int, chunk: int, reps: int = 2) 
     return best
 
 
+def bench_body(path: Path, jobs, *, batch_tokens: int, reps: int = 1) -> float:
+    """Seconds of the decoder body alone over ``jobs``, batched as ``hf_score`` batches them."""
+    from stages import logprobs as lp
+    from stages.models import load_model
+    from stages.score import length_buckets, pad_right
+
+    model = load_model(str(path), "teacher")
+    rows = [j.prefix + j.response for j in jobs]
+    batches = [pad_right([rows[i] for i in b], 0) for b in length_buckets(
+        [len(r) for r in rows], batch_tokens)]  # fmt: skip
+    best = float("inf")
+    with torch.inference_mode():
+        lp.model_hidden_states(model, *batches[0])  # warm-up
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for ids, mask in batches:
+                lp.model_hidden_states(model, ids, mask)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def bench_vllm(path: Path, jobs) -> dict:
     from stages import vllm_backend as vb
 
@@ -168,9 +197,10 @@ def bench(quick: bool, with_vllm: bool = True, sweep: bool | None = None) -> dic
         )
         peak = matmul_flops()
         out["matmul_fp32_flops_per_s"] = peak
-        configs = [(8192, 1024)]
+        out["load_average_1min_before"] = os.getloadavg()[0]
+        configs = [(8192, 256)]  # the stage's defaults (score.batch_tokens, chunk_positions)
         if sweep if sweep is not None else not quick:
-            configs += [(8192, 128), (2048, 256)]
+            configs += [(8192, 1024), (2048, 256)]
         runs = []
         for bt, ch in configs:
             s = bench_hf(path, jobs, batch_tokens=bt, chunk=ch, reps=1 if len(configs) > 1 else 2)
@@ -188,8 +218,13 @@ def bench(quick: bool, with_vllm: bool = True, sweep: bool | None = None) -> dic
         out["score.hf_tokens_per_s"] = best["tokens_per_s"]
         out["score.hf_best_config"] = {k: best[k] for k in ("batch_tokens", "chunk_positions")}
         out["score.hf_fraction_of_matmul_limit"] = best["fraction_of_matmul_limit"]
+        body_s = bench_body(path, jobs, batch_tokens=best["batch_tokens"], reps=2)
+        out["hf_body_seconds"] = body_s
+        out["hf_body_fraction_of_matmul_limit"] = 2 * n_body * all_tokens / body_s / peak
+        out["hf_head_and_stats_share_of_time"] = max(0.0, 1 - body_s / best["seconds"])
         # re-measure the limit after the runs: the machine may be shared, state both
         out["matmul_fp32_flops_per_s_after"] = matmul_flops()
+        out["load_average_1min_after"] = os.getloadavg()[0]
         if with_vllm:
             v = bench_vllm(path, jobs)
             out["vllm"] = v

@@ -6,12 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from stages import logprobs
 from stages.logprobs import (
     gather_logprobs,
     head_logprob_stats,
     logits_logprob_stats,
     response_positions,
     sequence_stats,
+    topk_exact,
 )
 
 ATOL = 1e-5
@@ -128,6 +130,66 @@ def test_head_sees_at_most_chunk_rows():
     out = head_logprob_stats(hidden, head, torch.zeros(23, dtype=torch.long), 3, 30, chunk=4)
     assert max(seen) == 4 and sum(seen) == 23
     assert out["logprob"].shape == (23,)
+
+
+@pytest.mark.parametrize("v", [64 * 40, 64 * 40 + 17, 100])  # whole segments, a tail, plain
+@pytest.mark.parametrize("k", [1, 8, 32])
+def test_topk_exact_is_torch_topk(v, k):
+    g = torch.Generator().manual_seed(v + k)
+    z = torch.randn(9, v, generator=g) * 3  # [n, V]
+    z[0, -3:] = torch.tensor([50.0, 52.0, 51.0])  # the top of row 0 is in the last segment
+    vals, ids = topk_exact(z, k)
+    ref_vals, ref_ids = z.topk(k, dim=1)
+    assert torch.equal(vals, ref_vals) and torch.equal(ids, ref_ids)
+    # many ties (integer logits): the same values, each id once, ids pointing at those values
+    t = torch.randint(0, 4, (9, v), generator=g).float()  # [n, V]
+    vals, ids = topk_exact(t, k)
+    assert torch.equal(vals, t.topk(k, dim=1).values)
+    assert torch.equal(t.gather(1, ids), vals)
+    assert all(len(set(row)) == k for row in ids.tolist())
+
+
+def test_large_vocab_blocks_match_dense(monkeypatch):
+    """The fused path (segment top-K with a tail, several row blocks) against the dense reference,
+    on a padded head with a temperature; the input logits are left as they were."""
+    monkeypatch.setattr(logprobs, "_BLOCK_ELEMENTS", 3 * 4000)  # 3 rows a block
+    g = torch.Generator().manual_seed(8)
+    n, width, vocab = 11, 4000, 3001  # 999 padded columns; 3001 = 46 segments of 64 + 57
+    z = torch.randn(n, width, generator=g) * 4  # [N, V]
+    z[:, vocab:] = 100.0
+    before = z.clone()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    out = logits_logprob_stats(z, targets, 16, vocab, temperature=0.8, chunk=7)
+    assert torch.equal(z, before)
+    ref = _dense(z, vocab, 0.8)
+    torch.testing.assert_close(
+        out["logprob"].double(), ref[torch.arange(n), targets], atol=ATOL, rtol=0
+    )
+    vals, ids = ref.topk(16, -1)
+    assert torch.equal(out["topk_ids"].long(), ids)
+    torch.testing.assert_close(out["topk_logprobs"].double(), vals, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        out["topk_logmass"].double(), torch.logsumexp(vals, -1), atol=ATOL, rtol=0
+    )
+    ent = -(ref.exp() * ref).sum(-1)
+    torch.testing.assert_close(out["entropy"].double(), ent, atol=ATOL, rtol=0)
+
+
+def test_neg_inf_logits_have_zero_probability(logits):
+    """A logit at -inf (a banned token) has p = 0 and adds 0·log 0 = 0 to the entropy."""
+    n, v = logits.shape
+    banned = logits.clone()
+    banned[:, 7] = float("-inf")
+    targets = torch.zeros(n, dtype=torch.long)
+    out = logits_logprob_stats(banned, targets, 4, v)
+    ref = _dense(logits, v)
+    keep = torch.arange(v) != 7
+    clean = torch.log_softmax(logits[:, keep].double(), -1)  # [N, V-1]
+    torch.testing.assert_close(
+        out["entropy"].double(), -(clean.exp() * clean).sum(-1), atol=ATOL, rtol=0
+    )
+    assert torch.isfinite(out["logprob"]).all() and (out["topk_ids"] != 7).all()
+    assert ref.shape == (n, v)
 
 
 def test_gather_logprobs_grad(logits):

@@ -27,7 +27,7 @@ from data_schemas import tokens as tokens_table
 from stages import models, store
 from stages.config import compose
 from stages.errors import UserError
-from stages.score import length_buckets, plan_shard, run
+from stages.score import length_buckets, pad_right, plan_shard, run
 from tests.conftest import WORDS, build_tiny_lm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,6 +161,20 @@ def test_length_buckets_respect_budget_and_cover_all():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 32
+
+
+def test_length_buckets_trade_padding_for_forwards():
+    lengths = [100, 10, 100, 10, 12, 100]  # two length groups, everything fits in one batch
+    split = length_buckets(lengths, 10_000, forward_cost=50)
+    assert split == [[1, 3, 4], [0, 2, 5]]  # 336 padded tokens + 2 forwards < 600 + 1
+    assert length_buckets(lengths, 10_000, forward_cost=1_000) == [[1, 3, 4, 0, 2, 5]]
+    assert length_buckets([], 100) == []
+
+
+def test_pad_right():
+    ids, mask = pad_right([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 # ----------------------------------------------------------------------------- numbers
