@@ -1,5 +1,6 @@
 """Re-run the demo's results table: every ablation of the README, several seeds, one command.
 
+    python scripts/results_table.py --seeds 0 1 2 --ablation-seeds 0           # docs/RESULTS.md
     python scripts/results_table.py --seeds 0 1 2 --out docs/RESULTS.md        # everything
     python scripts/results_table.py --seeds 0 1 2 --rows headline               # base + EDGE-OPD
     python scripts/results_table.py --seeds 0 --rows guided,unguided,lightning  # one seed of the rest
@@ -14,6 +15,8 @@ an interrupted call continues where it stopped and a second call only re-evaluat
   entropy 50 %.
 * ``unguided``: OPSD without guidance (no guided rollouts, all tokens); ``unguided_mask``: the
   same rollouts with the evidence mask.
+* ``rounds``: ``pipeline.rounds=2``: 8 epochs on the first rollouts, then fresh rollouts from
+  that checkpoint, scored by the same teacher, and 8 more epochs.
 * ``lightning``: ``demo_lightning`` (teacher_big): SFT only; SFT + offline OPD; a teacher-mismatch
   ablation (OPD teacher != SFT teacher, ``score.allow_teacher_mismatch=true``).
 
@@ -70,6 +73,27 @@ GUIDED = [
         ["select=evidence_soft", "loss=exopd"],
     ),
     ("guided, TIP entropy 50 % (topk_fkl)", "guided", "tip50", ["select=entropy_half"]),
+    (
+        "guided + soft evidence mask, 8 epochs",
+        "guided",
+        "ep8",
+        ["select=evidence_soft", "train.epochs=8"],
+    ),
+    (
+        "guided + soft evidence mask x retention weight 3.34 (anchor tokens at weight 1)",
+        "guided",
+        "retain_w3",
+        [
+            "select=evidence_retain",
+            "select.name=evidence_retain_w3",
+            "select.rules.1.params.weight=3.34",
+        ],
+    ),
+]
+# pipeline.rounds=2: round 2 rolls out with round 1's checkpoint (fresh on-policy samples)
+ROUNDS = [
+    ("soft evidence mask, round 1 only (8 epochs)", "rounds", "edge8", None),
+    ("soft evidence mask, 2 rounds of fresh rollouts x 8 epochs", "rounds", "edge8-r2", None),
 ]
 UNGUIDED = [
     ("OPSD without guidance, all tokens", "unguided", "all", ["select=all"]),
@@ -96,6 +120,9 @@ def run_dir_config(kind: str, seed: int, root: Path, world: Path) -> tuple[list[
         return ["experiment=demo", *common, *models], False
     if kind == "unguided":
         return ["experiment=demo", *common, *models, "rollout.guided_fraction=0"], False
+    if kind == "rounds":
+        rounds = ["pipeline.rounds=2", "train.epochs=8", "select=evidence_soft", "train.name=edge8"]
+        return ["experiment=demo", *common, *models, *rounds], False
     big = world / "models" / "teacher_big"
     lightning = [
         "experiment=demo_lightning",
@@ -131,6 +158,10 @@ def ensure_run(kind: str, seed: int, root: Path, world: Path, rows: list) -> dic
                 "rollout.teacher_template='{context} {prompt}'",
                 f"ref.path={world / 'models' / 'base'}",
             ],
+        )
+    if kind == "rounds":  # both rounds through the pipeline (eval below)
+        pipeline.run(
+            pipeline.apply_overrides(cfg, ["pipeline.stages=[rollout,score,select,train]"])
         )
     rollout.run(cfg)
     score.run(cfg)
@@ -186,8 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world", default="runs/world", help="demo world dir (make_demo.py)")
     ap.add_argument("--root", default="runs/results", help="where the run dirs go")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--rows", default="headline,guided,unguided,lightning")
+    ap.add_argument("--rows", default="headline,guided,unguided,rounds,lightning")
     ap.add_argument("--out", default="docs/RESULTS.md")
+    ap.add_argument(
+        "--ablation-seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="seeds that also run the non-headline rows (default: every seed)",
+    )
     ap.add_argument(
         "--no-build",
         action="store_true",
@@ -207,14 +245,21 @@ def main(argv: list[str] | None = None) -> int:
         plan["unguided"] = (UNGUIDED if "unguided" in wanted else []) + (
             UNGUIDED_MASK if "unguided_mask" in wanted else []
         )
+    if "rounds" in wanted:
+        plan["rounds"] = ROUNDS
     if "lightning" in wanted:
         plan["lightning"] = LIGHTNING[:2]
         plan["mismatch"] = LIGHTNING[2:]
+    ablation_seeds = args.seeds if args.ablation_seeds is None else args.ablation_seeds
     table: dict[str, dict[str, list[float]]] = {}
     raw: dict = {}
     t0 = time.time()
     for seed in args.seeds:
         for kind, rows in plan.items():
+            if seed not in ablation_seeds:  # headline rows only
+                if kind != "guided" or "headline" not in wanted:
+                    continue
+                rows = GUIDED[:2]
             res = ensure_run(kind, seed, root, world, rows)
             raw[f"seed{seed}/{kind}"] = res
             entries = [("base", "base")] if kind in ("guided", "unguided") else []

@@ -141,8 +141,9 @@ def table_to_seqs(tbl: pa.Table) -> list[Seq]:
         for i in range(n):
             seqs[i][c] = vals[i]
     for c in LIST_COLUMNS:
+        # a sliced list array's offsets index its parent's values, which .values returns whole:
+        # use them as they are (subtracting offsets[0] read the wrong elements of a slice)
         offsets, values, valid = _list_values(tbl[c])
-        offsets = offsets - offsets[0]  # sliced arrays keep their parent's offsets
         for i in range(n):
             seqs[i][c] = values[offsets[i] : offsets[i + 1]] if valid[i] else None
     return seqs
