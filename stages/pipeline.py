@@ -20,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 from stages.config import CONF_DIR, Config, hydra_entry
@@ -47,7 +48,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 OmegaConf.update(
                     node,
                     key,
-                    OmegaConf.create({"v": value})["v"]
+                    # YAML scalars as on the command line: 3.34 is a float, null is None
+                    yaml.safe_load(value)
                     if not value.startswith(("[", "{"))
                     else OmegaConf.create(value),
                     merge=False,

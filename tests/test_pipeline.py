@@ -94,5 +94,10 @@ def test_apply_overrides_types_and_groups():
     assert cfg.loss.name == "topk_fkl"  # the original is untouched
     # the selection a variant trains on follows its select group (regression: it kept the old one)
     assert v.train.selection == "entropy_half"
+    # an untyped parameter gets the YAML type the command line would give it
+    r = pipeline.apply_overrides(
+        cfg, ["select=evidence_retain", "select.rules.1.params.weight=3.5", "seed=3"]
+    )
+    assert r.select.rules[1].params["weight"] == 3.5 and r.seed == 3
     w = pipeline.apply_overrides(cfg, ["select=all", "loss=opd_k1"])
     assert (w.train.selection, w.train.name) == ("all", "opd_k1-all")
