@@ -529,7 +529,9 @@ def stream(
             tbl = files[shard].read_row_group(group, columns=_physical(table, columns))
             if table is not None:  # decode a stored codec layout to the logical columns
                 tbl = _decoded(table, tbl)
-            if shuffle_seed is not None:  # rows too, not only row groups: mixes neighbouring prompts
+            if (
+                shuffle_seed is not None
+            ):  # rows too, not only row groups: mixes neighbouring prompts
                 rng = np.random.default_rng([shuffle_seed, epoch, shard, group])
                 tbl = tbl.take(rng.permutation(tbl.num_rows))
             index += 1

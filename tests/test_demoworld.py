@@ -24,7 +24,14 @@ from data_schemas import prompts as prompts_schema
 from stages import demoworld as dw
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT_FILES = ["train", "train_mix", "private_closed", "private_paraphrase", "public_closed", "reading"]
+PROMPT_FILES = [
+    "train",
+    "train_mix",
+    "private_closed",
+    "private_paraphrase",
+    "public_closed",
+    "reading",
+]
 
 
 def _digests(root: Path) -> dict[str, str]:
