@@ -9,7 +9,8 @@ Each seed gets its own run dirs under ``--root`` (default ``runs/results``); the
 an interrupted call continues where it stopped and a second call only re-evaluates. Rows:
 
 * ``headline``: base; EDGE-OPD (the ``demo`` experiment: guided rollouts, soft evidence mask times
-  a retention weight on the reading anchors); the same without the retention weight.
+  a retention weight of 10 on the reading anchors); the same without the retention weight, and
+  with a weight of 30.
 * ``guided`` (same cached guided rollouts and teacher log-probs as EDGE-OPD): strict evidence
   mask; all tokens; ``opd_k1`` vs ``topk_fkl`` vs ``vopd`` vs ``exopd`` on the soft mask; TIP
   entropy 50 %.
@@ -56,6 +57,12 @@ GUIDED = [
         "guided",
         "edge",
         ["select=evidence_soft"],
+    ),
+    (
+        "guided + soft evidence mask x retention weight 30",
+        "guided",
+        "edge_retain30",
+        ["select=evidence_retain30"],
     ),
     ("guided + strict evidence mask (keep_rest 0)", "guided", "edge_strict", ["select=evidence"]),
     ("guided, all tokens (topk_fkl)", "guided", "all", ["select=all"]),
@@ -202,7 +209,13 @@ def write_table(args, table: dict, raw: dict, root: Path, seconds: float) -> Non
     head = (
         "Greedy accuracy (%) on the demo world's eval sets, mean ± std over seeds. Command: "
         f"`python scripts/results_table.py --seeds {' '.join(map(str, args.seeds))} "
-        f"--rows {args.rows}` ({seconds:.0f} s so far on this machine).\n\n"
+        + (
+            f"--ablation-seeds {' '.join(map(str, args.ablation_seeds))} "
+            if args.ablation_seeds is not None
+            else ""
+        )
+        + f"--rows {args.rows}` (this call: {seconds:.0f} s; runs already on disk are reused, "
+        "only new ones train). The seeds column says how many seeds each row has.\n\n"
     )
     out.write_text(head + md + "\n")
     root.mkdir(parents=True, exist_ok=True)
@@ -240,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         demoworld.build_world(world, demoworld.WorldSettings(teacher_big="lightning" in wanted))
     plan: dict[str, list] = {}
     if wanted & {"headline", "guided"}:
-        plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:2]
+        plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:3]
     if wanted & {"unguided", "unguided_mask"}:
         plan["unguided"] = (UNGUIDED if "unguided" in wanted else []) + (
             UNGUIDED_MASK if "unguided_mask" in wanted else []
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             if seed not in ablation_seeds:  # headline rows only
                 if kind != "guided" or "headline" not in wanted:
                     continue
-                rows = GUIDED[:2]
+                rows = GUIDED[:3]
             res = ensure_run(kind, seed, root, world, rows)
             raw[f"seed{seed}/{kind}"] = res
             entries = [("base", "base")] if kind in ("guided", "unguided") else []
