@@ -10,7 +10,8 @@ pipeline's stage timings) when a demo run left one.
 
     .venv/bin/python scripts/bench.py --out runs/bench.json [--quick]
 
-Quick mode keeps CI under ~3 minutes: small workloads and no vLLM engine start-up.
+Quick mode keeps CI under ~3 minutes: small workloads and no vLLM engine start-up. Outside quick
+mode every suite runs in its own process (``--isolate``), so memory is returned between suites.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -119,11 +122,27 @@ def demo_timings(run_dir: Path = ROOT / "runs" / "demo") -> dict:
     }
 
 
-def bench_all(quick: bool, suites: tuple[str, ...] = SUITES) -> dict:
+def run_suite_isolated(name: str, quick: bool) -> dict:
+    """``run_suite`` in a child process, so that its memory and any vLLM engine it started are
+    released when it exits (in one process, the score and rollout suites' engine workers stayed
+    alive, 6 GB each, and the select suite was then killed for memory)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / f"{name}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out", str(out)]
+        p = subprocess.run(cmd + (["--quick"] if quick else []), check=False)
+        if out.exists():
+            return json.loads(out.read_text())
+        return {
+            f"{name}.error": f"the suite's process exited with status {p.returncode} and no "
+            "result (killed, e.g. out of memory?)"
+        }
+
+
+def bench_all(quick: bool, suites: tuple[str, ...] = SUITES, isolate: bool = False) -> dict:
     out = {"quick": quick, **machine()}
     for name in suites:
         print(f"[bench] {name} ...", flush=True)
-        out.update(run_suite(name, quick))
+        out.update(run_suite_isolated(name, quick) if isolate else run_suite(name, quick))
     out.update(demo_timings())
     for k in HEADLINE:  # every headline key is present, null when its suite could not say
         out.setdefault(k, None)
@@ -136,8 +155,20 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="small workloads (CI, < ~3 minutes)")
     ap.add_argument("--only", nargs="*", choices=SUITES, help="run only these suites")
+    ap.add_argument(
+        "--isolate",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="each suite in its own process (auto: outside quick mode, where vLLM engines start)",
+    )
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one suite, write its JSON
     args = ap.parse_args()
-    res = bench_all(args.quick, tuple(args.only) if args.only else SUITES)
+    if args.child:
+        res = run_suite(args.child, args.quick)
+        Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+        return
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and not args.quick)
+    res = bench_all(args.quick, tuple(args.only) if args.only else SUITES, isolate)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps({k: res[k] for k in HEADLINE}, indent=1, default=str))

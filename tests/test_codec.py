@@ -141,6 +141,9 @@ def test_tokens_view_and_select_match_the_truth(codec_run):
 def test_bench_records_a_failing_suite_instead_of_crashing():
     res = bench.run_suite("no_such_suite", quick=True)
     assert "no_such_suite.error" in res and "ModuleNotFoundError" in res["no_such_suite.error"]
+    # the same through a child process (full mode's isolation)
+    res = bench.run_suite_isolated("no_such_suite", quick=True)
+    assert "ModuleNotFoundError" in res["no_such_suite.error"]
 
 
 # Quick mode starts no vLLM engine, and the demo figure needs a demo run: these may be null.
@@ -182,7 +185,8 @@ def test_bench_exits_nonzero_when_a_suite_crashed(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "bench_crash", types.SimpleNamespace(bench=crash))
     monkeypatch.setattr(bench, "SUITES", ("crash",))
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--out", str(tmp_path / "b.json")])
+    argv = ["bench.py", "--quick", "--isolate", "no", "--out", str(tmp_path / "b.json")]
+    monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as e:
         bench.main()
     assert e.value.code == 1
