@@ -95,7 +95,9 @@ def run_suite(name: str, quick: bool) -> dict:
         res = {f"{name}.error": f"{type(e).__name__}: {e}"[:500], f"{name}.traceback": last}
     finally:
         _torch_threads(threads)  # a suite's thread setting must not leak into the next one
-    res = dict(res)
+    # one flat namespace: a suite's own key ("model", "a.pairs") gets the suite's prefix, so two
+    # suites cannot overwrite each other's details
+    res = {k if k.startswith(f"{name}.") else f"{name}.{k}": v for k, v in res.items()}
     res[f"{name}.bench_seconds"] = round(time.time() - t0, 1)
     return res
 

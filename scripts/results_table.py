@@ -9,8 +9,8 @@ Each seed gets its own run dirs under ``--root`` (default ``runs/results``); the
 an interrupted call continues where it stopped and a second call only re-evaluates. Rows:
 
 * ``headline``: base; EDGE-OPD (the ``demo`` experiment: guided rollouts, soft evidence mask times
-  a retention weight of 10 on the reading anchors); the same without the retention weight, and
-  with a weight of 30.
+  a retention weight of 10 on the reading anchors, 14 epochs); the same at 16 epochs, without the
+  retention weight, and with a weight of 30.
 * ``guided`` (same cached guided rollouts and teacher log-probs as EDGE-OPD): strict evidence
   mask; all tokens; ``opd_k1`` vs ``topk_fkl`` vs ``vopd`` vs ``exopd`` on the soft mask; TIP
   entropy 50 %.
@@ -45,41 +45,58 @@ from stages.config import compose  # noqa: E402
 SETS = ["private_closed", "private_paraphrase", "public_closed", "reading"]
 
 # (row label, run-dir kind, train name, overrides on top of the run's config)
+E16 = "train.epochs=16"  # the ablations ran at 16 epochs (the demo now trains 14)
 GUIDED = [
     (
-        "EDGE-OPD: guided + soft evidence mask x retention weight (the demo)",
+        "EDGE-OPD: guided + soft evidence mask x retention weight 10, 14 epochs (the demo)",
         "guided",
-        "edge_retain",
+        "edge_retain_ep14",
         [],
     ),
     (
-        "guided + soft evidence mask, no retention weight (the first demo recipe)",
+        "guided + soft evidence mask x retention weight 10, 16 epochs",
         "guided",
-        "edge",
-        ["select=evidence_soft"],
+        "edge_retain",
+        [E16],
     ),
     (
-        "guided + soft evidence mask x retention weight 30",
+        "guided + soft evidence mask, no retention weight, 16 epochs (the first demo recipe)",
+        "guided",
+        "edge",
+        ["select=evidence_soft", E16],
+    ),
+    (
+        "guided + soft evidence mask x retention weight 30, 16 epochs",
         "guided",
         "edge_retain30",
-        ["select=evidence_retain30"],
+        ["select=evidence_retain30", E16],
     ),
-    ("guided + strict evidence mask (keep_rest 0)", "guided", "edge_strict", ["select=evidence"]),
-    ("guided, all tokens (topk_fkl)", "guided", "all", ["select=all"]),
+    (
+        "guided + strict evidence mask (keep_rest 0)",
+        "guided",
+        "edge_strict",
+        ["select=evidence", E16],
+    ),
+    ("guided, all tokens (topk_fkl)", "guided", "all", ["select=all", E16]),
     (
         "guided + soft evidence mask, opd_k1",
         "guided",
         "opd_k1",
-        ["select=evidence_soft", "loss=opd_k1"],
+        ["select=evidence_soft", "loss=opd_k1", E16],
     ),
-    ("guided + soft evidence mask, vopd", "guided", "vopd", ["select=evidence_soft", "loss=vopd"]),
+    (
+        "guided + soft evidence mask, vopd",
+        "guided",
+        "vopd",
+        ["select=evidence_soft", "loss=vopd", E16],
+    ),
     (
         "guided + soft evidence mask, exopd (lambda 1.25)",
         "guided",
         "exopd",
-        ["select=evidence_soft", "loss=exopd"],
+        ["select=evidence_soft", "loss=exopd", E16],
     ),
-    ("guided, TIP entropy 50 % (topk_fkl)", "guided", "tip50", ["select=entropy_half"]),
+    ("guided, TIP entropy 50 % (topk_fkl)", "guided", "tip50", ["select=entropy_half", E16]),
     (
         "guided + soft evidence mask, 8 epochs",
         "guided",
@@ -94,6 +111,7 @@ GUIDED = [
             "select=evidence_retain",
             "select.name=evidence_retain_w3",
             "select.rules.1.params.weight=3.34",
+            E16,
         ],
     ),
 ]
@@ -103,9 +121,9 @@ ROUNDS = [
     ("soft evidence mask, 2 rounds of fresh rollouts x 8 epochs", "rounds", "edge8-r2", None),
 ]
 UNGUIDED = [
-    ("OPSD without guidance, all tokens", "unguided", "all", ["select=all"]),
+    ("OPSD without guidance, all tokens", "unguided", "all", ["select=all", E16]),
 ]
-UNGUIDED_MASK = [("unguided + evidence mask", "unguided", "evidence", ["select=evidence"])]
+UNGUIDED_MASK = [("unguided + evidence mask", "unguided", "evidence", ["select=evidence", E16])]
 LIGHTNING = [
     ("Lightning: SFT only", "lightning", "sft", None),
     ("Lightning: SFT + offline OPD (topk_fkl)", "lightning", "opd", []),
@@ -253,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         demoworld.build_world(world, demoworld.WorldSettings(teacher_big="lightning" in wanted))
     plan: dict[str, list] = {}
     if wanted & {"headline", "guided"}:
-        plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:3]
+        plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:4]
     if wanted & {"unguided", "unguided_mask"}:
         plan["unguided"] = (UNGUIDED if "unguided" in wanted else []) + (
             UNGUIDED_MASK if "unguided_mask" in wanted else []
@@ -272,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             if seed not in ablation_seeds:  # headline rows only
                 if kind != "guided" or "headline" not in wanted:
                     continue
-                rows = GUIDED[:3]
+                rows = GUIDED[:4]
             res = ensure_run(kind, seed, root, world, rows)
             raw[f"seed{seed}/{kind}"] = res
             entries = [("base", "base")] if kind in ("guided", "unguided") else []
