@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_build:
         from stages import demoworld
 
-        # a world with teacher_big also serves the rows without it (same base and data)
-        if not demoworld.is_complete(world, demoworld.WorldSettings(teacher_big=True)):
-            demoworld.build_world(world, demoworld.WorldSettings(teacher_big="lightning" in wanted))
+        demoworld.build_world(world, demoworld.WorldSettings(teacher_big="lightning" in wanted))
     plan: dict[str, list] = {}
     if wanted & {"headline", "guided"}:
         plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:4]

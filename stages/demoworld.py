@@ -847,7 +847,10 @@ def build_world(
     """
     s = settings or WorldSettings()
     out = Path(out_dir)
-    if not force and is_complete(out, s):
+    # A world that also has teacher_big serves a request without it (same base and data by
+    # construction): `experiment=demo` after `demo_lightning` must not rebuild the world.
+    with_big = dataclasses.replace(s, teacher_big=True)
+    if not force and (is_complete(out, s) or is_complete(out, with_big)):
         return json.loads((out / "world.json").read_text())
     key = cache_key(s)  # taken before building: the key names the code that built the world
     torch.set_num_threads(s.threads)

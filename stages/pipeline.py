@@ -105,11 +105,7 @@ def run(cfg: Config) -> dict:
         t = time.time()
         need_big = "teacher_big" in (cfg.teacher.path or "")
         print(f"=== demo world -> {cfg.demo_world} ===", flush=True)
-        # a world that also has teacher_big serves a base-only run (same base and data by
-        # construction): `experiment=demo` after demo_lightning must not rebuild it
-        with_big = demoworld.WorldSettings(teacher_big=True)
-        if not demoworld.is_complete(Path(cfg.demo_world), with_big):
-            demoworld.build_world(cfg.demo_world, demoworld.WorldSettings(teacher_big=need_big))
+        demoworld.build_world(cfg.demo_world, demoworld.WorldSettings(teacher_big=need_big))
         timings["world"] = time.time() - t
     for stage in cfg.pipeline.stages:
         if stage == "sft" and not cfg.sft.enabled:

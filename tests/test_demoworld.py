@@ -85,6 +85,9 @@ def test_teacher_big_reuses_an_existing_base(tmp_path: Path, quick_world: Path) 
     assert {k: v for k, v in after.items() if k in before} == before
     assert "models/teacher_big/model.safetensors" in after
     assert info["models"]["teacher_big"]["params_ratio_to_base"] >= 4
+    # and the world with teacher_big serves a base-only request as it is (no rebuild)
+    again = dw.build_world(out, dw.WorldSettings.quick())
+    assert _digests(out) == after and "teacher_big" in again["models"]
 
 
 def test_stale_temp_dirs_are_cleaned(tmp_path: Path) -> None:
