@@ -191,6 +191,19 @@ def keep_smallest(keys: np.ndarray, mask: np.ndarray, rho: float, ties: list) ->
     return w
 
 
+def span_mask(seqs) -> np.ndarray:
+    """The evidence-span rule: a response token that occurs in the context, not in the question."""
+    return np.concatenate(
+        [
+            [
+                (t in q["teacher_prompt_ids"]) and (t not in q["train_prompt_ids"])
+                for t in q["response_ids"]
+            ]
+            for q in seqs
+        ]
+    )
+
+
 def ties_of(seqs):
     return [(q["sample_id"], p) for q in seqs for p in range(len(q["response_ids"]))]
 
@@ -308,15 +321,7 @@ def test_tip_q3_and_type_aware(run_dir):
 def test_evidence_threshold_span_keep_rest(run_dir):
     d, seqs = run_dir
     e = flat(seqs, "teacher_lp") - flat(seqs, "ref_lp")  # float32, as DuckDB computes it
-    span = np.concatenate(
-        [
-            [
-                (t in q["teacher_prompt_ids"]) and (t not in q["train_prompt_ids"])
-                for t in q["response_ids"]
-            ]
-            for q in seqs
-        ]
-    )
+    span = span_mask(seqs)
     st = student(seqs)
     want = np.where(st, np.where((e >= 0.5) | span, 1.0, 0.25), 0.0)
     _, rows = run_select(
@@ -340,15 +345,7 @@ def test_evidence_retain_weighs_sequences_without_context(tmp_path):
     own = np.concatenate(
         [[q["teacher_prompt_ids"] == q["train_prompt_ids"]] * len(q["response_ids"]) for q in seqs]
     )
-    span = np.concatenate(
-        [
-            [
-                (t in q["teacher_prompt_ids"]) and (t not in q["train_prompt_ids"])
-                for t in q["response_ids"]
-            ]
-            for q in seqs
-        ]
-    )
+    span = span_mask(seqs)
     st = student(seqs)
     soft = np.where(st, np.where((e >= 1.0) | span, 1.0, 0.3), 0.0)
     want = soft * np.where(own, 10.0, 1.0)
