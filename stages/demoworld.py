@@ -519,42 +519,36 @@ def make_prompt_sets(world: World) -> dict[str, list[dict[str, Any]]]:
     n_pub = s.public_train_rows or len(sets["train"])
     sets["train"] += rng.sample(public_rows, min(n_pub, len(public_rows)))
     # Reading: fresh (entity, values) combinations; the evidence sits inside the prompt itself.
-    for i in range(s.n_reading_eval):
+    sets["reading"] = _reading_rows(world, rng, s.n_reading_eval, "reading", "reading")
+    # train_mix = train + open-book reading anchors, drawn from their own RNG so that adding them
+    # changes none of the other sets.
+    arng = random.Random(s.seed + 7)
+    anchors = _reading_rows(world, arng, s.n_reading_train, "anchor", "reading_anchor")
+    sets["train_mix"] = sets["train"] + anchors
+    return sets
+
+
+def _reading_rows(
+    world: World, rng: random.Random, n: int, id_prefix: str, kind: str
+) -> list[dict[str, Any]]:
+    """``n`` open-book prompts about reading names with fresh random facts (evidence in the prompt)."""
+    rows = []
+    for i in range(n):
         e = rng.choice(world.reading)
         f = world.random_facts(rng)
         a = rng.choice(ATTRS)
         t = rng.randrange(len(TEMPLATES[a]))
-        ev = evidence_text(a, e, f, rng, s.max_distractors)
-        sets["reading"].append(
+        ev = evidence_text(a, e, f, rng, world.settings.max_distractors)
+        rows.append(
             _row(
-                f"reading-{i:05d}-{e}-{a}-t{t}",
+                f"{id_prefix}-{i:05d}-{e}-{a}-t{t}",
                 guided_prefix(ev, prompt_text(a, e, t)),
                 None,
                 f[a],
-                "reading",
+                kind,
             )
         )
-    # train_mix = train + open-book reading anchors, drawn from their own RNG so that adding them
-    # changes none of the other sets.
-    arng = random.Random(s.seed + 7)
-    anchors = []
-    for i in range(s.n_reading_train):
-        e = arng.choice(world.reading)
-        f = world.random_facts(arng)
-        a = arng.choice(ATTRS)
-        t = arng.randrange(len(TEMPLATES[a]))
-        ev = evidence_text(a, e, f, arng, s.max_distractors)
-        anchors.append(
-            _row(
-                f"anchor-{i:05d}-{e}-{a}-t{t}",
-                guided_prefix(ev, prompt_text(a, e, t)),
-                None,
-                f[a],
-                "reading_anchor",
-            )
-        )
-    sets["train_mix"] = sets["train"] + anchors
-    return sets
+    return rows
 
 
 def write_prompts(rows: list[dict[str, Any]], path: Path) -> None:

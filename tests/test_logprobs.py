@@ -30,6 +30,22 @@ def logits():
     return torch.randn(37, 50, generator=g) * 3  # [N, V]
 
 
+def assert_matches_dense(out: dict, ref: torch.Tensor, targets: torch.Tensor, k: int) -> None:
+    """Every statistic against the dense fp64 reference log-probs ``ref`` [N, V]."""
+    n = ref.shape[0]
+    torch.testing.assert_close(
+        out["logprob"].double(), ref[torch.arange(n), targets], atol=ATOL, rtol=0
+    )
+    vals, ids = ref.topk(k, -1)
+    assert torch.equal(out["topk_ids"].long(), ids)
+    torch.testing.assert_close(out["topk_logprobs"].double(), vals, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        out["topk_logmass"].double(), torch.logsumexp(vals, -1), atol=ATOL, rtol=0
+    )
+    ent = -(ref.exp() * ref).sum(-1)
+    torch.testing.assert_close(out["entropy"].double(), ent, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_stats_match_dense(logits, temperature):
     n, v = logits.shape
@@ -37,20 +53,10 @@ def test_stats_match_dense(logits, temperature):
     out = logits_logprob_stats(logits, targets, 8, v, temperature=temperature, chunk=5)
     ref = _dense(logits, v, temperature)
     assert out["logprob"].dtype == torch.float32
-    torch.testing.assert_close(
-        out["logprob"].double(), ref[torch.arange(n), targets], atol=ATOL, rtol=0
-    )
-    vals, ids = ref.topk(8, -1)
     assert out["topk_ids"].dtype == torch.int32
-    assert torch.equal(out["topk_ids"].long(), ids)
-    torch.testing.assert_close(out["topk_logprobs"].double(), vals, atol=ATOL, rtol=0)
+    assert_matches_dense(out, ref, targets, 8)
     # sorted by descending probability
     assert (out["topk_logprobs"][:, 1:] <= out["topk_logprobs"][:, :-1]).all()
-    torch.testing.assert_close(
-        out["topk_logmass"].double(), torch.logsumexp(vals, -1), atol=ATOL, rtol=0
-    )
-    ent = -(ref.exp() * ref).sum(-1)
-    torch.testing.assert_close(out["entropy"].double(), ent, atol=ATOL, rtol=0)
 
 
 def test_k_equals_vocab_full_mass(logits):
@@ -161,18 +167,7 @@ def test_large_vocab_blocks_match_dense(monkeypatch):
     targets = torch.randint(0, vocab, (n,), generator=g)
     out = logits_logprob_stats(z, targets, 16, vocab, temperature=0.8, chunk=7)
     assert torch.equal(z, before)
-    ref = _dense(z, vocab, 0.8)
-    torch.testing.assert_close(
-        out["logprob"].double(), ref[torch.arange(n), targets], atol=ATOL, rtol=0
-    )
-    vals, ids = ref.topk(16, -1)
-    assert torch.equal(out["topk_ids"].long(), ids)
-    torch.testing.assert_close(out["topk_logprobs"].double(), vals, atol=ATOL, rtol=0)
-    torch.testing.assert_close(
-        out["topk_logmass"].double(), torch.logsumexp(vals, -1), atol=ATOL, rtol=0
-    )
-    ent = -(ref.exp() * ref).sum(-1)
-    torch.testing.assert_close(out["entropy"].double(), ent, atol=ATOL, rtol=0)
+    assert_matches_dense(out, _dense(z, vocab, 0.8), targets, 16)
 
 
 def test_neg_inf_logits_have_zero_probability(logits):
