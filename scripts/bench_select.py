@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_schemas import manifest as manifest_mod  # noqa: E402
 from data_schemas import rollouts, selected, tokens  # noqa: E402
-from stages import store  # noqa: E402
+from stages.lib import store  # noqa: E402
 
 V = 32000
 K = 32
@@ -133,7 +133,7 @@ def write_synthetic_run(
 
 def run_ours(run_dir: Path, name: str) -> dict:
     from stages import select
-    from stages.config import compose
+    from stages.lib.config import compose
 
     cfg = compose(
         "select",
@@ -219,7 +219,7 @@ def warm_imports() -> None:
     import pandas  # noqa: F401
 
     from stages import select  # noqa: F401
-    from stages.config import compose  # noqa: F401
+    from stages.lib.config import compose  # noqa: F401
 
 
 def dir_bytes(path: Path) -> int:

@@ -5,7 +5,7 @@ Zipf-like unigram prior (ids loosely in frequency order, as in BPE vocabularies)
 candidates with Gumbel noise and a few dominant tokens; the log-softmax normaliser is exact over the
 whole vocabulary (computed in closed form, no [N, V] tensor). Median top-1 probability ~0.88, median
 K-th log-prob ~ -15 nats. The same rows are written twice through the real write path
-(``stages.store``): once with the codec (``data_schemas/codec.py``), once as the naive layout
+(``stages.lib.store``): once with the codec (``data_schemas/codec.py``), once as the naive layout
 (int32 ids, fp16 top-K log-probs, fp32 scalars, zstd 3, default dictionaries, the store's layout
 before the codec). A worst case with ids uncorrelated with frequency is reported as well.
 (b) The demo's committed shards (``runs/demo/tokens``) when they exist: bytes per token on disk.
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_schemas import codec, tokens  # noqa: E402
-from stages import store  # noqa: E402
+from stages.lib import store  # noqa: E402
 
 VOCAB = 151_936
 K = 32

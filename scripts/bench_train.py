@@ -61,8 +61,8 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from data_schemas import selected  # noqa: E402
-from stages import models, store  # noqa: E402
-from stages.logprobs import sequence_stats  # noqa: E402
+from stages.lib import models, store  # noqa: E402
+from stages.lib.logprobs import sequence_stats  # noqa: E402
 
 VOCAB, K, PROMPT, RESP = 2048, 32, 16, 48
 STUDENT = {"hidden": 256, "layers": 2}
@@ -197,7 +197,7 @@ def trainer(cfg, student: Path, vocab: int):
 
 
 def train_cfg(w: dict, mode: str, steps: int):
-    from stages.config import compose
+    from stages.lib.config import compose
 
     return compose(
         "train",
@@ -215,7 +215,7 @@ def train_cfg(w: dict, mode: str, steps: int):
 
 # ----------------------------------------------------------------------------- (a) streaming
 def bench_streaming(w: dict, pairs: int) -> dict:
-    from stages.loader import MicroBatchStream, collate
+    from stages.lib.loader import MicroBatchStream, collate
     from stages.train import train_step
 
     cfg = train_cfg(w, "streaming", 1)
@@ -274,7 +274,7 @@ def bench_streaming(w: dict, pairs: int) -> dict:
 
 # ----------------------------------------------------------------------------- (c) offline vs online
 def bench_online(w: dict, pairs: int, end_to_end: bool) -> dict:
-    from stages.loader import MicroBatchStream, collate
+    from stages.lib.loader import MicroBatchStream, collate
     from stages.train import online_teacher, train_step
 
     cfg = train_cfg(w, "online", 1)

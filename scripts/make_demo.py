@@ -3,7 +3,7 @@
     python scripts/make_demo.py --out runs/world [--teacher-big] [--quick] [--seed 0] [--force]
 
 Deterministic for a fixed seed; a second call with the same settings returns at once.
-What it writes and the text format: see ``stages/demoworld.py``.
+What it writes and the text format: see ``scripts/demoworld/world.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from stages import demoworld  # noqa: E402
+from demoworld import world as demoworld  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:
 
 from stages import eval as eval_stage  # noqa: E402
 from stages import pipeline, rollout, score, select, sft, train  # noqa: E402
-from stages.config import compose  # noqa: E402
+from stages.lib.config import compose  # noqa: E402
 
 SETS = ["private_closed", "private_paraphrase", "public_closed", "reading"]
 
@@ -136,7 +136,6 @@ def run_dir_config(kind: str, seed: int, root: Path, world: Path) -> tuple[list[
     common = [
         f"seed={seed}",
         f"run_dir={root / f'seed{seed}' / kind}",
-        "demo_world=null",
         f"data.prompts={world / 'prompts' / 'train_mix.parquet'}",
         *[f"data.eval_sets.{s}={world / 'prompts' / (s + '.parquet')}" for s in SETS],
     ]
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     world, root = Path(args.world), Path(args.root)
     wanted = set(args.rows.split(","))
     if not args.no_build:
-        from stages import demoworld
+        from demoworld import world as demoworld
 
         demoworld.build_world(world, demoworld.WorldSettings(teacher_big="lightning" in wanted))
     plan: dict[str, list] = {}

@@ -49,11 +49,8 @@ def _compose(overrides: list[str]):
     try:
         from stages.lib.config import compose
     except ImportError:
-        from stages.config import compose  # type: ignore[no-redef]
-    try:
-        return compose("pipeline", [*overrides, "demo_world=null"])
-    except Exception:  # noqa: BLE001 - the key is gone after the structural step
-        return compose("pipeline", overrides)
+        from stages.lib.config import compose  # type: ignore[no-redef]
+    return compose("pipeline", overrides)
 
 
 def checksums(run: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ Writes: ``run_dir/eval/results.json`` (atomically) and a table on stdout. Result
 the new checkpoint.
 
 Accuracy: greedy decoding of ``rollout.prompt_template`` (closed-book: no context), correct when the
-answer's words occur in the response (``demoworld.answer_matches``); optional sampled pass@k.
+answer's words occur in the response (``stages.lib.grading.answer_matches``); optional sampled pass@k.
 KL: the checkpoint answers ``eval.kl_prompts`` prompts of ``eval.kl_set`` greedily; the mean over
 response tokens of the exact full-vocabulary KL(pi_theta || pi_T), the teacher reading the
 response after ``rollout.teacher_template`` (so a self-teacher sees the evidence).
@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from data_schemas import prompts as prompts_schema
-from stages import models
-from stages.config import Config, as_dict, hydra_entry
-from stages.errors import UserError
-from stages.store import atomic_write_text, content_id
+from stages.lib import models
+from stages.lib.config import Config, as_dict, hydra_entry
+from stages.lib.errors import UserError
+from stages.lib.grading import answer_matches
+from stages.lib.store import atomic_write_text, content_id
 
 
 def checkpoint_paths(cfg: Config) -> dict[str, str]:
@@ -145,8 +146,6 @@ def reverse_kl_per_token(
 def evaluate_one(
     cfg: Config, name: str, path: str, sets: dict[str, list[dict]], teacher, tok
 ) -> dict:
-    from stages.demoworld import answer_matches
-
     model = models.load_model(path, f"checkpoint {name}")
     models.check_same_tokenizer(
         models.tokenizer_fingerprint(models.load_tokenizer(path, name)),

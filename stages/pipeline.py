@@ -2,7 +2,7 @@
 
     python -m stages.pipeline experiment=demo
 
-Order (``pipeline.stages``): [demo world] -> sft (when ``sft.enabled``) -> rollout -> score ->
+Order (``pipeline.stages``): sft (when ``sft.enabled``) -> rollout -> score ->
 select -> train -> eval -> report. Each stage skips work whose manifest already exists for the
 same config (dataset ids), resumes a partial shard set, and refuses data written by a different
 config unless ``overwrite=true``. ``pipeline.variants`` are extra training runs on the SAME cached
@@ -23,9 +23,9 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from stages.config import CONF_DIR, Config, hydra_entry
-from stages.errors import UserError
-from stages.store import atomic_write_text
+from stages.lib.config import CONF_DIR, Config, hydra_entry
+from stages.lib.errors import UserError
+from stages.lib.store import atomic_write_text
 
 GROUPS = ("select", "loss", "train", "eval", "rollout", "score", "data")
 
@@ -99,14 +99,6 @@ def run_stage(name: str, cfg: Config) -> dict:
 def run(cfg: Config) -> dict:
     t0 = time.time()
     timings: dict[str, float] = {}
-    if cfg.demo_world:
-        from stages import demoworld
-
-        t = time.time()
-        need_big = "teacher_big" in (cfg.teacher.path or "")
-        print(f"=== demo world -> {cfg.demo_world} ===", flush=True)
-        demoworld.build_world(cfg.demo_world, demoworld.WorldSettings(teacher_big=need_big))
-        timings["world"] = time.time() - t
     for stage in cfg.pipeline.stages:
         if stage == "sft" and not cfg.sft.enabled:
             continue

@@ -48,9 +48,9 @@ from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
 from data_schemas import tokens as tokens_schema
-from stages import store
-from stages.config import Config, hydra_entry
-from stages.errors import UserError
+from stages.lib import store
+from stages.lib.config import Config, hydra_entry
+from stages.lib.errors import UserError
 
 # tip_q3.sql defaults (conf/select/tip_q3.yaml): median entropy, top 10 % divergence
 Q3_DEFAULTS = {"entropy_quantile": 0.5, "divergence_quantile": 0.9, "divergence": "rkl"}
@@ -474,7 +474,7 @@ def plot_eval(ev: dict, path: Path) -> Path | None:
 # ----------------------------------------------------------------------------- token browser data
 def load_decoder(data: RunData, cfg: Config, notes: list[str]):
     """The student tokenizer (the policy that sampled), or None: the browser then shows ids."""
-    from stages import models
+    from stages.lib import models
 
     cands = [
         (data.rollouts.get("extra") or {}).get("policy_path"),

@@ -10,7 +10,7 @@ with its context (``rollout.guided_template``) when a hash of (seed, prompt id) 
 
 A killed run re-run with the same config continues at the first missing shard; workers split the
 shards (``worker.index``/``worker.count``). Backends: ``hf`` (transformers generate), ``vllm``;
-``auto`` = vLLM where CUDA is present, else HF. The sampling code lives in stages/generation.py
+``auto`` = vLLM where CUDA is present, else HF. The sampling code lives in stages/lib/generation.py
 (the SFT stage reuses it with the teacher as the policy).
 
 Run::
@@ -25,9 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_schemas import prompts as prompts_schema
-from stages import models, store
-from stages.config import Config, hydra_entry
-from stages.generation import generate_rollouts
+from stages.lib import models, store
+from stages.lib.config import Config, hydra_entry
+from stages.lib.generation import generate_rollouts
 
 
 def sft_checkpoint(cfg: Config) -> Path:

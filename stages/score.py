@@ -18,8 +18,8 @@ and the same prefix share one pass (in the demo the teacher reads context + prom
 read the same prefix when guided and the train prompt otherwise, the reference reads the train
 prompt: 2 passes per sequence instead of 3).
 
-Backends: ``hf`` (transformers, chunked fp32 head via ``stages.logprobs``), ``vllm`` (prompt
-log-probs via ``stages.vllm_backend``), ``auto`` = vllm where CUDA is present, else hf. vLLM cannot
+Backends: ``hf`` (transformers, chunked fp32 head via ``stages.lib.logprobs``), ``vllm`` (prompt
+log-probs via ``stages.lib.vllm_backend``), ``auto`` = vllm where CUDA is present, else hf. vLLM cannot
 give full-vocabulary entropies nor the teacher's log-probs at arbitrary ids: with ``vllm`` those
 come from an extra HF pass when needed (``score.entropy``, ``score.behavior_topk``), else the
 entropy columns are null; ``extra.entropy_source`` in the manifest says which.
@@ -48,10 +48,10 @@ from tqdm import tqdm
 
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
-from stages import logprobs as lp
-from stages import models, store
-from stages.config import Config, as_dict, hydra_entry
-from stages.errors import UserError
+from stages.lib import logprobs as lp
+from stages.lib import models, store
+from stages.lib.config import Config, as_dict, hydra_entry
+from stages.lib.errors import UserError
 
 PREFIX_COL = {
     "teacher": "teacher_prompt_ids",
@@ -272,7 +272,7 @@ def hf_score(
 
 # ----------------------------------------------------------------------------- the stage
 def resolve_backend(name: str) -> str:
-    from stages import vllm_backend as vb
+    from stages.lib import vllm_backend as vb
 
     if name == "auto":
         return "vllm" if vb.cuda_available() and vb.vllm_available()[0] else "hf"
@@ -512,7 +512,7 @@ class _Scorer:
             run_hf(role, group, stats, progress)
 
     def _vllm(self, role: Role, group: list[Job]) -> None:
-        from stages import vllm_backend as vb
+        from stages.lib import vllm_backend as vb
 
         k = max(1, max(j.k for j in group))
         kmax = max(1, self.cfg.score.topk, self.cfg.score.behavior_topk)

@@ -54,9 +54,9 @@ import pyarrow.parquet as pq
 
 from data_schemas import codec, rollouts, selected, tokens
 from data_schemas import manifest as manifest_mod
-from stages import store
-from stages.config import Config, SelectConfig, as_dict, hydra_entry
-from stages.errors import UserError
+from stages.lib import store
+from stages.lib.config import Config, SelectConfig, as_dict, hydra_entry
+from stages.lib.errors import UserError
 
 POLICY_DIR = Path(__file__).resolve().parent / "sql_policies"
 POSITION_BUCKETS = ((0, 3), (4, 7), (8, 15), (16, 31), (32, None))

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 from data_schemas import prompts as prompts_schema
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
-from stages import models, store
-from stages.config import Config, hydra_entry
-from stages.generation import Sampling, generate_rollouts
+from stages.lib import models, store
+from stages.lib.config import Config, hydra_entry
+from stages.lib.generation import Sampling, generate_rollouts
 
 
 def sft_data_dir(cfg: Config) -> Path:

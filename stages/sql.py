@@ -38,7 +38,7 @@ import duckdb
 
 from data_schemas import manifest as manifest_mod
 from data_schemas import tokens
-from stages.errors import UserError, user_errors_exit
+from stages.lib.errors import UserError, user_errors_exit
 
 EXAMPLES_FILE = Path(__file__).resolve().parent / "sql_policies" / "examples.sql"
 MAX_CELL = 60  # characters shown per cell (long lists are cut)

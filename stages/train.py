@@ -60,12 +60,12 @@ from torch import Tensor, nn
 from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_table
 from data_schemas import selected as selected_table
-from stages import models, store
-from stages.config import Config, as_dict, hydra_entry
-from stages.errors import UserError, fault_point
-from stages.loader import MicroBatch, MicroBatchStream, collate, plan_steps
-from stages.logprobs import model_head, model_hidden_states, sequence_stats
-from stages.losses import MAX_SUFFIX, average_metrics, combined_loss
+from stages.lib import models, store
+from stages.lib.config import Config, as_dict, hydra_entry
+from stages.lib.errors import UserError, fault_point
+from stages.lib.loader import MicroBatch, MicroBatchStream, collate, plan_steps
+from stages.lib.logprobs import model_head, model_hidden_states, sequence_stats
+from stages.lib.losses import MAX_SUFFIX, average_metrics, combined_loss
 
 STATE_FILE = "trainer_state.pt"
 

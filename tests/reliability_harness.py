@@ -1,5 +1,5 @@
 """Helpers for the reliability tests: run a stage through its CLI in a subprocess (the real user
-path), inject a fault (``DISTILLERY_FAULT``, see ``stages.errors.fault_point``), and compare what a
+path), inject a fault (``DISTILLERY_FAULT``, see ``stages.lib.errors.fault_point``), and compare what a
 stage left on disk with an uninterrupted run.
 
 Speed: a CLI subprocess spends seconds importing torch and transformers on this machine, so the
@@ -34,7 +34,7 @@ from types import ModuleType
 
 import pyarrow as pa
 
-from stages import store
+from stages.lib import store
 
 REPO = Path(__file__).resolve().parent.parent
 KILLED = -signal.SIGKILL
@@ -114,7 +114,6 @@ def overrides_for(
     return [
         "experiment=demo",
         f"run_dir={run_dir}",
-        "demo_world=null",
         f"student.path={student}",
         f"teacher.path={teacher}",
         f"ref.path={student}",
@@ -219,7 +218,7 @@ def zygote_main() -> None:
         __import__(f"stages.{st}")  # (runpy executes them afresh as __main__, like ``-m``)
         sys.modules.pop(f"stages.{st}")
     if len(sys.argv) > 1:  # warm transformers' lazy imports with a model of the test
-        from stages import models
+        from stages.lib import models
 
         models.load_model(sys.argv[1], "warm-up")
         models.load_tokenizer(sys.argv[1], "warm-up")

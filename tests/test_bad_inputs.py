@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import store
+from stages.lib import store
 from tests import reliability_harness as h
 from tests.conftest import WORDS, build_tiny_lm, write_prompts
 

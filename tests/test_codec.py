@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_schemas import codec, tokens
-from stages import sql, store
+from stages import sql
+from stages.lib import store
 from tests.test_select import K, run_select, write_run
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from stages.config import CONF_DIR, Config, compose
-from stages.errors import UserError
+from stages.lib.config import CONF_DIR, Config, compose
+from stages.lib.errors import UserError
 
 PRIMARIES = ["rollout", "score", "select", "train", "eval", "sft", "report", "pipeline"]
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))

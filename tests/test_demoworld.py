@@ -1,4 +1,4 @@
-"""The demo world (stages/demoworld.py): determinism, caching, loading, tokenizer, prompt files.
+"""The demo world (scripts/demoworld/world.py): determinism, caching, loading, tokenizer, prompt files.
 
 All tests use ``WorldSettings.quick()`` (a complete world in a few seconds). One world is built
 per session and shared; the determinism and caching tests build their own copies.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from demoworld import world as dw
 
 from data_schemas import prompts as prompts_schema
-from stages import demoworld as dw
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_FILES = [

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from stages import eval as eval_stage
-from stages import models
-from stages.config import compose
-from stages.errors import UserError
+from stages.lib import models
+from stages.lib.config import compose
+from stages.lib.errors import UserError
 from tests.conftest import write_prompts
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from stages.loader import LIST_COLUMNS, SCALAR_COLUMNS, _list_values, table_to_seqs
+from stages.lib.loader import LIST_COLUMNS, SCALAR_COLUMNS, _list_values, table_to_seqs
 
 
 def test_table_to_seqs_reads_slices_and_chunks_right():

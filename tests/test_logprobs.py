@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from stages import logprobs
-from stages.logprobs import (
+from stages.lib import logprobs
+from stages.lib.logprobs import (
     gather_logprobs,
     head_logprob_stats,
     logits_logprob_stats,

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from stages.losses import (
+from stages.lib.losses import (
     LOSSES,
     average_metrics,
     combined_loss,

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from demoworld import world as demoworld
 
-from stages import demoworld, pipeline
-from stages.config import compose
+from stages import pipeline
+from stages.lib.config import compose
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,6 @@ def demo_overrides(world: Path, run_dir: Path) -> list[str]:
     return [
         "experiment=demo",
         f"run_dir={run_dir}",
-        "demo_world=null",
         f"student.path={base}",
         f"teacher.path={base}",
         f"ref.path={base}",
@@ -66,7 +66,7 @@ def test_pipeline_end_to_end_and_retrain_on_cache(quick_world, tmp_path):
 
     # a second round of fresh rollouts: round 1 is reused as it is, round 2 samples with round 1's
     # checkpoint, trains on from it, and eval shows both
-    from stages import models
+    from stages.lib import models
 
     cfg3 = compose("pipeline", [*demo_overrides(quick_world, run_dir), "pipeline.rounds=2"])
     pipeline.run(cfg3)

@@ -2,7 +2,7 @@
 
 Each stage runs through its CLI (``python -m stages.<stage> ...`` in a forked child of a
 pre-imported zygote, see tests/reliability_harness.py) on the demo experiment with tiny models.
-A fault point (``DISTILLERY_FAULT=<point>:<n>``, ``stages.errors.fault_point``) SIGKILLs the stage
+A fault point (``DISTILLERY_FAULT=<point>:<n>``, ``stages.lib.errors.fault_point``) SIGKILLs the stage
 at a chosen place; after every kill the dataset must be invisible to readers (no manifest, only
 complete shards under their final names), and the re-run must produce exactly the rows and the
 bytes of an uninterrupted run. Guarantees and the tests that prove them: docs/RELIABILITY.md.
@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from data_schemas import rollouts, selected, tokens
-from stages import store
-from stages.errors import UserError, fault_point
+from stages.lib import store
+from stages.lib.errors import UserError, fault_point
 from tests import reliability_harness as h
 from tests.conftest import write_prompts
 

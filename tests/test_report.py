@@ -24,9 +24,10 @@ import torch
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
 from data_schemas import tokens as tokens_schema
-from stages import report, store
-from stages.config import as_dict, compose
-from stages.errors import UserError
+from stages import report
+from stages.lib import store
+from stages.lib.config import as_dict, compose
+from stages.lib.errors import UserError
 from tests.conftest import write_prompts
 
 K = 8

@@ -1,4 +1,4 @@
-"""The rollout stage (stages/rollout.py, stages/generation.py) on a real tiny Llama.
+"""The rollout stage (stages/rollout.py, stages/lib/generation.py) on a real tiny Llama.
 
 Checks the rollouts table (schema, n samples per prompt, guided rollouts by token content), the
 stored behaviour log-probs against a transformers forward pass, determinism, resume after SIGKILL,
@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from data_schemas import rollouts
-from stages import generation, store
-from stages.config import compose
+from stages.lib import generation, store
+from stages.lib.config import compose
 from stages.rollout import run
 from tests.conftest import write_prompts
 
@@ -100,7 +100,7 @@ def reference(tmp_path_factory, tiny_lm, prompts_file) -> tuple[Path, pa.Table]:
 def test_rows_samples_and_guided_prefixes(reference, tiny_lm, prompts_file):
     from transformers import AutoTokenizer
 
-    from stages.demoworld import answer_matches
+    from stages.lib.grading import answer_matches
 
     _, t = reference
     tok = AutoTokenizer.from_pretrained(tiny_lm)
@@ -283,7 +283,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, tiny_lm, prompts_fi
 # ----------------------------------------------------------------------------- vLLM
 @pytest.mark.vllm
 def test_vllm_backend_logprobs_and_schema(tmp_path, tiny_lm, prompts_file):
-    from stages import vllm_backend
+    from stages.lib import vllm_backend
 
     ok, why = vllm_backend.vllm_available()
     if not ok:

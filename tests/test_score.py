@@ -24,9 +24,9 @@ import torch
 
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
-from stages import models, store
-from stages.config import compose
-from stages.errors import UserError
+from stages.lib import models, store
+from stages.lib.config import compose
+from stages.lib.errors import UserError
 from stages.score import length_buckets, pad_right, plan_shard, run
 from tests.conftest import WORDS, build_tiny_lm
 
@@ -420,7 +420,7 @@ def test_plan_reuses_shared_prefixes(tiny_lm):
 def test_vllm_backend_matches_transformers(tmp_path, tiny_lm):
     """One engine (teacher = behaviour = ref = tiny_lm, the demo's shape) to keep start-up to one;
     log-probs and top-K from vLLM, entropies from the HF pass (recorded in the manifest)."""
-    from stages import vllm_backend as vb
+    from stages.lib import vllm_backend as vb
 
     ok, why = vb.vllm_available()
     if not ok:

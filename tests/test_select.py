@@ -16,9 +16,9 @@ import pyarrow as pa
 import pytest
 
 from data_schemas import rollouts, selected, tokens
-from stages import store
-from stages.config import compose
-from stages.errors import UserError
+from stages.lib import store
+from stages.lib.config import compose
+from stages.lib.errors import UserError
 
 V = 64  # vocabulary size
 K = 4  # teacher top-K

@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM
 
-from stages import models, sft, store
-from stages.config import compose
+from stages import sft
+from stages.lib import models, store
+from stages.lib.config import compose
 from tests.conftest import write_prompts
 
 

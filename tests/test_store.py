@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 
 from data_schemas import rollouts
-from stages import store
-from stages.errors import UserError
+from stages.lib import store
+from stages.lib.errors import UserError
 from tests.test_schemas import rollout_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +158,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import pyarrow as pa
     sys.path.insert(0, {root!r})
     from data_schemas import rollouts
-    from stages import store
+    from stages.lib import store
     from tests.test_store import shard_table
     slow = sys.argv[2] == "slow"
     with store.open_writer(sys.argv[1], rollouts, dataset_id="k", stage="t", row_group_rows=50) as w:
@@ -169,7 +169,7 @@ KILL_SCRIPT = textwrap.dedent("""
             if slow and s == 2:
                 # write shard 2 through a writer that stalls mid-file, then get killed
                 import pyarrow.parquet as pq, os
-                from stages.store import TMP_PREFIX
+                from stages.lib.store import TMP_PREFIX
                 p = w.shard_path(s); p.parent.mkdir(parents=True, exist_ok=True)
                 tmp = p.with_name(f"{{TMP_PREFIX}}{{p.name}}.{{os.getpid()}}")
                 with pq.ParquetWriter(tmp, t.schema) as pw:

@@ -2,7 +2,7 @@
 
 ``make_selection`` hand-builds ``run_dir/selected/<name>/`` the way the pipeline would: responses
 sampled from the tiny student, behaviour log-probs from the student, teacher log-prob / top-K /
-log-mass from a tiny teacher through ``stages.logprobs.sequence_stats``, written with
+log-mass from a tiny teacher through ``stages.lib.logprobs.sequence_stats``, written with
 ``store.open_writer`` and committed with a tokenizer fingerprint.
 """
 
@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from data_schemas import selected
-from stages import models, store
-from stages.config import compose
-from stages.errors import UserError
-from stages.logprobs import sequence_stats
-from stages.losses import combined_loss
+from stages.lib import models, store
+from stages.lib.config import compose
+from stages.lib.errors import UserError
+from stages.lib.logprobs import sequence_stats
+from stages.lib.losses import combined_loss
 from stages.train import lr_factor, run
 from tests.conftest import WORDS, build_tiny_lm
 

@@ -1,4 +1,4 @@
-"""Parity tests for the vLLM backend (stages/vllm_backend.py) against a fp32 transformers forward.
+"""Parity tests for the vLLM backend (stages/lib/vllm_backend.py) against a fp32 transformers forward.
 
 One engine is shared by the whole module (engine start is ~25-40 s on CPU). The model is a tiny
 random Llama with scaled-up output weights so that next-token distributions are peaked (logit std
@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from stages import vllm_backend as vb
+from stages.lib import vllm_backend as vb
 
 _OK, _WHY = vb.vllm_available()
 pytestmark = [

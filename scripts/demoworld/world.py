@@ -39,7 +39,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ import torch
 from tqdm import tqdm
 
 from data_schemas import prompts as prompts_schema
+from stages.lib import grading
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 PAD, UNK, BOS, EOS = SPECIAL_TOKENS
@@ -399,13 +399,11 @@ def guided_prefix(context: str | None, prompt: str) -> str:
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
 
-_WORD_RE = re.compile(r"\d|[^\W\d]+|[^\w\s]+")
-
 
 def _words(text: str) -> list[str]:
     """Letter runs, single digits, punctuation runs (digits split finer than the tokenizer's
     pairs, so "1423" and "14 23" compare equal)."""
-    return _WORD_RE.findall(text.lower())
+    return grading.words(text)
 
 
 def _base_words() -> list[str]:
@@ -701,16 +699,7 @@ def pretrain(
 # ---------------------------------------------------------------------------------------------
 
 
-def answer_matches(response_text: str, answer: str) -> bool:
-    """True when the answer's words occur as a contiguous whole-word run in the response.
-
-    Case-insensitive; both sides are split into words, single digits and punctuation (so "1423"
-    matches the decoded "14 23", and "vexton." matches "vexton").
-    """
-    r, a = _words(response_text), _words(answer)
-    if not a:
-        return False
-    return any(r[i : i + len(a)] == a for i in range(len(r) - len(a) + 1))
+answer_matches = grading.answer_matches
 
 
 @torch.no_grad()

@@ -20,9 +20,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from stages.errors import UserError, report_and_exit
+from stages.lib.errors import UserError, report_and_exit
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _check(ok: bool, key: str, what: str) -> None:
@@ -323,8 +323,6 @@ class Config:
     overwrite: bool = False
     # Show tracebacks for user errors.
     debug: bool = False
-    # When set, the pipeline first builds (or reuses) the demo world in this directory.
-    demo_world: str | None = None
     # The model being trained, the teacher, and an optional reference model.
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)

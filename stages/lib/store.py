@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from data_schemas import manifest as manifest_mod
 from data_schemas.common import META_DATASET, META_SHARD, META_TABLE, META_VERSION
-from stages.errors import UserError, fault_point
+from stages.lib.errors import UserError, fault_point
 
 SHARDS_PER_BUCKET = 256
 TMP_PREFIX = ".tmp-"

@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from stages import store
-from stages.errors import UserError
+from stages.lib import store
+from stages.lib.errors import UserError
 
 # Columns the trainer reads (sample_id/prompt_id identify sequences for the online teacher).
 LIST_COLUMNS = (
@@ -288,7 +288,7 @@ def _cat(seqs: list[Seq], col: str, dtype: np.dtype) -> np.ndarray:
 
 def collate(seqs: list[Seq], pad_id: int, where: str = "selected") -> MicroBatch:
     """Pad ``train_prompt_ids + response_ids`` rows and concatenate the per-token columns."""
-    from stages.logprobs import response_positions
+    from stages.lib.logprobs import response_positions
 
     p_lens = [len(s["train_prompt_ids"]) for s in seqs]
     r_lens = [len(s["response_ids"]) for s in seqs]

@@ -28,9 +28,10 @@ import pyarrow as pa
 import torch
 
 from data_schemas import rollouts as rollouts_schema
-from stages import models, store
-from stages.config import Config, RolloutConfig, as_dict
-from stages.errors import UserError
+from stages.lib import models, store
+from stages.lib.config import Config, RolloutConfig, as_dict
+from stages.lib.errors import UserError
+from stages.lib.grading import answer_matches
 
 # Rollout keys that change speed or memory but not what is sampled (left out of the dataset id).
 # The backend is one of them: both backends sample the same distribution into the same schema,
@@ -327,7 +328,7 @@ class Engine:
 
 
 def resolve_backend(name: str) -> str:
-    from stages import vllm_backend
+    from stages.lib import vllm_backend
 
     if name == "auto":
         if not torch.cuda.is_available():
@@ -359,7 +360,7 @@ def load_engine(
 ) -> Engine:
     eos_id = tok.eos_token_id
     if backend == "vllm":
-        from stages import vllm_backend
+        from stages.lib import vllm_backend
 
         # seed=0: every request carries its own seed, so the engine seed changes nothing, and a
         # constant keeps one cached engine across runs with different seeds.
@@ -419,25 +420,16 @@ def policy_context_length(path: str) -> int:
 
 
 # ----------------------------------------------------------------------------- rows
-def _answer_matcher():
-    try:
-        from stages.demoworld import answer_matches
-    except ImportError:
-        return None
-    return answer_matches
-
-
 def shard_table(
     prompts: list[PromptIds], samples: list[list[Sample]], s: Sampling, tok: Any
 ) -> pa.Table:
-    matches = _answer_matcher()
     cols: dict[str, list] = {f.name: [] for f in rollouts_schema.SCHEMA}
     for p, per in zip(prompts, samples, strict=True):
         for j, smp in enumerate(per):
             correct = None
-            if p.answer is not None and matches is not None:
+            if p.answer is not None:
                 text = tok.decode(smp.response_ids, skip_special_tokens=True)
-                correct = bool(matches(text, p.answer))
+                correct = answer_matches(text, p.answer)
             row = {
                 "sample_id": f"{p.prompt_id}#{j}",
                 "prompt_id": p.prompt_id,

@@ -16,23 +16,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from data_schemas.errors import UserError
+
 EXIT_USER_ERROR = 2
 
-
-class UserError(Exception):
-    """A mistake the user can fix: bad input, bad config, mismatched models, a locked run dir."""
-
-    def __init__(self, what: str, where: str | None = None, fix: str | None = None):
-        self.what, self.where, self.fix = what, where, fix
-        super().__init__(self.line())
-
-    def line(self) -> str:
-        s = self.what
-        if self.where:
-            s += f" ({self.where})"
-        if self.fix:
-            s += f". Fix: {self.fix}"
-        return s
+__all__ = ["UserError", "report_and_exit", "user_errors_exit", "fault_point"]
 
 
 def debug_enabled() -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from stages.errors import UserError, fault_point
+from stages.lib.errors import UserError, fault_point
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 FULL_HASH_LIMIT = 1 << 30  # hash weight files fully up to 1 GiB; larger: size + head + tail
