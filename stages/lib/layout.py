@@ -1,0 +1,140 @@
+"""The run layout: every folder and file of a run, named in one place.
+
+Stages never build ``run_dir / "..."`` paths by hand; they ask a :class:`RunLayout`. Rounds of
+fresh rollouts (``pipeline.rounds``) live under ``run_dir/round<r>/`` with the same layout, so
+``layout.round(r)`` is the layout of round ``r`` (round 1 is the run itself)::
+
+    run_dir/
+      rollouts/                 student samples             (rollout; dataset: shards + _manifest.json)
+      tokens/                   teacher/behaviour scores    (score)
+      selected/<policy>/        train-ready sequences       (select; selected/sft/ for SFT)
+      sft_data/                 the SFT teacher's answers   (sft)
+      checkpoints/<name>/       step-*/ and final/          (train)
+      train/<name>/             metrics.jsonl, tb/, config  (train)
+      eval/                     results.json, generations   (eval)
+      report/                   report.html, plots          (report)
+      timings.json              stage wall times            (pipeline)
+      round<r>/                 the same layout, round r >= 2
+
+Dataset folders hold Parquet shards under ``bucket=NNN/`` and metadata files whose names start
+with ``_`` (the Hive/Spark convention Parquet readers skip), so pandas, pyarrow, polars, Spark
+and DuckDB open a dataset folder as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_schemas.errors import UserError
+
+# A name that becomes one path component: letters, digits, '.', '_', '-'; not '.' or '..'.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_name(name: str | None, key: str) -> str:
+    """``name`` if it is safe as one path component under the run, else a UserError naming ``key``."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise UserError(
+            f"{key}={name!r} is not a safe name",
+            "config",
+            f"set {key} to 1-128 characters from letters, digits, '.', '_' and '-' "
+            "(no path separators, not starting with '.')",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run (or one round of it). Pure: creates nothing on disk."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, run_dir: str | Path) -> RunLayout:
+        if run_dir is None or str(run_dir).strip() == "":
+            raise UserError("run_dir is empty", "config", "set run_dir=<a directory for this run>")
+        return cls(Path(run_dir))
+
+    # ---------------------------------------------------------------- datasets
+    @property
+    def rollouts(self) -> Path:
+        return self.root / "rollouts"
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / "tokens"
+
+    @property
+    def selected_root(self) -> Path:
+        return self.root / "selected"
+
+    def selected(self, name: str) -> Path:
+        return self.selected_root / check_name(name, "select.name")
+
+    @property
+    def sft_data(self) -> Path:
+        return self.root / "sft_data"
+
+    @property
+    def sft_selected(self) -> Path:
+        return self.selected_root / "sft"
+
+    # ---------------------------------------------------------------- training
+    @property
+    def checkpoints_root(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoints(self, name: str) -> Path:
+        return self.checkpoints_root / check_name(name, "train.name")
+
+    def final(self, name: str) -> Path:
+        return self.checkpoints(name) / "final"
+
+    @property
+    def sft_final(self) -> Path:
+        return self.final("sft")
+
+    @property
+    def train_root(self) -> Path:
+        return self.root / "train"
+
+    def train(self, name: str) -> Path:
+        return self.train_root / check_name(name, "train.name")
+
+    # ---------------------------------------------------------------- outputs
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.eval / "results.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
+    @property
+    def duckdb_tmp(self) -> Path:
+        return self.root / ".duckdb_tmp"
+
+    # ---------------------------------------------------------------- rounds
+    def round(self, r: int) -> RunLayout:
+        """Round ``r`` of fresh rollouts (1 = this run itself)."""
+        if r < 1:
+            raise ValueError(f"round {r} < 1")
+        return self if r == 1 else RunLayout(self.root / f"round{r}")
+
+    def rounds(self) -> dict[int, RunLayout]:
+        """The rounds present on disk (round 1 always), by number."""
+        out = {1: self}
+        for d in self.root.glob("round*"):
+            if d.is_dir() and d.name[5:].isdigit() and int(d.name[5:]) >= 2:
+                out[int(d.name[5:])] = RunLayout(d)
+        return dict(sorted(out.items()))
