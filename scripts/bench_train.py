@@ -206,7 +206,7 @@ def train_cfg(w: dict, mode: str, steps: int):
             f"teacher.path={w['teacher']}", f"train.name={mode}",
             f"train.online={str(mode == 'online').lower()}", "loss=topk_fkl",
             f"train.micro_batch_tokens={MB_TOKENS}", "train.log_every=1",
-            "train.tensorboard=false", "train.shuffle=false", f"train.max_steps={steps}",
+            "train.trackers=[]", "train.shuffle=false", f"train.max_steps={steps}",
             f"train.epochs={steps // w['micro_batches'] + 1}", "train.schedule=constant",
             "overwrite=true",
         ],

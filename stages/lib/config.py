@@ -273,7 +273,9 @@ class TrainConfig:
         _check(self.schedule in ("cosine", "constant"), "train.schedule", "must be cosine|constant")
         for t in self.trackers:
             _check(t in TRACKERS, "train.trackers", f"entries must be among {list(TRACKERS)}")
-        _check(self.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be offline|online")
+        _check(
+            self.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be offline|online"
+        )
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
         _check(
             not (self.precision == "bf16_params" and self.lora.r > 0),

@@ -215,7 +215,10 @@ def check_row_group(tbl: pa.Table, vocab_size: int | None, max_weight: float) ->
         if col in ID_COLUMNS:
             if vocab_size is None:
                 continue
-            bad, why = (vals < 0) | (vals >= vocab_size), f"outside the vocabulary [0, {vocab_size})"
+            bad, why = (
+                (vals < 0) | (vals >= vocab_size),
+                f"outside the vocabulary [0, {vocab_size})",
+            )
         elif col == "weights":
             v = vals.astype(np.float64)
             bad = ~np.isfinite(v) | (v < 0) | (v > max_weight)

@@ -59,7 +59,9 @@ class TensorBoard:
 
 
 class WandB:
-    def __init__(self, out_dir: Path, config: dict, step: int, *, name: str, project: str, mode: str):
+    def __init__(
+        self, out_dir: Path, config: dict, step: int, *, name: str, project: str, mode: str
+    ):
         wandb = _need("wandb", "wandb")
         (out_dir / "wandb").parent.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
