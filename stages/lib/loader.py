@@ -178,7 +178,7 @@ def _first_bad(tbl: pa.Table, col: str, bad: np.ndarray, offsets: np.ndarray, va
     i = int(bad.argmax())
     row = int(np.searchsorted(offsets, i, side="right") - 1)
     sid = tbl["sample_id"][row].as_py()
-    return f"sample {sid!r}, element {i - int(offsets[row])}: {vals[i]!r}"
+    return f"sample {sid!r}, element {i - int(offsets[row])}: {vals[i].item()!r}"
 
 
 def _check_lengths(tbl: pa.Table) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -63,7 +64,6 @@ class WandB:
         self, out_dir: Path, config: dict, step: int, *, name: str, project: str, mode: str
     ):
         wandb = _need("wandb", "wandb")
-        (out_dir / "wandb").parent.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=project,
             name=name,
@@ -90,7 +90,9 @@ class MLflow:
         _need("mlflow", "mlflow")
         from mlflow.tracking import MlflowClient
 
-        uri = uri or (out_dir / "mlruns").resolve().as_uri()
+        if uri is None:  # the default: a file store next to metrics.jsonl, which MLflow 3 keeps
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # behind an opt-in
+            uri = (out_dir / "mlruns").resolve().as_uri()
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(project)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(project)
