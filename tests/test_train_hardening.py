@@ -13,12 +13,9 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -27,14 +24,13 @@ from stages.lib import errors, models, store
 from stages.lib.config import compose
 from stages.lib.errors import UserError
 from stages.lib.loader import check_row_group, collate
-from stages.train import ResponseLoss, Dist, run, train_step
+from stages.train import Dist, ResponseLoss, run, train_step
 from tests import reliability_harness as h
-from tests.test_train import (  # noqa: F401 - one_torch_thread: an autouse fixture
-    make_selection,
-    one_torch_thread,
-    train_cfg,
-    world,
-)
+from tests import test_train
+from tests.test_train import make_selection, train_cfg
+
+# fixtures shared with test_train (one_torch_thread is autouse)
+world, one_torch_thread = test_train.world, test_train.one_torch_thread
 
 ARGS = ["train.max_steps=3", "train.micro_batch_tokens=22", "train.save_every=1"]
 NAME = "opd_k1-all"
@@ -145,7 +141,6 @@ def test_diverging_weights_stop_before_anything_diverged_is_saved(sel_run):
 
 def _micro_batches(sel: Path, student: Path):
     from data_schemas import selected
-
     from stages.lib.loader import table_to_seqs
 
     seqs = table_to_seqs(store.read_table(sel, selected))
