@@ -36,6 +36,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 HIDDEN, LAYERS, HEADS, FFN, VOCAB = 768, 12, 12, 2048, 8192
 PROMPT, RESP, N_SEQ, K, MB_TOKENS = 64, 192, 512, 32, 8192
+DEVICE = "cuda"
+
+
+def smoke_sizes() -> None:
+    """``--cpu-smoke``: the training part only, tiny, on CPU/gloo (checks the script itself)."""
+    global HIDDEN, LAYERS, HEADS, FFN, VOCAB, PROMPT, RESP, N_SEQ, MB_TOKENS, DEVICE
+    HIDDEN, LAYERS, HEADS, FFN, VOCAB = 128, 2, 2, 256, 512
+    PROMPT, RESP, N_SEQ, MB_TOKENS, DEVICE = 8, 24, 32, 256, "cpu"
 
 
 def fail(what: str, fix: str) -> None:
@@ -94,8 +102,8 @@ def write_selection(run_dir: Path, student: Path, teacher: Path) -> None:
     g = np.random.default_rng(0)
     prompts = [[tok.bos_token_id, *g.integers(4, VOCAB, PROMPT - 1).tolist()] for _ in range(N_SEQ)]
     resps = [g.integers(4, VOCAB, RESP).tolist() for _ in range(N_SEQ)]
-    t_model = models.load_model(str(teacher), device="cuda")
-    s_model = models.load_model(str(student), device="cuda")
+    t_model = models.load_model(str(teacher), device=DEVICE)
+    s_model = models.load_model(str(student), device=DEVICE)
     t, b = [], []
     with torch.inference_mode():
         for i in range(0, N_SEQ, 64):
@@ -146,6 +154,7 @@ def train(work: Path, student: Path, steps: int, n_params: int, peak: float) -> 
         "train.precision=bf16_params", f"train.max_steps={steps}", f"train.epochs={epochs}",
         f"train.micro_batch_tokens={MB_TOKENS}", "train.log_every=1", "train.trackers=[]",
         "train.shuffle=false", "train.lr=3e-4", "train.chunk_positions=4096",
+        f"train.device={DEVICE}",
     ]  # fmt: skip
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -218,9 +227,18 @@ def main() -> None:
     ap.add_argument("--out", default="runs/gpu_check.json")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--work", default=None, help="work folder (default: a temp folder)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny training part on CPU only")
     a = ap.parse_args()
     import torch
 
+    if a.cpu_smoke:
+        smoke_sizes()
+        with tempfile.TemporaryDirectory() as tmp:
+            student, n = build_llama(Path(tmp) / "student", seed=0)
+            teacher, _ = build_llama(Path(tmp) / "teacher", seed=1)
+            write_selection(Path(tmp) / "run", student, teacher)
+            print(json.dumps(train(Path(tmp), student, a.steps, n, float("nan")), indent=1))
+        return
     if not torch.cuda.is_available():
         fail("no CUDA device visible", "run it on a machine with an NVIDIA GPU and CUDA builds of "
              "torch and vllm (pip install 'distillery[vllm]')")  # fmt: skip
