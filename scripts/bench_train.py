@@ -43,8 +43,8 @@ student (behaviour log-probs).
     own forked process like (b). Also the RSS growth ratio (the step's own memory).
 (e) ``train.bf16_step_time_over_fp32``: ``train_step`` under ``train.precision=bf16`` (autocast)
     over fp32, and ``train.bf16_params_step_time_over_fp32`` (bf16 weights, fp32 masters),
-    interleaved like (a) on the same in-memory micro-batches. On a CPU without bf16 matrix units
-    bf16 is expected to be slower; the ratio is what this machine measures, not a GPU claim.
+    interleaved like (a) on the same in-memory micro-batches. The CPU's bf16 instruction flags are
+    recorded (``e.cpu_bf16_flags``): the ratio is what this machine measures, not a GPU claim.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ import torch  # noqa: E402
 
 from data_schemas import selected  # noqa: E402
 from stages.lib import models, store  # noqa: E402
+from stages.lib.layout import RunLayout  # noqa: E402
 from stages.lib.logprobs import sequence_stats  # noqa: E402
 
 VOCAB, K, PROMPT, RESP = 2048, 32, 16, 48
@@ -134,7 +135,7 @@ def write_selection(
         }  # fmt: skip
         for i, (p, r, ti, bi) in enumerate(zip(prompts, resps, t, b))
     ]
-    out = run_dir / "selected" / "all"
+    out = RunLayout(run_dir).selected("all")
     with store.open_writer(
         out, selected, dataset_id=store.content_id([n, prompt, resp, k]), stage="select",
         row_group_rows=rg, vocab_size=v, overwrite=True,
@@ -328,7 +329,8 @@ def bench_online(w: dict, pairs: int, end_to_end: bool) -> dict:
         med = {}
         for mode in ("offline", "online"):
             run(train_cfg(w, mode, pairs + 1))
-            rows = (w["run_dir"] / "train" / mode / "metrics.jsonl").read_text().splitlines()
+            metrics = RunLayout(w["run_dir"]).train(mode) / "metrics.jsonl"
+            rows = metrics.read_text().splitlines()
             med[mode] = statistics.median(json.loads(r)["step_s"] for r in rows[1:])  # warm-up
         out["c.run_offline_step_s"] = med["offline"]
         out["c.run_online_step_s"] = med["online"]
@@ -385,7 +387,7 @@ def bench_precision(w: dict, pairs: int) -> dict:
         "e.bf16_step_s": statistics.median(t16),
         "e.bf16_params_step_s": statistics.median(t16p),
         "e.pairs": pairs,
-        "e.cpu_bf16_matmul": "AMX" if "amx" in _cpu_flags() else "no AMX (emulated/converted)",
+        "e.cpu_bf16_flags": [f for f in ("avx512_bf16", "amx_bf16") if f in _cpu_flags().split()],
     }
 
 

@@ -96,6 +96,7 @@ def write_selection(run_dir: Path, student: Path, teacher: Path) -> None:
 
     from data_schemas import selected
     from stages.lib import models, store
+    from stages.lib.layout import RunLayout
     from stages.lib.logprobs import sequence_stats
 
     tok = models.load_tokenizer(str(student))
@@ -137,7 +138,7 @@ def write_selection(run_dir: Path, student: Path, teacher: Path) -> None:
     ]
     fps = {"tokenizer": models.tokenizer_fingerprint(tok)}
     with store.open_writer(
-        run_dir / "selected" / "all", selected, dataset_id="gpu-check", stage="select",
+        RunLayout(run_dir).selected("all"), selected, dataset_id="gpu-check", stage="select",
         row_group_rows=64, vocab_size=VOCAB, overwrite=True,
     ) as w:  # fmt: skip
         w.write_shard(0, pa.Table.from_pylist(rows, schema=selected.SCHEMA))
@@ -161,7 +162,12 @@ def train(work: Path, student: Path, steps: int, n_params: int, peak: float) -> 
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     if p.returncode != 0:
         return {"ok": False, "rc": p.returncode, "stderr": p.stderr[-3000:]}
-    rows = [json.loads(x) for x in (rd / "train/gpu_check/metrics.jsonl").read_text().splitlines()]
+    from stages.lib.layout import RunLayout
+
+    lay = RunLayout(rd)
+    rows = [
+        json.loads(x) for x in (lay.train("gpu_check") / "metrics.jsonl").read_text().splitlines()
+    ]
     warm = rows[min(5, len(rows) - 1) :]
     tps = statistics.median(r["tokens_per_s"] for r in warm)
     # training FLOPs per token: 6·N (the input embedding is a lookup) + attention 12·L·H·T
@@ -173,7 +179,7 @@ def train(work: Path, student: Path, steps: int, n_params: int, peak: float) -> 
         "model_tflops": flops / 1e12, "fraction_of_measured_bf16_matmul": flops / 1e12 / peak,
         "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
         "loss_went_down": rows[-1]["loss"] < rows[0]["loss"],
-        "final": str(rd / "checkpoints/gpu_check/final"),
+        "final": str(lay.final("gpu_check")),
     }  # fmt: skip
 
 

@@ -734,6 +734,20 @@ def _bad_loss(value: float, mb: MicroBatch, where: str) -> UserError:
     )
 
 
+def step_counts(mbs: list[MicroBatch], dist: Dist) -> list[float]:
+    """(Σ weight, response tokens, kept tokens, input tokens) of a step, summed over ranks."""
+    counts = torch.tensor(
+        [
+            float(sum(mb.batch["weight"].double().sum() for mb in mbs)),
+            sum(mb.n_tokens for mb in mbs),
+            sum(mb.n_kept for mb in mbs),
+            sum(int(mb.attention_mask.sum()) for mb in mbs),
+        ],
+        dtype=torch.float64,
+    )
+    return dist.all_reduce(counts).tolist()
+
+
 def train_step(
     wrapped: nn.Module,
     mbs: list[MicroBatch],
@@ -758,17 +772,8 @@ def train_step(
     ``lr``, token counts, ``skipped_micro_batches`` and ``input_tokens`` (padded-batch tokens,
     summed over ranks) for the caller's tokens/s.
     """
-    counts = torch.tensor(
-        [
-            float(sum(mb.batch["weight"].double().sum() for mb in mbs)),
-            sum(mb.n_tokens for mb in mbs),
-            sum(mb.n_kept for mb in mbs),
-            sum(int(mb.attention_mask.sum()) for mb in mbs),
-        ],
-        dtype=torch.float64,
-    )
     # Every micro-batch's weighted-token count is known before any backward: the denominator.
-    count, n_tok, n_kept, n_in = dist.all_reduce(counts).tolist()
+    count, n_tok, n_kept, n_in = step_counts(mbs, dist)
     scale = dist.world_size / count if count > 0 else 0.0
     sums: dict[str, Tensor] = {}
     skipped = 0
