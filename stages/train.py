@@ -379,23 +379,19 @@ def setup_job(cfg: Config, dist: Dist) -> Job:
 @contextlib.contextmanager
 def run_lock(job: Job):
     """One trainer per run name (``store``'s flock: released by the kernel if the process dies)."""
-    if not job.dist.main:
+    with contextlib.ExitStack() as stack:
+        if job.dist.main:
+            name = job.cfg.train.name
+            lock = job.layout.checkpoints_root / f".lock-{name}"
+            try:
+                stack.enter_context(store._flock(lock, f"training run '{name}'", blocking=False))
+            except UserError as e:
+                raise UserError(
+                    e.what.replace("another writer", "another trainer"),
+                    str(job.ckpt_root),
+                    "wait for that training to finish (or stop it), or pick another train.name",
+                ) from None
         yield
-        return
-    lock = job.layout.checkpoints_root / f".lock-{job.cfg.train.name}"
-    try:
-        held = store._flock(lock, f"training run '{job.cfg.train.name}'", blocking=False)
-        held.__enter__()
-    except UserError as e:
-        raise UserError(
-            e.what.replace("another writer", "another trainer"),
-            str(job.ckpt_root),
-            "wait for that training to finish (or stop it), or pick another train.name",
-        ) from None
-    try:
-        yield
-    finally:
-        held.__exit__(None, None, None)
 
 
 # ============================================================================ setup: resume
