@@ -915,6 +915,13 @@ def record(job: Job, state: State, row: dict, plan: Plan, opened: list, bar) -> 
                 f.write(json.dumps(row) + "\n")
             for t in opened:
                 t.log(row)
+            if bar.disable:  # not a terminal: a log gets one line per logged step instead
+                print(
+                    f"train {job.cfg.train.name}: step {state.step}/{plan.steps} "
+                    f"loss {row['loss']:.4f} grad_norm {row['grad_norm']:.3f} "
+                    f"tokens/s {row['tokens_per_s']:.0f}",
+                    flush=True,
+                )
 
 
 def train_loop(
@@ -926,7 +933,8 @@ def train_loop(
 
     tc, dist = job.cfg.train, job.dist
     sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
-    bar = tqdm(total=plan.steps, initial=state.step, desc=f"train {tc.name}", disable=not dist.main)
+    tty = dist.main and sys.stderr.isatty()
+    bar = tqdm(total=plan.steps, initial=state.step, desc=f"train {tc.name}", disable=not tty)
     with bar:
         while state.step < plan.steps:
             t0 = time.perf_counter()
@@ -1003,7 +1011,8 @@ def train(job: Job) -> dict:
         loader.close()
         trackers.close_all(opened)
     job.say(
-        f"train: done, {state.step} steps, final loss {state.history[-1]:.4f} -> {job.final_dir}"
+        f"train: done, {state.step} steps, final loss {state.history[-1]:.4f}; wrote "
+        f"{job.final_dir} and {job.out_dir / 'metrics.jsonl'}"
     )
     return summary(job, state, plan.__dict__, skipped=False)
 
