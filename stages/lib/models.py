@@ -76,8 +76,9 @@ def check_safe_weights(p: Path, role: str, allow_pickle: bool) -> None:
             f"the {role} model's weights are pickled ({', '.join(pickled[:3])}), which "
             "distillery does not load by default (a pickle can run code)",
             str(p),
-            "convert them with model.save_pretrained(DIR) (safetensors), or, for a file you "
-            "trust, set train.allow_pickled_weights=true",
+            "convert them to safetensors (load once in a session you trust, then "
+            "model.save_pretrained(DIR)); the trainer also accepts a file you trust with "
+            "train.allow_pickled_weights=true",
         )
 
 
