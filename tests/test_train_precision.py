@@ -252,3 +252,23 @@ def test_trackers_receive_the_metrics_jsonl_rows(world, tmp_path):
     for k in keys:
         ev = {e.step: e.value for e in ea.Scalars(f"train/{k}")}
         assert ev == pytest.approx({s: want[s][k] for s in want}, rel=1e-6), k
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.trackers=[tensorboard,neptune]", "train.trackers"),
+        ("train.precision=fp8", "train.precision"),
+        ("train.wandb_mode=cloud", "train.wandb_mode"),
+        ("train.keep_last=0", "train.keep_last"),
+        ("train.max_bad_micro_batches=-1", "train.max_bad_micro_batches"),
+    ],
+)
+def test_bad_trainer_keys_fail_at_compose(override, key):
+    from stages.lib.config import compose
+    from stages.lib.errors import UserError
+
+    with pytest.raises(UserError, match=key):
+        compose("train", [override])
+    with pytest.raises(UserError, match="bf16_params"):
+        compose("train", ["train.precision=bf16_params", "train.lora.r=4"])
