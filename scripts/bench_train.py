@@ -37,6 +37,14 @@ student (behaviour log-probs).
     ``inference_mode``, full-vocabulary fp32 log-softmax, top-K gather, then the same loss), both
     fed by the streaming loader. Goal <= 1/3. Full mode also runs ``stages.train.run`` end to end
     in both modes (not interleaved: a cross-check of the step time inside the whole recipe).
+(d) ``train.gc_peak_mem_over_plain``: peak RSS of one training step with whole-model activation
+    checkpointing (``train.gradient_checkpointing``) over the same step without, on a deeper
+    student (256 hidden x 8 layers, V = 2048, 8 x 320 tokens; quick: 4 x 320), each variant in its
+    own forked process like (b). Also the RSS growth ratio (the step's own memory).
+(e) ``train.bf16_step_time_over_fp32``: ``train_step`` under ``train.precision=bf16`` (autocast)
+    over fp32, and ``train.bf16_params_step_time_over_fp32`` (bf16 weights, fp32 masters),
+    interleaved like (a) on the same in-memory micro-batches. The CPU's bf16 instruction flags are
+    recorded (``e.cpu_bf16_flags``): the ratio is what this machine measures, not a GPU claim.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ import torch  # noqa: E402
 
 from data_schemas import selected  # noqa: E402
 from stages.lib import models, store  # noqa: E402
+from stages.lib.layout import RunLayout  # noqa: E402
 from stages.lib.logprobs import sequence_stats  # noqa: E402
 
 VOCAB, K, PROMPT, RESP = 2048, 32, 16, 48
@@ -126,7 +135,7 @@ def write_selection(
         }  # fmt: skip
         for i, (p, r, ti, bi) in enumerate(zip(prompts, resps, t, b))
     ]
-    out = run_dir / "selected" / "all"
+    out = RunLayout(run_dir).selected("all")
     with store.open_writer(
         out, selected, dataset_id=store.content_id([n, prompt, resp, k]), stage="select",
         row_group_rows=rg, vocab_size=v, overwrite=True,
@@ -206,7 +215,7 @@ def train_cfg(w: dict, mode: str, steps: int):
             f"teacher.path={w['teacher']}", f"train.name={mode}",
             f"train.online={str(mode == 'online').lower()}", "loss=topk_fkl",
             f"train.micro_batch_tokens={MB_TOKENS}", "train.log_every=1",
-            "train.tensorboard=false", "train.shuffle=false", f"train.max_steps={steps}",
+            "train.trackers=[]", "train.shuffle=false", f"train.max_steps={steps}",
             f"train.epochs={steps // w['micro_batches'] + 1}", "train.schedule=constant",
             "overwrite=true",
         ],
@@ -320,12 +329,73 @@ def bench_online(w: dict, pairs: int, end_to_end: bool) -> dict:
         med = {}
         for mode in ("offline", "online"):
             run(train_cfg(w, mode, pairs + 1))
-            rows = (w["run_dir"] / "train" / mode / "metrics.jsonl").read_text().splitlines()
+            metrics = RunLayout(w["run_dir"]).train(mode) / "metrics.jsonl"
+            rows = metrics.read_text().splitlines()
             med[mode] = statistics.median(json.loads(r)["step_s"] for r in rows[1:])  # warm-up
         out["c.run_offline_step_s"] = med["offline"]
         out["c.run_online_step_s"] = med["online"]
         out["c.run_not_interleaved_offline_over_online"] = med["offline"] / med["online"]
     return out
+
+
+# ----------------------------------------------------------------------------- (e) precision
+def bench_precision(w: dict, pairs: int) -> dict:
+    """Step time of fp32, bf16 autocast and bf16 weights + fp32 masters, interleaved pairwise."""
+    from stages.lib.loader import MicroBatchStream, collate
+    from stages.train import MasterWeights, autocast_for, train_step
+
+    cfg = train_cfg(w, "precision", 1)
+    sel = w["selection"]
+    m = store.open_committed(sel, selected)
+    tok = models.load_tokenizer(str(w["student"]))
+    vocab = models.vocab_size(tok)
+    src = MicroBatchStream(sel, m, MB_TOKENS, shuffle_seed=None, prefetch=2)
+    mem = []
+    while (b := src.next_micro_batch()) is not None:
+        mem.append(collate(b, tok.pad_token_id))
+    src.close()
+    clip = cfg.train.grad_clip
+
+    def variant(precision: str) -> Callable[[], None]:
+        wrapped, optim, sched, params, dist = trainer(cfg, w["student"], vocab)
+        master = None
+        if precision == "bf16_params":
+            master = MasterWeights.of(wrapped.model)
+            optim = torch.optim.AdamW(master.master, lr=cfg.train.lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+            params = master.master
+        ac = autocast_for("bf16" if precision == "bf16" else "fp32", torch.device("cpu"))
+        n = [0]
+
+        def step() -> None:
+            mb = mem[n[0] % len(mem)]
+            n[0] += 1
+            train_step(
+                wrapped, [mb], optim, sched, params, dist, grad_clip=clip, autocast=ac,
+                master=master,
+            )  # fmt: skip
+
+        return step
+
+    fp32, bf16, bf16p = variant("fp32"), variant("bf16"), variant("bf16_params")
+    t32, t16 = interleave(fp32, bf16, pairs)
+    t32b, t16p = interleave(fp32, bf16p, pairs)
+    return {
+        "train.bf16_step_time_over_fp32": pair_ratio(t16, t32),
+        "train.bf16_params_step_time_over_fp32": pair_ratio(t16p, t32b),
+        "e.fp32_step_s": statistics.median(t32 + t32b),
+        "e.bf16_step_s": statistics.median(t16),
+        "e.bf16_params_step_s": statistics.median(t16p),
+        "e.pairs": pairs,
+        "e.cpu_bf16_flags": [f for f in ("avx512_bf16", "amx_bf16") if f in _cpu_flags().split()],
+    }
+
+
+def _cpu_flags() -> str:
+    try:
+        return next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
 
 
 # ----------------------------------------------------------------------------- (b) memory
@@ -337,7 +407,9 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def mem_child(variant: str, model_dir: str, seqs: int, resp: int, k: int, chunk: int) -> dict:
+def mem_child(
+    variant: str, model_dir: str, seqs: int, resp: int, k: int, chunk: int, gc: bool = False
+) -> dict:
     """One training step of one variant; peak RSS growth over the pre-step baseline."""
     from stages.train import ResponseLoss
 
@@ -345,6 +417,9 @@ def mem_child(variant: str, model_dir: str, seqs: int, resp: int, k: int, chunk:
     tok = models.load_tokenizer(model_dir)
     v = models.vocab_size(tok)
     model = models.load_model(model_dir).train()
+    model.config.use_cache = False
+    if gc:  # train.gradient_checkpointing: every decoder layer recomputed in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prompt = 8
     ids = torch.randint(4, v, (seqs, prompt + resp))  # [B, L]
     mask = torch.ones_like(ids)
@@ -426,9 +501,14 @@ def start_mem_server() -> subprocess.Popen:
 
 def bench_memory(work: Path, quick: bool, server: subprocess.Popen) -> dict:
     model = build_lm(work / "b_v32k", vocab=32768, hidden=128, layers=2, seed=0)
+    deep = build_lm(work / "d_deep", vocab=2048, hidden=256, layers=8, seed=0)
     seqs, resp, k = (4, 256, 32) if quick else (8, 512, 32)
+    d_seqs = 4 if quick else 8
     variants = [("ce", 256), ("topk", 256), ("ce", 1024), ("topk", 1024), ("hf_dense_ce", 0)]
     jobs = [[v, str(model), seqs, resp, k, chunk] for v, chunk in variants]
+    # (d): the same step with and without activation checkpointing, on the deeper student
+    jobs += [["topk", str(deep), d_seqs, 320, k, 1024, gc] for gc in (False, True)]
+    variants += [("d_plain", 1024), ("d_gc", 1024)]
     stdout, stderr = server.communicate(json.dumps(jobs) + "\n", timeout=900)
     if server.returncode != 0:
         raise RuntimeError(f"memory server failed: {stderr[-2000:]}")
@@ -437,6 +517,10 @@ def bench_memory(work: Path, quick: bool, server: subprocess.Popen) -> dict:
     peak = lambda v: out[v]["peak_mb"]  # noqa: E731
     grow = lambda v: out[v]["growth_mb"]  # noqa: E731
     return {
+        "train.gc_peak_mem_over_plain": peak("d_gc@1024") / peak("d_plain@1024"),
+        "d.gc_over_plain_growth": grow("d_gc@1024") / grow("d_plain@1024"),
+        "d.positions": d_seqs * 320,
+        "d.student": {"hidden": 256, "layers": 8, "vocab": 2048},
         # train.chunk_positions=256: the chunking a V=32k run should use
         "train.topk_loss_peak_mem_over_ce": peak("topk@256") / peak("ce@256"),
         "b.topk_over_ce_growth@256": grow("topk@256") / grow("ce@256"),
@@ -468,6 +552,7 @@ def bench(quick: bool, threads: int = 1) -> dict:
             for name, part in (
                 ("a", lambda: bench_streaming(w, pairs_a)),
                 ("c", lambda: bench_online(w, pairs_c, end_to_end=not quick)),
+                ("e", lambda: bench_precision(w, pairs_c)),
                 ("b", lambda: bench_memory(work, quick, server)),
             ):
                 t = time.perf_counter()
@@ -482,6 +567,7 @@ def bench(quick: bool, threads: int = 1) -> dict:
         "train.streaming_over_in_memory": ">= 0.95",
         "train.topk_loss_peak_mem_over_ce": "<= 1.25",
         "train.offline_step_time_over_online": "<= 0.333",
+        "train.gc_peak_mem_over_plain": "< 1 (lower peak memory)",
     }
     out["seconds"] = time.perf_counter() - t0
     return out

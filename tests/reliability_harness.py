@@ -127,7 +127,7 @@ def overrides_for(
         "train.log_every=1",
         "train.save_every=1",
         "train.max_steps=3",
-        "train.tensorboard=false",
+        "train.trackers=[]",
         *extra,
     ]
 

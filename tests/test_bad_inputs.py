@@ -204,6 +204,20 @@ def _train_other_init(ctx: Ctx, d: Path) -> list[str]:
     return [f"student.path={ctx.teacher}"]  # same tokenizer, other weights
 
 
+def _train_pickled_init(ctx: Ctx, d: Path) -> list[str]:
+    """A student saved the pre-safetensors way: a pickled pytorch_model.bin (can run code)."""
+    import torch
+    from safetensors.torch import load_file
+
+    ctx.copy(d, "rollouts", "tokens", "selected")
+    m = d.parent / f"{d.name}-pickled"
+    m.mkdir()
+    torch.save(load_file(ctx.student / "model.safetensors"), m / "pytorch_model.bin")
+    for f in [*ctx.student.glob("tokenizer*"), ctx.student / "config.json"]:
+        shutil.copy(f, m)
+    return [f"student.path={m}"]
+
+
 CASES = [
     Case(
         "prompts_malformed_jsonl",
@@ -286,6 +300,14 @@ CASES = [
         "worker.index",
     ),
     Case("checkpoint_from_another_model", "train", _train_other_init, "another init"),
+    Case("train_pickled_weights", "train", _train_pickled_init, "pickled"),
+    Case(
+        "train_run_name_locked",
+        "train",
+        _inputs("rollouts", "tokens", "selected"),
+        "another trainer",
+        hold_lock="checkpoints/.lock-topk_fkl-entropy_half",
+    ),
 ]
 
 

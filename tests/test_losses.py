@@ -187,6 +187,34 @@ def test_topk_fkl_full_support_equals_dense_forward_kl():
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("logmass", [-1e-7, -1e-3])
+@pytest.mark.parametrize("name", ["topk_fkl", "tropd"])
+def test_full_support_with_a_logmass_just_below_zero_equals_dense(name, logmass):
+    """K = V with a stored log-mass that is not exactly 0 (a scorer's logaddexp gives ~-1e-7, an
+    fp16 fallback more): the tail is empty, so the loss is the dense forward KL, not ~1e31."""
+    logits, t_lp, b = make(seed=5)
+    b["teacher_topk_logmass"] = torch.full((N,), logmass)
+    b["weight"][::3] = 0.0  # masked rows included
+    b["teacher_logprob"] = torch.full((N,), -30.0)  # tropd: every token untrusted -> forward KL
+    w = b["weight"].double()
+    ref = lambda x: (w * kl_rows(t_lp.double(), torch.log_softmax(x, -1))).sum()  # noqa: E731
+    loss, grad, m = grad_of(LOSSES[name], logits, b)
+    assert abs(float(loss)) < 1e3, float(loss)
+    close(loss, ref(logits.double()))
+    close(grad, dense_grad(ref, logits))
+    assert all(torch.isfinite(v).all() for v in m.values())
+
+
+def test_padded_full_support_has_no_tail():
+    """K = every real column of a padded vocabulary: the padded columns are no tail either."""
+    logits, t_lp, b = make(seed=6)
+    padded = torch.cat([logits, torch.randn(N, 4)], -1)  # [N, V + 4]
+    b["teacher_topk_logmass"] = torch.full((N,), -1e-6)
+    w = b["weight"].double()
+    ref = (w * kl_rows(t_lp.double(), torch.log_softmax(logits.double(), -1))).sum()
+    close(topk_fkl(padded, b, vocab_size=V)[0], ref)
+
+
 def test_topk_fkl_tail_bucket_and_renormalised():
     k = 5
     logits, t_lp, b = make(k=k, seed=3)

@@ -124,7 +124,7 @@ def train_cfg(run_dir: Path, student: Path, *extra: str):
             f"run_dir={run_dir}",
             f"student.path={student}",
             "train.shuffle=false",
-            "train.tensorboard=false",
+            "train.trackers=[]",
             "train.log_every=1",
             "train.schedule=constant",
             "train.lr=1e-2",
@@ -356,7 +356,7 @@ def test_training_lowers_the_kl_to_the_teacher_and_logs_metrics(world, tmp_path)
             "loss=topk_fkl",
             "train.epochs=4",
             "train.lr=2e-3",
-            "train.tensorboard=true",
+            "train.trackers=[tensorboard]",
             "train.micro_batch_tokens=88",
         )
     )
@@ -464,7 +464,7 @@ def test_sigkilled_training_resumes_with_the_same_losses(world, tmp_path):
     args.append("train.save_every=2")
     cmd = [sys.executable, "-m", "stages.train", f"run_dir={rd}", f"student.path={student}"]
     cmd += [
-        "train.shuffle=false", "train.tensorboard=false", "train.log_every=1",
+        "train.shuffle=false", "train.trackers=[]", "train.log_every=1",
         "train.schedule=constant", "train.grad_clip=0", "train.chunk_positions=16", "train.lr=1e-2",
         *args,
     ]  # fmt: skip
@@ -474,7 +474,7 @@ def test_sigkilled_training_resumes_with_the_same_losses(world, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = rd / "checkpoints" / "opd_k1-all"
     deadline = time.time() + 120
-    while not (ckpts / "step-000002" / "trainer_state.pt").exists() and proc.poll() is None:
+    while not (ckpts / "step-000002" / "trainer_state.json").exists() and proc.poll() is None:
         assert time.time() < deadline
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)

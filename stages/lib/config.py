@@ -11,6 +11,7 @@ raw dict, so it does not need ``cfg.get("k", default)``.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -228,7 +229,7 @@ class TrainConfig:
     resume: bool = True
     # Standard (online) OPD baseline: live teacher forward pass in the loop instead of cached values.
     online: bool = False
-    # auto | cpu | cuda; bf16 autocast on CUDA.
+    # auto | cpu | cuda.
     device: str = "auto"
     # Shard the model with FSDP2 under torchrun (else DDP when world size > 1).
     fsdp: bool = False
@@ -236,8 +237,31 @@ class TrainConfig:
     chunk_positions: int = 1024
     # Row groups prefetched by the background loader thread.
     prefetch: int = 2
-    # Also write TensorBoard events.
-    tensorboard: bool = True
+    # Experiment trackers, each fed the metrics.jsonl rows and the resolved config:
+    # tensorboard (events in train/<name>/tb), wandb, mlflow (extras: pip install distillery[trackers]).
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # W&B mode (offline writes train/<name>/wandb, `wandb sync` uploads it later; online needs a login)
+    # and the W&B project / MLflow experiment name.
+    wandb_mode: str = "offline"
+    tracker_project: str = "distillery"
+    # MLflow tracking URI; null = a file store in train/<name>/mlruns.
+    mlflow_tracking_uri: str | None = None
+    # Whole-model activation checkpointing: recompute each decoder layer in backward (less memory,
+    # ~1 more forward of compute).
+    gradient_checkpointing: bool = False
+    # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast on CPU and CUDA) |
+    # bf16_params (bf16 parameters, fp32 master weights in the optimizer). The LM head, the
+    # log-softmax and the loss are fp32 in every mode.
+    precision: str = "auto"
+    # Keep the newest N step checkpoints (older step-* folders are deleted; null = keep all).
+    keep_last: int | None = 3
+    # Token weights read from the selection must lie in [0, max_weight] (else the run stops).
+    max_weight: float = 1e3
+    # Micro-batches with a non-finite loss that may be skipped (and counted) before the run stops;
+    # 0 = stop at the first one. Single process only.
+    max_bad_micro_batches: int = 0
+    # Load pickled weights (pytorch_model.bin) for init/teacher: a pickle can run code on load.
+    allow_pickled_weights: bool = False
     # Optional LoRA adapters.
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -245,8 +269,26 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.micro_batch_tokens >= 1, "train.micro_batch_tokens", "must be >= 1")
-        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be finite and > 0")
         _check(self.schedule in ("cosine", "constant"), "train.schedule", "must be cosine|constant")
+        for t in self.trackers:
+            _check(t in TRACKERS, "train.trackers", f"entries must be among {list(TRACKERS)}")
+        _check(
+            self.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be offline|online"
+        )
+        _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+        _check(
+            not (self.precision == "bf16_params" and self.lora.r > 0),
+            "train.precision=bf16_params",
+            "is for full fine-tuning (LoRA keeps the base frozen; use precision=bf16)",
+        )
+        _check(self.keep_last is None or self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(self.max_weight > 0, "train.max_weight", "must be > 0")
+        _check(self.max_bad_micro_batches >= 0, "train.max_bad_micro_batches", "must be >= 0")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+PRECISIONS = ("auto", "fp32", "bf16", "bf16_params")
 
 
 @dataclass

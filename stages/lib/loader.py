@@ -11,6 +11,11 @@ Position (saved in checkpoints): ``{"store": <stream state before the row group 
 "skip": <rows of it already packed>}``. Checkpoints are taken at step boundaries, so a resumed
 loader yields exactly the micro-batches an uninterrupted run would have.
 
+Validation: every row group is checked as it is read (``check_row_group``), like the select stage
+checks what it writes: finite log-probs (<= 0 up to rounding), weights in ``[0, max_weight]``,
+ids inside the vocabulary, per-token and top-K list lengths consistent. A bad value is one
+UserError naming the shard, row group, sample, column and token; nothing is trained on it.
+
 Equal steps on every rank (DDP/FSDP collectives would hang otherwise): ``plan_steps`` replays the
 packing on the two length columns only (``response_len``, ``train_prompt_ids``) for every rank
 before training, and every rank runs ``min_r(micro_batches_r // grad_accum)`` steps. The ragged
@@ -30,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from data_schemas.common import LOGPROB_TOL
 from stages.lib import store
 from stages.lib.errors import UserError
 
@@ -153,6 +159,81 @@ def seq_len(s: Seq) -> int:
     return len(s["train_prompt_ids"]) + len(s["response_ids"])
 
 
+# ----------------------------------------------------------------------------- validation
+# Float list columns holding log-probs (finite, <= LOGPROB_TOL) and id columns (0 <= id < V).
+LOGPROB_COLUMNS = (
+    "teacher_logprob",
+    "behavior_logprob",
+    "ref_logprob",
+    "teacher_topk_logprobs",
+    "teacher_topk_logmass",
+    "teacher_logprobs_on_behavior_topk",
+)
+ID_COLUMNS = ("train_prompt_ids", "response_ids", "teacher_topk_ids", "behavior_topk_ids")
+PER_TOKEN = ("weights", "segments", "teacher_logprob", "behavior_logprob", "teacher_topk_logmass")
+
+
+def _first_bad(tbl: pa.Table, col: str, bad: np.ndarray, offsets: np.ndarray, vals) -> str:
+    """'sample s, token t: value' of the first True in ``bad`` (flat list values)."""
+    i = int(bad.argmax())
+    row = int(np.searchsorted(offsets, i, side="right") - 1)
+    sid = tbl["sample_id"][row].as_py()
+    return f"sample {sid!r}, element {i - int(offsets[row])}: {vals[i].item()!r}"
+
+
+def _check_lengths(tbl: pa.Table) -> str | None:
+    """Per-token lists of length T, top-K lists of T*K (T*Kb): else what is wrong."""
+    import pyarrow.compute as pc
+
+    n = lambda c: pc.fill_null(pc.list_value_length(tbl[c]), -1).to_numpy()  # noqa: E731
+    t = n("response_ids")
+    wants = {c: t for c in PER_TOKEN + ("ref_logprob",)}
+    tk = t * tbl["topk_k"].to_numpy()
+    wants.update(teacher_topk_ids=tk, teacher_topk_logprobs=tk)
+    tkb = t * tbl["behavior_topk_k"].to_numpy()
+    wants.update(behavior_topk_ids=tkb, teacher_logprobs_on_behavior_topk=tkb)
+    for c, want in wants.items():
+        have = n(c)
+        bad = (have != want) & (have >= 0)  # null optional lists are fine
+        if bad.any():
+            r = int(bad.argmax())
+            return (
+                f"sample {tbl['sample_id'][r].as_py()!r}: column {c} has {have[r]} values, "
+                f"expected {want[r]}"
+            )
+    return None
+
+
+def check_row_group(tbl: pa.Table, vocab_size: int | None, max_weight: float) -> str | None:
+    """The first problem of a row group the trainer is about to read, or None (vectorised)."""
+    if (msg := _check_lengths(tbl)) is not None:
+        return msg
+    for col in ("weights",) + LOGPROB_COLUMNS + ID_COLUMNS:
+        offsets, vals, valid = _list_values(tbl[col])
+        if not valid.any() or len(vals) == 0:
+            continue
+        if col in ID_COLUMNS:
+            if vocab_size is None:
+                continue
+            bad, why = (
+                (vals < 0) | (vals >= vocab_size),
+                f"outside the vocabulary [0, {vocab_size})",
+            )
+        elif col == "weights":
+            v = vals.astype(np.float64)
+            bad = ~np.isfinite(v) | (v < 0) | (v > max_weight)
+            why = f"not a weight in [0, train.max_weight={max_weight:g}]"
+        else:
+            v = vals.astype(np.float64)
+            bad, why = ~np.isfinite(v) | (v > LOGPROB_TOL), "not a finite log-prob <= 0"
+        # only this table's values (a sliced list array's .values is its parent's, whole)
+        bad[: offsets[0]] = False
+        bad[offsets[-1] :] = False
+        if bad.any():
+            return f"column {col}, {_first_bad(tbl, col, bad, offsets, vals)} is {why}"
+    return None
+
+
 # ----------------------------------------------------------------------------- the stream
 _END = object()
 
@@ -170,6 +251,8 @@ class MicroBatchStream:
     shuffle_seed: int | None = None
     prefetch: int = 2
     start: dict | None = None  # a ``position()`` from a checkpoint
+    vocab_size: int | None = None  # ids must be < vocab_size (None: not checked)
+    max_weight: float = float("inf")  # token weights must lie in [0, max_weight]
     _rows: list[Seq] = field(default_factory=list)
     _i: int = 0
     _rg_state: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})
@@ -198,12 +281,32 @@ class MicroBatchStream:
                 shuffle_seed=self.shuffle_seed,
                 columns=COLUMNS,
             ):
+                self._check(tbl, before)
                 if not self._put((table_to_seqs(tbl), before)):
                     return
                 before = after
             self._put(_END)
         except BaseException as e:  # surfaced in the consumer thread
             self._put(e)
+
+    def _check(self, tbl: pa.Table, before: dict) -> None:
+        problem = check_row_group(tbl, self.vocab_size, self.max_weight)
+        if problem is None:
+            return
+        units = store.rank_units(
+            store.row_group_units(self.directory, self.manifest),
+            rank=self.rank,
+            world_size=self.world_size,
+            epoch=before["epoch"],
+            shuffle_seed=self.shuffle_seed,
+        )
+        shard, group, _ = units[before["index"]]
+        where = f"{self.directory}/{self.manifest['shards'][shard]['path']} row group {group}"
+        raise UserError(
+            f"bad value in the selection: {problem}",
+            where,
+            "re-run the select stage (and score, if the teacher columns are wrong) on intact data",
+        )
 
     def _put(self, item: object) -> bool:
         while not self._stop.is_set():

@@ -232,11 +232,18 @@ def _topk_fkl_tokens(p: Prepared, tail_bucket: bool, why: str) -> Tensor:
     # Student tail mass = logsumexp over the columns outside S, computed exactly from the
     # log-softmax rather than as 1 − Σ_S p_θ (which cancels catastrophically when the tail is
     # small). S columns get a finite floor, not -inf, so that K = V yields a finite value and a
-    # finite gradient (then multiplied by tail_t = 0).
+    # finite gradient.
     floor = torch.finfo(p.logp.dtype).min
     log_tail_s = torch.logsumexp(p.logp.scatter(1, ids, floor), dim=-1)  # [N]
+    # When S covers every real column (K = V) the tail is empty for both models: a stored
+    # log-mass a hair below 0 (a logaddexp's -1e-7, fp16 rounding) is rounding, not mass, and
+    # tail_T · log(floor) would be ~1e31. Such rows get no tail term at all.
+    outside = torch.ones_like(p.logp, dtype=torch.bool).scatter(1, ids, False)  # [N, V]
+    outside &= torch.isfinite(p.logp)  # padded vocabulary columns are not part of the tail
+    has_tail = outside.any(dim=-1)  # [N]
+    tail = torch.special.xlogy(tail_t, tail_t) - tail_t * log_tail_s  # [N]
     head = _kl(t_lp, s_lp)  # [N] Σ_S p_T (log p_T − log p_θ), unnormalised
-    return head + torch.special.xlogy(tail_t, tail_t) - tail_t * log_tail_s  # [N]
+    return head + torch.where(has_tail, tail, 0.0)  # [N]
 
 
 # --------------------------------------------------------------------------------- losses

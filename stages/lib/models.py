@@ -59,22 +59,52 @@ def load_tokenizer(path: str | None, role: str = "student"):
     return tok
 
 
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safe_weights(p: Path, role: str, allow_pickle: bool) -> None:
+    """Weights load from safetensors only: a pickle (``pytorch_model.bin``) can run code on load.
+
+    ``allow_pickle`` (``train.allow_pickled_weights``) lets transformers read ``.bin`` files
+    (it then uses ``torch.load(weights_only=True)``).
+    """
+    if allow_pickle or any(p.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLED_SUFFIXES)
+    if pickled:
+        raise UserError(
+            f"the {role} model's weights are pickled ({', '.join(pickled[:3])}), which "
+            "distillery does not load by default (a pickle can run code)",
+            str(p),
+            "convert them to safetensors (load once in a session you trust, then "
+            "model.save_pretrained(DIR)); the trainer also accepts a file you trust with "
+            "train.allow_pickled_weights=true",
+        )
+
+
 def load_model(
     path: str | None,
     role: str = "student",
     *,
     dtype: str = "float32",
     device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
 ):
-    """A causal LM in eval mode on ``device``; a UserError when it is not one."""
+    """A causal LM in eval mode on ``device``; a UserError when it is not one.
+
+    Only safetensors weights load unless ``allow_pickle`` (see ``check_safe_weights``).
+    """
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = _check_dir(path, role)
+    check_safe_weights(p, role, allow_pickle)
     fault_point("model_load")
     try:
         config = AutoConfig.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(
+            p, dtype=getattr(torch, dtype), use_safetensors=None if allow_pickle else True
+        )
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # corrupt weights too
         raise UserError(
             f"{p} is not a causal LM that transformers can load ({str(e).splitlines()[0][:200]})",
