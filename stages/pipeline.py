@@ -97,6 +97,7 @@ def run(cfg: Config) -> dict:
     timings["total"] = time.time() - t0
     print("\npipeline timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     lay = RunLayout.of(cfg.run_dir)
+    lay.root.mkdir(parents=True, exist_ok=True)
     # read by scripts/bench.py (demo.end_to_end_seconds)
     atomic_write_text(lay.timings, json.dumps(timings, indent=1))
     print(f"pipeline: done, {len(steps)} steps; wrote {lay.root}/ ({_wrote(cfg, steps)})")

@@ -33,6 +33,7 @@ from stages.lib.config import (
     check_override_keys,
     compose,
     compose_dict,
+    quote,
     to_config,
     with_config_dirs,
 )
@@ -54,6 +55,7 @@ NO_COMPOSE = {"--multirun", "--shell-completion", "--hydra-help"}
 class CommandLine:
     """One stage invocation, read from argv."""
 
+    stage: str  # the stage module (stages.<stage>)
     config_name: str  # primary config (the stage's, or --config-name)
     overrides: list[str]  # key=value / group=option in order, config folders as hydra.searchpath
     flags: list[str] = field(default_factory=list)  # Hydra's own flags, for Hydra's app
@@ -100,6 +102,7 @@ def parse(stage: str, argv: list[str]) -> CommandLine:
     if ns.resolve and not (ns.cfg or ns.help):
         raise UserError("--resolve needs --cfg or --help", "command line", "add --cfg job")
     return CommandLine(
+        stage=stage,
         config_name=ns.config_name or stage,
         overrides=with_config_dirs(list(ns.overrides), dirs),
         flags=flags,
@@ -120,7 +123,13 @@ def _hydra_app(cl: CommandLine, run: Callable[[Config], Any]) -> None:
         except UserError as err:
             report_and_exit(err)
 
-    sys.argv = [sys.argv[0], *cl.flags, *cl.overrides, *QUIET]
+    name = [f"hydra.job.name={cl.stage}", f"hydra.help.app_name='distillery {cl.stage}'"]
+    # --cfg job shows how the config was composed, as a plain run records it
+    src = [
+        f"source.config_name={quote(cl.config_name)}",
+        f"source.overrides=[{','.join(quote(o) for o in cl.overrides)}]",
+    ]
+    sys.argv = [sys.argv[0], *cl.flags, *cl.overrides, *src, *QUIET, *name]
     _app()
 
 
