@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,11 @@ def test_sft_config():
     assert (s.train.epochs, s.train.lr, s.train.init) == (5, 2e-3, cfg.student.path)
     assert s.rollout.guided_fraction == 1.0
     assert s.rollout.guided_template == cfg.rollout.teacher_template == "{prompt}"
+    # the rollout settings the SFT data's dataset id hashes are those the stage always used
+    old = dataclasses.replace(
+        cfg.rollout, guided_template=cfg.rollout.teacher_template, guided_fraction=1.0
+    )
+    assert s.rollout == old
     assert (s.run_dir, s.seed, s.data) == (cfg.run_dir, cfg.seed, cfg.data)
 
 

@@ -774,7 +774,7 @@ def with_config_dirs(overrides: Sequence[str], config_dirs: Sequence[str | Path]
     ``--config-dir`` puts them), merged with a ``hydra.searchpath`` the overrides already hold."""
     if not config_dirs:
         return list(overrides)
-    entries = [f"file://{Path(d).resolve()}" for d in config_dirs]
+    entries = [f"file://{Path(d).expanduser().resolve()}" for d in config_dirs]
     rest = []
     for ov in overrides:
         key, _, value = ov.partition("=")
