@@ -119,6 +119,21 @@ def test_own_experiment_runs_a_stage(tmp_path):
     assert "rollouts dataset is missing" in line and str(tmp_path / "run") in line
 
 
+def test_own_primary_config(tmp_path):
+    """--config-name picks a primary config of the user's folder, in a plain run and in --cfg."""
+    conf = own_conf(tmp_path / "myconf")
+    (conf / "mine_select.yaml").write_text(
+        f"defaults:\n  - base\n  - _self_\nstage: select\nrun_dir: {tmp_path / 'run'}\n"
+    )
+    args = ["--config-name", "mine_select", "--config-dir", str(conf)]
+    line = one_error_line(cli(*args, module="stages.select"))
+    assert "rollouts dataset is missing" in line and str(tmp_path / "run") in line
+    r = cli("--cfg", "job", *args)
+    assert (
+        r.returncode == 0 and "stage: select" in r.stdout and "config_name: mine_select" in r.stdout
+    )
+
+
 def test_bad_values_are_one_line_before_anything_loads(tmp_path):
     run = tmp_path / "run"
     for args, what in [
@@ -127,6 +142,7 @@ def test_bad_values_are_one_line_before_anything_loads(tmp_path):
         (["train.name=../../x"], "train.name='../../x' is not a safe name"),
         (["select=nope"], "Could not find 'select/nope'"),
         (["--config-dir", str(tmp_path / "missing")], "config folder"),
+        (["--config-path", str(tmp_path)], "use --config-dir"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     ]:
         assert what in one_error_line(cli(f"run_dir={run}", *args)), args

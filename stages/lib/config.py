@@ -537,8 +537,10 @@ class Source:
     # How a config was composed (filled in by compose(); a value set by hand is replaced).
     # Primary config: conf/<stage>.yaml, or --config-name.
     config_name: str = ""
-    # The overrides in order, extra config folders included as hydra.searchpath.
+    # The overrides, in order.
     overrides: list[str] = field(default_factory=list)
+    # Extra config folders (--config-dir), absolute; searched after conf/.
+    config_dirs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -693,9 +695,9 @@ def is_config_group(key: str, search_dirs: Sequence[Path]) -> bool:
     return any((Path(d) / key).is_dir() for d in search_dirs)
 
 
-def _search_dirs(overrides: Sequence[str]) -> list[Path]:
-    """conf/ and the file:// folders of a hydra.searchpath override."""
-    dirs = [CONF_DIR]
+def _search_dirs(overrides: Sequence[str], config_dirs: Sequence[str]) -> list[Path]:
+    """conf/, the extra config folders and the file:// folders of a hydra.searchpath override."""
+    dirs = [CONF_DIR, *map(Path, config_dirs)]
     for ov in overrides:
         key, _, value = ov.lstrip("+").partition("=")
         if key == "hydra.searchpath":
@@ -722,7 +724,9 @@ def _one_line(e: BaseException) -> str:
     return "; ".join(parts)[:500]
 
 
-def check_override_keys(overrides: Sequence[str], where: str = "command line") -> None:
+def check_override_keys(
+    overrides: Sequence[str], config_dirs: Sequence[str] = (), where: str = "command line"
+) -> None:
     """Refuse an override of a key the schema does not have, in every form (``key=``, ``+key=``,
     ``++key=``, ``~key``), before Hydra composes (which would add a ``+key`` silently)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -736,7 +740,7 @@ def check_override_keys(overrides: Sequence[str], where: str = "command line") -
             where,
             "write key=value or group=option (quote a value with spaces: key='a b')",
         ) from None
-    dirs = _search_dirs(overrides)
+    dirs = _search_dirs(overrides, config_dirs)
     for o in parsed:
         key = o.key_or_group
         if key.split(".")[0] in ("hydra",) or key.startswith("hydra/"):
@@ -769,28 +773,30 @@ def as_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
-def with_config_dirs(overrides: Sequence[str], config_dirs: Sequence[str | Path]) -> list[str]:
-    """``overrides`` with extra config folders as one ``hydra.searchpath`` override (first, as
-    ``--config-dir`` puts them), merged with a ``hydra.searchpath`` the overrides already hold."""
-    if not config_dirs:
-        return list(overrides)
-    entries = [f"file://{Path(d).expanduser().resolve()}" for d in config_dirs]
-    rest = []
-    for ov in overrides:
-        key, _, value = ov.partition("=")
-        if key.lstrip("+") == "hydra.searchpath":
-            entries += [e.strip().strip("'\"") for e in value.strip("[]").split(",") if e.strip()]
-        else:
-            rest.append(ov)
-    return [*rest, f"hydra.searchpath=[{','.join(quote(e) for e in entries)}]"]
+def absolute_dirs(config_dirs: Sequence[str | Path], where: str = "--config-dir") -> list[str]:
+    """Extra config folders as absolute paths (they must exist)."""
+    out = []
+    for d in config_dirs:
+        p = Path(d).expanduser().resolve()
+        if not p.is_dir():
+            raise UserError(f"config folder {str(d)!r} not found", where, "give an existing folder")
+        out.append(str(p))
+    return out
 
 
 def compose_dict(
-    config_name: str, overrides: Sequence[str], where: str = "command line"
+    config_name: str,
+    overrides: Sequence[str],
+    config_dirs: Sequence[str] = (),
+    where: str = "command line",
 ) -> DictConfig:
-    """Hydra's composition of ``conf/<config_name>.yaml`` + overrides (errors as one line)."""
+    """Hydra's composition of ``<config_name>.yaml`` + overrides, over ``conf/`` and the extra
+    config folders (searched after ``conf/``, as ``--config-dir`` does); errors as one line."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -799,8 +805,12 @@ def compose_dict(
     outer = gh.hydra if gh.is_initialized() else None  # a running Hydra app keeps its own
     gh.clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
+        version.setbase("1.3")
+        csp = create_config_search_path(str(CONF_DIR))
+        for d in config_dirs:  # where Hydra's --config-dir puts a folder: before the schema
+            csp.prepend("command-line", f"file://{d}", anchor=SearchPathQuery(provider="schema"))
+        Hydra.create_main_hydra2(task_name="distillery", config_search_path=csp)
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
     except UserError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError) as e:
@@ -825,10 +835,10 @@ def compose(
     """Compose a config exactly as ``python -m stages.<config_name> <overrides>`` does (the
     entry points, tests, the pipeline, notebooks). ``config_dirs``: extra config folders, as
     ``--config-dir``. Every failure is a UserError."""
-    ovs = with_config_dirs(list(overrides or []), config_dirs)
-    check_override_keys(ovs, where)
-    cfg = to_config(compose_dict(config_name, ovs, where), where)
-    cfg.source = Source(config_name=config_name, overrides=ovs)
+    ovs, dirs = list(overrides or []), absolute_dirs(config_dirs)
+    check_override_keys(ovs, dirs, where)
+    cfg = to_config(compose_dict(config_name, ovs, dirs, where), where)
+    cfg.source = Source(config_name=config_name, overrides=ovs, config_dirs=dirs)
     return cfg
 
 
@@ -854,7 +864,12 @@ def derive(cfg: Config, overrides: Sequence[str], where: str) -> Config:
             where,
             "build it with stages.lib.config.compose(<stage>, [overrides])",
         )
-    return compose(cfg.source.config_name, [*cfg.source.overrides, *overrides], where=where)
+    return compose(
+        cfg.source.config_name,
+        [*cfg.source.overrides, *overrides],
+        config_dirs=cfg.source.config_dirs,
+        where=where,
+    )
 
 
 def variant_config(cfg: Config, v: TrainVariant) -> Config:

@@ -10,10 +10,10 @@ the overrides). Then:
 - ``--cfg``, ``--help``, ``--info``, ``--multirun`` and the other Hydra commands go to Hydra's
   own app, after the same key check, with Hydra's output directories and log files switched off.
 
-``--config-dir DIR`` (and ``--config-path DIR``, treated the same) adds a config folder; it
-becomes one ``hydra.searchpath`` override, merged with one given on the command line, so the
-pipeline's derived configs search the same folders. ``--config-name NAME`` picks another primary
-config (one that includes ``base``).
+``--config-dir DIR`` adds a config folder (searched after ``conf/``), ``hydra.searchpath=[...]``
+more; the config records both (``source``), so the pipeline's derived configs search the same
+folders. ``--config-name NAME`` picks another primary config (one that includes ``base``).
+``--config-path`` (which would replace ``conf/``) is refused with a pointer to ``--config-dir``.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from stages.lib.config import (
     CONF_DIR,
     Config,
     Source,
+    absolute_dirs,
     check_override_keys,
     compose,
     compose_dict,
     quote,
     to_config,
-    with_config_dirs,
 )
 from stages.lib.errors import UserError, report_and_exit
 
@@ -57,13 +57,14 @@ class CommandLine:
 
     stage: str  # the stage module (stages.<stage>)
     config_name: str  # primary config (the stage's, or --config-name)
-    overrides: list[str]  # key=value / group=option in order, config folders as hydra.searchpath
+    overrides: list[str]  # key=value / group=option, in order
+    config_dirs: list[str] = field(default_factory=list)  # --config-dir, absolute
     flags: list[str] = field(default_factory=list)  # Hydra's own flags, for Hydra's app
     direct: bool = True  # a plain run: compose and run here
 
     @property
     def source(self) -> Source:
-        return Source(config_name=self.config_name, overrides=list(self.overrides))
+        return Source(self.config_name, list(self.overrides), list(self.config_dirs))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,12 +87,12 @@ def parse(stage: str, argv: list[str]) -> CommandLine:
     """Read argv with Hydra's parser, flags and overrides in any order."""
     parser = _parser()
     ns = parser.parse_intermixed_args(argv)
-    dirs = [d for d in (ns.config_dir, ns.config_path) if d]
-    for d in dirs:
-        if not os.path.isdir(d):
-            raise UserError(
-                f"config folder {d!r} not found", "--config-dir", "give an existing folder"
-            )
+    if ns.config_path:
+        raise UserError(
+            "--config-path replaces the built-in conf/ folder",
+            "command line",
+            f"use --config-dir {ns.config_path} (added to conf/, in any position)",
+        )
     flags: list[str] = []
     for a in parser._actions:  # rebuild Hydra's flags from the parsed values
         v = getattr(ns, a.dest, None)
@@ -104,7 +105,8 @@ def parse(stage: str, argv: list[str]) -> CommandLine:
     return CommandLine(
         stage=stage,
         config_name=ns.config_name or stage,
-        overrides=with_config_dirs(list(ns.overrides), dirs),
+        overrides=list(ns.overrides),
+        config_dirs=absolute_dirs([ns.config_dir] if ns.config_dir else []),
         flags=flags,
         direct=not any(getattr(ns, k) for k in HYDRA_COMMANDS) and not ns.experimental_rerun,
     )
@@ -128,13 +130,15 @@ def _hydra_app(cl: CommandLine, run: Callable[[Config], Any]) -> None:
     src = [
         f"source.config_name={quote(cl.config_name)}",
         f"source.overrides=[{','.join(quote(o) for o in cl.overrides)}]",
+        f"source.config_dirs=[{','.join(quote(d) for d in cl.config_dirs)}]",
     ]
-    sys.argv = [sys.argv[0], *cl.flags, *cl.overrides, *src, *QUIET, *name]
+    dirs = [a for d in cl.config_dirs for a in ("--config-dir", d)]
+    sys.argv = [sys.argv[0], *cl.flags, *dirs, *cl.overrides, *src, *QUIET, *name]
     _app()
 
 
 def _run_direct(cl: CommandLine, run: Callable[[Config], Any]) -> None:
-    cfg = compose(cl.config_name, cl.overrides)
+    cfg = compose(cl.config_name, cl.overrides, config_dirs=cl.config_dirs)
     if cfg.debug:  # debug=true shows the traceback of a user error, as DISTILLERY_DEBUG=1 does
         os.environ["DISTILLERY_DEBUG"] = "1"
     run(cfg)
@@ -149,12 +153,12 @@ def hydra_entry(stage: str) -> Callable[[Callable[[Config], Any]], Callable[...,
             args = sys.argv[1:] if argv is None else list(argv)
             try:
                 cl = parse(stage, args)
-                check_override_keys(cl.overrides)
+                check_override_keys(cl.overrides, cl.config_dirs)
                 if cl.direct:
                     _run_direct(cl, run)
                     return
                 if not NO_COMPOSE & set(cl.flags):  # sweeps do not compose as they are
-                    compose_dict(cl.config_name, cl.overrides)  # one-line composition errors
+                    compose_dict(cl.config_name, cl.overrides, cl.config_dirs)  # one-line errors
             except UserError as err:
                 report_and_exit(err)
             except KeyboardInterrupt:
