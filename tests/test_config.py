@@ -236,6 +236,13 @@ def test_sft_config():
 def test_derive_needs_a_composed_config():
     with pytest.raises(UserError, match="not built by compose"):
         derive(Config(), ["seed=1"], "t")
+    cfg = compose("pipeline", ["experiment=demo"])
+    edited = dataclasses.replace(cfg, seed=7)  # an edit the source does not know about
+    with pytest.raises(UserError, match=r"changed after compose\(\) \(seed\)"):
+        round_config(edited, 2)
+    cfg.train.lr = 0.5
+    with pytest.raises(UserError, match=r"\(train.lr\)"):
+        sft_config(cfg)
 
 
 def test_config_dirs_are_kept_for_derived_configs(tmp_path):

@@ -45,6 +45,12 @@ def _check(ok: bool, key: str, what: str) -> None:
         raise UserError(f"impossible config value: {key} {what}", "config", f"fix {key}")
 
 
+def _closest(word: str, options: Sequence[str], n: int = 3) -> str:
+    """``" (closest: a, b)"`` for the options nearest ``word``, or "" when none is near."""
+    near = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
+    return f" (closest: {', '.join(near)})" if near else ""
+
+
 def _interpolation(v: Any) -> bool:
     """An unresolved ``${...}`` default (the schema's own defaults, before composition)."""
     return isinstance(v, str) and v.startswith("${") and v.endswith("}")
@@ -302,12 +308,6 @@ def check_loss_term(name: str, kwargs: dict[str, Any]) -> None:
 
 def _ann_str(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def _closest(word: str, options: Sequence[str], n: int = 3) -> str:
-    """``" (closest: a, b)"`` for the options nearest ``word``, or "" when none is near."""
-    near = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
-    return f" (closest: {', '.join(near)})" if near else ""
 
 
 @dataclass
@@ -769,8 +769,9 @@ def to_config(cfg: DictConfig, where: str = "config") -> Config:
 
 
 def as_dict(cfg: Config) -> dict:
-    """A plain, JSON-able dict of the resolved config (stored in manifests)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """A plain, JSON-able dict of the resolved config (stored in manifests). Plain dataclass
+    conversion: a value holding ``${`` (a path, a template) is text, not an interpolation."""
+    return dataclasses.asdict(cfg)
 
 
 def absolute_dirs(config_dirs: Sequence[str | Path], where: str = "--config-dir") -> list[str]:
@@ -864,12 +865,36 @@ def derive(cfg: Config, overrides: Sequence[str], where: str) -> Config:
             where,
             "build it with stages.lib.config.compose(<stage>, [overrides])",
         )
-    return compose(
-        cfg.source.config_name,
-        [*cfg.source.overrides, *overrides],
-        config_dirs=cfg.source.config_dirs,
-        where=where,
+    src = cfg.source
+    _check_unchanged(
+        cfg, compose(src.config_name, src.overrides, config_dirs=src.config_dirs), where
     )
+    return compose(
+        src.config_name, [*src.overrides, *overrides], config_dirs=src.config_dirs, where=where
+    )
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+def _check_unchanged(cfg: Config, recomposed: Config, where: str) -> None:
+    """A config edited after compose() (``cfg.x = ...``, ``dataclasses.replace``) would lose the
+    edit in everything derived from it: refuse instead."""
+    key = _first_difference(as_dict(cfg), as_dict(recomposed))
+    if key is not None:
+        raise UserError(
+            f"the config was changed after compose() ({key}), so configs derived from it would "
+            "not have the change",
+            where,
+            f"give the change as an override: compose(<stage>, [..., '{key}=...'])",
+        )
 
 
 def variant_config(cfg: Config, v: TrainVariant) -> Config:
