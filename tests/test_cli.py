@@ -52,8 +52,8 @@ def test_unknown_key_refused_in_every_form(args):
 
 
 def test_mistyped_key_names_the_closest_keys():
-    line = one_error_line(cli("train.bf16=true"))
-    assert "'train.bf16'" in line and "closest valid keys:" in line
+    line = one_error_line(cli("train.epoch=3"))
+    assert "'train.epoch'" in line and "closest valid keys: train.epochs" in line
     line = one_error_line(cli("select.nope=1", module="stages.select"))
     assert "'select.nope'" in line
 

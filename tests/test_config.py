@@ -93,7 +93,7 @@ def test_mistyped_key_fails_at_compose():
 
 
 @pytest.mark.parametrize("form", ["", "+", "++"])
-@pytest.mark.parametrize("key", ["train.bogus", "train.bf16", "bogus", "trian.lr", "train.lora.x"])
+@pytest.mark.parametrize("key", ["train.bogus", "train.epoch", "bogus", "trian.lr", "train.lora.x"])
 def test_unknown_key_refused_in_every_form(form, key):
     with pytest.raises(UserError) as e:
         compose("train", [f"{form}{key}=1"])
@@ -162,7 +162,8 @@ def test_kl_set_must_be_an_eval_set():
 def test_loss_arguments_come_from_the_loss_functions():
     from stages.lib import losses
 
-    assert set(loss_arguments("tropd")) == {"tau", "outlier", "tail_bucket", "is_clip"}
+    args = set(loss_arguments("tropd"))
+    assert {"tau", "outlier"} <= args and not args & {"vocab_size", "temperature", "batch"}
     for name in losses.LOSSES:  # every loss file's kwargs are accepted arguments
         cfg = compose("train", [f"loss={name}"])
         assert set(cfg.loss.terms[0].kwargs) <= set(loss_arguments(name))
