@@ -40,7 +40,8 @@ if str(REPO) not in sys.path:
 
 from stages import eval as eval_stage  # noqa: E402
 from stages import pipeline, rollout, score, select, sft, train  # noqa: E402
-from stages.lib.config import compose  # noqa: E402
+from stages.lib.config import Config, compose, derive  # noqa: E402
+from stages.lib.layout import RunLayout  # noqa: E402
 
 SETS = ["private_closed", "private_paraphrase", "public_closed", "reading"]
 
@@ -161,45 +162,79 @@ def run_dir_config(kind: str, seed: int, root: Path, world: Path) -> tuple[list[
     return [*lightning, "score.allow_teacher_mismatch=true"], True
 
 
+def row_configs(kind: str, seed: int, root: Path, world: Path, rows: list) -> list:
+    """(train name, its select+train config or None for a row the pipeline trains itself)."""
+    cfg = run_config(kind, seed, root, world)
+    where = f"results_table row of {kind}"
+    return [
+        (name, None if extra is None else derive(cfg, [*extra, f"train.name={name}"], where))
+        for _, _, name, extra in rows
+    ]
+
+
+def run_config(kind: str, seed: int, root: Path, world: Path) -> Config:
+    """The config a run dir's rollouts and scores come from (the mismatch run: its OPD teacher)."""
+    ov, _ = run_dir_config(kind, seed, root, world)
+    if kind == "mismatch":  # same SFT student, then scored by a different teacher
+        base = world / "models" / "base"
+        ov = [
+            *ov,
+            f"teacher.path={base}",
+            "rollout.teacher_template='{context} {prompt}'",
+            f"ref.path={base}",
+        ]
+    return compose("pipeline", ov)
+
+
+def copy_sft(src: RunLayout, dst: RunLayout) -> None:
+    """The lightning run's SFT (same config, deterministic) into the mismatch run: not redone."""
+    pairs = [
+        (src.sft_data, dst.sft_data),
+        (src.sft_selected, dst.sft_selected),
+        (src.checkpoints("sft"), dst.checkpoints("sft")),
+        (src.train("sft"), dst.train("sft")),
+    ]
+    for a, b in pairs:
+        if a.exists():
+            shutil.copytree(a, b, dirs_exist_ok=True)
+
+
 def ensure_run(kind: str, seed: int, root: Path, world: Path, rows: list) -> dict:
     ov, has_sft = run_dir_config(kind, seed, root, world)
     cfg = compose("pipeline", ov)
-    if kind == "mismatch" and not (Path(cfg.run_dir) / "checkpoints" / "sft").exists():
-        # the same SFT as the lightning run (same config, deterministic): copy it, do not redo it
-        src = root / f"seed{seed}" / "lightning"
+    lay = RunLayout.of(cfg.run_dir)
+    if kind == "mismatch" and not lay.checkpoints("sft").exists():
         ensure_run("lightning", seed, root, world, LIGHTNING[:1])
-        for d in ("sft_data", "selected/sft", "checkpoints/sft", "train/sft"):
-            if (src / d).exists():
-                shutil.copytree(src / d, Path(cfg.run_dir) / d, dirs_exist_ok=True)
+        copy_sft(RunLayout.of(root / f"seed{seed}" / "lightning"), lay)
     if has_sft:
         sft.run(cfg)
-    if kind == "mismatch":  # same SFT student, then scored by a different teacher
-        cfg = compose(
-            "pipeline",
-            [
-                *ov,
-                f"teacher.path={world / 'models' / 'base'}",
-                "rollout.teacher_template='{context} {prompt}'",
-                f"ref.path={world / 'models' / 'base'}",
-            ],
-        )
+    cfg = run_config(kind, seed, root, world)
     if kind == "rounds":  # both rounds through the pipeline (eval below)
-        pipeline.run(
-            pipeline.apply_overrides(cfg, ["pipeline.stages=[rollout,score,select,train]"])
-        )
+        pipeline.run(derive(cfg, ["pipeline.stages=[rollout,score,select,train]"], "results_table"))
     rollout.run(cfg)
     score.run(cfg)
     names = []
-    for _, _, name, extra in rows:
-        if extra is None:
-            names.append(name)
-            continue
-        tcfg = pipeline.apply_overrides(cfg, [*extra, f"train.name={name}"])
-        select.run(tcfg)
-        train.run(tcfg)
+    for name, tcfg in row_configs(kind, seed, root, world, rows):
+        if tcfg is not None:
+            select.run(tcfg)
+            train.run(tcfg)
         names.append(name)
-    ecfg = pipeline.apply_overrides(cfg, [f"eval.checkpoints=[base,{','.join(names)}]"])
+    ecfg = derive(cfg, [f"eval.checkpoints=[base,{','.join(names)}]"], "results_table eval")
     return eval_stage.run(ecfg)
+
+
+def dry_run(plan: dict, seeds: list[int], root: Path, world: Path) -> int:
+    """Compose every row's config (no model runs): the table's commands still compose."""
+    n = 0
+    for seed in seeds:
+        for kind, rows in plan.items():
+            for name, tcfg in row_configs(kind, seed, root, world, rows):
+                c = tcfg or run_config(kind, seed, root, world)
+                what = f"select={c.select.name} loss={c.loss.name} epochs={c.train.epochs}"
+                print(f"seed {seed} {kind:9s} {name:18s} {c.run_dir} {what}")
+                n += 1
+    print(f"results_table: {n} rows compose")
+    return 0
 
 
 def fmt(vals: list[float]) -> str:
@@ -257,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seeds that also run the non-headline rows (default: every seed)",
     )
     ap.add_argument(
+        "--dry",
+        action="store_true",
+        help="compose every row's config and print it; run nothing (with --no-build: no world)",
+    )
+    ap.add_argument(
         "--no-build",
         action="store_true",
         help="use --world as it is (do not build or check its cache key)",
@@ -280,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     if "lightning" in wanted:
         plan["lightning"] = LIGHTNING[:2]
         plan["mismatch"] = LIGHTNING[2:]
+    if args.dry:
+        return dry_run(plan, args.seeds, root, world)
     ablation_seeds = args.seeds if args.ablation_seeds is None else args.ablation_seeds
     table: dict[str, dict[str, list[float]]] = {}
     raw: dict = {}

@@ -9,82 +9,69 @@ config unless ``overwrite=true``. ``pipeline.variants`` are extra training runs 
 rollouts and teacher log-probs (another loss or selection): only select + train run again.
 ``pipeline.rounds`` > 1 adds rounds of fresh rollouts: rollout -> score -> select -> train again
 from the previous round's checkpoint, under ``run_dir/round<r>/``; eval then shows every round.
-Reads/writes: everything under ``run_dir`` (see DESIGN.md).
+
+The run is planned first, as data (:func:`plan`: a list of steps, each a stage, its typed config
+and a label), printed, then executed. Variant and round configs are composed again from the
+pipeline's own command line plus a few overrides (``stages.lib.config.variant_config`` and
+``round_config``), so they follow the command line's rules exactly.
+Reads/writes: everything under ``run_dir`` (see ``stages/lib/layout.py``).
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
-import yaml
-from omegaconf import OmegaConf
-
-from stages.lib.config import CONF_DIR, Config, hydra_entry
-from stages.lib.errors import UserError
+from stages.lib.config import Config, hydra_entry, round_config, variant_config
+from stages.lib.layout import RunLayout
 from stages.lib.store import atomic_write_text
 
-GROUPS = ("select", "loss", "train", "eval", "rollout", "score", "data")
+
+@dataclass(frozen=True)
+class Step:
+    """One stage run of the plan."""
+
+    stage: str  # module stages.<stage>, run as stages.<stage>.run(cfg)
+    cfg: Config  # the typed config it runs with
+    label: str  # what the plan prints (e.g. "variant opd: train")
+    group: str  # timings key the step adds to: the stage, "variant:<name>" or "round<r>"
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """A copy of ``cfg`` with Hydra-style overrides: ``group=option`` loads conf/<group>/<option>.yaml,
-    ``a.b=value`` sets a key. Keys are type-checked against the dataclasses."""
-    node = OmegaConf.structured(copy.deepcopy(cfg))
-    for ov in overrides:
-        key, sep, value = ov.partition("=")
-        if not sep:
-            raise UserError(f"override '{ov}' is not key=value", "pipeline.variants", None)
-        if key in GROUPS and (CONF_DIR / key / f"{value}.yaml").exists():
-            node[key] = OmegaConf.merge(
-                OmegaConf.structured(type(getattr(cfg, key))()),
-                OmegaConf.load(CONF_DIR / key / f"{value}.yaml"),
-            )
-        else:
-            try:
-                OmegaConf.update(
-                    node,
-                    key,
-                    # YAML scalars as on the command line: 3.34 is a float, null is None
-                    yaml.safe_load(value)
-                    if not value.startswith(("[", "{"))
-                    else OmegaConf.create(value),
-                    merge=False,
-                )
-            except Exception as e:  # noqa: BLE001 - OmegaConf raises several types here
-                raise UserError(
-                    f"bad override '{ov}' ({e})",
-                    "pipeline.variants",
-                    "use group=option or a.b=value with existing keys",
-                ) from None
-    # train.name / train.selection default to interpolations of loss.name and select.name, which
-    # the typed config has already resolved: re-derive them unless the overrides set them.
-    keys = {ov.partition("=")[0] for ov in overrides}
-    if "select" in keys and "train.selection" not in keys:
-        node.train.selection = node.select.name
-    if keys & {"select", "loss"} and "train.name" not in keys:
-        node.train.name = f"{node.loss.name}-{node.select.name}"
-    return OmegaConf.to_object(node)  # type: ignore[return-value]
+def _describe(cfg: Config) -> str:
+    return f"run_dir={cfg.run_dir} train.name={cfg.train.name} select={cfg.select.name}"
 
 
-def round_config(cfg: Config, r: int) -> Config:
-    """Round ``r`` (>= 2) of fresh rollouts: the policy and the initial weights are round r-1's
-    final checkpoint; teacher, reference, selection and loss stay; outputs go to run_dir/round<r>/.
-    The seed moves on so that the samples (and which prompts are guided) are fresh."""
-    prev_dir = Path(cfg.run_dir) if r == 2 else Path(cfg.run_dir) / f"round{r - 1}"
-    prev_name = cfg.train.name if r == 2 else f"{cfg.train.name}-r{r - 1}"
-    out = copy.deepcopy(cfg)
-    out.run_dir = str(Path(cfg.run_dir) / f"round{r}")
-    out.student.path = str(prev_dir / "checkpoints" / prev_name / "final")
-    out.seed = cfg.seed + r - 1
-    out.train.name = f"{cfg.train.name}-r{r}"
-    out.train.init = None
-    out.sft.enabled = False  # the SFT warm start happened before round 1
-    out.pipeline.variants = []
-    return out
+def plan(cfg: Config) -> list[Step]:
+    """The steps ``run`` executes, in order: ``pipeline.stages``, with the variants' and later
+    rounds' steps right after ``train``, so that ``eval`` (and the report, which shows its
+    results) come after every checkpoint exists."""
+    steps: list[Step] = []
+    for stage in cfg.pipeline.stages:
+        if stage == "sft" and not cfg.sft.enabled:
+            continue
+        steps.append(Step(stage, cfg, stage, stage))
+        if stage != "train":
+            continue
+        for v in cfg.pipeline.variants:
+            vcfg = variant_config(cfg, v)
+            label, group = f"variant {v.name}", f"variant:{v.name}"
+            steps += [Step(s, vcfg, f"{label}: {s}", group) for s in ("select", "train")]
+        for r in range(2, cfg.pipeline.rounds + 1):
+            rcfg = round_config(cfg, r)
+            steps += [
+                Step(s, rcfg, f"round {r}: {s}", f"round{r}")
+                for s in ("rollout", "score", "select", "train")
+            ]
+    return steps
+
+
+def format_plan(steps: list[Step]) -> str:
+    lines = [f"pipeline plan: {len(steps)} steps"]
+    for i, st in enumerate(steps, 1):
+        lines.append(f"  {i:2d}. {st.label:<24s} {_describe(st.cfg)}")
+    return "\n".join(lines)
 
 
 def run_stage(name: str, cfg: Config) -> dict:
@@ -98,39 +85,40 @@ def run_stage(name: str, cfg: Config) -> dict:
 
 def run(cfg: Config) -> dict:
     t0 = time.time()
+    steps = plan(cfg)  # every derived config composes (and is checked) before anything runs
+    print(format_plan(steps), flush=True)
     timings: dict[str, float] = {}
-    for stage in cfg.pipeline.stages:
-        if stage == "sft" and not cfg.sft.enabled:
-            continue
-        if stage == "eval" and (cfg.pipeline.variants or cfg.pipeline.rounds > 1):
-            continue  # evaluate once, after the variants and later rounds are trained too
+    for st in steps:
+        if st.label != st.stage:
+            print(f"\n--- {st.label} ({_describe(st.cfg)}) ---", flush=True)
         t = time.time()
-        run_stage(stage, cfg)
-        timings[stage] = time.time() - t
-        if stage == "train":
-            for v in cfg.pipeline.variants:
-                vcfg = apply_overrides(cfg, [*v.overrides, f"train.name={v.name}"])
-                t = time.time()
-                print(f"\n--- variant {v.name}: {' '.join(v.overrides)} ---", flush=True)
-                run_stage("select", vcfg)
-                run_stage("train", vcfg)
-                timings[f"variant:{v.name}"] = time.time() - t
-        if stage == "train":
-            for r in range(2, cfg.pipeline.rounds + 1):
-                rcfg, t = round_config(cfg, r), time.time()
-                print(f"\n--- round {r}: rollouts from {rcfg.student.path} ---", flush=True)
-                for name in ("rollout", "score", "select", "train"):
-                    run_stage(name, rcfg)
-                timings[f"round{r}"] = time.time() - t
-    if (cfg.pipeline.variants or cfg.pipeline.rounds > 1) and "eval" in cfg.pipeline.stages:
-        t = time.time()
-        run_stage("eval", cfg)
-        timings["eval"] = time.time() - t
+        run_stage(st.stage, st.cfg)
+        timings[st.group] = timings.get(st.group, 0.0) + time.time() - t
     timings["total"] = time.time() - t0
     print("\npipeline timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    lay = RunLayout.of(cfg.run_dir)
+    lay.root.mkdir(parents=True, exist_ok=True)
     # read by scripts/bench.py (demo.end_to_end_seconds)
-    atomic_write_text(Path(cfg.run_dir) / "timings.json", json.dumps(timings, indent=1))
+    atomic_write_text(lay.timings, json.dumps(timings, indent=1))
+    print(f"pipeline: done, {len(steps)} steps; wrote {lay.root}/ ({_wrote(cfg, steps)})")
     return timings
+
+
+def _wrote(cfg: Config, steps: list[Step]) -> str:
+    """What the run left where, for the last line."""
+    lay = RunLayout.of(cfg.run_dir)
+    out = []
+    for st in steps:
+        if st.stage == "sft":
+            out.append(str(lay.sft_final))
+        if st.stage == "train":
+            out.append(str(RunLayout.of(st.cfg.run_dir).final(st.cfg.train.name)))
+    if any(st.stage == "eval" for st in steps):
+        out.append(str(lay.eval_results))
+    if any(st.stage == "report" for st in steps):
+        out.append(str(lay.report))
+    out.append(str(lay.timings))
+    return ", ".join(out)
 
 
 main = hydra_entry("pipeline")(run)

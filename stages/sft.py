@@ -15,7 +15,6 @@ Run: ``python -m stages.sft experiment=demo_lightning`` (the pipeline runs it wh
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,12 +24,13 @@ from data_schemas import prompts as prompts_schema
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
 from stages.lib import models, store
-from stages.lib.config import Config, hydra_entry
+from stages.lib.config import Config, hydra_entry, sft_config
 from stages.lib.generation import Sampling, generate_rollouts
+from stages.lib.layout import RunLayout
 
 
 def sft_data_dir(cfg: Config) -> Path:
-    return Path(cfg.run_dir) / "sft_data"
+    return RunLayout.of(cfg.run_dir).sft_data
 
 
 def to_selected(rollouts: pa.Table) -> pa.Table:
@@ -72,7 +72,7 @@ def to_selected(rollouts: pa.Table) -> pa.Table:
 
 def write_selected(cfg: Config, sft_manifest: dict, tok_vocab: int) -> dict:
     src = sft_data_dir(cfg)
-    out = Path(cfg.run_dir) / "selected" / "sft"
+    out = RunLayout.of(cfg.run_dir).sft_selected
     did = store.content_id({"sft_data": sft_manifest["dataset_id"]})
     with store.open_writer(
         out,
@@ -100,59 +100,49 @@ def write_selected(cfg: Config, sft_manifest: dict, tok_vocab: int) -> dict:
 
 def run(cfg: Config) -> dict:
     from stages import train
-    from stages.pipeline import apply_overrides
 
-    prompts = prompts_schema.read(cfg.data.prompts, max_prompts=cfg.data.max_prompts)
-    tok_s = models.load_tokenizer(cfg.student.path, "student")
-    tok_t = models.load_tokenizer(cfg.teacher.path, "teacher")
+    # One derived config for the whole stage (stages.lib.config.SFT_OVERRIDES): the teacher
+    # answers from its own view (teacher_template, every prompt with a context), and the student
+    # trains on the answers with loss=sft under train.name=sft.
+    scfg = sft_config(cfg)
+    prompts = prompts_schema.read(scfg.data.prompts, max_prompts=scfg.data.max_prompts)
+    tok_s = models.load_tokenizer(scfg.student.path, "student")
+    tok_t = models.load_tokenizer(scfg.teacher.path, "teacher")
     models.check_same_tokenizer(
         models.tokenizer_fingerprint(tok_s),
         models.tokenizer_fingerprint(tok_t),
         "student",
         "teacher",
     )
-    # The teacher answers from its own view (teacher_template), every prompt with a context.
-    r = dataclasses.replace(
-        cfg.rollout, guided_template=cfg.rollout.teacher_template, guided_fraction=1.0
-    )
     s = Sampling(
-        n=cfg.sft.n,
-        temperature=cfg.sft.temperature,
+        n=scfg.sft.n,
+        temperature=scfg.sft.temperature,
         top_p=1.0,
-        max_new_tokens=cfg.rollout.max_new_tokens,
+        max_new_tokens=scfg.rollout.max_new_tokens,
     )
     summary = generate_rollouts(
-        cfg,
-        cfg.teacher.path,
+        scfg,
+        scfg.teacher.path,
         prompts,
-        sft_data_dir(cfg),
+        sft_data_dir(scfg),
         "sft",
-        rollout=r,
+        rollout=scfg.rollout,
         sampling=s,
-        dtype=cfg.teacher.dtype,
-        tokenizer_path=cfg.teacher.path,
-        fingerprints={"teacher": models.model_fingerprint(cfg.teacher.path, "teacher")},
+        dtype=scfg.teacher.dtype,
+        tokenizer_path=scfg.teacher.path,
+        fingerprints={"teacher": models.model_fingerprint(scfg.teacher.path, "teacher")},
         inputs={
-            "prompts": store.file_sha256(cfg.data.prompts),
-            "max_prompts": cfg.data.max_prompts,
+            "prompts": store.file_sha256(scfg.data.prompts),
+            "max_prompts": scfg.data.max_prompts,
         },
     )
     m = store.open_committed(
-        sft_data_dir(cfg), rollouts_schema, what_writes_it="python -m stages.sft"
+        sft_data_dir(scfg), rollouts_schema, what_writes_it="python -m stages.sft"
     )
-    write_selected(cfg, m, models.vocab_size(tok_s))
-    tcfg = apply_overrides(
-        cfg,
-        [
-            "loss=sft",
-            "train.name=sft",
-            "train.selection=sft",
-            f"train.epochs={cfg.sft.epochs}",
-            f"train.lr={cfg.sft.lr}",
-            f"train.init={cfg.student.path}",
-        ],
-    )
-    summary["train"] = train.run(tcfg)
+    write_selected(scfg, m, models.vocab_size(tok_s))
+    summary["train"] = train.run(scfg)
+    lay = RunLayout.of(scfg.run_dir)
+    print(f"sft: wrote {lay.sft_data}, {lay.sft_selected}, {lay.sft_final}", flush=True)
     return summary
 
 

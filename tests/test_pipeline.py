@@ -10,6 +10,7 @@ from demoworld import world as demoworld
 
 from stages import pipeline
 from stages.lib.config import compose
+from stages.lib.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,14 @@ def demo_overrides(world: Path, run_dir: Path) -> list[str]:
     ]
 
 
-def test_pipeline_end_to_end_and_retrain_on_cache(quick_world, tmp_path):
+def test_pipeline_end_to_end_and_retrain_on_cache(quick_world, tmp_path, capsys):
     run_dir = tmp_path / "run"
     cfg = compose("pipeline", demo_overrides(quick_world, run_dir))
     pipeline.run(cfg)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "pipeline plan: 5 steps"
+    assert out[-1].startswith(f"pipeline: done, 5 steps; wrote {run_dir}/")
+    assert str(run_dir / "checkpoints" / cfg.train.name / "final") in out[-1]
     for d in ("rollouts", "tokens", f"selected/{cfg.select.name}"):
         assert (run_dir / d / "manifest.json").exists(), d
     assert (run_dir / "checkpoints" / cfg.train.name / "final" / "config.json").exists()
@@ -80,24 +85,95 @@ def test_pipeline_end_to_end_and_retrain_on_cache(quick_world, tmp_path):
     assert list(res)[-1] == f"{cfg.train.name}-r2" and "base" in res
 
 
-def test_apply_overrides_types_and_groups():
+def stages_of(steps) -> list[tuple[str, str]]:
+    return [(st.label, st.stage) for st in steps]
+
+
+def test_plan_plain_demo():
     cfg = compose("pipeline", ["experiment=demo"])
-    v = pipeline.apply_overrides(
-        cfg, ["loss=vopd", "select=entropy_half", "train.lr=0.01", "train.name=x"]
+    steps = pipeline.plan(cfg)
+    assert [st.stage for st in steps] == ["rollout", "score", "select", "train", "eval", "report"]
+    assert all(st.cfg is cfg and st.label == st.stage == st.group for st in steps)
+    text = pipeline.format_plan(steps)
+    assert text.splitlines()[0] == "pipeline plan: 6 steps" and "train.name=topk_fkl-" in text
+
+
+def test_plan_with_sft():
+    cfg = compose("pipeline", ["experiment=demo_lightning"])
+    assert [st.stage for st in pipeline.plan(cfg)][:2] == ["sft", "rollout"]
+    off = compose("pipeline", ["experiment=demo_lightning", "sft.enabled=false"])
+    assert "sft" not in [st.stage for st in pipeline.plan(off)]
+
+
+def test_plan_with_two_variants():
+    variants = (
+        "pipeline.variants=[{name: k1, overrides: ['loss=opd_k1']},"
+        " {name: tip, overrides: ['select=entropy_half', 'train.lr=0.01']}]"
     )
-    assert (v.loss.name, v.select.name, v.train.lr, v.train.name) == (
-        "vopd",
+    cfg = compose("pipeline", ["experiment=demo", variants])
+    steps = pipeline.plan(cfg)
+    assert stages_of(steps) == [
+        ("rollout", "rollout"),
+        ("score", "score"),
+        ("select", "select"),
+        ("train", "train"),
+        ("variant k1: select", "select"),
+        ("variant k1: train", "train"),
+        ("variant tip: select", "select"),
+        ("variant tip: train", "train"),
+        ("eval", "eval"),  # after every checkpoint exists, and before the report that shows it
+        ("report", "report"),
+    ]
+    k1, tip = steps[4].cfg, steps[6].cfg
+    assert steps[5].cfg is k1 and steps[5].group == "variant:k1"
+    assert (k1.train.name, k1.loss.name, k1.select.name, k1.train.selection) == (
+        "k1",
+        "opd_k1",
+        "evidence_retain",
+        "evidence_retain",
+    )
+    assert (tip.train.name, tip.select.name, tip.train.selection, tip.train.lr) == (
+        "tip",
+        "entropy_half",
         "entropy_half",
         0.01,
-        "x",
     )
-    assert cfg.loss.name == "topk_fkl"  # the original is untouched
-    # the selection a variant trains on follows its select group (regression: it kept the old one)
-    assert v.train.selection == "entropy_half"
-    # an untyped parameter gets the YAML type the command line would give it
-    r = pipeline.apply_overrides(
-        cfg, ["select=evidence_retain", "select.rules.1.params.weight=3.5", "seed=3"]
-    )
-    assert r.select.rules[1].params["weight"] == 3.5 and r.seed == 3
-    w = pipeline.apply_overrides(cfg, ["select=all", "loss=opd_k1"])
-    assert (w.train.selection, w.train.name) == ("all", "opd_k1-all")
+    assert k1.run_dir == tip.run_dir == cfg.run_dir and k1.train.epochs == cfg.train.epochs
+
+
+def test_plan_with_two_rounds():
+    cfg = compose("pipeline", ["experiment=demo", "pipeline.rounds=2", "train.name=t"])
+    steps = pipeline.plan(cfg)
+    assert stages_of(steps)[4:8] == [
+        ("round 2: rollout", "rollout"),
+        ("round 2: score", "score"),
+        ("round 2: select", "select"),
+        ("round 2: train", "train"),
+    ]
+    r2 = steps[4].cfg
+    assert all(st.cfg is r2 and st.group == "round2" for st in steps[4:8])
+    assert r2.run_dir == str(Path("runs/demo/round2")) and r2.train.name == "t-r2"
+    assert r2.student.path == str(Path("runs/demo/checkpoints/t/final")) and r2.seed == 1
+    assert [st.stage for st in steps[8:]] == ["eval", "report"] and steps[8].cfg is cfg
+
+
+def test_a_bad_variant_fails_before_anything_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    bad = "pipeline.variants=[{name: v, overrides: ['loss=nope']}]"
+    cfg = compose("pipeline", ["experiment=demo", f"run_dir={run_dir}", bad])
+    with pytest.raises(UserError, match=r"Could not find 'loss/nope'.*pipeline.variants\[v\]"):
+        pipeline.run(cfg)
+    assert not run_dir.exists()
+
+
+def test_results_table_rows_compose(tmp_path, capsys):
+    """Every row of scripts/results_table.py composes (its --dry path: no world, no model)."""
+    import results_table
+
+    rows = "headline,guided,unguided,unguided_mask,rounds,lightning"
+    args = ["--dry", "--no-build", "--seeds", "0", "--rows", rows, "--root", str(tmp_path)]
+    assert results_table.main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "results_table: 19 rows compose"
+    assert any("retain_w3" in ln and "select=evidence_retain_w3" in ln for ln in out)
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -29,7 +29,7 @@ def answer_logprob(model_dir, rows) -> float:
     return total / n
 
 
-def test_sft_trains_the_student_on_the_teachers_answers(tmp_path, tiny_lm, tiny_teacher):
+def test_sft_trains_the_student_on_the_teachers_answers(tmp_path, tiny_lm, tiny_teacher, capsys):
     prompts = write_prompts(tmp_path / "prompts.parquet", n=16)
     run_dir = tmp_path / "run"
     cfg = compose(
@@ -47,6 +47,8 @@ def test_sft_trains_the_student_on_the_teachers_answers(tmp_path, tiny_lm, tiny_
         ],
     )
     sft.run(cfg)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("sft: wrote ") and str(run_dir / "checkpoints" / "sft" / "final") in last
     # the answers are the teacher's, and the manifest says which teacher gave them
     data = store.open_committed(run_dir / "sft_data", sft.rollouts_schema)
     assert data["fingerprints"]["teacher"] == models.model_fingerprint(str(tiny_teacher))

@@ -2,33 +2,77 @@
 
 Every stage composes the same tree (``conf/base.yaml``): ``student``/``teacher``/``ref`` (one
 ``model`` group in three roles), ``data``, ``rollout``, ``score``, ``select``, ``loss``, ``train``,
-``eval``, ``sft``, ``report``, ``pipeline`` and ``experiment`` files that pin whole runs. A
-mistyped key fails at compose time (struct mode); impossible values fail in ``__post_init__`` with
-a ``UserError``. Library code receives the typed ``Config`` (``OmegaConf.to_object``), never a
-raw dict, so it does not need ``cfg.get("k", default)``.
+``eval``, ``sft``, ``report``, ``pipeline`` and ``experiment`` files that pin whole runs. The
+config is closed: an unknown key fails at compose time in every form (``key=``, ``+key=``,
+``++key=``), and every group checks its values in ``__post_init__`` (finite numbers, known loss
+names and loss arguments, safe names for everything that becomes a path), so a bad value is one
+``error:`` line before any model loads. Library code receives the typed ``Config``
+(``OmegaConf.to_object``), never a raw dict, so it does not need ``cfg.get("k", default)``.
+
+There is one way to build a config: :func:`compose` (what the command line does, see
+``stages/lib/entry.py``). Configs the pipeline derives (variants, rounds, the SFT training) are
+composed again from the same primary config and overrides plus a few more (:func:`derive`), so
+they follow exactly the command line's rules; their names are computed here, in one place.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import difflib
+import inspect
 import math
-import sys
-from collections.abc import Callable
+import re
+import types
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from stages.lib.errors import UserError, report_and_exit
+from stages.lib.errors import UserError
+from stages.lib.layout import RunLayout, check_name
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+POLICY_DIR = Path(__file__).resolve().parents[1] / "sql_policies"  # the selection SQL files
+STAGES = ("sft", "rollout", "score", "select", "train", "eval", "report")
 
 
 def _check(ok: bool, key: str, what: str) -> None:
     if not ok:
         raise UserError(f"impossible config value: {key} {what}", "config", f"fix {key}")
+
+
+def _closest(word: str, options: Sequence[str], n: int = 3) -> str:
+    """``" (closest: a, b)"`` for the options nearest ``word``, or "" when none is near."""
+    near = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
+    return f" (closest: {', '.join(near)})" if near else ""
+
+
+def _interpolation(v: Any) -> bool:
+    """An unresolved ``${...}`` default (the schema's own defaults, before composition)."""
+    return isinstance(v, str) and v.startswith("${") and v.endswith("}")
+
+
+def _finite_value(v: Any) -> bool:
+    """False for a NaN/inf float anywhere inside ``v`` (lists and dicts included)."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, list | tuple):
+        return all(_finite_value(x) for x in v)
+    if isinstance(v, dict):
+        return all(_finite_value(x) for x in v.values())
+    return True
+
+
+def _check_finite(obj: Any, group: str) -> None:
+    """Every number of a config group is finite (lr=inf or nan would train into NaN weights)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if not dataclasses.is_dataclass(v):  # nested groups check themselves
+            _check(_finite_value(v), f"{group}.{f.name}", f"must be finite (got {v!r})")
 
 
 @dataclass
@@ -39,6 +83,14 @@ class ModelConfig:
     dtype: str = "float32"
     # Short label used in reports; defaults to the directory name.
     name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            "model dtype",
+            f"must be float32|bfloat16|float16 (got {self.dtype!r})",
+        )
+        _check(self.path is None or self.path.strip() != "", "model path", "must not be empty")
 
 
 @dataclass
@@ -52,6 +104,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_prompts is None or self.max_prompts > 0, "data.max_prompts", "must be > 0")
+        for name in self.eval_sets:  # eval set names label results and may name files
+            check_name(name, "data.eval_sets key")
 
 
 @dataclass
@@ -97,6 +151,7 @@ class RolloutConfig:
     vllm_memory_fraction: float = 0.25
 
     def __post_init__(self) -> None:
+        _check_finite(self, "rollout")
         _check(self.backend in ("hf", "vllm", "auto"), "rollout.backend", "must be hf|vllm|auto")
         _check(self.n >= 1, "rollout.n", "must be >= 1")
         _check(self.temperature > 0, "rollout.temperature", "must be > 0")
@@ -105,6 +160,10 @@ class RolloutConfig:
         _check(0 <= self.guided_fraction <= 1, "rollout.guided_fraction", "must be in [0, 1]")
         _check(self.too_long in ("error", "skip"), "rollout.too_long", "must be error|skip")
         _check(self.prompts_per_shard >= 1, "rollout.prompts_per_shard", "must be >= 1")
+        _check(self.batch_size >= 1, "rollout.batch_size", "must be >= 1")
+        _check(
+            0 < self.vllm_memory_fraction <= 1, "rollout.vllm_memory_fraction", "must be in (0, 1]"
+        )
 
 
 @dataclass
@@ -131,6 +190,7 @@ class ScoreConfig:
         _check(self.topk >= 1, "score.topk", "must be >= 1")
         _check(self.behavior_topk >= 0, "score.behavior_topk", "must be >= 0")
         _check(self.batch_tokens >= 1, "score.batch_tokens", "must be >= 1")
+        _check(self.chunk_positions >= 1, "score.chunk_positions", "must be >= 1")
 
 
 @dataclass
@@ -139,6 +199,25 @@ class SelectRule:
     policy: str = "all"
     # Its parameters (bound into the SQL); see the header of the SQL file.
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The select stage checks each policy's own parameters; here what holds for every policy:
+        # the policy exists, parameters are finite scalars (they are bound into the SQL).
+        if not self.policy.endswith(".sql"):  # a user's own SQL file is checked by select
+            known = sorted(p.stem for p in POLICY_DIR.glob("*.sql") if p.stem != "examples")
+            if self.policy not in known:
+                raise UserError(
+                    f"unknown selection policy {self.policy!r}",
+                    "select.rules[].policy",
+                    f"use one of {known}{_closest(self.policy, known)} or a path to a .sql file",
+                )
+        for k, v in self.params.items():
+            _check(
+                v is None or isinstance(v, bool | int | float | str),
+                f"select.rules[].params.{k}",
+                f"must be a number, string, boolean or null (got {v!r})",
+            )
+            _check(_finite_value(v), f"select.rules[].params.{k}", f"must be finite (got {v!r})")
 
 
 @dataclass
@@ -156,6 +235,80 @@ class SelectConfig:
     memory_limit: str = "4GB"
     threads: int = 2
 
+    def __post_init__(self) -> None:
+        check_name(self.name, "select.name")
+        _check(len(self.rules) >= 1, "select.rules", "needs at least one rule")
+        _check(self.rows_per_shard >= 1, "select.rows_per_shard", "must be >= 1")
+        _check(self.row_group_rows >= 1, "select.row_group_rows", "must be >= 1")
+        _check(self.threads >= 1, "select.threads", "must be >= 1")
+
+
+# The loss functions' own signatures are the schema of a loss term: the keyword arguments after
+# the ones every loss takes (the trainer passes vocab_size and temperature itself).
+_LOSS_COMMON_ARGS = ("vocab_size", "temperature")
+
+
+def loss_arguments(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword arguments ``loss=<name>`` accepts, from ``stages.lib.losses.LOSSES``."""
+    from stages.lib import losses  # torch: imported when a loss is actually configured
+
+    sig = inspect.signature(losses.LOSSES[name], eval_str=True)
+    return {
+        k: p
+        for k, p in sig.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in _LOSS_COMMON_ARGS
+    }
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Does ``value`` (from YAML) fit a loss argument's annotation (bool/int/float/str/None,
+    unions, Literal)? Unknown annotations accept anything."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or isinstance(annotation, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation in (int, str):
+        return isinstance(value, annotation) and not isinstance(value, bool)
+    return True
+
+
+def check_loss_term(name: str, kwargs: dict[str, Any]) -> None:
+    """A UserError for an unknown loss name, an unknown keyword or a value of the wrong type."""
+    from stages.lib import losses
+
+    where = f"loss.terms (loss {name!r})"
+    if name not in losses.LOSSES:
+        known = sorted(losses.LOSSES)
+        raise UserError(
+            f"unknown loss {name!r}",
+            where,
+            f"use one of {known}{_closest(name, known)} (stages/lib/losses.py)",
+        )
+    params = loss_arguments(name)
+    for k, v in kwargs.items():
+        if k not in params:
+            raise UserError(
+                f"unknown argument {k!r} for loss {name!r}",
+                where,
+                f"its arguments are {sorted(params)}{_closest(k, list(params))}",
+            )
+        ann = params[k].annotation
+        _check(_fits(v, ann), f"loss.terms[].kwargs.{k}", f"must be {_ann_str(ann)} (got {v!r})")
+        _check(_finite_value(v), f"loss.terms[].kwargs.{k}", f"must be finite (got {v!r})")
+
+
+def _ann_str(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
 
 @dataclass
 class LossTerm:
@@ -165,6 +318,10 @@ class LossTerm:
     weight: float = 1.0
     # Loss-specific arguments (is_clip, support, lam, tail_bucket, form, beta, tau, outlier).
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.weight), "loss.terms[].weight", "must be finite")
+        check_loss_term(self.name, self.kwargs)
 
 
 @dataclass
@@ -177,6 +334,7 @@ class LossConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_finite(self, "loss")
         _check(self.temperature > 0, "loss.temperature", "must be > 0")
         _check(len(self.terms) >= 1, "loss.terms", "needs at least one term")
 
@@ -194,6 +352,11 @@ class LoraConfig:
     )
     # Save merged weights (a plain HF checkpoint) or the adapter only.
     save_merged: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "train.lora.r", "must be >= 0")
+        _check(self.alpha > 0, "train.lora.alpha", "must be > 0")
+        _check(0 <= self.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
 
 
 @dataclass
@@ -266,11 +429,30 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")  # first: lr=nan fails every comparison below
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.micro_batch_tokens >= 1, "train.micro_batch_tokens", "must be >= 1")
         _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be finite and > 0")
         _check(self.schedule in ("cosine", "constant"), "train.schedule", "must be cosine|constant")
+        if not _interpolation(self.name):  # the schema's default, resolved at compose
+            check_name(self.name, "train.name")  # checkpoints/<name>/: overwrite deletes it
+        if not _interpolation(self.selection):
+            check_name(self.selection, "train.selection")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            "must be two numbers in [0, 1)",
+        )
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.save_every is None or self.save_every >= 1, "train.save_every", "must be >= 1")
+        _check(self.chunk_positions >= 1, "train.chunk_positions", "must be >= 1")
+        _check(self.prefetch >= 0, "train.prefetch", "must be >= 0")
         for t in self.trackers:
             _check(t in TRACKERS, "train.trackers", f"entries must be among {list(TRACKERS)}")
         _check(
@@ -302,6 +484,13 @@ class SftConfig:
     epochs: int = 3
     lr: float = 1e-3
 
+    def __post_init__(self) -> None:
+        _check_finite(self, "sft")
+        _check(self.n >= 1, "sft.n", "must be >= 1")
+        _check(self.temperature >= 0, "sft.temperature", "must be >= 0 (0 = greedy)")
+        _check(self.epochs >= 1, "sft.epochs", "must be >= 1")
+        _check(self.lr > 0, "sft.lr", "must be > 0")
+
 
 @dataclass
 class EvalConfig:
@@ -320,6 +509,14 @@ class EvalConfig:
     # Prompts used for the KL estimate.
     kl_prompts: int = 64
 
+    def __post_init__(self) -> None:
+        _check_finite(self, "eval")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.pass_k >= 0, "eval.pass_k", "must be >= 0 (0 = off)")
+        _check(self.temperature > 0, "eval.temperature", "must be > 0")
+        _check(self.kl_prompts >= 1, "eval.kl_prompts", "must be >= 1")
+
 
 @dataclass
 class ReportConfig:
@@ -328,12 +525,25 @@ class ReportConfig:
     # Teacher top-k entries shown per token.
     show_topk: int = 8
 
+    def __post_init__(self) -> None:
+        _check(self.max_rollouts >= 0, "report.max_rollouts", "must be >= 0")
+        _check(self.show_topk >= 0, "report.show_topk", "must be >= 0")
+
 
 @dataclass
 class TrainVariant:
     # A training run of the pipeline on the cached shards: loss, select and train overrides.
     name: str = MISSING
     overrides: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "pipeline.variants[].name")  # it becomes the variant's train.name
+        for ov in self.overrides:
+            _check(
+                "=" in ov,
+                f"pipeline.variants[{self.name}].overrides",
+                f"entries are key=value or group=option (got {ov!r})",
+            )
 
 
 @dataclass
@@ -351,6 +561,27 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "pipeline.rounds", "must be >= 1")
+        for st in self.stages:
+            if st not in STAGES:
+                raise UserError(
+                    f"unknown stage {st!r} in pipeline.stages",
+                    "config",
+                    f"use stages from {list(STAGES)}{_closest(st, STAGES)}",
+                )
+        _check(len(set(self.stages)) == len(self.stages), "pipeline.stages", "lists a stage twice")
+        names = [v.name for v in self.variants]
+        _check(len(set(names)) == len(names), "pipeline.variants", "names must be unique")
+
+
+@dataclass
+class Source:
+    # How a config was composed (filled in by compose(); a value set by hand is replaced).
+    # Primary config: conf/<stage>.yaml, or --config-name.
+    config_name: str = ""
+    # The overrides, in order.
+    overrides: list[str] = field(default_factory=list)
+    # Extra config folders (--config-dir), absolute; searched after conf/.
+    config_dirs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -380,6 +611,40 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # How this config was composed: derived configs (pipeline variants and rounds, the SFT
+    # training) are composed again from it; manifests keep it as provenance.
+    source: Source = field(default_factory=Source)
+
+    def __post_init__(self) -> None:
+        RunLayout.of(self.run_dir)  # not empty (an empty run_dir writes into the cwd)
+        self._check_eval_sets()
+        for v in self.pipeline.variants:
+            _check(
+                v.name != self.train.name,
+                "pipeline.variants[].name",
+                f"{v.name!r} is the main training's train.name (its checkpoints would collide)",
+            )
+
+    def _check_eval_sets(self) -> None:
+        """eval.sets and eval.kl_set name data.eval_sets (checkable once eval sets are given)."""
+        known = list(self.data.eval_sets)
+        if not known:
+            return  # the eval stage says that there is nothing to evaluate
+        for n in self.eval.sets:
+            if n not in known:
+                raise UserError(
+                    f"eval set {n!r} is not in data.eval_sets",
+                    "eval.sets",
+                    f"choose from {sorted(known)}{_closest(n, known)}",
+                )
+        pool = self.eval.sets or known
+        if self.eval.kl_set is not None and self.eval.kl_set not in pool:
+            raise UserError(
+                f"eval.kl_set={self.eval.kl_set!r} is not among the eval sets",
+                "eval.kl_set",
+                f"set eval.kl_set to one of {sorted(pool)}{_closest(self.eval.kl_set, pool)} "
+                "or null (the first eval set)",
+            )
 
 
 def register() -> None:
@@ -390,80 +655,343 @@ def register() -> None:
 register()
 
 
-def to_config(cfg: DictConfig) -> Config:
-    """Resolve interpolations and turn a composed DictConfig into the typed ``Config``."""
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+# ------------------------------------------------------------------------- the closed schema
+def _unwrap(t: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(t) is typing.Union or isinstance(t, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return args[0] if len(args) == 1 else t
+    return t
+
+
+def _schema_miss(parts: list[str]) -> tuple[list[str], list[str]] | None:
+    """None when the dotted key ``parts`` names a key of ``Config`` (anything below a dict-typed
+    key is free), else (the valid prefix, the valid keys at the point where it left the schema)."""
+    t: Any = Config
+    for i, part in enumerate(parts):
+        t = _unwrap(t)
+        if dataclasses.is_dataclass(t):
+            hints = typing.get_type_hints(t)
+            if part not in hints:
+                return parts[:i], list(hints)
+            t = hints[part]
+        elif typing.get_origin(t) is list:
+            if not part.isdigit():
+                return parts[:i], []
+            t = typing.get_args(t)[0]
+        elif typing.get_origin(t) is dict or t in (dict, Any):
+            return None
+        else:  # a scalar has no keys below it
+            return parts[:i], []
+    return None
+
+
+def _all_keys(t: Any = Config, prefix: str = "") -> list[str]:
+    out = []
+    for name, ft in typing.get_type_hints(t).items():
+        key = f"{prefix}{name}"
+        out.append(key)
+        if dataclasses.is_dataclass(_unwrap(ft)):
+            out += _all_keys(_unwrap(ft), f"{key}.")
+    return out
+
+
+def unknown_key_error(key: str, where: str) -> UserError:
+    """The one-line error for a key the schema does not have, with the closest valid keys."""
+    miss = _schema_miss(key.split("."))
+    prefix, siblings = miss if miss else ([], [])
+    near = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.6)
+    if not near and siblings:  # the nearest keys of the same group, however far
+        last = key.split(".")[len(prefix)]
+        near = [".".join([*prefix, s]) for s in difflib.get_close_matches(last, siblings, 3, 0)]
+    hint = f"closest valid keys: {', '.join(near)}; " if near else ""
+    return UserError(
+        f"unknown config key '{key}'",
+        where,
+        f"{hint}--cfg job prints every key (the config is closed: +key and ++key do not add keys)",
+    )
+
+
+def _unknown_in_tree(node: Any, prefix: str = "") -> str | None:
+    """The first key of a composed tree that its dataclass does not have (+key/++key add them)."""
+    if isinstance(node, DictConfig):
+        t = OmegaConf.get_type(node)
+        fields = {f.name for f in dataclasses.fields(t)} if dataclasses.is_dataclass(t) else None
+        for k, v in node.items_ex(resolve=False):
+            if fields is not None and k not in fields:
+                return f"{prefix}{k}"
+            bad = _unknown_in_tree(v, f"{prefix}{k}.")
+            if bad:
+                return bad
+    elif isinstance(node, ListConfig):
+        for j, v in enumerate(node._iter_ex(resolve=False)):
+            bad = _unknown_in_tree(v, f"{prefix}{j}.")
+            if bad:
+                return bad
+    return None
+
+
+def is_config_group(key: str, search_dirs: Sequence[Path]) -> bool:
+    """Is ``key`` a config group (a folder of option files) in one of the config folders?"""
+    return any((Path(d) / key).is_dir() for d in search_dirs)
+
+
+def _search_dirs(overrides: Sequence[str], config_dirs: Sequence[str]) -> list[Path]:
+    """conf/, the extra config folders and the file:// folders of a hydra.searchpath override."""
+    dirs = [CONF_DIR, *map(Path, config_dirs)]
+    for ov in overrides:
+        key, _, value = ov.lstrip("+").partition("=")
+        if key == "hydra.searchpath":
+            for entry in re.findall(r"file://([^,\]'\"]+)", value):
+                dirs.append(Path(entry.strip()))
+    return dirs
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line (option lists joined by commas,
+    the config search path left out)."""
+    parts: list[str] = []
+    for msg in (str(e), str(e.__cause__ or "")):
+        for raw in msg.splitlines():
+            if raw.startswith("Config search path"):
+                break
+            line = raw.strip()
+            if not line:
+                continue
+            if raw.startswith("\t") and parts:  # an option of the list above
+                parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+            else:
+                parts.append(line)
+    return "; ".join(parts)[:500]
+
+
+def check_override_keys(
+    overrides: Sequence[str], config_dirs: Sequence[str] = (), where: str = "command line"
+) -> None:
+    """Refuse an override of a key the schema does not have, in every form (``key=``, ``+key=``,
+    ``++key=``, ``~key``), before Hydra composes (which would add a ``+key`` silently)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as e:
+        raise UserError(
+            f"malformed override: {_one_line(e)}",
+            where,
+            "write key=value or group=option (quote a value with spaces: key='a b')",
+        ) from None
+    dirs = _search_dirs(overrides, config_dirs)
+    for o in parsed:
+        key = o.key_or_group
+        if key.split(".")[0] in ("hydra",) or key.startswith("hydra/"):
+            continue  # Hydra's own settings
+        if o.package is not None or is_config_group(key, dirs):
+            continue  # group=option: Hydra says when the option does not exist
+        if _schema_miss(key.split(".")) is not None:
+            raise unknown_key_error(key, f"{where}: {o.input_line}")
+
+
+# --------------------------------------------------------------------------------- composing
+def to_config(cfg: DictConfig, where: str = "config") -> Config:
+    """Resolve interpolations and turn a composed DictConfig into the typed ``Config`` (which
+    runs every group's ``__post_init__`` checks)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = _unknown_in_tree(cfg)
+    if bad:
+        raise unknown_key_error(bad, where)
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise UserError(f"invalid config: {_one_line(e)}", where, "fix the value named") from None
 
 
 def as_dict(cfg: Config) -> dict:
-    """A plain, JSON-able dict of the resolved config (stored in manifests)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """A plain, JSON-able dict of the resolved config (stored in manifests). Plain dataclass
+    conversion: a value holding ``${`` (a path, a template) is text, not an interpolation."""
+    return dataclasses.asdict(cfg)
 
 
-def compose(stage: str, overrides: list[str] | None = None) -> Config:
-    """Compose a stage's config like the CLI does (tests, the pipeline, notebooks)."""
+def absolute_dirs(config_dirs: Sequence[str | Path], where: str = "--config-dir") -> list[str]:
+    """Extra config folders as absolute paths (they must exist)."""
+    out = []
+    for d in config_dirs:
+        p = Path(d).expanduser().resolve()
+        if not p.is_dir():
+            raise UserError(f"config folder {str(d)!r} not found", where, "give an existing folder")
+        out.append(str(p))
+    return out
+
+
+def compose_dict(
+    config_name: str,
+    overrides: Sequence[str],
+    config_dirs: Sequence[str] = (),
+    where: str = "command line",
+) -> DictConfig:
+    """Hydra's composition of ``<config_name>.yaml`` + overrides, over ``conf/`` and the extra
+    config folders (searched after ``conf/``, as ``--config-dir`` does); errors as one line."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name=stage, overrides=list(overrides or []))
-    return to_config(cfg)
-
-
-def _check_overrides(stage: str, argv: list[str]) -> None:
-    """Compose once before Hydra does, so that a mistyped key or a malformed override is one
-    ``error:`` line (exit 2) instead of Hydra's multi-line report."""
-    if any(a.startswith("-") for a in argv):  # --help, --cfg, --multirun: Hydra's business
-        return
-    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    gh = GlobalHydra.instance()
+    outer = gh.hydra if gh.is_initialized() else None  # a running Hydra app keeps its own
+    gh.clear()
     try:
-        compose(stage, overrides)
+        version.setbase("1.3")
+        csp = create_config_search_path(str(CONF_DIR))
+        for d in config_dirs:  # where Hydra's --config-dir puts a folder: before the schema
+            csp.prepend("command-line", f"file://{d}", anchor=SearchPathQuery(provider="schema"))
+        Hydra.create_main_hydra2(task_name="distillery", config_search_path=csp)
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
     except UserError:
-        return  # impossible values: reported by the stage's own entry point
-    except Exception as e:  # hydra/omegaconf override and composition errors
-        msgs = [str(e), str(e.__cause__ or "")]
-        what = "; ".join(ln.strip() for m in msgs for ln in m.splitlines() if ln.strip())
-        report_and_exit(
-            UserError(
-                f"invalid config override: {what[:400]}",
-                "command line",
-                f"check the key names and values (python -m stages.{stage} --cfg job prints "
-                "the whole config)",
-            )
+        raise
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise UserError(
+            f"invalid config override: {_one_line(e)}",
+            where,
+            "check the key names and values (--cfg job prints the whole config)",
+        ) from None
+    finally:
+        gh.clear()
+        if outer is not None:
+            gh.initialize(outer)
+
+
+def compose(
+    config_name: str,
+    overrides: Sequence[str] | None = None,
+    *,
+    config_dirs: Sequence[str | Path] = (),
+    where: str = "command line",
+) -> Config:
+    """Compose a config exactly as ``python -m stages.<config_name> <overrides>`` does (the
+    entry points, tests, the pipeline, notebooks). ``config_dirs``: extra config folders, as
+    ``--config-dir``. Every failure is a UserError."""
+    ovs, dirs = list(overrides or []), absolute_dirs(config_dirs)
+    check_override_keys(ovs, dirs, where)
+    cfg = to_config(compose_dict(config_name, ovs, dirs, where), where)
+    cfg.source = Source(config_name=config_name, overrides=ovs, config_dirs=dirs)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- derived configs
+_PLAIN = re.compile(r"^[A-Za-z0-9_./\-+:@]+$")
+
+
+def quote(value: Any) -> str:
+    """``value`` as an override value that Hydra reads back as the same string."""
+    s = str(value)
+    if _PLAIN.match(s):
+        return s
+    return "'" + s.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
+def derive(cfg: Config, overrides: Sequence[str], where: str) -> Config:
+    """``cfg`` composed again with more overrides appended (later ones win), exactly as if they
+    had been given on its command line: group options, interpolations such as ``train.name``'s
+    default ``${loss.name}-${select.name}`` and every check apply as they do there."""
+    if not cfg.source.config_name:
+        raise UserError(
+            "this config was not built by compose(), so nothing can be derived from it",
+            where,
+            "build it with stages.lib.config.compose(<stage>, [overrides])",
+        )
+    src = cfg.source
+    _check_unchanged(
+        cfg, compose(src.config_name, src.overrides, config_dirs=src.config_dirs), where
+    )
+    return compose(
+        src.config_name, [*src.overrides, *overrides], config_dirs=src.config_dirs, where=where
+    )
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+def _check_unchanged(cfg: Config, recomposed: Config, where: str) -> None:
+    """A config edited after compose() (``cfg.x = ...``, ``dataclasses.replace``) would lose the
+    edit in everything derived from it: refuse instead."""
+    key = _first_difference(as_dict(cfg), as_dict(recomposed))
+    if key is not None:
+        raise UserError(
+            f"the config was changed after compose() ({key}), so configs derived from it would "
+            "not have the change",
+            where,
+            f"give the change as an override: compose(<stage>, [..., '{key}=...'])",
         )
 
 
+def variant_config(cfg: Config, v: TrainVariant) -> Config:
+    """A pipeline variant: another select + train on the same cached shards; ``train.name`` is
+    the variant's name."""
+    extra = [*v.overrides, f"train.name={quote(v.name)}", "pipeline.variants=[]"]
+    return derive(cfg, extra, f"pipeline.variants[{v.name}]")
+
+
+def round_name(name: str, r: int) -> str:
+    """The training name of round ``r`` (round 1 is the run's own training)."""
+    return name if r == 1 else f"{name}-r{r}"
+
+
+def round_config(cfg: Config, r: int) -> Config:
+    """Round ``r`` (>= 2) of fresh rollouts: the policy and the initial weights are round r-1's
+    final checkpoint; teacher, reference, selection and loss stay; outputs go to run_dir/round<r>/.
+    The seed moves on so that the samples (and which prompts are guided) are fresh."""
+    lay = RunLayout.of(cfg.run_dir)
+    prev = lay.round(r - 1).final(round_name(cfg.train.name, r - 1))
+    extra = [
+        f"run_dir={quote(lay.round(r).root)}",
+        f"student.path={quote(prev)}",
+        f"seed={cfg.seed + r - 1}",
+        f"train.name={quote(round_name(cfg.train.name, r))}",
+        "train.init=null",
+        "sft.enabled=false",  # the SFT warm start happened before round 1
+        "pipeline.variants=[]",
+    ]
+    return derive(cfg, extra, f"pipeline round {r}")
+
+
+# The SFT stage: the teacher answers every prompt from its own view (teacher_template, also for
+# prompts with a context), then the student trains with cross-entropy on the answers. The names
+# are the layout's (selected/sft, checkpoints/sft).
+SFT_OVERRIDES = (
+    "rollout.guided_fraction=1.0",
+    "rollout.guided_template=${rollout.teacher_template}",
+    "loss=sft",
+    "train.name=sft",
+    "train.selection=sft",
+    "train.epochs=${sft.epochs}",
+    "train.lr=${sft.lr}",
+    "train.init=${student.path}",
+)
+
+
+def sft_config(cfg: Config) -> Config:
+    """The config the SFT stage generates and trains with."""
+    return derive(cfg, SFT_OVERRIDES, "sft")
+
+
+# ------------------------------------------------------------------------------ entry points
 def hydra_entry(stage: str) -> Callable[[Callable[[Config], Any]], Callable[[], None]]:
-    """Make a stage's ``main()``: compose ``conf/<stage>.yaml`` + CLI overrides, run, exit cleanly.
+    """Make a stage's ``main()``: compose ``conf/<stage>.yaml`` + CLI overrides, run, exit cleanly
+    (see ``stages/lib/entry.py``)."""
+    from stages.lib import entry  # the command-line machinery imports this module
 
-    Hydra's output directory is disabled: pipeline data lives only under ``run_dir``.
-    """
-
-    def deco(run: Callable[[Config], Any]) -> Callable[[], None]:
-        import hydra
-
-        @hydra.main(config_path=str(CONF_DIR), config_name=stage, version_base="1.3")
-        def _main(dcfg: DictConfig) -> None:
-            try:
-                cfg = to_config(dcfg)
-                run(cfg)
-            except UserError as err:
-                report_and_exit(err)
-
-        @functools.wraps(run)
-        def main() -> None:
-            # no Hydra output dirs or log files: runs are keyed by run_dir
-            sys.argv += [
-                "hydra.output_subdir=null",
-                "hydra.run.dir=.",
-                "hydra/job_logging=none",
-                "hydra/hydra_logging=none",
-            ]
-            _check_overrides(stage, sys.argv[1:])
-            _main()
-
-        return main
-
-    return deco
+    return entry.hydra_entry(stage)
