@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from data_schemas import rollouts
+from data_schemas import manifest, rollouts
 from stages.lib import store
 from stages.lib.errors import UserError
 from tests.test_schemas import rollout_rows
@@ -112,7 +112,7 @@ def test_shard_from_another_dataset_is_refused(tmp_path):
     write_dataset(tmp_path / "a", did="aaa")
     write_dataset(tmp_path / "b", did="bbb")
     # copy a shard of b into a partially written a: resume refuses it
-    os.remove(tmp_path / "a" / "manifest.json")
+    os.remove(tmp_path / "a" / manifest.FILENAME)
     os.replace(tmp_path / "b" / store.shard_relpath(1), tmp_path / "a" / store.shard_relpath(1))
     w = store.open_writer(tmp_path / "a", rollouts, dataset_id="aaa", stage="t")
     with pytest.raises(UserError, match="different run or config"):
@@ -195,7 +195,7 @@ def test_sigkill_mid_shard_then_rerun_completes(tmp_path):
     # no visible partial shard: shards 0, 1 complete, shard 2 only as a hidden temp file
     visible = sorted(x.name for x in d.glob("bucket=*/shard-*.parquet"))
     assert visible == ["shard-00000.parquet", "shard-00001.parquet"]
-    assert list(d.glob("bucket=*/.tmp-*")) and not (d / "manifest.json").exists()
+    assert list(d.glob("bucket=*/.tmp-*")) and not (d / manifest.FILENAME).exists()
     with pytest.raises(UserError, match="incomplete"):
         store.open_committed(d, rollouts)
     t0 = time.time()
