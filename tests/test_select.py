@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_schemas import rollouts, selected, tokens
+from data_schemas import manifest, rollouts, selected, tokens
 from stages.lib import store
 from stages.lib.config import compose
 from stages.lib.errors import UserError
@@ -430,10 +430,10 @@ def test_bad_params_are_refused(run_dir):
 def test_rerun_is_idempotent_and_other_config_refused(tmp_path, capsys):
     write_run(tmp_path, lens=[3, 4])
     res1, _ = run_select(tmp_path, "all")
-    mtime = (Path(res1["dir"]) / "manifest.json").stat().st_mtime_ns
+    mtime = (Path(res1["dir"]) / manifest.FILENAME).stat().st_mtime_ns
     res2, _ = run_select(tmp_path, "all")
     assert res2["dataset_id"] == res1["dataset_id"]
-    assert (Path(res1["dir"]) / "manifest.json").stat().st_mtime_ns == mtime
+    assert (Path(res1["dir"]) / manifest.FILENAME).stat().st_mtime_ns == mtime
     assert "up to date" in capsys.readouterr().out
     with pytest.raises(UserError, match="different run or config.*overwrite=true"):
         run_select(tmp_path, "trust_region", "select.name=all")
@@ -444,7 +444,7 @@ def test_resume_after_a_killed_run(tmp_path):
     write_run(tmp_path, lens=[3, 4, 5, 6], n_shards=2)
     res, rows = run_select(tmp_path, "all", "select.rows_per_shard=1")
     out = Path(res["dir"])
-    (out / "manifest.json").unlink()  # as if killed before the commit ...
+    (out / manifest.FILENAME).unlink()  # as if killed before the commit ...
     victim = next(out.glob("bucket=*/shard-00003.parquet"))
     victim.unlink()  # ... and before one shard
     res2, rows2 = run_select(tmp_path, "all", "select.rows_per_shard=1")
