@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from data_schemas import manifest
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
 from data_schemas import tokens as tokens_schema
@@ -28,6 +29,7 @@ from stages import report
 from stages.lib import store
 from stages.lib.config import as_dict, compose
 from stages.lib.errors import UserError
+from stages.lib.layout import RunLayout
 from tests.conftest import write_prompts
 
 K = 8
@@ -318,8 +320,8 @@ def test_report_browser_data_matches_the_shards(full_run, tiny_lm):
 def test_entropy_divergence_histogram_counts_the_q3_quadrant(full_run, divergence):
     """Counts, thresholds and the Q3 count agree with numpy on the same tokens (tip_q3's rule)."""
     run_dir, _, info = full_run
-    data = report.open_run(run_dir)
-    con, _ = report.connect(data)
+    data = report.open_run(RunLayout.of(run_dir))
+    con = data.rv.con
     q3 = {"entropy_quantile": 0.5, "divergence_quantile": 0.8, "divergence": divergence}
     hist = report.entropy_gap_hist(con, q3, bins=20)
     h = np.array([np.float16(t["behavior_entropy"]) for t in info["tokens"]], dtype=np.float64)
@@ -359,12 +361,12 @@ def test_report_partial_run_and_missing_tokenizer(full_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(src / "rollouts", run_dir / "rollouts")
     shutil.copytree(src / "tokens", run_dir / "tokens")
-    (run_dir / "tokens" / "manifest.json").unlink()  # score was killed before committing
-    mpath = run_dir / "rollouts" / "manifest.json"
+    (run_dir / "tokens" / manifest.FILENAME).unlink()  # score was killed before committing
+    mpath = run_dir / "rollouts" / manifest.FILENAME
     m = json.loads(mpath.read_text())
     m["extra"]["policy_path"] = str(tmp_path / "gone")
     m["config"]["student"]["path"] = str(tmp_path / "gone")
-    mpath.write_text(json.dumps(m))
+    mpath.write_text(json.dumps(manifest.seal(m)))  # re-sealed: a legitimate edit
     paths = report.run(compose("report", [f"run_dir={run_dir}"]))
     assert set(paths) == {"html"}
     doc = Path(paths["html"]).read_text()

@@ -127,6 +127,11 @@ def _flock(path: Path, what: str, *, blocking: bool) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
+def file_lock(path: Path, what: str) -> contextlib.AbstractContextManager[None]:
+    """A blocking exclusive lock on ``path`` (created if needed; released when the process dies)."""
+    return _flock(path, what, blocking=True)
+
+
 def disk_error(e: OSError, where: str) -> UserError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return UserError(
