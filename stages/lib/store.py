@@ -511,7 +511,7 @@ def _check_unlisted(directory: Path, m: dict, where: str, fix: str) -> None:
         rel = p.relative_to(directory)
         if any(hidden(part) for part in rel.parts) or p.is_dir():
             continue
-        if rel.as_posix() not in listed:
+        if rel.as_posix() not in listed and rel.as_posix() != manifest_mod.LEGACY_FILENAME:
             raise UserError(
                 f"file {rel.as_posix()} is in the committed {m['table']} dataset but not in its "
                 "manifest (Parquet readers of the folder would read it)",
