@@ -37,6 +37,7 @@ rollouts and a proxy afterwards; the behaviour log-prob is kept so the trainer c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -739,6 +740,8 @@ def run(cfg: Config) -> dict:
         if con is not None:
             con.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the shared parent, once no select uses it
+            tmp_dir.parent.rmdir()
     print_summary(summary, sel.name)
     m = manifest_mod.read(out_dir)
     print(

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from data_schemas import manifest, rollouts, selected, tokens
@@ -20,6 +24,7 @@ from stages.lib import store
 from stages.lib.config import compose
 from stages.lib.errors import UserError
 
+ROOT = Path(__file__).resolve().parent.parent
 V = 64  # vocabulary size
 K = 4  # teacher top-K
 LENS = [5, 9, 3, 7, 6, 8, 4]  # response lengths of the hand-built sequences
@@ -518,3 +523,87 @@ def test_selected_validate_rejects_bad_floats(col, value, match):
     with pytest.raises(SchemaError, match=match):
         selected.validate(table)
     selected.validate(pa.Table.from_pylist(selected_rows(), schema=selected.SCHEMA))
+
+
+# ----------------------------------------------------------------------------- what select reads (#16)
+def tamper_tokens(run_dir: Path, shard: int, col: str, row: int, value: float) -> None:
+    """Put ``value`` into one cell of a committed tokens shard, bypassing the writer's checks,
+    and re-seal the manifest (sizes and checksums patched): only the values are wrong."""
+    import json
+
+    p = run_dir / "tokens" / store.shard_relpath(shard)
+    t = pq.read_table(p)
+    vals = t[col].to_pylist()
+    vals[row] = value
+    t = t.set_column(t.column_names.index(col), col, pa.array(vals, t.schema.field(col).type))
+    pq.write_table(t, p)  # the schema (with the dataset id in its metadata) is kept
+    mp = run_dir / "tokens" / manifest.FILENAME
+    m = json.loads(mp.read_text())
+    entry = m["shards"][shard]
+    entry["bytes"], entry["sha256"] = p.stat().st_size, store.file_sha256(p)
+    m["bytes"] = sum(s["bytes"] for s in m["shards"])
+    mp.write_text(json.dumps(manifest.seal(m)))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "col,value",
+    [("behavior_entropy", math.nan), ("teacher_logprob", -math.inf), ("ref_logprob", 0.5)],
+)
+def test_non_finite_values_are_refused_naming_column_and_row(tmp_path, col, value):
+    write_run(tmp_path)
+    tamper_tokens(tmp_path, 1, col, 3, value)
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError) as e:
+        run_select(tmp_path, "all")
+    line = e.value.line()
+    assert f"tokens column '{col}'" in line and "row 3 of shard 1" in line, line
+    assert "shard-00001.parquet" in line and "Fix:" in line
+    assert snapshot(tmp_path) == before  # no selection, no temp dir left behind
+
+
+def test_non_finite_value_cli_exit_2(tmp_path):
+    write_run(tmp_path)
+    tamper_tokens(tmp_path, 0, "behavior_entropy", 1, math.nan)
+    before = snapshot(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "stages.select", f"run_dir={tmp_path}", "select=all"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: tokens column 'behavior_entropy'")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop root's override")
+def test_read_only_run_dir_is_one_line(tmp_path):
+    """A run dir the process may not write (root's permission override dropped): exit 2."""
+    write_run(tmp_path)
+    before = snapshot(tmp_path)
+    modes = {p: p.stat().st_mode for p in [tmp_path, *tmp_path.rglob("*")]}
+    for p in modes:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        r = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner",
+             sys.executable, "-m", "stages.select", f"run_dir={tmp_path}", "select=all"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write (Permission denied)" in lines[0], r.stderr
+    assert snapshot(tmp_path) == before
