@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -412,6 +413,32 @@ def test_failed_report_keeps_the_previous_one(full_run, tmp_path):
         report.run(compose("report", [f"run_dir={run_dir}"]))
     assert (run_dir / "report" / "report.html").read_bytes() == before
     assert not list(run_dir.glob(".report-*"))
+
+
+def test_concurrent_reports_keep_each_others_temp(full_run, tmp_path):
+    """Two reports at once both finish; a stale temp of a dead process is removed, a live
+    process' temp is left alone (#16: reports deleted each other's temp)."""
+    src, _, _ = full_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (run_dir / f".report-tmp-{dead}").mkdir()
+    live = run_dir / f".report-tmp-{os.getpid()}"  # this test process: alive
+    live.mkdir()
+    (live / "marker").write_text("mine")
+    cmd = [sys.executable, "-m", "stages.report", f"run_dir={run_dir}"]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.strip().splitlines()[-1].endswith(f"file(s) to {run_dir / 'report'}")
+    assert (live / "marker").read_text() == "mine"
+    assert sorted(d.name for d in run_dir.glob(".report-*")) == [live.name]
+    assert _blob((run_dir / "report" / "report.html").read_text())["rollouts"]
 
 
 # ----------------------------------------------------------------------------- headless Chromium
