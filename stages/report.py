@@ -481,15 +481,8 @@ def sample_indices(total: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, size=k, replace=False))
 
 
-def browser_data(
-    con: duckdb.DuckDBPyConnection,
-    data: RunData,
-    views: dict[str, str],
-    tok,
-    cfg: Config,
-) -> dict:
-    """The JSON blob the page renders: a seeded sample of rollouts with per-token values."""
-    k = cfg.report.show_topk
+def _chosen_rows(con: duckdb.DuckDBPyConnection, cfg: Config) -> tuple[int, list[dict]]:
+    """(total rollouts, the seeded sample's rollouts rows); registers the sample as ``chosen``."""
     all_ids = [
         r[0]
         for r in con.execute(
@@ -497,113 +490,116 @@ def browser_data(
         ).fetchall()
     ]
     total = len(all_ids)
-    n_show = min(total, cfg.report.max_rollouts)
-    chosen = [all_ids[i] for i in sample_indices(total, n_show, cfg.seed)]
+    chosen = [all_ids[i] for i in sample_indices(total, cfg.report.max_rollouts, cfg.seed)]
     con.register("chosen", pa.table({"sample_id": chosen, "ord": list(range(len(chosen)))}))
-    rows = (
-        con.sql(
-            "SELECT r.sample_id, prompt_id, kind, is_guided, finish_reason, correct, answer, "
-            "train_prompt_ids, rollout_prompt_ids, response_ids, behavior_logprobs "
-            "FROM rollouts r JOIN chosen USING (sample_id) ORDER BY ord"
-        )
-        .to_arrow_table()
-        .to_pylist()
+    rows = con.sql(
+        "SELECT r.sample_id, prompt_id, kind, is_guided, finish_reason, correct, answer, "
+        "train_prompt_ids, rollout_prompt_ids, response_ids, behavior_logprobs "
+        "FROM rollouts r JOIN chosen USING (sample_id) ORDER BY ord"
     )
-    stats: dict[str, dict] = {}
-    if data.tokens is not None:
-        for s in (
-            con.sql(
-                "SELECT sample_id, list(pos ORDER BY pos) AS pos, "
-                "list(segment ORDER BY pos) AS seg, list(teacher_logprob ORDER BY pos) AS tlp, "
-                "list(behavior_logprob ORDER BY pos) AS blp, "
-                "list(behavior_entropy::FLOAT ORDER BY pos) AS ent, "
-                "list(teacher_entropy::FLOAT ORDER BY pos) AS tent, "
-                "list(teacher_topk_logmass ORDER BY pos) AS tm, "
-                f"list(teacher_topk_ids[1:{k}] ORDER BY pos) AS kid, "
-                f"list(teacher_topk_logprobs[1:{k}]::FLOAT[] ORDER BY pos) AS klp "
-                "FROM tokens JOIN chosen USING (sample_id) GROUP BY sample_id"
+    return total, rows.to_arrow_table().to_pylist()
+
+
+def _token_stats(con: duckdb.DuckDBPyConnection, k: int) -> dict[str, dict]:
+    """sample_id -> its tokens' values as lists in position order (the chosen sample only)."""
+    rel = con.sql(
+        "SELECT sample_id, list(pos ORDER BY pos) AS pos, "
+        "list(segment ORDER BY pos) AS seg, list(teacher_logprob ORDER BY pos) AS tlp, "
+        "list(behavior_logprob ORDER BY pos) AS blp, "
+        "list(behavior_entropy::FLOAT ORDER BY pos) AS ent, "
+        "list(teacher_entropy::FLOAT ORDER BY pos) AS tent, "
+        "list(teacher_topk_logmass ORDER BY pos) AS tm, "
+        f"list(teacher_topk_ids[1:{k}] ORDER BY pos) AS kid, "
+        f"list(teacher_topk_logprobs[1:{k}]::FLOAT[] ORDER BY pos) AS klp "
+        "FROM tokens JOIN chosen USING (sample_id) GROUP BY sample_id"
+    )
+    return {s["sample_id"]: s for s in rel.to_arrow_table().to_pylist()}
+
+
+def _rollout_entry(r: dict, st: dict | None, w: dict[str, list], tok, vocab_ids: set[int]):
+    """One rollout of the browser: per-token values (None where the tokens table has none)."""
+    resp = r["response_ids"]
+    t = len(resp)
+    tlp, blp, ent, tent = [None] * t, list(r["behavior_logprobs"]), [None] * t, [None] * t
+    seg, topk, tm = [0] * t, [None] * t, [None] * t
+    for j, p in enumerate(st["pos"] if st is not None else []):
+        if 0 <= p < t:
+            tlp[p], blp[p], ent[p], tent[p] = (
+                st["tlp"][j],
+                st["blp"][j],
+                st["ent"][j],
+                st["tent"][j],
             )
-            .to_arrow_table()
-            .to_pylist()
-        ):
-            stats[s["sample_id"]] = s
-    weights: dict[str, dict[str, list]] = {name: {} for name in views}
-    for name, v in views.items():
+            seg[p], tm[p] = st["seg"][j], st["tm"][j]
+            ids, lps = st["kid"][j], st["klp"][j]
+            topk[p] = [ids, [_r(math.exp(x), 4) for x in lps]]
+            vocab_ids.update(ids)
+    vocab_ids.update(resp)
+    gap = [_r(a - b) if a is not None and b is not None else None for a, b in zip(tlp, blp)]
+    return {
+        "sid": r["sample_id"],
+        "pid": r["prompt_id"],
+        "kind": r["kind"],
+        "guided": bool(r["is_guided"]),
+        "finish": r["finish_reason"],
+        "correct": r["correct"],
+        "answer": r["answer"],
+        "prompt": _decode_text(tok, r["train_prompt_ids"]),
+        "rprompt": _decode_text(tok, r["rollout_prompt_ids"]) if r["is_guided"] else None,
+        "ids": resp,
+        "seg": seg,
+        "tlp": [_r(x) for x in tlp],
+        "blp": [_r(x) for x in blp],
+        "gap": gap,
+        "ent": [_r(x) for x in ent],
+        "tent": [_r(x) for x in tent],
+        "tm": [_r(math.exp(x), 4) if x is not None else None for x in tm],
+        "topk": topk,
+        "w": {n: [_r(x) for x in ws] for n, ws in w.items()},
+    }
+
+
+def browser_data(
+    con: duckdb.DuckDBPyConnection,
+    data: RunData,
+    sel_views: dict[str, str],
+    tok,
+    cfg: Config,
+) -> dict:
+    """The JSON blob the page renders: a seeded sample of rollouts with per-token values."""
+    k = cfg.report.show_topk
+    total, rows = _chosen_rows(con, cfg)
+    stats = _token_stats(con, k) if data.tokens is not None else {}
+    weights: dict[str, dict[str, list]] = {name: {} for name in sel_views}
+    for name, v in sel_views.items():
         for sid, w in con.execute(
             f"SELECT sample_id, weights FROM {v} JOIN chosen USING (sample_id)"
         ).fetchall():
             weights[name][sid] = w
-
     vocab_ids: set[int] = set()
     out, gaps, wmax = [], [], 1.0
     for r in rows:
-        sid, resp = r["sample_id"], r["response_ids"]
-        t = len(resp)
-        st = stats.get(sid)
-        tlp, blp, ent, tent, seg = (
-            [None] * t,
-            list(r["behavior_logprobs"]),
-            [None] * t,
-            [None] * t,
-            [0] * t,
-        )
-        topk, tm = [None] * t, [None] * t
-        if st is not None:
-            for j, p in enumerate(st["pos"]):
-                if 0 <= p < t:
-                    tlp[p], blp[p], ent[p], tent[p] = (
-                        st["tlp"][j],
-                        st["blp"][j],
-                        st["ent"][j],
-                        st["tent"][j],
-                    )
-                    seg[p], tm[p] = st["seg"][j], st["tm"][j]
-                    ids, lps = st["kid"][j], st["klp"][j]
-                    topk[p] = [ids, [_r(math.exp(x), 4) for x in lps]]
-                    vocab_ids.update(ids)
-        gap = [_r(a - b) if a is not None and b is not None else None for a, b in zip(tlp, blp)]
-        gaps += [abs(g) for g, s in zip(gap, seg) if g is not None and s == 0]
-        w = {n: weights[n][sid] for n in views if sid in weights[n]}
-        for ws in w.values():
-            wmax = max(wmax, max(ws, default=0.0))
-        vocab_ids.update(resp)
-        out.append(
-            {
-                "sid": sid,
-                "pid": r["prompt_id"],
-                "kind": r["kind"],
-                "guided": bool(r["is_guided"]),
-                "finish": r["finish_reason"],
-                "correct": r["correct"],
-                "answer": r["answer"],
-                "prompt": _decode_text(tok, r["train_prompt_ids"]),
-                "rprompt": _decode_text(tok, r["rollout_prompt_ids"]) if r["is_guided"] else None,
-                "ids": resp,
-                "seg": seg,
-                "tlp": [_r(x) for x in tlp],
-                "blp": [_r(x) for x in blp],
-                "gap": gap,
-                "ent": [_r(x) for x in ent],
-                "tent": [_r(x) for x in tent],
-                "tm": [_r(math.exp(x), 4) if x is not None else None for x in tm],
-                "topk": topk,
-                "w": {n: [_r(x) for x in ws] for n, ws in w.items()},
-            }
-        )
+        sid = r["sample_id"]
+        w = {n: weights[n][sid] for n in sel_views if sid in weights[n]}
+        wmax = max([wmax, *(max(ws, default=0.0) for ws in w.values())])
+        e = _rollout_entry(r, stats.get(sid), w, tok, vocab_ids)
+        gaps += [abs(g) for g, s in zip(e["gap"], e["seg"]) if g is not None and s == 0]
+        out.append(e)
     # colour scale of the gap: the 95th percentile of |gap| (at least 1 nat), so a few outliers
     # do not wash the rest out
     gapscale = max(1.0, float(np.quantile(gaps, 0.95))) if gaps else 1.0
+    names = list(sel_views)
     return {
         "total": total,
-        "shown": n_show,
+        "shown": len(rows),
         "seed": cfg.seed,
         "show_topk": k,
         "has_tokens": data.tokens is not None,
         "decoded": tok is not None,
-        "selections": list(views),
+        "selections": names,
         "default_selection": cfg.select.name
-        if cfg.select.name in views
-        else next(iter(views), None),
+        if cfg.select.name in names
+        else next(iter(names), None),
         "wmax": _r(wmax),
         "gapscale": _r(gapscale),
         "page": PAGE_SIZE,
