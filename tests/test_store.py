@@ -333,3 +333,14 @@ def test_broken_manifest_is_one_line_exit_2(tmp_path, damage):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "_manifest.json" in lines[0] and "Fix:" in lines[0]
     assert {q: q.stat().st_mtime_ns for q in tmp_path.rglob("*")} == before
+
+
+def test_overwrite_replaces_a_dataset_with_a_broken_manifest(tmp_path):
+    d = tmp_path / "ds"
+    write_dataset(d)
+    (d / manifest.FILENAME).write_text("{trunc")
+    with pytest.raises(UserError, match="unreadable manifest"):
+        store.open_writer(d, rollouts, dataset_id="abc", stage="t")
+    w = store.open_writer(d, rollouts, dataset_id="abc", stage="t", overwrite=True)
+    assert not w.complete and not (d / manifest.FILENAME).exists()
+    w.close()
