@@ -12,8 +12,10 @@ no-op, a killed run resumes per shard, another config is refused unless ``overwr
 
 How it works:
 
-1. Pass 1 (DuckDB, CPU, memory-bounded: ``select.memory_limit``, spills to
-   ``run_dir/.duckdb_tmp/``): each rule of ``select.rules`` is one parameterised SQL file in
+1. Pass 1 (DuckDB, CPU, memory-bounded: ``select.memory_limit``, spills to a per-process folder
+   under ``run_dir/.duckdb_tmp/``; the views come from ``stages.lib.views``, the one way a run is
+   opened): the token values it reads are checked first (NaN/inf, positive log-probs: an error
+   naming the column, shard and row), then each rule of ``select.rules`` is one parameterised SQL file in
    ``stages/sql_policies/<policy>.sql`` (read the header of each for its formula, its paper and its
    parameters; parameters are DuckDB prepared parameters ``$name``, validated here first). A policy
    returns a weight for every token (0 = excluded); rules compose by the product of their weights.
