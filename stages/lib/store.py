@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from data_schemas import manifest as manifest_mod
 from data_schemas.common import META_DATASET, META_SHARD, META_TABLE, META_VERSION
 from stages.lib.errors import UserError, fault_point
+from stages.lib.layout import RunLayout
 
 SHARDS_PER_BUCKET = 256
 TMP_PREFIX = ".tmp-"
@@ -629,6 +630,9 @@ def stream(
 
 
 # ----------------------------------------------------------------------------- legacy runs
+_REDO = "re-run the stage that wrote the dataset with overwrite=true"
+
+
 def migrate(directory: str | Path) -> bool:
     """Rename a legacy ``manifest.json`` to a sealed ``_manifest.json``; True if it did.
 
@@ -637,13 +641,17 @@ def migrate(directory: str | Path) -> bool:
     """
     directory = Path(directory)
     legacy = directory / manifest_mod.LEGACY_FILENAME
-    if not legacy.is_file() or (directory / manifest_mod.FILENAME).exists():
+    if not legacy.is_file():
         return False
+    if manifest_mod.path_of(directory).name == manifest_mod.FILENAME:
+        manifest_mod.read(directory)  # a sealed manifest is there (a killed migration): keep it
+        legacy.unlink()
+        return True
     with _flock(directory / ".lock", "dataset", blocking=True):
         m = manifest_mod.read(directory)
         listed = {s["path"] for s in m["shards"]}
         for s in m["shards"]:
-            _check_shard(directory, s, m["dataset_id"], m["table"], True, str(legacy), "re-run")
+            _check_shard(directory, s, m["dataset_id"], m["table"], True, str(legacy), _REDO)
         for p in directory.rglob("*.parquet"):
             rel = p.relative_to(directory).as_posix()
             if rel not in listed and not any(hidden(x) for x in Path(rel).parts):
@@ -656,9 +664,11 @@ def migrate(directory: str | Path) -> bool:
 
 
 def migrate_run(root: str | Path) -> list[Path]:
-    """Migrate every dataset folder under a run (rounds included); the folders migrated."""
+    """Migrate every dataset folder of a run (rounds included); the folders migrated."""
     done = []
-    for legacy in sorted(Path(root).rglob(manifest_mod.LEGACY_FILENAME)):
-        if migrate(legacy.parent):
-            done.append(legacy.parent)
+    for lay in RunLayout.of(root).rounds().values():
+        sels = sorted(lay.selected_root.iterdir()) if lay.selected_root.is_dir() else []
+        for d in [lay.rollouts, lay.tokens, lay.sft_data, *sels]:
+            if d.is_dir() and not hidden(d.name) and migrate(d):
+                done.append(d)
     return done
