@@ -607,3 +607,43 @@ def test_read_only_run_dir_is_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot write (Permission denied)" in lines[0], r.stderr
     assert snapshot(tmp_path) == before
+
+
+def _lie(run_dir: Path, case: str) -> None:
+    """Make the tokens manifest disagree with its shards (#16: manifests that lie)."""
+    import json
+
+    mp = run_dir / "tokens" / manifest.FILENAME
+    m = json.loads(mp.read_text())
+    if case == "edited_not_resealed":
+        m["stage"] = "forged"
+        mp.write_text(json.dumps(m))
+        return
+    if case == "rows_inflated":
+        m["shards"][0]["rows"] += 7
+        m["rows"] += 7
+    elif case == "shard_entry_dropped":
+        m["rows"] -= m["shards"].pop()["rows"]
+    mp.write_text(json.dumps(manifest.seal(m)))
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("edited_not_resealed", "manifest checksum mismatch"),
+        ("rows_inflated", "rows but the manifest says"),
+        ("shard_entry_dropped", "is in the committed tokens dataset but not in its manifest"),
+    ],
+)
+def test_lying_tokens_manifest_cli_exit_2(tmp_path, case, message):
+    write_run(tmp_path)
+    _lie(tmp_path, case)
+    before = snapshot(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "stages.select", f"run_dir={tmp_path}", "select=all"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert snapshot(tmp_path) == before
