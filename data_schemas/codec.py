@@ -19,7 +19,13 @@ dictionary for them (a 152k-id dictionary costs 17-18 bits per id), dictionary f
 and small ints (DuckDB cannot read BYTE_STREAM_SPLIT fp16), zstd level 9.
 
 Readers never see the encoding: ``decode_table`` (pyarrow; ``stages.lib.store.read_table`` / ``stream``
-call it) and ``DUCKDB_SELECT`` (the select list that the DuckDB ``tokens`` views use).
+call it) and ``DUCKDB_SELECT`` (the select list that the DuckDB ``tokens`` views use). Anyone else
+reads a tokens folder with any Parquet reader and decodes it with ``decode`` (docs/DATA.md)::
+
+    from data_schemas.codec import decode
+    df = decode(pd.read_parquet("runs/demo/tokens"))          # pandas
+    df = decode(pl.read_parquet("runs/demo/tokens/**/*.parquet"))  # polars
+    t = decode(pyarrow.dataset.dataset("runs/demo/tokens", partitioning="hive").to_table())
 """
 
 from __future__ import annotations
@@ -101,6 +107,23 @@ def decode_table(table: pa.Table) -> pa.Table:
     lp = pa.array(decode_logprobs(values, lengths), pa.float32())
     i = table.column_names.index(PHYSICAL)
     return table.set_column(i, LOGICAL, _lists(lp, lengths, arr))
+
+
+def decode(data):
+    """A tokens table read by any reader, with the top-K log-probs decoded: takes and returns a
+    pyarrow Table, a pandas DataFrame or a polars DataFrame (a no-op without the coded column)."""
+    if isinstance(data, pa.Table):
+        return decode_table(data)
+    module = type(data).__module__.split(".")[0]
+    if module == "pandas":
+        if PHYSICAL not in data.columns:
+            return data
+        return decode_table(pa.Table.from_pandas(data, preserve_index=False)).to_pandas()
+    if module == "polars":
+        import polars as pl  # only when the caller already uses polars
+
+        return pl.from_arrow(decode_table(data.to_arrow()))
+    raise TypeError(f"decode takes a pyarrow Table or a pandas/polars DataFrame, not {type(data)}")
 
 
 def physical_columns(columns: list[str] | None) -> list[str] | None:

@@ -67,10 +67,8 @@ def _row_of_flat(col: pa.ChunkedArray, flat_index: int) -> int:
     return int(np.searchsorted(np.cumsum(lengths), flat_index, side="right"))
 
 
-def check_table(table: pa.Table, spec: TableSpec, *, where: str, vocab_size: int | None = None):
-    """Raise SchemaError naming the first problem found; return the table conformed to the schema."""
-    fail = lambda what, fix: SchemaError(f"{spec.name}: {what}", where, fix)  # noqa: E731
-    # 1. columns present with the right types (extra columns are allowed and kept)
+def _conform_types(table: pa.Table, spec: TableSpec, fail, vocab_size: int | None) -> pa.Table:
+    """Columns present with the right types (extra columns are allowed and kept)."""
     missing = [f.name for f in spec.schema if f.name not in table.column_names]
     if missing:
         raise fail(
@@ -88,7 +86,11 @@ def check_table(table: pa.Table, spec: TableSpec, *, where: str, vocab_size: int
                     f"column '{f.name}' has type {have}, expected {f.type} ({e})",
                     "cast the column to the schema type",
                 ) from None
-    # 2. nulls where the schema says none (pyarrow only complains on cast/write)
+    return table
+
+
+def _check_nulls(table: pa.Table, spec: TableSpec, fail, vocab_size: int | None) -> None:
+    """Nulls where the schema says none (pyarrow only complains on cast/write)."""
     for f in spec.schema:
         col = table.column(f.name)
         if not f.nullable and col.null_count:
@@ -101,7 +103,10 @@ def check_table(table: pa.Table, spec: TableSpec, *, where: str, vocab_size: int
             inner = _flat(col)
             if inner.null_count:
                 raise fail(f"null element(s) inside list column '{f.name}'", "fill or drop them")
-    # 3. list lengths: paired columns equal per row, top-K columns one constant K
+
+
+def _check_lengths(table: pa.Table, spec: TableSpec, fail, vocab_size: int | None) -> None:
+    """List lengths: paired columns equal per row, top-K columns one constant K."""
     for group in spec.same_length:
         present = [c for c in group if table.column(c).null_count < len(table)]
         lens = [pc.fill_null(pc.list_value_length(table.column(c)), -1).to_numpy() for c in present]
@@ -120,7 +125,10 @@ def check_table(table: pa.Table, spec: TableSpec, *, where: str, vocab_size: int
                 f"ragged top-K lists in '{c}': lengths {sorted(set(lens.tolist()))[:5]}",
                 "store exactly K entries per token",
             )
-    # 4. numerics: NaN/inf log-probs, positive log-probs
+
+
+def _check_numbers(table: pa.Table, spec: TableSpec, fail, vocab_size: int | None) -> None:
+    """Numerics: NaN/inf log-probs, positive log-probs."""
     for c in spec.logprob_cols + spec.finite_cols:
         if c not in table.column_names:
             continue
@@ -143,7 +151,10 @@ def check_table(table: pa.Table, spec: TableSpec, *, where: str, vocab_size: int
         vals = _flat(table.column(c)).drop_null().to_numpy(zero_copy_only=False)
         if len(vals) and (vals < 0).any():
             raise fail(f"negative value in '{c}'", "weights must be >= 0")
-    # 5. token ids inside the vocabulary
+
+
+def _check_ids(table: pa.Table, spec: TableSpec, fail, vocab_size: int | None) -> None:
+    """Token ids inside the vocabulary."""
     if vocab_size is not None:
         for c in spec.id_cols:
             if c not in table.column_names:
@@ -157,7 +168,10 @@ def check_table(table: pa.Table, spec: TableSpec, *, where: str, vocab_size: int
                     f"the vocabulary [0, {vocab_size})",
                     "use the tokenizer that produced the data (compare tokenizer fingerprints)",
                 )
-    # 6. unique keys
+
+
+def _check_keys(table: pa.Table, spec: TableSpec, fail, vocab_size: int | None) -> None:
+    """Unique keys."""
     if spec.keys and len(table):
         keys = table.select(list(spec.keys))
         n_unique = keys.group_by(list(spec.keys)).aggregate([]).num_rows
@@ -169,6 +183,14 @@ def check_table(table: pa.Table, spec: TableSpec, *, where: str, vocab_size: int
                 f"{len(table) - n_unique} duplicated key(s) {list(spec.keys)}, e.g. {dup}",
                 "keys must be unique; a re-run must not append rows twice",
             )
+
+
+def check_table(table: pa.Table, spec: TableSpec, *, where: str, vocab_size: int | None = None):
+    """Raise SchemaError naming the first problem found; return the table conformed to the schema."""
+    fail = lambda what, fix: SchemaError(f"{spec.name}: {what}", where, fix)  # noqa: E731
+    table = _conform_types(table, spec, fail, vocab_size)
+    for step in (_check_nulls, _check_lengths, _check_numbers, _check_ids, _check_keys):
+        step(table, spec, fail, vocab_size)
     return table.select(
         [f.name for f in spec.schema]
         + [c for c in table.column_names if c not in spec.schema.names]

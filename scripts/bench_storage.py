@@ -154,7 +154,7 @@ def write(directory: Path, table_module, table: pa.Table, shard_rows: int) -> di
         for s in range(n_shards):
             w.write_shard(s, table.slice(s * shard_rows, shard_rows))
         w.commit(n_shards, config={}, fingerprints={}, inputs={})
-    return json.loads((directory / "manifest.json").read_text())
+    return json.loads((directory / "_manifest.json").read_text())
 
 
 def column_bytes(directory: Path, m: dict) -> dict[str, int]:
@@ -235,8 +235,8 @@ def demo_shards(run_dir: Path = ROOT / "runs" / "demo") -> dict:
     """Bytes per token of the demo's committed tokens shards (b), or why there are none."""
     d = run_dir / "tokens"
     m = None
-    if (d / "manifest.json").exists():
-        m = json.loads((d / "manifest.json").read_text())
+    if (d / "_manifest.json").exists():
+        m = json.loads((d / "_manifest.json").read_text())
     if not m or not m.get("rows"):
         return {"storage.demo_bytes_per_token": None, "storage.demo_note": f"no committed {d}"}
     k = None

@@ -38,6 +38,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import duckdb
@@ -45,12 +46,10 @@ import numpy as np
 import pyarrow as pa
 
 from data_schemas import manifest as manifest_mod
-from data_schemas import rollouts as rollouts_schema
-from data_schemas import selected as selected_schema
-from data_schemas import tokens as tokens_schema
-from stages.lib import store
+from stages.lib import store, views
 from stages.lib.config import Config, hydra_entry
 from stages.lib.errors import UserError
+from stages.lib.layout import RunLayout
 
 # tip_q3.sql defaults (conf/select/tip_q3.yaml): median entropy, top 10 % divergence
 Q3_DEFAULTS = {"entropy_quantile": 0.5, "divergence_quantile": 0.9, "divergence": "rkl"}
@@ -67,94 +66,59 @@ VERIFY_CHECKSUMS = False
 # ----------------------------------------------------------------------------- inputs
 @dataclass
 class RunData:
-    """The committed datasets of a run (manifests) and notes about what is missing."""
+    """The committed datasets of a run (manifests), its DuckDB views and notes about what is
+    missing."""
 
-    run_dir: Path
+    layout: RunLayout
     rollouts: dict
+    rv: views.RunViews
     tokens: dict | None = None
     selections: dict[str, dict] = field(default_factory=dict)  # name -> manifest
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.root
 
-def _optional(directory: Path, table, what_writes_it: str, notes: list[str]) -> dict | None:
-    """The manifest of a committed dataset, or None (with a note) when it is missing/incomplete."""
-    if manifest_mod.read(directory) is None:
-        partial = any(directory.glob("bucket=*/shard-*.parquet"))
-        state = "incomplete (no manifest yet)" if partial else "missing"
-        notes.append(f"{directory.name}: {state}; run {what_writes_it} to add it to the report")
-        return None
-    return store.open_committed(
-        directory, table, verify_checksums=VERIFY_CHECKSUMS, what_writes_it=what_writes_it
-    )
+    @property
+    def sel_views(self) -> dict[str, str]:
+        """selection name -> its (quoted) view."""
+        return {n: self.rv.views[f"selected/{n}"] for n in self.selections}
 
 
-def open_run(run_dir: Path) -> RunData:
-    if not (run_dir / "rollouts" / manifest_mod.FILENAME).exists():
-        partial = any((run_dir / "rollouts").glob("bucket=*/shard-*.parquet"))
+def open_run(layout: RunLayout) -> RunData:
+    """The run's views (stages.lib.views); committed rollouts are required, the rest optional."""
+    if manifest_mod.path_of(layout.rollouts) is None:
+        partial = any(layout.rollouts.glob("bucket=*/shard-*.parquet"))
         raise UserError(
             "no committed rollouts in the run dir: nothing to report"
             + (" (rollouts are incomplete)" if partial else ""),
-            str(run_dir / "rollouts"),
+            str(layout.rollouts),
             "run `python -m stages.rollout` (or the pipeline) for this run_dir first, or point "
             "run_dir at an existing run",
         )
-    rollouts = store.open_committed(
-        run_dir / "rollouts",
-        rollouts_schema,
-        verify_checksums=VERIFY_CHECKSUMS,
-        what_writes_it="python -m stages.rollout",
-    )
+    rv = views.open_run(layout, verify_checksums=VERIFY_CHECKSUMS, con=views.connect(threads=2))
+    rollouts = rv.manifests["rollouts"]
     if rollouts["rows"] == 0:
+        rv.close()
         raise UserError(
             "the rollouts dataset is empty: nothing to report",
-            str(run_dir / "rollouts"),
+            str(layout.rollouts),
             "check data.prompts (and data.max_prompts) and re-run the rollout stage",
         )
-    data = RunData(run_dir=run_dir, rollouts=rollouts)
-    data.tokens = _optional(run_dir / "tokens", tokens_schema, "python -m stages.score", data.notes)
-    sel_root = run_dir / "selected"
-    for d in sorted(sel_root.iterdir()) if sel_root.is_dir() else []:
-        if d.is_dir() and not d.name.startswith("."):
-            m = _optional(d, selected_schema, "python -m stages.select", data.notes)
-            if m is not None:
-                data.selections[d.name] = m
+    notes = [n + " to the report" for n in rv.notes]
+    data = RunData(layout=layout, rollouts=rollouts, rv=rv, notes=notes)
+    data.tokens = rv.manifests.get("tokens")
+    data.selections = dict(rv.selections)
     if not data.selections:
         data.notes.append("no committed selection under selected/: no kept-fraction plot")
     return data
 
 
-def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-
-def connect(data: RunData) -> tuple[duckdb.DuckDBPyConnection, dict[str, str]]:
-    """A DuckDB connection with views ``rollouts``, ``tokens`` and one per selection (name->view)."""
-    con = duckdb.connect()
-    con.execute("SET threads = 2")
-
-    def view(name: str, directory: Path, m: dict, schema: pa.Schema) -> None:
-        paths = store.shard_paths(directory, m)
-        if paths:
-            src = f"read_parquet({_sql_list(paths)}, hive_partitioning = false)"
-            cols = tokens_schema.DUCKDB_SELECT if name == "tokens" else "*"  # codec decode
-            con.execute(f'CREATE VIEW "{name}" AS SELECT {cols} FROM {src}')
-        else:  # a committed dataset with zero shards: an empty view with the right columns
-            con.register(name, schema.empty_table())
-
-    view("rollouts", data.run_dir / "rollouts", data.rollouts, rollouts_schema.SCHEMA)
-    if data.tokens is not None:
-        view("tokens", data.run_dir / "tokens", data.tokens, tokens_schema.SCHEMA)
-    views = {}
-    for i, (name, m) in enumerate(data.selections.items()):
-        view(f"sel_{i}", data.run_dir / "selected" / name, m, selected_schema.SCHEMA)
-        views[name] = f"sel_{i}"
-    return con, views
-
-
 def read_metrics(run_dir: Path, notes: list[str]) -> dict[str, list[dict]]:
     """Training run name -> its metrics.jsonl records (bad lines skipped with a note)."""
     runs: dict[str, list[dict]] = {}
-    for f in sorted((run_dir / "train").glob("*/metrics.jsonl")):
+    for f in sorted(RunLayout.of(run_dir).train_root.glob("*/metrics.jsonl")):
         recs, bad = [], 0
         for line in f.read_text().splitlines():
             if not line.strip():
@@ -176,7 +140,7 @@ def read_metrics(run_dir: Path, notes: list[str]) -> dict[str, list[dict]]:
 
 
 def read_eval(run_dir: Path, notes: list[str]) -> dict | None:
-    path = run_dir / "eval" / "results.json"
+    path = RunLayout.of(run_dir).eval_results
     if not path.exists():
         notes.append("no eval/results.json yet: no accuracy plot or results table")
         return None
@@ -477,7 +441,7 @@ def load_decoder(data: RunData, cfg: Config, notes: list[str]):
     from stages.lib import models
 
     cands = [
-        (data.rollouts.get("extra") or {}).get("policy_path"),
+        store.model_path(data.rollouts, "policy", "policy_path"),
         ((data.rollouts.get("config") or {}).get("student") or {}).get("path"),
         cfg.student.path,
     ]
@@ -517,15 +481,8 @@ def sample_indices(total: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, size=k, replace=False))
 
 
-def browser_data(
-    con: duckdb.DuckDBPyConnection,
-    data: RunData,
-    views: dict[str, str],
-    tok,
-    cfg: Config,
-) -> dict:
-    """The JSON blob the page renders: a seeded sample of rollouts with per-token values."""
-    k = cfg.report.show_topk
+def _chosen_rows(con: duckdb.DuckDBPyConnection, cfg: Config) -> tuple[int, list[dict]]:
+    """(total rollouts, the seeded sample's rollouts rows); registers the sample as ``chosen``."""
     all_ids = [
         r[0]
         for r in con.execute(
@@ -533,113 +490,116 @@ def browser_data(
         ).fetchall()
     ]
     total = len(all_ids)
-    n_show = min(total, cfg.report.max_rollouts)
-    chosen = [all_ids[i] for i in sample_indices(total, n_show, cfg.seed)]
+    chosen = [all_ids[i] for i in sample_indices(total, cfg.report.max_rollouts, cfg.seed)]
     con.register("chosen", pa.table({"sample_id": chosen, "ord": list(range(len(chosen)))}))
-    rows = (
-        con.sql(
-            "SELECT r.sample_id, prompt_id, kind, is_guided, finish_reason, correct, answer, "
-            "train_prompt_ids, rollout_prompt_ids, response_ids, behavior_logprobs "
-            "FROM rollouts r JOIN chosen USING (sample_id) ORDER BY ord"
-        )
-        .to_arrow_table()
-        .to_pylist()
+    rows = con.sql(
+        "SELECT r.sample_id, prompt_id, kind, is_guided, finish_reason, correct, answer, "
+        "train_prompt_ids, rollout_prompt_ids, response_ids, behavior_logprobs "
+        "FROM rollouts r JOIN chosen USING (sample_id) ORDER BY ord"
     )
-    stats: dict[str, dict] = {}
-    if data.tokens is not None:
-        for s in (
-            con.sql(
-                "SELECT sample_id, list(pos ORDER BY pos) AS pos, "
-                "list(segment ORDER BY pos) AS seg, list(teacher_logprob ORDER BY pos) AS tlp, "
-                "list(behavior_logprob ORDER BY pos) AS blp, "
-                "list(behavior_entropy::FLOAT ORDER BY pos) AS ent, "
-                "list(teacher_entropy::FLOAT ORDER BY pos) AS tent, "
-                "list(teacher_topk_logmass ORDER BY pos) AS tm, "
-                f"list(teacher_topk_ids[1:{k}] ORDER BY pos) AS kid, "
-                f"list(teacher_topk_logprobs[1:{k}]::FLOAT[] ORDER BY pos) AS klp "
-                "FROM tokens JOIN chosen USING (sample_id) GROUP BY sample_id"
+    return total, rows.to_arrow_table().to_pylist()
+
+
+def _token_stats(con: duckdb.DuckDBPyConnection, k: int) -> dict[str, dict]:
+    """sample_id -> its tokens' values as lists in position order (the chosen sample only)."""
+    rel = con.sql(
+        "SELECT sample_id, list(pos ORDER BY pos) AS pos, "
+        "list(segment ORDER BY pos) AS seg, list(teacher_logprob ORDER BY pos) AS tlp, "
+        "list(behavior_logprob ORDER BY pos) AS blp, "
+        "list(behavior_entropy::FLOAT ORDER BY pos) AS ent, "
+        "list(teacher_entropy::FLOAT ORDER BY pos) AS tent, "
+        "list(teacher_topk_logmass ORDER BY pos) AS tm, "
+        f"list(teacher_topk_ids[1:{k}] ORDER BY pos) AS kid, "
+        f"list(teacher_topk_logprobs[1:{k}]::FLOAT[] ORDER BY pos) AS klp "
+        "FROM tokens JOIN chosen USING (sample_id) GROUP BY sample_id"
+    )
+    return {s["sample_id"]: s for s in rel.to_arrow_table().to_pylist()}
+
+
+def _rollout_entry(r: dict, st: dict | None, w: dict[str, list], tok, vocab_ids: set[int]):
+    """One rollout of the browser: per-token values (None where the tokens table has none)."""
+    resp = r["response_ids"]
+    t = len(resp)
+    tlp, blp, ent, tent = [None] * t, list(r["behavior_logprobs"]), [None] * t, [None] * t
+    seg, topk, tm = [0] * t, [None] * t, [None] * t
+    for j, p in enumerate(st["pos"] if st is not None else []):
+        if 0 <= p < t:
+            tlp[p], blp[p], ent[p], tent[p] = (
+                st["tlp"][j],
+                st["blp"][j],
+                st["ent"][j],
+                st["tent"][j],
             )
-            .to_arrow_table()
-            .to_pylist()
-        ):
-            stats[s["sample_id"]] = s
-    weights: dict[str, dict[str, list]] = {name: {} for name in views}
-    for name, v in views.items():
+            seg[p], tm[p] = st["seg"][j], st["tm"][j]
+            ids, lps = st["kid"][j], st["klp"][j]
+            topk[p] = [ids, [_r(math.exp(x), 4) for x in lps]]
+            vocab_ids.update(ids)
+    vocab_ids.update(resp)
+    gap = [_r(a - b) if a is not None and b is not None else None for a, b in zip(tlp, blp)]
+    return {
+        "sid": r["sample_id"],
+        "pid": r["prompt_id"],
+        "kind": r["kind"],
+        "guided": bool(r["is_guided"]),
+        "finish": r["finish_reason"],
+        "correct": r["correct"],
+        "answer": r["answer"],
+        "prompt": _decode_text(tok, r["train_prompt_ids"]),
+        "rprompt": _decode_text(tok, r["rollout_prompt_ids"]) if r["is_guided"] else None,
+        "ids": resp,
+        "seg": seg,
+        "tlp": [_r(x) for x in tlp],
+        "blp": [_r(x) for x in blp],
+        "gap": gap,
+        "ent": [_r(x) for x in ent],
+        "tent": [_r(x) for x in tent],
+        "tm": [_r(math.exp(x), 4) if x is not None else None for x in tm],
+        "topk": topk,
+        "w": {n: [_r(x) for x in ws] for n, ws in w.items()},
+    }
+
+
+def browser_data(
+    con: duckdb.DuckDBPyConnection,
+    data: RunData,
+    sel_views: dict[str, str],
+    tok,
+    cfg: Config,
+) -> dict:
+    """The JSON blob the page renders: a seeded sample of rollouts with per-token values."""
+    k = cfg.report.show_topk
+    total, rows = _chosen_rows(con, cfg)
+    stats = _token_stats(con, k) if data.tokens is not None else {}
+    weights: dict[str, dict[str, list]] = {name: {} for name in sel_views}
+    for name, v in sel_views.items():
         for sid, w in con.execute(
             f"SELECT sample_id, weights FROM {v} JOIN chosen USING (sample_id)"
         ).fetchall():
             weights[name][sid] = w
-
     vocab_ids: set[int] = set()
     out, gaps, wmax = [], [], 1.0
     for r in rows:
-        sid, resp = r["sample_id"], r["response_ids"]
-        t = len(resp)
-        st = stats.get(sid)
-        tlp, blp, ent, tent, seg = (
-            [None] * t,
-            list(r["behavior_logprobs"]),
-            [None] * t,
-            [None] * t,
-            [0] * t,
-        )
-        topk, tm = [None] * t, [None] * t
-        if st is not None:
-            for j, p in enumerate(st["pos"]):
-                if 0 <= p < t:
-                    tlp[p], blp[p], ent[p], tent[p] = (
-                        st["tlp"][j],
-                        st["blp"][j],
-                        st["ent"][j],
-                        st["tent"][j],
-                    )
-                    seg[p], tm[p] = st["seg"][j], st["tm"][j]
-                    ids, lps = st["kid"][j], st["klp"][j]
-                    topk[p] = [ids, [_r(math.exp(x), 4) for x in lps]]
-                    vocab_ids.update(ids)
-        gap = [_r(a - b) if a is not None and b is not None else None for a, b in zip(tlp, blp)]
-        gaps += [abs(g) for g, s in zip(gap, seg) if g is not None and s == 0]
-        w = {n: weights[n][sid] for n in views if sid in weights[n]}
-        for ws in w.values():
-            wmax = max(wmax, max(ws, default=0.0))
-        vocab_ids.update(resp)
-        out.append(
-            {
-                "sid": sid,
-                "pid": r["prompt_id"],
-                "kind": r["kind"],
-                "guided": bool(r["is_guided"]),
-                "finish": r["finish_reason"],
-                "correct": r["correct"],
-                "answer": r["answer"],
-                "prompt": _decode_text(tok, r["train_prompt_ids"]),
-                "rprompt": _decode_text(tok, r["rollout_prompt_ids"]) if r["is_guided"] else None,
-                "ids": resp,
-                "seg": seg,
-                "tlp": [_r(x) for x in tlp],
-                "blp": [_r(x) for x in blp],
-                "gap": gap,
-                "ent": [_r(x) for x in ent],
-                "tent": [_r(x) for x in tent],
-                "tm": [_r(math.exp(x), 4) if x is not None else None for x in tm],
-                "topk": topk,
-                "w": {n: [_r(x) for x in ws] for n, ws in w.items()},
-            }
-        )
+        sid = r["sample_id"]
+        w = {n: weights[n][sid] for n in sel_views if sid in weights[n]}
+        wmax = max([wmax, *(max(ws, default=0.0) for ws in w.values())])
+        e = _rollout_entry(r, stats.get(sid), w, tok, vocab_ids)
+        gaps += [abs(g) for g, s in zip(e["gap"], e["seg"]) if g is not None and s == 0]
+        out.append(e)
     # colour scale of the gap: the 95th percentile of |gap| (at least 1 nat), so a few outliers
     # do not wash the rest out
     gapscale = max(1.0, float(np.quantile(gaps, 0.95))) if gaps else 1.0
+    names = list(sel_views)
     return {
         "total": total,
-        "shown": n_show,
+        "shown": len(rows),
         "seed": cfg.seed,
         "show_topk": k,
         "has_tokens": data.tokens is not None,
         "decoded": tok is not None,
-        "selections": list(views),
+        "selections": names,
         "default_selection": cfg.select.name
-        if cfg.select.name in views
-        else next(iter(views), None),
+        if cfg.select.name in names
+        else next(iter(names), None),
         "wmax": _r(wmax),
         "gapscale": _r(gapscale),
         "page": PAGE_SIZE,
@@ -740,7 +700,7 @@ def selections_table(data: RunData, curves: dict[str, KeptCurve]) -> str:
 def train_configs(run_dir: Path) -> dict[str, dict]:
     """Training run name -> the resolved config its train stage saved (train/<name>/config.json)."""
     out = {}
-    for f in sorted((run_dir / "train").glob("*/config.json")):
+    for f in sorted(RunLayout.of(run_dir).train_root.glob("*/config.json")):
         try:
             out[f.parent.name] = json.loads(f.read_text())
         except json.JSONDecodeError:
@@ -772,259 +732,9 @@ def config_section(data: RunData) -> str:
     return "".join(parts)
 
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
-header{background:#1d2330;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
-header .sub{color:#b9c2d3;font-size:13px}main{padding:12px 24px 40px;max-width:1400px}
-section{background:#fff;border:1px solid #e1e4ea;border-radius:8px;padding:12px 16px;margin:14px 0}
-h2{font-size:16px;margin:2px 0 10px}.note{color:#8a5a00;background:#fff6e0;border-radius:4px;padding:4px 8px;margin:4px 0}
-.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:10px;align-items:start}
-figure{margin:0}figure.wide,figure.zoom{grid-column:1/-1}figure img{cursor:zoom-in}figure.zoom img{cursor:zoom-out}figure img{max-width:100%;border:1px solid #eee;border-radius:4px}
-table.grid{border-collapse:collapse;font-size:13px}table.grid th,table.grid td{border:1px solid #e1e4ea;padding:4px 8px;text-align:right}
-table.grid th{background:#f0f2f5;text-align:left}td.l{text-align:left}td.best{background:#e6f4ea;font-weight:600}.dim{color:#888;font-weight:400}
-.controls{display:flex;flex-wrap:wrap;gap:14px;align-items:center;margin-bottom:8px}
-.controls label{white-space:nowrap}.legend{display:inline-block;width:160px;height:12px;vertical-align:middle;border:1px solid #ccc}
-.rollout{border:1px solid #e1e4ea;border-left:4px solid #c8ced8;border-radius:4px;padding:6px 10px;margin:8px 0;background:#fff}
-.rollout.guided{border-left-color:#d98c00}.meta{font-size:12px;color:#555;margin-bottom:3px}
-.badge{display:inline-block;padding:0 6px;border-radius:8px;font-size:11px;margin-right:4px;background:#eef0f4}
-.badge.g{background:#ffe2b0;color:#7a4700;font-weight:600}.badge.ok{background:#d8f0dd}.badge.bad{background:#f7d6d6}
-.prompt{font:12px/1.4 ui-monospace,monospace;color:#445;white-space:pre-wrap;margin-bottom:3px}
-.prompt.ctx{color:#7a4700}.toks{font:13px/1.9 ui-monospace,"DejaVu Sans Mono",monospace}
-.tok{white-space:pre;padding:1px 2px;margin:0 1px;border-radius:3px;cursor:pointer;border:1px solid transparent}
-.tok:hover,.tok.active{border-color:#1d2330}.tok.prefix{border:1px dashed #888}.tok.zero{color:#8b93a1}
-#topk-popup{position:absolute;display:none;z-index:10;background:#fff;border:1px solid #aab;border-radius:6px;
-box-shadow:0 4px 16px rgba(0,0,0,.18);padding:8px 10px;font-size:12px;min-width:240px;max-width:360px}
-#topk-popup table{border-collapse:collapse;width:100%}#topk-popup td{padding:1px 4px}
-#topk-popup tr.sampled td{background:#fff3c4;font-weight:600}.bar{height:8px;background:#4c78a8;border-radius:2px}
-#topk-popup .hdr{font-weight:600;margin-bottom:4px}#topk-popup .kv{color:#444;margin-bottom:4px}
-pre{font-size:12px;background:#f6f7f9;padding:8px;overflow:auto;max-height:480px}
-#show-more{margin:6px 0;padding:4px 14px}
-"""
-
-JS = r"""
-(function () {
-  "use strict";
-  var errors = [];
-  window.addEventListener("error", function (e) { errors.push(String(e.message)); });
-  var D = JSON.parse(document.getElementById("report-data").textContent);
-  var $ = function (id) { return document.getElementById(id); };
-  var state = { mode: D.selections.length ? "weight" : "gap", sel: D.default_selection,
-                limit: D.page, pinned: null };
-
-  function tokText(id) { var s = D.vocab[String(id)]; return s === undefined ? "#" + id : s; }
-  function visible(s) { return s.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5") || "\u2205"; }
-  function mix(c, t) {  // white -> colour c by t in [0, 1]
-    t = Math.max(0, Math.min(1, t));
-    return "rgb(" + c.map(function (v) { return Math.round(255 + (v - 255) * t); }).join(",") + ")";
-  }
-  function weightOf(r, i) {
-    var w = state.sel && r.w[state.sel];
-    return w ? w[i] : null;
-  }
-  function colour(r, i) {
-    if (state.mode === "weight") {
-      var w = weightOf(r, i);
-      if (w === null || w === undefined) return "rgb(255,255,255)";
-      if (w <= 0) return "rgb(236,238,241)";
-      return mix([44, 160, 44], 0.25 + 0.75 * Math.min(w / D.wmax, 1));
-    }
-    var g = r.gap[i];
-    if (g === null || g === undefined) return "rgb(255,255,255)";
-    var a = Math.max(-1, Math.min(1, g / D.gapscale));
-    // teacher finds the token less likely than the student did: red; more likely: blue
-    return a < 0 ? mix([214, 39, 40], -a) : mix([31, 119, 180], a);
-  }
-  function matches(r) {
-    var q = $("filter-prompt").value.trim().toLowerCase();
-    var kind = $("filter-kind").value, guided = $("filter-guided").value;
-    if (q && r.pid.toLowerCase().indexOf(q) < 0 && r.sid.toLowerCase().indexOf(q) < 0) return false;
-    if (kind !== "__all" && String(r.kind) !== kind) return false;
-    if (guided === "guided" && !r.guided) return false;
-    if (guided === "unguided" && r.guided) return false;
-    return true;
-  }
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined && text !== null) e.textContent = text;
-    return e;
-  }
-  function renderRollout(r, ri) {
-    var box = el("div", "rollout" + (r.guided ? " guided" : ""));
-    box.dataset.r = ri;
-    var meta = el("div", "meta");
-    if (r.guided) meta.appendChild(el("span", "badge g", "guided"));
-    if (r.kind !== null) meta.appendChild(el("span", "badge", r.kind));
-    meta.appendChild(el("span", "badge", r.finish));
-    if (r.correct !== null) meta.appendChild(el("span", "badge " + (r.correct ? "ok" : "bad"),
-                                               r.correct ? "correct" : "wrong"));
-    meta.appendChild(document.createTextNode(" prompt " + r.pid + " \u00b7 sample " + r.sid +
-      (r.answer ? " \u00b7 answer: " + r.answer : "")));
-    box.appendChild(meta);
-    if (r.rprompt !== null) box.appendChild(el("div", "prompt ctx", "rollout prompt (with context): " + r.rprompt));
-    box.appendChild(el("div", "prompt", "train prompt: " + r.prompt));
-    var toks = el("div", "toks");
-    for (var i = 0; i < r.ids.length; i++) {
-      var s = el("span", "tok" + (r.seg[i] ? " prefix" : ""), visible(tokText(r.ids[i])));
-      s.dataset.r = ri; s.dataset.i = i;
-      s.style.backgroundColor = colour(r, i);
-      var w = weightOf(r, i);
-      if (state.mode === "weight" && w !== null && w !== undefined && w <= 0) s.classList.add("zero");
-      toks.appendChild(s);
-    }
-    box.appendChild(toks);
-    return box;
-  }
-  function render() {
-    hidePopup(true);
-    var list = $("rollouts");
-    list.textContent = "";
-    var hits = [];
-    D.rollouts.forEach(function (r, i) { if (matches(r)) hits.push(i); });
-    hits.slice(0, state.limit).forEach(function (i) { list.appendChild(renderRollout(D.rollouts[i], i)); });
-    $("count").textContent = "Showing " + D.shown + " of " + D.total + " rollouts" +
-      (D.shown < D.total ? " (seeded sample, seed " + D.seed + ")" : "") + "; " + hits.length +
-      " match the filter" + (hits.length > state.limit ? ", first " + state.limit + " rendered" : "") + ".";
-    $("show-more").style.display = hits.length > state.limit ? "" : "none";
-    legend();
-  }
-  function legend() {
-    var lg = $("legend"), lt = $("legend-text");
-    if (state.mode === "weight") {
-      lg.style.background = "linear-gradient(90deg, rgb(236,238,241) 0 12%, " + mix([44, 160, 44], 0.25) +
-        " 12%, " + mix([44, 160, 44], 1) + ")";
-      lt.textContent = "weight 0 (grey) \u2192 " + D.wmax + " (green) in selection " + state.sel;
-    } else {
-      lg.style.background = "linear-gradient(90deg, " + mix([214, 39, 40], 1) + ", #fff, " +
-        mix([31, 119, 180], 1) + ")";
-      lt.textContent = "teacher \u2212 student log-prob: \u2212" + D.gapscale + " (teacher disagrees, red) \u2192 +" +
-        D.gapscale + " nats (blue)";
-    }
-  }
-  function fmt(x, nd) { return x === null || x === undefined ? "\u2013" : Number(x).toFixed(nd === undefined ? 3 : nd); }
-  function showPopup(span, pin) {
-    var r = D.rollouts[+span.dataset.r], i = +span.dataset.i, pop = $("topk-popup");
-    pop.textContent = "";
-    pop.appendChild(el("div", "hdr", "\u201c" + visible(tokText(r.ids[i])) + "\u201d  pos " + i +
-      (r.seg[i] ? " (teacher prefix)" : "") + "  \u00b7 id " + r.ids[i]));
-    var kv = "teacher lp " + fmt(r.tlp[i]) + " \u00b7 student lp " + fmt(r.blp[i]) + " \u00b7 gap " + fmt(r.gap[i]) +
-      "\nstudent entropy " + fmt(r.ent[i]) + " \u00b7 teacher entropy " + fmt(r.tent[i]);
-    D.selections.forEach(function (n) { if (r.w[n]) kv += "\nweight in " + n + ": " + fmt(r.w[n][i]); });
-    var k = el("div", "kv", kv); k.style.whiteSpace = "pre-line"; pop.appendChild(k);
-    var tk = r.topk[i];
-    if (tk) {
-      var tbl = el("table");
-      tbl.appendChild(el("caption", null, "teacher top-" + tk[0].length + " (probability)"));
-      for (var j = 0; j < tk[0].length; j++) {
-        var tr = el("tr", "topk-row" + (tk[0][j] === r.ids[i] ? " sampled" : ""));
-        tr.appendChild(el("td", null, String(j + 1)));
-        tr.appendChild(el("td", null, visible(tokText(tk[0][j]))));
-        tr.appendChild(el("td", null, fmt(tk[1][j], 4)));
-        var bc = el("td"); var bar = el("div", "bar"); bar.style.width = Math.round(100 * tk[1][j]) + "px";
-        bc.appendChild(bar); tr.appendChild(bc); tbl.appendChild(tr);
-      }
-      pop.appendChild(tbl);
-      if (r.tm[i] !== null) pop.appendChild(el("div", "kv", "mass outside the stored top-K: " + fmt(1 - r.tm[i], 4)));
-    } else {
-      pop.appendChild(el("div", "kv", "no teacher scores for this token (run the score stage)"));
-    }
-    pop.style.display = "block";
-    var b = span.getBoundingClientRect();
-    var left = Math.min(b.left + window.scrollX, window.scrollX + document.documentElement.clientWidth - pop.offsetWidth - 8);
-    pop.style.left = Math.max(4, left) + "px";
-    pop.style.top = (b.bottom + window.scrollY + 4) + "px";
-    if (pin) {
-      if (state.pinned) state.pinned.classList.remove("active");
-      state.pinned = span; span.classList.add("active");
-    }
-  }
-  function hidePopup(force) {
-    if (state.pinned && !force) return;
-    if (state.pinned) state.pinned.classList.remove("active");
-    state.pinned = null;
-    $("topk-popup").style.display = "none";
-  }
-  var list = $("rollouts");
-  list.addEventListener("mouseover", function (e) {
-    if (e.target.classList.contains("tok") && !state.pinned) showPopup(e.target, false);
-  });
-  list.addEventListener("mouseout", function (e) {
-    if (e.target.classList.contains("tok")) hidePopup(false);
-  });
-  document.addEventListener("click", function (e) {
-    var t = e.target;
-    if (t.classList && t.classList.contains("tok")) {
-      if (state.pinned === t) hidePopup(true); else showPopup(t, true);
-    } else if (!$("topk-popup").contains(t)) {
-      hidePopup(true);
-    }
-  });
-  document.addEventListener("keydown", function (e) { if (e.key === "Escape") hidePopup(true); });
-  ["color-weight", "color-gap"].forEach(function (id) {
-    $(id).addEventListener("change", function () { state.mode = $(id).value; render(); });
-  });
-  $("selection").addEventListener("change", function () { state.sel = $("selection").value; render(); });
-  ["filter-prompt", "filter-kind", "filter-guided"].forEach(function (id) {
-    $(id).addEventListener(id === "filter-prompt" ? "input" : "change", function () { state.limit = D.page; render(); });
-  });
-  $("show-more").addEventListener("click", function () { state.limit += D.page; render(); });
-  Array.prototype.forEach.call(document.querySelectorAll("#plots figure:not(.wide)"), function (f) {
-    f.addEventListener("click", function () { f.classList.toggle("zoom"); });
-  });
-
-  // controls
-  if (!D.selections.length) { $("color-weight").disabled = true; $("selection").disabled = true; }
-  if (!D.has_tokens) { $("color-gap").disabled = !D.selections.length ? false : true; }
-  $(state.mode === "weight" ? "color-weight" : "color-gap").checked = true;
-  D.selections.forEach(function (n) { var o = el("option", null, n); o.value = n; $("selection").appendChild(o); });
-  if (state.sel) $("selection").value = state.sel;
-  var kinds = [];
-  D.rollouts.forEach(function (r) { if (r.kind !== null && kinds.indexOf(r.kind) < 0) kinds.push(r.kind); });
-  kinds.sort().forEach(function (k) { var o = el("option", null, k); o.value = k; $("filter-kind").appendChild(o); });
-  render();
-
-  // Browser self-test (report.html#selftest): render, switch the colouring, open a popup, filter,
-  // and write what happened into a pre#selftest element for tests/test_report.py (chromium --dump-dom).
-  if (location.hash === "#selftest") {
-    var out = { errors: errors };
-    try {
-      var toks = document.querySelectorAll("#rollouts .tok");
-      out.tokens_rendered = toks.length;
-      out.rollouts_rendered = document.querySelectorAll("#rollouts .rollout").length;
-      out.mode_before = state.mode;
-      var before = Array.prototype.map.call(toks, function (t) { return getComputedStyle(t).backgroundColor; });
-      var other = state.mode === "weight" ? "color-gap" : "color-weight";
-      $(other).click();
-      out.mode_after = state.mode;
-      var after = Array.prototype.map.call(document.querySelectorAll("#rollouts .tok"),
-        function (t) { return getComputedStyle(t).backgroundColor; });
-      out.colours_changed = before.filter(function (c, i) { return c !== after[i]; }).length;
-      out.distinct_colours_after = after.filter(function (c, i) { return after.indexOf(c) === i; }).length;
-      var target = Array.prototype.find.call(document.querySelectorAll("#rollouts .tok"), function (t) {
-        return D.rollouts[+t.dataset.r].topk[+t.dataset.i]; });
-      if (target) target.click();
-      var pop = $("topk-popup");
-      out.popup_visible = getComputedStyle(pop).display !== "none" && pop.offsetHeight > 0;
-      out.popup_rows = pop.querySelectorAll("tr.topk-row").length;
-      out.popup_text = pop.textContent.slice(0, 400);
-      document.body.click();
-      out.popup_closed = getComputedStyle(pop).display === "none";
-      $("filter-guided").value = "guided";
-      $("filter-guided").dispatchEvent(new Event("change"));
-      var boxes = document.querySelectorAll("#rollouts .rollout");
-      out.guided_filter_rendered = boxes.length;
-      out.guided_filter_all_guided = Array.prototype.every.call(boxes, function (b) { return b.classList.contains("guided"); });
-      out.guided_in_data = D.rollouts.filter(function (r) { return r.guided; }).length;
-      $("filter-guided").value = "all";
-      $("filter-guided").dispatchEvent(new Event("change"));
-      out.count_text = $("count").textContent;
-    } catch (e) { errors.push(String(e && e.stack || e)); }
-    var pre = document.createElement("pre"); pre.id = "selftest";
-    pre.textContent = JSON.stringify(out);
-    document.body.appendChild(pre);
-  }
-})();
-"""
+def asset(name: str) -> str:
+    """A file of the page's inline CSS/JS (stages/report_assets/), read as package data."""
+    return resources.files("stages").joinpath("report_assets", name).read_text(encoding="utf-8")
 
 
 def render_html(
@@ -1053,7 +763,7 @@ def render_html(
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>distillery report — {e(data.run_dir.name)}</title>
-<style>{CSS}</style></head>
+<style>{asset("report.css")}</style></head>
 <body>
 <header><h1>distillery report — {e(data.run_dir.name)}</h1><div class="sub">{sub}</div></header>
 <main>
@@ -1083,37 +793,64 @@ Dashed tokens are teacher-prefix segments (not student tokens).</p>
 </main>
 <div id="topk-popup" role="dialog"></div>
 <script type="application/json" id="report-data">{_json_for_script(blob)}</script>
-<script>{JS}</script>
+<script>{asset("report.js")}</script>
 </body></html>
 """
 
 
 # ----------------------------------------------------------------------------- the stage
+# report/ is swapped into place from a per-process temp folder; a stale one (its process gone) is
+# removed by the next run, a live one (a concurrent report) is left alone.
+TMP_PREFIX, OLD_PREFIX = ".report-tmp-", ".report-old-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(layout: RunLayout) -> None:
+    """Temp folders of killed report runs (never a running one's, never this process')."""
+    for d in layout.root.glob(".report-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if d.name.startswith((TMP_PREFIX, OLD_PREFIX)) and pid.isdigit():
+            if int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp`` with renames, so a reader sees the old or the new report."""
-    old = final.with_name(f".report-old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
+    """Replace ``final`` by ``tmp`` with renames, so a reader sees the old or the new report;
+    concurrent reports swap one at a time (a lock beside the folder)."""
+    old = final.with_name(f"{OLD_PREFIX}{os.getpid()}")
+    with store.file_lock(final.with_name(".report.lock"), "report"):
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def build(cfg: Config, out: Path) -> tuple[dict[str, Path], list[str]]:
     """Write the plots and report.html into ``out``; return (name -> path, notes)."""
-    run_dir = Path(cfg.run_dir)
-    data = open_run(run_dir)
-    notes = data.notes
-    con, views = connect(data)
-    written: dict[str, Path] = {}
-    plots: list[tuple[Path, str]] = []
+    data = open_run(RunLayout.of(cfg.run_dir))
+    try:
+        return _build(cfg, data, out)
+    finally:
+        data.rv.close()
 
-    runs = read_metrics(run_dir, notes)
-    ev = read_eval(run_dir, notes)
+
+def _build(cfg: Config, data: RunData, out: Path) -> tuple[dict[str, Path], list[str]]:
+    notes, con, sel_views = data.notes, data.rv.con, data.sel_views
+    plots: list[tuple[str, Path, str]] = []  # (key, file, caption)
+    runs = read_metrics(data.run_dir, notes)
+    ev = read_eval(data.run_dir, notes)
     tok = load_decoder(data, cfg, notes)
     if runs and (p := plot_training(runs, out / "training_curves.png", notes)):
-        written["training_curves"] = p
-        plots.append((p, "training curves"))
-
+        plots.append(("training_curves", p, "training curves"))
     q3 = q3_params(cfg, data)
     if data.tokens is not None:
         hist = entropy_gap_hist(con, q3)
@@ -1121,26 +858,21 @@ def build(cfg: Config, out: Path) -> tuple[dict[str, Path], list[str]]:
             notes.append("no student tokens with a behaviour entropy: no entropy x divergence plot")
         else:
             p = plot_entropy_gap(hist, q3, out / "entropy_divergence.png")
-            written["entropy_divergence"] = p
-            plots.append((p, "behaviour entropy x teacher-behaviour divergence"))
-
-    curves = {name: kept_by_position(con, v) for name, v in views.items()}
+            plots.append(
+                ("entropy_divergence", p, "behaviour entropy x teacher-behaviour divergence")
+            )
+    curves = {name: kept_by_position(con, v) for name, v in sel_views.items()}
     curves = {n: c for n, c in curves.items() if c.tokens}
     if curves:
         p = plot_kept(curves, out / "kept_by_position.png")
-        written["kept_by_position"] = p
-        plots.append((p, "kept fraction by position"))
-
+        plots.append(("kept_by_position", p, "kept fraction by position"))
     if ev and (p := plot_eval(ev, out / "eval_accuracy.png")):
-        written["eval_accuracy"] = p
-        plots.append((p, "eval accuracy"))
-
-    blob = browser_data(con, data, views, tok, cfg)
-    con.close()
-    doc = render_html(data=data, plots=plots, notes=notes, ev=ev, curves=curves, blob=blob)
+        plots.append(("eval_accuracy", p, "eval accuracy"))
+    blob = browser_data(con, data, sel_views, tok, cfg)
+    shown = [(p, alt) for _, p, alt in plots]
+    doc = render_html(data=data, plots=shown, notes=notes, ev=ev, curves=curves, blob=blob)
     (out / "report.html").write_text(doc, encoding="utf-8")
-    written["html"] = out / "report.html"
-    return written, notes
+    return {**{k: p for k, p, _ in plots}, "html": out / "report.html"}, notes
 
 
 def run(cfg: Config) -> dict:
@@ -1151,27 +883,29 @@ def run(cfg: Config) -> dict:
             "report",
             "use report.max_rollouts >= 0 and report.show_topk >= 1",
         )
-    run_dir = Path(cfg.run_dir)
-    if not run_dir.is_dir():
+    layout = RunLayout.of(cfg.run_dir)
+    if not layout.root.is_dir():
         raise UserError(
-            "run dir not found", str(run_dir), "point run_dir at a run (e.g. runs/demo)"
+            "run dir not found", str(layout.root), "point run_dir at a run (e.g. runs/demo)"
         )
-    final = run_dir / "report"
-    for stale in run_dir.glob(".report-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = run_dir / f".report-tmp-{os.getpid()}"
-    tmp.mkdir()
+    _remove_stale(layout)
+    tmp = layout.root / f"{TMP_PREFIX}{os.getpid()}"
     try:
+        tmp.mkdir()
         written, notes = build(cfg, tmp)
-        _swap_into_place(tmp, final)
+        _swap_into_place(tmp, layout.report)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise store.disk_error(e, str(tmp)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    paths = {k: str(final / p.name) for k, p in written.items()}
+    paths = {k: str(layout.report / p.name) for k, p in written.items()}
     for n in notes:
         print(f"[report] note: {n}")
     for k, p in paths.items():
         print(f"[report] {k}: {p}")
+    print(f"report: wrote {len(paths)} file(s) to {layout.report}")
     return paths
 
 

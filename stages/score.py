@@ -26,7 +26,9 @@ entropy columns are null; ``extra.entropy_source`` in the manifest says which.
 
 Provenance: refuses a teacher/ref/behaviour model whose tokenizer differs from the rollouts' one,
 and (Lightning OPD's teacher consistency) a teacher other than the SFT teacher recorded in
-``run_dir/sft_data/manifest.json`` unless ``score.allow_teacher_mismatch=true``.
+the manifest of ``run_dir/sft_data/`` unless ``score.allow_teacher_mismatch=true``; the SFT data
+checked is recorded as ``inputs.sft_data`` of the tokens manifest, the models as absolute paths
+(``models``) and the scoring temperature as ``teacher_temperature`` (docs/DATA.md).
 
 Run: ``python -m stages.score experiment=demo [score.topk=32 score.backend=hf worker.index=0
 worker.count=1 ...]``. A killed run re-run continues with the first missing shard.
@@ -34,7 +36,6 @@ worker.count=1 ...]``. A killed run re-run continues with the first missing shar
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +47,14 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
 from stages.lib import logprobs as lp
 from stages.lib import models, store
 from stages.lib.config import Config, as_dict, hydra_entry
 from stages.lib.errors import UserError
+from stages.lib.layout import RunLayout
 
 PREFIX_COL = {
     "teacher": "teacher_prompt_ids",
@@ -287,12 +290,29 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def _check_models(cfg: Config, rm: dict, run_dir: Path) -> tuple[list[Role], dict, object]:
+def _check_sft_teacher(cfg: Config, layout: RunLayout, t_fp: str) -> dict:
+    """Lightning OPD's teacher consistency: the SFT data's teacher must be this teacher.
+    Returns ``{"sft_data": <dataset id>}`` when an SFT dataset was checked, else {}."""
+    sft_m = manifest_mod.read(layout.sft_data)
+    if sft_m is None:
+        return {}
+    sft_teacher = sft_m["fingerprints"].get("teacher")
+    if sft_teacher != t_fp and not cfg.score.allow_teacher_mismatch:
+        raise UserError(
+            f"the OPD teacher {cfg.teacher.path} ({t_fp}) is not the SFT teacher ({sft_teacher}) "
+            "that wrote sft_data/; Lightning OPD's teacher consistency requires the same one",
+            f"{layout.sft_data} / teacher.path",
+            "use the SFT teacher as teacher.path, or set score.allow_teacher_mismatch=true",
+        )
+    return {"sft_data": sft_m["dataset_id"]}
+
+
+def _check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role], dict, object]:
     """Roles with fingerprints, after the provenance checks; also the fingerprints and tokenizer."""
     sc = cfg.score
     fps_in = rm.get("fingerprints", {})
     tok_fp = fps_in.get("tokenizer")
-    policy_path = (rm.get("extra") or {}).get("policy_path") or cfg.student.path
+    policy_path = store.model_path(rm, "policy", "policy_path") or cfg.student.path
     if not cfg.teacher.path:
         raise UserError("no teacher model configured", "teacher.path", "set teacher.path=DIR")
     tok = models.load_tokenizer(cfg.teacher.path, "teacher")
@@ -301,7 +321,7 @@ def _check_models(cfg: Config, rm: dict, run_dir: Path) -> tuple[list[Role], dic
     if tok_fp is None:
         raise UserError(
             "the rollouts manifest has no tokenizer fingerprint",
-            str(run_dir / "rollouts"),
+            str(layout.rollouts),
             "re-run the rollout stage with this version of distillery",
         )
     models.check_same_tokenizer(tok_fp, t_tok_fp, "student", "teacher")
@@ -319,16 +339,6 @@ def _check_models(cfg: Config, rm: dict, run_dir: Path) -> tuple[list[Role], dic
             "set score.behavior=true or score.behavior_topk=0",
         )
     t_fp = models.model_fingerprint(cfg.teacher.path, "teacher")
-    sft = run_dir / "sft_data" / "manifest.json"
-    if sft.exists() and not sc.allow_teacher_mismatch:
-        sft_teacher = json.loads(sft.read_text()).get("fingerprints", {}).get("teacher")
-        if sft_teacher != t_fp:
-            raise UserError(
-                f"the OPD teacher {cfg.teacher.path} ({t_fp}) is not the SFT teacher ({sft_teacher}) "
-                "that wrote sft_data/; Lightning OPD's teacher consistency requires the same one",
-                f"{sft} / teacher.path",
-                "use the SFT teacher as teacher.path, or set score.allow_teacher_mismatch=true",
-            )
     roles = [Role("teacher", cfg.teacher.path, cfg.teacher.dtype, t_fp, sc.topk, sc.entropy)]
     fps = {"student": fps_in.get("student"), "teacher": t_fp, "tokenizer": tok_fp}
     if sc.behavior:
@@ -349,7 +359,7 @@ def _check_models(cfg: Config, rm: dict, run_dir: Path) -> tuple[list[Role], dic
             raise UserError(
                 f"the behaviour model {policy_path} ({b_fp}) is not the one that sampled the "
                 f"rollouts ({expected}): its weights changed",
-                f"{policy_path} / {run_dir / 'rollouts'}",
+                f"{policy_path} / {layout.rollouts}",
                 "restore the model, or re-run the rollout stage (overwrite=true)",
             )
         roles.append(
@@ -536,16 +546,10 @@ def _read_shard(path: Path) -> list[dict]:
     return pq.read_table(path, columns=list(dict.fromkeys(cols))).to_pylist()
 
 
-def run(cfg: Config) -> dict:
-    """Score the rollouts of ``cfg.run_dir`` into ``run_dir/tokens/``; return a summary dict."""
-    sc = cfg.score
-    run_dir = Path(cfg.run_dir)
-    rdir, tdir = run_dir / "rollouts", run_dir / "tokens"
-    rm = store.open_committed(rdir, rollouts_table, what_writes_it="python -m stages.rollout")
-    backend = resolve_backend(sc.backend)
-    roles, fps, tok = _check_models(cfg, rm, run_dir)
-    vocab = models.vocab_size(tok)
-    entropy_source = "hf" if sc.entropy else "none (score.entropy=false: entropy columns null)"
+SCORING_TEMPERATURE = 1.0  # cached log-probs are the models' plain log-softmax (temperature 1)
+
+
+def _dataset_id(rm: dict, fps: dict, sc, backend: str) -> str:
     content = {
         "rollouts": rm["dataset_id"],
         "fingerprints": fps,
@@ -557,14 +561,94 @@ def run(cfg: Config) -> dict:
             "entropy": sc.entropy,
         },
     }
-    dataset_id = store.content_id(content)
+    return store.content_id(content)
+
+
+@dataclass
+class _Counts:
+    tokens: int = 0
+    passes_run: int = 0
+    requests: int = 0
+    shards: int = 0
+
+
+def _score_shards(cfg, w, rm, paths, todo, roles, tok, backend, counts: _Counts) -> None:
+    """Score and write the shards ``todo`` (rollout shard s -> tokens shard s)."""
+    sc, vocab = cfg.score, models.vocab_size(tok)
+    total = sum(rm["shards"][s]["rows"] for s in todo)
+    _check_rollouts(paths, todo, vocab)  # before any shard is written
+    max_len = _max_len(paths, todo)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    scorer = _Scorer(cfg, backend, vocab, pad_id, max_len)
+    bar = tqdm(desc=f"score {total} rollouts: tokens x passes", unit="tok", leave=False)
+    with torch.inference_mode():
+        for s in todo:
+            rows = _read_shard(paths[s])
+            plan = plan_shard(rows, roles, sc.behavior_topk)
+            jobs = list(plan.jobs.values())
+            # behaviour passes first: teacher passes gather at their top-Kb ids
+            b_keys = {k.get("behavior") for k in plan.of}
+            first = [j for j in jobs if j.key in b_keys]
+            rest = [j for j in jobs if j.key not in b_keys]
+            done = {j.key: j for j in jobs}
+            scorer.run(first, done, stats=True, gather=False, progress=bar)
+            scorer.run(rest, done, stats=True, gather=True, progress=bar)
+            # rare: a behaviour pass that also serves as another row's teacher and must
+            # gather at a different pass's ids: one more pass, gathers only
+            late = [j for j in first if j.gathers]
+            if late:
+                scorer.run(late, done, stats=False, gather=True, progress=None)
+            counts.passes_run += len(jobs) + len(late)
+            counts.requests += plan.requests
+            table = _tokens_table(rows, plan, sc, vocab, sc.behavior, bool(cfg.ref.path))
+            w.write_shard(s, table)
+            counts.tokens += table.num_rows
+            counts.shards += 1
+    bar.close()
+
+
+def _commit(cfg, w, rm, n_shards, fps, roles, backend, vocab, sft_inputs) -> bool:
+    sc = cfg.score
+    policy_path = store.model_path(rm, "policy", "policy_path") or cfg.student.path
+    return w.complete or w.commit(
+        n_shards,
+        config=as_dict(cfg),
+        fingerprints=fps,
+        inputs={"rollouts": rm["dataset_id"], **sft_inputs},
+        models={r.name: r.path for r in roles},
+        teacher_temperature=SCORING_TEMPERATURE,
+        extra={
+            "backend": backend,
+            "logprob_source": backend,
+            "entropy_source": "hf"
+            if sc.entropy
+            else "none (score.entropy=false: entropy columns null)",
+            "policy_path": policy_path,
+            "topk": sc.topk,
+            "behavior_topk": sc.behavior_topk,
+            "vocab_size": vocab,
+            "roles": {r.name: {"path": r.path, "prefix": PREFIX_COL[r.name]} for r in roles},
+        },
+    )
+
+
+def run(cfg: Config) -> dict:
+    """Score the rollouts of ``cfg.run_dir`` into ``run_dir/tokens/``; return a summary dict."""
+    sc, layout = cfg.score, RunLayout.of(cfg.run_dir)
+    rm = store.open_committed(
+        layout.rollouts, rollouts_table, what_writes_it="python -m stages.rollout"
+    )
+    backend = resolve_backend(sc.backend)
+    roles, fps, tok = _check_models(cfg, rm, layout)
+    sft_inputs = _check_sft_teacher(cfg, layout, fps["teacher"])
+    vocab = models.vocab_size(tok)
+    dataset_id = _dataset_id(rm, fps, sc, backend)
     n_shards = len(rm["shards"])
     mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
-    paths = store.shard_paths(rdir, rm)
-    t0 = time.perf_counter()
-    n_tokens = passes_run = requests = 0
+    paths = store.shard_paths(layout.rollouts, rm)
+    t0, counts = time.perf_counter(), _Counts()
     with store.open_writer(
-        tdir,
+        layout.tokens,
         tokens_table,
         dataset_id=dataset_id,
         stage="score",
@@ -574,68 +658,30 @@ def run(cfg: Config) -> dict:
         vocab_size=vocab,
     ) as w:
         todo = [] if w.complete else [s for s in mine if not w.is_done(s)]
-        scorer = None
         if todo:
-            total = sum(rm["shards"][s]["rows"] for s in todo)
-            _check_rollouts(paths, todo, vocab)  # before any shard is written
-            max_len = _max_len(paths, todo)
-            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            scorer = _Scorer(cfg, backend, vocab, pad_id, max_len)
-            bar = tqdm(desc=f"score {total} rollouts: tokens x passes", unit="tok", leave=False)
-            with torch.inference_mode():
-                for s in todo:
-                    rows = _read_shard(paths[s])
-                    plan = plan_shard(rows, roles, sc.behavior_topk)
-                    jobs = list(plan.jobs.values())
-                    # behaviour passes first: teacher passes gather at their top-Kb ids
-                    b_keys = {k.get("behavior") for k in plan.of}
-                    first = [j for j in jobs if j.key in b_keys]
-                    rest = [j for j in jobs if j.key not in b_keys]
-                    done = {j.key: j for j in jobs}
-                    scorer.run(first, done, stats=True, gather=False, progress=bar)
-                    scorer.run(rest, done, stats=True, gather=True, progress=bar)
-                    # rare: a behaviour pass that also serves as another row's teacher and must
-                    # gather at a different pass's ids: one more pass, gathers only
-                    late = [j for j in first if j.gathers]
-                    if late:
-                        scorer.run(late, done, stats=False, gather=True, progress=None)
-                    passes_run += len(jobs) + len(late)
-                    requests += plan.requests
-                    table = _tokens_table(rows, plan, sc, vocab, sc.behavior, bool(cfg.ref.path))
-                    w.write_shard(s, table)
-                    n_tokens += table.num_rows
-            bar.close()
-        committed = w.complete or w.commit(
-            n_shards,
-            config=as_dict(cfg),
-            fingerprints=fps,
-            inputs={"rollouts": rm["dataset_id"]},
-            extra={
-                "backend": backend,
-                "logprob_source": backend,
-                "entropy_source": entropy_source,
-                "policy_path": (rm.get("extra") or {}).get("policy_path") or cfg.student.path,
-                "topk": sc.topk,
-                "behavior_topk": sc.behavior_topk,
-                "vocab_size": vocab,
-                "roles": {r.name: {"path": r.path, "prefix": PREFIX_COL[r.name]} for r in roles},
-            },
-        )
+            _score_shards(cfg, w, rm, paths, todo, roles, tok, backend, counts)
+        committed = _commit(cfg, w, rm, n_shards, fps, roles, backend, vocab, sft_inputs)
     secs = time.perf_counter() - t0
-    reused = requests - passes_run
+    reused = max(counts.requests - counts.passes_run, 0)
     summary = (
-        f"score: {n_tokens} tokens in {secs:.1f} s ({n_tokens / max(secs, 1e-9):.0f} tok/s), "
-        f"passes run {passes_run}, reused {max(reused, 0)}; backend {backend}; "
+        f"score: {counts.tokens} tokens in {secs:.1f} s "
+        f"({counts.tokens / max(secs, 1e-9):.0f} tok/s), passes run {counts.passes_run}, "
+        f"reused {reused}; backend {backend}; "
         + ("tokens/ committed" if committed else "waiting for other workers to commit")
     )
     print(summary, flush=True)
+    print(
+        f"score: wrote {counts.shards} shard(s) to {layout.tokens} (dataset {dataset_id}"
+        + (", committed)" if committed else ", not committed yet: other workers to finish)"),
+        flush=True,
+    )
     return {
         "summary": summary,
-        "tokens": n_tokens,
+        "tokens": counts.tokens,
         "seconds": secs,
-        "tokens_per_s": n_tokens / max(secs, 1e-9),
-        "passes_run": passes_run,
-        "passes_reused": max(reused, 0),
+        "tokens_per_s": counts.tokens / max(secs, 1e-9),
+        "passes_run": counts.passes_run,
+        "passes_reused": reused,
         "backend": backend,
         "dataset_id": dataset_id,
         "committed": bool(committed),

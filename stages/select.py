@@ -12,8 +12,10 @@ no-op, a killed run resumes per shard, another config is refused unless ``overwr
 
 How it works:
 
-1. Pass 1 (DuckDB, CPU, memory-bounded: ``select.memory_limit``, spills to
-   ``run_dir/.duckdb_tmp/``): each rule of ``select.rules`` is one parameterised SQL file in
+1. Pass 1 (DuckDB, CPU, memory-bounded: ``select.memory_limit``, spills to a per-process folder
+   under ``run_dir/.duckdb_tmp/``; the views come from ``stages.lib.views``, the one way a run is
+   opened): the token values it reads are checked first (NaN/inf, positive log-probs: an error
+   naming the column, shard and row), then each rule of ``select.rules`` is one parameterised SQL file in
    ``stages/sql_policies/<policy>.sql`` (read the header of each for its formula, its paper and its
    parameters; parameters are DuckDB prepared parameters ``$name``, validated here first). A policy
    returns a weight for every token (0 = excluded); rules compose by the product of their weights.
@@ -37,7 +39,9 @@ rollouts and a proxy afterwards; the behaviour log-prob is kept so the trainer c
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -54,9 +58,11 @@ import pyarrow.parquet as pq
 
 from data_schemas import codec, rollouts, selected, tokens
 from data_schemas import manifest as manifest_mod
-from stages.lib import store
+from data_schemas.common import LOGPROB_TOL
+from stages.lib import store, views
 from stages.lib.config import Config, SelectConfig, as_dict, hydra_entry
 from stages.lib.errors import UserError
+from stages.lib.layout import RunLayout
 
 POLICY_DIR = Path(__file__).resolve().parent / "sql_policies"
 POSITION_BUCKETS = ((0, 3), (4, 7), (8, 15), (16, 31), (32, None))
@@ -214,56 +220,59 @@ def bind(rule: Rule, *, seed: int, ln_v: float) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- DuckDB pass
-def _sql_str(s: str) -> str:
-    return "'" + str(s).replace("'", "''") + "'"
+# scalar columns of tok that pass 1 reads: log-probs finite and <= 0, entropies finite (or null)
+LOGPROB_COLS = ("teacher_logprob", "behavior_logprob", "ref_logprob", "teacher_topk_logmass")
+ENTROPY_COLS = ("behavior_entropy", "teacher_entropy")
 
 
-def _files_sql(paths: list[Path]) -> str:
-    return "[" + ", ".join(_sql_str(p) for p in paths) + "]"
-
-
-def connect(tmp_dir: Path, memory_limit: str, threads: int) -> duckdb.DuckDBPyConnection:
-    """A DuckDB session with a memory limit that spills to ``tmp_dir``."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+def open_pass1(layout: RunLayout, manifests: dict[str, dict], tmp_dir: Path, sel: SelectConfig):
+    """A memory-bounded DuckDB session (spills to ``tmp_dir``) with the run's views
+    (``stages.lib.views``) and the two pass 1 reads: ``tok`` (tokens + rid + shard) and
+    ``rollouts_in``."""
     try:
-        con = duckdb.connect(
-            ":memory:",
-            config={
-                "memory_limit": memory_limit,
-                "threads": int(threads),
-                "temp_directory": str(tmp_dir),
-                "preserve_insertion_order": False,
-            },
-        )
-    except duckdb.Error as e:
-        raise UserError(
-            f"cannot start DuckDB ({e})", "select.memory_limit / select.threads", "fix them"
-        ) from None
-    con.execute("SET enable_progress_bar = false")
-    return con
-
-
-def create_views(con: duckdb.DuckDBPyConnection, tok_files: list[Path], ro_files: list[Path]):
-    """``tok`` (tokens + rid + shard) and ``rollouts_in``, read in place from the shard files."""
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise store.disk_error(e, str(tmp_dir)) from None
+    con = views.connect(threads=sel.threads, memory_limit=sel.memory_limit, temp_dir=tmp_dir)
+    views.open_run(
+        layout, datasets=("rollouts", "tokens"), manifests=manifests, row_ids=True, con=con
+    )
     con.execute(
         f"""
         CREATE OR REPLACE VIEW tok AS
-        SELECT
-            (CAST(regexp_extract(filename, 'shard-(\\d+)\\.parquet$', 1) AS BIGINT) << {ROW_BITS})
-                | file_row_number AS rid,
-            CAST(regexp_extract(filename, 'shard-(\\d+)\\.parquet$', 1) AS BIGINT) AS shard,
+        SELECT (_shard << {ROW_BITS}) | _row AS rid, _shard AS shard,
             sample_id, pos, token_id, segment, is_guided, teacher_logprob, behavior_logprob,
             behavior_entropy, teacher_entropy, ref_logprob, teacher_topk_logmass
-        FROM read_parquet({_files_sql(tok_files)}, hive_partitioning = true, filename = true,
-                          file_row_number = true)
+        FROM tokens
         """
     )
     con.execute(
-        f"""
-        CREATE OR REPLACE VIEW rollouts_in AS
-        SELECT * FROM read_parquet({_files_sql(ro_files)}, hive_partitioning = true)
-        """
+        "CREATE OR REPLACE VIEW rollouts_in AS SELECT * EXCLUDE (_shard, _row) FROM rollouts"
     )
+    return con
+
+
+def check_values(con: duckdb.DuckDBPyConnection, tk_dir: Path) -> None:
+    """Refuse NaN/inf (or positive log-probs) in what pass 1 reads, naming column and row."""
+    bad = {c: f"NOT isfinite({c}) OR {c} > {LOGPROB_TOL}" for c in LOGPROB_COLS}
+    bad |= {c: f"NOT isfinite({c})" for c in ENTROPY_COLS}
+    counts = con.execute(
+        "SELECT " + ", ".join(f"count(*) FILTER (WHERE {b})" for b in bad.values()) + " FROM tok"
+    ).fetchone()
+    for (col, cond), n in zip(bad.items(), counts):
+        if not n:
+            continue
+        shard, row, sid, pos, v = con.execute(
+            f"SELECT shard, rid & {(1 << ROW_BITS) - 1}, sample_id, pos, {col} FROM tok "
+            f"WHERE {cond} ORDER BY rid LIMIT 1"
+        ).fetchone()
+        rule = "finite and <= 0" if col in LOGPROB_COLS else "finite"
+        raise UserError(
+            f"tokens column '{col}' has {n} invalid value(s), first {v!r} at row {row} of shard "
+            f"{shard} (sample {sid}, pos {pos}); it must be {rule}",
+            str(tk_dir / store.shard_relpath(shard)),
+            "re-run python -m stages.score with overwrite=true; check the models for NaN weights",
+        )
 
 
 def check_needs(con: duckdb.DuckDBPyConnection, rules: list[Rule], where: str) -> None:
@@ -660,41 +669,42 @@ def _vocab_ln(*manifests: dict) -> float:
     return 1.0
 
 
-def run(cfg: Config) -> dict:
-    sel = cfg.select
-    if not re.fullmatch(r"[A-Za-z0-9_.=-]+", sel.name) or sel.name.startswith("."):
-        raise UserError(
-            f"select.name '{sel.name}' is not a plain folder name", "config", "rename it"
-        )
-    if sel.rows_per_shard < 1:
-        raise UserError("select.rows_per_shard must be >= 1", "config", "fix select.rows_per_shard")
-    if not sel.rules:
-        raise UserError("select.rules is empty", "config", "give at least one rule (policy: all)")
-    rules = [resolve_rule(r.policy, r.params) for r in sel.rules]
-    run_dir = Path(cfg.run_dir)
-    ro_dir, tk_dir = run_dir / "rollouts", run_dir / "tokens"
-    out_dir = run_dir / "selected" / sel.name
-    ro_m = store.open_committed(ro_dir, rollouts, what_writes_it="python -m stages.rollout")
-    tk_m = store.open_committed(tk_dir, tokens, what_writes_it="python -m stages.score")
+def _inputs(layout: RunLayout) -> tuple[dict, dict]:
+    """The verified rollouts and tokens manifests, checked to belong together."""
+    ro_m = store.open_committed(
+        layout.rollouts, rollouts, what_writes_it="python -m stages.rollout"
+    )
+    tk_m = store.open_committed(layout.tokens, tokens, what_writes_it="python -m stages.score")
+    fix = "re-run python -m stages.score with overwrite=true"
     if tk_m["inputs"].get("rollouts", ro_m["dataset_id"]) != ro_m["dataset_id"]:
         raise UserError(
             "the tokens were scored from other rollouts than the ones in this run",
-            str(tk_dir),
-            "re-run python -m stages.score with overwrite=true",
+            str(layout.tokens),
+            fix,
         )
     if len(tk_m["shards"]) != len(ro_m["shards"]):
         raise UserError(
             f"tokens has {len(tk_m['shards'])} shards, rollouts {len(ro_m['shards'])} (must be 1:1)",
-            str(tk_dir),
-            "re-run python -m stages.score with overwrite=true",
+            str(layout.tokens),
+            fix,
         )
-    dataset_id = dataset_id_of(ro_m["dataset_id"], tk_m["dataset_id"], sel, cfg.seed)
+    return ro_m, tk_m
+
+
+def _check_config(sel: SelectConfig, layout: RunLayout) -> list[Rule]:
+    layout.selected(sel.name)  # a safe folder name, or a UserError
+    if sel.rows_per_shard < 1:
+        raise UserError("select.rows_per_shard must be >= 1", "config", "fix select.rows_per_shard")
+    if not sel.rules:
+        raise UserError("select.rules is empty", "config", "give at least one rule (policy: all)")
+    return [resolve_rule(r.policy, r.params) for r in sel.rules]
+
+
+def _done(out_dir: Path, dataset_id: str, cfg: Config) -> dict | None:
+    """The summary of an up-to-date selection; refuses another one unless ``overwrite``."""
     existing = manifest_mod.read(out_dir)
     if existing is not None and existing["dataset_id"] == dataset_id:
-        summary = existing["extra"].get("summary", {})
-        print(f"select: {out_dir} is up to date (dataset {dataset_id})")
-        print_summary(summary, sel.name)
-        return {"dataset_id": dataset_id, "dir": str(out_dir), "summary": summary}
+        return existing["extra"].get("summary", {})
     if existing is not None and not cfg.overwrite:  # refuse before the expensive pass
         raise UserError(
             f"{out_dir} already holds a selection from a different run or config "
@@ -702,30 +712,56 @@ def run(cfg: Config) -> dict:
             str(out_dir),
             "pass overwrite=true to replace it, or choose another select.name",
         )
+    return None
 
-    tmp_dir = run_dir / ".duckdb_tmp" / f"select-{sel.name}"
-    con = connect(tmp_dir, sel.memory_limit, sel.threads)
+
+def run(cfg: Config) -> dict:
+    sel, layout = cfg.select, RunLayout.of(cfg.run_dir)
+    rules = _check_config(sel, layout)
+    out_dir = layout.selected(sel.name)
+    ro_m, tk_m = _inputs(layout)
+    dataset_id = dataset_id_of(ro_m["dataset_id"], tk_m["dataset_id"], sel, cfg.seed)
+    summary = _done(out_dir, dataset_id, cfg)
+    if summary is not None:
+        print_summary(summary, sel.name)
+        print(f"select: {out_dir} is up to date (dataset {dataset_id}); nothing written")
+        return {"dataset_id": dataset_id, "dir": str(out_dir), "summary": summary}
+    tmp_dir = layout.duckdb_tmp / f"select-{sel.name}-{os.getpid()}"  # per process
+    con = None
     try:
-        create_views(con, store.shard_paths(tk_dir, tk_m), store.shard_paths(ro_dir, ro_m))
-        check_needs(con, rules, str(tk_dir))
+        con = open_pass1(layout, {"rollouts": ro_m, "tokens": tk_m}, tmp_dir, sel)
+        check_values(con, layout.tokens)
+        check_needs(con, rules, str(layout.tokens))
         compute_weights(con, rules, seed=cfg.seed, ln_v=_vocab_ln(tk_m, ro_m))
         summary = summarize(con)
-        if summary["tokens_kept"] == 0:
-            desc = "; ".join(f"{r.policy} {r.params}" for r in rules)
-            raise UserError(
-                f"selection '{sel.name}' keeps 0 of {summary['student_tokens']} student tokens "
-                f"({desc}): nothing to train on",
-                "select.rules",
-                "loosen the policy parameters (e.g. a lower threshold) or choose another policy",
-            )
+        _check_kept(summary, sel, rules)
         summary["sequences_no_kept"] = write_selected(
-            con, cfg, dataset_id, out_dir, ro_dir, ro_m, tk_dir, tk_m, rules, summary
+            con, cfg, dataset_id, out_dir, layout, ro_m, tk_m, rules, summary
         )
     finally:
-        con.close()
+        if con is not None:
+            con.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the shared parent, once no select uses it
+            tmp_dir.parent.rmdir()
     print_summary(summary, sel.name)
+    m = manifest_mod.read(out_dir)
+    print(
+        f"select: wrote {m['rows']} sequences in {len(m['shards'])} shard(s) to {out_dir} "
+        f"(dataset {dataset_id})"
+    )
     return {"dataset_id": dataset_id, "dir": str(out_dir), "summary": summary}
+
+
+def _check_kept(summary: dict, sel: SelectConfig, rules: list[Rule]) -> None:
+    if summary["tokens_kept"] == 0:
+        desc = "; ".join(f"{r.policy} {r.params}" for r in rules)
+        raise UserError(
+            f"selection '{sel.name}' keeps 0 of {summary['student_tokens']} student tokens "
+            f"({desc}): nothing to train on",
+            "select.rules",
+            "loosen the policy parameters (e.g. a lower threshold) or choose another policy",
+        )
 
 
 def shard_weights(con: duckdb.DuckDBPyConnection, shard: int, n_rows: int) -> np.ndarray:
@@ -739,9 +775,7 @@ def shard_weights(con: duckdb.DuckDBPyConnection, shard: int, n_rows: int) -> np
     return weight
 
 
-def write_selected(
-    con, cfg, dataset_id, out_dir, ro_dir, ro_m, tk_dir, tk_m, rules, summary
-) -> int:
+def write_selected(con, cfg, dataset_id, out_dir, layout, ro_m, tk_m, rules, summary) -> int:
     """Pass 2: per input shard, assemble and write; commit the manifest. Returns #n_kept==0 rows.
 
     Writing (validation, zstd, fsync) runs in one background thread while the next shard is read
@@ -751,7 +785,8 @@ def write_selected(
     """
     sel = cfg.select
     plan = output_plan(ro_m, sel.rows_per_shard)
-    ro_paths, tk_paths = store.shard_paths(ro_dir, ro_m), store.shard_paths(tk_dir, tk_m)
+    tk_dir = layout.tokens
+    ro_paths, tk_paths = store.shard_paths(layout.rollouts, ro_m), store.shard_paths(tk_dir, tk_m)
     no_kept = 0
 
     def write(w: store.DatasetWriter, outs: range, table: pa.Table) -> None:
@@ -788,11 +823,14 @@ def write_selected(
         if pending is not None:
             pending.result()
         summary["sequences_no_kept"] = no_kept
+        models = {**(ro_m.get("models") or {}), **(tk_m.get("models") or {})}
         w.commit(
             plan[-1],
             config=as_dict(cfg),
             fingerprints={**ro_m["fingerprints"], **tk_m["fingerprints"]},
             inputs={"rollouts": ro_m["dataset_id"], "tokens": tk_m["dataset_id"]},
+            models={role: e["path"] for role, e in models.items()},
+            teacher_temperature=tk_m.get("teacher_temperature"),
             extra={
                 "summary": summary,
                 "rules": [{"policy": r.policy, "params": r.params} for r in rules],

@@ -1,30 +1,28 @@
 """SQL over a run: DuckDB views ``rollouts``, ``tokens`` and ``selected`` on the run's Parquet shards.
 
-Reads the committed datasets of ``RUN_DIR`` in place (nothing is copied or written) and prints the
-result of a query as a table; without a query it starts a small interactive shell (statements end
-with ``;``, ``.tables``, ``.examples``, ``.quit``).
+Reads the committed datasets of ``RUN_DIR`` in place (nothing is copied) and prints the result of
+a query as a table; without a query it starts a small interactive shell (statements end with
+``;``, ``.tables``, ``.examples``, ``.quit``).
 
     distillery-sql runs/demo "SELECT count(*) FROM tokens"
     python -m stages.sql runs/demo "SELECT selection, sum(n_kept) FROM selected GROUP BY 1"
     python -m stages.sql runs/demo            # interactive
     distillery-sql --examples                 # the example queries (stages/sql_policies/examples.sql)
+    distillery-sql --migrate runs/old         # rename legacy manifest.json files to _manifest.json
 
 ``selected`` holds every committed selection of the run, with a ``selection`` column (the folder
-name under ``selected/``). Plain ``duckdb`` works on the same files:
+name under ``selected/``); ``"selected/<name>"`` is one selection. The views come from
+``stages.lib.views.open_run`` (the same views select and report use); plain DuckDB, pandas,
+polars or pyarrow open the same folders directly (docs/DATA.md).
 
-    CREATE VIEW tokens AS SELECT * EXCLUDE (teacher_topk_logprobs_q),
-        list_transform(range(1, len(teacher_topk_logprobs_q) + 1), lambda i:
-            (-list_sum(teacher_topk_logprobs_q[1:i]) * 0.001953125)::FLOAT) AS teacher_topk_logprobs
-        FROM read_parquet('runs/demo/tokens/bucket=*/*.parquet', hive_partitioning = true);
+Read-only by default: the connection may read the listed shard files and nothing else (no other
+file, no network, no extension install/load; settings locked), and every statement must be a
+read statement (SELECT, EXPLAIN, PRAGMA): ``COPY``, ``ATTACH``, ``INSTALL``, ``LOAD``, ``SET``,
+``CREATE``, ``EXPORT`` ... are refused before anything runs. Several statements in one query
+string are checked first, all of them, then run in order, each result printed. ``--allow-writes``
+lifts both limits (then DuckDB can write files: the caller takes responsibility).
 
-(top-K log-probs are stored delta-coded in fixed point, see data_schemas/codec.py; the view
-decodes them.)
-    CREATE VIEW selected AS SELECT regexp_extract(filename, 'selected/([^/]+)/bucket=', 1)
-        AS selection, * EXCLUDE (filename)
-        FROM read_parquet('runs/demo/selected/*/bucket=*/*.parquet', hive_partitioning = true,
-                          filename = true, union_by_name = true);
-
-Errors (a bad query, a missing run dir) print one line and exit non-zero.
+Errors (a bad query, a refused statement, a missing run dir) print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -32,67 +30,64 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from importlib import resources
 from pathlib import Path
 
 import duckdb
 
-from data_schemas import manifest as manifest_mod
-from data_schemas import tokens
+from stages.lib import store, views
 from stages.lib.errors import UserError, user_errors_exit
+from stages.lib.layout import RunLayout
 
-EXAMPLES_FILE = Path(__file__).resolve().parent / "sql_policies" / "examples.sql"
 MAX_CELL = 60  # characters shown per cell (long lists are cut)
-
-
-def _q(s: str | Path) -> str:
-    return "'" + str(s).replace("'", "''") + "'"
+# statement types a read-only session runs (SELECT covers DESCRIBE, SHOW, SUMMARIZE, VALUES, FROM)
+READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
 
 
 def examples() -> list[tuple[str, str]]:
     """(title, query) pairs from examples.sql."""
+    text = resources.files("stages.sql_policies").joinpath("examples.sql").read_text()
     out: list[tuple[str, str]] = []
-    for block in re.split(r"^-- example: ", EXAMPLES_FILE.read_text(), flags=re.M)[1:]:
+    for block in re.split(r"^-- example: ", text, flags=re.M)[1:]:
         title, _, body = block.partition("\n")
         out.append((title.strip(), body.strip()))
     return out
 
 
-def connect(run_dir: str | Path) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
-    """An in-memory DuckDB with views over the committed datasets of ``run_dir``."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise UserError(f"run dir {run} not found", str(run), "pass the run_dir of a pipeline run")
-    con = duckdb.connect(":memory:")
-    con.execute("SET enable_progress_bar = false")
-    views = []
-    for name in ("rollouts", "tokens"):
-        if manifest_mod.read(run / name) is not None:
-            glob = run / name / "bucket=*" / "*.parquet"
-            cols = tokens.DUCKDB_SELECT if name == "tokens" else "*"  # decodes the codec
-            con.execute(
-                f"CREATE VIEW {name} AS SELECT {cols} FROM read_parquet({_q(glob)}, "
-                "hive_partitioning = true)"
-            )
-            views.append(name)
-    sels = sorted(
-        p for p in (run / "selected").glob("*") if manifest_mod.read(p) is not None
-    )  # committed selections only
-    if sels:
-        globs = "[" + ", ".join(_q(p / "bucket=*" / "*.parquet") for p in sels) + "]"
-        con.execute(
-            "CREATE VIEW selected AS SELECT "
-            "regexp_extract(filename, 'selected/([^/]+)/bucket=', 1) AS selection, "
-            f"* EXCLUDE (filename) FROM read_parquet({globs}, hive_partitioning = true, "
-            "filename = true, union_by_name = true)"
-        )
-        views.append("selected")
-    if not views:
+def connect(
+    run_dir: str | Path, *, allow_writes: bool = False
+) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+    """An in-memory DuckDB with views over the committed datasets of ``run_dir`` (read-only
+    unless ``allow_writes``) and the names of its views."""
+    rv = views.open_run(RunLayout.of(run_dir))
+    if not rv.views:
         raise UserError(
             "no committed rollouts/, tokens/ or selected/ datasets",
-            str(run),
+            str(run_dir),
             "run the pipeline (python -m stages.pipeline ...) first",
         )
-    return con, views
+    if not allow_writes:
+        views.lock_read_only(rv.con, rv.files)
+    names = [v for v in rv.views if "/" not in v]  # the per-selection views are listed by .tables
+    return rv.con, names + [v for v in rv.views if "/" in v]
+
+
+def statements(con: duckdb.DuckDBPyConnection, sql: str, *, allow_writes: bool) -> list[str]:
+    """The statements of ``sql``, each checked before any runs (read statements only)."""
+    try:
+        parsed = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise UserError(f"SQL error: {' '.join(str(e).split())}", "query", None) from None
+    for i, st in enumerate(parsed, 1):
+        kind = str(st.type).rsplit(".", 1)[-1]
+        if not allow_writes and kind not in READ_STATEMENTS:
+            raise UserError(
+                f"statement {i} of {len(parsed)} is {kind} ({' '.join(st.query.split())[:60]}): "
+                "distillery-sql is read-only, nothing was run",
+                "query",
+                f"use {', '.join(sorted(READ_STATEMENTS))} statements, or pass --allow-writes",
+            )
+    return [st.query for st in parsed]
 
 
 def _cell(v: object) -> str:
@@ -131,8 +126,7 @@ def format_table(columns: list[str], rows: list[tuple], *, more: bool = False) -
     return "\n".join(out)
 
 
-def query(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int = 50) -> str:
-    """Run one statement; return its result as a table (or 'ok' for statements without rows)."""
+def _run_one(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int) -> str:
     try:
         rel = con.execute(sql)
         if rel is None or rel.description is None:
@@ -144,11 +138,24 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int = 50) -> str:
     return format_table(columns, rows[:max_rows], more=len(rows) > max_rows)
 
 
-def shell(con: duckdb.DuckDBPyConnection, views: list[str], max_rows: int) -> None:
+def query(
+    con: duckdb.DuckDBPyConnection, sql: str, max_rows: int = 50, *, allow_writes: bool = False
+) -> str:
+    """Check every statement of ``sql``, then run them in order; their results as tables ('ok'
+    for statements without rows), separated by blank lines."""
+    checked = statements(con, sql, allow_writes=allow_writes)
+    if not checked:
+        raise UserError("empty query", "query", "give one SQL statement")
+    return "\n\n".join(_run_one(con, st, max_rows) for st in checked)
+
+
+def shell(
+    con: duckdb.DuckDBPyConnection, names: list[str], max_rows: int, allow_writes: bool
+) -> None:
     """A read-eval-print loop on stdin: statements end with ';'; .tables, .examples, .quit."""
     tty = sys.stdin.isatty()
     if tty:
-        print(f"views: {', '.join(views)}. End statements with ';'. .tables .examples .quit")
+        print(f"views: {', '.join(names)}. End statements with ';'. .tables .examples .quit")
     buf: list[str] = []
     while True:
         if tty:
@@ -162,7 +169,7 @@ def shell(con: duckdb.DuckDBPyConnection, views: list[str], max_rows: int) -> No
             if cmd in (".quit", ".exit"):
                 break
             if cmd == ".tables":
-                print("\n".join(views))
+                print("\n".join(names))
             elif cmd == ".examples":
                 for title, q in examples():
                     print(f"-- {title}\n{q}\n")
@@ -173,11 +180,11 @@ def shell(con: duckdb.DuckDBPyConnection, views: list[str], max_rows: int) -> No
         if stripped.endswith(";"):
             sql, buf = "".join(buf), []
             try:
-                print(query(con, sql, max_rows))
+                print(query(con, sql, max_rows, allow_writes=allow_writes))
             except UserError as err:
                 print(f"error: {err.line()}", flush=True)
     if "".join(buf).strip():  # a last statement without ';'
-        print(query(con, "".join(buf), max_rows))
+        print(query(con, "".join(buf), max_rows, allow_writes=allow_writes))
 
 
 @user_errors_exit
@@ -186,9 +193,17 @@ def main(argv: list[str] | None = None) -> None:
         prog="distillery-sql", description="SQL over a run: views rollouts, tokens, selected"
     )
     ap.add_argument("run_dir", nargs="?", help="the run directory (run_dir of the pipeline)")
-    ap.add_argument("query", nargs="?", help="one SQL statement; none = interactive shell")
+    ap.add_argument("query", nargs="?", help="SQL statement(s); none = interactive shell")
     ap.add_argument("--max-rows", type=int, default=50, help="rows printed (default 50)")
     ap.add_argument("--examples", action="store_true", help="print the example queries")
+    ap.add_argument(
+        "--allow-writes",
+        action="store_true",
+        help="allow every statement and file access (COPY, ATTACH, INSTALL ...); off by default",
+    )
+    ap.add_argument(
+        "--migrate", action="store_true", help="rename legacy manifest.json files to _manifest.json"
+    )
     args = ap.parse_args(argv)
     if args.examples:
         for title, q in examples():
@@ -196,11 +211,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.run_dir is None:
         raise UserError("no run dir given", "command line", "distillery-sql RUN_DIR [QUERY]")
-    con, views = connect(args.run_dir)
+    if args.migrate:
+        done = store.migrate_run(RunLayout.of(args.run_dir).root)
+        print(f"sql: migrated {len(done)} dataset folder(s) under {args.run_dir} to _manifest.json")
+        return
+    con, names = connect(args.run_dir, allow_writes=args.allow_writes)
     if args.query is None:
-        shell(con, views, args.max_rows)
+        shell(con, names, args.max_rows, args.allow_writes)
     else:
-        print(query(con, args.query, args.max_rows))
+        print(query(con, args.query, args.max_rows, allow_writes=args.allow_writes))
+    mode = "writes allowed" if args.allow_writes else "read-only, nothing written"
+    print(f"sql: queried {args.run_dir} ({mode})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,11 @@ def stray_files(directory: Path, m: dict | None) -> list[str]:
         if p.is_dir():
             continue
         rel = str(p.relative_to(directory))
-        if rel in listed or rel == "manifest.json" or p.name.startswith(".lock"):
+        if (
+            rel in listed
+            or rel in ("_manifest.json", "manifest.json")
+            or p.name.startswith(".lock")
+        ):
             continue
         out.append(rel)
     return out

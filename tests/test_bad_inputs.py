@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_schemas import manifest
 from stages.lib import store
 from tests import reliability_harness as h
 from tests.conftest import WORDS, build_tiny_lm, write_prompts
@@ -110,20 +111,20 @@ def _other_tokenizer(ctx: Ctx, d: Path) -> list[str]:
 
 def _sft_teacher(ctx: Ctx, d: Path) -> list[str]:
     ctx.copy(d, "rollouts")
-    m = json.loads((ctx.ref / "rollouts" / "manifest.json").read_text())
+    m = json.loads((ctx.ref / "rollouts" / manifest.FILENAME).read_text())
     m["fingerprints"]["teacher"] = "model-0000000000000000"  # SFT was taught by another teacher
     (d / "sft_data").mkdir()
-    (d / "sft_data" / "manifest.json").write_text(json.dumps(m))
+    (d / "sft_data" / manifest.FILENAME).write_text(json.dumps(manifest.seal(m)))
     return []
 
 
 def _edit_rollouts(edit: Callable[[Ctx, Path, dict], None]):
     def setup(ctx: Ctx, d: Path) -> list[str]:
         ctx.copy(d, "rollouts")
-        mp = d / "rollouts" / "manifest.json"
+        mp = d / "rollouts" / manifest.FILENAME
         m = json.loads(mp.read_text())
         edit(ctx, d / "rollouts", m)
-        mp.write_text(json.dumps(m))
+        mp.write_text(json.dumps(manifest.seal(m)))  # re-sealed: the deeper checks fire
         return []
 
     return setup

@@ -193,3 +193,21 @@ def test_bench_exits_nonzero_when_a_suite_crashed(tmp_path, monkeypatch):
     assert e.value.code == 1
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["crash.error"] == "RuntimeError: boom"
+
+
+def test_public_decode_takes_arrow_and_pandas():
+    """``codec.decode``: the one-liner for readers outside distillery (docs/DATA.md)."""
+    import pandas as pd
+
+    lp = [[-0.5, -1.25, -3.0], [-0.001953125, -2.0, -9.5]]
+    logical = pa.table({"pos": [0, 1], codec.LOGICAL: pa.array(lp, pa.list_(pa.float32()))})
+    stored = codec.encode_table(logical)
+    assert codec.PHYSICAL in stored.column_names
+    assert codec.decode(stored).equals(logical)
+    df = codec.decode(stored.to_pandas())
+    assert list(df.columns) == ["pos", codec.LOGICAL]
+    assert [list(x) for x in df[codec.LOGICAL]] == lp
+    plain = pd.DataFrame({"a": [1]})
+    assert codec.decode(plain) is plain  # no coded column: unchanged
+    with pytest.raises(TypeError, match="pyarrow Table or a pandas/polars"):
+        codec.decode([1, 2])

@@ -50,7 +50,7 @@ def test_pipeline_end_to_end_and_retrain_on_cache(quick_world, tmp_path, capsys)
     assert out[-1].startswith(f"pipeline: done, 5 steps; wrote {run_dir}/")
     assert str(run_dir / "checkpoints" / cfg.train.name / "final") in out[-1]
     for d in ("rollouts", "tokens", f"selected/{cfg.select.name}"):
-        assert (run_dir / d / "manifest.json").exists(), d
+        assert (run_dir / d / "_manifest.json").exists(), d
     assert (run_dir / "checkpoints" / cfg.train.name / "final" / "config.json").exists()
     res = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
     assert {"base", cfg.train.name} <= set(res)
@@ -79,7 +79,7 @@ def test_pipeline_end_to_end_and_retrain_on_cache(quick_world, tmp_path, capsys)
     r1 = run_dir / "checkpoints" / cfg.train.name / "final"
     r2 = run_dir / "round2" / "checkpoints" / f"{cfg.train.name}-r2" / "final"
     assert (r2 / "config.json").exists()
-    roll = json.loads((run_dir / "round2" / "rollouts" / "manifest.json").read_text())
+    roll = json.loads((run_dir / "round2" / "rollouts" / "_manifest.json").read_text())
     assert roll["fingerprints"]["student"] == models.model_fingerprint(str(r1), "student")
     res = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
     assert list(res)[-1] == f"{cfg.train.name}-r2" and "base" in res

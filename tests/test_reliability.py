@@ -69,7 +69,7 @@ def copy_inputs(ref: Path, run_dir: Path, *datasets: str) -> None:
 
 def assert_invisible_and_clean(directory: Path, table) -> None:
     """After a kill: no manifest, readers refuse the dataset, and every visible shard is complete."""
-    assert not (directory / "manifest.json").exists()
+    assert not (directory / "_manifest.json").exists()
     with pytest.raises(UserError, match="incomplete|missing"):
         store.open_committed(directory, table)
     for p in h.visible_shards(directory):
@@ -184,10 +184,11 @@ def test_same_config_and_seed_give_byte_identical_shards(zygote, ov, ref, tmp_pa
     for d in ("rollouts", "tokens", SEL):
         files = h.shard_files(run_dir / d)
         assert files and files == h.shard_files(ref / d), d
-        m_new = json.loads((run_dir / d / "manifest.json").read_text())
-        m_ref = json.loads((ref / d / "manifest.json").read_text())
+        m_new = json.loads((run_dir / d / "_manifest.json").read_text())
+        m_ref = json.loads((ref / d / "_manifest.json").read_text())
         for m in (m_new, m_ref):
             m.pop("config")
+            m.pop("manifest_sha256", None)  # a checksum of the config too
             m["extra"].pop("policy_path", None)
         assert m_new == m_ref, d
 
@@ -203,7 +204,7 @@ def test_two_concurrent_workers_write_the_union_of_one_worker(zygote, ov, ref, t
         for r in res:
             assert r.rc == 0, r.describe()
         assert_same_as_ref(ref, run_dir, name, kind)
-        m = json.loads((run_dir / name / "manifest.json").read_text())
+        m = json.loads((run_dir / name / "_manifest.json").read_text())
         assert len(m["shards"]) == 3 and m["config"]["worker"]["count"] == 2
 
 
@@ -230,9 +231,9 @@ def test_manifest_is_written_exactly_once_when_workers_race_to_commit(tmp_path):
         w.write_shard(i, prompts.validate(pa.table({"id": [f"p{i}"], "prompt": ["a prompt"]})))
     meta = dict(config={}, fingerprints={}, inputs={})
     assert writers[0].commit(2, **meta)
-    st = (d / "manifest.json").stat()
+    st = (d / "_manifest.json").stat()
     assert writers[1].commit(2, **meta) and writers[1].complete
-    st2 = (d / "manifest.json").stat()
+    st2 = (d / "_manifest.json").stat()
     assert (st2.st_ino, st2.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
     for w in writers:
         w.close()

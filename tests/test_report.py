@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from data_schemas import manifest
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
 from data_schemas import tokens as tokens_schema
@@ -28,6 +30,7 @@ from stages import report
 from stages.lib import store
 from stages.lib.config import as_dict, compose
 from stages.lib.errors import UserError
+from stages.lib.layout import RunLayout
 from tests.conftest import write_prompts
 
 K = 8
@@ -318,8 +321,8 @@ def test_report_browser_data_matches_the_shards(full_run, tiny_lm):
 def test_entropy_divergence_histogram_counts_the_q3_quadrant(full_run, divergence):
     """Counts, thresholds and the Q3 count agree with numpy on the same tokens (tip_q3's rule)."""
     run_dir, _, info = full_run
-    data = report.open_run(run_dir)
-    con, _ = report.connect(data)
+    data = report.open_run(RunLayout.of(run_dir))
+    con = data.rv.con
     q3 = {"entropy_quantile": 0.5, "divergence_quantile": 0.8, "divergence": divergence}
     hist = report.entropy_gap_hist(con, q3, bins=20)
     h = np.array([np.float16(t["behavior_entropy"]) for t in info["tokens"]], dtype=np.float64)
@@ -359,12 +362,12 @@ def test_report_partial_run_and_missing_tokenizer(full_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(src / "rollouts", run_dir / "rollouts")
     shutil.copytree(src / "tokens", run_dir / "tokens")
-    (run_dir / "tokens" / "manifest.json").unlink()  # score was killed before committing
-    mpath = run_dir / "rollouts" / "manifest.json"
+    (run_dir / "tokens" / manifest.FILENAME).unlink()  # score was killed before committing
+    mpath = run_dir / "rollouts" / manifest.FILENAME
     m = json.loads(mpath.read_text())
     m["extra"]["policy_path"] = str(tmp_path / "gone")
     m["config"]["student"]["path"] = str(tmp_path / "gone")
-    mpath.write_text(json.dumps(m))
+    mpath.write_text(json.dumps(manifest.seal(m)))  # re-sealed: a legitimate edit
     paths = report.run(compose("report", [f"run_dir={run_dir}"]))
     assert set(paths) == {"html"}
     doc = Path(paths["html"]).read_text()
@@ -410,6 +413,32 @@ def test_failed_report_keeps_the_previous_one(full_run, tmp_path):
         report.run(compose("report", [f"run_dir={run_dir}"]))
     assert (run_dir / "report" / "report.html").read_bytes() == before
     assert not list(run_dir.glob(".report-*"))
+
+
+def test_concurrent_reports_keep_each_others_temp(full_run, tmp_path):
+    """Two reports at once both finish; a stale temp of a dead process is removed, a live
+    process' temp is left alone (#16: reports deleted each other's temp)."""
+    src, _, _ = full_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (run_dir / f".report-tmp-{dead}").mkdir()
+    live = run_dir / f".report-tmp-{os.getpid()}"  # this test process: alive
+    live.mkdir()
+    (live / "marker").write_text("mine")
+    cmd = [sys.executable, "-m", "stages.report", f"run_dir={run_dir}"]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.strip().splitlines()[-1].endswith(f"file(s) to {run_dir / 'report'}")
+    assert (live / "marker").read_text() == "mine"
+    assert sorted(d.name for d in run_dir.glob(".report-*")) == [live.name]
+    assert _blob((run_dir / "report" / "report.html").read_text())["rollouts"]
 
 
 # ----------------------------------------------------------------------------- headless Chromium

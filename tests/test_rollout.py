@@ -194,7 +194,7 @@ def test_two_workers_union_equals_one_worker(reference, tmp_path, tiny_lm, promp
             "rollout", overrides(tmp_path, tiny_lm, prompts_file, *REF_EXTRA, *w, "worker.index=0")
         )
     )
-    assert not (tmp_path / "rollouts" / "manifest.json").exists()  # worker 1 still to run
+    assert not (tmp_path / "rollouts" / "_manifest.json").exists()  # worker 1 still to run
     t = rollout(tmp_path, tiny_lm, prompts_file, *REF_EXTRA, *w, "worker.index=1")
     assert by_sample(t) == by_sample(reference[1])
 
@@ -217,7 +217,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(reference, tmp_path, tiny_lm, p
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the stage finished before it could be killed"
     done = sorted((run_dir / "rollouts").glob("bucket=*/shard-*.parquet"))
-    assert 1 <= len(done) < 3 and not (run_dir / "rollouts" / "manifest.json").exists()
+    assert 1 <= len(done) < 3 and not (run_dir / "rollouts" / "_manifest.json").exists()
     summary = run(compose("rollout", overrides(run_dir, tiny_lm, prompts_file, *REF_EXTRA)))
     assert summary["shards_resumed"] == len(done)
     t = store.read_table(run_dir / "rollouts", rollouts)

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from data_schemas import manifest
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
 from stages.lib import models, store
@@ -228,7 +229,7 @@ def test_hf_matches_transformers_recomputation(tmp_path, tiny_lm, tiny_teacher):
             np.testing.assert_allclose(
                 x["teacher_logprobs_on_behavior_topk"], d_t[j, b_top], atol=FP16_TOL
             )
-    m = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    m = json.loads((tmp_path / "tokens" / manifest.FILENAME).read_text())
     assert m["fingerprints"]["teacher"] == models.model_fingerprint(str(tiny_teacher))
     assert m["fingerprints"]["behavior"] == models.model_fingerprint(str(tiny_lm))
     assert m["fingerprints"]["ref"] == models.model_fingerprint(str(tiny_lm))
@@ -307,22 +308,26 @@ def test_refuses_teacher_with_other_tokenizer(tmp_path, tiny_lm):
     write_rollouts(tmp_path / "run", tiny_lm, n_rows=2)
     with pytest.raises(UserError, match="tokenizers differ"):
         run(cfg_for(tmp_path / "run", tiny_lm, other))
-    assert not (tmp_path / "run" / "tokens" / "manifest.json").exists()
+    assert not (tmp_path / "run" / "tokens" / manifest.FILENAME).exists()
 
 
 def test_refuses_teacher_other_than_sft_teacher_unless_allowed(tmp_path, tiny_lm, tiny_teacher):
     run_dir = tmp_path / "run"
     write_rollouts(run_dir, tiny_lm, n_rows=2)
-    (run_dir / "sft_data").mkdir()
     sft_fp = models.model_fingerprint(str(tiny_lm))
-    (run_dir / "sft_data" / "manifest.json").write_text(
-        json.dumps({"fingerprints": {"teacher": sft_fp}})
-    )
+    with store.open_writer(
+        run_dir / "sft_data", rollouts_table, dataset_id="sft1", stage="sft"
+    ) as w:  # a committed (empty) SFT dataset written by another teacher
+        assert w.commit(0, config={}, fingerprints={"teacher": sft_fp}, inputs={})
     with pytest.raises(UserError, match="teacher consistency") as e:
         run(cfg_for(run_dir, tiny_lm, tiny_teacher))
     assert sft_fp in str(e.value) and models.model_fingerprint(str(tiny_teacher)) in str(e.value)
     out = run(cfg_for(run_dir, tiny_lm, tiny_teacher, "score.allow_teacher_mismatch=true"))
     assert out["committed"]
+    m = manifest.read(run_dir / "tokens")  # the checked SFT data is a typed input
+    assert m["inputs"]["sft_data"] == "sft1" and m["teacher_temperature"] == 1.0
+    assert Path(m["models"]["teacher"]["path"]) == Path(tiny_teacher).resolve()
+    assert m["models"]["teacher"]["fingerprint"] == m["fingerprints"]["teacher"]
 
 
 def test_refuses_topk_above_vocab(tmp_path, tiny_lm):
@@ -353,7 +358,7 @@ def test_two_workers_equal_one(tmp_path, tiny_lm, tiny_teacher):
     write_rollouts(two, tiny_lm, n_rows=10, rows_per_shard=3)
     run(cfg_for(one, tiny_lm, tiny_teacher))
     a = run(cfg_for(two, tiny_lm, tiny_teacher, "worker.index=1", "worker.count=2"))
-    assert not a["committed"] and not (two / "tokens" / "manifest.json").exists()
+    assert not a["committed"] and not (two / "tokens" / manifest.FILENAME).exists()
     b = run(cfg_for(two, tiny_lm, tiny_teacher, "worker.index=0", "worker.count=2"))
     assert b["committed"]
     assert read_tokens(one).equals(read_tokens(two))
@@ -380,7 +385,7 @@ def test_killed_run_resumes_identically(tmp_path, tiny_lm, tiny_teacher):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert first.exists(), "the first token shard never appeared"
-    assert not (killed / "tokens" / "manifest.json").exists(), "finished before the kill"
+    assert not (killed / "tokens" / manifest.FILENAME).exists(), "finished before the kill"
     written = len(list((killed / "tokens").glob("bucket=*/shard-*.parquet")))
     out = run(cfg_for(killed, tiny_lm, tiny_teacher, *args))
     assert out["committed"] and out["shards_written"] == 40 - written
@@ -446,5 +451,5 @@ def test_vllm_backend_matches_transformers(tmp_path, tiny_lm):
         assert x["teacher_topk_ids"] == np.argsort(-d_t, kind="stable")[:8].tolist()
         assert abs(x["teacher_entropy"] - entropy_of(d_t)) < FP16_TOL * 3  # from the HF pass
         assert abs(x["behavior_entropy"] - entropy_of(d_b)) < FP16_TOL * 3
-    m = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    m = json.loads((tmp_path / "tokens" / manifest.FILENAME).read_text())
     assert m["extra"]["backend"] == "vllm" and m["extra"]["entropy_source"] == "hf"

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from data_schemas import rollouts, selected, tokens
+from data_schemas import manifest, rollouts, selected, tokens
 from stages.lib import store
 from stages.lib.config import compose
 from stages.lib.errors import UserError
 
+ROOT = Path(__file__).resolve().parent.parent
 V = 64  # vocabulary size
 K = 4  # teacher top-K
 LENS = [5, 9, 3, 7, 6, 8, 4]  # response lengths of the hand-built sequences
@@ -430,10 +435,10 @@ def test_bad_params_are_refused(run_dir):
 def test_rerun_is_idempotent_and_other_config_refused(tmp_path, capsys):
     write_run(tmp_path, lens=[3, 4])
     res1, _ = run_select(tmp_path, "all")
-    mtime = (Path(res1["dir"]) / "manifest.json").stat().st_mtime_ns
+    mtime = (Path(res1["dir"]) / manifest.FILENAME).stat().st_mtime_ns
     res2, _ = run_select(tmp_path, "all")
     assert res2["dataset_id"] == res1["dataset_id"]
-    assert (Path(res1["dir"]) / "manifest.json").stat().st_mtime_ns == mtime
+    assert (Path(res1["dir"]) / manifest.FILENAME).stat().st_mtime_ns == mtime
     assert "up to date" in capsys.readouterr().out
     with pytest.raises(UserError, match="different run or config.*overwrite=true"):
         run_select(tmp_path, "trust_region", "select.name=all")
@@ -444,7 +449,7 @@ def test_resume_after_a_killed_run(tmp_path):
     write_run(tmp_path, lens=[3, 4, 5, 6], n_shards=2)
     res, rows = run_select(tmp_path, "all", "select.rows_per_shard=1")
     out = Path(res["dir"])
-    (out / "manifest.json").unlink()  # as if killed before the commit ...
+    (out / manifest.FILENAME).unlink()  # as if killed before the commit ...
     victim = next(out.glob("bucket=*/shard-00003.parquet"))
     victim.unlink()  # ... and before one shard
     res2, rows2 = run_select(tmp_path, "all", "select.rows_per_shard=1")
@@ -518,3 +523,127 @@ def test_selected_validate_rejects_bad_floats(col, value, match):
     with pytest.raises(SchemaError, match=match):
         selected.validate(table)
     selected.validate(pa.Table.from_pylist(selected_rows(), schema=selected.SCHEMA))
+
+
+# ----------------------------------------------------------------------------- what select reads (#16)
+def tamper_tokens(run_dir: Path, shard: int, col: str, row: int, value: float) -> None:
+    """Put ``value`` into one cell of a committed tokens shard, bypassing the writer's checks,
+    and re-seal the manifest (sizes and checksums patched): only the values are wrong."""
+    import json
+
+    p = run_dir / "tokens" / store.shard_relpath(shard)
+    t = pq.read_table(p)
+    vals = t[col].to_pylist()
+    vals[row] = value
+    t = t.set_column(t.column_names.index(col), col, pa.array(vals, t.schema.field(col).type))
+    pq.write_table(t, p)  # the schema (with the dataset id in its metadata) is kept
+    mp = run_dir / "tokens" / manifest.FILENAME
+    m = json.loads(mp.read_text())
+    entry = m["shards"][shard]
+    entry["bytes"], entry["sha256"] = p.stat().st_size, store.file_sha256(p)
+    m["bytes"] = sum(s["bytes"] for s in m["shards"])
+    mp.write_text(json.dumps(manifest.seal(m)))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "col,value",
+    [("behavior_entropy", math.nan), ("teacher_logprob", -math.inf), ("ref_logprob", 0.5)],
+)
+def test_non_finite_values_are_refused_naming_column_and_row(tmp_path, col, value):
+    write_run(tmp_path)
+    tamper_tokens(tmp_path, 1, col, 3, value)
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError) as e:
+        run_select(tmp_path, "all")
+    line = e.value.line()
+    assert f"tokens column '{col}'" in line and "row 3 of shard 1" in line, line
+    assert "shard-00001.parquet" in line and "Fix:" in line
+    assert snapshot(tmp_path) == before  # no selection, no temp dir left behind
+
+
+def test_non_finite_value_cli_exit_2(tmp_path):
+    write_run(tmp_path)
+    tamper_tokens(tmp_path, 0, "behavior_entropy", 1, math.nan)
+    before = snapshot(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "stages.select", f"run_dir={tmp_path}", "select=all"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: tokens column 'behavior_entropy'")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop root's override")
+def test_read_only_run_dir_is_one_line(tmp_path):
+    """A run dir the process may not write (root's permission override dropped): exit 2."""
+    write_run(tmp_path)
+    before = snapshot(tmp_path)
+    modes = {p: p.stat().st_mode for p in [tmp_path, *tmp_path.rglob("*")]}
+    for p in modes:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        r = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner",
+             sys.executable, "-m", "stages.select", f"run_dir={tmp_path}", "select=all"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write (Permission denied)" in lines[0], r.stderr
+    assert snapshot(tmp_path) == before
+
+
+def _lie(run_dir: Path, case: str) -> None:
+    """Make the tokens manifest disagree with its shards (#16: manifests that lie)."""
+    import json
+
+    mp = run_dir / "tokens" / manifest.FILENAME
+    m = json.loads(mp.read_text())
+    if case == "edited_not_resealed":
+        m["stage"] = "forged"
+        mp.write_text(json.dumps(m))
+        return
+    if case == "rows_inflated":
+        m["shards"][0]["rows"] += 7
+        m["rows"] += 7
+    elif case == "shard_entry_dropped":
+        m["rows"] -= m["shards"].pop()["rows"]
+    mp.write_text(json.dumps(manifest.seal(m)))
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("edited_not_resealed", "manifest checksum mismatch"),
+        ("rows_inflated", "rows but the manifest says"),
+        ("shard_entry_dropped", "is in the committed tokens dataset but not in its manifest"),
+    ],
+)
+def test_lying_tokens_manifest_cli_exit_2(tmp_path, case, message):
+    write_run(tmp_path)
+    _lie(tmp_path, case)
+    before = snapshot(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "stages.select", f"run_dir={tmp_path}", "select=all"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert snapshot(tmp_path) == before

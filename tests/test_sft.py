@@ -58,7 +58,7 @@ def test_sft_trains_the_student_on_the_teachers_answers(tmp_path, tiny_lm, tiny_
         for r in pq.read_table(p).to_pylist()
     ]
     assert len(rows) == 16 and all(r["response_ids"] for r in rows)
-    sel = json.loads((run_dir / "selected" / "sft" / "manifest.json").read_text())
+    sel = json.loads((run_dir / "selected" / "sft" / "_manifest.json").read_text())
     assert sel["rows"] == 16
     ckpt = run_dir / "checkpoints" / "sft" / "final"
     assert (ckpt / "config.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,9 +12,10 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from data_schemas import rollouts
+from data_schemas import manifest, rollouts
 from stages.lib import store
 from stages.lib.errors import UserError
 from tests.test_schemas import rollout_rows
@@ -112,7 +114,7 @@ def test_shard_from_another_dataset_is_refused(tmp_path):
     write_dataset(tmp_path / "a", did="aaa")
     write_dataset(tmp_path / "b", did="bbb")
     # copy a shard of b into a partially written a: resume refuses it
-    os.remove(tmp_path / "a" / "manifest.json")
+    os.remove(tmp_path / "a" / manifest.FILENAME)
     os.replace(tmp_path / "b" / store.shard_relpath(1), tmp_path / "a" / store.shard_relpath(1))
     w = store.open_writer(tmp_path / "a", rollouts, dataset_id="aaa", stage="t")
     with pytest.raises(UserError, match="different run or config"):
@@ -195,7 +197,7 @@ def test_sigkill_mid_shard_then_rerun_completes(tmp_path):
     # no visible partial shard: shards 0, 1 complete, shard 2 only as a hidden temp file
     visible = sorted(x.name for x in d.glob("bucket=*/shard-*.parquet"))
     assert visible == ["shard-00000.parquet", "shard-00001.parquet"]
-    assert list(d.glob("bucket=*/.tmp-*")) and not (d / "manifest.json").exists()
+    assert list(d.glob("bucket=*/.tmp-*")) and not (d / manifest.FILENAME).exists()
     with pytest.raises(UserError, match="incomplete"):
         store.open_committed(d, rollouts)
     t0 = time.time()
@@ -214,3 +216,131 @@ def test_sigkill_mid_shard_then_rerun_completes(tmp_path):
         [sys.executable, str(script), str(d2), "fast"], check=True, cwd=ROOT, capture_output=True
     )
     assert store.read_table(d2, rollouts).equals(t)
+
+
+# ----------------------------------------------------------------------------- manifests vs reality (#16)
+def _reseal(d: Path, edit) -> None:
+    """Edit the committed manifest and re-seal it: a manifest that is well formed but lies."""
+    p = d / manifest.FILENAME
+    m = json.loads(p.read_text())
+    edit(m)
+    p.write_text(json.dumps(manifest.seal(m)))
+
+
+def test_manifest_file_is_underscored_and_sealed(tmp_path):
+    d = tmp_path / "ds"
+    write_dataset(d)
+    names = {p.name for p in d.iterdir() if p.is_file()}
+    assert manifest.FILENAME == "_manifest.json" and "manifest.json" not in names
+    assert all(n.startswith(("_", ".")) for n in names)  # every non-shard file is hidden
+    m = json.loads((d / manifest.FILENAME).read_text())
+    assert m[manifest.CHECKSUM] == manifest.checksum(m)
+
+
+def test_manifest_edit_without_reseal_is_refused(tmp_path):
+    d = tmp_path / "ds"
+    write_dataset(d)
+    p = d / manifest.FILENAME
+    p.write_text(p.read_text().replace('"stage": "test"', '"stage": "tset"'))
+    with pytest.raises(UserError, match="manifest checksum mismatch"):
+        store.open_committed(d, rollouts)
+
+
+def test_rows_checked_against_the_parquet_footer(tmp_path):
+    d = tmp_path / "ds"
+    write_dataset(d)
+
+    def inflate(m):  # phantom rows: the totals still add up
+        m["shards"][1]["rows"] += 5
+        m["rows"] += 5
+
+    _reseal(d, inflate)
+    with pytest.raises(UserError, match="holds 10 rows but the manifest says 15"):
+        store.open_committed(d, rollouts)
+
+
+def test_unlisted_shard_in_a_committed_dataset_is_refused(tmp_path):
+    d = tmp_path / "ds"
+    write_dataset(d)
+
+    def drop(m):  # shard 2 removed from the manifest, rows patched: two thirds of the data
+        m["rows"] -= m["shards"].pop()["rows"]
+        m["bytes"] = sum(s["bytes"] for s in m["shards"])
+
+    _reseal(d, drop)
+    with pytest.raises(UserError, match="shard-00002.parquet is in the committed") as e:
+        store.open_committed(d, rollouts)
+    assert "not in its manifest" in e.value.line() and "Fix:" in e.value.line()
+
+
+def test_stray_files_refused_unless_hidden(tmp_path):
+    d = tmp_path / "ds"
+    write_dataset(d)
+    (d / "_summary.json").write_text("{}")  # '_' and '.' names are the run's own metadata
+    (d / "bucket=000" / ".notes").write_text("x")
+    store.open_committed(d, rollouts)
+    (d / "notes.txt").write_text("x")  # a Parquet reader of the folder would choke on it
+    with pytest.raises(UserError, match="notes.txt is in the committed"):
+        store.open_committed(d, rollouts)
+
+
+def test_manifest_shard_path_cannot_leave_the_folder(tmp_path):
+    d = tmp_path / "ds"
+    write_dataset(d)
+    _reseal(d, lambda m: m["shards"][0].update(path="../elsewhere.parquet"))
+    with pytest.raises(UserError, match="missing: ../elsewhere.parquet"):
+        store.open_committed(d, rollouts)
+
+
+def test_legacy_manifest_is_read_and_migrated(tmp_path):
+    d = tmp_path / "ds"
+    write_dataset(d)
+    m = json.loads((d / manifest.FILENAME).read_text())
+    m.pop(manifest.CHECKSUM)
+    (d / manifest.LEGACY_FILENAME).write_text(json.dumps(m))  # as runs before the convention
+    (d / manifest.FILENAME).unlink()
+    assert store.open_committed(d, rollouts)["rows"] == 30
+    with pytest.raises(Exception):  # noqa: B017 -- the reason for the convention
+        pq.read_table(d)
+    assert store.migrate(d) and not store.migrate(d)
+    assert not (d / manifest.LEGACY_FILENAME).exists()
+    assert manifest.read(d)[manifest.CHECKSUM] and pq.read_table(d).num_rows == 30
+
+
+@pytest.mark.parametrize("damage", ["directory", "truncated", "not_utf8"])
+def test_broken_manifest_is_one_line_exit_2(tmp_path, damage):
+    """Through a real entry point (distillery-sql): exit 2, one line, nothing changed."""
+    d = tmp_path / "run" / "rollouts"
+    write_dataset(d)
+    p = d / manifest.FILENAME
+    if damage == "directory":
+        p.unlink()
+        p.mkdir()
+    elif damage == "truncated":
+        p.write_bytes(p.read_bytes()[:40])
+    else:
+        p.write_bytes(b"\xff\xfe" + p.read_bytes())
+    before = {q: q.stat().st_mtime_ns for q in tmp_path.rglob("*")}
+    r = subprocess.run(
+        [sys.executable, "-m", "stages.sql", str(tmp_path / "run"), "SELECT 1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "_manifest.json" in lines[0] and "Fix:" in lines[0]
+    assert {q: q.stat().st_mtime_ns for q in tmp_path.rglob("*")} == before
+
+
+def test_overwrite_replaces_a_dataset_with_a_broken_manifest(tmp_path):
+    d = tmp_path / "ds"
+    write_dataset(d)
+    (d / manifest.FILENAME).write_text("{trunc")
+    with pytest.raises(UserError, match="unreadable manifest"):
+        store.open_writer(d, rollouts, dataset_id="abc", stage="t")
+    w = store.open_writer(d, rollouts, dataset_id="abc", stage="t", overwrite=True)
+    assert not w.complete and not (d / manifest.FILENAME).exists()
+    w.close()

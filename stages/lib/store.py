@@ -4,7 +4,12 @@ Layout of one dataset directory (``run_dir/rollouts``, ``run_dir/tokens``, ``run
 
     bucket=000/shard-00000.parquet   # hive-style partition folders, 256 shards per bucket
     bucket=000/shard-00001.parquet
-    manifest.json                    # written LAST: the commit marker (data_schemas.manifest)
+    _manifest.json                   # written LAST: the commit marker (data_schemas.manifest)
+    .lock, .lock-worker-*, .tmp-*    # locks and temp files
+
+Every file that is not a shard starts with ``_`` or ``.``, the names Parquet readers skip, so
+``pd.read_parquet(folder)``, ``pyarrow.dataset.dataset(folder, partitioning="hive")`` and DuckDB
+open a dataset folder as it is (docs/DATA.md).
 
 Writing: a shard is validated against its table schema, written to a hidden temp name with
 fixed-size row groups and zstd, fsynced, then renamed into place, so a reader never sees half a
@@ -14,8 +19,9 @@ at the end and the last one to finish (all shards present) writes the manifest.
 Locks (``fcntl.flock``, released by the kernel if the process dies): one per worker while writing,
 one per dataset around open/commit; a second writer gets a clear error instead of racing.
 
-Reading: only committed datasets (manifest present, sizes and checksums verified, footers checked)
-are read; ``stream`` yields row groups strided by ``(rank, world_size)`` with a resumable state.
+Reading: only committed datasets are read, after checking the manifest against the files: its own
+checksum, every listed shard present with its size, sha256 (optional), dataset id and row count
+(Parquet footer), and no unlisted file in the folder; ``stream`` yields row groups strided by ``(rank, world_size)`` with a resumable state.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import pyarrow.parquet as pq
 from data_schemas import manifest as manifest_mod
 from data_schemas.common import META_DATASET, META_SHARD, META_TABLE, META_VERSION
 from stages.lib.errors import UserError, fault_point
+from stages.lib.layout import RunLayout
 
 SHARDS_PER_BUCKET = 256
 TMP_PREFIX = ".tmp-"
@@ -119,6 +126,11 @@ def _flock(path: Path, what: str, *, blocking: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the flock
+
+
+def file_lock(path: Path, what: str) -> contextlib.AbstractContextManager[None]:
+    """A blocking exclusive lock on ``path`` (created if needed; released when the process dies)."""
+    return _flock(path, what, blocking=True)
 
 
 def disk_error(e: OSError, where: str) -> UserError:
@@ -210,30 +222,22 @@ class DatasetWriter:
         fingerprints: dict,
         inputs: dict,
         extra: dict | None = None,
+        models: dict[str, str | Path] | None = None,
+        teacher_temperature: float | None = None,
     ) -> bool:
         """Write the manifest if all ``n_shards`` shards exist; return whether the dataset is
         committed (by this call, or by a concurrent worker that got there first: the manifest is
-        written exactly once)."""
+        written exactly once). ``models`` (role -> model folder) are recorded as absolute paths
+        with the role's fingerprint, so the run resolves from any working directory."""
         with _flock(self.directory / ".lock", f"{self.table.NAME} dataset", blocking=True):
             done = manifest_mod.read(self.directory)
             if done is not None and done["dataset_id"] == self.dataset_id:
                 self.complete = True
                 return True
             paths = [self.shard_path(s) for s in range(n_shards)]
-            if not all(p.exists() for p in paths):
+            if not all(p.exists() for p in paths) or not all(map(self.is_done, range(n_shards))):
                 return False  # other workers are still writing; the last one commits
-            shards = []
-            for s, p in enumerate(paths):
-                if not self.is_done(s):
-                    return False
-                shards.append(
-                    {
-                        "path": shard_relpath(s),
-                        "rows": pq.ParquetFile(p).metadata.num_rows,
-                        "bytes": p.stat().st_size,
-                        "sha256": file_sha256(p),
-                    }
-                )
+            shards = [_shard_entry(s, p) for s, p in enumerate(paths)]
             m = {
                 "format": manifest_mod.FORMAT,
                 "format_version": manifest_mod.FORMAT_VERSION,
@@ -249,11 +253,15 @@ class DatasetWriter:
                 "config": config,
                 "extra": extra or {},
             }
+            if models:
+                m["models"] = model_entries(models, fingerprints)
+            if teacher_temperature is not None:
+                m["teacher_temperature"] = float(teacher_temperature)
             fault_point("before_manifest")
+            text = json.dumps(manifest_mod.seal(m), indent=1)
             try:
-                atomic_write_text(
-                    self.directory / manifest_mod.FILENAME, json.dumps(m, indent=1, default=str)
-                )
+                atomic_write_text(self.directory / manifest_mod.FILENAME, text)
+                (self.directory / manifest_mod.LEGACY_FILENAME).unlink(missing_ok=True)
             except OSError as e:
                 raise disk_error(e, str(self.directory)) from None
             self.complete = True
@@ -280,6 +288,33 @@ def _with_meta(schema: pa.Schema, w: DatasetWriter, shard: int) -> pa.Schema:
         }
     )
     return schema.with_metadata(meta)
+
+
+def _shard_entry(shard: int, path: Path) -> dict:
+    return {
+        "path": shard_relpath(shard),
+        "rows": pq.ParquetFile(path).metadata.num_rows,
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
+
+
+def model_entries(models: dict[str, str | Path], fingerprints: dict) -> dict:
+    """role -> {"path": absolute folder, "fingerprint": the role's fingerprint (if known)}."""
+    out = {}
+    for role, path in models.items():
+        if path:
+            out[role] = {"path": str(Path(path).resolve()), "fingerprint": fingerprints.get(role)}
+    return out
+
+
+def model_path(m: dict, role: str, legacy: str | None = None) -> str | None:
+    """A model folder a manifest names: ``models.<role>.path`` (absolute), else the legacy
+    ``extra[legacy]`` value (relative to the directory the stage ran in), else None."""
+    entry = (m.get("models") or {}).get(role)
+    if entry:
+        return entry["path"]
+    return (m.get("extra") or {}).get(legacy) if legacy else None
 
 
 def _footer_meta(path: Path) -> dict:
@@ -337,45 +372,59 @@ def open_writer(
     )
     try:
         with _flock(directory / ".lock", f"{table.NAME} dataset", blocking=True):
-            m = manifest_mod.read(directory)
-            existing = sorted(directory.glob("bucket=*/shard-*.parquet"))
-            other = None
-            if m is not None and m["dataset_id"] != dataset_id:
-                other = m["dataset_id"]
-            elif existing:
-                got = _footer_meta(existing[0]).get(META_DATASET, b"").decode()
-                if got != dataset_id:
-                    other = got or "unknown"
-            if other is not None:
-                if not overwrite:
-                    raise UserError(
-                        f"{directory} already holds {table.NAME} from a different run or config "
-                        f"(dataset_id {other}, this run {dataset_id})",
-                        str(directory),
-                        "pass overwrite=true to replace it, or choose another run_dir",
-                    )
-                for p in directory.iterdir():
-                    if p.name.startswith(".lock"):
-                        continue
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-                m = None
-            w.complete = m is not None
-            mine = (
-                set(shards_of_worker(10**6, worker_index, worker_count))
-                if worker_count > 1
-                else None
-            )
-            for tmp in directory.glob(f"bucket=*/{TMP_PREFIX}shard-*"):
-                shard = int(tmp.name[len(TMP_PREFIX) :].split(".")[0].split("-")[1])
-                if mine is None or shard in mine:
-                    tmp.unlink(missing_ok=True)
-            # a manifest temp of a killed commit (we hold the dataset lock: nobody is committing)
-            for tmp in directory.glob(f"{TMP_PREFIX}{manifest_mod.FILENAME}.*"):
-                tmp.unlink(missing_ok=True)
+            _prepare(w, overwrite=overwrite)
     except BaseException:
         w.close()
         raise
     return w
+
+
+def _other_dataset(directory: Path, dataset_id: str, overwrite: bool) -> tuple[dict | None, str]:
+    """(this dataset's manifest or None, the id of other data in the folder or '')."""
+    try:
+        m = manifest_mod.read(directory)
+    except UserError:
+        if not overwrite:
+            raise
+        return None, "unreadable manifest"
+    if m is not None and m["dataset_id"] != dataset_id:
+        return None, m["dataset_id"]
+    existing = sorted(directory.glob("bucket=*/shard-*.parquet"))
+    if m is None and existing:
+        got = _footer_meta(existing[0]).get(META_DATASET, b"").decode()
+        if got != dataset_id:
+            return None, got or "unknown"
+    return m, ""
+
+
+def _prepare(w: DatasetWriter, *, overwrite: bool) -> None:
+    """Under the dataset lock: refuse or clear other data, mark complete, remove stale temps."""
+    directory, name = w.directory, w.table.NAME
+    m, other = _other_dataset(directory, w.dataset_id, overwrite)
+    if other:
+        if not overwrite:
+            raise UserError(
+                f"{directory} already holds {name} from a different run or config "
+                f"(dataset_id {other}, this run {w.dataset_id})",
+                str(directory),
+                "pass overwrite=true to replace it, or choose another run_dir",
+            )
+        for p in directory.iterdir():
+            if p.name.startswith(".lock"):
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    w.complete = m is not None
+    mine = None
+    if w.worker_count > 1:
+        mine = set(shards_of_worker(10**6, w.worker_index, w.worker_count))
+    for tmp in directory.glob(f"bucket=*/{TMP_PREFIX}shard-*"):
+        shard = int(tmp.name[len(TMP_PREFIX) :].split(".")[0].split("-")[1])
+        if mine is None or shard in mine:
+            tmp.unlink(missing_ok=True)
+    # a manifest temp of a killed commit (we hold the dataset lock: nobody is committing)
+    for fname in (manifest_mod.FILENAME, manifest_mod.LEGACY_FILENAME):
+        for tmp in directory.glob(f"{TMP_PREFIX}{fname}.*"):
+            tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -386,7 +435,9 @@ def open_committed(
     verify_checksums: bool = True,
     what_writes_it: str = "the stage that writes it",
 ) -> dict:
-    """The manifest of a committed dataset after verifying its shards; a UserError otherwise."""
+    """The manifest of a committed dataset after checking it against the files; a UserError
+    otherwise: every listed shard present with its size, sha256 (``verify_checksums``), dataset
+    id and footer row count, and no file in the folder that the manifest does not list."""
     directory = Path(directory)
     m = manifest_mod.read(directory)
     if m is None:
@@ -396,7 +447,7 @@ def open_committed(
             str(directory),
             f"run {what_writes_it} first (a re-run resumes where it stopped)",
         )
-    where = str(directory / manifest_mod.FILENAME)
+    where = str(manifest_mod.path_of(directory))
     if m["table"] != table.NAME:
         raise UserError(
             f"manifest is for table '{m['table']}', expected '{table.NAME}'", where, None
@@ -407,32 +458,67 @@ def open_committed(
             where,
             f"re-run {what_writes_it} with this version of distillery",
         )
+    fix = f"re-run {what_writes_it} with overwrite=true"
     for s in m["shards"]:
-        p = directory / s["path"]
-        if not p.exists():
-            raise UserError(
-                f"shard listed in the manifest is missing: {s['path']}",
-                where,
-                f"restore it or re-run {what_writes_it} with overwrite=true",
-            )
-        if p.stat().st_size != s["bytes"] or (verify_checksums and file_sha256(p) != s["sha256"]):
-            raise UserError(
-                f"shard {s['path']} does not match its manifest checksum (modified, truncated or "
-                "from another run)",
-                str(p),
-                f"re-run {what_writes_it} with overwrite=true",
-            )
-        meta = _footer_meta(p)
-        if (
-            meta.get(META_DATASET, b"").decode() != m["dataset_id"]
-            or meta.get(META_TABLE) != table.NAME.encode()
-        ):
-            raise UserError(
-                f"shard {s['path']} belongs to another dataset",
-                str(p),
-                f"re-run {what_writes_it} with overwrite=true",
-            )
+        _check_shard(directory, s, m["dataset_id"], table.NAME, verify_checksums, where, fix)
+    _check_unlisted(directory, m, where, fix)
     return m
+
+
+def _check_shard(
+    directory: Path, s: dict, dataset_id: str, name: str, checksums: bool, where: str, fix: str
+) -> None:
+    """One manifest shard entry against its file: presence, size, sha256, footer id and rows."""
+    p = directory / s["path"]
+    if s["path"] != _plain_relpath(s["path"]) or not p.is_file():
+        raise UserError(
+            f"shard listed in the manifest is missing: {s['path']}", where, f"restore it or {fix}"
+        )
+    if p.stat().st_size != s["bytes"] or (checksums and file_sha256(p) != s["sha256"]):
+        raise UserError(
+            f"shard {s['path']} does not match its manifest checksum (modified, truncated or "
+            "from another run)",
+            str(p),
+            fix,
+        )
+    try:
+        pf = pq.ParquetFile(p)
+        meta, rows = dict(pf.schema_arrow.metadata or {}), pf.metadata.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f"corrupt or truncated Parquet shard ({e})", str(p), fix) from None
+    if meta.get(META_DATASET, b"").decode() != dataset_id or meta.get(META_TABLE) != name.encode():
+        raise UserError(f"shard {s['path']} belongs to another dataset", str(p), fix)
+    if rows != s["rows"]:
+        raise UserError(
+            f"shard {s['path']} holds {rows} rows but the manifest says {s['rows']}", where, fix
+        )
+
+
+def _plain_relpath(rel: str) -> str:
+    """``rel`` if it stays inside the dataset folder (no '..', not absolute), else ''."""
+    parts = Path(rel).parts
+    return rel if parts and not Path(rel).is_absolute() and ".." not in parts else ""
+
+
+def hidden(name: str) -> bool:
+    """A metadata name Parquet readers skip (locks, temps, manifests): starts with '_' or '.'."""
+    return name.startswith(("_", "."))
+
+
+def _check_unlisted(directory: Path, m: dict, where: str, fix: str) -> None:
+    """Refuse files a reader of the folder would also read but the manifest does not list."""
+    listed = {s["path"] for s in m["shards"]}
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory)
+        if any(hidden(part) for part in rel.parts) or p.is_dir():
+            continue
+        if rel.as_posix() not in listed and rel.as_posix() != manifest_mod.LEGACY_FILENAME:
+            raise UserError(
+                f"file {rel.as_posix()} is in the committed {m['table']} dataset but not in its "
+                "manifest (Parquet readers of the folder would read it)",
+                str(p),
+                f"remove it (metadata files must start with '_' or '.'), or {fix}",
+            )
 
 
 def shard_paths(directory: str | Path, m: dict) -> list[Path]:
@@ -541,3 +627,48 @@ def stream(
                 nxt = {"epoch": epoch + 1, "shard": None, "row_group": None}
             yield tbl, {**nxt, "index": index if index < len(mine) else 0}
         epoch, index = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- legacy runs
+_REDO = "re-run the stage that wrote the dataset with overwrite=true"
+
+
+def migrate(directory: str | Path) -> bool:
+    """Rename a legacy ``manifest.json`` to a sealed ``_manifest.json``; True if it did.
+
+    The legacy manifest is checked against the shards first (sizes, sha256, footers, unlisted
+    files), so a migrated manifest is never more trusted than the data it describes.
+    """
+    directory = Path(directory)
+    legacy = directory / manifest_mod.LEGACY_FILENAME
+    if not legacy.is_file():
+        return False
+    if manifest_mod.path_of(directory).name == manifest_mod.FILENAME:
+        manifest_mod.read(directory)  # a sealed manifest is there (a killed migration): keep it
+        legacy.unlink()
+        return True
+    with _flock(directory / ".lock", "dataset", blocking=True):
+        m = manifest_mod.read(directory)
+        listed = {s["path"] for s in m["shards"]}
+        for s in m["shards"]:
+            _check_shard(directory, s, m["dataset_id"], m["table"], True, str(legacy), _REDO)
+        for p in directory.rglob("*.parquet"):
+            rel = p.relative_to(directory).as_posix()
+            if rel not in listed and not any(hidden(x) for x in Path(rel).parts):
+                raise UserError(f"unlisted shard {rel}", str(p), "remove it, then migrate again")
+        atomic_write_text(
+            directory / manifest_mod.FILENAME, json.dumps(manifest_mod.seal(m), indent=1)
+        )
+        legacy.unlink()
+    return True
+
+
+def migrate_run(root: str | Path) -> list[Path]:
+    """Migrate every dataset folder of a run (rounds included); the folders migrated."""
+    done = []
+    for lay in RunLayout.of(root).rounds().values():
+        sels = sorted(lay.selected_root.iterdir()) if lay.selected_root.is_dir() else []
+        for d in [lay.rollouts, lay.tokens, lay.sft_data, *sels]:
+            if d.is_dir() and not hidden(d.name) and migrate(d):
+                done.append(d)
+    return done
