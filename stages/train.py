@@ -45,7 +45,7 @@ The recipe, in four parts (torchtune's shape, plain functions over two small dat
   columns up front; the ragged tail is dropped and reported). Resume needs the same world size.
 - Refused (UserError): a selection whose tokenizer fingerprint differs from the student's, a
   ``loss.temperature`` other than the cached log-probs' (1.0 unless the selected manifest's
-  ``extra.teacher_temperature`` says otherwise), resuming checkpoints of another init model or
+  the manifest's ``teacher_temperature`` says otherwise), resuming checkpoints of another init model or
   selection, existing checkpoints with ``train.resume=false`` (unless ``overwrite=true``, which
   removes this name's ``checkpoints/<name>`` and ``train/<name>`` only), pickled states or weights.
 - LoRA (``train.lora.r > 0``): step checkpoints hold the adapter (resume re-applies it to the init
@@ -335,8 +335,9 @@ def check_provenance(cfg: Config, layout: RunLayout, m: dict, tok_fp: str, sel_d
             "re-run rollout/score/select with this version of distillery",
         )
     models.check_same_tokenizer(sel_tok, tok_fp, "selection", "student (train.init)")
-    # Cached teacher log-probs are at the scoring temperature (score: 1.0 unless it records one).
-    scored_t = float(m["extra"].get("teacher_temperature", 1.0))
+    # Cached teacher log-probs are at the scoring temperature, a typed manifest field that score
+    # writes and select carries over (1.0 for selections written before it existed).
+    scored_t = float(m.get("teacher_temperature") or 1.0)
     if not cfg.train.online and cfg.loss.temperature != scored_t:
         raise UserError(
             f"loss.temperature={cfg.loss.temperature} but the cached teacher log-probs were scored "
