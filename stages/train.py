@@ -1029,10 +1029,10 @@ def run(cfg: Config) -> dict:
 _main = hydra_entry("train")(run)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """The CLI: a user error is one line (exit 2), Ctrl-C exits 130 with checkpoints intact."""
     try:
-        _main()
+        _main(argv)
     except KeyboardInterrupt:
         print(
             "train: interrupted; completed checkpoints are intact, re-run the same command to "
