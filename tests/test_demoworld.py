@@ -128,9 +128,13 @@ def test_models_load_with_auto_classes(quick_world: Path) -> None:
     assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == (
         "<pad>",
         "<bos>",
-        "<eos>",
+        "<|im_end|>",
         "<unk>",
     )
+    # The chat template renders the ChatML prefix with one BOS.
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert ids.startswith("<bos><|im_start|>system") and ids.endswith("<|im_start|>assistant\n")
     rows = pq.read_table(quick_world / "prompts" / "reading.parquet").to_pylist()
     acc = dw.greedy_accuracy(model, tok, rows, use_context=False, max_new_tokens=4)
     assert 0.0 <= acc <= 1.0

@@ -200,7 +200,7 @@ def hf_generate(
             do_sample=not greedy,
             temperature=None if greedy else s.temperature,
             top_p=None if greedy else s.top_p,
-            top_k=0,
+            top_k=None if greedy else 0,
             max_new_tokens=s.max_new_tokens,
             num_return_sequences=s.n,
             eos_token_id=stops.all_ids,
