@@ -139,8 +139,9 @@ def get_llm(
     )
     llm = _LLM_CACHE.get(key)
     if llm is None:
-        llm = LLM(
-            model=model_path,
+        llm = _start(
+            LLM,
+            model_path,
             seed=seed,
             dtype=dtype,
             max_model_len=max_model_len,
@@ -157,6 +158,26 @@ def get_llm(
         )
         _LLM_CACHE[key] = llm
     return llm
+
+
+def _start(llm_cls: Any, model_path: str, **kwargs: Any) -> Any:
+    """Start an engine; a start-up failure (an unsupported head size or architecture on this
+    device, too little memory for the KV cache, ...) becomes one readable UserError."""
+    from stages.lib.errors import UserError
+
+    try:
+        return llm_cls(model=model_path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - vLLM raises many types (EngineDeadError, ValueError, ...)
+        cause = e
+        while cause.__cause__ is not None:  # the innermost message is the useful one
+            cause = cause.__cause__
+        msg = " ".join(str(cause).split())[:240] or type(cause).__name__
+        raise UserError(
+            f"vLLM could not start an engine for {model_path} ({type(cause).__name__}: {msg})",
+            "rollout.backend / score.backend",
+            "use backend=hf, or a model vLLM supports on this device (on CPU: head_dim 64 or "
+            "128, float32/bfloat16), or lower vllm_memory_fraction",
+        ) from None
 
 
 def clear_llm_cache() -> None:
@@ -192,7 +213,8 @@ def generate(
     * ``response_ids``: sampled ids exactly as generated, EOS included when it stopped on EOS;
     * ``logprobs``: the engine's log-prob of each sampled token under the **raw** model
       distribution (temperature 1, before temperature/top-p), fp32-computed;
-    * ``finish_reason``: ``"eos"`` or ``"length"``.
+    * ``finish_reason``: ``"eos"`` (one of ``eos_id``) or ``"length"``; the rollout then cuts and
+      labels the sample with ``stages.lib.decoding.cut``, the rule the HF backend uses too.
 
     ``eos_id`` may also be several ids (chat models often end on more than one token); sampling
     stops on any of them and the stop token is kept in ``response_ids``. ``temperature=0`` is
