@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -102,8 +101,13 @@ def chain_ids(tok) -> tuple[int, int, int]:
 def build_model(out: Path, arch: str, tok, *, gen_eos: list[int] | None = None) -> Path:
     """A tiny chain model (see the module docstring) with ``tok`` saved next to it;
     ``gen_eos`` writes generation_config.json with that eos_token_id list."""
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
-    from transformers import Qwen3Config
+    from transformers import (
+        AutoModelForCausalLM,
+        GenerationConfig,
+        LlamaConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     v, hidden = len(tok), 320
     common = dict(
