@@ -212,8 +212,8 @@ def check_compatible(toks: dict[str, Any], where: str) -> dict:
             a, b = toks[first].get_vocab(), toks[n].get_vocab()
             diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:3]
             raise UserError(
-                f"the {first} and {n} tokenizers map ids to different tokens (e.g. {diff}); "
-                "their token ids would not mean the same thing",
+                f"the {first} and {n} tokenizers differ: they map ids to different tokens "
+                f"(e.g. {diff}), so token ids would not mean the same thing",
                 where,
                 "use models that share one vocabulary (cross-tokenizer distillation is not "
                 "supported); EOS/pad/BOS settings may differ",
