@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,6 +140,8 @@ def get_llm(
     )
     llm = _LLM_CACHE.get(key)
     if llm is None:
+        if on_cpu:
+            _check_cpu_head_size(model_path)
         llm = _start(
             LLM,
             model_path,
@@ -158,6 +161,29 @@ def get_llm(
         )
         _LLM_CACHE[key] = llm
     return llm
+
+
+def _check_cpu_head_size(model_path: str) -> None:
+    """vLLM's CPU attention supports a fixed list of head sizes; a model outside it would fail
+    deep inside the engine process with a message the parent never sees."""
+    import json
+
+    from stages.lib.errors import UserError
+
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        c = json.loads((Path(model_path) / "config.json").read_text())
+        head = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    except (ImportError, AttributeError, OSError, KeyError, ValueError, TypeError):
+        return  # another vLLM layout or config: let the engine decide
+    if head not in sizes:
+        raise UserError(
+            f"vLLM's CPU attention does not support head size {head} (supported: {sizes})",
+            f"{model_path}/config.json",
+            "use backend=hf for this model, or a model whose head_dim vLLM's CPU backend supports",
+        )
 
 
 def _start(llm_cls: Any, model_path: str, **kwargs: Any) -> Any:
