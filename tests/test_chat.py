@@ -442,3 +442,9 @@ def test_vllm_stops_like_hf(tmp_path, qwen_dir, qwen_tok):
     hf, vl = _responses(tmp_path / "hf"), _responses(tmp_path / "vl")
     assert [(s, i, w) for s, i, w in hf] == [(s, i, w) for s, i, w in vl]
     assert all(w == "eos" for *_, w in vl)
+    import gc
+
+    from stages.lib import vllm_backend
+
+    vllm_backend.clear_llm_cache()  # shut the engine down while pytest's streams are open
+    gc.collect()
