@@ -411,7 +411,11 @@ def test_generation_config_eos_list_stops_at_im_end_hf(tmp_path, qwen_dir, qwen_
     assert all(ids == [a, b] and why == "stop" for _, ids, why in _responses(tmp_path / "r3"))
     rollout_run(
         _rollout_cfg(
-            tmp_path / "r4", plain, prompts, "rollout.backend=hf", f"rollout.stop_strings=[{qwen_tok.decode([a])}]"
+            tmp_path / "r4",
+            plain,
+            prompts,
+            "rollout.backend=hf",
+            f"rollout.stop_strings=[{qwen_tok.decode([a])}]",
         )
     )
     assert all(ids == [a] and why == "stop" for _, ids, why in _responses(tmp_path / "r4"))

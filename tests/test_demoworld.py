@@ -199,9 +199,7 @@ def test_prompt_files_match_schema(quick_world: Path) -> None:
     assert all(r["kind"] == "reading_anchor" and r["context"] is None for r in anchors)
     assert all(dw.answer_matches(dw.user_text(r), r["answer"]) for r in anchors)
     reading = pq.read_table(quick_world / "prompts" / "reading.parquet").to_pylist()
-    assert all(
-        r["context"] is None and dw.user_text(r).startswith("evidence : ") for r in reading
-    )
+    assert all(r["context"] is None and dw.user_text(r).startswith("evidence : ") for r in reading)
     assert all(dw.answer_matches(dw.user_text(r), r["answer"]) for r in reading)
 
 
