@@ -81,8 +81,15 @@ def normalise_row(raw: Any, n: int, where: str) -> dict[str, Any]:
         if messages is not None:
             raise _bad(f"row {label}: 'prompt' is a message list and 'messages' is set too", where)
         prompt, messages = None, prompt
-    if (prompt is None) == (messages is None):
-        raise _bad(f"row {label}: needs exactly one of 'prompt' or 'messages'", where)
+    if prompt is None and messages is None:
+        raise _bad(
+            f"row {label}: missing column 'prompt' (or 'messages'); needs exactly one of them",
+            where,
+        )
+    if prompt is not None and messages is not None:
+        raise _bad(
+            f"row {label}: has both 'prompt' and 'messages'; needs exactly one of them", where
+        )
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         raise _bad(f"row {label}: 'prompt' must be a non-empty string, got {prompt!r:.60}", where)
     row = {"id": rid, "prompt": prompt, "messages": None}
