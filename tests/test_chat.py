@@ -452,3 +452,37 @@ def test_vllm_stops_like_hf(tmp_path, qwen_dir, qwen_tok):
 
     vllm_backend.clear_llm_cache()  # shut the engine down while pytest's streams are open
     gc.collect()
+
+
+def test_guided_chat_rollouts_read_the_context(qwen_tok):
+    rows = prompt_rows()
+    for item, row in zip(
+        items_of(qwen_tok, rows, RolloutConfig(guided_fraction=1.0)), rows, strict=True
+    ):
+        assert item.is_guided == (row["context"] is not None)
+        assert item.rollout_ids == (item.teacher_ids if item.is_guided else item.train_ids)
+
+
+def test_rollout_checks_teacher_tokenizer_up_front(tmp_path, qwen_dir, qwen_tok):
+    """Same ids, other EOS: allowed and recorded; another id map: refused, nothing written."""
+    prompts = write_parquet(prompt_rows(), tmp_path / "p.parquet")
+    teacher = build_model(tmp_path / "t", "qwen2", train_tokenizer("chatml", eos="<|im_end|>"))
+    rollout_run(
+        _rollout_cfg(
+            tmp_path / "r", qwen_dir, prompts, "rollout.backend=hf", f"teacher.path={teacher}"
+        )
+    )
+    m = store.open_committed(tmp_path / "r" / "rollouts", rollouts_schema)
+    rec = m["extra"]["tokenizers"]
+    assert rec["special_differences"] == ["eos_token"]
+    assert rec["special_tokens"]["teacher"]["eos_token"] == "<|im_end|>"
+    other_tok = train_tokenizer("chatml")
+    other_tok.add_tokens(["zzz-new"])
+    other = build_model(tmp_path / "o", "qwen2", other_tok)
+    with pytest.raises(UserError, match="tokenizers differ"):
+        rollout_run(
+            _rollout_cfg(
+                tmp_path / "r2", qwen_dir, prompts, "rollout.backend=hf", f"teacher.path={other}"
+            )
+        )
+    assert not (tmp_path / "r2").exists()
