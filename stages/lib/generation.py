@@ -342,21 +342,7 @@ def generate_rollouts(
     models._check_dir(policy_path, "policy")
     tok = models.load_tokenizer(_tokenizer_dir(policy_path, tokenizer_path), "policy")
     ctx_len = policy_context_length(policy_path)
-    limit = r.max_prompt_tokens if r.max_prompt_tokens is not None else ctx_len - s.max_new_tokens
-    if limit + s.max_new_tokens > ctx_len:
-        raise UserError(
-            f"rollout.max_prompt_tokens={limit} + max_new_tokens={s.max_new_tokens} exceeds the "
-            f"policy's context length {ctx_len}",
-            "rollout.max_prompt_tokens",
-            f"set it to at most {ctx_len - s.max_new_tokens} (or null for exactly that)",
-        )
-    if limit < 1:
-        raise UserError(
-            f"no room for a prompt: limit {limit} tokens (context {ctx_len}, "
-            f"max_new_tokens {s.max_new_tokens})",
-            "rollout.max_prompt_tokens / rollout.max_new_tokens",
-            "lower rollout.max_new_tokens or set rollout.max_prompt_tokens >= 1",
-        )
+    limit = prompt_limit(r, s, ctx_len)
     # Everything that can be wrong with the inputs is checked here, before any output exists.
     teacher_tok, compat = None, None
     if teacher_path:
@@ -367,9 +353,7 @@ def generate_rollouts(
     items = build_prompt_ids(tok, prompts_table, r, cfg.seed, teacher_tok)
     n_items = len(items)
     items, skipped = check_lengths(items, limit, r.too_long, "rollout.max_prompt_tokens")
-    by_shard: dict[int, list[PromptIds]] = {}
-    for p in items:
-        by_shard.setdefault(p.index // r.prompts_per_shard, []).append(p)
+    by_shard = shard_groups(items, r.prompts_per_shard)
     n_shards = n_shards_for(n_items, r.prompts_per_shard)
 
     fps = {
@@ -377,18 +361,7 @@ def generate_rollouts(
         "tokenizer": models.tokenizer_fingerprint(tok),
         **(fingerprints or {}),
     }
-    rollout_key = {k: v for k, v in asdict(r).items() if k not in BACKEND_ONLY_KEYS}
-    dataset_id = store.content_id(
-        {
-            "stage": stage_name,
-            "rollout": rollout_key,
-            "sampling": asdict(s),
-            "dtype": dtype,
-            "seed": cfg.seed,
-            "fingerprints": fps,
-            "inputs": inputs or {},
-        }
-    )
+    dataset_id = rollouts_dataset_id(stage_name, r, s, dtype, cfg.seed, fps, inputs or {})
     backend = resolve_backend(r.backend)
     mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
     stats = Stats()
@@ -419,11 +392,8 @@ def generate_rollouts(
                     "n_prompts": prompts_table.num_rows,
                     "skipped_too_long": skipped,
                     "max_prompt_tokens": limit,
-                    **(
-                        {"n_generation_points": n_items}
-                        if n_items != prompts_table.num_rows
-                        else {}
-                    ),
+                    # one per prompt, or more when rollout.expand_turns expanded conversations
+                    "n_generation_points": n_items,
                     **({"tokenizers": compat} if compat else {}),
                     **(extra or {}),
                 },
@@ -440,21 +410,72 @@ def generate_rollouts(
         **stats.summary(),
         "wall_seconds": round(stats.seconds_total, 3),
     }
-    if complete and not stats.shards_written:
-        print(f"[{stage_name}] already complete ({out_dir}, dataset {dataset_id})", flush=True)
-        return summary
-    where = f"wrote {out_dir}" if complete else f"wrote shards to {out_dir}"
-    print(
-        f"[{stage_name}] {summary['samples']} samples, {summary['tokens']} tokens, "
-        f"{summary['tok_per_s']} tok/s ({backend}), guided {summary['guided_fraction']:.2f}, "
-        f"mean len {summary['mean_response_len']}, finish {summary['finish_reasons']}, "
-        f"shards {stats.shards_written} written / {stats.shards_resumed} resumed"
-        + (f", {len(skipped)} too-long prompts skipped" if skipped else "")
-        + ("" if complete else " (other workers still running)")
-        + f"; {where}",
-        flush=True,
-    )
+    print(summary_line(summary, stats, stage_name, out_dir), flush=True)
     return summary
+
+
+def shard_groups(items: list[PromptIds], per_shard: int) -> dict[int, list[PromptIds]]:
+    """Shard s holds generation points [s*P, (s+1)*P) (too-long ones already dropped)."""
+    by_shard: dict[int, list[PromptIds]] = {}
+    for p in items:
+        by_shard.setdefault(p.index // per_shard, []).append(p)
+    return by_shard
+
+
+def rollouts_dataset_id(
+    stage: str, r: RolloutConfig, s: Sampling, dtype: str, seed: int, fps: dict, inputs: dict
+) -> str:
+    """Everything that decides what is sampled (not the backend or batch sizes)."""
+    rollout_key = {k: v for k, v in asdict(r).items() if k not in BACKEND_ONLY_KEYS}
+    return store.content_id(
+        {
+            "stage": stage,
+            "rollout": rollout_key,
+            "sampling": asdict(s),
+            "dtype": dtype,
+            "seed": seed,
+            "fingerprints": fps,
+            "inputs": inputs,
+        }
+    )
+
+
+def summary_line(summary: dict, stats: Stats, stage_name: str, out_dir: str | Path) -> str:
+    """The stage's last line: what it generated and where it wrote."""
+    if summary["complete"] and not stats.shards_written:
+        return f"[{stage_name}] already complete ({out_dir}, dataset {summary['dataset_id']})"
+    where = f"wrote {out_dir}" if summary["complete"] else f"wrote shards to {out_dir}"
+    skipped = summary["skipped_too_long"]
+    return (
+        f"[{stage_name}] {summary['samples']} samples, {summary['tokens']} tokens, "
+        f"{summary['tok_per_s']} tok/s ({summary['backend']}), "
+        f"guided {summary['guided_fraction']:.2f}, mean len {summary['mean_response_len']}, "
+        f"finish {summary['finish_reasons']}, "
+        f"shards {stats.shards_written} written / {stats.shards_resumed} resumed"
+        + (f", {skipped} too-long prompts skipped" if skipped else "")
+        + ("" if summary["complete"] else " (other workers still running)")
+        + f"; {where}"
+    )
+
+
+def prompt_limit(r: RolloutConfig, s: Sampling, ctx_len: int) -> int:
+    """``rollout.max_prompt_tokens`` (null = what the context leaves after the response)."""
+    limit = r.max_prompt_tokens if r.max_prompt_tokens is not None else ctx_len - s.max_new_tokens
+    if limit + s.max_new_tokens > ctx_len:
+        raise UserError(
+            f"rollout.max_prompt_tokens={limit} + max_new_tokens={s.max_new_tokens} exceeds the "
+            f"policy's context length {ctx_len}",
+            "rollout.max_prompt_tokens",
+            f"set it to at most {ctx_len - s.max_new_tokens} (or null for exactly that)",
+        )
+    if limit < 1:
+        raise UserError(
+            f"no room for a prompt: limit {limit} tokens (context {ctx_len}, "
+            f"max_new_tokens {s.max_new_tokens})",
+            "rollout.max_prompt_tokens / rollout.max_new_tokens",
+            "lower rollout.max_new_tokens or set rollout.max_prompt_tokens >= 1",
+        )
+    return limit
 
 
 class Progress:
