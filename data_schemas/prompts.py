@@ -29,10 +29,10 @@ SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
         pa.field("prompt", pa.string(), nullable=True),
-        pa.field("messages", pa.list_(MESSAGE), nullable=True),
         pa.field("context", pa.string(), nullable=True),
         pa.field("answer", pa.string(), nullable=True),
         pa.field("kind", pa.string(), nullable=True),
+        pa.field("messages", pa.list_(MESSAGE), nullable=True),  # added in version 2
     ]
 )
 OPTIONAL_STR = ("context", "answer", "kind")
@@ -90,16 +90,17 @@ def normalise_row(raw: Any, n: int, where: str) -> dict[str, Any]:
         raise _bad(
             f"row {label}: has both 'prompt' and 'messages'; needs exactly one of them", where
         )
-    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+    if isinstance(prompt, str) and not prompt.strip():
+        raise _bad(f"row {label}: empty prompt text", where)
+    if prompt is not None and not isinstance(prompt, str):
         raise _bad(f"row {label}: 'prompt' must be a non-empty string, got {prompt!r:.60}", where)
-    row = {"id": rid, "prompt": prompt, "messages": None}
-    if messages is not None:
-        row["messages"] = check_messages(messages, label, where)
+    row = {"id": rid, "prompt": prompt}
     for col in OPTIONAL_STR:
         v = raw.get(col)
         if v is not None and not isinstance(v, str):
             raise _bad(f"row {label}: '{col}' must be a string or null, got {v!r:.60}", where)
         row[col] = v
+    row["messages"] = None if messages is None else check_messages(messages, label, where)
     return row
 
 
