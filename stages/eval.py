@@ -194,7 +194,7 @@ def accuracy_entry(
         hit = [False] * len(rows)
         for k in range(e.pass_k):
             s = decoding.Sampling(1, e.temperature, 1.0, e.max_new_tokens)
-            per = decoding.sample_texts(
+            per = decoding.sample_many(
                 model, tok, prefixes, s, batch_size=e.batch_size, seed=cfg.seed + k, stops=stops
             )
             for i, smp in enumerate(per):

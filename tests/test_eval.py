@@ -145,3 +145,9 @@ def test_adapter_only_checkpoint(tmp_path, tiny_lm, tiny_teacher):
     assert res["lora"]["a"] == res["merged"]["a"]
     ids = lambda name: [g["response_ids"] for g in _gens(tmp_path / "run", name)]  # noqa: E731
     assert ids("lora") == ids("merged")
+
+
+def test_pass_at_k_uses_the_shared_sampler(tmp_path, tiny_lm, tiny_teacher):
+    cfg = _cfg(tmp_path, tiny_lm, tiny_teacher, **{"eval.pass_k": 2, "eval.match": "regex"})
+    entry = eval_stage.run(cfg)["base"]["a"]
+    assert 0.0 <= entry["pass@2"] <= 1.0

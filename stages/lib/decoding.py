@@ -252,8 +252,18 @@ def greedy(
     return [per[0] for per in out]
 
 
-def sample_texts(model: Any, tok: Any, prompt_ids: list[list[int]], s: Sampling, **kw: Any) -> list:
-    """Sampled decoding for pass@k: ``s.n`` Samples per prompt (no log-probs)."""
+def sample_many(
+    model: Any,
+    tok: Any,
+    prompt_ids: list[list[int]],
+    s: Sampling,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    stops: Stops | None = None,
+) -> list[list[Sample]]:
+    """Sampled decoding (e.g. pass@k) under the same contract: ``s.n`` Samples per prompt, no
+    log-probs."""
     from stages.lib import models
 
     plain_generation_config(model, tok)
@@ -261,11 +271,11 @@ def sample_texts(model: Any, tok: Any, prompt_ids: list[list[int]], s: Sampling,
         model,
         prompt_ids,
         s,
-        stops=kw.get("stops") or stops_for(tok, None),
+        stops=stops or stops_for(tok, None),
         pad=pad_id(tok),
         n_ids=models.vocab_size(tok),
-        batch_size=kw["batch_size"],
-        seed=kw.get("seed", 0),
+        batch_size=batch_size,
+        seed=seed,
         tok=tok,
         logprobs=False,
     )
