@@ -486,3 +486,38 @@ def test_rollout_checks_teacher_tokenizer_up_front(tmp_path, qwen_dir, qwen_tok)
             )
         )
     assert not (tmp_path / "r2").exists()
+
+
+def test_template_file_replaces_the_tokenizers(tmp_path, qwen_tok):
+    f = tmp_path / "t.jinja"
+    f.write_text(CHATML.replace("<|im_start|>assistant\n", "<|im_start|>assistant: "))
+    (item,) = items_of(
+        qwen_tok, [{"id": "t", "messages": MESSAGES}], RolloutConfig(chat_template=str(f))
+    )
+    assert item.train_ids == template_ids(qwen_tok, MESSAGES, chat_template=f.read_text())
+    assert item.train_ids != template_ids(qwen_tok, MESSAGES)
+    with pytest.raises(UserError, match="chat template file not found"):
+        items_of(
+            qwen_tok, [{"id": "t", "messages": MESSAGES}], RolloutConfig(chat_template="/nope")
+        )
+
+
+def test_expanded_turns_are_stored_per_rollout(tmp_path, qwen_dir):
+    conv = MESSAGES + [
+        {"role": "assistant", "content": "vexton."},
+        {"role": "user", "content": "and the leader?"},
+    ]
+    prompts = write_parquet(
+        [{"id": "c", "messages": conv}, {"id": "d", "messages": MESSAGES}], tmp_path / "p.parquet"
+    )
+    rollout_run(
+        _rollout_cfg(
+            tmp_path / "r", qwen_dir, prompts, "rollout.backend=hf", "rollout.expand_turns=true"
+        )
+    )
+    t = store.read_table(tmp_path / "r" / "rollouts", rollouts_schema)
+    got = sorted(set(zip(t["prompt_id"].to_pylist(), t["turn"].to_pylist(), strict=True)))
+    assert got == [("c@t0", 0), ("c@t1", 1), ("d", 0)]
+    assert t.num_rows == 6  # 3 generation points x rollout.n=2
+    m = store.open_committed(tmp_path / "r" / "rollouts", rollouts_schema)
+    assert m["extra"]["n_generation_points"] == 3 and m["extra"]["n_prompts"] == 2
