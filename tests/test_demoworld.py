@@ -275,7 +275,7 @@ def test_vllm_loads_and_generates(quick_world: Path) -> None:
     path = str(quick_world / "models" / "base")
     tok = AutoTokenizer.from_pretrained(path)
     rows = pq.read_table(quick_world / "prompts" / "reading.parquet").to_pylist()[:4]
-    prompts = [tok(r["prompt"])["input_ids"] for r in rows]
+    prompts = [dw.prefix_ids(tok, r["messages"]) for r in rows]  # the chat prefix
     # gpu_memory_utilization is the host-memory share of the KV cache on CPU (0.92 fails).
     llm = LLM(
         model=path,
