@@ -304,7 +304,7 @@ def _check_models(cfg: Config, rm: dict, run_dir: Path) -> tuple[list[Role], dic
             "re-run the rollout stage with this version of distillery",
         )
     # Same id -> token maps (EOS/pad settings may differ); the rollouts' own tokenizer unchanged.
-    s_dir = generation._tokenizer_dir(policy_path, cfg.student.path) if policy_path else None
+    s_dir = generation.tokenizer_dir(policy_path, cfg.student.path) if policy_path else None
     s_tok = models.load_tokenizer(s_dir or cfg.student.path, "student")
     models.check_same_tokenizer(tok_fp, models.tokenizer_fingerprint(s_tok), "rollouts'", "student")
     chat.check_compatible({"student": s_tok, "teacher": tok}, "student.path / teacher.path")

@@ -1,12 +1,14 @@
 """Sampling responses into a rollouts table: shared by the rollout stage and the SFT stage.
 
-``generate_rollouts(cfg, policy_path, prompts_table, out_dir, stage_name)`` tokenizes the prompts
-(train / rollout / teacher prefixes, EDGE-OPD guided rollouts), checks their lengths before anything
-is written, then samples ``n`` responses per prompt shard by shard with the HF or the vLLM backend
-and writes each shard atomically through the shard store (resumable per shard, workers over
-disjoint shard ranges). Both backends return, per sample, the token ids exactly as sampled (EOS
-included when the sample stopped on it) and the log-prob of each sampled token under the RAW model
-distribution (temperature 1, before temperature / top-p), computed in fp32 over the full vocabulary.
+``generate_rollouts(cfg, policy_path, prompts_table, out_dir, stage_name)`` renders every prompt
+into train / rollout / teacher prefixes (stages/lib/chat.py: chat templates, context placement,
+EDGE-OPD guided rollouts, multi-turn expansion), checks the teacher tokenizer and the lengths before
+anything is written, then samples ``n`` responses per generation point shard by shard with the HF
+or the vLLM backend (stages/lib/decoding.py: one stop rule for both) and writes each shard
+atomically through the shard store (resumable per shard, workers over disjoint shard ranges). Both
+backends return, per sample, the token ids exactly as sampled (the stop token included when the
+sample stopped on one) and the log-prob of each sampled token under the RAW model distribution
+(temperature 1, before temperature / top-p), computed in fp32 over the full vocabulary.
 
 Determinism: shard ``s`` is sampled from a seed derived from ``(seed, s)`` only, so the output does
 not depend on the worker layout or on resume. For a given backend the same seed gives the same rows
@@ -303,7 +305,7 @@ def shard_table(
 
 
 # ----------------------------------------------------------------------------- the driver
-def _tokenizer_dir(policy_path: str, fallback: str | None) -> str:
+def tokenizer_dir(policy_path: str, fallback: str | None) -> str:
     """The policy's own tokenizer when saved next to it, else ``fallback`` (e.g. the student)."""
     p = Path(policy_path)
     has_tok = any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
@@ -340,7 +342,7 @@ def generate_rollouts(
     s = sampling or Sampling.of(r)
     dtype = dtype or cfg.student.dtype
     models._check_dir(policy_path, "policy")
-    tok = models.load_tokenizer(_tokenizer_dir(policy_path, tokenizer_path), "policy")
+    tok = models.load_tokenizer(tokenizer_dir(policy_path, tokenizer_path), "policy")
     ctx_len = policy_context_length(policy_path)
     limit = prompt_limit(r, s, ctx_len)
     # Everything that can be wrong with the inputs is checked here, before any output exists.
