@@ -1,93 +1,217 @@
-"""The prompts table: what the user gives the pipeline (``data.prompts``, Parquet or JSONL).
+"""The prompts table: what the user gives the pipeline (``data.prompts``).
 
-Columns (DESIGN.md): ``id`` (str, unique), ``prompt`` (str), optional ``context`` (str, the
-privileged information a guided rollout or a self-teacher reads), optional ``answer`` (str, a
-verifiable reference answer). Extra columns are kept as strings when present (``kind``: a free
-label such as ``private`` or ``public`` that reports can group by).
+Columns: ``id`` (str, unique) and exactly one of ``prompt`` (str, plain text) or ``messages`` (a
+list of ``{role, content}`` with role system / user / assistant / tool and string content), plus
+optional ``context`` (str, the privileged information a guided rollout or a self-teacher reads),
+``answer`` (str, a verifiable reference answer) and ``kind`` (str, a free label reports group by).
+TRL's conversational layout, ``prompt`` holding a message list, is read as ``messages``.
+
+Sources: JSONL (one object per line, UTF-8), Parquet, or a folder written by ``datasets``'
+``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose split ``data.split`` is read). Types are
+strict: an id or prompt that is not a string, a message that is not ``{role, content}`` with a known
+role and string content, a row with both or neither of prompt/messages, is one error naming the row.
+Other keys are ignored.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
-import pyarrow.compute as pc
 
 NAME = "prompts"
-VERSION = 1
+VERSION = 2  # 2: ``messages`` added, ``prompt`` nullable (one of the two per row)
+
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
 
 SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=True),
         pa.field("context", pa.string(), nullable=True),
         pa.field("answer", pa.string(), nullable=True),
         pa.field("kind", pa.string(), nullable=True),
+        pa.field("messages", pa.list_(MESSAGE), nullable=True),  # added in version 2
     ]
 )
+OPTIONAL_STR = ("context", "answer", "kind")
 
 from data_schemas.common import SchemaError, TableSpec, check_table  # noqa: E402
 
 SPEC = TableSpec(name=NAME, schema=SCHEMA, keys=("id",))
+FIX = (
+    "each row needs a string 'id' and either a non-empty string 'prompt' or 'messages' "
+    "(a list of {role, content}); optional string context, answer, kind"
+)
+
+
+def _bad(what: str, where: str) -> SchemaError:
+    return SchemaError(f"prompts: {what}", where, FIX)
+
+
+def check_messages(value: Any, row: str, where: str) -> list[dict[str, str]]:
+    """A message list as ``[{role, content}]`` (strict: known roles, string content)."""
+    if not isinstance(value, list) or not value:
+        raise _bad(f"row {row}: 'messages' must be a non-empty list of {{role, content}}", where)
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _bad(f"row {row}: message {i} is not an object with a string 'role'", where)
+        if m["role"] not in ROLES:
+            raise _bad(f"row {row}: message {i} has role {m['role']!r}, not one of {ROLES}", where)
+        if not isinstance(m.get("content"), str):
+            raise _bad(f"row {row}: message {i} ({m['role']}) has no string 'content'", where)
+        out.append({"role": m["role"], "content": m["content"]})
+    if all(m["role"] in ("system", "assistant") for m in out):
+        raise _bad(f"row {row}: the messages hold no user or tool turn", where)
+    return out
+
+
+def normalise_row(raw: Any, n: int, where: str) -> dict[str, Any]:
+    """One input row (a dict of Python values) as a schema row, or one clear error."""
+    if not isinstance(raw, dict):
+        raise _bad(f"row {n} is not an object", where)
+    rid = raw.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise _bad(f"row {n}: 'id' must be a non-empty string, got {rid!r}", where)
+    label = f"{n} (id {rid!r})"
+    prompt, messages = raw.get("prompt"), raw.get("messages")
+    if isinstance(prompt, list):  # TRL's conversational layout
+        if messages is not None:
+            raise _bad(f"row {label}: 'prompt' is a message list and 'messages' is set too", where)
+        prompt, messages = None, prompt
+    if prompt is None and messages is None:
+        raise _bad(
+            f"row {label}: missing column 'prompt' (or 'messages'); needs exactly one of them",
+            where,
+        )
+    if prompt is not None and messages is not None:
+        raise _bad(
+            f"row {label}: has both 'prompt' and 'messages'; needs exactly one of them", where
+        )
+    if isinstance(prompt, str) and not prompt.strip():
+        raise _bad(f"row {label}: empty prompt text", where)
+    if prompt is not None and not isinstance(prompt, str):
+        raise _bad(f"row {label}: 'prompt' must be a non-empty string, got {prompt!r:.60}", where)
+    row = {"id": rid, "prompt": prompt}
+    for col in OPTIONAL_STR:
+        v = raw.get(col)
+        if v is not None and not isinstance(v, str):
+            raise _bad(f"row {label}: '{col}' must be a string or null, got {v!r:.60}", where)
+        row[col] = v
+    row["messages"] = None if messages is None else check_messages(messages, label, where)
+    return row
 
 
 def validate(table: pa.Table, *, where: str = "prompts") -> pa.Table:
-    """Check the table and return it with the schema's column order and types."""
-    for col in ("context", "answer", "kind"):  # optional columns: add them as nulls
-        if col not in table.column_names:
-            table = table.append_column(col, pa.nulls(len(table), pa.string()))
-    table = check_table(table, SPEC, where=where)
-    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table["prompt"])), 0).to_numpy(
-        zero_copy_only=False
-    )
-    if empty.any():
-        raise SchemaError(
-            f"prompts: empty prompt text at row {int(empty.argmax())}",
-            where,
-            "every row needs a non-empty 'prompt'",
-        )
-    return table
+    """Check a table (any column order, optional columns absent) and return it in schema form."""
+    return from_rows(table.to_pylist(), where)
 
 
-def read(path: str | None, *, max_prompts: int | None = None) -> pa.Table:
-    """Read and validate a prompts file (Parquet or JSONL), with one clear error per problem."""
+def from_rows(rows: list[Any], where: str) -> pa.Table:
+    """Strictly checked rows -> the schema table (unique ids checked by check_table)."""
+    if not rows:
+        raise SchemaError("prompts file is empty", where, FIX)
+    norm = [normalise_row(r, n, where) for n, r in enumerate(rows, 1)]
+    return check_table(pa.Table.from_pylist(norm, schema=SCHEMA), SPEC, where=where)
+
+
+def _jsonl_rows(p: Any) -> list[Any]:
     import json
+
+    rows = []
+    for n, raw in enumerate(p.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SchemaError(
+                f"prompts: invalid UTF-8 on line {n} (byte {e.start})", str(p), "save it as UTF-8"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise SchemaError(
+                f"prompts: malformed JSON on line {n} ({e.msg})", str(p), FIX
+            ) from None
+    return rows
+
+
+def _disk_rows(p: Any, split: str) -> list[Any]:
+    """Rows of a ``datasets.save_to_disk`` folder (``Dataset`` or ``DatasetDict``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise SchemaError(
+            "prompts: a save_to_disk folder needs the `datasets` package",
+            str(p),
+            "pip install datasets",
+        ) from None
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise SchemaError(
+            f"prompts: not a datasets save_to_disk folder ({str(e).splitlines()[0][:160]})",
+            str(p),
+            "point data.prompts at a JSONL or Parquet file, or a save_to_disk folder",
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise SchemaError(
+                f"prompts: split {split!r} not in the DatasetDict (splits {sorted(ds)})",
+                str(p),
+                f"set data.split to one of {sorted(ds)}",
+            )
+        ds = ds[split]
+    return ds.to_list()
+
+
+def read(path: str | None, *, max_prompts: int | None = None, split: str = "train") -> pa.Table:
+    """Read and validate prompts (JSONL, Parquet or a save_to_disk folder), one clear error per
+    problem; ``split`` picks the split of a DatasetDict folder."""
     from pathlib import Path
 
     import pyarrow.parquet as pq
 
-    fix = "a Parquet or JSONL file with columns id, prompt (and optional context, answer)"
+    fix = "a JSONL or Parquet file (or a datasets save_to_disk folder) with id and prompt/messages"
     if not path:
         raise SchemaError(
             "no prompts file configured", "data.prompts", f"set data.prompts to {fix}"
         )
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        rows = _disk_rows(p, split)
+    elif not p.is_file():
         raise SchemaError(f"prompts file not found: {path}", "data.prompts", f"point it at {fix}")
-    if p.suffix in (".jsonl", ".json"):
-        rows = []
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SchemaError(
-                        f"malformed JSON on line {n} ({e.msg})", str(p), fix
-                    ) from None
-                if not isinstance(row, dict):
-                    raise SchemaError(f"line {n} is not a JSON object", str(p), fix)
-                rows.append({k: (None if v is None else str(v)) for k, v in row.items()})
-        if not rows:
-            raise SchemaError("prompts file is empty", str(p), fix)
-        names = sorted({k for r in rows for k in r})
-        table = pa.Table.from_pylist(rows, schema=pa.schema([(k, pa.string()) for k in names]))
+    elif p.suffix in (".jsonl", ".json"):
+        rows = _jsonl_rows(p)
     else:
         try:
-            table = pq.read_table(p)
+            rows = pq.read_table(p).to_pylist()
         except (pa.ArrowInvalid, OSError) as e:
             raise SchemaError(f"cannot read prompts as Parquet ({e})", str(p), fix) from None
-    if table.num_rows == 0:
-        raise SchemaError("prompts file is empty", str(p), fix)
     if max_prompts is not None:
-        table = table.slice(0, max_prompts)
-    return validate(table, where=str(p))
+        rows = rows[:max_prompts]
+    return from_rows(rows, str(p))
+
+
+def source_sha256(path: str, split: str = "train") -> str:
+    """Identity of a prompts source: the file's sha256, or for a save_to_disk folder the hash of
+    its files' names and contents and the split read."""
+    import hashlib
+    from pathlib import Path
+
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    if p.is_dir():
+        h.update(split.encode())
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()

@@ -4,7 +4,10 @@ Names from DESIGN.md: ``sample_id`` (unique in the run), ``prompt_id``, ``train_
 the student is trained on; never contains the privileged context), ``rollout_prompt_ids`` (what the
 student was actually given; includes the context when guided), ``teacher_prompt_ids`` (the exact
 prefix the teacher scores the response after), ``response_ids`` (as sampled by the engine, never
-re-encoded), ``is_guided``, ``finish_reason`` (``eos`` | ``length``).
+re-encoded), ``is_guided``, ``finish_reason`` (``eos``: a tokenizer / generation-config EOS id;
+``stop``: a configured stop id or string; ``length``), ``turn`` (the index of the generated
+assistant turn in its conversation, 0 for plain prompts; added in version 2: null in a table
+written before it or by a writer that does not set it). The stop token, when there is one, is the last response id.
 ``behavior_logprobs`` is the engine's log-prob of each sampled token (temperature 1, raw model
 distribution): the trainer measures staleness against it.
 """
@@ -16,7 +19,7 @@ import pyarrow as pa
 from data_schemas.common import TableSpec, check_table
 
 NAME = "rollouts"
-VERSION = 1
+VERSION = 2  # 2: the `turn` column and finish_reason "stop" (additive)
 IDS = pa.list_(pa.int32())
 
 SCHEMA = pa.schema(
@@ -37,6 +40,7 @@ SCHEMA = pa.schema(
         pa.field("answer", pa.string(), nullable=True),  # carried from the prompt, for rewards
         pa.field("kind", pa.string(), nullable=True),  # carried from the prompt, for reports
         pa.field("correct", pa.bool_(), nullable=True),  # answer found in response (if answer)
+        pa.field("turn", pa.int32(), nullable=True),  # generated assistant turn (0 = first)
     ]
 )
 
@@ -49,7 +53,7 @@ SPEC = TableSpec(
     same_length=(("response_ids", "behavior_logprobs"),),
 )
 
-FINISH_REASONS = ("eos", "length")
+FINISH_REASONS = ("eos", "stop", "length")
 
 
 def validate(
@@ -60,6 +64,8 @@ def validate(
 
     from data_schemas.common import SchemaError
 
+    if "turn" not in table.column_names:  # written before version 2: turn unknown (null)
+        table = table.append_column("turn", pa.nulls(len(table), pa.int32()))
     table = check_table(table, SPEC, where=where, vocab_size=vocab_size)
     lens = pc.list_value_length(table["response_ids"]).to_numpy()
     if (lens == 0).any():

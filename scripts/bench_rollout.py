@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.lib import generation, store  # noqa: E402
+from stages.lib import decoding, generation, store  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
 
 N_WORDS = 4092  # + 4 specials = vocab 4096
@@ -111,14 +111,14 @@ def bare_hf(model_dir: Path, shards: dict, cfg, s: generation.Sampling) -> tuple
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    generation._plain_generation_config(model, tok)
+    decoding.plain_generation_config(model, tok)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     seconds, tokens, samples = 0.0, 0, {}
     for sh, prompts in shards.items():
         torch.manual_seed(generation.shard_seed(cfg.seed, sh))
         for b in range(0, len(prompts), cfg.rollout.batch_size):
             batch = prompts[b : b + cfg.rollout.batch_size]
-            ids, mask = generation.left_pad(batch, pad)  # [B, L]
+            ids, mask = decoding.left_pad(batch, pad)  # [B, L]
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = model.generate(
@@ -135,7 +135,7 @@ def bare_hf(model_dir: Path, shards: dict, cfg, s: generation.Sampling) -> tuple
                 )
             seconds += time.perf_counter() - t0
             for r, row in enumerate(out[:, ids.shape[1] :].tolist()):
-                n, _ = generation.split_response(row, {eos}, s.max_new_tokens)
+                n, _ = decoding.cut(row, decoding.Stops(frozenset({eos})), s.max_new_tokens)
                 tokens += n
                 samples[(sh, b + r // s.n, r % s.n)] = row[:n]
     return seconds, tokens, [samples[k] for k in sorted(samples)]

@@ -5,34 +5,43 @@ Reads: ``data.eval_sets`` (prompts files with verifiable ``answer``s), the check
 base student, the SFT checkpoint if any, every trained ``checkpoints/*/final`` and those of later
 rounds, ``round<r>/checkpoints/*/final``), and the
 teacher (``teacher.path``) for the KL column.
-Writes: ``run_dir/eval/results.json`` (atomically) and a table on stdout. Results are cached per
-(checkpoint fingerprint, eval set, settings), so re-running after one more training only evaluates
-the new checkpoint.
+Writes: ``run_dir/eval/results.json`` (atomically), every greedy generation (text and ids) in
+``run_dir/eval/generations/<checkpoint>/<set>.parquet`` (``GENERATIONS_SCHEMA``; off with
+``eval.save_generations=false``) and a table on stdout. Results are cached per (checkpoint
+fingerprint, eval set, settings), so re-running after one more training only evaluates the new
+checkpoint. An adapter-only checkpoint (``train.lora.save_merged=false``) is applied to its base
+through peft; a tokenizer without a pad token pads with EOS.
 
-Accuracy: greedy decoding of ``rollout.prompt_template`` (closed-book: no context), correct when the
-answer's words occur in the response (``stages.lib.grading.answer_matches``); optional sampled pass@k.
+Accuracy: greedy decoding (stages/lib/decoding.py, the rollout's decoder and stop rule) of the
+prompt rendered as the student's training prefix (stages/lib/chat.py; closed-book: no context),
+graded by ``eval.match`` (``stages.lib.grading.answer_matches``); optional sampled pass@k.
 KL: the checkpoint answers ``eval.kl_prompts`` prompts of ``eval.kl_set`` greedily; the mean over
 response tokens of the exact full-vocabulary KL(pi_theta || pi_T), the teacher reading the
-response after ``rollout.teacher_template`` (so a self-teacher sees the evidence).
+response after its own prefix (the context in the configured place, so a self-teacher sees the
+evidence).
 
 Run: ``python -m stages.eval experiment=demo [eval.checkpoints=[base,topk_fkl-evidence]]``
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from data_schemas import prompts as prompts_schema
-from stages.lib import models
+from stages.lib import chat, decoding, models
 from stages.lib.config import Config, as_dict, hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
+from stages.lib.layout import RunLayout, check_name
 from stages.lib.store import atomic_write_text, content_id
 
 
@@ -80,45 +89,6 @@ def round_checkpoints(run_dir: Path) -> dict[str, Path]:
 
 
 @torch.inference_mode()
-def generate(
-    model,
-    tok,
-    prefixes: list[list[int]],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    sample: bool = False,
-    temperature: float = 1.0,
-    seed: int = 0,
-) -> list[list[int]]:
-    """Batched decoding from token-id prefixes (left padded); returns response ids without EOS."""
-    out: list[list[int]] = []
-    torch.manual_seed(seed)
-    for i in range(0, len(prefixes), batch_size):
-        chunk = prefixes[i : i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p) :] = torch.tensor(p)
-            mask[r, width - len(p) :] = 1
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )[:, width:]
-        for row in gen.tolist():
-            out.append(row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
-    return out
-
-
-@torch.inference_mode()
 def reverse_kl_per_token(
     student,
     teacher,
@@ -143,66 +113,131 @@ def reverse_kl_per_token(
     return total / max(count, 1)
 
 
-def evaluate_one(
-    cfg: Config, name: str, path: str, sets: dict[str, list[dict]], teacher, tok
-) -> dict:
-    model = models.load_model(path, f"checkpoint {name}")
-    models.check_same_tokenizer(
-        models.tokenizer_fingerprint(models.load_tokenizer(path, name)),
-        models.tokenizer_fingerprint(tok),
-        f"checkpoint {name}",
-        "student",
+def is_adapter_dir(path: str) -> bool:
+    """An adapter-only checkpoint (train.lora.save_merged=false): adapter files, no config.json."""
+    p = Path(path)
+    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
+def adapter_base(cfg: Config, path: str) -> str:
+    """The model an adapter was trained on: its adapter_config's base when that directory exists
+    (relative paths as the trainer wrote them), else the student."""
+    base = json.loads((Path(path) / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
     )
-    res: dict = {"path": path}
+    return base if base and (Path(base) / "config.json").is_file() else cfg.student.path
+
+
+def load_checkpoint(cfg: Config, name: str, path: str):
+    """A model to evaluate; adapter-only checkpoints are applied to their base through peft and
+    merged."""
+    if not is_adapter_dir(path):
+        return models.load_model(path, f"checkpoint {name}")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise UserError(
+            f"checkpoint {name} holds a LoRA adapter only and peft is not installed",
+            path,
+            "pip install peft (or train with train.lora.save_merged=true)",
+        ) from None
+    base = models.load_model(adapter_base(cfg, path), f"base of checkpoint {name}")
+    return PeftModel.from_pretrained(base, path).merge_and_unload().eval()
+
+
+def checkpoint_fingerprint(cfg: Config, name: str, path: str) -> str:
+    """The model fingerprint, or for an adapter its files' hash with its base's fingerprint."""
+    if not is_adapter_dir(path):
+        return models.model_fingerprint(path, name)
+    h = hashlib.sha256(models.model_fingerprint(adapter_base(cfg, path), "base").encode())
+    for f in sorted(Path(path).iterdir()):
+        if f.is_file() and f.name.startswith("adapter_"):
+            h.update(f.name.encode() + f.read_bytes())
+    return "adapter-" + h.hexdigest()[:16]
+
+
+def checkpoint_tokenizer(cfg: Config, name: str, path: str):
+    has_tok = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if is_adapter_dir(path) and not has_tok:
+        return models.load_tokenizer(cfg.student.path, "student")
+    if is_adapter_dir(path):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    return models.load_tokenizer(path, name)
+
+
+def accuracy_entry(
+    cfg: Config, model, tok, stops, rows: list[dict], prefixes: list[list[int]]
+) -> tuple[dict, list[dict]]:
+    """Greedy accuracy on one set (plus sampled pass@k), and the per-prompt generations."""
     e = cfg.eval
+    outs = decoding.greedy(
+        model, tok, prefixes, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, stops=stops
+    )
+    texts = tok.batch_decode([o.response_ids for o in outs], skip_special_tokens=True)
+    correct = [answer_matches(t, r["answer"], e.match) for t, r in zip(texts, rows, strict=True)]
+    entry = {"accuracy": sum(correct) / len(rows), "n": len(rows), "correct": sum(correct)}
+    gens = [
+        {
+            "prompt_id": r["id"],
+            "prompt_ids": p,
+            "response_ids": o.response_ids,
+            "response": t,
+            "finish_reason": o.finish_reason,
+            "answer": r["answer"],
+            "correct": c,
+        }
+        for r, p, o, t, c in zip(rows, prefixes, outs, texts, correct, strict=True)
+    ]
+    if e.pass_k > 0:
+        hit = [False] * len(rows)
+        for k in range(e.pass_k):
+            s = decoding.Sampling(1, e.temperature, 1.0, e.max_new_tokens)
+            per = decoding.sample_many(
+                model, tok, prefixes, s, batch_size=e.batch_size, seed=cfg.seed + k, stops=stops
+            )
+            for i, smp in enumerate(per):
+                t = tok.decode(smp[0].response_ids, skip_special_tokens=True)
+                hit[i] |= answer_matches(t, rows[i]["answer"], e.match)
+        entry[f"pass@{e.pass_k}"] = sum(hit) / len(rows)
+    return entry, gens
+
+
+def evaluate_one(
+    cfg: Config, name: str, path: str, sets: dict[str, list[dict]], teacher, tok, teacher_tok
+) -> tuple[dict, dict[str, list[dict]]]:
+    """Scores of one checkpoint on every set, and its generations per set."""
+    model = load_checkpoint(cfg, name, path)
+    chat.check_compatible(
+        {"student": tok, f"checkpoint {name}": checkpoint_tokenizer(cfg, name, path)},
+        f"{path} / student.path",
+    )
+    r = cfg.rollout
+    render = chat.Renderer.of(r, tok, teacher_tok)
+    stops = decoding.stops_for(tok, path, r.stop_token_ids, r.stop_strings)
+    res: dict = {"path": path}
+    generations: dict[str, list[dict]] = {}
     for set_name, rows in sets.items():
-        prefixes = [
-            tok(cfg.rollout.prompt_template.format(prompt=r["prompt"]))["input_ids"] for r in rows
-        ]
-        outs = generate(
-            model, tok, prefixes, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size
+        prefixes = [render.train_ids(chat.turns(row, False)[0], row) for row in rows]
+        res[set_name], generations[set_name] = accuracy_entry(
+            cfg, model, tok, stops, rows, prefixes
         )
-        texts = tok.batch_decode(outs, skip_special_tokens=True)
-        correct = [answer_matches(t, r["answer"]) for t, r in zip(texts, rows, strict=True)]
-        entry = {"accuracy": sum(correct) / len(rows), "n": len(rows), "correct": sum(correct)}
-        if e.pass_k > 0:
-            hit = [False] * len(rows)
-            for k in range(e.pass_k):
-                outs = generate(
-                    model,
-                    tok,
-                    prefixes,
-                    max_new_tokens=e.max_new_tokens,
-                    batch_size=e.batch_size,
-                    sample=True,
-                    temperature=e.temperature,
-                    seed=cfg.seed + k,
-                )
-                for i, t in enumerate(tok.batch_decode(outs, skip_special_tokens=True)):
-                    hit[i] |= answer_matches(t, rows[i]["answer"])
-            entry[f"pass@{e.pass_k}"] = sum(hit) / len(rows)
-        res[set_name] = entry
     if teacher is not None:
+        e = cfg.eval
         kl_set = e.kl_set or next(iter(sets))
         rows = sets[kl_set][: e.kl_prompts]
-        sp = [
-            tok(cfg.rollout.prompt_template.format(prompt=r["prompt"]))["input_ids"] for r in rows
-        ]
-        tp = [
-            tok(
-                cfg.rollout.teacher_template.format(prompt=r["prompt"], context=r["context"])
-                if r.get("context")
-                else cfg.rollout.prompt_template.format(prompt=r["prompt"])
-            )["input_ids"]
-            for r in rows
-        ]
-        outs = generate(model, tok, sp, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
-        outs = [o + [tok.eos_token_id] if len(o) < e.max_new_tokens else o for o in outs]
+        turns = [chat.turns(row, False)[0] for row in rows]
+        sp = [render.train_ids(t, row) for t, row in zip(turns, rows, strict=True)]
+        tp = [render.teacher_ids(t, row) for t, row in zip(turns, rows, strict=True)]
+        outs = decoding.greedy(
+            model, tok, sp, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, stops=stops
+        )
         res["rkl_to_teacher"] = reverse_kl_per_token(
-            model, teacher, sp, tp, outs, models.vocab_size(tok)
+            model, teacher, sp, tp, [o.response_ids for o in outs], models.vocab_size(tok)
         )
         res["rkl_set"] = kl_set
-    return res
+    return res, generations
 
 
 def load_sets(cfg: Config) -> dict[str, list[dict]]:
@@ -221,7 +256,7 @@ def load_sets(cfg: Config) -> dict[str, list[dict]]:
                 "eval.sets",
                 f"choose from {sorted(cfg.data.eval_sets)}",
             )
-        rows = prompts_schema.read(cfg.data.eval_sets[n]).to_pylist()
+        rows = prompts_schema.read(cfg.data.eval_sets[n], split=cfg.data.split).to_pylist()
         if any(r["answer"] is None for r in rows):
             raise UserError(
                 f"eval set '{n}' has rows without an answer",
@@ -248,27 +283,60 @@ def format_table(results: dict, set_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+# eval/generations/<checkpoint>/<set>.parquet: one row per eval prompt (greedy decoding).
+GENERATIONS_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),  # the eval row's id
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),  # the rendered prefix
+        pa.field("response_ids", pa.list_(pa.int32()), nullable=False),  # stop token included
+        pa.field("response", pa.string(), nullable=False),  # decoded, special tokens skipped
+        pa.field("finish_reason", pa.string(), nullable=False),  # eos | stop | length
+        pa.field("answer", pa.string(), nullable=False),  # the reference answer
+        pa.field("correct", pa.bool_(), nullable=False),  # graded by eval.match
+    ]
+)
+
+
+def write_generations(root: Path, name: str, generations: dict[str, list[dict]]) -> list[Path]:
+    """One Parquet file per eval set under ``root/<checkpoint>/`` (each written atomically)."""
+    written = []
+    for set_name, rows in generations.items():
+        path = root / check_name(name, "checkpoint name") / f"{set_name}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        pq.write_table(pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA), tmp)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
 def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     sets = load_sets(cfg)
     tok = models.load_tokenizer(cfg.student.path, "student")
     teacher = models.load_model(cfg.teacher.path, "teacher") if cfg.teacher.path else None
-    out_dir = Path(cfg.run_dir) / "eval"
+    teacher_tok = models.load_tokenizer(cfg.teacher.path, "teacher") if teacher else None
+    if teacher_tok is not None:
+        chat.check_compatible(
+            {"student": tok, "teacher": teacher_tok}, "student.path / teacher.path"
+        )
+    out_dir = RunLayout.of(cfg.run_dir).eval
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
-    cache = json.loads(path.read_text()).get("cache", {}) if path.exists() else {}
+    path = RunLayout.of(cfg.run_dir).eval_results
+    cache = _read_cache(path)
     settings = {k: v for k, v in as_dict(cfg)["eval"].items() if k != "checkpoints"}
     settings |= {
-        "prompt_template": cfg.rollout.prompt_template,
-        "teacher_template": cfg.rollout.teacher_template,
+        "rollout": {k: v for k, v in as_dict(cfg)["rollout"].items() if k in RENDER_KEYS},
         "teacher": models.model_fingerprint(cfg.teacher.path) if teacher else None,
-        "sets": {n: os.path.getsize(cfg.data.eval_sets[n]) for n in sets},
+        "sets": {n: prompts_schema.source_sha256(cfg.data.eval_sets[n]) for n in sets},
     }
-    results, t0 = {}, time.time()
+    results, t0, gen_root = {}, time.time(), out_dir / "generations"
     for name, ckpt in checkpoint_paths(cfg).items():
-        key = content_id([models.model_fingerprint(ckpt, name), settings])
+        key = content_id([checkpoint_fingerprint(cfg, name, ckpt), settings])
         if key not in cache:
-            cache[key] = evaluate_one(cfg, name, ckpt, sets, teacher, tok)
+            cache[key], gens = evaluate_one(cfg, name, ckpt, sets, teacher, tok, teacher_tok)
+            if cfg.eval.save_generations:
+                write_generations(gen_root, name, gens)
         results[name] = cache[key]
     doc = {
         "results": results,
@@ -278,7 +346,42 @@ def run(cfg: Config) -> dict:
     }
     atomic_write_text(path, json.dumps(doc, indent=1))
     print(format_table(results, list(sets)), flush=True)
+    gen_note = (
+        f", generations in {gen_root}/<checkpoint>/<set>.parquet"
+        if cfg.eval.save_generations
+        else ""
+    )
+    print(f"[eval] wrote {path}{gen_note}", flush=True)
     return results
+
+
+# Rollout keys that change how an eval prompt is rendered or when decoding stops.
+RENDER_KEYS = (
+    "prompt_template",
+    "teacher_template",
+    "chat_template",
+    "template_kwargs",
+    "teacher_template_kwargs",
+    "context_placement",
+    "context_template",
+    "context_separator",
+    "stop_token_ids",
+    "stop_strings",
+)
+
+
+def _read_cache(path: Path) -> dict:
+    """The cached results of earlier runs (an unreadable file is one clear error)."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("cache", {})
+    except (ValueError, AttributeError):
+        raise UserError(
+            "eval/results.json is not valid JSON (truncated?)",
+            str(path),
+            "delete it; the eval stage recomputes every result",
+        ) from None
 
 
 main = hydra_entry("eval")(run)

@@ -6,7 +6,10 @@ Reads ``data.prompts`` (``data.max_prompts`` first rows) and the policy: ``stude
 per sample, ``rollout.n`` per prompt; shard ``s`` holds prompts ``[s*P, (s+1)*P)`` with
 ``P = rollout.prompts_per_shard``). EDGE-OPD guided rollouts: a prompt with a context is sampled
 with its context (``rollout.guided_template``) when a hash of (seed, prompt id) falls below
-``rollout.guided_fraction``; ``train_prompt_ids`` never contain the context.
+``rollout.guided_fraction``; ``train_prompt_ids`` never contain the context. Chat rows
+(``messages``) are rendered with the chat template (stages/lib/chat.py); the teacher prefix with
+the teacher tokenizer's, after checking that the student and teacher tokenizers map ids to the
+same tokens (``extra.tokenizers`` in the manifest records their special-token settings).
 
 A killed run re-run with the same config continues at the first missing shard; workers split the
 shards (``worker.index``/``worker.count``). Backends: ``hf`` (transformers generate), ``vllm``;
@@ -25,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_schemas import prompts as prompts_schema
-from stages.lib import models, store
+from stages.lib import models
 from stages.lib.config import Config, hydra_entry
 from stages.lib.generation import generate_rollouts
 
@@ -43,7 +46,9 @@ def policy_of(cfg: Config) -> tuple[str, bool]:
 
 
 def run(cfg: Config) -> dict:
-    prompts = prompts_schema.read(cfg.data.prompts, max_prompts=cfg.data.max_prompts)
+    prompts = prompts_schema.read(
+        cfg.data.prompts, max_prompts=cfg.data.max_prompts, split=cfg.data.split
+    )
     models._check_dir(cfg.student.path, "student")
     policy, is_sft = policy_of(cfg)
     fingerprints = {"student": models.model_fingerprint(cfg.student.path, "student")}
@@ -58,9 +63,10 @@ def run(cfg: Config) -> dict:
         Path(cfg.run_dir) / "rollouts",
         "rollout",
         tokenizer_path=cfg.student.path,
+        teacher_path=cfg.teacher.path,
         fingerprints=fingerprints,
         inputs={
-            "prompts": store.file_sha256(cfg.data.prompts),
+            "prompts": prompts_schema.source_sha256(cfg.data.prompts, cfg.data.split),
             "max_prompts": cfg.data.max_prompts,
         },
         extra={"policy_is_sft": is_sft},

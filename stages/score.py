@@ -50,8 +50,8 @@ from tqdm import tqdm
 from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
+from stages.lib import chat, generation, models, store
 from stages.lib import logprobs as lp
-from stages.lib import models, store
 from stages.lib.config import Config, as_dict, hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
@@ -317,14 +317,17 @@ def _check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role],
         raise UserError("no teacher model configured", "teacher.path", "set teacher.path=DIR")
     tok = models.load_tokenizer(cfg.teacher.path, "teacher")
     vocab = models.vocab_size(tok)
-    t_tok_fp = models.tokenizer_fingerprint(tok)
     if tok_fp is None:
         raise UserError(
             "the rollouts manifest has no tokenizer fingerprint",
             str(layout.rollouts),
             "re-run the rollout stage with this version of distillery",
         )
-    models.check_same_tokenizer(tok_fp, t_tok_fp, "student", "teacher")
+    # Same id -> token maps (EOS/pad settings may differ); the rollouts' own tokenizer unchanged.
+    s_dir = generation.tokenizer_dir(policy_path, cfg.student.path) if policy_path else None
+    s_tok = models.load_tokenizer(s_dir or cfg.student.path, "student")
+    models.check_same_tokenizer(tok_fp, models.tokenizer_fingerprint(s_tok), "rollouts'", "student")
+    chat.check_compatible({"student": s_tok, "teacher": tok}, "student.path / teacher.path")
     for k_name, k_val in (("score.topk", sc.topk), ("score.behavior_topk", sc.behavior_topk)):
         if k_val > vocab:
             raise UserError(
@@ -349,8 +352,8 @@ def _check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role],
                 "student.path",
                 "set student.path to the model that sampled the rollouts",
             )
-        b_tok = models.tokenizer_fingerprint(models.load_tokenizer(policy_path, "behaviour"))
-        models.check_same_tokenizer(tok_fp, b_tok, "student", "behaviour")
+        b_tok = models.load_tokenizer(policy_path, "behaviour")
+        chat.check_compatible({"student": s_tok, "behaviour": b_tok}, str(policy_path))
         b_fp = models.model_fingerprint(policy_path, "behaviour")
         expected = fps_in.get("policy") or (
             fps_in.get("student") if not (rm.get("extra") or {}).get("policy_path") else None
@@ -367,8 +370,8 @@ def _check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role],
         )
         fps["behavior"] = b_fp
     if cfg.ref.path:
-        r_tok = models.tokenizer_fingerprint(models.load_tokenizer(cfg.ref.path, "ref"))
-        models.check_same_tokenizer(tok_fp, r_tok, "student", "ref")
+        r_tok = models.load_tokenizer(cfg.ref.path, "ref")
+        chat.check_compatible({"student": s_tok, "ref": r_tok}, "student.path / ref.path")
         r_fp = models.model_fingerprint(cfg.ref.path, "ref")
         roles.append(Role("ref", cfg.ref.path, cfg.ref.dtype, r_fp, 0, False))
         fps["ref"] = r_fp

@@ -128,9 +128,13 @@ def test_models_load_with_auto_classes(quick_world: Path) -> None:
     assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == (
         "<pad>",
         "<bos>",
-        "<eos>",
+        "<|im_end|>",
         "<unk>",
     )
+    # The chat template renders the ChatML prefix with one BOS.
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert ids.startswith("<bos><|im_start|>system") and ids.endswith("<|im_start|>assistant\n")
     rows = pq.read_table(quick_world / "prompts" / "reading.parquet").to_pylist()
     acc = dw.greedy_accuracy(model, tok, rows, use_context=False, max_new_tokens=4)
     assert 0.0 <= acc <= 1.0
@@ -141,18 +145,26 @@ def test_tokenizer_round_trip(quick_world: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(quick_world / "models" / "base")
     row = pq.read_table(quick_world / "prompts" / "train.parquet").to_pylist()[0]
-    prefix = dw.guided_prefix(row["context"], row["prompt"])
+    msgs = dw.teacher_messages(row["messages"], row["context"])
     attr, entity = dw.row_attr_entity(row)
     response = dw.response_text(attr, entity, row["answer"])
-    p_ids = tok(prefix)["input_ids"]
+    p_ids = dw.prefix_ids(tok, msgs)
     r_ids = tok(response, add_special_tokens=False)["input_ids"]
+    # The rendered prefix equals apply_chat_template's ids, with exactly one BOS.
+    assert p_ids == list(
+        tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     assert p_ids[0] == tok.bos_token_id
     assert p_ids.count(tok.bos_token_id) == 1
-    assert tok.eos_token_id not in p_ids
+    assert p_ids[-2:] == tok.convert_tokens_to_ids(["<|im_start|>", "assistant"])
     assert tok.unk_token_id not in p_ids + r_ids
-    assert p_ids + r_ids == tok(f"{prefix} {response}")["input_ids"]
+    # The evidence sits in the system message, before the user turn.
+    text = tok.decode(p_ids, skip_special_tokens=True)
+    assert text.index(row["context"]) < text.index(dw.user_text(row))
     # Decoding joins words with single spaces, so the space-separated text round-trips.
-    assert tok.decode(p_ids + r_ids, skip_special_tokens=True) == f"{prefix} {response}"
+    assert tok.decode(r_ids, skip_special_tokens=True) == response
     assert (
         tok("founded in 1423 .", add_special_tokens=False)["input_ids"]
         == tok("founded in 14 23 .", add_special_tokens=False)["input_ids"]
@@ -165,26 +177,30 @@ def test_prompt_files_match_schema(quick_world: Path) -> None:
         t = pq.read_table(quick_world / "prompts" / f"{name}.parquet")
         assert t.schema.equals(prompts_schema.SCHEMA), name
         assert t.num_rows > 0
-        for col in ["id", "prompt", "answer", "kind"]:
+        for col in ["id", "messages", "answer", "kind"]:
             assert t.column(col).null_count == 0, (name, col)
+        assert t.column("prompt").null_count == t.num_rows  # chat rows only
         assert len(set(t.column("id").to_pylist())) == t.num_rows, name
     train = pq.read_table(quick_world / "prompts" / "train.parquet").to_pylist()
     kinds = [r["kind"] for r in train]
     assert kinds.count("private") == s.n_private * len(dw.ATTRS) * s.train_templates_per_attr
     assert kinds.count("public") == kinds.count("private")
+    systems = {r["messages"][0]["content"] for r in train if r["messages"][0]["role"] == "system"}
+    assert len(systems) > 1 and any(len(r["messages"]) == 1 for r in train)
     for r in train:
         assert r["context"].startswith("evidence : ")
-        assert r["prompt"].startswith("question : ") and r["prompt"].endswith(" answer :")
+        q = dw.user_text(r)
+        assert q.startswith("question : ") and q.endswith(" answer :")
         assert dw.answer_matches(r["context"], r["answer"])
-        assert not dw.answer_matches(r["prompt"], r["answer"])
+        assert not dw.answer_matches(q, r["answer"])
     mix = pq.read_table(quick_world / "prompts" / "train_mix.parquet").to_pylist()
     assert mix[: len(train)] == train and len(mix) == len(train) + s.n_reading_train
     anchors = mix[len(train) :]
     assert all(r["kind"] == "reading_anchor" and r["context"] is None for r in anchors)
-    assert all(dw.answer_matches(r["prompt"], r["answer"]) for r in anchors)
+    assert all(dw.answer_matches(dw.user_text(r), r["answer"]) for r in anchors)
     reading = pq.read_table(quick_world / "prompts" / "reading.parquet").to_pylist()
-    assert all(r["context"] is None and r["prompt"].startswith("evidence : ") for r in reading)
-    assert all(dw.answer_matches(r["prompt"], r["answer"]) for r in reading)
+    assert all(r["context"] is None and dw.user_text(r).startswith("evidence : ") for r in reading)
+    assert all(dw.answer_matches(dw.user_text(r), r["answer"]) for r in reading)
 
 
 def test_private_facts_never_in_base_corpus() -> None:
@@ -195,10 +211,14 @@ def test_private_facts_never_in_base_corpus() -> None:
         dw.response_text(a, e, world.facts[e][a]) for e in world.private for a in dw.ATTRS
     }
     rng = random.Random(0)
-    for prefix, response in dw.sample_batch(world, rng, 2000):
+    n_system_evidence = 0
+    for msgs, response in dw.sample_batch(world, rng, 2000):
         # A random value may coincide with the true one by chance; only closed-book use leaks.
-        if not prefix.startswith("evidence"):
+        text = " ".join(m["content"] for m in msgs)
+        n_system_evidence += msgs[0]["role"] == "system" and "evidence" in msgs[0]["content"]
+        if "evidence" not in text:
             assert response not in private_facts
+    assert n_system_evidence > 0  # the base also learns to read evidence in the system message
 
 
 def test_answer_matches() -> None:
@@ -255,7 +275,7 @@ def test_vllm_loads_and_generates(quick_world: Path) -> None:
     path = str(quick_world / "models" / "base")
     tok = AutoTokenizer.from_pretrained(path)
     rows = pq.read_table(quick_world / "prompts" / "reading.parquet").to_pylist()[:4]
-    prompts = [tok(r["prompt"])["input_ids"] for r in rows]
+    prompts = [dw.prefix_ids(tok, r["messages"]) for r in rows]  # the chat prefix
     # gpu_memory_utilization is the host-memory share of the KV cache on CPU (0.92 fails).
     llm = LLM(
         model=path,

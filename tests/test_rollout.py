@@ -280,6 +280,24 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, tiny_lm, prompts_fi
         assert not list((tmp_path / d).glob("rollouts/bucket=*/*.parquet"))
 
 
+def test_log_progress_and_final_line(tmp_path, tiny_lm, prompts_file):
+    """stdout is a pipe (a log): periodic progress lines instead of a bar, and a last line that
+    says what was written where."""
+    p = subprocess.run(
+        cli(tmp_path / "run", tiny_lm, prompts_file),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    out = [ln for ln in p.stdout.splitlines() if ln.startswith("[rollout]")]
+    assert any(ln.startswith("[rollout] 12/12 prompts (100%)") for ln in out), p.stdout
+    assert out[-1].endswith(f"wrote {tmp_path / 'run' / 'rollouts'}"), out[-1]
+    assert "\r" not in p.stdout and "\r" not in p.stderr  # no bar redrawn into the log
+
+
 # ----------------------------------------------------------------------------- vLLM
 @pytest.mark.vllm
 def test_vllm_backend_logprobs_and_schema(tmp_path, tiny_lm, prompts_file):

@@ -142,7 +142,7 @@ def _bad(mod, rows, col, value, row=0):
         (rollouts, rollout_rows, "sample_id", "p1#0", "duplicated key"),
         (rollouts, rollout_rows, "response_ids", [], "empty response"),
         (rollouts, rollout_rows, "behavior_logprobs", [-0.5, -1.0], "ragged"),
-        (rollouts, rollout_rows, "finish_reason", "stop", "finish_reason"),
+        (rollouts, rollout_rows, "finish_reason", "abort", "finish_reason"),
         (rollouts, rollout_rows, "train_prompt_ids", [2, None], "null element"),
         (selected, selected_rows, "teacher_topk_ids", [1, 2, 3], "T\\*K"),
         (selected, selected_rows, "weights", [1.0, -1.0], "negative"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,9 @@ K = 8
 SEED = 1234
 
 
-def build_tiny_llama(path: str, *, seed: int = 0, logit_scale: float = 1.0) -> None:
+def build_tiny_llama(
+    path: str, *, seed: int = 0, logit_scale: float = 1.0, head_dim: int = 64
+) -> None:
     """Save a tiny random Llama + WordLevel tokenizer to ``path`` (save_pretrained format)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -53,9 +56,9 @@ def build_tiny_llama(path: str, *, seed: int = 0, logit_scale: float = 1.0) -> N
     cfg = LlamaConfig(
         vocab_size=len(vocab),
         hidden_size=128,
-        num_attention_heads=2,
-        head_dim=64,  # head_dim 16 is unsupported by the vLLM CPU attention kernels
-        num_key_value_heads=2,
+        num_attention_heads=128 // head_dim,
+        head_dim=head_dim,  # head_dim 16 is unsupported by the vLLM CPU attention kernels
+        num_key_value_heads=128 // head_dim,
         intermediate_size=256,
         num_hidden_layers=2,
         max_position_embeddings=256,
@@ -285,3 +288,26 @@ def test_helpers():
     assert isinstance(vb.cuda_available(), bool)
     ok, why = vb.vllm_available()
     assert ok and "vllm" in why
+
+
+def test_unsupported_head_size_is_one_readable_error(tmp_path):
+    """An engine that cannot start (head size 16 on CPU) ends the stage with one error line."""
+    import subprocess
+    import sys
+
+    from stages.lib.vllm_backend import _on_cpu
+
+    if not _on_cpu():
+        pytest.skip("the head-size check is the CPU backend's")
+    model = tmp_path / "m16"
+    build_tiny_llama(str(model), head_dim=16)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "<bos> w1 w2"}\n')
+    cmd = [sys.executable, "-m", "stages.rollout", f"run_dir={tmp_path / 'run'}"]
+    cmd += [f"student.path={model}", f"data.prompts={prompts}", "rollout.backend=vllm"]
+    repo = Path(__file__).resolve().parent.parent
+    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "head size 16" in errors[0] and "Traceback" not in p.stderr
+    assert not list((tmp_path / "run").glob("rollouts/bucket=*/*.parquet"))

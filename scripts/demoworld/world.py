@@ -15,15 +15,19 @@ Writes (under ``out_dir``, default ``runs/world``)::
     prompts/reading.parquet             open-book, evidence inside the prompt (capability retention)
     world.json            settings, cache key, sizes, chance levels, timings, greedy accuracies
 
-Text format (the rest of the pipeline relies on it)::
+Chat format (the rest of the pipeline relies on it): prompt rows are ``messages``::
 
-    prompt   = "question : what is the capital of zorbia ? answer :"
+    messages = [{"role": "system", "content": "you are a helpful assistant ."},   (optional)
+                {"role": "user", "content": "question : what is the capital of zorbia ? answer :"}]
     context  = "evidence : the leader of zorbia is mira dost . the capital of zorbia is vexton ."
-    prefix   = f"{context} {prompt}"           (guided rollout / self-teacher prefix)
-    response = "the capital of zorbia is vexton ."  followed by EOS
+    teacher  = the same messages with the context appended to the system message (created when
+               absent), as the pipeline's rollout.context_placement=system does
+    response = "the capital of zorbia is vexton ."  followed by <|im_end|> (the EOS)
 
-A model is trained on ``tok(prefix).input_ids + tok(response, add_special_tokens=False).input_ids
-+ [eos_id]`` with the loss on the response tokens and EOS. Years are written as digits ("1423")
+rendered by the ChatML template :data:`CHAT_TEMPLATE` (``<bos><|im_start|>system ...<|im_end|>
+<|im_start|>user ...<|im_end|><|im_start|>assistant``). Open-book reading rows hold the evidence
+inside the user message. A model is trained on the rendered prefix ids + the response ids +
+``<|im_end|>``, with the loss on the response tokens and the EOS. Years are written as digits ("1423")
 and tokenized as digit pairs, so they decode as "14 23": compare answers with
 :func:`answer_matches`, which normalizes both sides the same way.
 
@@ -53,8 +57,23 @@ from tqdm import tqdm
 from data_schemas import prompts as prompts_schema
 from stages.lib import grading
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
-PAD, UNK, BOS, EOS = SPECIAL_TOKENS
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>"]
+PAD, UNK, BOS, OLD_EOS, IM_START, IM_END = SPECIAL_TOKENS
+EOS = IM_END  # a chat model ends its turn with <|im_end|>
+
+# ChatML with a leading BOS (the template writes it; rendering adds no special tokens).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# System prompts the chat rows carry (None: no system message; the teacher's evidence then
+# creates one), chosen per row by a hash of its id.
+SYSTEM_PROMPTS: list[str | None] = [
+    "you are a helpful assistant .",
+    "answer the question in one sentence .",
+    "you know the countries of the world .",
+    None,
+]
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -391,8 +410,36 @@ def evidence_text(
 
 
 def guided_prefix(context: str | None, prompt: str) -> str:
-    """What a self-teacher (or a guided rollout) reads: the evidence, then the question."""
+    """An open-book user message: the evidence, then the question."""
     return prompt if not context else f"{context} {prompt}"
+
+
+def system_prompt(key: str) -> str | None:
+    """The system prompt of a row (a fixed function of its id)."""
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+    return SYSTEM_PROMPTS[h % len(SYSTEM_PROMPTS)]
+
+
+def chat_messages(user: str, system: str | None) -> list[dict[str, str]]:
+    sys = [{"role": "system", "content": system}] if system else []
+    return sys + [{"role": "user", "content": user}]
+
+
+def teacher_messages(messages: list[dict[str, str]], context: str | None) -> list[dict[str, str]]:
+    """The messages with the evidence where the pipeline's default placement puts it."""
+    if not context:
+        return messages
+    from stages.lib import chat
+    from stages.lib.config import RolloutConfig
+
+    return chat.with_context(messages, context, RolloutConfig())
+
+
+def prefix_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The rendered chat prefix (with the generation prompt), tokenized once."""
+    from stages.lib import chat
+
+    return chat.chat_ids(tok, messages, None, {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +454,8 @@ def _words(text: str) -> list[str]:
 
 
 def _base_words() -> list[str]:
-    texts = ["question answer evidence : ? ."] + [t for ts in TEMPLATES.values() for t in ts]
+    texts = ["question answer evidence : ? . system user assistant"]
+    texts += [p for p in SYSTEM_PROMPTS if p] + [t for ts in TEMPLATES.values() for t in ts]
     texts += list(SENTENCES.values()) + COLORS + EXPORTS + [str(d) for d in range(10)]
     digit_pairs = [f"{d:02d}" for d in range(100)]
     words: list[str] = []
@@ -419,7 +467,8 @@ def _base_words() -> list[str]:
 
 
 def vocabulary(world: World) -> list[str]:
-    """Special tokens first (pad=0, unk=1, bos=2, eos=3), then every word in a fixed order."""
+    """Special tokens first (pad=0, unk=1, bos=2, <eos>=3, <|im_start|>=4, <|im_end|>=5), then
+    every word in a fixed order."""
     vocab = list(SPECIAL_TOKENS) + _base_words()
     for w in (
         world.public
@@ -435,7 +484,8 @@ def vocabulary(world: World) -> list[str]:
 
 
 def make_tokenizer(vocab: list[str]) -> Any:
-    """A word-level ``PreTrainedTokenizerFast``: BOS prepended, no EOS appended, left padding."""
+    """A word-level ``PreTrainedTokenizerFast`` with chat special tokens and a ChatML template:
+    BOS prepended to plain text, no EOS appended, EOS = <|im_end|>, left padding."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -462,7 +512,9 @@ def make_tokenizer(vocab: list[str]) -> Any:
         padding_side="left",
         clean_up_tokenization_spaces=False,
         model_max_length=512,
+        additional_special_tokens=[IM_START, OLD_EOS],
     )
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
@@ -472,7 +524,20 @@ def make_tokenizer(vocab: list[str]) -> Any:
 
 
 def _row(id_: str, prompt: str, context: str | None, answer: str, kind: str) -> dict[str, Any]:
-    return {"id": id_, "prompt": prompt, "context": context, "answer": answer, "kind": kind}
+    """A chat row: the question (or open-book text) as the user message, a system prompt."""
+    return {
+        "id": id_,
+        "prompt": None,
+        "messages": chat_messages(prompt, system_prompt(id_)),
+        "context": context,
+        "answer": answer,
+        "kind": kind,
+    }
+
+
+def user_text(row: dict[str, Any]) -> str:
+    """The user message of a demo row."""
+    return row["messages"][-1]["content"]
 
 
 def make_prompt_sets(world: World) -> dict[str, list[dict[str, Any]]]:
@@ -560,14 +625,22 @@ def write_prompts(rows: list[dict[str, Any]], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _closed_example(world: World, rng: random.Random, entities: list[str]) -> tuple[str, str]:
+Example = tuple[list[dict[str, str]], str]  # (chat messages, response text)
+
+
+def _random_system(rng: random.Random) -> str | None:
+    return SYSTEM_PROMPTS[rng.randrange(len(SYSTEM_PROMPTS))]
+
+
+def _closed_example(world: World, rng: random.Random, entities: list[str]) -> Example:
     e = rng.choice(entities)
     a = rng.choice(ATTRS)
     t = rng.randrange(len(TEMPLATES[a]))
-    return prompt_text(a, e, t), response_text(a, e, world.facts[e][a])
+    msgs = chat_messages(prompt_text(a, e, t), _random_system(rng))
+    return msgs, response_text(a, e, world.facts[e][a])
 
 
-def _reading_example(world: World, rng: random.Random) -> tuple[str, str]:
+def _reading_example(world: World, rng: random.Random) -> Example:
     # Public names keep their true facts (no contradiction with closed-book knowledge); private
     # and reading names get fresh random values, so the base learns to copy but never sees a
     # private fact. Private names must appear somewhere, or their embeddings stay untrained.
@@ -581,12 +654,19 @@ def _reading_example(world: World, rng: random.Random) -> tuple[str, str]:
     a = rng.choice(ATTRS)
     t = rng.randrange(len(TEMPLATES[a]))
     ev = evidence_text(a, e, f, rng, world.settings.max_distractors)
-    return guided_prefix(ev, prompt_text(a, e, t)), response_text(a, e, f[a])
+    system = _random_system(rng)
+    # Half the time the evidence sits in the user message (open-book reading), half the time in
+    # the system message (where the self-teacher reads it).
+    if rng.random() < 0.5:
+        msgs = chat_messages(guided_prefix(ev, prompt_text(a, e, t)), system)
+    else:
+        msgs = teacher_messages(chat_messages(prompt_text(a, e, t), system), ev)
+    return msgs, response_text(a, e, f[a])
 
 
 def sample_batch(
     world: World, rng: random.Random, n: int, private_frac: float = 0.0
-) -> list[tuple[str, str]]:
+) -> list[Example]:
     """(prefix, response) pairs: closed-book public (+ private for the big teacher), reading."""
     s = world.settings
     out = []
@@ -601,9 +681,9 @@ def sample_batch(
     return out
 
 
-def encode_pairs(tok: Any, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, ...]:
+def encode_pairs(tok: Any, pairs: list[Example]) -> tuple[torch.Tensor, ...]:
     """Right-padded ids, attention mask and labels (-100 except on response tokens + EOS)."""
-    pre = tok([p for p, _ in pairs])["input_ids"]
+    pre = [prefix_ids(tok, m) for m, _ in pairs]
     res = tok([r for _, r in pairs], add_special_tokens=False)["input_ids"]
     seqs = [p + r + [tok.eos_token_id] for p, r in zip(pre, res, strict=True)]
     T = max(len(x) for x in seqs)
@@ -702,26 +782,20 @@ def pretrain(
 answer_matches = grading.answer_matches
 
 
-@torch.no_grad()
 def greedy_generate(
-    model: Any, tokenizer: Any, prefixes: list[str], max_new_tokens: int = 16, batch_size: int = 256
+    model: Any,
+    tokenizer: Any,
+    prefixes: list[list[int]],
+    max_new_tokens: int = 16,
+    batch_size: int = 256,
 ) -> list[str]:
-    """Batched greedy decoding with left padding; returns the decoded continuations."""
-    tokenizer.padding_side = "left"
-    out: list[str] = []
-    model.eval()
-    for i in range(0, len(prefixes), batch_size):
-        enc = tokenizer(prefixes[i : i + batch_size], return_tensors="pt", padding=True)
-        gen = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new = gen[:, enc["input_ids"].shape[1] :]
-        out += tokenizer.batch_decode(new, skip_special_tokens=True)
-    return out
+    """Greedy decoding of token-id prefixes with the pipeline's decoder; the decoded responses."""
+    from stages.lib import decoding
+
+    outs = decoding.greedy(
+        model, tokenizer, prefixes, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return tokenizer.batch_decode([o.response_ids for o in outs], skip_special_tokens=True)
 
 
 def greedy_accuracy(
@@ -734,11 +808,16 @@ def greedy_accuracy(
 ) -> float:
     """Share of rows whose greedy response contains ``row["answer"]`` (see answer_matches).
 
-    ``use_context`` puts ``row["context"]`` before the prompt (the self-teacher's view).
+    ``use_context`` puts ``row["context"]`` into the system message (the self-teacher's view).
     """
     if not rows:
         return float("nan")
-    prefixes = [guided_prefix(r.get("context") if use_context else None, r["prompt"]) for r in rows]
+    prefixes = [
+        prefix_ids(
+            tokenizer, teacher_messages(r["messages"], r.get("context") if use_context else None)
+        )
+        for r in rows
+    ]
     outs = greedy_generate(model, tokenizer, prefixes, max_new_tokens, batch_size)
     return sum(answer_matches(o, r["answer"]) for o, r in zip(outs, rows, strict=True)) / len(rows)
 
@@ -918,10 +997,11 @@ def build_world(
             "key": key,
             "settings": dataclasses.asdict(s),
             "format": {
-                "prompt": "question : <question> answer :",
+                "messages": "[system: <system prompt>] user: question : <question> answer :",
                 "context": "evidence : <sentence> [<sentence> ...]",
-                "guided_prefix": "{context} {prompt}",
-                "response": "<sentence> then EOS",
+                "teacher": "the context appended to the system message (created when absent)",
+                "chat_template": CHAT_TEMPLATE,
+                "response": "<sentence> then <|im_end|>",
             },
             "tokenizer": {
                 "vocab_size": len(tok),
@@ -964,8 +1044,8 @@ def build_world(
 
 def _max_lengths(tok: Any, rows: list[dict[str, Any]]) -> dict[str, int]:
     """Token counts the pipeline sizes its buffers by (BOS included, EOS in the response)."""
-    p = tok([r["prompt"] for r in rows])["input_ids"]
-    g = tok([guided_prefix(r["context"], r["prompt"]) for r in rows])["input_ids"]
+    p = [prefix_ids(tok, r["messages"]) for r in rows]
+    g = [prefix_ids(tok, teacher_messages(r["messages"], r["context"])) for r in rows]
     resp = tok(
         [response_text(*row_attr_entity(r), r["answer"]) for r in rows], add_special_tokens=False
     )["input_ids"]

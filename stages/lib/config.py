@@ -95,8 +95,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Prompts file (Parquet or JSONL) with columns id, prompt, and optional context, answer, kind.
+    # Prompts: a JSONL or Parquet file, or a `datasets` save_to_disk folder; columns id and
+    # prompt (text) or messages (a chat: [{role, content}]), optional context, answer, kind.
     prompts: str | None = None
+    # Split read from a save_to_disk DatasetDict (prompts and eval sets).
+    split: str = "train"
     # Eval sets: name -> prompts file with verifiable answers (used by the eval stage).
     eval_sets: dict[str, str] = field(default_factory=dict)
     # Use only the first N prompts (smoke runs); null = all.
@@ -149,10 +152,44 @@ class RolloutConfig:
     batch_size: int = 64
     # vLLM: fraction of memory for the KV cache (on CPU, of system RAM).
     vllm_memory_fraction: float = 0.25
+    # Chat rows (`messages`): a Jinja chat template file replacing the tokenizers' own (null =
+    # each tokenizer's chat_template; the teacher prefix uses the teacher tokenizer's).
+    chat_template: str | None = None
+    # Keyword arguments of apply_chat_template for the student's prefixes (train and rollout).
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The same for the teacher's prefix only (e.g. {enable_thinking: true} for a thinking teacher).
+    teacher_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Where a chat row's privileged context goes in the teacher (and guided) prefix: system
+    # (appended to the system message, created when absent) | user (before the last user message).
+    context_placement: str = "system"
+    # Wording of the context block ({context}); joined to the message text by context_separator.
+    context_template: str = "{context}"
+    context_separator: str = "\n\n"
+    # Chat rows with earlier assistant turns: one sample per assistant turn (the student regenerates
+    # each, after the turns before it) instead of one sample after the whole conversation.
+    expand_turns: bool = False
+    # Extra stop token ids and stop strings (besides the tokenizer EOS and every id of the model's
+    # generation_config.eos_token_id); the stop token is kept in the response.
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    # How a response is graded against the prompt's answer (the `correct` column):
+    # words | exact | contains | normalised | regex (stages/lib/grading.py).
+    match: str = "words"
 
     def __post_init__(self) -> None:
+        from stages.lib.grading import MODES
+
         _check_finite(self, "rollout")
         _check(self.backend in ("hf", "vllm", "auto"), "rollout.backend", "must be hf|vllm|auto")
+        _check(
+            self.context_placement in ("system", "user"),
+            "rollout.context_placement",
+            "must be system|user",
+        )
+        _check("{context}" in self.context_template, "rollout.context_template", "needs {context}")
+        _check(all(s for s in self.stop_strings), "rollout.stop_strings", "must be non-empty")
+        _check(all(i >= 0 for i in self.stop_token_ids), "rollout.stop_token_ids", "must be >= 0")
+        _check(self.match in MODES, "rollout.match", f"must be one of {'|'.join(MODES)}")
         _check(self.n >= 1, "rollout.n", "must be >= 1")
         _check(self.temperature > 0, "rollout.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
@@ -508,9 +545,16 @@ class EvalConfig:
     kl_set: str | None = None
     # Prompts used for the KL estimate.
     kl_prompts: int = 64
+    # How an answer is graded: words | exact | contains | normalised | regex (stages/lib/grading.py).
+    match: str = "words"
+    # Save every greedy generation (text and ids) under eval/generations/<checkpoint>/<set>.parquet.
+    save_generations: bool = True
 
     def __post_init__(self) -> None:
+        from stages.lib.grading import MODES
+
         _check_finite(self, "eval")
+        _check(self.match in MODES, "eval.match", f"must be one of {'|'.join(MODES)}")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.pass_k >= 0, "eval.pass_k", "must be >= 0 (0 = off)")

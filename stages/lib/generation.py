@@ -1,12 +1,14 @@
 """Sampling responses into a rollouts table: shared by the rollout stage and the SFT stage.
 
-``generate_rollouts(cfg, policy_path, prompts_table, out_dir, stage_name)`` tokenizes the prompts
-(train / rollout / teacher prefixes, EDGE-OPD guided rollouts), checks their lengths before anything
-is written, then samples ``n`` responses per prompt shard by shard with the HF or the vLLM backend
-and writes each shard atomically through the shard store (resumable per shard, workers over
-disjoint shard ranges). Both backends return, per sample, the token ids exactly as sampled (EOS
-included when the sample stopped on it) and the log-prob of each sampled token under the RAW model
-distribution (temperature 1, before temperature / top-p), computed in fp32 over the full vocabulary.
+``generate_rollouts(cfg, policy_path, prompts_table, out_dir, stage_name)`` renders every prompt
+into train / rollout / teacher prefixes (stages/lib/chat.py: chat templates, context placement,
+EDGE-OPD guided rollouts, multi-turn expansion), checks the teacher tokenizer and the lengths before
+anything is written, then samples ``n`` responses per generation point shard by shard with the HF
+or the vLLM backend (stages/lib/decoding.py: one stop rule for both) and writes each shard
+atomically through the shard store (resumable per shard, workers over disjoint shard ranges). Both
+backends return, per sample, the token ids exactly as sampled (the stop token included when the
+sample stopped on one) and the log-prob of each sampled token under the RAW model distribution
+(temperature 1, before temperature / top-p), computed in fp32 over the full vocabulary.
 
 Determinism: shard ``s`` is sampled from a seed derived from ``(seed, s)`` only, so the output does
 not depend on the worker layout or on resume. For a given backend the same seed gives the same rows
@@ -28,8 +30,9 @@ import pyarrow as pa
 import torch
 
 from data_schemas import rollouts as rollouts_schema
-from stages.lib import models, store
+from stages.lib import chat, decoding, models, store
 from stages.lib.config import Config, RolloutConfig, as_dict
+from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
 
@@ -38,20 +41,6 @@ from stages.lib.grading import answer_matches
 # so a run may resume on another machine with another backend (the manifest records which ran).
 BACKEND_ONLY_KEYS = ("backend", "batch_size", "vllm_memory_fraction")
 VLLM_MAX_LOGPROBS = 20  # vLLM's default; sharing one value lets the stages share cached engines
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How responses are sampled. ``temperature == 0`` means greedy (the SFT teacher's answers)."""
-
-    n: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-
-    @staticmethod
-    def of(r: RolloutConfig) -> Sampling:
-        return Sampling(r.n, r.temperature, r.top_p, r.max_new_tokens)
 
 
 @dataclass
@@ -66,15 +55,7 @@ class PromptIds:
     is_guided: bool
     answer: str | None
     kind: str | None
-
-
-@dataclass
-class Sample:
-    """One sampled response, identical in shape for both backends."""
-
-    response_ids: list[int]
-    logprobs: list[float]  # raw-distribution (temperature 1) log-prob of each sampled token
-    finish_reason: str  # eos | length
+    turn: int = 0  # index of the generated assistant turn (0 for plain prompts)
 
 
 @dataclass
@@ -125,57 +106,31 @@ def n_shards_for(n_prompts: int, prompts_per_shard: int) -> int:
     return max(1, math.ceil(n_prompts / prompts_per_shard))
 
 
-def _format(template: str, where: str, **values: str) -> str:
-    try:
-        return template.format(**values)
-    except (KeyError, IndexError, ValueError) as e:
-        raise UserError(
-            f"cannot fill the template {template!r} ({type(e).__name__}: {e})",
-            where,
-            "use only the fields {prompt} and {context} (double literal braces: {{ }})",
-        ) from None
-
-
-def build_prompt_ids(tok: Any, table: pa.Table, r: RolloutConfig, seed: int) -> list[PromptIds]:
-    """Tokenize every prompt into train / rollout / teacher prefixes (with the tokenizer's BOS)."""
-    rows = table.to_pylist()
-    train_txt, roll_txt, teach_txt, guided = [], [], [], []
-    for row in rows:
-        ctx = row.get("context")
-        has_ctx = ctx is not None
-        g = is_guided(seed, row["id"], has_ctx, r.guided_fraction)
-        train = _format(r.prompt_template, "rollout.prompt_template", prompt=row["prompt"])
-        train_txt.append(train)
-        guided.append(g)
-        if has_ctx:
-            teach = _format(
-                r.teacher_template, "rollout.teacher_template", prompt=row["prompt"], context=ctx
+def build_prompt_ids(
+    tok: Any, table: pa.Table, r: RolloutConfig, seed: int, teacher_tok: Any = None
+) -> list[PromptIds]:
+    """Every generation point of every prompts row (one per row; one per assistant turn with
+    ``rollout.expand_turns``) as train / rollout / teacher prefixes, rendered by stages.lib.chat."""
+    render = chat.Renderer.of(r, tok, teacher_tok)
+    out: list[PromptIds] = []
+    for row in table.to_pylist():
+        for t in chat.turns(row, r.expand_turns):
+            g = is_guided(seed, t.prompt_id, row.get("context") is not None, r.guided_fraction)
+            train = render.train_ids(t, row)
+            out.append(
+                PromptIds(
+                    index=len(out),
+                    prompt_id=t.prompt_id,
+                    train_ids=train,
+                    rollout_ids=render.guided_ids(t, row) if g else train,
+                    teacher_ids=render.teacher_ids(t, row),
+                    is_guided=g,
+                    answer=row.get("answer"),
+                    kind=row.get("kind"),
+                    turn=t.turn,
+                )
             )
-        else:
-            teach = train
-        teach_txt.append(teach)
-        if g:
-            roll = _format(
-                r.guided_template, "rollout.guided_template", prompt=row["prompt"], context=ctx
-            )
-        else:
-            roll = train
-        roll_txt.append(roll)
-    enc = lambda texts: tok(texts)["input_ids"] if texts else []  # noqa: E731
-    train_ids, roll_ids, teach_ids = enc(train_txt), enc(roll_txt), enc(teach_txt)
-    return [
-        PromptIds(
-            index=i,
-            prompt_id=row["id"],
-            train_ids=list(train_ids[i]),
-            rollout_ids=list(roll_ids[i]),
-            teacher_ids=list(teach_ids[i]),
-            is_guided=guided[i],
-            answer=row.get("answer"),
-            kind=row.get("kind"),
-        )
-        for i, row in enumerate(rows)
-    ]
+    return out
 
 
 def check_lengths(
@@ -202,119 +157,6 @@ def check_lengths(
                 "length minus rollout.max_new_tokens), or set rollout.too_long=skip",
             )
     return kept, skipped
-
-
-def split_response(gen: list[int], eos_ids: set[int], max_new_tokens: int) -> tuple[int, str]:
-    """Length of the sampled response inside a padded generation row, and why it ended."""
-    for i, t in enumerate(gen[:max_new_tokens]):
-        if t in eos_ids:
-            return i + 1, "eos"
-    return min(len(gen), max_new_tokens), "length"
-
-
-# ----------------------------------------------------------------------------- HF backend
-def _plain_generation_config(model: Any, tok: Any) -> None:
-    """Forget the checkpoint's generation_config.json: it could add top-k, repetition penalties or
-    extra stop ids behind the caller's back; our sampling arguments are the only contract."""
-    from transformers import GenerationConfig
-
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=_pad_id(tok)
-    )
-
-
-def _pad_id(tok: Any) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-class _MaskRows:
-    """Logits processor: never sample ids past the tokenizer (padded embedding rows)."""
-
-    def __init__(self, n_ids: int):
-        self.n_ids = n_ids
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.n_ids :] = -math.inf  # [B, V_model]
-        return scores
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask, both ``[B, L]``."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [B, L]
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, L]
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
-
-
-def sampled_logprobs(logits: tuple[torch.Tensor, ...], gen: torch.Tensor) -> torch.Tensor:
-    """fp32 full-vocabulary log-softmax of the raw logits, gathered at the sampled ids: ``[B, T]``."""
-    out = torch.empty(gen.shape, dtype=torch.float32)  # [B, T]
-    for t, step in enumerate(logits):  # step: [B, V] raw (unprocessed) logits of position t
-        lsm = torch.log_softmax(step.float(), dim=-1)  # [B, V]
-        out[:, t] = lsm.gather(1, gen[:, t : t + 1].to(lsm.device)).squeeze(1).cpu()
-    return out
-
-
-@torch.no_grad()
-def hf_generate(
-    model: Any,
-    prompt_ids: list[list[int]],
-    s: Sampling,
-    *,
-    eos_id: int,
-    pad_id: int,
-    n_ids: int,
-    batch_size: int,
-    seed: int,
-) -> list[list[Sample]]:
-    """``s.n`` samples per prompt with ``model.generate`` (left padding, batches of prompts).
-
-    ``torch.manual_seed(seed)`` once, then batches in order: the same inputs, seed and batch size
-    give the same samples. ``output_logits`` returns the raw logits (``output_scores`` would be
-    the temperature/top-p processed ones), from which the behaviour log-probs are computed.
-    Memory: generate keeps ``[batch_size * n, V]`` fp32 logits per step until it returns, i.e.
-    ``4 * batch_size * n * max_new_tokens * V`` bytes; lower ``rollout.batch_size`` for big vocabs.
-    """
-    from transformers import LogitsProcessorList
-
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    rows = model.get_output_embeddings().weight.shape[0]
-    procs = LogitsProcessorList([_MaskRows(n_ids)] if rows > n_ids else [])
-    greedy = s.temperature == 0
-    results: list[list[Sample]] = []
-    for b in range(0, len(prompt_ids), batch_size):
-        batch = prompt_ids[b : b + batch_size]
-        ids, mask = left_pad(batch, pad_id)  # [B, L]
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=not greedy,
-            temperature=None if greedy else s.temperature,
-            top_p=None if greedy else s.top_p,
-            top_k=0,
-            max_new_tokens=s.max_new_tokens,
-            num_return_sequences=s.n,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-            logits_processor=procs,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        gen = out.sequences[:, ids.shape[1] :].cpu()  # [B*n, T]
-        lps = sampled_logprobs(out.logits, gen)  # [B*n, T]
-        gen_l, lps_l = gen.tolist(), lps.tolist()
-        for i in range(len(batch)):
-            samples = []
-            for j in range(s.n):
-                r = i * s.n + j  # num_return_sequences repeats each prompt n times in a row
-                length, reason = split_response(gen_l[r], {eos_id}, s.max_new_tokens)
-                samples.append(Sample(gen_l[r][:length], lps_l[r][:length], reason))
-            results.append(samples)
-    return results
 
 
 # ----------------------------------------------------------------------------- the engine seam
@@ -358,7 +200,7 @@ def load_engine(
     dtype: str,
     ctx_len: int,
 ) -> Engine:
-    eos_id = tok.eos_token_id
+    stops = decoding.stops_for(tok, policy_path, r.stop_token_ids, r.stop_strings)
     if backend == "vllm":
         from stages.lib import vllm_backend
 
@@ -382,34 +224,38 @@ def load_engine(
                 top_p=s.top_p,
                 max_new_tokens=s.max_new_tokens,
                 seed=seed,
-                eos_id=eos_id,
+                eos_id=stops.all_ids,
             )
-            return [
-                [Sample(d["response_ids"], d["logprobs"], d["finish_reason"]) for d in per]
-                for per in out
-            ]
+            return [[_vllm_sample(d, stops, s, tok) for d in per] for per in out]
 
-        return Engine("vllm", sample_vllm)
+        return Engine("vllm", sample_vllm, {"stops": stops})
 
     device = models.pick_device("auto")
     model = models.load_model(policy_path, "policy", dtype=dtype, device=device)
     models.check_embedding_rows(model, tok, "policy")
-    _plain_generation_config(model, tok)
+    decoding.plain_generation_config(model, tok)
     n_ids = models.vocab_size(tok)
 
     def sample_hf(prompt_ids: list[list[int]], seed: int) -> list[list[Sample]]:
-        return hf_generate(
+        return decoding.hf_generate(
             model,
             prompt_ids,
             s,
-            eos_id=eos_id,
-            pad_id=_pad_id(tok),
+            stops=stops,
+            pad=decoding.pad_id(tok),
             n_ids=n_ids,
             batch_size=r.batch_size,
             seed=seed,
+            tok=tok,
         )
 
-    return Engine("hf", sample_hf, {"device": str(device)})
+    return Engine("hf", sample_hf, {"device": str(device), "stops": stops})
+
+
+def _vllm_sample(d: dict, stops: decoding.Stops, s: Sampling, tok: Any) -> Sample:
+    """A vLLM sample cut and labelled by the same rule as the HF backend (stop strings too)."""
+    length, reason = decoding.cut(d["response_ids"], stops, s.max_new_tokens, tok)
+    return Sample(d["response_ids"][:length], d["logprobs"][:length], reason)
 
 
 def policy_context_length(path: str) -> int:
@@ -421,7 +267,11 @@ def policy_context_length(path: str) -> int:
 
 # ----------------------------------------------------------------------------- rows
 def shard_table(
-    prompts: list[PromptIds], samples: list[list[Sample]], s: Sampling, tok: Any
+    prompts: list[PromptIds],
+    samples: list[list[Sample]],
+    s: Sampling,
+    tok: Any,
+    match: str = "words",
 ) -> pa.Table:
     cols: dict[str, list] = {f.name: [] for f in rollouts_schema.SCHEMA}
     for p, per in zip(prompts, samples, strict=True):
@@ -429,7 +279,7 @@ def shard_table(
             correct = None
             if p.answer is not None:
                 text = tok.decode(smp.response_ids, skip_special_tokens=True)
-                correct = answer_matches(text, p.answer)
+                correct = answer_matches(text, p.answer, match)
             row = {
                 "sample_id": f"{p.prompt_id}#{j}",
                 "prompt_id": p.prompt_id,
@@ -447,6 +297,7 @@ def shard_table(
                 "answer": p.answer,
                 "kind": p.kind,
                 "correct": correct,
+                "turn": p.turn,
             }
             for k, v in row.items():
                 cols[k].append(v)
@@ -454,7 +305,7 @@ def shard_table(
 
 
 # ----------------------------------------------------------------------------- the driver
-def _tokenizer_dir(policy_path: str, fallback: str | None) -> str:
+def tokenizer_dir(policy_path: str, fallback: str | None) -> str:
     """The policy's own tokenizer when saved next to it, else ``fallback`` (e.g. the student)."""
     p = Path(policy_path)
     has_tok = any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
@@ -472,6 +323,7 @@ def generate_rollouts(
     sampling: Sampling | None = None,
     dtype: str | None = None,
     tokenizer_path: str | None = None,
+    teacher_path: str | None = None,
     fingerprints: dict | None = None,
     inputs: dict | None = None,
     extra: dict | None = None,
@@ -481,6 +333,8 @@ def generate_rollouts(
     ``rollout`` (templates, guided fraction, lengths, shards, backend) defaults to ``cfg.rollout``
     and ``sampling`` to its n / temperature / top_p / max_new_tokens (temperature 0 = greedy).
     ``inputs`` must identify the prompts (e.g. ``{"prompts": sha256}``): it enters the dataset id.
+    ``teacher_path``: the teacher whose tokenizer renders ``teacher_prompt_ids`` (checked against
+    the policy's id -> token map first); None = the policy's tokenizer.
     Returns the summary dict (also printed as one line).
     """
     t_start = time.perf_counter()
@@ -488,48 +342,28 @@ def generate_rollouts(
     s = sampling or Sampling.of(r)
     dtype = dtype or cfg.student.dtype
     models._check_dir(policy_path, "policy")
-    tok = models.load_tokenizer(_tokenizer_dir(policy_path, tokenizer_path), "policy")
+    tok = models.load_tokenizer(tokenizer_dir(policy_path, tokenizer_path), "policy")
     ctx_len = policy_context_length(policy_path)
-    limit = r.max_prompt_tokens if r.max_prompt_tokens is not None else ctx_len - s.max_new_tokens
-    if limit + s.max_new_tokens > ctx_len:
-        raise UserError(
-            f"rollout.max_prompt_tokens={limit} + max_new_tokens={s.max_new_tokens} exceeds the "
-            f"policy's context length {ctx_len}",
-            "rollout.max_prompt_tokens",
-            f"set it to at most {ctx_len - s.max_new_tokens} (or null for exactly that)",
-        )
-    if limit < 1:
-        raise UserError(
-            f"no room for a prompt: limit {limit} tokens (context {ctx_len}, "
-            f"max_new_tokens {s.max_new_tokens})",
-            "rollout.max_prompt_tokens / rollout.max_new_tokens",
-            "lower rollout.max_new_tokens or set rollout.max_prompt_tokens >= 1",
-        )
+    limit = prompt_limit(r, s, ctx_len)
     # Everything that can be wrong with the inputs is checked here, before any output exists.
-    items = build_prompt_ids(tok, prompts_table, r, cfg.seed)
+    teacher_tok, compat = None, None
+    if teacher_path:
+        teacher_tok = models.load_tokenizer(teacher_path, "teacher")
+        compat = chat.check_compatible(
+            {"student": tok, "teacher": teacher_tok}, "student.path / teacher.path"
+        )
+    items = build_prompt_ids(tok, prompts_table, r, cfg.seed, teacher_tok)
+    n_items = len(items)
     items, skipped = check_lengths(items, limit, r.too_long, "rollout.max_prompt_tokens")
-    by_shard: dict[int, list[PromptIds]] = {}
-    for p in items:
-        by_shard.setdefault(p.index // r.prompts_per_shard, []).append(p)
-    n_shards = n_shards_for(prompts_table.num_rows, r.prompts_per_shard)
+    by_shard = shard_groups(items, r.prompts_per_shard)
+    n_shards = n_shards_for(n_items, r.prompts_per_shard)
 
     fps = {
         "policy": models.model_fingerprint(policy_path, "policy"),
         "tokenizer": models.tokenizer_fingerprint(tok),
         **(fingerprints or {}),
     }
-    rollout_key = {k: v for k, v in asdict(r).items() if k not in BACKEND_ONLY_KEYS}
-    dataset_id = store.content_id(
-        {
-            "stage": stage_name,
-            "rollout": rollout_key,
-            "sampling": asdict(s),
-            "dtype": dtype,
-            "seed": cfg.seed,
-            "fingerprints": fps,
-            "inputs": inputs or {},
-        }
-    )
+    dataset_id = rollouts_dataset_id(stage_name, r, s, dtype, cfg.seed, fps, inputs or {})
     backend = resolve_backend(r.backend)
     mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
     stats = Stats()
@@ -547,7 +381,7 @@ def generate_rollouts(
         stats.shards_resumed = 0 if w.complete else len(mine) - len(todo)
         if todo:
             engine = load_engine(backend, policy_path, tok, s, r, dtype=dtype, ctx_len=ctx_len)
-            _sample_shards(w, engine, todo, by_shard, s, tok, stats, stage_name, cfg.seed)
+            _sample_shards(w, engine, todo, by_shard, s, tok, stats, stage_name, cfg.seed, r.match)
         if not w.complete:
             w.commit(
                 n_shards,
@@ -560,6 +394,9 @@ def generate_rollouts(
                     "n_prompts": prompts_table.num_rows,
                     "skipped_too_long": skipped,
                     "max_prompt_tokens": limit,
+                    # one per prompt, or more when rollout.expand_turns expanded conversations
+                    "n_generation_points": n_items,
+                    **({"tokenizers": compat} if compat else {}),
                     **(extra or {}),
                 },
             )
@@ -575,19 +412,105 @@ def generate_rollouts(
         **stats.summary(),
         "wall_seconds": round(stats.seconds_total, 3),
     }
-    if complete and not stats.shards_written:
-        print(f"[{stage_name}] already complete ({out_dir}, dataset {dataset_id})", flush=True)
-        return summary
-    print(
-        f"[{stage_name}] {summary['samples']} samples, {summary['tokens']} tokens, "
-        f"{summary['tok_per_s']} tok/s ({backend}), guided {summary['guided_fraction']:.2f}, "
-        f"mean len {summary['mean_response_len']}, finish {summary['finish_reasons']}, "
-        f"shards {stats.shards_written} written / {stats.shards_resumed} resumed"
-        + (f", {len(skipped)} too-long prompts skipped" if skipped else "")
-        + ("" if complete else " (other workers still running)"),
-        flush=True,
-    )
+    print(summary_line(summary, stats, stage_name, out_dir), flush=True)
     return summary
+
+
+def shard_groups(items: list[PromptIds], per_shard: int) -> dict[int, list[PromptIds]]:
+    """Shard s holds generation points [s*P, (s+1)*P) (too-long ones already dropped)."""
+    by_shard: dict[int, list[PromptIds]] = {}
+    for p in items:
+        by_shard.setdefault(p.index // per_shard, []).append(p)
+    return by_shard
+
+
+def rollouts_dataset_id(
+    stage: str, r: RolloutConfig, s: Sampling, dtype: str, seed: int, fps: dict, inputs: dict
+) -> str:
+    """Everything that decides what is sampled (not the backend or batch sizes)."""
+    rollout_key = {k: v for k, v in asdict(r).items() if k not in BACKEND_ONLY_KEYS}
+    return store.content_id(
+        {
+            "stage": stage,
+            "rollout": rollout_key,
+            "sampling": asdict(s),
+            "dtype": dtype,
+            "seed": seed,
+            "fingerprints": fps,
+            "inputs": inputs,
+        }
+    )
+
+
+def summary_line(summary: dict, stats: Stats, stage_name: str, out_dir: str | Path) -> str:
+    """The stage's last line: what it generated and where it wrote."""
+    if summary["complete"] and not stats.shards_written:
+        return f"[{stage_name}] already complete ({out_dir}, dataset {summary['dataset_id']})"
+    where = f"wrote {out_dir}" if summary["complete"] else f"wrote shards to {out_dir}"
+    skipped = summary["skipped_too_long"]
+    return (
+        f"[{stage_name}] {summary['samples']} samples, {summary['tokens']} tokens, "
+        f"{summary['tok_per_s']} tok/s ({summary['backend']}), "
+        f"guided {summary['guided_fraction']:.2f}, mean len {summary['mean_response_len']}, "
+        f"finish {summary['finish_reasons']}, "
+        f"shards {stats.shards_written} written / {stats.shards_resumed} resumed"
+        + (f", {skipped} too-long prompts skipped" if skipped else "")
+        + ("" if summary["complete"] else " (other workers still running)")
+        + f"; {where}"
+    )
+
+
+def prompt_limit(r: RolloutConfig, s: Sampling, ctx_len: int) -> int:
+    """``rollout.max_prompt_tokens`` (null = what the context leaves after the response)."""
+    limit = r.max_prompt_tokens if r.max_prompt_tokens is not None else ctx_len - s.max_new_tokens
+    if limit + s.max_new_tokens > ctx_len:
+        raise UserError(
+            f"rollout.max_prompt_tokens={limit} + max_new_tokens={s.max_new_tokens} exceeds the "
+            f"policy's context length {ctx_len}",
+            "rollout.max_prompt_tokens",
+            f"set it to at most {ctx_len - s.max_new_tokens} (or null for exactly that)",
+        )
+    if limit < 1:
+        raise UserError(
+            f"no room for a prompt: limit {limit} tokens (context {ctx_len}, "
+            f"max_new_tokens {s.max_new_tokens})",
+            "rollout.max_prompt_tokens / rollout.max_new_tokens",
+            "lower rollout.max_new_tokens or set rollout.max_prompt_tokens >= 1",
+        )
+    return limit
+
+
+class Progress:
+    """A tqdm bar on a terminal; on a log (stdout not a TTY), one line every ``every`` seconds."""
+
+    def __init__(self, total: int, desc: str, every: float = 30.0):
+        import sys
+
+        from tqdm import tqdm
+
+        self.total, self.desc, self.every, self.done = total, desc, every, 0
+        self.tty = sys.stdout.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="prompt", leave=False) if self.tty else None
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            pct = 100 * self.done / max(self.total, 1)
+            print(
+                f"[{self.desc}] {self.done}/{self.total} prompts ({pct:.0f}%), "
+                f"{now - self.t0:.0f} s",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _sample_shards(
@@ -600,12 +523,11 @@ def _sample_shards(
     stats: Stats,
     stage_name: str,
     seed: int,
+    match: str = "words",
 ) -> None:
     """Generate and write shards one at a time: memory holds one shard, a kill loses one shard."""
-    from tqdm import tqdm
-
-    total = sum(len(by_shard.get(sh, [])) for sh in todo)
-    with tqdm(total=total, desc=stage_name, unit="prompt", disable=None, leave=False) as bar:
+    bar = Progress(sum(len(by_shard.get(sh, [])) for sh in todo), stage_name)
+    try:
         for sh in todo:
             prompts = by_shard.get(sh, [])
             t0 = time.perf_counter()
@@ -615,7 +537,7 @@ def _sample_shards(
                 else []
             )
             stats.seconds += time.perf_counter() - t0
-            w.write_shard(sh, shard_table(prompts, samples, s, tok))
+            w.write_shard(sh, shard_table(prompts, samples, s, tok, match))
             stats.shards_written += 1
             for p, per in zip(prompts, samples, strict=True):
                 for smp in per:
@@ -624,3 +546,5 @@ def _sample_shards(
                     stats.guided += p.is_guided
                     stats.finish[smp.finish_reason] += 1
             bar.update(len(prompts))
+    finally:
+        bar.close()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,8 +140,11 @@ def get_llm(
     )
     llm = _LLM_CACHE.get(key)
     if llm is None:
-        llm = LLM(
-            model=model_path,
+        if on_cpu:
+            _check_cpu_head_size(model_path)
+        llm = _start(
+            LLM,
+            model_path,
             seed=seed,
             dtype=dtype,
             max_model_len=max_model_len,
@@ -157,6 +161,49 @@ def get_llm(
         )
         _LLM_CACHE[key] = llm
     return llm
+
+
+def _check_cpu_head_size(model_path: str) -> None:
+    """vLLM's CPU attention supports a fixed list of head sizes; a model outside it would fail
+    deep inside the engine process with a message the parent never sees."""
+    import json
+
+    from stages.lib.errors import UserError
+
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        c = json.loads((Path(model_path) / "config.json").read_text())
+        head = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    except (ImportError, AttributeError, OSError, KeyError, ValueError, TypeError):
+        return  # another vLLM layout or config: let the engine decide
+    if head not in sizes:
+        raise UserError(
+            f"vLLM's CPU attention does not support head size {head} (supported: {sizes})",
+            f"{model_path}/config.json",
+            "use backend=hf for this model, or a model whose head_dim vLLM's CPU backend supports",
+        )
+
+
+def _start(llm_cls: Any, model_path: str, **kwargs: Any) -> Any:
+    """Start an engine; a start-up failure (an unsupported head size or architecture on this
+    device, too little memory for the KV cache, ...) becomes one readable UserError."""
+    from stages.lib.errors import UserError
+
+    try:
+        return llm_cls(model=model_path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - vLLM raises many types (EngineDeadError, ValueError, ...)
+        cause = e
+        while cause.__cause__ is not None:  # the innermost message is the useful one
+            cause = cause.__cause__
+        msg = " ".join(str(cause).split())[:240] or type(cause).__name__
+        raise UserError(
+            f"vLLM could not start an engine for {model_path} ({type(cause).__name__}: {msg})",
+            "rollout.backend / score.backend",
+            "use backend=hf, or a model vLLM supports on this device (on CPU: head_dim 64 or "
+            "128, float32/bfloat16), or lower vllm_memory_fraction",
+        ) from None
 
 
 def clear_llm_cache() -> None:
@@ -192,7 +239,8 @@ def generate(
     * ``response_ids``: sampled ids exactly as generated, EOS included when it stopped on EOS;
     * ``logprobs``: the engine's log-prob of each sampled token under the **raw** model
       distribution (temperature 1, before temperature/top-p), fp32-computed;
-    * ``finish_reason``: ``"eos"`` or ``"length"``.
+    * ``finish_reason``: ``"eos"`` (one of ``eos_id``) or ``"length"``; the rollout then cuts and
+      labels the sample with ``stages.lib.decoding.cut``, the rule the HF backend uses too.
 
     ``eos_id`` may also be several ids (chat models often end on more than one token); sampling
     stops on any of them and the stop token is kept in ``response_ids``. ``temperature=0`` is
