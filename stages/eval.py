@@ -47,44 +47,52 @@ from stages.lib.store import atomic_write_text, content_id
 
 def checkpoint_paths(cfg: Config) -> dict[str, str]:
     """Name -> model directory of every checkpoint to evaluate (base first)."""
-    ckpt_root = Path(cfg.run_dir) / "checkpoints"
+    layout = RunLayout.of(cfg.run_dir)
+    later = round_checkpoints(layout)
     if cfg.eval.checkpoints:
         out = {}
         for c in cfg.eval.checkpoints:
             if c == "base":
                 out["base"] = cfg.student.path
-            elif (ckpt_root / c / "final").is_dir():
-                out[c] = str(ckpt_root / c / "final")
-            elif c in (later := round_checkpoints(Path(cfg.run_dir))):
+            elif _is_name(c) and layout.final(c).is_dir():
+                out[c] = str(layout.final(c))
+            elif c in later:
                 out[c] = str(later[c])
             elif Path(c).is_dir():
                 out[Path(c).name] = c
             else:
                 raise UserError(
                     f"checkpoint '{c}' not found",
-                    f"{ckpt_root} or a path",
+                    f"{layout.checkpoints_root} or a path",
                     "train it first, or list names from run_dir/checkpoints/",
                 )
         return out
     out = {"base": cfg.student.path}
-    if (ckpt_root / "sft" / "final").is_dir():
-        out["sft"] = str(ckpt_root / "sft" / "final")
-    for d in sorted(ckpt_root.glob("*/final")) if ckpt_root.is_dir() else []:
+    if layout.sft_final.is_dir():
+        out["sft"] = str(layout.sft_final)
+    root = layout.checkpoints_root
+    for d in sorted(root.glob("*/final")) if root.is_dir() else []:
         if d.parent.name != "sft":
             out[d.parent.name] = str(d)
-    for name, d in round_checkpoints(Path(cfg.run_dir)).items():
-        out[name] = str(d)
+    out.update({name: str(d) for name, d in later.items()})
     return out
 
 
-def round_checkpoints(run_dir: Path) -> dict[str, Path]:
+def _is_name(c: str) -> bool:
+    try:
+        check_name(c, "eval.checkpoints")
+    except UserError:
+        return False
+    return True
+
+
+def round_checkpoints(layout: RunLayout) -> dict[str, Path]:
     """Later rounds of fresh rollouts (``pipeline.rounds``), in round order:
     ``run_dir/round<r>/checkpoints/<name>-r<r>/final``."""
     found = []
-    for d in run_dir.glob("round*/checkpoints/*/final"):
-        r = d.parts[-4][len("round") :]
-        if r.isdigit():
-            found.append((int(r), d.parent.name, d))
+    for r, rl in layout.rounds().items():
+        if r >= 2 and rl.checkpoints_root.is_dir():
+            found += [(r, d.parent.name, d) for d in sorted(rl.checkpoints_root.glob("*/final"))]
     return {name: d for _, name, d in sorted(found)}
 
 

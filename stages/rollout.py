@@ -31,10 +31,11 @@ from data_schemas import prompts as prompts_schema
 from stages.lib import models
 from stages.lib.config import Config, hydra_entry
 from stages.lib.generation import generate_rollouts
+from stages.lib.layout import RunLayout
 
 
 def sft_checkpoint(cfg: Config) -> Path:
-    return Path(cfg.run_dir) / "checkpoints" / "sft" / "final"
+    return RunLayout.of(cfg.run_dir).sft_final
 
 
 def policy_of(cfg: Config) -> tuple[str, bool]:
@@ -60,7 +61,7 @@ def run(cfg: Config) -> dict:
         cfg,
         policy,
         prompts,
-        Path(cfg.run_dir) / "rollouts",
+        RunLayout.of(cfg.run_dir).rollouts,
         "rollout",
         tokenizer_path=cfg.student.path,
         teacher_path=cfg.teacher.path,
