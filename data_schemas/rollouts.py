@@ -1,6 +1,6 @@
 """The rollouts table: one row per student sample (written by ``stages.rollout``).
 
-Names from DESIGN.md: ``sample_id`` (unique in the run), ``prompt_id``, ``train_prompt_ids`` (what
+Names fixed by the data contract (docs/DATA.md): ``sample_id`` (unique in the run), ``prompt_id``, ``train_prompt_ids`` (what
 the student is trained on; never contains the privileged context), ``rollout_prompt_ids`` (what the
 student was actually given; includes the context when guided), ``teacher_prompt_ids`` (the exact
 prefix the teacher scores the response after), ``response_ids`` (as sampled by the engine, never

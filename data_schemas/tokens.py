@@ -1,6 +1,6 @@
 """The tokens table: one row per response token, written by ``stages.score``.
 
-This is the table people query. Names from DESIGN.md / METHODS.md:
+This is the table people query. Names fixed by the data contract (docs/DATA.md):
 ``sample_id``, ``pos`` (0 = first response token), ``token_id``, ``segment`` (0 = student token,
 1 = teacher-prefix / off-policy guidance token), ``teacher_logprob`` (fp32, log pi_T(token_id)),
 ``teacher_topk_ids`` / ``teacher_topk_logprobs`` (K per row, sorted by descending probability;

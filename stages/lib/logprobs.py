@@ -1,7 +1,7 @@
 """Per-token log-prob statistics, computed memory-bounded from a causal LM's hidden states.
 
 Used by the ``score`` stage (teacher, behaviour and reference passes), by rollout tests and by the
-trainer. One rule everywhere (METHODS.md, "Notation"): a log-prob is the **full-vocabulary**
+trainer. One rule everywhere (docs/METHODS.md, "Notation"): a log-prob is the **full-vocabulary**
 log-softmax of **fp32** LM-head logits, then gathered; never a softmax over K survivors.
 
 Memory: the head is applied to ``chunk`` positions at a time, so at most ``[chunk, V]`` fp32 logits

@@ -1,4 +1,4 @@
-"""Every distillation loss in METHODS.md, as small pure functions of the student's logits.
+"""Every distillation loss in docs/METHODS.md, as small pure functions of the student's logits.
 
 Interface (the trainer calls it once per micro-batch chunk of response positions):
 
@@ -375,7 +375,7 @@ def topk_rkl(
     Note: with both distributions renormalised the two forms have the **same gradient** (because
     ``Σ_S p̃_θ ∇log p̃_θ = ∇Σ_S p̃_θ = 0``); only the reported value differs (the stop-gradient
     surrogate's value is not a KL, so its KL is reported as ``kl``). The forms differ when the
-    student is *not* renormalised, ``renormalize=False`` (METHODS.md's formula, full-vocabulary
+    student is *not* renormalised, ``renormalize=False`` (docs/METHODS.md's formula, full-vocabulary
     log-probs inside the logs): ``biased`` = ``Σ_{i∈S} p_θ(i)(log p_θ(i) − log p_T(i))``, whose
     gradient carries the extra ``∇Σ_S p_θ`` term that pushes mass out of ``S``; ``stopgrad`` =
     ``−Σ_{i∈S} sg(p̃_θ(i)(log p_T(i) − log p_θ(i)))·log p_θ(i)``, which drops it.
