@@ -95,23 +95,10 @@ def n_params(path: Path) -> tuple[int, int]:
     return total, total - model.get_input_embeddings().weight.numel()
 
 
-def write_selection(
-    run_dir: Path, student: Path, teacher: Path, *, n: int, prompt: int, resp: int, k: int, rg: int
-) -> Path:
-    """Random prompts/responses scored by the real teacher (top-K) and student (behaviour)."""
-    tok = models.load_tokenizer(str(student))
-    v = models.vocab_size(tok)
-    g = np.random.default_rng(0)
-    prompts = [[tok.bos_token_id, *g.integers(4, v, prompt - 1).tolist()] for _ in range(n)]
-    resps = [g.integers(4, v, resp).tolist() for _ in range(n)]
-    t_model, s_model = models.load_model(str(teacher)), models.load_model(str(student))
-    t, b = [], []
-    with torch.inference_mode():
-        for i in range(0, n, 16):
-            p, r = prompts[i : i + 16], resps[i : i + 16]
-            t += sequence_stats(t_model, p, r, k, v, want_entropy=False)
-            b += sequence_stats(s_model, p, r, 1, v, want_entropy=False)
-    rows = [
+def selected_rows(prompts: list, resps: list, t: list, b: list, k: int) -> list[dict]:
+    """Rows of the selected table (all tokens, weight 1) from teacher stats ``t`` and behaviour
+    stats ``b`` (``sequence_stats`` output per sequence). Shared with scripts/gpu_check.py."""
+    return [
         {
             "sample_id": f"s{i}",
             "prompt_id": f"p{i}",
@@ -135,6 +122,25 @@ def write_selection(
         }  # fmt: skip
         for i, (p, r, ti, bi) in enumerate(zip(prompts, resps, t, b))
     ]
+
+
+def write_selection(
+    run_dir: Path, student: Path, teacher: Path, *, n: int, prompt: int, resp: int, k: int, rg: int
+) -> Path:
+    """Random prompts/responses scored by the real teacher (top-K) and student (behaviour)."""
+    tok = models.load_tokenizer(str(student))
+    v = models.vocab_size(tok)
+    g = np.random.default_rng(0)
+    prompts = [[tok.bos_token_id, *g.integers(4, v, prompt - 1).tolist()] for _ in range(n)]
+    resps = [g.integers(4, v, resp).tolist() for _ in range(n)]
+    t_model, s_model = models.load_model(str(teacher)), models.load_model(str(student))
+    t, b = [], []
+    with torch.inference_mode():
+        for i in range(0, n, 16):
+            p, r = prompts[i : i + 16], resps[i : i + 16]
+            t += sequence_stats(t_model, p, r, k, v, want_entropy=False)
+            b += sequence_stats(s_model, p, r, 1, v, want_entropy=False)
+    rows = selected_rows(prompts, resps, t, b, k)
     out = RunLayout(run_dir).selected("all")
     with store.open_writer(
         out, selected, dataset_id=store.content_id([n, prompt, resp, k]), stage="select",

@@ -93,6 +93,7 @@ def write_selection(run_dir: Path, student: Path, teacher: Path) -> None:
     import numpy as np
     import pyarrow as pa
     import torch
+    from bench_train import selected_rows
 
     from data_schemas import selected
     from stages.lib import models, store
@@ -112,30 +113,7 @@ def write_selection(run_dir: Path, student: Path, teacher: Path) -> None:
             t += sequence_stats(t_model, p, r, K, VOCAB, want_entropy=False)
             b += sequence_stats(s_model, p, r, 1, VOCAB, want_entropy=False)
     del t_model, s_model
-    rows = [
-        {
-            "sample_id": f"s{i}",
-            "prompt_id": f"p{i}",
-            "is_guided": False,
-            "train_prompt_ids": p,
-            "response_ids": r,
-            "response_len": len(r),
-            "n_kept": len(r),
-            "weights": [1.0] * len(r),
-            "segments": [0] * len(r),
-            "teacher_logprob": ti["logprob"].tolist(),
-            "behavior_logprob": bi["logprob"].tolist(),
-            "ref_logprob": None,
-            "topk_k": K,
-            "teacher_topk_ids": ti["topk_ids"].reshape(-1).tolist(),
-            "teacher_topk_logprobs": ti["topk_logprobs"].reshape(-1).tolist(),
-            "teacher_topk_logmass": np.minimum(ti["topk_logmass"], 0).tolist(),
-            "behavior_topk_k": 0,
-            "behavior_topk_ids": None,
-            "teacher_logprobs_on_behavior_topk": None,
-        }  # fmt: skip
-        for i, (p, r, ti, bi) in enumerate(zip(prompts, resps, t, b))
-    ]
+    rows = selected_rows(prompts, resps, t, b, K)
     fps = {"tokenizer": models.tokenizer_fingerprint(tok)}
     with store.open_writer(
         RunLayout(run_dir).selected("all"), selected, dataset_id="gpu-check", stage="select",
