@@ -12,14 +12,17 @@ import torch
 from stages.lib.losses import (
     LOSSES,
     average_metrics,
+    chunk_opd,
     combined_loss,
     exopd,
     gkd_jsd,
+    mapped_topk_fkl,
     opd_k1,
     sft,
     topk_fkl,
     topk_rkl,
     tropd,
+    uld,
     vopd,
 )
 
@@ -50,7 +53,31 @@ def make(k=V, seed=0, n=N, v=V, kb=None):
         "behavior_topk_ids": b_ids,
         "teacher_logprobs_on_behavior_topk": t_lp.gather(1, b_ids),
     }
+    batch.update(aligned_columns(batch, n))
     return student, t_lp, batch
+
+
+def aligned_columns(batch, n):
+    """Cross-tokenizer columns derived from the same teacher (no new random draws).
+
+    Chunks of 1 and 2 tokens laid out so that the splits (at 5) and the exclusions (every third
+    row) of the tests below never cut one: chunk_opd's contract is that a chunk arrives in one call
+    and is kept or dropped whole. The teacher's chunk log-prob is the sum of its tokens'
+    log-probs; every third top-K entry is unmapped (-1).
+    """
+    sizes = [1, 2, 1, 1, 1, 1, 2, 1, 2] * n
+    chunk = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[:n]  # [N]
+    t_tok = batch["teacher_logprob"]
+    chunk_lp = torch.zeros(len(sizes)).index_add(0, chunk, t_tok)[chunk]  # [N]
+    ids, vals = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]
+    unmapped = (torch.arange(ids.shape[1]) % 3 == 1).expand_as(ids)  # [N, K]
+    return {
+        "chunk_index": chunk,
+        "teacher_chunk_logprob": chunk_lp,
+        "teacher_mapped_ids": ids.masked_fill(unmapped, -1),
+        "teacher_mapped_logprobs": vals.masked_fill(unmapped, -math.inf),
+        "teacher_sorted_probs": vals.exp(),
+    }
 
 
 def grad_of(fn, logits, batch, **kw):
@@ -373,6 +400,10 @@ ALL = [
     ("gkd_jsd", {"beta": 0.5}),
     ("tropd", {}),
     ("sft", {}),
+    ("chunk_opd", {}),
+    ("mapped_topk_fkl", {}),
+    ("uld", {}),
+    ("uld", {"k": 3}),
 ]
 
 
@@ -386,6 +417,9 @@ def test_registry_complete():
         "gkd_jsd",
         "tropd",
         "sft",
+        "chunk_opd",
+        "mapped_topk_fkl",
+        "uld",
     }
 
 
@@ -399,10 +433,19 @@ def test_zero_weight_excluded_and_linear_in_w(name, kw):
     w1 = b["weight"].masked_fill(excluded, 0.0)
     poisoned = dict(b, weight=w1)
     # unscored / padded rows: NaN log-probs and id -1 must not leak through w = 0
-    for key in ("teacher_logprob", "behavior_logprob", "ref_logprob", "teacher_topk_logprobs"):
+    for key in (
+        "teacher_logprob",
+        "behavior_logprob",
+        "ref_logprob",
+        "teacher_topk_logprobs",
+        "teacher_chunk_logprob",
+        "teacher_mapped_logprobs",
+        "teacher_sorted_probs",
+    ):
         poisoned[key] = b[key].masked_fill(excluded.view(-1, *[1] * (b[key].ndim - 1)), math.nan)
     poisoned["token_id"] = b["token_id"].masked_fill(excluded, -1)
     poisoned["teacher_topk_ids"] = b["teacher_topk_ids"].masked_fill(excluded[:, None], -1)
+    poisoned["teacher_mapped_ids"] = b["teacher_mapped_ids"].masked_fill(excluded[:, None], -1)
     loss_p, grad_p, _ = grad_of(fn, logits, poisoned, **kw)
     kept = {key: v[~excluded] for key, v in b.items()}
     loss_k, grad_k, _ = grad_of(fn, logits[~excluded], dict(kept, weight=w1[~excluded]), **kw)
@@ -468,3 +511,136 @@ def test_combined_loss_is_weighted_sum():
     close(avg["reward"], float(m["reward"]) / float(m["tokens_onpolicy"]))
     close(avg["opd_k1/loss"], float(m["opd_k1/loss"]) / float(m["tokens"]))
     assert avg["tokens"] == float(m["tokens"])
+
+
+# ------------------------------------------------------- teachers of another tokenizer
+
+
+def test_chunk_opd_one_token_chunks_is_opd_k1_exactly():
+    logits, _, b = make(seed=20)
+    one = dict(b, chunk_index=torch.arange(N), teacher_chunk_logprob=b["teacher_logprob"])
+    l0, g0, _ = grad_of(opd_k1, logits, b)
+    l1, g1, _ = grad_of(chunk_opd, logits, one)
+    assert torch.equal(l0, l1) and torch.equal(g0, g1)
+
+
+def test_chunk_opd_dense_reference():
+    logits, _, b = make(seed=21)
+    b["weight"][[0, 7, 8]] = 0.0  # chunk 0 and the chunk of rows 7, 8 dropped whole
+    w, y, c = b["weight"].double(), b["token_id"], b["chunk_index"]
+    loss, grad, m = grad_of(chunk_opd, logits, b)
+    s_lp = torch.log_softmax(logits.double(), -1)
+    lp_y = s_lp[torch.arange(N), y]
+    s_chunk = torch.stack([lp_y[(c == c[i]) & (w > 0)].sum() for i in range(N)])  # [N]
+    adv = b["teacher_chunk_logprob"].double() - s_chunk
+    close(loss, (w * -adv * lp_y).sum())
+    close(m["chunk_reward"], (w * adv).sum())
+    onehot = torch.nn.functional.one_hot(y, V).double()
+    close(grad, -(w * adv)[:, None] * (onehot - s_lp.exp()))
+    # a chunk's tokens together: −A_c · log π_θ(chunk), the REINFORCE estimate on the chunk
+    chunk_total = sum(float((w * -adv * lp_y)[c == j].sum()) for j in range(int(c.max()) + 1))
+    close(loss, chunk_total)
+
+
+def dense_mapped_fkl(x, t_lp, ids, valid):
+    """(V+1)-way reference: teacher head on the mapped student columns, everything else in a bucket.
+
+    t_lp [N, K] the teacher's top-K log-probs, ids [N, K] their student ids (valid [N, K] where
+    mapped): the teacher's mass is spread densely over student columns, 1 − Σ falls in the bucket.
+    """
+    s = torch.log_softmax(x, -1)  # [N, V]
+    n, v = s.shape
+    head_t = torch.zeros(n, v, dtype=s.dtype)  # [N, V]
+    head_t = head_t.scatter_add(1, ids.clamp(min=0), torch.where(valid, t_lp.exp(), 0.0))
+    in_m = torch.zeros(n, v).scatter_add(1, ids.clamp(min=0), valid.float()) > 0  # dup-safe
+    head_s = torch.where(in_m, s.exp(), 0.0)
+    tail_t = (1 - head_t.sum(-1, keepdim=True)).clamp(min=0)
+    tail_s = torch.where(in_m, 0.0, s.exp()).sum(-1, keepdim=True)
+    p = torch.cat([head_t, tail_t], -1)
+    q = torch.cat([torch.where(in_m, head_s, 1.0), tail_s], -1)
+    return torch.where(p > 0, p * (torch.log(p.clamp(min=1e-300)) - torch.log(q)), 0.0).sum(-1)
+
+
+def test_mapped_topk_fkl_everything_mapped_is_topk_fkl_exactly():
+    logits, _, b = make(k=5, seed=22)
+    full = dict(
+        b,
+        teacher_mapped_ids=b["teacher_topk_ids"],
+        teacher_mapped_logprobs=b["teacher_topk_logprobs"],
+        teacher_mapped_logmass=b["teacher_topk_logmass"],
+    )
+    l0, g0, _ = grad_of(topk_fkl, logits, b)
+    l1, g1, _ = grad_of(mapped_topk_fkl, logits, full)
+    assert torch.equal(l0, l1) and torch.equal(g0, g1)
+
+
+def test_mapped_topk_fkl_nothing_mapped_is_zero():
+    logits, _, b = make(k=5, seed=23)
+    none = dict(b, teacher_mapped_ids=torch.full_like(b["teacher_topk_ids"], -1))
+    loss, grad, m = grad_of(mapped_topk_fkl, logits, none)
+    assert float(loss) == 0.0 and (grad == 0).all() and float(m["mapped_mass"]) == 0.0
+
+
+@pytest.mark.parametrize("k", [5, V])
+def test_mapped_topk_fkl_dense_reference(k):
+    logits, t_lp, b = make(k=k, seed=24)
+    b["weight"][::4] = 0.0  # masked rows
+    w = b["weight"].double()
+    ids, valid = b["teacher_mapped_ids"], b["teacher_mapped_ids"] >= 0
+    t_head = b["teacher_topk_logprobs"].double()
+    ref = lambda x: (w * dense_mapped_fkl(x, t_head, ids, valid)).sum()  # noqa: E731
+    loss, grad, m = grad_of(mapped_topk_fkl, logits, b)
+    close(loss, ref(logits.double()))
+    close(grad, dense_grad(ref, logits))
+    mass = torch.where(valid, t_head.exp(), 0.0).sum(-1)
+    close(m["mapped_mass"], (w * mass).sum())
+
+
+def test_mapped_topk_fkl_full_vocabulary_all_mapped_is_dense_fkl():
+    """K = V and every id mapped (a permuted vocabulary, mapped back): the dense forward KL."""
+    logits, t_lp, b = make(seed=25)
+    b = dict(b, teacher_mapped_ids=b["teacher_topk_ids"])
+    b["teacher_mapped_logprobs"] = b["teacher_topk_logprobs"]
+    w = b["weight"].double()
+    ref = lambda x: (w * kl_rows(t_lp.double(), torch.log_softmax(x, -1))).sum()  # noqa: E731
+    loss, grad, _ = grad_of(mapped_topk_fkl, logits, b)
+    close(loss, ref(logits.double()))
+    close(grad, dense_grad(ref, logits))
+
+
+def dense_uld(x, t_probs, k=None):
+    """Sorted-probability L1 with zero padding (the ULD paper's distance), dense, float64."""
+    s = torch.softmax(x, -1).sort(-1, descending=True).values  # [N, V]
+    if k is not None:
+        s = s[:, :k]
+    n = max(s.shape[1], t_probs.shape[1])
+    s = torch.nn.functional.pad(s, (0, n - s.shape[1]))
+    t = torch.nn.functional.pad(t_probs, (0, n - t_probs.shape[1]))
+    return (s - t).abs().sum(-1)
+
+
+@pytest.mark.parametrize("v_t", [V - 6, V, V + 7])
+def test_uld_full_vocabularies_dense_reference(v_t):
+    """Teacher vocabulary of another size, K = every id on both sides: ULD's full distance."""
+    logits, _, b = make(seed=26)
+    g = torch.Generator().manual_seed(27)
+    t_full = torch.softmax(torch.randn(N, v_t, generator=g) * 2, -1)  # [N, V_T]
+    b["teacher_sorted_probs"] = t_full.sort(-1, descending=True).values
+    b["weight"][1] = 0.0
+    w = b["weight"].double()
+    k = max(V, v_t)
+    ref = lambda x: (w * dense_uld(x, b["teacher_sorted_probs"].double())).sum()  # noqa: E731
+    loss, grad, _ = grad_of(uld, logits, b, k=k)
+    close(loss, ref(logits.double()))
+    close(grad, dense_grad(ref, logits))
+
+
+def test_uld_topk_truncated_and_identity_is_zero():
+    logits, _, b = make(k=6, seed=28)
+    w = b["weight"].double()
+    t = b["teacher_sorted_probs"].double()  # [N, 6]
+    close(uld(logits, b)[0], (w * dense_uld(logits.double(), t, k=6)).sum())
+    close(uld(logits, b, k=3)[0], (w * dense_uld(logits.double(), t, k=3)).sum())
+    # the student's own sorted probabilities as the teacher's: zero distance, whatever the ids
+    own = torch.softmax(logits, -1).sort(-1, descending=True).values
+    close(uld(logits, dict(b, teacher_sorted_probs=own))[0], 0.0, atol=1e-6)

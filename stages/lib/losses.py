@@ -534,7 +534,8 @@ def chunk_opd(
     so a chunk's tokens together contribute ``−A_c·log π_θ(c)``, the REINFORCE estimate on the
     chunk. One-token chunks on both sides give ``opd_k1`` exactly. The student sum runs over the
     weighted rows of the call: a chunk's tokens must arrive in one call and be kept or dropped
-    together (the trainer and the selection see to it).
+    together (the trainer and the selection see to it); under that contract the loss is linear in
+    the weights and splits into calls exactly, like every other loss.
     """
     p = prepare(logits, batch, vocab_size, temperature)
     live = (p.w != 0).float()  # [N]
@@ -580,6 +581,8 @@ def mapped_topk_fkl(
     tail = torch.special.xlogy(tail_t, tail_t) - tail_t * log_tail_s  # [N]
     head = _kl(t_lp, p.at(ids))  # [N] unmapped entries have p_T = 0
     per_token = head + torch.where(has_tail, tail, 0.0)  # [N]
+    # Nothing mapped: both sides are the one bucket, KL 0 exactly (not a logsumexp's rounding).
+    per_token = torch.where(valid.any(dim=-1), per_token, 0.0)  # [N]
     mass = (p.w * (logmass.exp())).sum()
     return _finish(p, per_token, {"mapped_mass": mass})
 
