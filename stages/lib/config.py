@@ -590,6 +590,41 @@ class TrainVariant:
             )
 
 
+ADAPTIVE_METRICS = ("staleness", "rkl_k1")  # trainer metrics a round decision can read
+
+
+@dataclass
+class AdaptiveConfig:
+    # Rounds of fresh rollouts started on demand: after a round's training, the pipeline reads the
+    # trainer's metric from that round's metrics.jsonl and starts the next round (rollout from the
+    # round's final checkpoint -> score -> select -> train) when |value| >= threshold.
+    # The metric: staleness (mean log pi_theta - log pi_b on the trained tokens: how far the
+    # student has moved from the policy that sampled its data) | rkl_k1 (the k1 estimate of
+    # KL(pi_theta || teacher) on those tokens).
+    metric: str = "staleness"
+    # Start a new round when |metric| >= threshold (in nats per token; >= 0).
+    threshold: float = 0.05
+    # Most rounds in all, round 1 included; 1 = off (no adaptive rounds; pipeline.rounds applies).
+    max_rounds: int = 1
+    # The value is the mean over the last `window` logged rows of the round's training.
+    window: int = 4
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "pipeline.adaptive")
+        _check(
+            self.metric in ADAPTIVE_METRICS,
+            "pipeline.adaptive.metric",
+            f"must be {'|'.join(ADAPTIVE_METRICS)} (got {self.metric!r})",
+        )
+        _check(self.threshold >= 0, "pipeline.adaptive.threshold", "must be >= 0")
+        _check(self.max_rounds >= 1, "pipeline.adaptive.max_rounds", "must be >= 1")
+        _check(self.window >= 1, "pipeline.adaptive.window", "must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_rounds > 1
+
+
 @dataclass
 class PipelineConfig:
     # Stages in order (sft runs only when sft.enabled).
@@ -602,9 +637,17 @@ class PipelineConfig:
     # the same teacher and reference, and trains on from it, all under run_dir/round<r>/ (its
     # checkpoint is checkpoints/<train.name>-r<r>). 1 = one offline pass (Lightning OPD).
     rounds: int = 1
+    # Rounds started when the trainer's staleness (or KL) passes a threshold, instead of a fixed
+    # number (pipeline.adaptive.max_rounds > 1 turns it on; then pipeline.rounds must stay 1).
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "pipeline.rounds", "must be >= 1")
+        _check(
+            self.rounds == 1 or not self.adaptive.enabled,
+            "pipeline.rounds",
+            "must be 1 when pipeline.adaptive.max_rounds > 1 (one round schedule: fixed or adaptive)",
+        )
         for st in self.stages:
             if st not in STAGES:
                 raise UserError(
@@ -661,6 +704,12 @@ class Config:
 
     def __post_init__(self) -> None:
         RunLayout.of(self.run_dir)  # not empty (an empty run_dir writes into the cwd)
+        ad = self.pipeline.adaptive
+        _check(
+            not (ad.enabled and ad.metric == "staleness" and not self.score.behavior),
+            "pipeline.adaptive.metric=staleness",
+            "needs score.behavior=true (staleness is measured against the behaviour log-prob)",
+        )
         self._check_eval_sets()
         for v in self.pipeline.variants:
             _check(
