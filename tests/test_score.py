@@ -55,6 +55,7 @@ def write_rollouts(
     rows_per_shard: int = 4,
     seed: int = 0,
     max_resp: int = 12,
+    kinds: tuple[str, ...] = (),
 ) -> Path:
     """A committed rollouts table: half the rows guided (rollout prefix = teacher prefix)."""
     tok = models.load_tokenizer(str(policy))
@@ -85,7 +86,7 @@ def write_rollouts(
                 "temperature": 1.0,
                 "top_p": 1.0,
                 "answer": None,
-                "kind": None,
+                "kind": kinds[i % len(kinds)] if kinds else None,
                 "correct": None,
             }
         )
@@ -453,3 +454,89 @@ def test_vllm_backend_matches_transformers(tmp_path, tiny_lm):
         assert abs(x["behavior_entropy"] - entropy_of(d_b)) < FP16_TOL * 3
     m = json.loads((tmp_path / "tokens" / manifest.FILENAME).read_text())
     assert m["extra"]["backend"] == "vllm" and m["extra"]["entropy_source"] == "hf"
+
+
+# ----------------------------------------------------------------------------- several teachers
+def two_teachers(*extra: str) -> list[str]:
+    return ["score.route_by.column=kind", *extra]
+
+
+def test_routes_each_rollout_to_its_teacher(tmp_path, tiny_lm, tiny_teacher):
+    """kind=fact -> teacher a (tiny_teacher), others -> the default b (tiny_lm, also the
+    behaviour model): each row's teacher log-probs are its own teacher's; teacher_id is a column
+    of the tokens table and of the DuckDB tokens view; the manifest has both fingerprints."""
+    from stages.lib import views
+    from stages.lib.layout import RunLayout
+
+    write_rollouts(tmp_path, tiny_lm, n_rows=8, kinds=("fact", "chat", "code"))
+    teachers = f"+teachers={{a: {{path: {tiny_teacher}}}, b: {{path: {tiny_lm}}}}}"
+    cfg = cfg_for(
+        tmp_path, tiny_lm, tiny_lm, teachers,
+        *two_teachers("+score.route_by.map={fact: a}", "score.route_by.default=b"),
+        "score.topk=4",
+    )  # fmt: skip
+    assert run(cfg)["committed"]
+    vocab = len(models.load_tokenizer(str(tiny_lm)))
+    rows = rollouts_rows(tmp_path)
+    t = read_tokens(tmp_path).to_pylist()
+    seen = set()
+    for x in t:
+        ro = rows[x["sample_id"]]
+        want = "a" if ro["kind"] == "fact" else "b"
+        assert x["teacher_id"] == want
+        seen.add(want)
+        path = tiny_teacher if want == "a" else tiny_lm
+        d = dense(path, ro["teacher_prompt_ids"], ro["response_ids"], vocab)  # [R, V]
+        assert abs(x["teacher_logprob"] - d[x["pos"], x["token_id"]]) < TOL
+    assert seen == {"a", "b"}
+    m = manifest.read(tmp_path / "tokens")
+    fa, fb = (models.model_fingerprint(str(p)) for p in (tiny_teacher, tiny_lm))
+    assert (m["fingerprints"]["teacher.a"], m["fingerprints"]["teacher.b"]) == (fa, fb)
+    assert "teacher" not in m["fingerprints"]
+    assert m["extra"]["teachers"]["a"]["fingerprint"] == fa
+    assert m["models"]["teacher.a"]["fingerprint"] == fa
+    rv = views.open_run(RunLayout.of(tmp_path), datasets=("tokens",))
+    got = dict(rv.con.execute("SELECT teacher_id, count(*) FROM tokens GROUP BY 1").fetchall())
+    assert got == {"a": sum(x["teacher_id"] == "a" for x in t), "b": len(t) - got["a"]}
+
+
+def test_one_teacher_writes_no_teacher_id_and_the_view_shows_null(tmp_path, tiny_lm, tiny_teacher):
+    from stages.lib import views
+    from stages.lib.layout import RunLayout
+
+    write_rollouts(tmp_path, tiny_lm, n_rows=4)
+    run(cfg_for(tmp_path, tiny_lm, tiny_teacher, "score.topk=4"))
+    assert "teacher_id" not in read_tokens(tmp_path).column_names  # the shards are as before
+    rv = views.open_run(RunLayout.of(tmp_path), datasets=("tokens",))
+    assert rv.con.execute(
+        "SELECT count(*) FILTER (WHERE teacher_id IS NOT NULL) FROM tokens"
+    ).fetchone() == (0,)
+
+
+def test_a_route_value_without_teacher_fails_before_any_model_loads(
+    tmp_path, tiny_lm, tiny_teacher, monkeypatch
+):
+    write_rollouts(tmp_path, tiny_lm, n_rows=4, kinds=("fact", "chat"))
+    teachers = f"+teachers={{a: {{path: {tiny_teacher}}}}}"
+    cfg = cfg_for(
+        tmp_path, tiny_lm, tiny_lm, teachers, *two_teachers("+score.route_by.map={fact: a}")
+    )
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: loaded.append(a))
+    with pytest.raises(UserError, match=r"kind='chat' have no teacher.*Fix: add 'chat: <teacher>'"):
+        run(cfg)
+    assert loaded == [] and not (tmp_path / "tokens").exists()
+
+
+def test_teachers_config_checks():
+    with pytest.raises(UserError, match="sends 'fact' to teacher 'zz'"):
+        compose(
+            "score", ["+teachers={a: {path: /x}}", *two_teachers("+score.route_by.map={fact: zz}")]
+        )
+    with pytest.raises(UserError, match="score.route_by.column must be set"):
+        compose("score", ["+teachers={a: {path: /x}}"])
+    with pytest.raises(UserError, match="score.route_by.column needs teachers"):
+        compose("score", two_teachers())
+    with pytest.raises(UserError, match="score.route_by.column must be one of"):
+        compose("score", ["score.route_by.column=domain"])

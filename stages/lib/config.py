@@ -203,6 +203,28 @@ class RolloutConfig:
         )
 
 
+# Rollouts columns a teacher route can read (the prompt's columns the rollout stage carries).
+ROUTE_COLUMNS = ("kind", "prompt_id", "answer")
+
+
+@dataclass
+class RouteBy:
+    # Which teacher (a name of `teachers`) scores each rollout, by the value of one rollouts
+    # column: kind (the prompt's kind/domain) | prompt_id | answer. null = no routing.
+    column: str | None = None
+    # Column value -> teacher name.
+    map: dict[str, str] = field(default_factory=dict)
+    # The teacher of a value not in `map` (null: such a value is an error before any model loads).
+    default: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.column is None or self.column in ROUTE_COLUMNS,
+            "score.route_by.column",
+            f"must be one of {'|'.join(ROUTE_COLUMNS)} (got {self.column!r})",
+        )
+
+
 @dataclass
 class ScoreConfig:
     # hf | vllm | auto (as in rollout).
@@ -221,6 +243,8 @@ class ScoreConfig:
     chunk_positions: int = 256
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
+    # Several teachers (`teachers`): which one scores each rollout.
+    route_by: RouteBy = field(default_factory=RouteBy)
 
     def __post_init__(self) -> None:
         _check(self.backend in ("hf", "vllm", "auto"), "score.backend", "must be hf|vllm|auto")
@@ -686,6 +710,11 @@ class Config:
     # The model being trained, the teacher, and an optional reference model.
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
+    # Several teachers for the score stage, by name (each scores the rollouts score.route_by
+    # sends to it; one model resident at a time). Empty = `teacher` alone scores everything.
+    # (Typed as plain mappings so that `teachers={a: {path: ...}}` works on the command line;
+    # __post_init__ turns each into a checked ModelConfig.)
+    teachers: dict[str, Any] = field(default_factory=dict)
     ref: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -704,6 +733,7 @@ class Config:
 
     def __post_init__(self) -> None:
         RunLayout.of(self.run_dir)  # not empty (an empty run_dir writes into the cwd)
+        self._check_teachers()
         ad = self.pipeline.adaptive
         _check(
             not (ad.enabled and ad.metric == "staleness" and not self.score.behavior),
@@ -717,6 +747,29 @@ class Config:
                 "pipeline.variants[].name",
                 f"{v.name!r} is the main training's train.name (its checkpoints would collide)",
             )
+
+    def _check_teachers(self) -> None:
+        """`teachers` and `score.route_by` go together, and every route names a teacher."""
+        rb, names = self.score.route_by, sorted(self.teachers)
+        keys = [f.name for f in dataclasses.fields(ModelConfig)]
+        for name, m in list(self.teachers.items()):
+            check_name(name, "teachers key")  # it becomes the tokens' teacher_id
+            if not isinstance(m, ModelConfig):
+                bad = [k for k in (m or {}) if k not in keys] if isinstance(m, dict) else [m]
+                _check(not bad, f"teachers.{name}", f"takes keys {keys} (got {bad})")
+                self.teachers[name] = m = ModelConfig(**m)
+            _check(m.path is not None, f"teachers.{name}.path", "must be set")
+        if not self.teachers:
+            _check(rb.column is None, "score.route_by.column", "needs teachers (several models)")
+            return
+        _check(rb.column is not None, "score.route_by.column", "must be set with teachers")
+        for value, name in [*rb.map.items(), ("(default)", rb.default)]:
+            if name is not None and name not in self.teachers:
+                raise UserError(
+                    f"score.route_by sends {value!r} to teacher {name!r}, which is not in teachers",
+                    "score.route_by",
+                    f"use one of {names}{_closest(str(name), names)}",
+                )
 
     def _check_eval_sets(self) -> None:
         """eval.sets and eval.kl_set name data.eval_sets (checkable once eval sets are given)."""
