@@ -270,7 +270,7 @@ def test_reuse_equals_separate_passes(tmp_path, tiny_lm):
     assert b["passes_run"] == 3 * len(rows) and b["passes_reused"] == 0
     ta, tb = read_tokens(shared), read_tokens(separate)
     assert ta.num_rows == tb.num_rows
-    for c in tokens_table.SCHEMA.names:
+    for c in tokens_table.SCHEMA_ONE_TEACHER.names:  # one teacher: no teacher_id
         x, y = ta[c].to_pylist(), tb[c].to_pylist()
         if c in ("teacher_logprob", "behavior_logprob", "ref_logprob", "teacher_topk_logmass"):
             np.testing.assert_allclose(x, y, atol=1e-5, err_msg=c)
