@@ -499,6 +499,20 @@ def test_routes_each_rollout_to_its_teacher(tmp_path, tiny_lm, tiny_teacher):
     got = dict(rv.con.execute("SELECT teacher_id, count(*) FROM tokens GROUP BY 1").fetchall())
     assert got == {"a": sum(x["teacher_id"] == "a" for x in t), "b": len(t) - got["a"]}
 
+    # a selection policy filters by teacher: only teacher a's tokens carry weight
+    from data_schemas import selected
+    from stages import select
+
+    sql = tmp_path / "only_a.sql"
+    sql.write_text(
+        "SELECT rid, CASE WHEN teacher_id = 'a' THEN 1.0 ELSE 0.0 END AS weight FROM tok"
+    )
+    res = select.run(compose("select", [f"run_dir={tmp_path}", f"select.rules.0.policy={sql}"]))
+    kept = store.read_table(Path(res["dir"]), selected).to_pylist()
+    w = {r["sample_id"]: sum(r["weights"]) for r in kept}
+    for sid, ro in rows.items():
+        assert w.get(sid, 0) == (len(ro["response_ids"]) if ro["kind"] == "fact" else 0), sid
+
 
 def test_one_teacher_writes_no_teacher_id_and_the_view_shows_null(tmp_path, tiny_lm, tiny_teacher):
     from stages.lib import views
