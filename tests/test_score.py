@@ -554,3 +554,18 @@ def test_teachers_config_checks():
         compose("score", two_teachers())
     with pytest.raises(UserError, match="score.route_by.column must be one of"):
         compose("score", ["score.route_by.column=domain"])
+
+
+def test_several_teachers_none_of_them_the_sft_teacher_is_refused(tmp_path, tiny_lm, tiny_teacher):
+    run_dir = tmp_path / "run"
+    write_rollouts(run_dir, tiny_lm, n_rows=2, kinds=("fact",))
+    with store.open_writer(run_dir / "sft_data", rollouts_table, dataset_id="s", stage="sft") as w:
+        fp = models.model_fingerprint(str(tiny_lm))
+        assert w.commit(0, config={}, fingerprints={"teacher": fp}, inputs={})
+    route = two_teachers("score.route_by.default=a")
+    with pytest.raises(UserError, match="none of the OPD teachers .*a: .* is the SFT teacher"):
+        run(
+            cfg_for(run_dir, tiny_lm, tiny_lm, f"+teachers={{a: {{path: {tiny_teacher}}}}}", *route)
+        )
+    both = f"+teachers={{a: {{path: {tiny_teacher}}}, b: {{path: {tiny_lm}}}}}"
+    assert run(cfg_for(run_dir, tiny_lm, tiny_lm, both, *route))["committed"]  # b is the SFT one
