@@ -14,9 +14,18 @@ advantage is built from. ``teacher_topk_logprobs`` is float32 as read; on disk i
 with a stated error bound (data_schemas/codec.py: <= 2**-10 nats), which ``stages.lib.store`` encodes on
 write and decodes on read (``encode``/``decode`` below), and DuckDB views decode with
 ``DUCKDB_SELECT``. Version 2: the codec layout (version 1 stored fp16 top-K log-probs).
+
+``teacher_id`` (nullable, additive) names the teacher that scored the row when the score stage
+routes rollouts to several teachers (config ``teachers`` + ``score.route_by``). A single-teacher
+run does not write the column at all, so its shards stay byte for byte what they were before the
+column existed; the DuckDB views (select, sql) show it as null there (``OPTIONAL_COLUMNS``),
+a plain Parquet reader sees no such column. The schema version is therefore unchanged: every
+version-2 shard, with or without the column, reads the same way.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pyarrow as pa
 
@@ -43,8 +52,13 @@ SCHEMA = pa.schema(
         pa.field("ref_logprob", pa.float32(), nullable=True),  # null without a reference model
         pa.field("behavior_topk_ids", pa.list_(pa.int32()), nullable=True),
         pa.field("teacher_logprobs_on_behavior_topk", pa.list_(pa.float16()), nullable=True),
+        pa.field("teacher_id", pa.string(), nullable=True),  # routed teacher (several teachers)
     ]
 )
+# Columns a shard may leave out (absent = null), with their DuckDB type for the views.
+OPTIONAL_COLUMNS = {"teacher_id": "VARCHAR"}
+# The schema of a single-teacher shard: every column but teacher_id.
+SCHEMA_ONE_TEACHER = SCHEMA.remove(SCHEMA.get_field_index("teacher_id"))
 
 SPEC = TableSpec(
     name=NAME,
@@ -66,11 +80,14 @@ SPEC = TableSpec(
     ),
     fixed_length=("teacher_topk_ids", "behavior_topk_ids"),
 )
+SPEC_ONE_TEACHER = dataclasses.replace(SPEC, schema=SCHEMA_ONE_TEACHER)
 
 
 def validate(table: pa.Table, *, where: str = "tokens", vocab_size: int | None = None) -> pa.Table:
-    """Check the table: nulls, NaN/inf or positive log-probs, ragged top-K, ids, unique keys."""
-    return check_table(table, SPEC, where=where, vocab_size=vocab_size)
+    """Check the table: nulls, NaN/inf or positive log-probs, ragged top-K, ids, unique keys.
+    A table without ``teacher_id`` (one teacher) is checked, and kept, without it."""
+    spec = SPEC if "teacher_id" in table.column_names else SPEC_ONE_TEACHER
+    return check_table(table, spec, where=where, vocab_size=vocab_size)
 
 
 # The storage codec: stages.lib.store calls these hooks of a table module when they exist.

@@ -137,8 +137,8 @@ class NaiveTokens:
 
     NAME = tokens.NAME
     VERSION = 1
-    SCHEMA = tokens.SCHEMA.set(
-        tokens.SCHEMA.get_field_index("teacher_topk_logprobs"),
+    SCHEMA = tokens.SCHEMA_ONE_TEACHER.set(
+        tokens.SCHEMA_ONE_TEACHER.get_field_index("teacher_topk_logprobs"),
         pa.field("teacher_topk_logprobs", pa.list_(pa.float16()), nullable=False),
     )
 

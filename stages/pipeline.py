@@ -9,6 +9,11 @@ config unless ``overwrite=true``. ``pipeline.variants`` are extra training runs 
 rollouts and teacher log-probs (another loss or selection): only select + train run again.
 ``pipeline.rounds`` > 1 adds rounds of fresh rollouts: rollout -> score -> select -> train again
 from the previous round's checkpoint, under ``run_dir/round<r>/``; eval then shows every round.
+``pipeline.adaptive`` makes those rounds conditional: after each round's training the pipeline
+reads the trainer's ``staleness`` (or ``rkl_k1``) from that round's ``metrics.jsonl``
+(:func:`decide`) and starts the next round only when ``|value| >= threshold``, up to
+``max_rounds``. Each decision (and the round's rollout + score seconds) is recorded in
+``run_dir/rounds.json``; a re-run re-reads the recorded decisions and continues from there.
 
 The run is planned first, as data (:func:`plan`: a list of steps, each a stage, its typed config
 and a label), printed, then executed. Variant and round configs are composed again from the
@@ -21,10 +26,19 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from stages.lib.config import Config, hydra_entry, round_config, variant_config
+from stages.lib.config import (
+    ADAPTIVE_METRICS,
+    Config,
+    hydra_entry,
+    round_config,
+    variant_config,
+)
+from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
 from stages.lib.store import atomic_write_text
 
@@ -37,6 +51,8 @@ class Step:
     cfg: Config  # the typed config it runs with
     label: str  # what the plan prints (e.g. "variant opd: train")
     group: str  # timings key the step adds to: the stage, "variant:<name>" or "round<r>"
+    round: int | None = None  # the round whose rollout/score/select/train this is (None: other)
+    conditional: bool = False  # runs only if the previous round's decision fired (adaptive)
 
 
 def _describe(cfg: Config) -> str:
@@ -48,29 +64,44 @@ def plan(cfg: Config) -> list[Step]:
     rounds' steps right after ``train``, so that ``eval`` (and the report, which shows its
     results) come after every checkpoint exists."""
     steps: list[Step] = []
+    ad = cfg.pipeline.adaptive
+    last = ad.max_rounds if ad.enabled else cfg.pipeline.rounds
     for stage in cfg.pipeline.stages:
         if stage == "sft" and not cfg.sft.enabled:
             continue
-        steps.append(Step(stage, cfg, stage, stage))
+        in_round = stage in ROUND_STAGES
+        steps.append(Step(stage, cfg, stage, stage, round=1 if in_round else None))
         if stage != "train":
             continue
         for v in cfg.pipeline.variants:
             vcfg = variant_config(cfg, v)
             label, group = f"variant {v.name}", f"variant:{v.name}"
             steps += [Step(s, vcfg, f"{label}: {s}", group) for s in ("select", "train")]
-        for r in range(2, cfg.pipeline.rounds + 1):
-            rcfg = round_config(cfg, r)
+        for r in range(2, last + 1):  # adaptive: every possible round, each conditional
+            rcfg, mark = round_config(cfg, r), "?" if ad.enabled else ""
             steps += [
-                Step(s, rcfg, f"round {r}: {s}", f"round{r}")
-                for s in ("rollout", "score", "select", "train")
+                Step(s, rcfg, f"round {r}{mark}: {s}", f"round{r}", r, ad.enabled)
+                for s in ROUND_STAGES
             ]
     return steps
 
 
+ROUND_STAGES = ("rollout", "score", "select", "train")  # the stages a round runs again
+
+
 def format_plan(steps: list[Step]) -> str:
-    lines = [f"pipeline plan: {len(steps)} steps"]
+    cond = [st for st in steps if st.conditional]
+    head = f"pipeline plan: {len(steps)} steps"
+    lines = [head + (f" ({len(cond)} conditional)" if cond else "")]
     for i, st in enumerate(steps, 1):
         lines.append(f"  {i:2d}. {st.label:<24s} {_describe(st.cfg)}")
+    if cond:
+        ad = cond[0].cfg.pipeline.adaptive
+        lines.append(
+            f"  'round r?' steps run only if round r-1's training ends with |{ad.metric}| >= "
+            f"{ad.threshold:g} (mean of its last {ad.window} logged rows; pipeline.adaptive, "
+            f"at most {ad.max_rounds} rounds)"
+        )
     return "\n".join(lines)
 
 
@@ -88,20 +119,129 @@ def run(cfg: Config) -> dict:
     steps = plan(cfg)  # every derived config composes (and is checked) before anything runs
     print(format_plan(steps), flush=True)
     timings: dict[str, float] = {}
+    costs: dict[int, dict[str, float]] = {}  # round -> stage -> seconds (this invocation)
+    decisions = Decisions(cfg) if cfg.pipeline.adaptive.enabled else None
+    ran: list[Step] = []
     for st in steps:
+        if st.conditional and decisions is not None and not decisions.runs(st.round):
+            continue
         if st.label != st.stage:
             print(f"\n--- {st.label} ({_describe(st.cfg)}) ---", flush=True)
         t = time.time()
         run_stage(st.stage, st.cfg)
-        timings[st.group] = timings.get(st.group, 0.0) + time.time() - t
+        dt = time.time() - t
+        timings[st.group] = timings.get(st.group, 0.0) + dt
+        ran.append(st)
+        if st.round is not None:
+            costs.setdefault(st.round, {})[st.stage] = dt
+        if decisions is not None and st.round is not None and st.stage == "train":
+            decisions.after_training(st.round, st.cfg, costs.get(st.round, {}))
     timings["total"] = time.time() - t0
     print("\npipeline timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     lay = RunLayout.of(cfg.run_dir)
     lay.root.mkdir(parents=True, exist_ok=True)
     # read by scripts/bench.py (demo.end_to_end_seconds)
     atomic_write_text(lay.timings, json.dumps(timings, indent=1))
-    print(f"pipeline: done, {len(steps)} steps; wrote {lay.root}/ ({_wrote(cfg, steps)})")
+    print(f"pipeline: done, {len(ran)} steps; wrote {lay.root}/ ({_wrote(cfg, ran)})")
     return timings
+
+
+# ------------------------------------------------------------------------- adaptive rounds
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a training's metrics.jsonl (one JSON object per logged step)."""
+    if not path.is_file():
+        raise UserError(
+            f"no training metrics at {path}",
+            "pipeline.adaptive",
+            "the round's training did not log (is train in pipeline.stages?); rerun the pipeline",
+        )
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def decide(
+    rows: list[dict], metric: str, threshold: float, window: int, where: str
+) -> tuple[bool, float]:
+    """(fire a new round?, the value): the mean of ``metric`` over the last ``window`` logged
+    rows; fires when ``|value| >= threshold``. Pure: no files, no config."""
+    if metric not in ADAPTIVE_METRICS:
+        raise UserError(
+            f"unknown round metric {metric!r}", where, f"use one of {list(ADAPTIVE_METRICS)}"
+        )
+    if not rows:
+        raise UserError(
+            "the round's training logged no rows", where, "rerun the round's training (train)"
+        )
+    last = rows[-window:]
+    if any(metric not in r for r in last):
+        raise UserError(
+            f"the training metric {metric!r} is not in the logged rows",
+            where,
+            f"set pipeline.adaptive.metric to a logged one ({', '.join(ADAPTIVE_METRICS)}); "
+            "staleness needs score.behavior=true, both need on-policy tokens",
+        )
+    value = sum(float(r[metric]) for r in last) / len(last)
+    if not math.isfinite(value):
+        raise UserError(
+            f"the training metric {metric!r} is {value} (no on-policy tokens were trained?)",
+            where,
+            "check the selection keeps on-policy tokens, or choose another pipeline.adaptive.metric",
+        )
+    return abs(value) >= threshold, value
+
+
+class Decisions:
+    """The adaptive rounds' record (``run_dir/rounds.json``): one entry per finished round.
+    A recorded entry made with the same metric, threshold and window is reused as it is."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.ad = cfg.pipeline.adaptive
+        self.path = RunLayout.of(cfg.run_dir).round_decisions
+        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.recorded = {e["round"]: e for e in old.get("rounds", [])}
+        self.entries: dict[int, dict] = {}
+        self.last_round = 1  # the highest round allowed to run so far
+
+    def runs(self, r: int | None) -> bool:
+        return r is None or r <= self.last_round
+
+    def after_training(self, r: int, rcfg: Config, cost: dict[str, float]) -> None:
+        ad, old = self.ad, self.recorded.get(r)
+        same = old is not None and (old["metric"], old["threshold"], old["window"]) == (
+            ad.metric, ad.threshold, ad.window,
+        )  # fmt: skip
+        if same:
+            fired, value = old["fired"], old["value"]
+        else:
+            path = RunLayout.of(rcfg.run_dir).train(rcfg.train.name) / "metrics.jsonl"
+            rows = read_metrics(path)
+            fired, value = decide(rows, ad.metric, ad.threshold, ad.window, str(path))
+        nxt = r + 1 if fired and r < ad.max_rounds else None
+        seconds = {f"{s}_s": round(cost.get(s, 0.0), 3) for s in ("rollout", "score")}
+        if old is not None:  # the cost is what the round took when it ran first
+            seconds = {k: old.get(k, v) for k, v in seconds.items()}
+        self.entries[r] = {
+            "round": r, "train_name": rcfg.train.name, "metric": ad.metric,
+            "value": value, "threshold": ad.threshold, "window": ad.window, "fired": fired,
+            "next_round": nxt, **seconds,
+        }  # fmt: skip
+        self.last_round = nxt or r
+        self._write()
+        why = "starts round " + str(nxt) if nxt else ("max_rounds reached" if fired else "stops")
+        print(
+            f"pipeline: round {r} {ad.metric} {value:.4g} "
+            f"{'>=' if fired else '<'} {ad.threshold:g}: {why}",
+            flush=True,
+        )
+
+    def _write(self) -> None:
+        doc = {
+            "metric": self.ad.metric,
+            "threshold": self.ad.threshold,
+            "max_rounds": self.ad.max_rounds,
+            "rounds": [self.entries[r] for r in sorted(self.entries)],
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(doc, indent=1))
 
 
 def _wrote(cfg: Config, steps: list[Step]) -> str:

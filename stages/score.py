@@ -30,12 +30,20 @@ the manifest of ``run_dir/sft_data/`` unless ``score.allow_teacher_mismatch=true
 checked is recorded as ``inputs.sft_data`` of the tokens manifest, the models as absolute paths
 (``models``) and the scoring temperature as ``teacher_temperature`` (docs/DATA.md).
 
+Several teachers (config ``teachers``, a name -> model mapping, with ``score.route_by``): each
+rollout is scored by the teacher its ``score.route_by.column`` value routes to (one teacher model
+resident at a time); the tokens get a ``teacher_id`` column, the manifest the fingerprint of every
+teacher (``teacher.<name>``) and ``extra.teachers``. Every route is resolved before any model
+loads. With ``teachers`` empty, ``teacher`` scores everything and the shards are exactly what they
+were before routing existed (no ``teacher_id`` column).
+
 Run: ``python -m stages.score experiment=demo [score.topk=32 score.backend=hf worker.index=0
 worker.count=1 ...]``. A killed run re-run continues with the first missing shard.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,13 +125,18 @@ class Plan:
 FORWARD_COST_TOKENS = 256
 
 
-def plan_shard(rows: list[dict], roles: list[Role], behavior_topk: int) -> Plan:
-    """Group the (row, role) requests of a shard into distinct passes (pure, no model)."""
+def plan_shard(
+    rows: list[dict], roles: list[Role], behavior_topk: int, teacher_of: list[Role] | None = None
+) -> Plan:
+    """Group the (row, role) requests of a shard into distinct passes (pure, no model).
+    ``teacher_of``: each row's routed teacher role (several teachers), replacing ``roles``' one."""
     jobs: dict[PassKey, Job] = {}
     of: list[dict[str, PassKey]] = []
-    for row in rows:
+    for i, row in enumerate(rows):
         keys = {}
         for role in roles:
+            if teacher_of is not None and role.name == "teacher":
+                role = teacher_of[i]
             prefix = list(row[PREFIX_COL[role.name]])
             key = (role.model_key, tuple(prefix), tuple(row["response_ids"]))
             job = jobs.get(key)
@@ -273,6 +286,32 @@ def hf_score(
             progress.update(sum(r_lens))
 
 
+# ----------------------------------------------------------------------------- routing (pure)
+def route(values: list, rb, where: str) -> list[str]:
+    """The teacher name of each rollout from its ``score.route_by.column`` value (``rb``: the
+    RouteBy config). A value with no route and no default is a UserError naming it."""
+    out = []
+    for v in values:
+        name = rb.map.get(str(v), rb.default) if v is not None else rb.default
+        if name is None:
+            raise UserError(
+                f"rollouts with {rb.column}={v!r} have no teacher (no score.route_by.map entry "
+                "and no score.route_by.default)",
+                where,
+                f"add '{v}: <teacher>' to score.route_by.map or set score.route_by.default",
+            )
+        out.append(name)
+    return out
+
+
+def _check_routes(cfg: Config, paths: list[Path], shards: list[int]) -> None:
+    """Every rollout of ``shards`` has a teacher (before any model loads)."""
+    col = cfg.score.route_by.column
+    for s in shards:
+        values = pq.read_table(paths[s], columns=[col])[col].to_pylist()
+        route(sorted(set(values), key=str), cfg.score.route_by, str(paths[s]))
+
+
 # ----------------------------------------------------------------------------- the stage
 def resolve_backend(name: str) -> str:
     from stages.lib import vllm_backend as vb
@@ -290,32 +329,64 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def _check_sft_teacher(cfg: Config, layout: RunLayout, t_fp: str) -> dict:
-    """Lightning OPD's teacher consistency: the SFT data's teacher must be this teacher.
-    Returns ``{"sft_data": <dataset id>}`` when an SFT dataset was checked, else {}."""
+def _check_sft_teacher(cfg: Config, layout: RunLayout, t_roles: dict[str, Role]) -> dict:
+    """Lightning OPD's teacher consistency: the SFT data's teacher must be this teacher (with
+    several teachers: one of them). Returns ``{"sft_data": <dataset id>}`` when an SFT dataset
+    was checked, else {}."""
     sft_m = manifest_mod.read(layout.sft_data)
     if sft_m is None:
         return {}
     sft_teacher = sft_m["fingerprints"].get("teacher")
-    if sft_teacher != t_fp and not cfg.score.allow_teacher_mismatch:
+    t_fps = [r.fingerprint for r in t_roles.values()]
+    if sft_teacher not in t_fps and not cfg.score.allow_teacher_mismatch:
+        if cfg.teachers:
+            what = (
+                "none of the OPD teachers ("
+                + ", ".join(f"{n}: {r.fingerprint}" for n, r in t_roles.items())
+                + ") is"
+            )
+        else:
+            what = f"the OPD teacher {cfg.teacher.path} ({t_fps[0]}) is not"
         raise UserError(
-            f"the OPD teacher {cfg.teacher.path} ({t_fp}) is not the SFT teacher ({sft_teacher}) "
+            f"{what} the SFT teacher ({sft_teacher}) "
             "that wrote sft_data/; Lightning OPD's teacher consistency requires the same one",
-            f"{layout.sft_data} / teacher.path",
+            f"{layout.sft_data} / " + ("teachers" if cfg.teachers else "teacher.path"),
             "use the SFT teacher as teacher.path, or set score.allow_teacher_mismatch=true",
         )
     return {"sft_data": sft_m["dataset_id"]}
 
 
+def scoring_teachers(cfg: Config) -> dict[str, object]:
+    """The score stage's teachers by name: ``teachers``, or ``{"": teacher}`` for one."""
+    return dict(cfg.teachers) if cfg.teachers else {"": cfg.teacher}
+
+
+def _teacher_roles(cfg: Config, s_tok, fps: dict) -> dict[str, Role]:
+    """The teachers' roles by name (fingerprints added to ``fps``), tokenizers checked."""
+    out = {}
+    for name, m in scoring_teachers(cfg).items():
+        t_fp = models.model_fingerprint(m.path, "teacher")
+        out[name] = Role("teacher", m.path, m.dtype, t_fp, cfg.score.topk, cfg.score.entropy)
+        if not name:
+            fps["teacher"] = t_fp
+            continue
+        t_tok = models.load_tokenizer(m.path, f"teacher {name}")
+        chat.check_compatible({"student": s_tok, f"teacher {name}": t_tok}, f"teachers.{name}")
+        fps[f"teacher.{name}"] = t_fp
+    return out
+
+
 def _check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role], dict, object]:
-    """Roles with fingerprints, after the provenance checks; also the fingerprints and tokenizer."""
+    """Roles with fingerprints, after the provenance checks; also the fingerprints and tokenizer.
+    With several teachers, ``roles`` holds the first one (plan_shard routes each row)."""
     sc = cfg.score
     fps_in = rm.get("fingerprints", {})
     tok_fp = fps_in.get("tokenizer")
     policy_path = store.model_path(rm, "policy", "policy_path") or cfg.student.path
-    if not cfg.teacher.path:
+    first = next(iter(scoring_teachers(cfg).values()))
+    if not first.path:
         raise UserError("no teacher model configured", "teacher.path", "set teacher.path=DIR")
-    tok = models.load_tokenizer(cfg.teacher.path, "teacher")
+    tok = models.load_tokenizer(first.path, "teacher")
     vocab = models.vocab_size(tok)
     if tok_fp is None:
         raise UserError(
@@ -341,9 +412,10 @@ def _check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role],
             "score.behavior=false",
             "set score.behavior=true or score.behavior_topk=0",
         )
-    t_fp = models.model_fingerprint(cfg.teacher.path, "teacher")
-    roles = [Role("teacher", cfg.teacher.path, cfg.teacher.dtype, t_fp, sc.topk, sc.entropy)]
-    fps = {"student": fps_in.get("student"), "teacher": t_fp, "tokenizer": tok_fp}
+    fps = {"student": fps_in.get("student")}
+    t_roles = _teacher_roles(cfg, s_tok, fps)
+    fps["tokenizer"] = tok_fp
+    roles = [next(iter(t_roles.values()))]
     if sc.behavior:
         if not policy_path:
             raise UserError(
@@ -375,17 +447,27 @@ def _check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role],
         r_fp = models.model_fingerprint(cfg.ref.path, "ref")
         roles.append(Role("ref", cfg.ref.path, cfg.ref.dtype, r_fp, 0, False))
         fps["ref"] = r_fp
-    return roles, fps, tok
+    return roles, fps, tok, t_roles
 
 
 def _tokens_table(
-    rows: list[dict], plan: Plan, sc, vocab_size: int, behavior: bool, has_ref: bool
+    rows: list[dict],
+    plan: Plan,
+    sc,
+    vocab_size: int,
+    behavior: bool,
+    has_ref: bool,
+    teacher_ids: list[str] | None = None,
 ) -> pa.Table:
-    """Assemble the shard's tokens table from the pass results."""
+    """Assemble the shard's tokens table from the pass results (``teacher_ids``: each row's
+    routed teacher, several teachers only; else the table has no teacher_id column)."""
     K, Kb = sc.topk, sc.behavior_topk
-    cols: dict[str, list] = {n: [] for n in tokens_table.SCHEMA.names}
-    for row, keys in zip(rows, plan.of, strict=True):
+    schema = tokens_table.SCHEMA if teacher_ids else tokens_table.SCHEMA_ONE_TEACHER
+    cols: dict[str, list] = {n: [] for n in schema.names}
+    for i, (row, keys) in enumerate(zip(rows, plan.of, strict=True)):
         r = len(row["response_ids"])
+        if teacher_ids:
+            cols["teacher_id"].append(np.full(r, teacher_ids[i], dtype=object))
         t = plan.jobs[keys["teacher"]].result
         cols["sample_id"].append(np.full(r, row["sample_id"], dtype=object))
         cols["pos"].append(np.arange(r, dtype=np.int32))
@@ -422,7 +504,7 @@ def _tokens_table(
             cols["teacher_logprobs_on_behavior_topk"].append(on.astype(np.float16))  # [r, Kb]
     n = sum(len(row["response_ids"]) for row in rows)
     arrays = []
-    for f in tokens_table.SCHEMA:
+    for f in schema:
         parts = cols[f.name]
         if pa.types.is_list(f.type):
             if not parts:  # behaviour top-K off
@@ -441,7 +523,7 @@ def _tokens_table(
             arrays.append(pa.array(np.concatenate(parts)).cast(f.type))
         else:
             arrays.append(pa.array(flat, type=f.type, from_pandas=True))
-    return pa.Table.from_arrays(arrays, schema=tokens_table.SCHEMA)
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _entropy(res: dict, wanted: bool, r: int) -> np.ndarray:
@@ -459,8 +541,20 @@ class _Scorer:
         self.hf: dict[tuple, HFModel] = {}
         self.llms: dict[tuple, object] = {}
         self.device = models.pick_device("auto")
+        self.one_teacher = bool(cfg.teachers)  # several teachers: one resident at a time
+        self.teacher_keys: set[tuple] = set()
+
+    def _evict_teachers(self, role: Role) -> None:
+        """Before loading teacher ``role``: drop the other teachers' models (several teachers)."""
+        if not (self.one_teacher and role.name == "teacher"):
+            return
+        for key in self.teacher_keys - {role.model_key}:
+            self.hf.pop(key, None)
+            self.llms.pop(key, None)
+        self.teacher_keys = {role.model_key}
 
     def hf_model(self, role: Role) -> HFModel:
+        self._evict_teachers(role)
         if role.model_key not in self.hf:
             model = models.load_model(role.path, role.name, dtype=role.dtype, device=self.device)
             rows = model.get_output_embeddings().weight.shape[0]
@@ -529,6 +623,7 @@ class _Scorer:
 
         k = max(1, max(j.k for j in group))
         kmax = max(1, self.cfg.score.topk, self.cfg.score.behavior_topk)
+        self._evict_teachers(role)
         if role.model_key not in self.llms:
             self.llms[role.model_key] = vb.get_llm(
                 role.path,
@@ -544,16 +639,17 @@ class _Scorer:
             j.result = res
 
 
-def _read_shard(path: Path) -> list[dict]:
+def _read_shard(path: Path, extra: tuple[str, ...] = ()) -> list[dict]:
     cols = ["sample_id", *PREFIX_COL.values(), "response_ids", "behavior_logprobs", "is_guided"]
+    cols += extra  # the route column (several teachers)
     return pq.read_table(path, columns=list(dict.fromkeys(cols))).to_pylist()
 
 
 SCORING_TEMPERATURE = 1.0  # cached log-probs are the models' plain log-softmax (temperature 1)
 
 
-def _dataset_id(rm: dict, fps: dict, sc, backend: str) -> str:
-    content = {
+def _dataset_id(rm: dict, fps: dict, sc, backend: str, teachers: bool = False) -> str:
+    content: dict = {
         "rollouts": rm["dataset_id"],
         "fingerprints": fps,
         "score": {
@@ -564,6 +660,8 @@ def _dataset_id(rm: dict, fps: dict, sc, backend: str) -> str:
             "entropy": sc.entropy,
         },
     }
+    if teachers:  # routing decides which teacher's numbers a row holds (absent for one teacher)
+        content["route_by"] = dataclasses.asdict(sc.route_by)
     return store.content_id(content)
 
 
@@ -575,7 +673,7 @@ class _Counts:
     shards: int = 0
 
 
-def _score_shards(cfg, w, rm, paths, todo, roles, tok, backend, counts: _Counts) -> None:
+def _score_shards(cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts) -> None:
     """Score and write the shards ``todo`` (rollout shard s -> tokens shard s)."""
     sc, vocab = cfg.score, models.vocab_size(tok)
     total = sum(rm["shards"][s]["rows"] for s in todo)
@@ -585,9 +683,12 @@ def _score_shards(cfg, w, rm, paths, todo, roles, tok, backend, counts: _Counts)
     scorer = _Scorer(cfg, backend, vocab, pad_id, max_len)
     bar = tqdm(desc=f"score {total} rollouts: tokens x passes", unit="tok", leave=False)
     with torch.inference_mode():
+        rb = sc.route_by
         for s in todo:
-            rows = _read_shard(paths[s])
-            plan = plan_shard(rows, roles, sc.behavior_topk)
+            rows = _read_shard(paths[s], (rb.column,) if cfg.teachers else ())
+            ids = route([r[rb.column] for r in rows], rb, str(paths[s])) if cfg.teachers else None
+            teacher_of = [t_roles[n] for n in ids] if ids else None
+            plan = plan_shard(rows, roles, sc.behavior_topk, teacher_of)
             jobs = list(plan.jobs.values())
             # behaviour passes first: teacher passes gather at their top-Kb ids
             b_keys = {k.get("behavior") for k in plan.of}
@@ -603,22 +704,39 @@ def _score_shards(cfg, w, rm, paths, todo, roles, tok, backend, counts: _Counts)
                 scorer.run(late, done, stats=False, gather=True, progress=None)
             counts.passes_run += len(jobs) + len(late)
             counts.requests += plan.requests
-            table = _tokens_table(rows, plan, sc, vocab, sc.behavior, bool(cfg.ref.path))
+            table = _tokens_table(rows, plan, sc, vocab, sc.behavior, bool(cfg.ref.path), ids)
             w.write_shard(s, table)
             counts.tokens += table.num_rows
             counts.shards += 1
     bar.close()
 
 
-def _commit(cfg, w, rm, n_shards, fps, roles, backend, vocab, sft_inputs) -> bool:
+def _model_paths(cfg, roles: list[Role], t_roles: dict[str, Role]) -> dict[str, str]:
+    """The manifest's ``models`` (role -> folder); several teachers as ``teacher.<name>``."""
+    if not cfg.teachers:
+        return {r.name: r.path for r in roles}
+    out = {f"teacher.{n}": r.path for n, r in t_roles.items()}
+    return out | {r.name: r.path for r in roles if r.name != "teacher"}
+
+
+def _commit(cfg, w, rm, n_shards, fps, roles, t_roles, backend, vocab, sft_inputs) -> bool:
     sc = cfg.score
     policy_path = store.model_path(rm, "policy", "policy_path") or cfg.student.path
+    models_ = _model_paths(cfg, roles, t_roles)
+    several = {}  # with several teachers: each one's path, fingerprint, and the routing
+    if cfg.teachers:
+        several = {
+            "teachers": {
+                n: {"path": r.path, "fingerprint": r.fingerprint} for n, r in t_roles.items()
+            },
+            "route_by": dataclasses.asdict(sc.route_by),
+        }
     return w.complete or w.commit(
         n_shards,
         config=as_dict(cfg),
         fingerprints=fps,
         inputs={"rollouts": rm["dataset_id"], **sft_inputs},
-        models={r.name: r.path for r in roles},
+        models=_model_paths(cfg, roles, t_roles),
         teacher_temperature=SCORING_TEMPERATURE,
         extra={
             "backend": backend,
@@ -630,7 +748,14 @@ def _commit(cfg, w, rm, n_shards, fps, roles, backend, vocab, sft_inputs) -> boo
             "topk": sc.topk,
             "behavior_topk": sc.behavior_topk,
             "vocab_size": vocab,
-            "roles": {r.name: {"path": r.path, "prefix": PREFIX_COL[r.name]} for r in roles},
+            "roles": {
+                r.name: {
+                    "path": models_[r.name] if r.name in models_ else "(routed: teachers)",
+                    "prefix": PREFIX_COL[r.name],
+                }
+                for r in roles
+            },  # fmt: skip
+            **several,
         },
     )
 
@@ -642,13 +767,15 @@ def run(cfg: Config) -> dict:
         layout.rollouts, rollouts_table, what_writes_it="python -m stages.rollout"
     )
     backend = resolve_backend(sc.backend)
-    roles, fps, tok = _check_models(cfg, rm, layout)
-    sft_inputs = _check_sft_teacher(cfg, layout, fps["teacher"])
-    vocab = models.vocab_size(tok)
-    dataset_id = _dataset_id(rm, fps, sc, backend)
     n_shards = len(rm["shards"])
     mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
     paths = store.shard_paths(layout.rollouts, rm)
+    if cfg.teachers:
+        _check_routes(cfg, paths, mine)  # a rollout without a teacher: before any model loads
+    roles, fps, tok, t_roles = _check_models(cfg, rm, layout)
+    sft_inputs = _check_sft_teacher(cfg, layout, t_roles)
+    vocab = models.vocab_size(tok)
+    dataset_id = _dataset_id(rm, fps, sc, backend, bool(cfg.teachers))
     t0, counts = time.perf_counter(), _Counts()
     with store.open_writer(
         layout.tokens,
@@ -662,8 +789,8 @@ def run(cfg: Config) -> dict:
     ) as w:
         todo = [] if w.complete else [s for s in mine if not w.is_done(s)]
         if todo:
-            _score_shards(cfg, w, rm, paths, todo, roles, tok, backend, counts)
-        committed = _commit(cfg, w, rm, n_shards, fps, roles, backend, vocab, sft_inputs)
+            _score_shards(cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts)
+        committed = _commit(cfg, w, rm, n_shards, fps, roles, t_roles, backend, vocab, sft_inputs)
     secs = time.perf_counter() - t0
     reused = max(counts.requests - counts.passes_run, 0)
     summary = (

@@ -242,7 +242,7 @@ def open_pass1(layout: RunLayout, manifests: dict[str, dict], tmp_dir: Path, sel
         CREATE OR REPLACE VIEW tok AS
         SELECT (_shard << {ROW_BITS}) | _row AS rid, _shard AS shard,
             sample_id, pos, token_id, segment, is_guided, teacher_logprob, behavior_logprob,
-            behavior_entropy, teacher_entropy, ref_logprob, teacher_topk_logmass
+            behavior_entropy, teacher_entropy, ref_logprob, teacher_topk_logmass, teacher_id
         FROM tokens
         """
     )

@@ -92,7 +92,7 @@ def test_store_writes_the_codec_layout_and_reads_it_back(tmp_path):
     col = f.schema_arrow.names.index(codec.PHYSICAL)
     assert "BYTE_STREAM_SPLIT" in f.metadata.row_group(0).column(col).encodings
     back = store.read_table(d, tokens)
-    assert back.schema.names == tokens.SCHEMA.names  # the logical schema, in order
+    assert back.schema.names == tokens.SCHEMA_ONE_TEACHER.names  # logical, in order (one teacher)
     tokens.validate(back)
     got = np.stack(back["teacher_topk_logprobs"].to_numpy(zero_copy_only=False))  # [N, K]
     assert np.abs(got - lps).max() <= codec.MAX_ABS_ERROR

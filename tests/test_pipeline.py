@@ -177,3 +177,109 @@ def test_results_table_rows_compose(tmp_path, capsys):
     assert out[-1] == "results_table: 19 rows compose"
     assert any("retain_w3" in ln and "select=evidence_retain_w3" in ln for ln in out)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+# ------------------------------------------------------------------------- adaptive rounds
+def rows(*values, metric="staleness"):
+    return [{"step": i, "loss": 1.0, metric: v} for i, v in enumerate(values, 1)]
+
+
+def test_decide_fires_at_the_threshold_and_not_below():
+    decide = pipeline.decide
+    assert decide(rows(0.0, 0.2), "staleness", 0.2, 1, "w") == (True, 0.2)  # exactly equal
+    assert decide(rows(0.0, 0.1999), "staleness", 0.2, 1, "w") == (False, 0.1999)
+    assert decide(rows(-0.3), "staleness", 0.2, 4, "w") == (True, -0.3)  # |value|
+    fired, value = decide(rows(9.0, 0.1, 0.3), "staleness", 0.2, 2, "w")  # last 2 rows
+    assert fired and value == pytest.approx(0.2)
+    assert decide(rows(0.0), "staleness", 0.0, 1, "w") == (True, 0.0)
+    assert decide(rows(0.5, metric="rkl_k1"), "rkl_k1", 1.0, 1, "w") == (False, 0.5)
+
+
+def test_decide_errors():
+    with pytest.raises(UserError, match=r"'staleness' is nan .*\(m.jsonl\)"):
+        pipeline.decide(rows(0.1, float("nan")), "staleness", 0.2, 2, "m.jsonl")
+    with pytest.raises(UserError, match="'rkl_k1' is not in the logged rows"):
+        pipeline.decide(rows(0.1), "rkl_k1", 0.2, 2, "m.jsonl")
+    with pytest.raises(UserError, match="logged no rows"):
+        pipeline.decide([], "staleness", 0.2, 2, "m.jsonl")
+
+
+def test_adaptive_config_checks():
+    with pytest.raises(UserError, match="pipeline.adaptive.metric"):
+        compose("pipeline", ["experiment=demo", "pipeline.adaptive.metric=loss"])
+    with pytest.raises(UserError, match="pipeline.adaptive.threshold"):
+        compose("pipeline", ["experiment=demo", "pipeline.adaptive.threshold=-1"])
+    with pytest.raises(UserError, match="pipeline.rounds"):
+        compose(
+            "pipeline", ["experiment=demo", "pipeline.rounds=2", "pipeline.adaptive.max_rounds=3"]
+        )
+    with pytest.raises(UserError, match="score.behavior=true"):
+        ovs = ["experiment=demo", "pipeline.adaptive.max_rounds=2", "score.behavior=false"]
+        compose("pipeline", ovs)
+
+
+def test_plan_with_adaptive_rounds():
+    ovs = ["experiment=demo", "pipeline.adaptive.max_rounds=3", "train.name=t"]
+    steps = pipeline.plan(compose("pipeline", ovs))
+    assert [st.label for st in steps][4:8] == [f"round 2?: {s}" for s in pipeline.ROUND_STAGES]
+    assert [st.round for st in steps] == [1, 1, 1, 1, *[2] * 4, *[3] * 4, None, None]
+    assert [st.conditional for st in steps].count(True) == 8
+    assert steps[8].cfg.train.name == "t-r3" and steps[8].cfg.run_dir == str(
+        Path("runs/demo/round3")
+    )
+    text = pipeline.format_plan(steps).splitlines()
+    assert text[0] == "pipeline plan: 14 steps (8 conditional)"
+    assert "run only if round r-1's training ends with |staleness| >= 0.05" in text[-1]
+
+
+def test_adaptive_rounds_fire_or_not(quick_world, tmp_path, capsys):
+    """A huge threshold stops after round 1; a threshold of 0 starts round 2 from round 1's
+    checkpoint (round 1 reused); a re-run re-reads rounds.json and recomputes nothing."""
+    run_dir = tmp_path / "run"
+    small = [
+        *demo_overrides(quick_world, run_dir),
+        "rollout.max_new_tokens=8",
+        "data.max_prompts=8",
+        "train.log_every=1",
+        "pipeline.stages=[rollout,score,select,train]",
+        "pipeline.adaptive.max_rounds=2",
+    ]
+    cfg = compose("pipeline", [*small, "pipeline.adaptive.threshold=1e9"])
+    pipeline.run(cfg)
+    out = capsys.readouterr().out
+    assert "pipeline plan: 8 steps (4 conditional)" in out
+    assert "pipeline: done, 4 steps;" in out and not (run_dir / "round2").exists()
+    doc = json.loads((run_dir / "rounds.json").read_text())
+    (e1,) = doc["rounds"]
+    assert (e1["round"], e1["metric"], e1["fired"], e1["next_round"]) == (
+        1,
+        "staleness",
+        False,
+        None,
+    )
+    assert e1["threshold"] == 1e9 and e1["rollout_s"] > 0 and e1["score_s"] > 0
+    rows1 = pipeline.read_metrics(run_dir / "train" / cfg.train.name / "metrics.jsonl")
+    assert e1["value"] == pytest.approx(sum(r["staleness"] for r in rows1[-4:]) / len(rows1[-4:]))
+
+    cfg0 = compose("pipeline", [*small, "pipeline.adaptive.threshold=0"])
+    pipeline.run(cfg0)
+    out = capsys.readouterr().out
+    assert "pipeline: done, 8 steps;" in out and "starts round 2" in out
+    r2 = run_dir / "round2" / "checkpoints" / f"{cfg.train.name}-r2" / "final"
+    assert (r2 / "config.json").exists()
+    doc = json.loads((run_dir / "rounds.json").read_text())
+    e1b, e2 = doc["rounds"]
+    assert (e1b["round"], e1b["fired"], e1b["next_round"], e1b["value"]) == (
+        1,
+        True,
+        2,
+        e1["value"],
+    )
+    assert e1b["rollout_s"] == e1["rollout_s"]  # the cost of the round when it ran
+    assert (e2["round"], e2["fired"], e2["next_round"]) == (2, True, None)  # max_rounds reached
+    assert e2["train_name"] == f"{cfg.train.name}-r2" and e2["rollout_s"] > 0
+
+    stamp = {p: p.stat().st_mtime_ns for p in (run_dir / "round2").rglob("*.parquet")}
+    pipeline.run(cfg0)
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "round2").rglob("*.parquet")} == stamp
+    assert json.loads((run_dir / "rounds.json").read_text()) == doc

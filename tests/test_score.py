@@ -55,6 +55,7 @@ def write_rollouts(
     rows_per_shard: int = 4,
     seed: int = 0,
     max_resp: int = 12,
+    kinds: tuple[str, ...] = (),
 ) -> Path:
     """A committed rollouts table: half the rows guided (rollout prefix = teacher prefix)."""
     tok = models.load_tokenizer(str(policy))
@@ -85,7 +86,7 @@ def write_rollouts(
                 "temperature": 1.0,
                 "top_p": 1.0,
                 "answer": None,
-                "kind": None,
+                "kind": kinds[i % len(kinds)] if kinds else None,
                 "correct": None,
             }
         )
@@ -269,7 +270,7 @@ def test_reuse_equals_separate_passes(tmp_path, tiny_lm):
     assert b["passes_run"] == 3 * len(rows) and b["passes_reused"] == 0
     ta, tb = read_tokens(shared), read_tokens(separate)
     assert ta.num_rows == tb.num_rows
-    for c in tokens_table.SCHEMA.names:
+    for c in tokens_table.SCHEMA_ONE_TEACHER.names:  # one teacher: no teacher_id
         x, y = ta[c].to_pylist(), tb[c].to_pylist()
         if c in ("teacher_logprob", "behavior_logprob", "ref_logprob", "teacher_topk_logmass"):
             np.testing.assert_allclose(x, y, atol=1e-5, err_msg=c)
@@ -453,3 +454,118 @@ def test_vllm_backend_matches_transformers(tmp_path, tiny_lm):
         assert abs(x["behavior_entropy"] - entropy_of(d_b)) < FP16_TOL * 3
     m = json.loads((tmp_path / "tokens" / manifest.FILENAME).read_text())
     assert m["extra"]["backend"] == "vllm" and m["extra"]["entropy_source"] == "hf"
+
+
+# ----------------------------------------------------------------------------- several teachers
+def two_teachers(*extra: str) -> list[str]:
+    return ["score.route_by.column=kind", *extra]
+
+
+def test_routes_each_rollout_to_its_teacher(tmp_path, tiny_lm, tiny_teacher):
+    """kind=fact -> teacher a (tiny_teacher), others -> the default b (tiny_lm, also the
+    behaviour model): each row's teacher log-probs are its own teacher's; teacher_id is a column
+    of the tokens table and of the DuckDB tokens view; the manifest has both fingerprints."""
+    from stages.lib import views
+    from stages.lib.layout import RunLayout
+
+    write_rollouts(tmp_path, tiny_lm, n_rows=8, kinds=("fact", "chat", "code"))
+    teachers = f"+teachers={{a: {{path: {tiny_teacher}}}, b: {{path: {tiny_lm}}}}}"
+    cfg = cfg_for(
+        tmp_path, tiny_lm, tiny_lm, teachers,
+        *two_teachers("+score.route_by.map={fact: a}", "score.route_by.default=b"),
+        "score.topk=4",
+    )  # fmt: skip
+    assert run(cfg)["committed"]
+    vocab = len(models.load_tokenizer(str(tiny_lm)))
+    rows = rollouts_rows(tmp_path)
+    t = read_tokens(tmp_path).to_pylist()
+    seen = set()
+    for x in t:
+        ro = rows[x["sample_id"]]
+        want = "a" if ro["kind"] == "fact" else "b"
+        assert x["teacher_id"] == want
+        seen.add(want)
+        path = tiny_teacher if want == "a" else tiny_lm
+        d = dense(path, ro["teacher_prompt_ids"], ro["response_ids"], vocab)  # [R, V]
+        assert abs(x["teacher_logprob"] - d[x["pos"], x["token_id"]]) < TOL
+    assert seen == {"a", "b"}
+    m = manifest.read(tmp_path / "tokens")
+    fa, fb = (models.model_fingerprint(str(p)) for p in (tiny_teacher, tiny_lm))
+    assert (m["fingerprints"]["teacher.a"], m["fingerprints"]["teacher.b"]) == (fa, fb)
+    assert "teacher" not in m["fingerprints"]
+    assert m["extra"]["teachers"]["a"]["fingerprint"] == fa
+    assert m["models"]["teacher.a"]["fingerprint"] == fa
+    rv = views.open_run(RunLayout.of(tmp_path), datasets=("tokens",))
+    got = dict(rv.con.execute("SELECT teacher_id, count(*) FROM tokens GROUP BY 1").fetchall())
+    assert got == {"a": sum(x["teacher_id"] == "a" for x in t), "b": len(t) - got["a"]}
+
+    # a selection policy filters by teacher: only teacher a's tokens carry weight
+    from data_schemas import selected
+    from stages import select
+
+    sql = tmp_path / "only_a.sql"
+    sql.write_text(
+        "SELECT rid, CASE WHEN teacher_id = 'a' THEN 1.0 ELSE 0.0 END AS weight FROM tok"
+    )
+    res = select.run(compose("select", [f"run_dir={tmp_path}", f"select.rules.0.policy={sql}"]))
+    kept = store.read_table(Path(res["dir"]), selected).to_pylist()
+    w = {r["sample_id"]: sum(r["weights"]) for r in kept}
+    for sid, ro in rows.items():
+        assert w.get(sid, 0) == (len(ro["response_ids"]) if ro["kind"] == "fact" else 0), sid
+
+
+def test_one_teacher_writes_no_teacher_id_and_the_view_shows_null(tmp_path, tiny_lm, tiny_teacher):
+    from stages.lib import views
+    from stages.lib.layout import RunLayout
+
+    write_rollouts(tmp_path, tiny_lm, n_rows=4)
+    run(cfg_for(tmp_path, tiny_lm, tiny_teacher, "score.topk=4"))
+    assert "teacher_id" not in read_tokens(tmp_path).column_names  # the shards are as before
+    rv = views.open_run(RunLayout.of(tmp_path), datasets=("tokens",))
+    assert rv.con.execute(
+        "SELECT count(*) FILTER (WHERE teacher_id IS NOT NULL) FROM tokens"
+    ).fetchone() == (0,)
+
+
+def test_a_route_value_without_teacher_fails_before_any_model_loads(
+    tmp_path, tiny_lm, tiny_teacher, monkeypatch
+):
+    write_rollouts(tmp_path, tiny_lm, n_rows=4, kinds=("fact", "chat"))
+    teachers = f"+teachers={{a: {{path: {tiny_teacher}}}}}"
+    cfg = cfg_for(
+        tmp_path, tiny_lm, tiny_lm, teachers, *two_teachers("+score.route_by.map={fact: a}")
+    )
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: loaded.append(a))
+    with pytest.raises(UserError, match=r"kind='chat' have no teacher.*Fix: add 'chat: <teacher>'"):
+        run(cfg)
+    assert loaded == [] and not (tmp_path / "tokens").exists()
+
+
+def test_teachers_config_checks():
+    with pytest.raises(UserError, match="sends 'fact' to teacher 'zz'"):
+        compose(
+            "score", ["+teachers={a: {path: /x}}", *two_teachers("+score.route_by.map={fact: zz}")]
+        )
+    with pytest.raises(UserError, match="score.route_by.column must be set"):
+        compose("score", ["+teachers={a: {path: /x}}"])
+    with pytest.raises(UserError, match="score.route_by.column needs teachers"):
+        compose("score", two_teachers())
+    with pytest.raises(UserError, match="score.route_by.column must be one of"):
+        compose("score", ["score.route_by.column=domain"])
+
+
+def test_several_teachers_none_of_them_the_sft_teacher_is_refused(tmp_path, tiny_lm, tiny_teacher):
+    run_dir = tmp_path / "run"
+    write_rollouts(run_dir, tiny_lm, n_rows=2, kinds=("fact",))
+    with store.open_writer(run_dir / "sft_data", rollouts_table, dataset_id="s", stage="sft") as w:
+        fp = models.model_fingerprint(str(tiny_lm))
+        assert w.commit(0, config={}, fingerprints={"teacher": fp}, inputs={})
+    route = two_teachers("score.route_by.default=a")
+    with pytest.raises(UserError, match="none of the OPD teachers .*a: .* is the SFT teacher"):
+        run(
+            cfg_for(run_dir, tiny_lm, tiny_lm, f"+teachers={{a: {{path: {tiny_teacher}}}}}", *route)
+        )
+    both = f"+teachers={{a: {{path: {tiny_teacher}}}, b: {{path: {tiny_lm}}}}}"
+    assert run(cfg_for(run_dir, tiny_lm, tiny_lm, both, *route))["committed"]  # b is the SFT one

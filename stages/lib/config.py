@@ -203,6 +203,28 @@ class RolloutConfig:
         )
 
 
+# Rollouts columns a teacher route can read (the prompt's columns the rollout stage carries).
+ROUTE_COLUMNS = ("kind", "prompt_id", "answer")
+
+
+@dataclass
+class RouteBy:
+    # Which teacher (a name of `teachers`) scores each rollout, by the value of one rollouts
+    # column: kind (the prompt's kind/domain) | prompt_id | answer. null = no routing.
+    column: str | None = None
+    # Column value -> teacher name.
+    map: dict[str, str] = field(default_factory=dict)
+    # The teacher of a value not in `map` (null: such a value is an error before any model loads).
+    default: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.column is None or self.column in ROUTE_COLUMNS,
+            "score.route_by.column",
+            f"must be one of {'|'.join(ROUTE_COLUMNS)} (got {self.column!r})",
+        )
+
+
 @dataclass
 class ScoreConfig:
     # hf | vllm | auto (as in rollout).
@@ -221,6 +243,8 @@ class ScoreConfig:
     chunk_positions: int = 256
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
+    # Several teachers (`teachers`): which one scores each rollout.
+    route_by: RouteBy = field(default_factory=RouteBy)
 
     def __post_init__(self) -> None:
         _check(self.backend in ("hf", "vllm", "auto"), "score.backend", "must be hf|vllm|auto")
@@ -590,6 +614,41 @@ class TrainVariant:
             )
 
 
+ADAPTIVE_METRICS = ("staleness", "rkl_k1")  # trainer metrics a round decision can read
+
+
+@dataclass
+class AdaptiveConfig:
+    # Rounds of fresh rollouts started on demand: after a round's training, the pipeline reads the
+    # trainer's metric from that round's metrics.jsonl and starts the next round (rollout from the
+    # round's final checkpoint -> score -> select -> train) when |value| >= threshold.
+    # The metric: staleness (mean log pi_theta - log pi_b on the trained tokens: how far the
+    # student has moved from the policy that sampled its data) | rkl_k1 (the k1 estimate of
+    # KL(pi_theta || teacher) on those tokens).
+    metric: str = "staleness"
+    # Start a new round when |metric| >= threshold (in nats per token; >= 0).
+    threshold: float = 0.05
+    # Most rounds in all, round 1 included; 1 = off (no adaptive rounds; pipeline.rounds applies).
+    max_rounds: int = 1
+    # The value is the mean over the last `window` logged rows of the round's training.
+    window: int = 4
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "pipeline.adaptive")
+        _check(
+            self.metric in ADAPTIVE_METRICS,
+            "pipeline.adaptive.metric",
+            f"must be {'|'.join(ADAPTIVE_METRICS)} (got {self.metric!r})",
+        )
+        _check(self.threshold >= 0, "pipeline.adaptive.threshold", "must be >= 0")
+        _check(self.max_rounds >= 1, "pipeline.adaptive.max_rounds", "must be >= 1")
+        _check(self.window >= 1, "pipeline.adaptive.window", "must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_rounds > 1
+
+
 @dataclass
 class PipelineConfig:
     # Stages in order (sft runs only when sft.enabled).
@@ -602,9 +661,17 @@ class PipelineConfig:
     # the same teacher and reference, and trains on from it, all under run_dir/round<r>/ (its
     # checkpoint is checkpoints/<train.name>-r<r>). 1 = one offline pass (Lightning OPD).
     rounds: int = 1
+    # Rounds started when the trainer's staleness (or KL) passes a threshold, instead of a fixed
+    # number (pipeline.adaptive.max_rounds > 1 turns it on; then pipeline.rounds must stay 1).
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "pipeline.rounds", "must be >= 1")
+        _check(
+            self.rounds == 1 or not self.adaptive.enabled,
+            "pipeline.rounds",
+            "must be 1 when pipeline.adaptive.max_rounds > 1 (one round schedule: fixed or adaptive)",
+        )
         for st in self.stages:
             if st not in STAGES:
                 raise UserError(
@@ -643,6 +710,11 @@ class Config:
     # The model being trained, the teacher, and an optional reference model.
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
+    # Several teachers for the score stage, by name (each scores the rollouts score.route_by
+    # sends to it; one model resident at a time). Empty = `teacher` alone scores everything.
+    # (Typed as plain mappings so that `teachers={a: {path: ...}}` works on the command line;
+    # __post_init__ turns each into a checked ModelConfig.)
+    teachers: dict[str, Any] = field(default_factory=dict)
     ref: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -661,6 +733,13 @@ class Config:
 
     def __post_init__(self) -> None:
         RunLayout.of(self.run_dir)  # not empty (an empty run_dir writes into the cwd)
+        self._check_teachers()
+        ad = self.pipeline.adaptive
+        _check(
+            not (ad.enabled and ad.metric == "staleness" and not self.score.behavior),
+            "pipeline.adaptive.metric=staleness",
+            "needs score.behavior=true (staleness is measured against the behaviour log-prob)",
+        )
         self._check_eval_sets()
         for v in self.pipeline.variants:
             _check(
@@ -668,6 +747,29 @@ class Config:
                 "pipeline.variants[].name",
                 f"{v.name!r} is the main training's train.name (its checkpoints would collide)",
             )
+
+    def _check_teachers(self) -> None:
+        """`teachers` and `score.route_by` go together, and every route names a teacher."""
+        rb, names = self.score.route_by, sorted(self.teachers)
+        keys = [f.name for f in dataclasses.fields(ModelConfig)]
+        for name, m in list(self.teachers.items()):
+            check_name(name, "teachers key")  # it becomes the tokens' teacher_id
+            if not isinstance(m, ModelConfig):
+                bad = [k for k in (m or {}) if k not in keys] if isinstance(m, dict) else [m]
+                _check(not bad, f"teachers.{name}", f"takes keys {keys} (got {bad})")
+                self.teachers[name] = m = ModelConfig(**m)
+            _check(m.path is not None, f"teachers.{name}.path", "must be set")
+        if not self.teachers:
+            _check(rb.column is None, "score.route_by.column", "needs teachers (several models)")
+            return
+        _check(rb.column is not None, "score.route_by.column", "must be set with teachers")
+        for value, name in [*rb.map.items(), ("(default)", rb.default)]:
+            if name is not None and name not in self.teachers:
+                raise UserError(
+                    f"score.route_by sends {value!r} to teacher {name!r}, which is not in teachers",
+                    "score.route_by",
+                    f"use one of {names}{_closest(str(name), names)}",
+                )
 
     def _check_eval_sets(self) -> None:
         """eval.sets and eval.kl_set name data.eval_sets (checkable once eval sets are given)."""

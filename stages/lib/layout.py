@@ -14,6 +14,7 @@ fresh rollouts (``pipeline.rounds``) live under ``run_dir/round<r>/`` with the s
       eval/                     results.json, generations   (eval)
       report/                   report.html, plots          (report)
       timings.json              stage wall times            (pipeline)
+      rounds.json               adaptive round decisions    (pipeline, pipeline.adaptive)
       round<r>/                 the same layout, round r >= 2
 
 Dataset folders hold Parquet shards under ``bucket=NNN/`` and metadata files whose names start
@@ -119,6 +120,10 @@ class RunLayout:
     @property
     def timings(self) -> Path:
         return self.root / "timings.json"
+
+    @property
+    def round_decisions(self) -> Path:
+        return self.root / "rounds.json"
 
     @property
     def duckdb_tmp(self) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 
 import duckdb
+import pyarrow.parquet as pq
 
 from data_schemas import codec, rollouts, selected, tokens
 from data_schemas import manifest as manifest_mod
@@ -117,6 +118,9 @@ def create_view(
     if row_ids:
         excl, extra = [*excl, "filename", "file_row_number"], [*extra, ROW_ID_COLS]
     star = f"* EXCLUDE ({', '.join(excl)})" if excl else "*"
+    have = pq.read_schema(files[0]).names  # optional columns a dataset's shards left out: null
+    extra += [f"NULL::{t} AS {c}" for c, t in getattr(table, "OPTIONAL_COLUMNS", {}).items()
+              if c not in have]  # fmt: skip
     src = f"read_parquet([{', '.join(sql_str(p) for p in files)}], hive_partitioning = false{opts})"
     con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {", ".join([star, *extra])} FROM {src}')
 
