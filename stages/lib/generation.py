@@ -35,11 +35,13 @@ from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
+from stages.lib.progress import Progress
 
-# Rollout keys that change speed or memory but not what is sampled (left out of the dataset id).
+# Rollout keys that change speed, memory or placement but not what is sampled (left out of the
+# dataset id).
 # The backend is one of them: both backends sample the same distribution into the same schema,
 # so a run may resume on another machine with another backend (the manifest records which ran).
-BACKEND_ONLY_KEYS = ("backend", "batch_size", "vllm_memory_fraction")
+BACKEND_ONLY_KEYS = ("backend", "batch_size", "vllm_memory_fraction", "device")
 VLLM_MAX_LOGPROBS = 20  # vLLM's default; sharing one value lets the stages share cached engines
 
 
@@ -199,7 +201,10 @@ def load_engine(
     *,
     dtype: str,
     ctx_len: int,
+    device: torch.device | None = None,
 ) -> Engine:
+    """The policy behind one ``sample`` call; ``device`` (HF only; None = auto) holds the model,
+    inputs move to it and samples come back to the CPU (stages/lib/decoding.py)."""
     stops = decoding.stops_for(tok, policy_path, r.stop_token_ids, r.stop_strings)
     if backend == "vllm":
         from stages.lib import vllm_backend
@@ -230,7 +235,7 @@ def load_engine(
 
         return Engine("vllm", sample_vllm, {"stops": stops})
 
-    device = models.pick_device("auto")
+    device = device or models.pick_device("auto")
     model = models.load_model(policy_path, "policy", dtype=dtype, device=device)
     models.check_embedding_rows(model, tok, "policy")
     decoding.plain_generation_config(model, tok)
@@ -365,6 +370,8 @@ def generate_rollouts(
     }
     dataset_id = rollouts_dataset_id(stage_name, r, s, dtype, cfg.seed, fps, inputs or {})
     backend = resolve_backend(r.backend)
+    # checked before the writer opens: a missing GPU is a config error, not a half-run
+    device = models.pick_device(r.device, "rollout.device") if backend == "hf" else None
     mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
     stats = Stats()
     with store.open_writer(
@@ -380,7 +387,9 @@ def generate_rollouts(
         todo = [] if w.complete else [sh for sh in mine if not w.is_done(sh)]
         stats.shards_resumed = 0 if w.complete else len(mine) - len(todo)
         if todo:
-            engine = load_engine(backend, policy_path, tok, s, r, dtype=dtype, ctx_len=ctx_len)
+            engine = load_engine(
+                backend, policy_path, tok, s, r, dtype=dtype, ctx_len=ctx_len, device=device
+            )
             _sample_shards(w, engine, todo, by_shard, s, tok, stats, stage_name, cfg.seed, r.match)
         if not w.complete:
             w.commit(
@@ -478,39 +487,6 @@ def prompt_limit(r: RolloutConfig, s: Sampling, ctx_len: int) -> int:
             "lower rollout.max_new_tokens or set rollout.max_prompt_tokens >= 1",
         )
     return limit
-
-
-class Progress:
-    """A tqdm bar on a terminal; on a log (stdout not a TTY), one line every ``every`` seconds."""
-
-    def __init__(self, total: int, desc: str, every: float = 30.0):
-        import sys
-
-        from tqdm import tqdm
-
-        self.total, self.desc, self.every, self.done = total, desc, every, 0
-        self.tty = sys.stdout.isatty()
-        self.bar = tqdm(total=total, desc=desc, unit="prompt", leave=False) if self.tty else None
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
-            pct = 100 * self.done / max(self.total, 1)
-            print(
-                f"[{self.desc}] {self.done}/{self.total} prompts ({pct:.0f}%), "
-                f"{now - self.t0:.0f} s",
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _sample_shards(
