@@ -346,11 +346,85 @@ def generate_rollouts(
     r = rollout or cfg.rollout
     s = sampling or Sampling.of(r)
     dtype = dtype or cfg.student.dtype
+    plan = plan_rollouts(cfg, policy_path, prompts_table, r, s, tokenizer_path, teacher_path)
+    fps = {
+        "policy": models.model_fingerprint(policy_path, "policy"),
+        "tokenizer": models.tokenizer_fingerprint(plan.tok),
+        **(fingerprints or {}),
+    }
+    dataset_id = rollouts_dataset_id(stage_name, r, s, dtype, cfg.seed, fps, inputs or {})
+    backend = resolve_backend(r.backend)
+    # checked before the writer opens: a missing GPU is a config error, not a half-run
+    device = models.pick_device(r.device, "rollout.device") if backend == "hf" else None
+    commit = {
+        "config": as_dict(cfg),
+        "fingerprints": fps,
+        "inputs": inputs or {},
+        "extra": {
+            "policy_path": str(policy_path),
+            "backend": backend,
+            "n_prompts": prompts_table.num_rows,
+            "skipped_too_long": plan.skipped,
+            "max_prompt_tokens": plan.limit,
+            # one per prompt, or more when rollout.expand_turns expanded conversations
+            "n_generation_points": plan.n_items,
+            **({"tokenizers": plan.compat} if plan.compat else {}),
+            **(extra or {}),
+        },
+    }
+
+    def engine() -> Engine:
+        return load_engine(
+            backend, policy_path, plan.tok, s, r, dtype=dtype, ctx_len=plan.ctx_len, device=device
+        )
+
+    stats = Stats()
+    complete = _write_rollouts(
+        cfg, out_dir, stage_name, dataset_id, plan, s, r.match, engine, stats, commit
+    )
+    stats.seconds_total = time.perf_counter() - t_start
+    summary = {
+        "stage": stage_name,
+        "backend": backend,
+        "policy_path": str(policy_path),
+        "dataset_id": dataset_id,
+        "complete": complete,
+        "skipped_too_long": len(plan.skipped),
+        **stats.summary(),
+        "wall_seconds": round(stats.seconds_total, 3),
+    }
+    print(summary_line(summary, stats, stage_name, out_dir), flush=True)
+    return summary
+
+
+@dataclass
+class RolloutPlan:
+    """The checked inputs of one rollout run: what will be sampled, shard by shard."""
+
+    tok: Any  # the policy's tokenizer
+    ctx_len: int  # the policy's context length
+    limit: int  # longest prompt accepted (tokens)
+    compat: dict | None  # the student/teacher tokenizer check (None without a teacher)
+    n_items: int  # generation points before the too-long ones were dropped
+    skipped: list[dict]  # too-long prompts skipped: [{id, tokens}]
+    by_shard: dict[int, list[PromptIds]]
+    n_shards: int
+
+
+def plan_rollouts(
+    cfg: Config,
+    policy_path: str,
+    prompts_table: pa.Table,
+    r: RolloutConfig,
+    s: Sampling,
+    tokenizer_path: str | None,
+    teacher_path: str | None,
+) -> RolloutPlan:
+    """Everything that can be wrong with the inputs is checked here, before any output exists."""
     models._check_dir(policy_path, "policy")
     tok = models.load_tokenizer(tokenizer_dir(policy_path, tokenizer_path), "policy")
     ctx_len = policy_context_length(policy_path)
     limit = prompt_limit(r, s, ctx_len)
-    # Everything that can be wrong with the inputs is checked here, before any output exists.
     teacher_tok, compat = None, None
     if teacher_path:
         teacher_tok = models.load_tokenizer(teacher_path, "teacher")
@@ -362,18 +436,25 @@ def generate_rollouts(
     items, skipped = check_lengths(items, limit, r.too_long, "rollout.max_prompt_tokens")
     by_shard = shard_groups(items, r.prompts_per_shard)
     n_shards = n_shards_for(n_items, r.prompts_per_shard)
+    return RolloutPlan(tok, ctx_len, limit, compat, n_items, skipped, by_shard, n_shards)
 
-    fps = {
-        "policy": models.model_fingerprint(policy_path, "policy"),
-        "tokenizer": models.tokenizer_fingerprint(tok),
-        **(fingerprints or {}),
-    }
-    dataset_id = rollouts_dataset_id(stage_name, r, s, dtype, cfg.seed, fps, inputs or {})
-    backend = resolve_backend(r.backend)
-    # checked before the writer opens: a missing GPU is a config error, not a half-run
-    device = models.pick_device(r.device, "rollout.device") if backend == "hf" else None
-    mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
-    stats = Stats()
+
+def _write_rollouts(
+    cfg: Config,
+    out_dir: str | Path,
+    stage_name: str,
+    dataset_id: str,
+    plan: RolloutPlan,
+    s: Sampling,
+    match: str,
+    engine: Any,
+    stats: Stats,
+    commit: dict,
+) -> bool:
+    """Sample and write this worker's missing shards (``engine()`` loads the policy only when
+    one is missing), then commit when every shard exists; returns whether the dataset is complete.
+    ``commit``: the manifest's config / fingerprints / inputs / extra."""
+    mine = store.shards_of_worker(plan.n_shards, cfg.worker.index, cfg.worker.count)
     with store.open_writer(
         out_dir,
         rollouts_schema,
@@ -382,47 +463,17 @@ def generate_rollouts(
         overwrite=cfg.overwrite,
         worker_index=cfg.worker.index,
         worker_count=cfg.worker.count,
-        vocab_size=models.vocab_size(tok),
+        vocab_size=models.vocab_size(plan.tok),
     ) as w:
         todo = [] if w.complete else [sh for sh in mine if not w.is_done(sh)]
         stats.shards_resumed = 0 if w.complete else len(mine) - len(todo)
         if todo:
-            engine = load_engine(
-                backend, policy_path, tok, s, r, dtype=dtype, ctx_len=ctx_len, device=device
+            _sample_shards(
+                w, engine(), todo, plan.by_shard, s, plan.tok, stats, stage_name, cfg.seed, match
             )
-            _sample_shards(w, engine, todo, by_shard, s, tok, stats, stage_name, cfg.seed, r.match)
         if not w.complete:
-            w.commit(
-                n_shards,
-                config=as_dict(cfg),
-                fingerprints=fps,
-                inputs=inputs or {},
-                extra={
-                    "policy_path": str(policy_path),
-                    "backend": backend,
-                    "n_prompts": prompts_table.num_rows,
-                    "skipped_too_long": skipped,
-                    "max_prompt_tokens": limit,
-                    # one per prompt, or more when rollout.expand_turns expanded conversations
-                    "n_generation_points": n_items,
-                    **({"tokenizers": compat} if compat else {}),
-                    **(extra or {}),
-                },
-            )
-        complete = w.complete
-    stats.seconds_total = time.perf_counter() - t_start
-    summary = {
-        "stage": stage_name,
-        "backend": backend,
-        "policy_path": str(policy_path),
-        "dataset_id": dataset_id,
-        "complete": complete,
-        "skipped_too_long": len(skipped),
-        **stats.summary(),
-        "wall_seconds": round(stats.seconds_total, 3),
-    }
-    print(summary_line(summary, stats, stage_name, out_dir), flush=True)
-    return summary
+            w.commit(plan.n_shards, **commit)
+        return w.complete
 
 
 def shard_groups(items: list[PromptIds], per_shard: int) -> dict[int, list[PromptIds]]:
