@@ -176,6 +176,74 @@ def run_stage(run_dir: Path, overrides: list[str]) -> tuple[float, dict]:
     return time.perf_counter() - t0, summary
 
 
+def _bench_hf(
+    work: Path, model_dir: Path, common: list[str], repeats: int
+) -> tuple[dict, dict, generation.Sampling]:
+    """HF: warm-up (the first generate call pays one-off costs), then bare and stage, interleaved.
+    Returns (results, the stage's prompt ids per shard, the sampling both used)."""
+    hf = [*common, "rollout.backend=hf"]
+    run_stage(work / "warm", [*hf, "data.max_prompts=2"])
+    stage_s, summary = run_stage(work / "hf", hf)
+    cfg = compose("rollout", hf)
+    s = generation.Sampling.of(cfg.rollout)
+    shards = stage_prompt_ids(work / "hf")
+    bare_s, bare_tokens, bare_samples = bare_hf(model_dir, shards, cfg, s)
+    for _ in range(repeats - 1):  # interleaved repeats: the machine's load drifts
+        stage_s = min(stage_s, run_stage(work / "hf", hf)[0])
+        bare_s = min(bare_s, bare_hf(model_dir, shards, cfg, s)[0])
+    res = {
+        "rollout.hf_stage_overhead": stage_s / bare_s - 1,
+        "rollout.hf_stage_tok_per_s": summary["tokens"] / stage_s,
+        "rollout.hf_stage_engine_tok_per_s": summary["tok_per_s"],
+        "rollout.hf_bare_tok_per_s": bare_tokens / bare_s,
+        "hf_stage_seconds": stage_s,
+        "hf_bare_seconds": bare_s,
+        "hf_tokens": summary["tokens"],
+        "hf_same_samples": bare_samples == response_ids(work / "hf"),
+    }
+    return res, shards, s
+
+
+def _bench_vllm(
+    work: Path,
+    model_dir: Path,
+    common: list[str],
+    repeats: int,
+    shards: dict,
+    s: generation.Sampling,
+) -> dict:
+    """vLLM: start the engine the stage will reuse (cached per settings), then bare and stage."""
+    from stages.lib import vllm_backend
+
+    vl = [*common, "rollout.backend=vllm"]
+    cfg = compose("rollout", vl)
+    t0 = time.perf_counter()
+    llm = vllm_backend.get_llm(
+        str(model_dir),
+        seed=0,
+        max_model_len=generation.policy_context_length(str(model_dir)),
+        max_logprobs=generation.VLLM_MAX_LOGPROBS,
+        dtype=cfg.student.dtype,
+        gpu_memory_utilization=cfg.rollout.vllm_memory_fraction,
+    )
+    start_s = time.perf_counter() - t0
+    bare_vllm(llm, {0: shards[0][:2]}, cfg, s, 3)  # warm-up
+    bare_s, bare_tokens = bare_vllm(llm, shards, cfg, s, 3)
+    stage_s, summary = run_stage(work / "vllm", vl)
+    for _ in range(repeats - 1):
+        bare_s = min(bare_s, bare_vllm(llm, shards, cfg, s, 3)[0])
+        stage_s = min(stage_s, run_stage(work / "vllm", vl)[0])
+    return {
+        "vllm_engine_start_seconds": start_s,
+        "rollout.vllm_stage_overhead": stage_s / bare_s - 1,
+        "rollout.vllm_stage_tok_per_s": summary["tokens"] / stage_s,
+        "rollout.vllm_bare_tok_per_s": bare_tokens / bare_s,
+        "vllm_stage_seconds": stage_s,
+        "vllm_bare_seconds": bare_s,
+        "vllm_tokens": summary["tokens"],
+    }
+
+
 def bench(quick: bool, vllm: bool | None = None, threads: int | None = 1) -> dict:
     """Stage vs bare engine throughput; ``vllm=None`` = when usable and not ``quick``.
 
@@ -215,62 +283,12 @@ def bench(quick: bool, vllm: bool | None = None, threads: int | None = 1) -> dic
         "torch_threads": torch.get_num_threads(),
     }
 
-    # ---- HF: warm-up (first generate call pays one-off costs), then bare and stage
-    hf = [*common, "rollout.backend=hf"]
-    run_stage(work / "warm", [*hf, "data.max_prompts=2"])
-    stage_s, summary = run_stage(work / "hf", hf)
-    cfg = compose("rollout", hf)
-    s = generation.Sampling.of(cfg.rollout)
-    shards = stage_prompt_ids(work / "hf")
-    bare_s, bare_tokens, bare_samples = bare_hf(model_dir, shards, cfg, s)
-    for _ in range(repeats - 1):  # interleaved repeats: the machine's load drifts
-        stage_s = min(stage_s, run_stage(work / "hf", hf)[0])
-        bare_s = min(bare_s, bare_hf(model_dir, shards, cfg, s)[0])
-    res.update(
-        {
-            "rollout.hf_stage_overhead": stage_s / bare_s - 1,
-            "rollout.hf_stage_tok_per_s": summary["tokens"] / stage_s,
-            "rollout.hf_stage_engine_tok_per_s": summary["tok_per_s"],
-            "rollout.hf_bare_tok_per_s": bare_tokens / bare_s,
-            "hf_stage_seconds": stage_s,
-            "hf_bare_seconds": bare_s,
-            "hf_tokens": summary["tokens"],
-            "hf_same_samples": bare_samples == response_ids(work / "hf"),
-        }
-    )
-
-    # ---- vLLM: start the engine the stage will reuse (cached per settings), then bare and stage
+    hf, shards, s = _bench_hf(work, model_dir, common, repeats)
+    res.update(hf)
     ok, why = vllm_backend.vllm_available()
     want = (not quick) if vllm is None else vllm
     if ok and want:
-        vl = [*common, "rollout.backend=vllm"]
-        cfg = compose("rollout", vl)
-        t0 = time.perf_counter()
-        llm = vllm_backend.get_llm(
-            str(model_dir),
-            seed=0,
-            max_model_len=generation.policy_context_length(str(model_dir)),
-            max_logprobs=generation.VLLM_MAX_LOGPROBS,
-            dtype=cfg.student.dtype,
-            gpu_memory_utilization=cfg.rollout.vllm_memory_fraction,
-        )
-        res["vllm_engine_start_seconds"] = time.perf_counter() - t0
-        bare_vllm(llm, {0: shards[0][:2]}, cfg, s, 3)  # warm-up
-        bare_s, bare_tokens = bare_vllm(llm, shards, cfg, s, 3)
-        stage_s, summary = run_stage(work / "vllm", vl)
-        for _ in range(repeats - 1):
-            bare_s = min(bare_s, bare_vllm(llm, shards, cfg, s, 3)[0])
-            stage_s = min(stage_s, run_stage(work / "vllm", vl)[0])
-        res.update(
-            {
-                "rollout.vllm_stage_overhead": stage_s / bare_s - 1,
-                "rollout.vllm_stage_tok_per_s": summary["tokens"] / stage_s,
-                "rollout.vllm_bare_tok_per_s": bare_tokens / bare_s,
-                "vllm_stage_seconds": stage_s,
-                "vllm_bare_seconds": bare_s,
-                "vllm_tokens": summary["tokens"],
-            }
-        )
+        res.update(_bench_vllm(work, model_dir, common, repeats, shards, s))
     else:
         res["rollout.vllm_stage_overhead"] = None
         res["vllm_skipped"] = why if not ok else "quick mode (pass --vllm to include it)"

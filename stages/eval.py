@@ -42,6 +42,7 @@ from stages.lib.config import Config, as_dict, hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
 from stages.lib.layout import RunLayout, check_name
+from stages.lib.progress import Progress
 from stages.lib.store import atomic_write_text, content_id
 
 
@@ -339,13 +340,19 @@ def run(cfg: Config) -> dict:
         "sets": {n: prompts_schema.source_sha256(cfg.data.eval_sets[n]) for n in sets},
     }
     results, t0, gen_root = {}, time.time(), out_dir / "generations"
-    for name, ckpt in checkpoint_paths(cfg).items():
-        key = content_id([checkpoint_fingerprint(cfg, name, ckpt), settings])
-        if key not in cache:
-            cache[key], gens = evaluate_one(cfg, name, ckpt, sets, teacher, tok, teacher_tok)
-            if cfg.eval.save_generations:
-                write_generations(gen_root, name, gens)
-        results[name] = cache[key]
+    ckpts = checkpoint_paths(cfg)
+    bar = Progress(len(ckpts), "eval", unit="checkpoints")  # cached ones count as done
+    try:
+        for name, ckpt in ckpts.items():
+            key = content_id([checkpoint_fingerprint(cfg, name, ckpt), settings])
+            if key not in cache:
+                cache[key], gens = evaluate_one(cfg, name, ckpt, sets, teacher, tok, teacher_tok)
+                if cfg.eval.save_generations:
+                    write_generations(gen_root, name, gens)
+            results[name] = cache[key]
+            bar.update(1)
+    finally:
+        bar.close()
     doc = {
         "results": results,
         "sets": list(sets),

@@ -53,7 +53,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_table
@@ -63,6 +62,7 @@ from stages.lib import logprobs as lp
 from stages.lib.config import Config, as_dict, hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
+from stages.lib.progress import Progress, Scaled
 
 PREFIX_COL = {
     "teacher": "teacher_prompt_ids",
@@ -535,12 +535,20 @@ def _entropy(res: dict, wanted: bool, r: int) -> np.ndarray:
 class _Scorer:
     """Loads each distinct model once (per backend) and runs jobs through it."""
 
-    def __init__(self, cfg: Config, backend: str, vocab_size: int, pad_id: int, max_len: int):
+    def __init__(
+        self,
+        cfg: Config,
+        backend: str,
+        vocab_size: int,
+        pad_id: int,
+        max_len: int,
+        devices: dict[str, torch.device],
+    ):
         self.cfg, self.backend, self.vocab, self.pad_id = cfg, backend, vocab_size, pad_id
         self.max_len = max_len
         self.hf: dict[tuple, HFModel] = {}
         self.llms: dict[tuple, object] = {}
-        self.device = models.pick_device("auto")
+        self.devices = devices  # role name -> where its HF model runs (role_devices)
         self.one_teacher = bool(cfg.teachers)  # several teachers: one resident at a time
         self.teacher_keys: set[tuple] = set()
 
@@ -548,15 +556,19 @@ class _Scorer:
         """Before loading teacher ``role``: drop the other teachers' models (several teachers)."""
         if not (self.one_teacher and role.name == "teacher"):
             return
-        for key in self.teacher_keys - {role.model_key}:
-            self.hf.pop(key, None)
+        stale = self.teacher_keys - {role.model_key}
+        for key in [k for k in self.hf if k[:-1] in stale]:  # HF keys end with the device
+            self.hf.pop(key)
+        for key in stale:
             self.llms.pop(key, None)
         self.teacher_keys = {role.model_key}
 
     def hf_model(self, role: Role) -> HFModel:
         self._evict_teachers(role)
-        if role.model_key not in self.hf:
-            model = models.load_model(role.path, role.name, dtype=role.dtype, device=self.device)
+        device = self.devices[role.name]
+        key = (*role.model_key, str(device))
+        if key not in self.hf:
+            model = models.load_model(role.path, role.name, dtype=role.dtype, device=device)
             rows = model.get_output_embeddings().weight.shape[0]
             if rows < self.vocab:
                 raise UserError(
@@ -573,8 +585,8 @@ class _Scorer:
                     f"{role.name}.path={role.path}",
                     "use a model with a longer context or shorter rollouts",
                 )
-            self.hf[role.model_key] = HFModel(model, lp.model_head(model), self.device)
-        return self.hf[role.model_key]
+            self.hf[key] = HFModel(model, lp.model_head(model), device)
+        return self.hf[key]
 
     def run(
         self, jobs: list[Job], done: dict[PassKey, Job], *, stats: bool, gather: bool, progress
@@ -673,42 +685,63 @@ class _Counts:
     shards: int = 0
 
 
-def _score_shards(cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts) -> None:
+def role_devices(sc) -> dict[str, torch.device]:
+    """score.device / teacher_device / ref_device as torch devices (null = score.device); a
+    UserError, before anything is read or written, when one names a GPU that is not there."""
+    return {
+        "behavior": models.pick_device(sc.device, "score.device"),
+        "teacher": models.pick_device(sc.teacher_device or sc.device, "score.teacher_device"),
+        "ref": models.pick_device(sc.ref_device or sc.device, "score.ref_device"),
+    }
+
+
+def _score_shards(
+    cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts: _Counts, devices
+) -> None:
     """Score and write the shards ``todo`` (rollout shard s -> tokens shard s)."""
     sc, vocab = cfg.score, models.vocab_size(tok)
     total = sum(rm["shards"][s]["rows"] for s in todo)
     _check_rollouts(paths, todo, vocab)  # before any shard is written
     max_len = _max_len(paths, todo)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    scorer = _Scorer(cfg, backend, vocab, pad_id, max_len)
-    bar = tqdm(desc=f"score {total} rollouts: tokens x passes", unit="tok", leave=False)
-    with torch.inference_mode():
-        rb = sc.route_by
-        for s in todo:
-            rows = _read_shard(paths[s], (rb.column,) if cfg.teachers else ())
-            ids = route([r[rb.column] for r in rows], rb, str(paths[s])) if cfg.teachers else None
-            teacher_of = [t_roles[n] for n in ids] if ids else None
-            plan = plan_shard(rows, roles, sc.behavior_topk, teacher_of)
-            jobs = list(plan.jobs.values())
-            # behaviour passes first: teacher passes gather at their top-Kb ids
-            b_keys = {k.get("behavior") for k in plan.of}
-            first = [j for j in jobs if j.key in b_keys]
-            rest = [j for j in jobs if j.key not in b_keys]
-            done = {j.key: j for j in jobs}
-            scorer.run(first, done, stats=True, gather=False, progress=bar)
-            scorer.run(rest, done, stats=True, gather=True, progress=bar)
-            # rare: a behaviour pass that also serves as another row's teacher and must
-            # gather at a different pass's ids: one more pass, gathers only
-            late = [j for j in first if j.gathers]
-            if late:
-                scorer.run(late, done, stats=False, gather=True, progress=None)
-            counts.passes_run += len(jobs) + len(late)
-            counts.requests += plan.requests
-            table = _tokens_table(rows, plan, sc, vocab, sc.behavior, bool(cfg.ref.path), ids)
-            w.write_shard(s, table)
-            counts.tokens += table.num_rows
-            counts.shards += 1
-    bar.close()
+    scorer = _Scorer(cfg, backend, vocab, pad_id, max_len, devices)
+    # counted in rollout response tokens: each shard's passes (tokens x passes) scaled to them
+    desc = f"score {total} rollouts"
+    bar = Progress(_response_tokens(paths, todo), desc, unit="response tokens")
+    rb = sc.route_by
+    try:
+        with torch.inference_mode():
+            for s in todo:
+                rows = _read_shard(paths[s], (rb.column,) if cfg.teachers else ())
+                ids = (
+                    route([r[rb.column] for r in rows], rb, str(paths[s])) if cfg.teachers else None
+                )
+                teacher_of = [t_roles[n] for n in ids] if ids else None
+                plan = plan_shard(rows, roles, sc.behavior_topk, teacher_of)
+                jobs = list(plan.jobs.values())
+                # behaviour passes first: teacher passes gather at their top-Kb ids
+                b_keys = {k.get("behavior") for k in plan.of}
+                first = [j for j in jobs if j.key in b_keys]
+                rest = [j for j in jobs if j.key not in b_keys]
+                done = {j.key: j for j in jobs}
+                row_tokens = sum(len(row["response_ids"]) for row in rows)
+                pass_tokens = sum(len(j.response) for j in jobs)
+                step = Scaled(bar, row_tokens / max(pass_tokens, 1))
+                scorer.run(first, done, stats=True, gather=False, progress=step)
+                scorer.run(rest, done, stats=True, gather=True, progress=step)
+                # rare: a behaviour pass that also serves as another row's teacher and must
+                # gather at a different pass's ids: one more pass, gathers only
+                late = [j for j in first if j.gathers]
+                if late:
+                    scorer.run(late, done, stats=False, gather=True, progress=None)
+                counts.passes_run += len(jobs) + len(late)
+                counts.requests += plan.requests
+                table = _tokens_table(rows, plan, sc, vocab, sc.behavior, bool(cfg.ref.path), ids)
+                w.write_shard(s, table)
+                counts.tokens += table.num_rows
+                counts.shards += 1
+    finally:
+        bar.close()
 
 
 def _model_paths(cfg, roles: list[Role], t_roles: dict[str, Role]) -> dict[str, str]:
@@ -767,6 +800,7 @@ def run(cfg: Config) -> dict:
         layout.rollouts, rollouts_table, what_writes_it="python -m stages.rollout"
     )
     backend = resolve_backend(sc.backend)
+    devices = role_devices(sc)  # HF passes only (vLLM places its engines itself)
     n_shards = len(rm["shards"])
     mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
     paths = store.shard_paths(layout.rollouts, rm)
@@ -789,7 +823,7 @@ def run(cfg: Config) -> dict:
     ) as w:
         todo = [] if w.complete else [s for s in mine if not w.is_done(s)]
         if todo:
-            _score_shards(cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts)
+            _score_shards(cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts, devices)
         committed = _commit(cfg, w, rm, n_shards, fps, roles, t_roles, backend, vocab, sft_inputs)
     secs = time.perf_counter() - t0
     reused = max(counts.requests - counts.passes_run, 0)
@@ -839,6 +873,14 @@ def _check_rollouts(paths: list[Path], shards: list[int], vocab_size: int) -> No
                     str(paths[s]),
                     fix,
                 )
+
+
+def _response_tokens(paths: list[Path], shards: list[int]) -> int:
+    """Response tokens in the rollout shards ``shards`` (the score progress total)."""
+    return sum(
+        int(pc.sum(pq.read_table(paths[s], columns=["response_len"])["response_len"]).as_py() or 0)
+        for s in shards
+    )
 
 
 def _max_len(paths: list[Path], shards: list[int]) -> int:

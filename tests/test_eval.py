@@ -27,9 +27,13 @@ def _cfg(tmp_path, student, teacher, **extra):
     return compose("eval", ov + [f"{k}={v}" for k, v in extra.items()])
 
 
-def test_eval_writes_results_and_caches(tmp_path, tiny_lm, tiny_teacher):
+def test_eval_writes_results_and_caches(tmp_path, tiny_lm, tiny_teacher, capsys):
     cfg = _cfg(tmp_path, tiny_lm, tiny_teacher)
     res = eval_stage.run(cfg)
+    # stdout is no TTY under capsys: a progress line per 30 s and at the end, then the result line
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[eval] 1/1 checkpoints (100%)"), out
+    assert out[-1].startswith("[eval] wrote "), out
     assert set(res) == {"base"} and res["base"]["a"]["n"] == 6
     assert 0.0 <= res["base"]["a"]["accuracy"] <= 1.0 and res["base"]["rkl_to_teacher"] > 0
     doc = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())

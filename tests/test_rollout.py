@@ -187,6 +187,29 @@ def test_same_seed_same_rows_other_seed_differs(reference, tmp_path, tiny_lm, pr
     ]
 
 
+def parquet_bytes(run_dir: Path) -> dict[str, bytes]:
+    root = run_dir / "rollouts"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.parquet"))}
+
+
+def test_device_cpu_equals_auto_byte_for_byte(reference, tmp_path, tiny_lm, prompts_file):
+    """rollout.device is placement only: not in the dataset id, and on a CPU machine auto is the
+    CPU, so the Parquet shards are the same bytes."""
+    if torch.cuda.is_available():
+        pytest.skip("auto is a GPU here: sampling may differ from cpu in the last bit")
+    rollout(tmp_path, tiny_lm, prompts_file, *REF_EXTRA, "rollout.device=cpu")
+    ref = parquet_bytes(reference[0])
+    assert ref and parquet_bytes(tmp_path) == ref
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:", "cuda:-1", "CUDA", "cpu:0"])
+def test_bad_device_string_fails_at_compose(tmp_path, tiny_lm, prompts_file, value):
+    from stages.lib.errors import UserError
+
+    with pytest.raises(UserError, match="rollout.device"):
+        compose("rollout", overrides(tmp_path, tiny_lm, prompts_file, f"rollout.device={value}"))
+
+
 def test_two_workers_union_equals_one_worker(reference, tmp_path, tiny_lm, prompts_file):
     w = ("worker.count=2",)
     run(
@@ -263,6 +286,11 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, tiny_lm, prompts_fi
         "no_model": (cli(tmp_path / "b", tmp_path / "nope", prompts_file), ["nope", "student"]),
         "no_prompts": (cli(tmp_path / "c", tiny_lm, tmp_path / "none.jsonl"), ["none.jsonl"]),
     }
+    if not torch.cuda.is_available():  # checked before the writer opens: no rollouts/ at all
+        cases["no_cuda"] = (
+            cli(tmp_path / "d", tiny_lm, prompts_file, "rollout.device=cuda"),
+            ["rollout.device=cuda", "CUDA is not available"],
+        )
     procs = {
         k: subprocess.Popen(
             c, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -278,6 +306,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, tiny_lm, prompts_fi
             assert word in lines[0], (k, word, lines[0])
     for d in ("a", "b", "c"):
         assert not list((tmp_path / d).glob("rollouts/bucket=*/*.parquet"))
+    assert not (tmp_path / "d" / "rollouts").exists()
 
 
 def test_log_progress_and_final_line(tmp_path, tiny_lm, prompts_file):

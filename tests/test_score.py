@@ -569,3 +569,66 @@ def test_several_teachers_none_of_them_the_sft_teacher_is_refused(tmp_path, tiny
         )
     both = f"+teachers={{a: {{path: {tiny_teacher}}}, b: {{path: {tiny_lm}}}}}"
     assert run(cfg_for(run_dir, tiny_lm, tiny_lm, both, *route))["committed"]  # b is the SFT one
+
+
+# ----------------------------------------------------------------------------- devices, progress
+def _shard_bytes(run_dir: Path) -> dict[str, bytes]:
+    tokens = run_dir / "tokens"
+    return {str(p.relative_to(tokens)): p.read_bytes() for p in sorted(tokens.rglob("*.parquet"))}
+
+
+def test_cpu_devices_equal_auto_byte_for_byte(tmp_path, tiny_lm, tiny_teacher):
+    """score.device / teacher_device / ref_device = cpu give the Parquet shards of auto (the
+    devices are placement only: not in the dataset id, not in the numbers on one machine)."""
+    if torch.cuda.is_available():
+        pytest.skip("auto is a GPU here: the shards may differ from cpu in the last bit")
+    auto, cpu = tmp_path / "auto", tmp_path / "cpu"
+    for d in (auto, cpu):
+        write_rollouts(d, tiny_lm)
+    ref = f"ref.path={tiny_lm}"
+    run(cfg_for(auto, tiny_lm, tiny_teacher, ref))
+    run(
+        cfg_for(
+            cpu,
+            tiny_lm,
+            tiny_teacher,
+            ref,
+            "score.device=cpu",
+            "score.teacher_device=cpu",
+            "score.ref_device=cpu",
+        )
+    )
+    a, c = _shard_bytes(auto), _shard_bytes(cpu)
+    assert a and a == c
+
+
+@pytest.mark.parametrize("key", ["score.device", "score.teacher_device", "score.ref_device"])
+def test_cuda_without_cuda_is_one_error_before_any_work(tmp_path, tiny_lm, tiny_teacher, key):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    write_rollouts(tmp_path, tiny_lm, n_rows=2)
+    with pytest.raises(UserError) as e:
+        run(cfg_for(tmp_path, tiny_lm, tiny_teacher, f"ref.path={tiny_lm}", f"{key}=cuda"))
+    assert key in str(e.value) and "CUDA is not available" in str(e.value)
+    assert not (tmp_path / "tokens").exists()
+
+
+@pytest.mark.parametrize(
+    "override", ["score.device=gpu", "score.teacher_device=cuda:x", "score.ref_device=CPU"]
+)
+def test_bad_device_string_fails_at_compose(tmp_path, tiny_lm, tiny_teacher, override):
+    with pytest.raises(UserError) as e:
+        cfg_for(tmp_path, tiny_lm, tiny_teacher, override)
+    assert override.split("=")[0] in str(e.value)
+
+
+def test_progress_lines_when_stdout_is_not_a_tty(tmp_path, tiny_lm, tiny_teacher, capsys):
+    """Under capsys stdout is no TTY: the score loop prints plain progress lines (one at least:
+    the last), then its 'wrote ... to ...' line."""
+    write_rollouts(tmp_path, tiny_lm)
+    run(cfg_for(tmp_path, tiny_lm, tiny_teacher))
+    out = capsys.readouterr().out.splitlines()
+    progress = [i for i, line in enumerate(out) if line.startswith("[score 12 rollouts] ")]
+    wrote = [i for i, line in enumerate(out) if line.startswith("score: wrote 3 shard(s) to ")]
+    assert progress and wrote and progress[-1] < wrote[0], out
+    assert "(100%)" in out[progress[-1]] and "response tokens" in out[progress[-1]]

@@ -934,112 +934,142 @@ def build_world(
             shutil.copytree(out, tmp)
             (tmp / "world.json").unlink()  # the copy is incomplete until the new one is written
             models: dict[str, Any] = json.loads((out / "world.json").read_text())["models"]
-            base_info = models["base"]
             t_data = 0.0
         else:
-            (tmp / "prompts").mkdir(parents=True)
-            for name, rows in sets.items():
-                write_prompts(rows, tmp / "prompts" / f"{name}.parquet")
-            t_data = time.time() - t_start
-
-            # Base: must read evidence but not know private facts.
-            base, base_info = _train_and_save(
-                "base", s.base, world, tok, tmp / "models" / "base", s.seed + 100, 0.0
-            )
-            base_acc = _evaluate(
-                base,
-                tok,
-                sets,
-                s,
-                [
-                    ("private_closed", "private_closed", False),
-                    ("private_paraphrase", "private_paraphrase", False),
-                    ("public_closed", "public_closed", False),
-                    ("reading", "reading", False),
-                    ("private_closed_with_evidence", "private_closed", True),
-                    ("private_paraphrase_with_evidence", "private_paraphrase", True),
-                ],
-            )
-            print(f"base: {base_info['params']:,} params, accuracy {base_acc}", flush=True)
-            models = {"base": {**base_info, "accuracy": base_acc, "path": "models/base"}}
+            models, t_data = _build_data_and_base(s, world, tok, sets, tmp, t_start)
         if s.teacher_big:
-            big, big_info = _train_and_save(
-                "teacher_big",
-                s.teacher,
-                world,
-                tok,
-                tmp / "models" / "teacher_big",
-                s.seed + 200,
-                s.teacher_private_frac,
-            )
-            big_acc = _evaluate(
-                big,
-                tok,
-                sets,
-                s,
-                [
-                    ("private_closed", "private_closed", False),
-                    ("private_paraphrase", "private_paraphrase", False),
-                    ("public_closed", "public_closed", False),
-                    ("reading", "reading", False),
-                ],
-            )
-            print(f"teacher_big: {big_info['params']:,} params, accuracy {big_acc}", flush=True)
-            models["teacher_big"] = {
-                **big_info,
-                "accuracy": big_acc,
-                "path": "models/teacher_big",
-                "params_ratio_to_base": round(big_info["params"] / base_info["params"], 2),
-            }
-
-        lengths = {name: _max_lengths(tok, rows) for name, rows in sets.items()}
-        info = {
-            "key": key,
-            "settings": dataclasses.asdict(s),
-            "format": {
-                "messages": "[system: <system prompt>] user: question : <question> answer :",
-                "context": "evidence : <sentence> [<sentence> ...]",
-                "teacher": "the context appended to the system message (created when absent)",
-                "chat_template": CHAT_TEMPLATE,
-                "response": "<sentence> then <|im_end|>",
-            },
-            "tokenizer": {
-                "vocab_size": len(tok),
-                "pad_id": tok.pad_token_id,
-                "unk_id": tok.unk_token_id,
-                "bos_id": tok.bos_token_id,
-                "eos_id": tok.eos_token_id,
-            },
-            "sizes": {
-                "public_entities": len(world.public),
-                "private_entities": len(world.private),
-                "reading_names": len(world.reading),
-                "attributes": ATTRS,
-                "rows": {k: len(v) for k, v in sets.items()},
-                "answer_space": _answer_sizes(s),
-            },
-            "max_tokens": lengths,
-            "chance_accuracy": {
-                k: round(chance_accuracy(world, v), 4)
-                for k, v in sets.items()
-                if not k.startswith("train")
-            },
-            "models": models,
-            "seconds": {"data": round(t_data, 1), "total": round(time.time() - t_start, 1)},
-            "reused_base": reuse,
-        }
+            models["teacher_big"] = _build_teacher_big(s, world, tok, sets, tmp, models["base"])
+        info = _world_info(key, s, world, tok, sets, models, t_data, t_start, reuse)
         # world.json last: its presence (with the key) marks the world complete.
         (tmp / "world.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return json.loads(json.dumps(info))  # the same types a cached call returns
+
+
+# (accuracy name, prompt set, with evidence) the base and teacher_big are evaluated on
+_BASE_EVALS = [
+    ("private_closed", "private_closed", False),
+    ("private_paraphrase", "private_paraphrase", False),
+    ("public_closed", "public_closed", False),
+    ("reading", "reading", False),
+    ("private_closed_with_evidence", "private_closed", True),
+    ("private_paraphrase_with_evidence", "private_paraphrase", True),
+]
+_TEACHER_EVALS = _BASE_EVALS[:4]
+
+
+def _build_data_and_base(
+    s: WorldSettings,
+    world: World,
+    tok: Any,
+    sets: dict[str, list[dict[str, Any]]],
+    tmp: Path,
+    t_start: float,
+) -> tuple[dict[str, Any], float]:
+    """Write the prompt sets and train the base under ``tmp``; returns (models entry, data s)."""
+    (tmp / "prompts").mkdir(parents=True)
+    for name, rows in sets.items():
+        write_prompts(rows, tmp / "prompts" / f"{name}.parquet")
+    t_data = time.time() - t_start
+
+    # Base: must read evidence but not know private facts.
+    base, base_info = _train_and_save(
+        "base", s.base, world, tok, tmp / "models" / "base", s.seed + 100, 0.0
+    )
+    base_acc = _evaluate(base, tok, sets, s, _BASE_EVALS)
+    print(f"base: {base_info['params']:,} params, accuracy {base_acc}", flush=True)
+    return {"base": {**base_info, "accuracy": base_acc, "path": "models/base"}}, t_data
+
+
+def _build_teacher_big(
+    s: WorldSettings,
+    world: World,
+    tok: Any,
+    sets: dict[str, list[dict[str, Any]]],
+    tmp: Path,
+    base_info: dict[str, Any],
+) -> dict[str, Any]:
+    """Train teacher_big under ``tmp``; returns its models entry (size relative to the base)."""
+    big, big_info = _train_and_save(
+        "teacher_big",
+        s.teacher,
+        world,
+        tok,
+        tmp / "models" / "teacher_big",
+        s.seed + 200,
+        s.teacher_private_frac,
+    )
+    big_acc = _evaluate(big, tok, sets, s, _TEACHER_EVALS)
+    print(f"teacher_big: {big_info['params']:,} params, accuracy {big_acc}", flush=True)
+    return {
+        **big_info,
+        "accuracy": big_acc,
+        "path": "models/teacher_big",
+        "params_ratio_to_base": round(big_info["params"] / base_info["params"], 2),
+    }
+
+
+def _world_info(
+    key: str,
+    s: WorldSettings,
+    world: World,
+    tok: Any,
+    sets: dict[str, list[dict[str, Any]]],
+    models: dict[str, Any],
+    t_data: float,
+    t_start: float,
+    reuse: bool,
+) -> dict[str, Any]:
+    """The content of world.json: key, settings, formats, tokenizer ids, sizes, models."""
+    lengths = {name: _max_lengths(tok, rows) for name, rows in sets.items()}
+    return {
+        "key": key,
+        "settings": dataclasses.asdict(s),
+        "format": {
+            "messages": "[system: <system prompt>] user: question : <question> answer :",
+            "context": "evidence : <sentence> [<sentence> ...]",
+            "teacher": "the context appended to the system message (created when absent)",
+            "chat_template": CHAT_TEMPLATE,
+            "response": "<sentence> then <|im_end|>",
+        },
+        "tokenizer": {
+            "vocab_size": len(tok),
+            "pad_id": tok.pad_token_id,
+            "unk_id": tok.unk_token_id,
+            "bos_id": tok.bos_token_id,
+            "eos_id": tok.eos_token_id,
+        },
+        "sizes": {
+            "public_entities": len(world.public),
+            "private_entities": len(world.private),
+            "reading_names": len(world.reading),
+            "attributes": ATTRS,
+            "rows": {k: len(v) for k, v in sets.items()},
+            "answer_space": _answer_sizes(s),
+        },
+        "max_tokens": lengths,
+        "chance_accuracy": {
+            k: round(chance_accuracy(world, v), 4)
+            for k, v in sets.items()
+            if not k.startswith("train")
+        },
+        "models": models,
+        "seconds": {"data": round(t_data, 1), "total": round(time.time() - t_start, 1)},
+        "reused_base": reuse,
+    }
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out`` (an older ``out`` is moved aside, then removed)."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def _max_lengths(tok: Any, rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -45,6 +45,17 @@ def _check(ok: bool, key: str, what: str) -> None:
         raise UserError(f"impossible config value: {key} {what}", "config", f"fix {key}")
 
 
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _check_device(value: str | None, key: str, nullable: bool = False) -> None:
+    """A device key: auto | cpu | cuda | cuda:N (null too where ``nullable``)."""
+    if value is None and nullable:
+        return
+    ok = isinstance(value, str) and DEVICE_RE.fullmatch(value) is not None
+    _check(ok, key, f"must be auto|cpu|cuda|cuda:N{'|null' if nullable else ''} (got {value!r})")
+
+
 def _closest(word: str, options: Sequence[str], n: int = 3) -> str:
     """``" (closest: a, b)"`` for the options nearest ``word``, or "" when none is near."""
     near = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
@@ -150,6 +161,9 @@ class RolloutConfig:
     prompts_per_shard: int = 256
     # Prompts per generation batch (HF backend).
     batch_size: int = 64
+    # Where the policy generates (HF backend): auto (cuda when present, else cpu) | cpu | cuda |
+    # cuda:N. The vLLM backend ignores it: vLLM places its engine itself (CUDA_VISIBLE_DEVICES).
+    device: str = "auto"
     # vLLM: fraction of memory for the KV cache (on CPU, of system RAM).
     vllm_memory_fraction: float = 0.25
     # Chat rows (`messages`): a Jinja chat template file replacing the tokenizers' own (null =
@@ -181,6 +195,7 @@ class RolloutConfig:
 
         _check_finite(self, "rollout")
         _check(self.backend in ("hf", "vllm", "auto"), "rollout.backend", "must be hf|vllm|auto")
+        _check_device(self.device, "rollout.device")
         _check(
             self.context_placement in ("system", "user"),
             "rollout.context_placement",
@@ -243,11 +258,23 @@ class ScoreConfig:
     chunk_positions: int = 256
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
+    # Where the HF backend runs the behaviour model: auto (cuda when present, else cpu) | cpu |
+    # cuda | cuda:N. The teacher and the reference go to their own keys below (null = this one),
+    # e.g. teacher_device=cuda:1 keeps a large teacher off the student's GPU. Two roles naming
+    # the same model and prefix share one pass, on the device of the first (teacher, behaviour,
+    # ref). The vLLM backend ignores these keys (vLLM places its engines itself); its extra HF
+    # passes (entropy, behaviour top-K gathers) do use them.
+    device: str = "auto"
+    teacher_device: str | None = None
+    ref_device: str | None = None
     # Several teachers (`teachers`): which one scores each rollout.
     route_by: RouteBy = field(default_factory=RouteBy)
 
     def __post_init__(self) -> None:
         _check(self.backend in ("hf", "vllm", "auto"), "score.backend", "must be hf|vllm|auto")
+        _check_device(self.device, "score.device")
+        _check_device(self.teacher_device, "score.teacher_device", nullable=True)
+        _check_device(self.ref_device, "score.ref_device", nullable=True)
         _check(self.topk >= 1, "score.topk", "must be >= 1")
         _check(self.behavior_topk >= 0, "score.behavior_topk", "must be >= 0")
         _check(self.batch_tokens >= 1, "score.batch_tokens", "must be >= 1")

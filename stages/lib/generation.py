@@ -35,11 +35,13 @@ from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
+from stages.lib.progress import Progress
 
-# Rollout keys that change speed or memory but not what is sampled (left out of the dataset id).
+# Rollout keys that change speed, memory or placement but not what is sampled (left out of the
+# dataset id).
 # The backend is one of them: both backends sample the same distribution into the same schema,
 # so a run may resume on another machine with another backend (the manifest records which ran).
-BACKEND_ONLY_KEYS = ("backend", "batch_size", "vllm_memory_fraction")
+BACKEND_ONLY_KEYS = ("backend", "batch_size", "vllm_memory_fraction", "device")
 VLLM_MAX_LOGPROBS = 20  # vLLM's default; sharing one value lets the stages share cached engines
 
 
@@ -199,7 +201,10 @@ def load_engine(
     *,
     dtype: str,
     ctx_len: int,
+    device: torch.device | None = None,
 ) -> Engine:
+    """The policy behind one ``sample`` call; ``device`` (HF only; None = auto) holds the model,
+    inputs move to it and samples come back to the CPU (stages/lib/decoding.py)."""
     stops = decoding.stops_for(tok, policy_path, r.stop_token_ids, r.stop_strings)
     if backend == "vllm":
         from stages.lib import vllm_backend
@@ -230,7 +235,7 @@ def load_engine(
 
         return Engine("vllm", sample_vllm, {"stops": stops})
 
-    device = models.pick_device("auto")
+    device = device or models.pick_device("auto")
     model = models.load_model(policy_path, "policy", dtype=dtype, device=device)
     models.check_embedding_rows(model, tok, "policy")
     decoding.plain_generation_config(model, tok)
@@ -341,11 +346,85 @@ def generate_rollouts(
     r = rollout or cfg.rollout
     s = sampling or Sampling.of(r)
     dtype = dtype or cfg.student.dtype
+    plan = plan_rollouts(cfg, policy_path, prompts_table, r, s, tokenizer_path, teacher_path)
+    fps = {
+        "policy": models.model_fingerprint(policy_path, "policy"),
+        "tokenizer": models.tokenizer_fingerprint(plan.tok),
+        **(fingerprints or {}),
+    }
+    dataset_id = rollouts_dataset_id(stage_name, r, s, dtype, cfg.seed, fps, inputs or {})
+    backend = resolve_backend(r.backend)
+    # checked before the writer opens: a missing GPU is a config error, not a half-run
+    device = models.pick_device(r.device, "rollout.device") if backend == "hf" else None
+    commit = {
+        "config": as_dict(cfg),
+        "fingerprints": fps,
+        "inputs": inputs or {},
+        "extra": {
+            "policy_path": str(policy_path),
+            "backend": backend,
+            "n_prompts": prompts_table.num_rows,
+            "skipped_too_long": plan.skipped,
+            "max_prompt_tokens": plan.limit,
+            # one per prompt, or more when rollout.expand_turns expanded conversations
+            "n_generation_points": plan.n_items,
+            **({"tokenizers": plan.compat} if plan.compat else {}),
+            **(extra or {}),
+        },
+    }
+
+    def engine() -> Engine:
+        return load_engine(
+            backend, policy_path, plan.tok, s, r, dtype=dtype, ctx_len=plan.ctx_len, device=device
+        )
+
+    stats = Stats()
+    complete = _write_rollouts(
+        cfg, out_dir, stage_name, dataset_id, plan, s, r.match, engine, stats, commit
+    )
+    stats.seconds_total = time.perf_counter() - t_start
+    summary = {
+        "stage": stage_name,
+        "backend": backend,
+        "policy_path": str(policy_path),
+        "dataset_id": dataset_id,
+        "complete": complete,
+        "skipped_too_long": len(plan.skipped),
+        **stats.summary(),
+        "wall_seconds": round(stats.seconds_total, 3),
+    }
+    print(summary_line(summary, stats, stage_name, out_dir), flush=True)
+    return summary
+
+
+@dataclass
+class RolloutPlan:
+    """The checked inputs of one rollout run: what will be sampled, shard by shard."""
+
+    tok: Any  # the policy's tokenizer
+    ctx_len: int  # the policy's context length
+    limit: int  # longest prompt accepted (tokens)
+    compat: dict | None  # the student/teacher tokenizer check (None without a teacher)
+    n_items: int  # generation points before the too-long ones were dropped
+    skipped: list[dict]  # too-long prompts skipped: [{id, tokens}]
+    by_shard: dict[int, list[PromptIds]]
+    n_shards: int
+
+
+def plan_rollouts(
+    cfg: Config,
+    policy_path: str,
+    prompts_table: pa.Table,
+    r: RolloutConfig,
+    s: Sampling,
+    tokenizer_path: str | None,
+    teacher_path: str | None,
+) -> RolloutPlan:
+    """Everything that can be wrong with the inputs is checked here, before any output exists."""
     models._check_dir(policy_path, "policy")
     tok = models.load_tokenizer(tokenizer_dir(policy_path, tokenizer_path), "policy")
     ctx_len = policy_context_length(policy_path)
     limit = prompt_limit(r, s, ctx_len)
-    # Everything that can be wrong with the inputs is checked here, before any output exists.
     teacher_tok, compat = None, None
     if teacher_path:
         teacher_tok = models.load_tokenizer(teacher_path, "teacher")
@@ -357,16 +436,25 @@ def generate_rollouts(
     items, skipped = check_lengths(items, limit, r.too_long, "rollout.max_prompt_tokens")
     by_shard = shard_groups(items, r.prompts_per_shard)
     n_shards = n_shards_for(n_items, r.prompts_per_shard)
+    return RolloutPlan(tok, ctx_len, limit, compat, n_items, skipped, by_shard, n_shards)
 
-    fps = {
-        "policy": models.model_fingerprint(policy_path, "policy"),
-        "tokenizer": models.tokenizer_fingerprint(tok),
-        **(fingerprints or {}),
-    }
-    dataset_id = rollouts_dataset_id(stage_name, r, s, dtype, cfg.seed, fps, inputs or {})
-    backend = resolve_backend(r.backend)
-    mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
-    stats = Stats()
+
+def _write_rollouts(
+    cfg: Config,
+    out_dir: str | Path,
+    stage_name: str,
+    dataset_id: str,
+    plan: RolloutPlan,
+    s: Sampling,
+    match: str,
+    engine: Any,
+    stats: Stats,
+    commit: dict,
+) -> bool:
+    """Sample and write this worker's missing shards (``engine()`` loads the policy only when
+    one is missing), then commit when every shard exists; returns whether the dataset is complete.
+    ``commit``: the manifest's config / fingerprints / inputs / extra."""
+    mine = store.shards_of_worker(plan.n_shards, cfg.worker.index, cfg.worker.count)
     with store.open_writer(
         out_dir,
         rollouts_schema,
@@ -375,45 +463,17 @@ def generate_rollouts(
         overwrite=cfg.overwrite,
         worker_index=cfg.worker.index,
         worker_count=cfg.worker.count,
-        vocab_size=models.vocab_size(tok),
+        vocab_size=models.vocab_size(plan.tok),
     ) as w:
         todo = [] if w.complete else [sh for sh in mine if not w.is_done(sh)]
         stats.shards_resumed = 0 if w.complete else len(mine) - len(todo)
         if todo:
-            engine = load_engine(backend, policy_path, tok, s, r, dtype=dtype, ctx_len=ctx_len)
-            _sample_shards(w, engine, todo, by_shard, s, tok, stats, stage_name, cfg.seed, r.match)
-        if not w.complete:
-            w.commit(
-                n_shards,
-                config=as_dict(cfg),
-                fingerprints=fps,
-                inputs=inputs or {},
-                extra={
-                    "policy_path": str(policy_path),
-                    "backend": backend,
-                    "n_prompts": prompts_table.num_rows,
-                    "skipped_too_long": skipped,
-                    "max_prompt_tokens": limit,
-                    # one per prompt, or more when rollout.expand_turns expanded conversations
-                    "n_generation_points": n_items,
-                    **({"tokenizers": compat} if compat else {}),
-                    **(extra or {}),
-                },
+            _sample_shards(
+                w, engine(), todo, plan.by_shard, s, plan.tok, stats, stage_name, cfg.seed, match
             )
-        complete = w.complete
-    stats.seconds_total = time.perf_counter() - t_start
-    summary = {
-        "stage": stage_name,
-        "backend": backend,
-        "policy_path": str(policy_path),
-        "dataset_id": dataset_id,
-        "complete": complete,
-        "skipped_too_long": len(skipped),
-        **stats.summary(),
-        "wall_seconds": round(stats.seconds_total, 3),
-    }
-    print(summary_line(summary, stats, stage_name, out_dir), flush=True)
-    return summary
+        if not w.complete:
+            w.commit(plan.n_shards, **commit)
+        return w.complete
 
 
 def shard_groups(items: list[PromptIds], per_shard: int) -> dict[int, list[PromptIds]]:
@@ -478,39 +538,6 @@ def prompt_limit(r: RolloutConfig, s: Sampling, ctx_len: int) -> int:
             "lower rollout.max_new_tokens or set rollout.max_prompt_tokens >= 1",
         )
     return limit
-
-
-class Progress:
-    """A tqdm bar on a terminal; on a log (stdout not a TTY), one line every ``every`` seconds."""
-
-    def __init__(self, total: int, desc: str, every: float = 30.0):
-        import sys
-
-        from tqdm import tqdm
-
-        self.total, self.desc, self.every, self.done = total, desc, every, 0
-        self.tty = sys.stdout.isatty()
-        self.bar = tqdm(total=total, desc=desc, unit="prompt", leave=False) if self.tty else None
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
-            pct = 100 * self.done / max(self.total, 1)
-            print(
-                f"[{self.desc}] {self.done}/{self.total} prompts ({pct:.0f}%), "
-                f"{now - self.t0:.0f} s",
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _sample_shards(

@@ -175,12 +175,23 @@ def check_embedding_rows(model, tok, role: str) -> None:
         )
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
+    """``auto`` = cuda when present, else cpu; ``cuda`` / ``cuda:N`` must exist (a UserError naming
+    the config ``key`` otherwise, raised before any model is loaded)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but CUDA is not available", "train.device", "use device=auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(
+                f"{key}={name} but CUDA is not available", key, f"use {key}=auto or {key}=cpu"
+            )
+        if device.index is not None and device.index >= n:
+            raise UserError(
+                f"{key}={name} but only {n} CUDA device(s) exist", key, f"use cuda:0..cuda:{n - 1}"
+            )
+    return device
 
 
 def context_length(model) -> int:
