@@ -181,7 +181,9 @@ def ours_train(spec: dict, loss: str, name: str) -> dict:
     from stages.lib.config import compose
     from stages.lib.layout import RunLayout
 
-    res = measured(lambda: {"steps": train.run(compose("train", ours_overrides(spec, loss, name)))["steps"]})
+    res = measured(
+        lambda: {"steps": train.run(compose("train", ours_overrides(spec, loss, name)))["steps"]}
+    )
     log = RunLayout.of(spec["run_dir"]).train(name) / "metrics.jsonl"
     rows = [json.loads(r) for r in log.read_text().splitlines()]
     res["response_tokens"] = int(sum(r["tokens"] for r in rows))
@@ -194,10 +196,13 @@ def ours_epoch(spec: dict) -> dict:
     from stages import rollout, score, select
     from stages.lib.config import compose
 
+    def stage(mod, name: str) -> dict:
+        mod.run(compose(name, ours_overrides(spec, "topk_fkl", "topk_fkl")))
+        return {}
+
     stages = {}
     for name, mod in (("rollout", rollout), ("score", score), ("select", select)):
-        cfg = lambda n=name: compose(n, ours_overrides(spec, "topk_fkl", "topk_fkl"))  # noqa: E731
-        stages[name] = measured(lambda m=mod, c=cfg: m.run(c()) and {})
+        stages[name] = measured(lambda m=mod, n=name: stage(m, n))
     stages["train"] = ours_train(spec, "topk_fkl", "topk_fkl")
     return {
         "wall_s": sum(s["wall_s"] for s in stages.values()),
@@ -393,8 +398,10 @@ def ratios(r: dict) -> dict:
     }
 
 
-def bench(quick: bool, threads: int, work: Path) -> dict:
-    size = SIZES["quick" if quick else "full"]
+def bench(quick: bool, threads: int, work: Path, prompts: int | None, tokens: int | None) -> dict:
+    size = dict(SIZES["quick" if quick else "full"])
+    size["n_prompts"] = prompts or size["n_prompts"]
+    size["tokens"] = tokens or size["tokens"]
     t0 = time.perf_counter()
     spec = build_world(work, size)
     spec_path = work / "spec.json"
@@ -407,7 +414,8 @@ def bench(quick: bool, threads: int, work: Path) -> dict:
         "versions": versions(),
         "settings": {**size, "topk": TOPK, "lr": LR, "seed": SEED, "threads": threads},
         "models": {
-            "student_params": s_all, "teacher_params": t_all,
+            "student_params": s_all,
+            "teacher_params": t_all,
             "teacher_over_student_params": t_all / s_all,
             "teacher_over_student_matmul_params": t_mm / s_mm,
         },  # fmt: skip
@@ -430,6 +438,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_peer.json")
     ap.add_argument("--quick", action="store_true", help="tiny models, 16 prompts: ~2 minutes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
+    ap.add_argument("--prompts", type=int, help="override the mode's number of prompts")
+    ap.add_argument("--tokens", type=int, help="override the mode's response length T")
     ap.add_argument("--work", help="build the world here and keep it (default: a temp dir)")
     ap.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -447,10 +457,10 @@ def main() -> None:
         sys.exit(2)
     if a.work:
         Path(a.work).mkdir(parents=True, exist_ok=True)
-        result = bench(a.quick, a.threads, Path(a.work).resolve())
+        result = bench(a.quick, a.threads, Path(a.work).resolve(), a.prompts, a.tokens)
     else:
         with tempfile.TemporaryDirectory(prefix="bench_peer_") as d:
-            result = bench(a.quick, a.threads, Path(d))
+            result = bench(a.quick, a.threads, Path(d), a.prompts, a.tokens)
     result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
