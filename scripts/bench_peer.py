@@ -1,6 +1,9 @@
 """Side by side against a peer: our offline pipeline vs TRL's online distillation and SFT trainers.
 
-    python scripts/bench_peer.py --out runs/bench_peer.json [--quick] [--threads N]
+    python scripts/bench_peer.py --out runs/bench_peer.json [--quick] [--threads N] [--work DIR]
+
+(``--prompts N`` / ``--tokens T`` override the mode's sizes, for trying the full-size models on a
+few prompts; ``--work DIR`` keeps the world and both sides' outputs.)
 
 Needs the ``bench`` extra (``pip install -e .[bench]``: ``trl==1.16.0``). One world, built here
 from configs (no downloads): a word-level tokenizer, a random Llama student and a teacher >= 4x
@@ -231,6 +234,7 @@ def trl_distill(spec: dict, beta: float) -> dict:
     out = str(Path(spec["trl_dir"]) / f"distill_beta{beta:g}")
     data = Dataset.from_list([{"prompt": t} for t in spec["texts"]])
     counts: list[int] = []
+    gen_s: list[float] = []  # seconds inside TRL's sampling (student generate), per batch
 
     def go() -> dict:
         tok = AutoTokenizer.from_pretrained(spec["student"], padding_side="left")
@@ -247,7 +251,9 @@ def trl_distill(spec: dict, beta: float) -> dict:
         generate = trainer._generate  # counts the response tokens each batch trains on
 
         def counting(prompts):
+            t0 = time.perf_counter()
             res = generate(prompts)
+            gen_s.append(time.perf_counter() - t0)
             counts.append(sum(len(c) for c in res[1]))
             return res
 
@@ -258,6 +264,7 @@ def trl_distill(spec: dict, beta: float) -> dict:
 
     res = measured(go)
     res["response_tokens"] = sum(counts)
+    res["generate_s"] = sum(gen_s)
     return res
 
 
