@@ -391,6 +391,8 @@ def ratios(r: dict) -> dict:
         "epoch_cpu_ours_over_trl": r["ours_epoch"]["cpu_s"] / r["trl_epoch"]["cpu_s"],
         "second_loss_wall_ours_over_trl": r["ours_second"]["wall_s"] / r["trl_second"]["wall_s"],
         "second_loss_cpu_ours_over_trl": r["ours_second"]["cpu_s"] / r["trl_second"]["cpu_s"],
+        "epoch_process_wall_ours_over_trl": r["ours_epoch"]["process_wall_s"]
+        / r["trl_epoch"]["process_wall_s"],  # whole child process: interpreter, imports, exit
         "two_losses_wall_ours_over_trl": (r["ours_epoch"]["wall_s"] + r["ours_second"]["wall_s"])
         / (r["trl_epoch"]["wall_s"] + r["trl_second"]["wall_s"]),
         "trainer_tokens_per_s_ours_over_trl": tps("ours_sft", "wall_s") / tps("trl_sft", "wall_s"),
