@@ -21,6 +21,8 @@ its parameters, and N prompts of equal length. Every measured run is its own chi
     selection): ``stages.train`` with ``loss=sft`` vs ``trl.SFTTrainer`` (completion-only loss),
     response tokens per second of the whole trainer call (load, train, save) and of the loop.
 (c) peak RSS of each child (``ru_maxrss``), and its RSS after the imports.
+Full mode adds ``trl_epoch_gc``: TRL's epoch with gradient checkpointing on, its documented
+default (the headline TRL runs turn it off, which only makes TRL faster).
 
 The children run interleaved (ours, TRL, ours, TRL, ...): a burst of load from other processes
 hits a pair, not a side. Ratios are ours / TRL; every setting, version, command and every
@@ -59,6 +61,8 @@ SIZES = {
 }  # fmt: skip
 TOPK, LR, SEED = 32, 1e-5, 0
 CHILDREN = ("ours_epoch", "trl_epoch", "ours_second", "trl_second", "ours_sft", "trl_sft")
+# Full mode only: TRL's epoch again with gradient checkpointing on (its documented default).
+EXTRA = "trl_epoch_gc"
 GOALS = {
     "epoch_wall_ours_over_trl": "<= 0.5",
     "second_loss_wall_ours_over_trl": "<= 0.15",
@@ -83,7 +87,8 @@ DIFFERENCES = [
     "TRL settings off its documented defaults: bf16=False (its default is bf16 mixed precision; "
     "ours runs fp32 on CPU, so both run fp32), gradient_checkpointing=False (its default is True, "
     "which re-runs the student forward in backward: turning it off makes TRL faster, never "
-    "slower), report_to=none, save_strategy=no, use_cpu=True. Everything else is the default.",
+    "slower; full mode also runs TRL's epoch with it on: trl_epoch_gc), report_to=none, "
+    "save_strategy=no, use_cpu=True. Everything else is the default.",
     "Outputs: ours writes Parquet datasets (rollouts, tokens, selected), manifests, metrics and a "
     "checkpoint with optimizer state per training; TRL keeps data in memory and we call "
     "save_model() once at the end (weights + tokenizer, no optimizer state).",
@@ -225,13 +230,13 @@ def trl_common(spec: dict, out: str) -> dict:
     }  # fmt: skip
 
 
-def trl_distill(spec: dict, beta: float) -> dict:
+def trl_distill(spec: dict, beta: float, gradient_checkpointing: bool = False) -> dict:
     """``trl.DistillationTrainer`` for one epoch over the prompts: load, train, save."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DistillationConfig, DistillationTrainer
 
-    out = str(Path(spec["trl_dir"]) / f"distill_beta{beta:g}")
+    out = str(Path(spec["trl_dir"]) / f"distill_beta{beta:g}_gc{int(gradient_checkpointing)}")
     data = Dataset.from_list([{"prompt": t} for t in spec["texts"]])
     counts: list[int] = []
     gen_s: list[float] = []  # seconds inside TRL's sampling (student generate), per batch
@@ -240,8 +245,9 @@ def trl_distill(spec: dict, beta: float) -> dict:
         tok = AutoTokenizer.from_pretrained(spec["student"], padding_side="left")
         student = AutoModelForCausalLM.from_pretrained(spec["student"])
         teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"])
+        common = trl_common(spec, out) | {"gradient_checkpointing": gradient_checkpointing}
         args = DistillationConfig(
-            **trl_common(spec, out), beta=beta, max_completion_length=spec["tokens"],
+            **common, beta=beta, max_completion_length=spec["tokens"],
             temperature=1.0, top_p=1.0, top_k=0,
         )  # fmt: skip
         trainer = DistillationTrainer(
@@ -347,6 +353,7 @@ def run_child(name: str, spec_path: str, threads: int) -> None:
         "trl_epoch": lambda: trl_distill(spec, 0.0),
         "trl_second": lambda: trl_distill(spec, 1.0),
         "trl_sft": lambda: trl_sft(spec),
+        EXTRA: lambda: trl_distill(spec, 0.0, gradient_checkpointing=True),
     }
     res = runs[name]()
     res["import_s"] = import_s
@@ -386,7 +393,11 @@ def versions() -> dict:
 
 def ratios(r: dict) -> dict:
     tps = lambda k, t: r[k]["response_tokens"] / r[k][t]  # noqa: E731
-    return {
+    extra = {}
+    if "wall_s" in r.get(EXTRA, {}):
+        extra["epoch_wall_ours_over_trl_gc"] = r["ours_epoch"]["wall_s"] / r[EXTRA]["wall_s"]
+        extra["epoch_cpu_ours_over_trl_gc"] = r["ours_epoch"]["cpu_s"] / r[EXTRA]["cpu_s"]
+    return extra | {
         "epoch_wall_ours_over_trl": r["ours_epoch"]["wall_s"] / r["trl_epoch"]["wall_s"],
         "epoch_cpu_ours_over_trl": r["ours_epoch"]["cpu_s"] / r["trl_epoch"]["cpu_s"],
         "second_loss_wall_ours_over_trl": r["ours_second"]["wall_s"] / r["trl_second"]["wall_s"],
@@ -403,11 +414,12 @@ def ratios(r: dict) -> dict:
             k: r[f"ours_{k}"]["peak_rss_mb"] / r[f"trl_{k}"]["peak_rss_mb"]
             for k in ("epoch", "second", "sft")
         },
-        "response_tokens": {k: v["response_tokens"] for k, v in r.items()},
+        "response_tokens": {k: v.get("response_tokens") for k, v in r.items()},
     }
 
 
-def bench(quick: bool, threads: int, work: Path, prompts: int | None, tokens: int | None) -> dict:
+def setup(quick: bool, threads: int, work: Path, prompts: int | None, tokens: int | None):
+    """Build the world; the JSON's header (versions, settings, models, commands)."""
     size = dict(SIZES["quick" if quick else "full"])
     size["n_prompts"] = prompts or size["n_prompts"]
     size["tokens"] = tokens or size["tokens"]
@@ -416,9 +428,11 @@ def bench(quick: bool, threads: int, work: Path, prompts: int | None, tokens: in
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     (s_all, s_mm), (t_all, t_mm) = n_params(spec["student"]), n_params(spec["teacher"])
-    out = {
+    children = CHILDREN if quick else (*CHILDREN, EXTRA)
+    header = {
         "quick": quick,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"nproc": os.cpu_count(), "loadavg_1m_at_start": os.getloadavg()[0]},
         "versions": versions(),
         "settings": {**size, "topk": TOPK, "lr": LR, "seed": SEED, "threads": threads},
@@ -427,18 +441,34 @@ def bench(quick: bool, threads: int, work: Path, prompts: int | None, tokens: in
             "teacher_params": t_all,
             "teacher_over_student_params": t_all / s_all,
             "teacher_over_student_matmul_params": t_mm / s_mm,
-        },  # fmt: skip
-        "commands": {n: " ".join(child_command(n, spec_path, threads)) for n in CHILDREN},
+        },
+        "commands": {n: " ".join(child_command(n, spec_path, threads)) for n in children},
+        "goals": GOALS,
+        "differences": DIFFERENCES,
         "world_s": time.perf_counter() - t0,
     }
+    return header, spec_path, children
+
+
+def bench(quick: bool, threads: int, work: Path, out_path: Path, **sizes) -> dict:
+    """Every child in order (ours, TRL, ours, TRL, ...); the JSON is rewritten after each one, so
+    a run stopped by a timeout still leaves what it measured."""
+    t0 = time.perf_counter()
+    out, spec_path, children = setup(quick, threads, work, **sizes)
+    out["runs"] = {}
     timeout = 600 if quick else 1800
-    runs = {n: spawn(n, spec_path, threads, timeout) for n in CHILDREN}  # in order: ours, TRL, ...
-    out["runs"] = runs
-    out["ratios"] = ratios(runs)
-    out["goals"] = GOALS
-    out["differences"] = DIFFERENCES
-    out["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
-    out["seconds"] = time.perf_counter() - t0
+    for name in children:
+        try:
+            out["runs"][name] = spawn(name, spec_path, threads, timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            if name != EXTRA:
+                raise
+            out["runs"][name] = {"error": str(e)[-2000:]}
+        out["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
+        out["seconds"] = time.perf_counter() - t0
+        if all(n in out["runs"] for n in CHILDREN):
+            out["ratios"] = ratios(out["runs"])
+        out_path.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -450,7 +480,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, help="override the mode's number of prompts")
     ap.add_argument("--tokens", type=int, help="override the mode's response length T")
     ap.add_argument("--work", help="build the world here and keep it (default: a temp dir)")
-    ap.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=(*CHILDREN, EXTRA), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -459,20 +489,17 @@ def main() -> None:
     try:
         import trl  # noqa: F401
     except ImportError:
-        print(
-            "error: trl is not installed (bench_peer). Fix: pip install -e .[bench]",
-            file=sys.stderr,
-        )
+        print("error: trl is not installed (bench_peer). Fix: pip install -e .[bench]", file=sys.stderr)  # fmt: skip
         sys.exit(2)
+    out = Path(a.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sizes = {"prompts": a.prompts, "tokens": a.tokens}
     if a.work:
         Path(a.work).mkdir(parents=True, exist_ok=True)
-        result = bench(a.quick, a.threads, Path(a.work).resolve(), a.prompts, a.tokens)
+        result = bench(a.quick, a.threads, Path(a.work).resolve(), out, **sizes)
     else:
         with tempfile.TemporaryDirectory(prefix="bench_peer_") as d:
-            result = bench(a.quick, a.threads, Path(d), a.prompts, a.tokens)
-    result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+            result = bench(a.quick, a.threads, Path(d), out, **sizes)
     print(json.dumps({"ratios": result["ratios"], "seconds": result["seconds"]}, indent=1))
 
 
