@@ -115,7 +115,8 @@ def build_world(work: Path, size: dict) -> dict:
     teacher = build_tiny_lm(work / "teacher", seed=1, words=words, **size["teacher_arch"])
     _never_stop(student)  # every sampled response is T tokens long on both sides
     g = np.random.default_rng(SEED)
-    texts = [" ".join(words[j] for j in g.integers(0, len(words), size["prompt_words"])) for _ in range(size["n_prompts"])]  # fmt: skip
+    ids = g.integers(0, len(words), (size["n_prompts"], size["prompt_words"]))  # [N, words]
+    texts = [" ".join(words[j] for j in row) for row in ids]
     rows = [{"id": f"p{i:04d}", "prompt": t} for i, t in enumerate(texts)]
     path = work / "prompts.parquet"
     pq.write_table(prompts_schema.validate(pa.Table.from_pylist(rows)), path)
@@ -126,8 +127,8 @@ def build_world(work: Path, size: dict) -> dict:
 
 
 def _never_stop(path: Path) -> None:
-    """Zero the student's EOS output row: its logit is 0 among ~N(0, 1.8^2) logits over the whole
-    vocabulary, so no sample stops early and both sides train on N * T response tokens."""
+    """Zero the student's EOS output row: a logit of 0 among random ones over the whole vocabulary
+    (probability < 1/V per step), so samples run to T tokens and both sides train on N * T."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
