@@ -92,10 +92,11 @@ DIFFERENCES = [
     "Outputs: ours writes Parquet datasets (rollouts, tokens, selected), manifests, metrics and a "
     "checkpoint with optimizer state per training; TRL keeps data in memory and we call "
     "save_model() once at the end (weights + tokenizer, no optimizer state).",
-    "SFT, (b): same sequences, same 8 per step, fp32 both; ours computes the CE through its "
-    "chunked fp32 head on response positions only; TRL calls the model with labels (full [B, L, V] "
-    "logits) and also computes its default entropy/accuracy metrics. TRL shuffles (default); "
-    "ours train.shuffle default (row groups shuffled).",
+    "SFT, (b): same sequences, same 8 per step, fp32 both, and both project only the labelled "
+    "(response) positions through the LM head, in tiles: ours in fp32 chunks of "
+    "train.chunk_positions, TRL through its fused LM head, which also computes its default "
+    "per-token entropy and top-1 accuracy metrics. TRL shuffles (its default); ours shuffles "
+    "row groups (train.shuffle, its default).",
     "Ours runs select with select.threads=1 (DuckDB) so both sides use one compute thread.",
 ]
 
