@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from data_schemas import selected as selected_table
 from data_schemas.common import LOGPROB_TOL
 from stages.lib import store
 from stages.lib.errors import UserError
@@ -161,14 +162,7 @@ def seq_len(s: Seq) -> int:
 
 # ----------------------------------------------------------------------------- validation
 # Float list columns holding log-probs (finite, <= LOGPROB_TOL) and id columns (0 <= id < V).
-LOGPROB_COLUMNS = (
-    "teacher_logprob",
-    "behavior_logprob",
-    "ref_logprob",
-    "teacher_topk_logprobs",
-    "teacher_topk_logmass",
-    "teacher_logprobs_on_behavior_topk",
-)
+LOGPROB_COLUMNS = selected_table.SPEC.logprob_cols  # the contract's list, checked here too
 ID_COLUMNS = ("train_prompt_ids", "response_ids", "teacher_topk_ids", "behavior_topk_ids")
 PER_TOKEN = ("weights", "segments", "teacher_logprob", "behavior_logprob", "teacher_topk_logmass")
 
