@@ -77,7 +77,9 @@ def test_help_after_overrides():
     r = cli("experiment=demo", "train.lr=1e-3", "--help")
     assert r.returncode == 0, r.stderr
     loss_line = next(ln for ln in r.stdout.splitlines() if ln.startswith("loss: "))
-    assert "distillery train" in r.stdout and "exopd" in loss_line.removeprefix("loss: ").split(", ")
+    assert "distillery train" in r.stdout and "exopd" in loss_line.removeprefix("loss: ").split(
+        ", "
+    )
 
 
 def own_conf(root: Path) -> Path:
