@@ -95,6 +95,18 @@ def n_params(path: Path) -> tuple[int, int]:
     return total, total - model.get_input_embeddings().weight.numel()
 
 
+@torch.inference_mode()
+def pair_stats(t_model, s_model, prompts: list, resps: list, k: int, v: int, batch: int) -> tuple:
+    """Teacher top-K stats and student (behaviour) sampled-token stats per sequence, in batches.
+    Shared with scripts/gpu_check.py."""
+    t, b = [], []
+    for i in range(0, len(prompts), batch):
+        p, r = prompts[i : i + batch], resps[i : i + batch]
+        t += sequence_stats(t_model, p, r, k, v, want_entropy=False)
+        b += sequence_stats(s_model, p, r, 1, v, want_entropy=False)
+    return t, b
+
+
 def selected_rows(prompts: list, resps: list, t: list, b: list, k: int) -> list[dict]:
     """Rows of the selected table (all tokens, weight 1) from teacher stats ``t`` and behaviour
     stats ``b`` (``sequence_stats`` output per sequence). Shared with scripts/gpu_check.py."""
@@ -134,12 +146,7 @@ def write_selection(
     prompts = [[tok.bos_token_id, *g.integers(4, v, prompt - 1).tolist()] for _ in range(n)]
     resps = [g.integers(4, v, resp).tolist() for _ in range(n)]
     t_model, s_model = models.load_model(str(teacher)), models.load_model(str(student))
-    t, b = [], []
-    with torch.inference_mode():
-        for i in range(0, n, 16):
-            p, r = prompts[i : i + 16], resps[i : i + 16]
-            t += sequence_stats(t_model, p, r, k, v, want_entropy=False)
-            b += sequence_stats(s_model, p, r, 1, v, want_entropy=False)
+    t, b = pair_stats(t_model, s_model, prompts, resps, k, v, batch=16)
     rows = selected_rows(prompts, resps, t, b, k)
     out = RunLayout(run_dir).selected("all")
     with store.open_writer(

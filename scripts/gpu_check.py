@@ -92,13 +92,11 @@ def write_selection(run_dir: Path, student: Path, teacher: Path) -> None:
     """Random prompts/responses scored on the GPU: teacher top-K, student behaviour log-probs."""
     import numpy as np
     import pyarrow as pa
-    import torch
-    from bench_train import selected_rows
+    from bench_train import pair_stats, selected_rows
 
     from data_schemas import selected
     from stages.lib import models, store
     from stages.lib.layout import RunLayout
-    from stages.lib.logprobs import sequence_stats
 
     tok = models.load_tokenizer(str(student))
     g = np.random.default_rng(0)
@@ -106,12 +104,7 @@ def write_selection(run_dir: Path, student: Path, teacher: Path) -> None:
     resps = [g.integers(4, VOCAB, RESP).tolist() for _ in range(N_SEQ)]
     t_model = models.load_model(str(teacher), device=DEVICE)
     s_model = models.load_model(str(student), device=DEVICE)
-    t, b = [], []
-    with torch.inference_mode():
-        for i in range(0, N_SEQ, 64):
-            p, r = prompts[i : i + 64], resps[i : i + 64]
-            t += sequence_stats(t_model, p, r, K, VOCAB, want_entropy=False)
-            b += sequence_stats(s_model, p, r, 1, VOCAB, want_entropy=False)
+    t, b = pair_stats(t_model, s_model, prompts, resps, K, VOCAB, batch=64)
     del t_model, s_model
     rows = selected_rows(prompts, resps, t, b, K)
     fps = {"tokenizer": models.tokenizer_fingerprint(tok)}

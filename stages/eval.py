@@ -38,7 +38,8 @@ import torch
 
 from data_schemas import prompts as prompts_schema
 from stages.lib import chat, decoding, models
-from stages.lib.config import Config, as_dict, hydra_entry
+from stages.lib.config import Config, as_dict
+from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
 from stages.lib.layout import RunLayout, check_name

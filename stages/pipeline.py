@@ -34,10 +34,10 @@ from pathlib import Path
 from stages.lib.config import (
     ADAPTIVE_METRICS,
     Config,
-    hydra_entry,
     round_config,
     variant_config,
 )
+from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
 from stages.lib.store import atomic_write_text

@@ -47,7 +47,8 @@ import pyarrow as pa
 
 from data_schemas import manifest as manifest_mod
 from stages.lib import store, views
-from stages.lib.config import Config, hydra_entry
+from stages.lib.config import Config
+from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from data_schemas import prompts as prompts_schema
 from stages.lib import models
-from stages.lib.config import Config, hydra_entry
+from stages.lib.config import Config
+from stages.lib.entry import hydra_entry
 from stages.lib.generation import generate_rollouts
 from stages.lib.layout import RunLayout
 

@@ -59,7 +59,8 @@ from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
 from stages.lib import chat, generation, models, store
 from stages.lib import logprobs as lp
-from stages.lib.config import Config, as_dict, hydra_entry
+from stages.lib.config import Config, as_dict
+from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
 from stages.lib.progress import Progress, Scaled

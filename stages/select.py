@@ -60,7 +60,8 @@ from data_schemas import codec, rollouts, selected, tokens
 from data_schemas import manifest as manifest_mod
 from data_schemas.common import LOGPROB_TOL
 from stages.lib import store, views
-from stages.lib.config import Config, SelectConfig, as_dict, hydra_entry
+from stages.lib.config import Config, SelectConfig, as_dict
+from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
 

@@ -24,7 +24,8 @@ from data_schemas import prompts as prompts_schema
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
 from stages.lib import models, store
-from stages.lib.config import Config, hydra_entry, sft_config
+from stages.lib.config import Config, sft_config
+from stages.lib.entry import hydra_entry
 from stages.lib.generation import Sampling, generate_rollouts
 from stages.lib.layout import RunLayout
 

@@ -79,7 +79,8 @@ from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_table
 from data_schemas import selected as selected_table
 from stages.lib import models, store, trackers, trainer_state
-from stages.lib.config import Config, as_dict, hydra_entry
+from stages.lib.config import Config, as_dict
+from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError, fault_point
 from stages.lib.layout import RunLayout
 from stages.lib.loader import MicroBatch, MicroBatchStream, Plan, collate, plan_steps
@@ -383,15 +384,15 @@ def run_lock(job: Job):
     with contextlib.ExitStack() as stack:
         if job.dist.main:
             name = job.cfg.train.name
-            lock = job.layout.checkpoints_root / f".lock-{name}"
-            try:
-                stack.enter_context(store._flock(lock, f"training run '{name}'", blocking=False))
-            except UserError as e:
-                raise UserError(
-                    e.what.replace("another writer", "another trainer"),
-                    str(job.ckpt_root),
-                    "wait for that training to finish (or stop it), or pick another train.name",
-                ) from None
+            lock = store.file_lock(
+                job.layout.train_lock(name),
+                f"training run '{name}'",
+                blocking=False,
+                holder="another trainer",
+                where=str(job.ckpt_root),
+                fix="wait for that training to finish (or stop it), or pick another train.name",
+            )
+            stack.enter_context(lock)
         yield
 
 

@@ -24,7 +24,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1159,12 +1159,3 @@ SFT_OVERRIDES = (
 def sft_config(cfg: Config) -> Config:
     """The config the SFT stage generates and trains with."""
     return derive(cfg, SFT_OVERRIDES, "sft")
-
-
-# ------------------------------------------------------------------------------ entry points
-def hydra_entry(stage: str) -> Callable[[Callable[[Config], Any]], Callable[[], None]]:
-    """Make a stage's ``main()``: compose ``conf/<stage>.yaml`` + CLI overrides, run, exit cleanly
-    (see ``stages/lib/entry.py``)."""
-    from stages.lib import entry  # the command-line machinery imports this module
-
-    return entry.hydra_entry(stage)

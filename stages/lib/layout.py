@@ -90,6 +90,10 @@ class RunLayout:
     def checkpoints(self, name: str) -> Path:
         return self.checkpoints_root / check_name(name, "train.name")
 
+    def train_lock(self, name: str) -> Path:
+        """The lock file that keeps a second trainer off run name ``name``."""
+        return self.checkpoints_root / f".lock-{check_name(name, 'train.name')}"
+
     def final(self, name: str) -> Path:
         return self.checkpoints(name) / "final"
 

@@ -104,22 +104,35 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+DATASET_LOCK_FIX = (
+    "wait for the other process to finish (or stop it); two writers never share a "
+    "dataset. Parallel workers need distinct worker.index values"
+)
+
+
 @contextlib.contextmanager
-def _flock(path: Path, what: str, *, blocking: bool) -> Iterator[None]:
+def _flock(
+    path: Path,
+    what: str,
+    *,
+    blocking: bool,
+    holder: str = "another writer",
+    where: str | None = None,
+    fix: str = DATASET_LOCK_FIX,
+) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            holder = ""
+            pid = ""
             with contextlib.suppress(OSError):
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                pid = os.pread(fd, 200, 0).decode(errors="replace").strip()
             raise UserError(
-                f"{what} is locked by another writer{f' ({holder})' if holder else ''}",
-                str(path.parent),
-                "wait for the other process to finish (or stop it); two writers never share a "
-                "dataset. Parallel workers need distinct worker.index values",
+                f"{what} is locked by {holder}{f' ({pid})' if pid else ''}",
+                where or str(path.parent),
+                fix,
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
@@ -128,9 +141,12 @@ def _flock(path: Path, what: str, *, blocking: bool) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
-def file_lock(path: Path, what: str) -> contextlib.AbstractContextManager[None]:
-    """A blocking exclusive lock on ``path`` (created if needed; released when the process dies)."""
-    return _flock(path, what, blocking=True)
+def file_lock(
+    path: Path, what: str, *, blocking: bool = True, **message: str
+) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on ``path`` (created if needed; released when the process dies). Not
+    blocking: a held lock is a UserError at once (``message``: holder/where/fix wording)."""
+    return _flock(path, what, blocking=blocking, **message)
 
 
 def disk_error(e: OSError, where: str) -> UserError:
