@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.lib import remote
 from stages.lib.config import (
     ADAPTIVE_METRICS,
     Config,
@@ -109,12 +110,18 @@ def run_stage(name: str, cfg: Config) -> dict:
     mod = importlib.import_module(f"stages.{name}")
     t0 = time.time()
     print(f"\n=== {name} ===", flush=True)
-    out = mod.run(cfg)
+    with remote.stage_session(cfg, name):  # a run on object storage: lease, pull, publish
+        out = mod.run(cfg)
     print(f"=== {name} done in {time.time() - t0:.1f}s ===", flush=True)
     return out if isinstance(out, dict) else {}
 
 
 def run(cfg: Config) -> dict:
+    with remote.stage_session(cfg, "pipeline"):  # nothing for a local run_dir
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> dict:
     t0 = time.time()
     steps = plan(cfg)  # every derived config composes (and is checked) before anything runs
     print(format_plan(steps), flush=True)

@@ -1,6 +1,7 @@
 """SQL over a run: DuckDB views ``rollouts``, ``tokens`` and ``selected`` on the run's Parquet shards.
 
-Reads the committed datasets of ``RUN_DIR`` in place (nothing is copied) and prints the result of
+Reads the committed datasets of ``RUN_DIR`` in place (nothing is copied; an ``s3://``/``gs://``
+run is first brought into its local mirror, manifests and the shards they list) and prints the result of
 a query as a table; without a query it starts a small interactive shell (statements end with
 ``;``, ``.tables``, ``.examples``, ``.quit``).
 
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import duckdb
 
-from stages.lib import store, views
+from stages.lib import remote, store, views
 from stages.lib.errors import UserError, user_errors_exit
 from stages.lib.layout import RunLayout
 
@@ -59,6 +60,8 @@ def connect(
 ) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     """An in-memory DuckDB with views over the committed datasets of ``run_dir`` (read-only
     unless ``allow_writes``) and the names of its views."""
+    if remote.is_remote(run_dir):  # the committed datasets, fetched into the local mirror
+        remote.pull(remote.open_remote(str(run_dir)), datasets_only=True)
     rv = views.open_run(RunLayout.of(run_dir))
     if not rv.views:
         raise UserError(

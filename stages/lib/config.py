@@ -1130,7 +1130,7 @@ def round_config(cfg: Config, r: int) -> Config:
     lay = RunLayout.of(cfg.run_dir)
     prev = lay.round(r - 1).final(round_name(cfg.train.name, r - 1))
     extra = [
-        f"run_dir={quote(lay.round(r).root)}",
+        f"run_dir={quote(RunLayout.round_dir(cfg.run_dir, r))}",
         f"student.path={quote(prev)}",
         f"seed={cfg.seed + r - 1}",
         f"train.name={quote(round_name(cfg.train.name, r))}",

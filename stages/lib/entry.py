@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stages.lib import remote
 from stages.lib.config import (
     CONF_DIR,
     Config,
@@ -141,7 +142,11 @@ def _run_direct(cl: CommandLine, run: Callable[[Config], Any]) -> None:
     cfg = compose(cl.config_name, cl.overrides, config_dirs=cl.config_dirs)
     if cfg.debug:  # debug=true shows the traceback of a user error, as DISTILLERY_DEBUG=1 does
         os.environ["DISTILLERY_DEBUG"] = "1"
-    run(cfg)
+    if cl.stage == "pipeline":  # the pipeline opens a session per stage itself
+        run(cfg)
+        return
+    with remote.stage_session(cfg, cl.stage):  # nothing for a local run_dir
+        run(cfg)
 
 
 def hydra_entry(stage: str) -> Callable[[Callable[[Config], Any]], Callable[..., None]]:

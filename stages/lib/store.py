@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -50,6 +50,18 @@ from stages.lib.layout import RunLayout
 
 SHARDS_PER_BUCKET = 256
 TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class Hooks:
+    """Seams for a run on object storage (``stages.lib.remote`` sets them for a remote run_dir;
+    None for a local one, where nothing changes)."""
+
+    published: Callable[[Path], None] | None = None  # a file was just committed under its name
+    refresh: Callable[[Path], None] | None = None  # before a commit checks that all shards exist
+
+
+HOOKS = Hooks()
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -102,6 +114,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     fault_point("mid_manifest")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    if HOOKS.published is not None:  # object storage: the same file under its final key
+        HOOKS.published(path)
 
 
 DATASET_LOCK_FIX = (
@@ -224,6 +238,8 @@ class DatasetWriter:
             fault_point("before_rename")
             os.replace(tmp, path)
             _fsync_dir(path.parent)
+            if HOOKS.published is not None:  # object storage: upload under its final key
+                HOOKS.published(path)
             fault_point("after_shard")
         except OSError as e:
             with contextlib.suppress(OSError):
@@ -245,6 +261,8 @@ class DatasetWriter:
         committed (by this call, or by a concurrent worker that got there first: the manifest is
         written exactly once). ``models`` (role -> model folder) are recorded as absolute paths
         with the role's fingerprint, so the run resolves from any working directory."""
+        if HOOKS.refresh is not None:  # object storage: shards other machines published
+            HOOKS.refresh(self.directory)
         with _flock(self.directory / ".lock", f"{self.table.NAME} dataset", blocking=True):
             done = manifest_mod.read(self.directory)
             if done is not None and done["dataset_id"] == self.dataset_id:

@@ -1,0 +1,499 @@
+"""A run on object storage: ``run_dir=s3://bucket/run`` (or ``gs://``) through a local mirror.
+
+A plain path and a ``file://`` URI are local folders and nothing here runs for them. For a remote
+``run_dir`` every stage works in a **local working mirror** of the run, a folder that is a pure
+function of the URI (``$DISTILLERY_MIRROR/<scheme>/<bucket>/<key>``, default
+``~/.cache/distillery/mirror``), so ``RunLayout.of(uri)`` names the same local paths on every
+machine and the stage code reads and writes them as it always did. Around each stage
+(:func:`stage_session`):
+
+1. **Lease.** A stage that writes takes the lease object ``<run>/_leases/<what>.json`` (holder,
+   host, pid, expiry) with a conditional PUT (``If-None-Match: *``); a live lease held by someone
+   else refuses the stage (one ``error:`` line, exit 2). A background thread renews it every
+   third of its lifetime with ``If-Match: <etag>``; an expired lease is taken over with the same
+   ``If-Match`` (only one taker can win). Without boto3 (or for ``gs://``) the lease is written
+   and read back: a narrow race two simultaneous writers can both win, documented.
+2. **Pull.** One listing of the run prefix; every dataset folder's ``_manifest.json`` and only
+   the shards it lists (a folder without a manifest yet: its published shards, which a resumed
+   writer checks by dataset id and skips); every other file (checkpoints, metrics, results).
+   Unchanged files are not fetched again (``.mirror-index.json`` records size and remote mtime).
+   Local shards a remote manifest does not list are removed from the mirror.
+3. **Publish.** Each shard is uploaded under its final key the moment the store has renamed it
+   into place, each manifest the moment it is written (after its shards, so a single atomic PUT
+   commits the dataset on the bucket, as the rename does on disk). When the stage ends (also on
+   an error) every other changed file of the mirror is uploaded: checkpoints, metrics, reports.
+
+Object stores have no rename: a reader trusts only what a manifest lists (``store.open_committed``
+checks the mirrored files against it), so a shard published by a killed writer is invisible until
+a manifest lists it, and a re-run (on any machine, empty mirror or not) pulls the published shards
+and continues at the first missing one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_schemas.errors import UserError
+
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+ENV_MIRROR = "DISTILLERY_MIRROR"  # the mirror root (default ~/.cache/distillery/mirror)
+ENV_LEASE = "DISTILLERY_LEASE_SECONDS"  # lease lifetime; renewed every third of it
+DEFAULT_LEASE_SECONDS = 60.0
+INDEX = ".mirror-index.json"  # rel -> {"size", "mtime" (remote), "local" (mirror mtime_ns)}
+LEASES = "_leases"
+_SHARD = re.compile(r"^(?:(.*)/)?bucket=\d+/shard-\d+\.parquet$")
+_MANIFEST = "_manifest.json"
+
+
+# ----------------------------------------------------------------------------- names
+def is_remote(run_dir: str | Path | None) -> bool:
+    return isinstance(run_dir, str) and run_dir.startswith(REMOTE_SCHEMES)
+
+
+def local_path(run_dir: str | Path) -> str:
+    """A plain path as it is; ``file:///x`` as ``/x``."""
+    s = str(run_dir)
+    return s[len("file://") :] if s.startswith("file://") else s
+
+
+def mirror_root() -> Path:
+    return Path(os.environ.get(ENV_MIRROR) or Path.home() / ".cache/distillery/mirror")
+
+
+def split(uri: str) -> tuple[str, str]:
+    """(scheme, "bucket/key") of a remote URI, without trailing slashes."""
+    scheme, rest = uri.split("://", 1)
+    rest = rest.strip("/")
+    if not rest or ".." in rest.split("/"):
+        raise UserError(f"bad object storage URI {uri!r}", "run_dir", "use s3://bucket/prefix")
+    return scheme, rest
+
+
+def mirror_of(uri: str) -> Path:
+    """The local working mirror of a remote run (the same path on every machine)."""
+    scheme, rest = split(uri)
+    return mirror_root() / scheme / rest
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------- the remote run
+@dataclass
+class Remote:
+    """One remote run: its filesystem (``pyarrow.fs``), its prefix there and its local mirror."""
+
+    uri: str
+    fs: Any  # pyarrow.fs.FileSystem
+    base: str  # "bucket/key" on fs
+    mirror: Path
+    index: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def key(self, rel: str) -> str:
+        return f"{self.base}/{rel}"
+
+    def rel(self, path: Path) -> str | None:
+        """``path`` relative to the mirror (posix), or None when it is not under it."""
+        try:
+            return Path(path).resolve().relative_to(self.mirror.resolve()).as_posix()
+        except ValueError:
+            return None
+
+    # ---------------------------------------------------------------- index
+    def load_index(self) -> None:
+        p = self.mirror / INDEX
+        self.index = json.loads(p.read_text()) if p.is_file() else {}
+
+    def save_index(self) -> None:
+        tmp = self.mirror / f".tmp-{INDEX}.{os.getpid()}"
+        tmp.write_text(json.dumps(self.index, sort_keys=True))
+        os.replace(tmp, self.mirror / INDEX)
+
+    def _fresh(self, rel: str, size: int, mtime: str) -> bool:
+        """The mirror's copy of ``rel`` is the remote object (size, remote mtime) as fetched."""
+        e, p = self.index.get(rel), self.mirror / rel
+        if e is None or not p.is_file():
+            return False
+        st = p.stat()
+        return (e["size"], e["mtime"], e["local"]) == (size, mtime, st.st_mtime_ns)
+
+    # ---------------------------------------------------------------- transfers
+    def download(self, rel: str, info: Any) -> None:
+        dst = self.mirror / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".tmp-pull-{dst.name}.{os.getpid()}")
+        with self.fs.open_input_stream(self.key(rel)) as src, open(tmp, "wb") as out:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+        os.replace(tmp, dst)  # a killed pull never leaves half a file under a real name
+        self._record(rel, info.size, str(info.mtime), dst)
+
+    def upload(self, path: Path) -> None:
+        rel = self.rel(path)
+        if rel is None:
+            return
+        with open(path, "rb") as src, self.fs.open_output_stream(self.key(rel)) as out:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+        info = self.fs.get_file_info(self.key(rel))
+        self._record(rel, info.size, str(info.mtime), path)
+
+    def _record(self, rel: str, size: int, mtime: str, path: Path) -> None:
+        with self.lock:
+            self.index[rel] = {"size": size, "mtime": mtime, "local": path.stat().st_mtime_ns}
+
+    def listing(self) -> dict[str, Any]:
+        """rel -> FileInfo of every object under the run (leases and hidden names left out)."""
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self.base, recursive=True, allow_not_found=True)
+        out = {}
+        for info in self.fs.get_file_info(sel):
+            if info.type != pafs.FileType.File:
+                continue
+            rel = info.path[len(self.base) + 1 :]
+            parts = rel.split("/")
+            if parts[0] == LEASES or any(p.startswith(".") for p in parts):
+                continue
+            out[rel] = info
+        return out
+
+
+_REMOTES: dict[str, Remote] = {}  # one per URI and process: nested sessions share the index
+
+
+def open_remote(uri: str) -> Remote:
+    """The filesystem of a remote URI (``pyarrow.fs``; S3 reads the standard AWS variables,
+    ``AWS_ENDPOINT_URL`` for an S3-compatible server) and its mirror, created."""
+    import pyarrow.fs as pafs
+
+    scheme, rest = split(uri)
+    key = f"{scheme}://{rest}"
+    if key in _REMOTES and _REMOTES[key].mirror == mirror_of(uri):
+        return _REMOTES[key]
+    try:
+        fs, base = pafs.FileSystem.from_uri(f"{'gs' if scheme == 'gcs' else scheme}://{rest}")
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError with the reason
+        raise UserError(
+            f"cannot open {uri} ({' '.join(str(e).split())[:200]})",
+            "run_dir",
+            "check the URI and the credentials (AWS_* / GOOGLE_* variables, AWS_ENDPOINT_URL)",
+        ) from None
+    r = Remote(uri=uri, fs=fs, base=base.rstrip("/"), mirror=mirror_of(uri))
+    r.mirror.mkdir(parents=True, exist_ok=True)
+    r.load_index()
+    _REMOTES[key] = r
+    return r
+
+
+# ----------------------------------------------------------------------------- pull
+def plan_pull(objects: dict[str, Any], manifests: dict[str, dict]) -> list[str]:
+    """The objects a mirror needs: manifests, the shards they list (all published shards of a
+    dataset folder without a manifest), every non-shard file. Pure."""
+    want = []
+    for rel in objects:
+        m = _SHARD.match(rel)
+        if m is None:
+            want.append(rel)
+            continue
+        folder = m.group(1) or ""
+        man = manifests.get(folder)
+        if man is None or rel[len(folder) + 1 if folder else 0 :] in _listed(man):
+            want.append(rel)
+    return want
+
+
+def _listed(m: dict) -> set[str]:
+    return {s["path"] for s in m.get("shards", [])}
+
+
+def _folder(rel: str) -> str:
+    return rel[: -len(_MANIFEST) - 1] if "/" in rel else ""
+
+
+def pull(r: Remote, *, datasets_only: bool = False) -> int:
+    """Bring the mirror up to the bucket (see the module docstring); the bytes fetched."""
+    objects = r.listing()
+    manifests = {}
+    for rel, info in objects.items():
+        if rel.endswith(_MANIFEST):
+            if not r._fresh(rel, info.size, str(info.mtime)):
+                r.download(rel, info)
+            manifests[_folder(rel)] = json.loads((r.mirror / rel).read_text())
+    fetched = 0
+    for rel in plan_pull(objects, manifests):
+        info = objects[rel]
+        if datasets_only and _SHARD.match(rel) is None and not rel.endswith(_MANIFEST):
+            continue
+        if not r._fresh(rel, info.size, str(info.mtime)):
+            r.download(rel, info)
+            fetched += info.size
+    for folder, m in manifests.items():  # shards a manifest does not list leave the mirror
+        listed = _listed(m)
+        for p in (r.mirror / folder).glob("bucket=*/shard-*.parquet"):
+            if p.relative_to(r.mirror / folder).as_posix() not in listed:
+                p.unlink()
+    r.save_index()
+    return fetched
+
+
+def publish_changed(r: Remote) -> int:
+    """Upload every mirror file the bucket does not have as it is (hidden names skipped),
+    manifests last; the number of files uploaded."""
+    todo = []
+    for p in sorted(r.mirror.rglob("*")):
+        rel = p.relative_to(r.mirror).as_posix()
+        if p.is_dir() or any(x.startswith(".") for x in rel.split("/")):
+            continue
+        e = r.index.get(rel)
+        if e is None or (e["size"], e["local"]) != (p.stat().st_size, p.stat().st_mtime_ns):
+            todo.append(p)
+    todo.sort(key=lambda p: p.name == _MANIFEST)
+    for p in todo:
+        r.upload(p)
+    r.save_index()
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------- lease
+def lease_seconds() -> float:
+    try:
+        return float(os.environ.get(ENV_LEASE, DEFAULT_LEASE_SECONDS))
+    except ValueError:
+        raise UserError(
+            f"{ENV_LEASE}={os.environ[ENV_LEASE]!r} is not a number", ENV_LEASE, "unset it"
+        ) from None
+
+
+def lease_name(cfg: Any, stage: str) -> str | None:
+    """What a stage writes, as a lease name (None: it writes nothing that needs one)."""
+    if stage in ("rollout", "score"):
+        return f"{stage}-worker-{cfg.worker.index}-of-{cfg.worker.count}"
+    if stage == "select":
+        return f"select-{cfg.select.name}"
+    if stage == "train":
+        return f"train-{cfg.train.name}"
+    return None if stage == "pipeline" else stage
+
+
+@dataclass
+class Lease:
+    """The lease object ``<run>/_leases/<name>.json``; see the module docstring."""
+
+    r: Remote
+    name: str
+    seconds: float
+    holder: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    etag: str | None = None
+    lost: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @property
+    def key(self) -> str:
+        return self.r.key(f"{LEASES}/{self.name}.json")
+
+    def body(self) -> bytes:
+        now = time.time()
+        doc = {
+            "holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+            "lease": self.name, "expires": now + self.seconds, "expires_utc": _iso(now + self.seconds),
+        }  # fmt: skip
+        return json.dumps(doc).encode()
+
+    def refuse(self, cur: dict) -> UserError:
+        return UserError(
+            f"{self.name} of {self.r.uri} is being written by {cur.get('host')} pid "
+            f"{cur.get('pid')} (lease until {cur.get('expires_utc')})",
+            self.r.uri + f"/{LEASES}/{self.name}.json",
+            "wait for that stage to finish or stop it; a lease its holder stops renewing expires "
+            f"and is then taken over ({ENV_LEASE})",
+        )
+
+    def acquire(self) -> None:
+        client = _s3_client(self.r)
+        (self._acquire_conditional if client else self._acquire_readback)(client)
+        self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
+        self._thread.start()
+
+    def _acquire_conditional(self, client: Any) -> None:
+        bucket, key = self.key.split("/", 1)
+        try:
+            self.etag = client.put_object(
+                Bucket=bucket, Key=key, Body=self.body(), IfNoneMatch="*"
+            )["ETag"]
+            return
+        except client.exceptions.ClientError as e:
+            if not _precondition(e):
+                raise
+        got = client.get_object(Bucket=bucket, Key=key)
+        cur = json.loads(got["Body"].read())
+        if cur.get("expires", 0) > time.time():
+            raise self.refuse(cur) from None
+        try:  # expired: take it over, only if nobody else did in between
+            self.etag = client.put_object(
+                Bucket=bucket, Key=key, Body=self.body(), IfMatch=got["ETag"]
+            )["ETag"]
+        except client.exceptions.ClientError as e:
+            if not _precondition(e):
+                raise
+            cur = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            raise self.refuse(cur) from None
+
+    def _acquire_readback(self, _client: Any = None) -> None:
+        cur = self._read()
+        if cur and cur.get("expires", 0) > time.time() and cur.get("holder") != self.holder:
+            raise self.refuse(cur)
+        self._write()
+        time.sleep(0.5)  # a racing writer's PUT lands in this window: the last PUT wins
+        cur = self._read()
+        if cur and cur.get("holder") != self.holder:
+            raise self.refuse(cur)
+
+    def _read(self) -> dict | None:
+        try:
+            with self.r.fs.open_input_stream(self.key) as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, OSError):
+            return None
+
+    def _write(self) -> None:
+        with self.r.fs.open_output_stream(self.key) as f:
+            f.write(self.body())
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                client = _s3_client(self.r)
+                if client is None:
+                    cur = self._read()
+                    if cur and cur.get("holder") != self.holder:
+                        raise RuntimeError("taken over")
+                    self._write()
+                else:
+                    bucket, key = self.key.split("/", 1)
+                    self.etag = client.put_object(
+                        Bucket=bucket, Key=key, Body=self.body(), IfMatch=self.etag
+                    )["ETag"]
+            except Exception:  # taken over (it had expired) or unreachable: stop publishing
+                self.lost.set()
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.lost.is_set():
+            return
+        cur, client = self._read(), _s3_client(self.r)
+        if not cur or cur.get("holder") != self.holder:
+            return
+        if client is not None:  # (pyarrow's delete would leave a "_leases/" folder marker)
+            bucket, key = self.key.split("/", 1)
+            client.delete_object(Bucket=bucket, Key=key)
+        else:
+            with contextlib.suppress(OSError):
+                self.r.fs.delete_file(self.key)
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise UserError(
+                f"lost the lease {self.name} of {self.r.uri} (it expired and another writer "
+                "took it over, or the store is unreachable)",
+                self.key,
+                f"re-run the stage when the other writer is done; raise {ENV_LEASE} if renewals "
+                "were too slow",
+            )
+
+
+def _s3_client(r: Remote) -> Any:
+    """A boto3 S3 client (conditional writes) for an s3:// run, or None."""
+    if not r.uri.startswith("s3://"):
+        return None
+    try:
+        import boto3
+    except ImportError:
+        return None
+    return boto3.client("s3")  # endpoint, region and keys from the standard AWS variables
+
+
+def _precondition(e: Any) -> bool:
+    code = e.response.get("Error", {}).get("Code", "")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412")
+
+
+# ----------------------------------------------------------------------------- sessions
+_ACTIVE: list[tuple[Remote, Lease | None]] = []  # innermost last
+
+
+def _published(path: Path) -> None:
+    """store hook: a file was just committed under its final name in some mirror."""
+    for r, lease in reversed(_ACTIVE):
+        if r.rel(path) is not None:
+            if lease is not None:
+                lease.check()
+            r.upload(Path(path))
+            return
+
+
+def _refresh(directory: Path) -> None:
+    """store hook, before a commit checks that every shard exists: fetch the shards other
+    workers (other machines) published into this dataset folder."""
+    for r, _ in reversed(_ACTIVE):
+        rel = r.rel(directory)
+        if rel is None:
+            continue
+        for orel, info in r.listing().items():
+            if orel.startswith(rel + "/") and _SHARD.match(orel):
+                if not r._fresh(orel, info.size, str(info.mtime)):
+                    r.download(orel, info)
+        return
+
+
+@contextlib.contextmanager
+def stage_session(cfg: Any, stage: str) -> Iterator[None]:
+    """Run a stage against the mirror of a remote ``cfg.run_dir``; nothing for a local one."""
+    if not is_remote(cfg.run_dir):
+        yield
+        return
+    from stages.lib import store
+
+    r = open_remote(cfg.run_dir)
+    name = lease_name(cfg, stage)
+    lease = Lease(r, name, lease_seconds()) if name else None
+    if lease is not None:
+        lease.acquire()
+    _ACTIVE.append((r, lease))
+    store.HOOKS.published, store.HOOKS.refresh = _published, _refresh
+    try:
+        n = pull(r)
+        print(f"[{stage}] mirror of {r.uri} at {r.mirror} ({n / 1e6:.1f} MB fetched)", flush=True)
+        yield
+    finally:
+        try:  # the pipeline's own files (timings, rounds) are published as they are written
+            if stage != "pipeline" and not (lease is not None and lease.lost.is_set()):
+                publish_changed(r)
+        finally:
+            _ACTIVE.pop()
+            if not _ACTIVE:
+                store.HOOKS.published = store.HOOKS.refresh = None
+            if lease is not None:
+                lease.release()

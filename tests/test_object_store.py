@@ -1,0 +1,221 @@
+"""A run on object storage: ``run_dir=s3://...`` against a real S3 server (moto, server mode).
+
+The server runs in this process on 127.0.0.1 (a free port); stages run in-process (the pipeline)
+or as CLI subprocesses (kill, refusal), which reach it through ``AWS_ENDPOINT_URL``. Each
+"machine" is a separate mirror folder (``DISTILLERY_MIRROR``): a fresh one proves that what a
+stage needs comes from the bucket, not from a local leftover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import logging
+
+import pytest
+
+pytest.importorskip("boto3")
+pytest.importorskip("moto.server")
+
+from data_schemas import rollouts, selected, tokens  # noqa: E402
+from stages import pipeline  # noqa: E402
+from stages.lib import remote  # noqa: E402
+from stages.lib.config import compose  # noqa: E402
+from stages.lib.errors import UserError  # noqa: E402
+from stages.lib.layout import RunLayout  # noqa: E402
+from tests import reliability_harness as h  # noqa: E402
+from tests.conftest import write_prompts  # noqa: E402
+
+BUCKET = "distillery-test"
+KEYS = {"rollouts": ["sample_id"], "tokens": ["sample_id", "pos"], "selected/entropy_half": ["sample_id"]}  # fmt: skip
+TABLES = {"rollouts": rollouts, "tokens": tokens, "selected/entropy_half": selected}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server and the AWS variables that point boto3 and pyarrow at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def machine(monkeypatch, tmp_path: Path, name: str) -> Path:
+    """Switch to a fresh mirror folder (another machine's empty cache)."""
+    d = tmp_path / f"mirror-{name}"
+    monkeypatch.setenv(remote.ENV_MIRROR, str(d))
+    remote._REMOTES.clear()
+    return d
+
+
+def objects(client, prefix: str) -> dict[str, dict]:
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        out.update({o["Key"]: o for o in page.get("Contents", [])})
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.parquet", 12)
+
+
+@pytest.fixture(scope="module")
+def ov(tiny_lm, tiny_teacher, prompts):
+    def make(run_dir, *extra: str) -> list[str]:
+        return h.overrides_for(run_dir, tiny_lm, tiny_teacher, prompts, *extra)
+
+    return make
+
+
+STAGES = "pipeline.stages=[rollout,score,select,train]"
+
+
+@pytest.fixture(scope="module")
+def local_ref(ov, tmp_path_factory) -> Path:
+    """The same pipeline on a local folder: the rows every remote run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    pipeline.run(compose("pipeline", ov(run_dir, STAGES)))
+    return run_dir
+
+
+def digests(run_dir: Path) -> dict:
+    return {d: h.rows_digest(run_dir / d, TABLES[d], KEYS[d]) for d in TABLES}
+
+
+def test_pipeline_on_s3_gives_the_rows_of_a_local_run(s3, ov, local_ref, tmp_path, monkeypatch):
+    uri = f"s3://{BUCKET}/pipe/run"
+    machine(monkeypatch, tmp_path, "a")
+    cfg = compose("pipeline", ov(uri, STAGES))
+    pipeline.run(cfg)
+    keys = objects(s3, "pipe/run/")
+    for d in TABLES:
+        assert f"pipe/run/{d}/_manifest.json" in keys, d
+    assert any(k.startswith(f"pipe/run/checkpoints/{cfg.train.name}/final/") for k in keys)
+    assert not any(k.startswith("pipe/run/_leases/") for k in keys)  # released
+    assert not any("/." in k for k in keys)  # no lock, temp or index file was published
+
+    # another machine (empty mirror) reads the run from the bucket: the rows of the local run
+    mirror = machine(monkeypatch, tmp_path, "b")
+    remote.pull(remote.open_remote(uri))
+    assert RunLayout.of(uri).root == mirror / "s3" / BUCKET / "pipe/run"
+    assert digests(RunLayout.of(uri).root) == digests(local_ref)
+
+    # distillery-sql on the bucket, from a third machine, read-only
+    machine(monkeypatch, tmp_path, "c")
+    from stages import sql
+
+    con, names = sql.connect(uri)
+    assert {"rollouts", "tokens", "selected"} <= set(names)
+    n = con.execute("SELECT count(*) FROM rollouts").fetchone()[0]
+    assert n == json.loads((local_ref / "rollouts" / "_manifest.json").read_text())["rows"]
+    with pytest.raises(Exception):  # still the read-only session
+        con.execute("COPY rollouts TO '/tmp/x.parquet'")
+
+    # a re-run on a machine that has everything does nothing new: same objects, same mtimes
+    machine(monkeypatch, tmp_path, "b")
+    pipeline.run(compose("pipeline", ov(uri, STAGES)))
+    after = objects(s3, "pipe/run/")
+    shards = [k for k in keys if k.endswith(".parquet") and "/bucket=" in k]
+    assert shards and all(after[k]["LastModified"] == keys[k]["LastModified"] for k in shards)
+
+
+def test_killed_stage_resumes_from_the_bucket_and_a_live_lease_refuses(
+    s3, ov, local_ref, tmp_path, monkeypatch
+):
+    uri = f"s3://{BUCKET}/kill/run"
+    monkeypatch.setenv(remote.ENV_LEASE, "6")
+    # machine A: rollout SIGKILLed right after its first shard is published
+    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "mA"))
+    r = h.run_stage("rollout", ov(uri), fault="after_shard:1")
+    assert r.killed, r.describe()
+    keys = objects(s3, "kill/run/")
+    shards = sorted(k for k in keys if k.startswith("kill/run/rollouts/bucket="))
+    assert shards == ["kill/run/rollouts/bucket=000/shard-00000.parquet"], keys
+    assert "kill/run/rollouts/_manifest.json" not in keys  # invisible to readers
+    lease_key = "kill/run/_leases/rollout-worker-0-of-1.json"
+    assert lease_key in keys  # the dead writer's lease, live until it expires
+
+    # the dead writer's lease expires (nobody renews it); another writer (here: this test)
+    # takes it over and holds it live: machine B is refused in one line, exit 2, nothing written
+    doc = json.loads(s3.get_object(Bucket=BUCKET, Key=lease_key)["Body"].read())
+    time.sleep(max(0.0, doc["expires"] - time.time()) + 0.5)
+    machine(monkeypatch, tmp_path, "B")
+    holder = remote.Lease(remote.open_remote(uri), "rollout-worker-0-of-1", 60)
+    holder.acquire()
+    r = h.run_stage("rollout", ov(uri))
+    holder.release()
+    assert r.rc == 2, r.describe()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rollout-worker-0-of-1 of " + uri)
+    assert "Fix:" in lines[0]
+    assert objects(s3, "kill/run/rollouts/").keys() == {shards[0]}
+
+    # machine B again: pulls the published shard 0 and writes only the rest
+    r = h.run_stage("rollout", ov(uri))
+    assert r.rc == 0, r.describe()
+    assert "shards 2 written / 1 resumed" in r.stdout
+    after = objects(s3, "kill/run/rollouts/")
+    assert after[shards[0]]["LastModified"] == keys[shards[0]]["LastModified"]  # not rewritten
+    assert "kill/run/rollouts/_manifest.json" in after
+    assert lease_key not in objects(s3, "kill/run/_leases/")
+    machine(monkeypatch, tmp_path, "C")
+    remote.pull(remote.open_remote(uri))
+    got = h.rows_digest(RunLayout.of(uri).rollouts, rollouts, ["sample_id"])  # unique keys
+    assert got == h.rows_digest(local_ref / "rollouts", rollouts, ["sample_id"])
+
+
+def test_lease_conditional_writes(s3, tmp_path, monkeypatch):
+    """Two writers race for one lease: one wins; an expired lease is taken over exactly once."""
+    machine(monkeypatch, tmp_path, "l")
+    r = remote.open_remote(f"s3://{BUCKET}/lease/run")
+    a, b = remote.Lease(r, "select-x", 30), remote.Lease(r, "select-x", 30)
+    a.acquire()
+    with pytest.raises(UserError, match="select-x of s3://"):
+        b.acquire()
+    a.release()
+    b.acquire()  # released: free again
+    b._stop.set()  # b dies without releasing: its lease stays until it expires
+    b._thread.join()
+    s3.put_object(  # make it expired, as if b had been dead for a while
+        Bucket=BUCKET,
+        Key="lease/run/_leases/select-x.json",
+        Body=json.dumps({"holder": b.holder, "expires": time.time() - 1}).encode(),
+    )
+    c, d = remote.Lease(r, "select-x", 30), remote.Lease(r, "select-x", 30)
+    c.acquire()
+    with pytest.raises(UserError):
+        d.acquire()
+    c.release()
