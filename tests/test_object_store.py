@@ -102,13 +102,15 @@ def ov(tiny_lm, tiny_teacher, prompts):
 
 
 STAGES = "pipeline.stages=[rollout,score,select,train]"
+# several selected shards and row groups: the trainer's ranks stride over row groups
+SMALL_GROUPS = ("select.rows_per_shard=8", "select.row_group_rows=2")
 
 
 @pytest.fixture(scope="module")
 def local_ref(ov, tmp_path_factory) -> Path:
     """The same pipeline on a local folder: the rows every remote run must reproduce."""
     run_dir = tmp_path_factory.mktemp("local") / "run"
-    pipeline.run(compose("pipeline", ov(run_dir, STAGES)))
+    pipeline.run(compose("pipeline", ov(run_dir, STAGES, *SMALL_GROUPS)))
     return run_dir
 
 
@@ -119,7 +121,7 @@ def digests(run_dir: Path) -> dict:
 def test_pipeline_on_s3_gives_the_rows_of_a_local_run(s3, ov, local_ref, tmp_path, monkeypatch):
     uri = f"s3://{BUCKET}/pipe/run"
     machine(monkeypatch, tmp_path, "a")
-    cfg = compose("pipeline", ov(uri, STAGES))
+    cfg = compose("pipeline", ov(uri, STAGES, *SMALL_GROUPS))
     pipeline.run(cfg)
     keys = objects(s3, "pipe/run/")
     for d in TABLES:
@@ -147,7 +149,7 @@ def test_pipeline_on_s3_gives_the_rows_of_a_local_run(s3, ov, local_ref, tmp_pat
 
     # a re-run on a machine that has everything does nothing new: same objects, same mtimes
     machine(monkeypatch, tmp_path, "b")
-    pipeline.run(compose("pipeline", ov(uri, STAGES)))
+    pipeline.run(compose("pipeline", ov(uri, STAGES, *SMALL_GROUPS)))
     after = objects(s3, "pipe/run/")
     shards = [k for k in keys if k.endswith(".parquet") and "/bucket=" in k]
     assert shards and all(after[k]["LastModified"] == keys[k]["LastModified"] for k in shards)
@@ -220,3 +222,26 @@ def test_lease_conditional_writes(s3, tmp_path, monkeypatch):
     with pytest.raises(UserError):
         d.acquire()
     c.release()
+
+
+def losses(run_dir: Path, name: str) -> list[float]:
+    path = RunLayout.of(run_dir).train(name) / "metrics.jsonl"
+    return [json.loads(ln)["loss"] for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def test_trainer_streams_the_selection_from_the_bucket(s3, ov, local_ref, tmp_path, monkeypatch):
+    """On a machine with an empty mirror the trainer reads the selected shards in place (row
+    groups by byte ranges): none is downloaded, and it trains exactly as on the local run."""
+    uri = f"s3://{BUCKET}/pipe/run"  # written by the first test (the module runs in order)
+    if not objects(s3, "pipe/run/selected/"):
+        pytest.skip("needs test_pipeline_on_s3_gives_the_rows_of_a_local_run first")
+    machine(monkeypatch, tmp_path, "d")
+    cfg = compose(
+        "pipeline", ov(uri, "pipeline.stages=[train]", "train.name=streamed", *SMALL_GROUPS)
+    )
+    pipeline.run(cfg)
+    sel = RunLayout.of(uri).selected("entropy_half")
+    assert (sel / "_manifest.json").is_file() and not list(sel.rglob("*.parquet"))
+    assert "pipe/run/checkpoints/streamed/final/config.json" in objects(s3, "pipe/run/checkpoints/")
+    ref_cfg = compose("pipeline", ov(local_ref, STAGES))
+    assert losses(uri, "streamed") == pytest.approx(losses(local_ref, ref_cfg.train.name), rel=1e-6)

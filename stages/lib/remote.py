@@ -105,6 +105,7 @@ class Remote:
     base: str  # "bucket/key" on fs
     mirror: Path
     index: dict = field(default_factory=dict)
+    objects: dict = field(default_factory=dict)  # rel -> FileInfo, as the last pull listed them
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def key(self, rel: str) -> str:
@@ -229,9 +230,20 @@ def _folder(rel: str) -> str:
     return rel[: -len(_MANIFEST) - 1] if "/" in rel else ""
 
 
-def pull(r: Remote, *, datasets_only: bool = False) -> int:
-    """Bring the mirror up to the bucket (see the module docstring); the bytes fetched."""
-    objects = r.listing()
+def pull(
+    r: Remote,
+    *,
+    datasets_only: bool = False,
+    streamed: tuple[str, ...] = (),
+    top_only: bool = False,
+) -> int:
+    """Bring the mirror up to the bucket (see the module docstring); the bytes fetched. The
+    shards of dataset folders under the ``streamed`` prefixes stay in the bucket (their manifests
+    come): ``store.open_shard`` reads them in place. ``top_only``: the run's own files only
+    (``rounds.json``, ``timings.json``: what the pipeline itself reads)."""
+    objects = r.objects = r.listing()
+    if top_only:
+        objects = {rel: info for rel, info in objects.items() if "/" not in rel}
     manifests = {}
     for rel, info in objects.items():
         if rel.endswith(_MANIFEST):
@@ -241,7 +253,10 @@ def pull(r: Remote, *, datasets_only: bool = False) -> int:
     fetched = 0
     for rel in plan_pull(objects, manifests):
         info = objects[rel]
-        if datasets_only and _SHARD.match(rel) is None and not rel.endswith(_MANIFEST):
+        shard = _SHARD.match(rel) is not None
+        if datasets_only and not shard and not rel.endswith(_MANIFEST):
+            continue
+        if shard and rel.startswith(streamed) and not (r.mirror / rel).is_file():
             continue
         if not r._fresh(rel, info.size, str(info.mtime)):
             r.download(rel, info)
@@ -454,6 +469,16 @@ def _published(path: Path) -> None:
             return
 
 
+def _streamed(path: Path) -> tuple[int, Any] | None:
+    """store hook: (size, random-access file) of the object behind a shard the mirror lacks."""
+    for r, _ in reversed(_ACTIVE):
+        rel = r.rel(path)
+        if rel is not None:
+            info = r.objects.get(rel)
+            return None if info is None else (info.size, r.fs.open_input_file(r.key(rel)))
+    return None
+
+
 def _refresh(directory: Path) -> None:
     """store hook, before a commit checks that every shard exists: fetch the shards other
     workers (other machines) published into this dataset folder."""
@@ -477,23 +502,28 @@ def stage_session(cfg: Any, stage: str) -> Iterator[None]:
     from stages.lib import store
 
     r = open_remote(cfg.run_dir)
-    name = lease_name(cfg, stage)
+    # under torchrun only global rank 0 writes the run: it holds the lease and publishes
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    name = lease_name(cfg, stage) if rank0 else None
     lease = Lease(r, name, lease_seconds()) if name else None
     if lease is not None:
         lease.acquire()
     _ACTIVE.append((r, lease))
-    store.HOOKS.published, store.HOOKS.refresh = _published, _refresh
+    hooks = store.HOOKS
+    hooks.refresh, hooks.streamed = _refresh, _streamed
+    hooks.published = _published if rank0 else None
     try:
-        n = pull(r)
+        streamed = ("selected/",) if stage == "train" else ()
+        n = pull(r, streamed=streamed, top_only=stage == "pipeline")
         print(f"[{stage}] mirror of {r.uri} at {r.mirror} ({n / 1e6:.1f} MB fetched)", flush=True)
         yield
     finally:
         try:  # the pipeline's own files (timings, rounds) are published as they are written
-            if stage != "pipeline" and not (lease is not None and lease.lost.is_set()):
+            if stage != "pipeline" and rank0 and not (lease and lease.lost.is_set()):
                 publish_changed(r)
         finally:
             _ACTIVE.pop()
             if not _ACTIVE:
-                store.HOOKS.published = store.HOOKS.refresh = None
+                hooks.published = hooks.refresh = hooks.streamed = None
             if lease is not None:
                 lease.release()

@@ -59,9 +59,29 @@ class Hooks:
 
     published: Callable[[Path], None] | None = None  # a file was just committed under its name
     refresh: Callable[[Path], None] | None = None  # before a commit checks that all shards exist
+    # a shard the mirror does not hold, read in place: (size, open random-access file) or None
+    streamed: Callable[[Path], tuple[int, Any] | None] | None = None
 
 
 HOOKS = Hooks()
+
+
+def open_shard(path: Path) -> pq.ParquetFile:
+    """A shard's Parquet file: the local file, or (object storage) the object itself, read by
+    byte ranges (footer, then the column chunks of each row group asked for)."""
+    if HOOKS.streamed is not None and not path.exists():
+        found = HOOKS.streamed(path)
+        if found is not None:
+            return pq.ParquetFile(found[1])
+    return pq.ParquetFile(path)
+
+
+def _shard_size(path: Path) -> int | None:
+    """Bytes of a shard file (or of the object streamed in its place); None if there is none."""
+    if path.is_file():
+        return path.stat().st_size
+    found = HOOKS.streamed(path) if HOOKS.streamed is not None else None
+    return None if found is None else found[0]
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -504,11 +524,14 @@ def _check_shard(
 ) -> None:
     """One manifest shard entry against its file: presence, size, sha256, footer id and rows."""
     p = directory / s["path"]
-    if s["path"] != _plain_relpath(s["path"]) or not p.is_file():
+    size = _shard_size(p) if s["path"] == _plain_relpath(s["path"]) else None
+    if size is None:
         raise UserError(
             f"shard listed in the manifest is missing: {s['path']}", where, f"restore it or {fix}"
         )
-    if p.stat().st_size != s["bytes"] or (checksums and file_sha256(p) != s["sha256"]):
+    # (a streamed shard is checked by size, footer and rows: its sha256 would read it all)
+    checksums = checksums and p.is_file()
+    if size != s["bytes"] or (checksums and file_sha256(p) != s["sha256"]):
         raise UserError(
             f"shard {s['path']} does not match its manifest checksum (modified, truncated or "
             "from another run)",
@@ -516,7 +539,7 @@ def _check_shard(
             fix,
         )
     try:
-        pf = pq.ParquetFile(p)
+        pf = open_shard(p)
         meta, rows = dict(pf.schema_arrow.metadata or {}), pf.metadata.num_rows
     except (pa.ArrowInvalid, OSError) as e:
         raise UserError(f"corrupt or truncated Parquet shard ({e})", str(p), fix) from None
@@ -595,7 +618,7 @@ def row_group_units(directory: str | Path, m: dict) -> list[tuple[int, int, int]
     """All (shard, row_group, rows) of a committed dataset, in storage order."""
     units = []
     for i, p in enumerate(shard_paths(directory, m)):
-        md = pq.ParquetFile(p).metadata
+        md = open_shard(p).metadata
         units += [(i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
     return units
 
@@ -645,7 +668,7 @@ def stream(
         while index < len(mine):
             shard, group, _ = mine[index]
             if shard not in files:
-                files[shard] = pq.ParquetFile(paths[shard])
+                files[shard] = open_shard(paths[shard])
             tbl = files[shard].read_row_group(group, columns=_physical(table, columns))
             if table is not None:  # decode a stored codec layout to the logical columns
                 tbl = _decoded(table, tbl)
