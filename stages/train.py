@@ -842,6 +842,7 @@ def _write_checkpoint(job: Job, trainer: Trainer, payload: dict, tmp: Path, merg
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    tmp.mkdir(parents=True, exist_ok=True)  # a node without a shared filesystem (object storage)
     model = unwrap(trainer.wrapped)
     sd = None
     if job.fsdp:  # every rank takes part in gathering the full state dict
@@ -890,6 +891,8 @@ def save_checkpoint(
         if STEP_DIR.match(path.name):
             prune_steps(job.ckpt_root, job.cfg.train.keep_last)
     job.dist.barrier()
+    if store.HOOKS.checkpoint is not None:  # object storage: every node publishes its part
+        store.HOOKS.checkpoint(tmp, path, job.dist)
 
 
 def prune_steps(root: Path, keep_last: int | None) -> None:

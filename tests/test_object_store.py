@@ -245,3 +245,48 @@ def test_trainer_streams_the_selection_from_the_bucket(s3, ov, local_ref, tmp_pa
     assert "pipe/run/checkpoints/streamed/final/config.json" in objects(s3, "pipe/run/checkpoints/")
     ref_cfg = compose("pipeline", ov(local_ref, STAGES))
     assert losses(uri, "streamed") == pytest.approx(losses(local_ref, ref_cfg.train.name), rel=1e-6)
+
+
+def torchrun_node(node_rank: int, port: int, overrides: list[str], mirror: Path):
+    """One torchrun "node" (its own process group launcher and its own mirror)."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+        f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=object-store-test", "-m", "stages.train", *overrides,
+    ]  # fmt: skip
+    env = h.stage_env(**{remote.ENV_MIRROR: str(mirror)})
+    return subprocess.Popen(
+        cmd, cwd=h.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_two_torchrun_nodes_train_from_the_bucket(s3, ov, tmp_path, monkeypatch):
+    """Two "nodes" (torchrun --nnodes=2, gloo, c10d rendezvous) train one run from the bucket,
+    each with an empty mirror: every rank streams its own row groups, rank 0 publishes."""
+    uri = f"s3://{BUCKET}/pipe/run"
+    if not objects(s3, "pipe/run/selected/"):
+        pytest.skip("needs test_pipeline_on_s3_gives_the_rows_of_a_local_run first")
+    args = ov(uri, "train.name=two_nodes", "train.max_steps=2", *SMALL_GROUPS)
+    port = _free_port()
+    # node 0 first: its agent binds the rendezvous endpoint and hosts the c10d store, as the
+    # host named by --rdzv_endpoint does on a cluster (it outlives the other node: rank 0
+    # publishes last)
+    nodes = [torchrun_node(0, port, args, tmp_path / "node0")]
+    time.sleep(3)
+    nodes.append(torchrun_node(1, port, args, tmp_path / "node1"))
+    results = [h.wait_stage(p, timeout=400) for p in nodes]
+    for i, r in enumerate(results):
+        assert r.rc == 0, f"node {i}: {r.describe()}"
+    keys = objects(s3, "pipe/run/")
+    assert "pipe/run/checkpoints/two_nodes/final/config.json" in keys
+    assert "pipe/run/train/two_nodes/metrics.jsonl" in keys
+    assert not any(k.startswith("pipe/run/_leases/") for k in keys)
+    for i in (0, 1):  # the selection was streamed, not downloaded, on both nodes
+        sel = tmp_path / f"node{i}" / "s3" / BUCKET / "pipe/run/selected/entropy_half"
+        assert (sel / "_manifest.json").is_file() and not list(sel.rglob("*.parquet"))
+    machine(monkeypatch, tmp_path, "check")
+    remote.pull(remote.open_remote(uri))
+    assert len(losses(uri, "two_nodes")) == 2

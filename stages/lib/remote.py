@@ -36,6 +36,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -479,6 +480,42 @@ def _streamed(path: Path) -> tuple[int, Any] | None:
     return None
 
 
+def _checkpoint(tmp: Path, path: Path, dist: Any) -> None:
+    """store hook, after the trainer renamed a checkpoint into place (every rank calls it).
+
+    On a node that does not share rank 0's mirror, a rank's own trainer state is still in the
+    temp folder: it moves into place there. Every rank > 0 uploads its own state files, then
+    rank 0 uploads the checkpoint with ``trainer_state.json`` (what marks it complete) last and
+    drops the step folders it pruned from the bucket."""
+    for r, _ in reversed(_ACTIVE):
+        if r.rel(path) is not None:
+            break
+    else:
+        return
+    if not dist.main:
+        if tmp.is_dir():  # rank 0 renamed its own temp folder on another machine
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        for p in sorted(path.glob(f"trainer_state.rank{dist.rank}.*")):
+            r.upload(p)
+    dist.barrier()
+    if dist.main:
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file()),
+            key=lambda p: p.name == "trainer_state.json",
+        )
+        for p in files:
+            r.upload(p)
+        for rel in {
+            k.rsplit("/", 1)[0] for k in r.listing() if k.startswith(f"{r.rel(path.parent)}/step-")
+        }:
+            if not (r.mirror / rel).exists():  # pruned here: prune it there
+                r.fs.delete_dir_contents(r.key(rel), missing_dir_ok=True)
+        r.save_index()
+    dist.barrier()
+
+
 def _refresh(directory: Path) -> None:
     """store hook, before a commit checks that every shard exists: fetch the shards other
     workers (other machines) published into this dataset folder."""
@@ -510,7 +547,7 @@ def stage_session(cfg: Any, stage: str) -> Iterator[None]:
         lease.acquire()
     _ACTIVE.append((r, lease))
     hooks = store.HOOKS
-    hooks.refresh, hooks.streamed = _refresh, _streamed
+    hooks.refresh, hooks.streamed, hooks.checkpoint = _refresh, _streamed, _checkpoint
     hooks.published = _published if rank0 else None
     try:
         streamed = ("selected/",) if stage == "train" else ()
@@ -524,6 +561,6 @@ def stage_session(cfg: Any, stage: str) -> Iterator[None]:
         finally:
             _ACTIVE.pop()
             if not _ACTIVE:
-                hooks.published = hooks.refresh = hooks.streamed = None
+                hooks.published = hooks.refresh = hooks.streamed = hooks.checkpoint = None
             if lease is not None:
                 lease.release()

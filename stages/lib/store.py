@@ -61,6 +61,8 @@ class Hooks:
     refresh: Callable[[Path], None] | None = None  # before a commit checks that all shards exist
     # a shard the mirror does not hold, read in place: (size, open random-access file) or None
     streamed: Callable[[Path], tuple[int, Any] | None] | None = None
+    # the trainer renamed a checkpoint into place: (temp folder, folder, its Dist)
+    checkpoint: Callable[[Path, Path, Any], None] | None = None
 
 
 HOOKS = Hooks()
