@@ -531,6 +531,20 @@ def _refresh(directory: Path) -> None:
 
 
 @contextlib.contextmanager
+def streaming(r: Remote) -> Iterator[None]:
+    """Read the shards a pull left in the bucket in place (``store.open_shard``), read-only."""
+    from stages.lib import store
+
+    _ACTIVE.append((r, None))
+    old, store.HOOKS.streamed = store.HOOKS.streamed, _streamed
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+        store.HOOKS.streamed = old
+
+
+@contextlib.contextmanager
 def stage_session(cfg: Any, stage: str) -> Iterator[None]:
     """Run a stage against the mirror of a remote ``cfg.run_dir``; nothing for a local one."""
     if not is_remote(cfg.run_dir):
