@@ -487,11 +487,13 @@ def _checkpoint(tmp: Path, path: Path, dist: Any) -> None:
     temp folder: it moves into place there. Every rank > 0 uploads its own state files, then
     rank 0 uploads the checkpoint with ``trainer_state.json`` (what marks it complete) last and
     drops the step folders it pruned from the bucket."""
-    for r, _ in reversed(_ACTIVE):
+    for r, lease in reversed(_ACTIVE):
         if r.rel(path) is not None:
             break
     else:
         return
+    if lease is not None:
+        lease.check()
     if not dist.main:
         if tmp.is_dir():  # rank 0 renamed its own temp folder on another machine
             if path.exists():
