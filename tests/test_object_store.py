@@ -290,3 +290,31 @@ def test_two_torchrun_nodes_train_from_the_bucket(s3, ov, tmp_path, monkeypatch)
     machine(monkeypatch, tmp_path, "check")
     remote.pull(remote.open_remote(uri))
     assert len(losses(uri, "two_nodes")) == 2
+
+
+def test_uris_and_what_a_pull_takes(tmp_path, monkeypatch):
+    """file:// is the local folder; a mirror is a function of the URI; a pull takes the
+    manifest's shards and not a stray one, and every published shard of an uncommitted folder."""
+    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path))
+    assert RunLayout.of("file:///data/run").root == Path("/data/run")
+    assert RunLayout.of(f"s3://{BUCKET}/a/run/").root == tmp_path / "s3" / BUCKET / "a/run"
+    assert RunLayout.round_dir("s3://b/run", 2) == "s3://b/run/round2"
+    assert RunLayout.round_dir("runs/x", 2) == "runs/x/round2"
+    with pytest.raises(UserError):
+        remote.mirror_of("s3://b/../etc")
+    objs = dict.fromkeys(
+        [
+            "rollouts/_manifest.json",
+            "rollouts/bucket=000/shard-00000.parquet",
+            "rollouts/bucket=000/shard-00001.parquet",  # stray: not in the manifest
+            "tokens/bucket=000/shard-00000.parquet",  # no manifest yet: a resumed writer's
+            "checkpoints/x/final/config.json",
+        ]
+    )
+    mans = {"rollouts": {"shards": [{"path": "bucket=000/shard-00000.parquet"}]}}
+    assert remote.plan_pull(objs, mans) == [
+        "rollouts/_manifest.json",
+        "rollouts/bucket=000/shard-00000.parquet",
+        "tokens/bucket=000/shard-00000.parquet",
+        "checkpoints/x/final/config.json",
+    ]
