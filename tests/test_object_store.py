@@ -269,7 +269,8 @@ def test_two_torchrun_nodes_train_from_the_bucket(s3, ov, tmp_path, monkeypatch)
     uri = f"s3://{BUCKET}/pipe/run"
     if not objects(s3, "pipe/run/selected/"):
         pytest.skip("needs test_pipeline_on_s3_gives_the_rows_of_a_local_run first")
-    args = ov(uri, "train.name=two_nodes", "train.max_steps=2", *SMALL_GROUPS)
+    extra = ("train.name=two_nodes", "train.max_steps=3", "train.keep_last=1")
+    args = ov(uri, *extra, "train.micro_batch_tokens=40", *SMALL_GROUPS)
     port = _free_port()
     # node 0 first: its agent binds the rendezvous endpoint and hosts the c10d store, as the
     # host named by --rdzv_endpoint does on a cluster (it outlives the other node: rank 0
@@ -281,7 +282,11 @@ def test_two_torchrun_nodes_train_from_the_bucket(s3, ov, tmp_path, monkeypatch)
     for i, r in enumerate(results):
         assert r.rc == 0, f"node {i}: {r.describe()}"
     keys = objects(s3, "pipe/run/")
-    assert "pipe/run/checkpoints/two_nodes/final/config.json" in keys
+    ck = "pipe/run/checkpoints/two_nodes"
+    assert f"{ck}/final/config.json" in keys
+    for state in ("trainer_state.json", "trainer_state.rank1.json"):  # node 1 published its own
+        assert f"{ck}/step-000002/{state}" in keys and f"{ck}/final/{state}" in keys
+    assert not any(k.startswith(f"{ck}/step-000001/") for k in keys)  # pruned there too
     assert "pipe/run/train/two_nodes/metrics.jsonl" in keys
     assert not any(k.startswith("pipe/run/_leases/") for k in keys)
     for i in (0, 1):  # the selection was streamed, not downloaded, on both nodes
@@ -289,7 +294,13 @@ def test_two_torchrun_nodes_train_from_the_bucket(s3, ov, tmp_path, monkeypatch)
         assert (sel / "_manifest.json").is_file() and not list(sel.rglob("*.parquet"))
     machine(monkeypatch, tmp_path, "check")
     remote.pull(remote.open_remote(uri))
-    assert len(losses(uri, "two_nodes")) == 2
+    assert len(losses(uri, "two_nodes")) == 3
+
+
+def test_a_missing_bucket_is_one_line(s3, tmp_path, monkeypatch):
+    machine(monkeypatch, tmp_path, "x")
+    with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
+        remote.open_remote("s3://no-such-bucket/run")
 
 
 def test_uris_and_what_a_pull_takes(tmp_path, monkeypatch):

@@ -200,10 +200,31 @@ def open_remote(uri: str) -> Remote:
             "check the URI and the credentials (AWS_* / GOOGLE_* variables, AWS_ENDPOINT_URL)",
         ) from None
     r = Remote(uri=uri, fs=fs, base=base.rstrip("/"), mirror=mirror_of(uri))
+    _check_bucket(r)
     r.mirror.mkdir(parents=True, exist_ok=True)
     r.load_index()
     _REMOTES[key] = r
     return r
+
+
+def _check_bucket(r: Remote) -> None:
+    """The bucket exists and answers (credentials, endpoint): else one UserError, before any
+    stage work."""
+    import pyarrow.fs as pafs
+
+    bucket = r.base.split("/", 1)[0]
+    try:
+        info = r.fs.get_file_info(bucket)
+    except OSError as e:
+        raise UserError(
+            f"cannot reach {r.uri} ({' '.join(str(e).split())[:200]})",
+            "run_dir",
+            "check the credentials and the endpoint (AWS_* variables, AWS_ENDPOINT_URL)",
+        ) from None
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(
+            f"bucket {bucket!r} does not exist", "run_dir", "create the bucket or fix run_dir"
+        )
 
 
 # ----------------------------------------------------------------------------- pull
@@ -460,24 +481,27 @@ def _precondition(e: Any) -> bool:
 _ACTIVE: list[tuple[Remote, Lease | None]] = []  # innermost last
 
 
+def _owner(path: Path) -> tuple[Remote, Lease | None] | None:
+    """The innermost active session whose mirror holds ``path`` (a round's inside the run's)."""
+    return next(((r, ls) for r, ls in reversed(_ACTIVE) if r.rel(path) is not None), None)
+
+
 def _published(path: Path) -> None:
     """store hook: a file was just committed under its final name in some mirror."""
-    for r, lease in reversed(_ACTIVE):
-        if r.rel(path) is not None:
-            if lease is not None:
-                lease.check()
-            r.upload(Path(path))
-            return
+    if (found := _owner(path)) is not None:
+        r, lease = found
+        if lease is not None:
+            lease.check()
+        r.upload(Path(path))
 
 
 def _streamed(path: Path) -> tuple[int, Any] | None:
     """store hook: (size, random-access file) of the object behind a shard the mirror lacks."""
-    for r, _ in reversed(_ACTIVE):
-        rel = r.rel(path)
-        if rel is not None:
-            info = r.objects.get(rel)
-            return None if info is None else (info.size, r.fs.open_input_file(r.key(rel)))
-    return None
+    if (found := _owner(path)) is None:
+        return None
+    r, rel = found[0], found[0].rel(path)
+    info = r.objects.get(rel)
+    return None if info is None else (info.size, r.fs.open_input_file(r.key(rel)))
 
 
 def _checkpoint(tmp: Path, path: Path, dist: Any) -> None:
@@ -487,11 +511,9 @@ def _checkpoint(tmp: Path, path: Path, dist: Any) -> None:
     temp folder: it moves into place there. Every rank > 0 uploads its own state files, then
     rank 0 uploads the checkpoint with ``trainer_state.json`` (what marks it complete) last and
     drops the step folders it pruned from the bucket."""
-    for r, lease in reversed(_ACTIVE):
-        if r.rel(path) is not None:
-            break
-    else:
+    if (found := _owner(path)) is None:
         return
+    r, lease = found
     if lease is not None:
         lease.check()
     if not dist.main:
@@ -509,11 +531,11 @@ def _checkpoint(tmp: Path, path: Path, dist: Any) -> None:
         )
         for p in files:
             r.upload(p)
-        for rel in {
-            k.rsplit("/", 1)[0] for k in r.listing() if k.startswith(f"{r.rel(path.parent)}/step-")
-        }:
+        steps = f"{r.rel(path.parent)}/step-"
+        for rel in {k.rsplit("/", 1)[0] for k in r.listing() if k.startswith(steps)}:
             if not (r.mirror / rel).exists():  # pruned here: prune it there
-                r.fs.delete_dir_contents(r.key(rel), missing_dir_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    r.fs.delete_dir(r.key(rel))
         r.save_index()
     dist.barrier()
 
@@ -521,15 +543,13 @@ def _checkpoint(tmp: Path, path: Path, dist: Any) -> None:
 def _refresh(directory: Path) -> None:
     """store hook, before a commit checks that every shard exists: fetch the shards other
     workers (other machines) published into this dataset folder."""
-    for r, _ in reversed(_ACTIVE):
-        rel = r.rel(directory)
-        if rel is None:
-            continue
-        for orel, info in r.listing().items():
-            if orel.startswith(rel + "/") and _SHARD.match(orel):
-                if not r._fresh(orel, info.size, str(info.mtime)):
-                    r.download(orel, info)
+    if (found := _owner(directory)) is None:
         return
+    r, rel = found[0], found[0].rel(directory)
+    for orel, info in r.listing().items():
+        if orel.startswith(rel + "/") and _SHARD.match(orel):
+            if not r._fresh(orel, info.size, str(info.mtime)):
+                r.download(orel, info)
 
 
 @contextlib.contextmanager
