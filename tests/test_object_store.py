@@ -297,6 +297,28 @@ def test_two_torchrun_nodes_train_from_the_bucket(s3, ov, tmp_path, monkeypatch)
     assert len(losses(uri, "two_nodes")) == 3
 
 
+def test_a_lease_taken_over_stops_its_old_holder(s3, tmp_path, monkeypatch):
+    """A holder that stalled past its expiry and was taken over notices at its next renewal
+    and refuses to publish anything more."""
+    machine(monkeypatch, tmp_path, "s")
+    r = remote.open_remote(f"s3://{BUCKET}/stall/run")
+    old = remote.Lease(r, "train-x", 0.6)
+    old.acquire()
+    s3.put_object(  # another writer took the (expired) lease over: a new etag
+        Bucket=BUCKET,
+        Key="stall/run/_leases/train-x.json",
+        Body=json.dumps({"holder": "other", "expires": time.time() + 60}).encode(),
+    )
+    assert old.lost.wait(5)
+    with pytest.raises(UserError, match="lost the lease train-x"):
+        old.check()
+    old.release()  # leaves the other writer's lease alone
+    got = json.loads(
+        s3.get_object(Bucket=BUCKET, Key="stall/run/_leases/train-x.json")["Body"].read()
+    )
+    assert got["holder"] == "other"
+
+
 def test_a_missing_bucket_is_one_line(s3, tmp_path, monkeypatch):
     machine(monkeypatch, tmp_path, "x")
     with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
