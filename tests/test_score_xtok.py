@@ -134,7 +134,9 @@ def write_run(run_dir: Path, student: Path, responses: list[list[int]]) -> Path:
         vocab_size=len(tok),
     ) as w:  # fmt: skip
         for s in range(0, len(rows), 4):
-            w.write_shard(s // 4, pa.Table.from_pylist(rows[s : s + 4], schema=rollouts_table.SCHEMA))
+            w.write_shard(
+                s // 4, pa.Table.from_pylist(rows[s : s + 4], schema=rollouts_table.SCHEMA)
+            )
         assert w.commit(
             (len(rows) + 3) // 4,
             config={},
@@ -244,7 +246,9 @@ def test_refused_responses_are_counted_and_marked(tmp_path, pair):
     prompts = write_run(tmp_path, student, responses)
     score(tmp_path, student, teacher, prompts, "score.cross_tokenizer=align")
     t = tokens_of(tmp_path)
-    chunk = dict(zip(zip(t["sample_id"].to_pylist(), t["pos"].to_pylist()), t["xtok_chunk"].to_pylist()))
+    chunk = dict(
+        zip(zip(t["sample_id"].to_pylist(), t["pos"].to_pylist()), t["xtok_chunk"].to_pylist())
+    )
     assert {chunk[("s001", p)] for p in range(3)} == {-1}
     assert {chunk[("s002", p)] for p in range(3)} == {-2}
     assert chunk[("s000", 1)] == 1 and chunk[("s003", 2)] == 2
@@ -327,7 +331,9 @@ def test_hand_built_splits_through_the_stage(tmp_path):
 
     cfg = compose("score", [f"student.path={student}"])
     row = ps.read(str(prompts)).to_pylist()[0]
-    t_prefix = chat.Renderer.of(cfg.rollout, s_tok, t_tok).teacher_ids(chat.turns(row, False)[0], row)
+    t_prefix = chat.Renderer.of(cfg.rollout, s_tok, t_tok).teacher_ids(
+        chat.turns(row, False)[0], row
+    )
     lsm = _dense(str(teacher), tuple(t_prefix + t_resp))  # [L, V_T]
     tok_lp = [lsm[len(t_prefix) - 1 + j, t] for j, t in enumerate(t_resp)]  # per teacher token
     hand = [tok_lp[0], tok_lp[1] + tok_lp[2], tok_lp[3], tok_lp[4]]  # per chunk
@@ -349,3 +355,116 @@ def test_hand_built_splits_through_the_stage(tmp_path):
     assert ids2[: mk[2]] == mapped[: mk[2]]
     probs = np.array(t["xtok_sorted_probs"][2].as_py())
     np.testing.assert_allclose(probs, np.exp(lsm[j, top]), atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- select and train
+def _hand_pair(root: Path):
+    """A WordPiece student/teacher pair with splits on both sides (the hand-built case)."""
+    base = SPECIALS + [w for w in WORDS if w not in ("w12", "w34")] + ["##2", "##4"]
+    s_tok = word_tokenizer({t: i for i, t in enumerate(base + ["w34"])}, wordpiece=True)
+    t_tok = word_tokenizer({t: i for i, t in enumerate(["w12"] + base)}, wordpiece=True)
+    return save_lm(root / "student", s_tok, seed=0), save_lm(root / "teacher", t_tok, seed=1)
+
+
+def test_select_and_train_see_the_alignment(tmp_path):
+    from stages import select as select_stage
+    from stages import train as train_stage
+    from data_schemas import selected
+
+    student, teacher = _hand_pair(tmp_path)
+    tok = models.load_tokenizer(str(student))
+    w = lambda s: ids_of(tok, s)  # noqa: E731
+    responses = [
+        w("w12 w34 w5 w12") + [tok.eos_token_id],
+        w("w3 ."),  # refused (round trip)
+        w("w34 w34 w7 w8 w12"),
+        w("w9 w12 w1") + [tok.eos_token_id],
+    ]
+    run_dir = tmp_path / "run"
+    prompts = write_run(run_dir, student, responses)
+    score(run_dir, student, teacher, prompts, "score.cross_tokenizer=align", "score.topk=4")
+    sel = compose("select", [f"run_dir={run_dir}", "select=xtok_mapped",
+                             "select.rules.0.params.min_frac=0.0"])  # fmt: skip
+    res = select_stage.run(sel)
+    rows = {r["sample_id"]: r for r in store.read_table(Path(res["dir"]), selected).to_pylist()}
+    assert rows["s001"]["weights"] == [0.0, 0.0] and rows["s001"]["xtok_chunk"] == [-1, -1]
+    assert rows["s000"]["xtok_chunk"] == [0, 0, 1, 2, 3, 3, 4]
+    assert all(x == 1.0 for x in rows["s000"]["weights"])  # min_frac 0: every scored chunk
+    assert len(rows["s000"]["xtok_sorted_probs"]) == 7 * 4
+    # a threshold drops chunks whole: equal chunk ids, equal weights
+    sel = compose("select", [f"run_dir={run_dir}", "select=xtok_mapped", "select.name=strict",
+                             "select.rules.0.params.min_frac=0.9"])  # fmt: skip
+    rows2 = store.read_table(Path(select_stage.run(sel)["dir"]), selected).to_pylist()
+    for r in rows2:
+        by_chunk: dict[int, set] = {}
+        for c, x in zip(r["xtok_chunk"], r["weights"], strict=True):
+            by_chunk.setdefault(c, set()).add(x)
+        assert all(len(v) == 1 for v in by_chunk.values())
+    for loss in ("chunk_opd", "mapped_topk_fkl", "uld"):
+        cfg = compose("train", [
+            f"run_dir={run_dir}", f"student.path={student}", f"loss={loss}", "train.shuffle=false",
+            "train.trackers=[]", "train.selection=xtok_mapped", f"train.name={loss}",
+            "train.chunk_positions=3", "train.max_steps=2", "train.micro_batch_tokens=64",
+        ])  # fmt: skip
+        out = train_stage.run(cfg)
+        assert out["steps"] >= 1 and np.isfinite(out["history"]).all(), loss
+        assert out["history"][0] != 0.0 and not out["skipped"], loss
+        extra = {
+            "chunk_opd": "chunk_opd/chunk_reward",
+            "mapped_topk_fkl": "mapped_topk_fkl/mapped_mass",
+        }
+        assert np.isfinite(out["metrics"][extra.get(loss, "loss")]), loss
+
+
+def test_loss_splits_keep_chunks_whole():
+    from stages.train import loss_splits
+
+    assert loss_splits(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    keys = torch.tensor([0, 0, 1, 1, 1, 1, 1, 2, 3, 3])
+    parts = loss_splits(10, 3, keys)
+    assert parts[0][0] == 0 and parts[-1][1] == 10
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    for s, e in parts:
+        assert e == 10 or keys[e] != keys[e - 1]  # never inside a chunk
+    assert (2, 7) in parts  # a chunk longer than the range stays whole
+
+
+def test_chunk_opd_over_loss_splits_equals_one_call():
+    from stages.lib.losses import chunk_opd
+    from stages.train import loss_splits
+
+    g = torch.Generator().manual_seed(0)
+    n, v = 12, 9
+    logits = torch.randn(n, v, generator=g)
+    keys = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 6, 6])
+    batch = {
+        "token_id": torch.randint(0, v, (n,), generator=g),
+        "chunk_index": keys,
+        "teacher_chunk_logprob": -torch.rand(n, generator=g) * 3,
+        "behavior_logprob": -torch.rand(n, generator=g),
+        "teacher_logprob": -torch.rand(n, generator=g),
+    }
+    whole, _ = chunk_opd(logits, batch)
+    parts = sum(
+        chunk_opd(logits[s:e], {k: x[s:e] for k, x in batch.items()})[0]
+        for s, e in loss_splits(n, 4, keys)
+    )
+    torch.testing.assert_close(parts, whole)
+
+
+def test_loader_builds_the_xtok_loss_inputs():
+    from stages.lib.loader import xtok_batch
+
+    seqs = [
+        {"xtok_chunk": np.array([0, 0, 1]), "xtok_mapped_k": np.array([2, 0, 1]),
+         "xtok_chunk_logprob": np.array([-1.0, -1.0, -0.5]),
+         "xtok_sorted_probs": np.arange(6, dtype=np.float32) / 10},
+        {"xtok_chunk": np.array([-1, -1]), "xtok_mapped_k": np.array([0, 0]),
+         "xtok_chunk_logprob": np.zeros(2), "xtok_sorted_probs": np.zeros(4, np.float32)},
+    ]  # fmt: skip
+    ids = torch.arange(10).reshape(5, 2)
+    out = xtok_batch(seqs, {"teacher_topk_ids": ids, "teacher_topk_logprobs": -torch.ones(5, 2)}, 2)
+    c = out["chunk_index"].tolist()
+    assert c[0] == c[1] != c[2] and len(set(c)) == 4  # refused tokens: chunks of their own
+    assert out["teacher_mapped_ids"].tolist() == [[0, 1], [-1, -1], [4, -1], [-1, -1], [-1, -1]]
+    assert out["teacher_sorted_probs"].shape == (5, 2)
