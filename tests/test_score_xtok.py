@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 from pathlib import Path
 
@@ -49,7 +48,8 @@ def _one_thread():
 # ----------------------------------------------------------------------------- builders
 def word_tokenizer(vocab: dict[str, int], wordpiece: bool = False):
     """A whitespace tokenizer over ``vocab`` (token -> id), BOS added, WordPiece decoder."""
-    from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers import models as tk_models
     from transformers import PreTrainedTokenizerFast
 
     model = (
@@ -367,9 +367,9 @@ def _hand_pair(root: Path):
 
 
 def test_select_and_train_see_the_alignment(tmp_path):
+    from data_schemas import selected
     from stages import select as select_stage
     from stages import train as train_stage
-    from data_schemas import selected
 
     student, teacher = _hand_pair(tmp_path)
     tok = models.load_tokenizer(str(student))
@@ -424,7 +424,7 @@ def test_loss_splits_keep_chunks_whole():
     parts = loss_splits(10, 3, keys)
     assert parts[0][0] == 0 and parts[-1][1] == 10
     assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
-    for s, e in parts:
+    for _s, e in parts:
         assert e == 10 or keys[e] != keys[e - 1]  # never inside a chunk
     assert (2, 7) in parts  # a chunk longer than the range stays whole
 
