@@ -468,3 +468,24 @@ def test_loader_builds_the_xtok_loss_inputs():
     assert c[0] == c[1] != c[2] and len(set(c)) == 4  # refused tokens: chunks of their own
     assert out["teacher_mapped_ids"].tolist() == [[0, 1], [-1, -1], [4, -1], [-1, -1], [-1, -1]]
     assert out["teacher_sorted_probs"].shape == (5, 2)
+
+
+def test_rollout_then_score_with_a_teacher_of_another_tokenizer(tmp_path, pair):
+    """The rollout stage accepts the teacher under align (and refuses it by default); its
+    rollouts score through the aligned path, every rollout counted."""
+    from stages import rollout as rollout_stage
+
+    student, teacher, _ = pair
+    prompts = write_prompts(tmp_path / "prompts.parquet", n=4)
+    common = [
+        f"run_dir={tmp_path / 'run'}", f"student.path={student}", f"teacher.path={teacher}",
+        f"data.prompts={prompts}", "rollout.backend=hf", "rollout.max_new_tokens=6",
+        "rollout.guided_fraction=0.5",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="tokenizers differ"):
+        rollout_stage.run(compose("rollout", common))
+    rollout_stage.run(compose("rollout", [*common, "score.cross_tokenizer=align"]))
+    out = run(compose("score", [*common, "score.backend=hf", "score.cross_tokenizer=align"]))
+    assert out["committed"]
+    x = manifest.read(tmp_path / "run" / "tokens")["extra"]["cross_tokenizer"]
+    assert x["rows"] == 8 and x["rows"] >= x["refused_rows"]  # rollout.n = 2 per prompt
