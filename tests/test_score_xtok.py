@@ -489,3 +489,18 @@ def test_rollout_then_score_with_a_teacher_of_another_tokenizer(tmp_path, pair):
     assert out["committed"]
     x = manifest.read(tmp_path / "run" / "tokens")["extra"]["cross_tokenizer"]
     assert x["rows"] == 8 and x["rows"] >= x["refused_rows"]  # rollout.n = 2 per prompt
+
+
+def test_eval_skips_the_kl_to_a_teacher_of_another_tokenizer(tmp_path, pair):
+    from stages import eval as eval_stage
+
+    student, teacher, _ = pair
+    p = write_prompts(tmp_path / "ev.parquet", n=4)
+    ov = [
+        f"run_dir={tmp_path / 'run'}", f"student.path={student}", f"teacher.path={teacher}",
+        f"+data.eval_sets={{a: {p}}}", "eval.max_new_tokens=3", "eval.kl_prompts=2",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="tokenizers differ"):
+        eval_stage.run(compose("eval", ov))
+    res = eval_stage.run(compose("eval", [*ov, "score.cross_tokenizer=align"]))
+    assert res["base"]["a"]["n"] == 4 and res["base"].get("rkl_to_teacher") is None
