@@ -76,7 +76,8 @@ XTOK_REFUSED = {
     -2: "special_token",  # a special token inside the response (only a final stop is aligned)
     -3: "no_stop_match",  # a final special token the teacher's vocabulary has no match for
     -4: "empty",  # nothing to score on the teacher's side
-    -5: "no_prefix",  # the teacher's prefix is empty or longer than its context
+    -5: "no_prefix",  # the teacher's prefix is empty
+    -6: "too_long",  # prefix + response, on the teacher's tokenization, exceed its context
 }
 XTOK_FIELDS = [
     pa.field("xtok_chunk", pa.int32(), nullable=True),  # chunk id in the sample; -1 not scored

@@ -860,6 +860,7 @@ def _xtok_teacher(xt: XtokTeacher, rows: list[dict], plan: Plan, sc) -> int:
     """Score one shard's rows with the cross-tokenizer teacher and put each row's aligned result
     in ``plan`` as its teacher pass; returns the number of teacher passes run."""
     k_t = min(sc.topk, xt.scorer.vocab)
+    ctx = models.context_length(xt.scorer.hf_model(xt.role).model)  # loads the teacher once
     preps, jobs = [], {}
     for row in rows:
         prefix = xt.prefixes.get(row["prompt_id"])
@@ -872,21 +873,13 @@ def _xtok_teacher(xt: XtokTeacher, rows: list[dict], plan: Plan, sc) -> int:
         prep = xtok.prepare(xt.vocabs, list(row["response_ids"]))
         if not prep.refused and not prefix:
             prep = xtok.Prepared(refused="no_prefix")
+        if not prep.refused and len(prefix) + len(prep.response) > ctx:
+            prep = xtok.Prepared(refused="too_long")  # on the teacher's tokenization
         preps.append(prep)
         key = (tuple(prefix), tuple(prep.response))
         if not prep.refused and key not in jobs:
             jobs[key] = Job(key, xt.role, list(prefix), prep.response, k_t, sc.entropy)
     if jobs:
-        model = xt.scorer.hf_model(xt.role)
-        longest = max(len(j.prefix) + len(j.response) for j in jobs.values())
-        ctx = models.context_length(model.model)
-        if longest > ctx:
-            raise UserError(
-                f"a teacher sequence has {longest} tokens on its own tokenization, more than "
-                f"its context length {ctx}",
-                f"teacher.path={xt.role.path}",
-                "use a teacher with a longer context or shorter rollouts",
-            )
         xt.scorer.run(list(jobs.values()), {}, stats=True, gather=False, progress=None)
     for i, (row, prep) in enumerate(zip(rows, preps, strict=True)):
         b = plan.jobs[plan.of[i]["behavior"]].result if "behavior" in plan.of[i] else None

@@ -69,14 +69,14 @@ def word_tokenizer(vocab: dict[str, int], wordpiece: bool = False):
     )  # fmt: skip
 
 
-def save_lm(out: Path, tok, seed: int = 0, weights: dict | None = None) -> Path:
+def save_lm(out: Path, tok, seed: int = 0, weights: dict | None = None, ctx: int = 256) -> Path:
     """A tiny Llama for ``tok`` (random, peaked), or with ``weights`` (a state dict)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=256,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=ctx,
         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )  # fmt: skip
@@ -504,3 +504,21 @@ def test_eval_skips_the_kl_to_a_teacher_of_another_tokenizer(tmp_path, pair):
         eval_stage.run(compose("eval", ov))
     res = eval_stage.run(compose("eval", [*ov, "score.cross_tokenizer=align"]))
     assert res["base"]["a"]["n"] == 4 and res["base"].get("rkl_to_teacher") is None
+
+
+def test_a_response_too_long_for_the_teacher_is_refused_not_fatal(tmp_path):
+    """The teacher splits w34 in two: 20 of them fit the student's context but not the teacher's."""
+    base = SPECIALS + [w for w in WORDS if w not in ("w12", "w34")] + ["##2", "##4"]
+    s_tok = word_tokenizer({t: i for i, t in enumerate(base + ["w34"])}, wordpiece=True)
+    t_tok = word_tokenizer({t: i for i, t in enumerate(["w12"] + base)}, wordpiece=True)
+    student = save_lm(tmp_path / "student", s_tok)
+    teacher = save_lm(tmp_path / "teacher", t_tok, seed=1, ctx=48)
+    responses = [ids_of(s_tok, "w5 w6"), ids_of(s_tok, " ".join(["w34"] * 20))]
+    run_dir = tmp_path / "run"
+    prompts = write_run(run_dir, student, responses)
+    score(run_dir, student, teacher, prompts, "score.cross_tokenizer=align", "score.topk=4")
+    t = tokens_of(run_dir)
+    chunk = t["xtok_chunk"].to_pylist()
+    assert chunk[:2] == [0, 1] and set(chunk[2:]) == {-6}
+    x = manifest.read(run_dir / "tokens")["extra"]["cross_tokenizer"]
+    assert x["refused"]["too_long"] == 1 and x["refused_tokens"] == 20
