@@ -522,3 +522,16 @@ def test_a_response_too_long_for_the_teacher_is_refused_not_fatal(tmp_path):
     assert chunk[:2] == [0, 1] and set(chunk[2:]) == {-6}
     x = manifest.read(run_dir / "tokens")["extra"]["cross_tokenizer"]
     assert x["refused"]["too_long"] == 1 and x["refused_tokens"] == 20
+
+
+def test_same_tokenizer_views_show_the_xtok_columns_as_null(tmp_path, pair):
+    """Policies can name the xtok columns on any run: null on a same-tokenizer one."""
+    from stages.lib import views
+    from stages.lib.layout import RunLayout
+
+    student, _, _ = pair
+    prompts = write_run(tmp_path, student, [[5, 6, 7]])
+    score(tmp_path, student, student, prompts)
+    rv = views.open_run(RunLayout.of(tmp_path), datasets=("tokens",))
+    got = rv.con.execute("SELECT count(*), count(xtok_chunk), count(xtok_sorted_probs) FROM tokens")
+    assert got.fetchone() == (3, 0, 0)
