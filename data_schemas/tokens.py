@@ -26,8 +26,9 @@ The ``xtok_*`` columns (cross-tokenizer alignment, ``XTOK_VERSION``; docs/CROSS_
 additive the same way: written only by ``score.cross_tokenizer=align`` for a teacher whose tokenizer
 differs from the student's, absent (null in the views) otherwise. Per student token: ``xtok_chunk``
 (the aligned chunk's id in its sample, 0-based in text order; negative on every token of a
-response the teacher did not score, the reason's code ``XTOK_REFUSED``: selection weight 0), ``xtok_chunk_logprob`` (the
-teacher's log-prob of the whole chunk, GOLD's merged span, on each of its tokens),
+response the teacher did not score, the reason's code in ``XTOK_REFUSED``: selection weight 0),
+``xtok_chunk_logprob`` (the teacher's log-prob of the whole chunk, GOLD's merged span, on each of
+its tokens),
 ``xtok_mapped_k`` (how many leading entries of ``teacher_topk_ids`` are teacher top-K entries
 mapped into student ids by equal token strings; the remaining entries are filler with
 ``XTOK_FILL_LOGPROB``), ``xtok_mapped_frac`` (the mapped share of the teacher's top-K mass, 0 where
