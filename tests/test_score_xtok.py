@@ -535,3 +535,29 @@ def test_same_tokenizer_views_show_the_xtok_columns_as_null(tmp_path, pair):
     rv = views.open_run(RunLayout.of(tmp_path), datasets=("tokens",))
     got = rv.con.execute("SELECT count(*), count(xtok_chunk), count(xtok_sorted_probs) FROM tokens")
     assert got.fetchone() == (3, 0, 0)
+
+
+@pytest.mark.parametrize("k_t, k", [(6, 6), (8, 5), (3, 6)])
+def test_mapped_topk_against_a_loop(k_t, k):
+    """The vectorised mapping: mapped entries first in the teacher's order, then the lowest
+    student ids not in the row, at the filler log-prob; distinct ids in every row."""
+    from stages.lib import xtok
+
+    rng = np.random.default_rng(k_t * 10 + k)
+    v_t, v_s = 30, 12
+    table = np.where(rng.random(v_t) < 0.5, rng.permutation(v_t) % v_s, -1)
+    table = np.array([t if t not in table[:i] else -1 for i, t in enumerate(table)])  # 1:1
+    v = xtok.Vocabs(None, None, table, {}, frozenset(), v_s)
+    ids = np.stack([rng.permutation(v_t)[:k_t] for _ in range(20)])  # [20, K_T]
+    ids[3] = -1  # a row with nothing comparable
+    lps = -np.sort(rng.random((20, k_t)) * 5, axis=1)
+    got_ids, got_lps, mk = xtok.mapped_topk(v, ids, lps, k)
+    for r in range(20):
+        pairs = [
+            (table[i], lp) for i, lp in zip(ids[r], lps[r], strict=True) if i >= 0 and table[i] >= 0
+        ][:k]
+        want = [i for i, _ in pairs] + [i for i in range(v_s) if i not in [p[0] for p in pairs]]
+        assert got_ids[r].tolist() == want[:k] and mk[r] == len(pairs)
+        np.testing.assert_allclose(got_lps[r, : len(pairs)], [lp for _, lp in pairs], rtol=1e-6)
+        assert (got_lps[r, len(pairs) :] == xtok.FILL).all()
+        assert len(set(got_ids[r].tolist())) == k

@@ -137,30 +137,36 @@ def teacher_prefixes(cfg, rm: dict, s_tok: Any, t_tok: Any, where: str) -> dict[
 
 
 # ----------------------------------------------------------------------------- student columns
-def _fillers(mapped: np.ndarray, k: int, v_s: int) -> np.ndarray:
-    """K - m distinct student ids not among the row's ``mapped`` ids (lowest first)."""
-    taken = set(mapped.tolist())
-    out = [i for i in range(min(v_s, 2 * k + len(taken))) if i not in taken]
-    return np.asarray(out[: k - len(mapped)], dtype=np.int64)
-
-
-def _mapped_topk(
+def mapped_topk(
     v: Vocabs, ids: np.ndarray, lps: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """One teacher top-K row [K_T] in student ids: mapped entries first (in their order), then
-    fillers at FILL up to ``k``; returns (ids [k], log-probs [k], how many are mapped)."""
-    valid = (ids >= 0) & (ids < len(v.table))
-    mapped = np.where(valid, v.table[np.clip(ids, 0, len(v.table) - 1)], -1)  # [K_T]
-    ok = mapped >= 0
-    m_ids, m_lps = mapped[ok][:k], lps[ok][:k]
-    fill = _fillers(m_ids, k, v.s_vocab)
-    out_ids = np.concatenate([m_ids, fill]).astype(np.int32)  # [k]
-    out_lps = np.concatenate([m_lps, np.full(len(fill), FILL)]).astype(np.float32)  # [k]
-    return out_ids, out_lps, len(m_ids)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher top-K rows [m, K_T] in student ids, vectorised: per row the mapped entries first
+    (in the teacher's order), then filler ids (the lowest student ids not in the row) at FILL, up
+    to ``k``. Returns (ids [m, k] int32, log-probs [m, k] float32, mapped count [m])."""
+    m, k_t = ids.shape
+    valid = (ids >= 0) & (ids < len(v.table))  # [m, K_T]
+    mapped = np.where(valid, v.table[np.clip(ids, 0, len(v.table) - 1)], -1)  # [m, K_T]
+    ok = mapped >= 0  # [m, K_T]
+    order = np.argsort(~ok, axis=1, kind="stable")  # [m, K_T] mapped first, order kept
+    m_ids = np.take_along_axis(mapped, order, 1)[:, :k]  # [m, min(K_T, k)]
+    m_lps = np.take_along_axis(lps, order, 1)[:, :k]
+    mk = np.minimum(ok.sum(1), k)  # [m]
+    cand = np.arange(min(v.s_vocab, 2 * k))  # [C] >= k - mk free ids in every row
+    taken = (mapped[:, :, None] == cand[None, None, :]).any(1)  # [m, C]
+    free = cand[np.argsort(taken, axis=1, kind="stable")]  # [m, C] free ids first
+    slot = np.arange(k)[None, :]  # [1, k]
+    pad = np.full((m, max(0, k - m_ids.shape[1])), -1)  # K_T < k: widen
+    head_ids = np.concatenate([m_ids, pad], 1)  # [m, k]
+    head_lps = np.concatenate([m_lps, np.full(pad.shape, FILL)], 1)
+    fill = np.take_along_axis(free, np.clip(slot - mk[:, None], 0, cand.size - 1), 1)  # [m, k]
+    is_head = slot < mk[:, None]  # [m, k]
+    out_ids = np.where(is_head, head_ids, fill).astype(np.int32)
+    out_lps = np.where(is_head, head_lps, FILL).astype(np.float32)
+    return out_ids, out_lps, mk
 
 
 def student_columns(
-    v: Vocabs, prep: Prepared, t: dict[str, np.ndarray], k: int, fallback: np.ndarray
+    v: Vocabs, prep: Prepared, t: dict[str, np.ndarray] | None, k: int, fallback: np.ndarray
 ) -> dict[str, np.ndarray]:
     """The teacher pass result ``t`` (per teacher token) moved onto the student's tokens.
 
@@ -174,52 +180,48 @@ def student_columns(
       (inside a chunk) nothing is mapped: ``xtok_mapped_k = 0``, only fillers;
     - ``entropy``: the teacher's entropy at the chunk's first teacher token.
 
-    ``prep.refused``: every token gets ``xtok_chunk`` = the reason's negative code, ``logprob = fallback`` (the behaviour's
-    log-prob: reward 0), fillers, no entropy; the selection gives these tokens weight 0.
+    ``prep.refused``: every token gets ``xtok_chunk`` = the reason's negative code,
+    ``logprob = fallback`` (the behaviour's log-prob: reward 0), fillers, no entropy; the
+    selection gives these tokens weight 0.
     """
     n = len(fallback)
     if prep.refused:
-        ids = np.stack([_fillers(np.zeros(0, np.int64), k, v.s_vocab)] * n).astype(np.int32)
-        lps = np.full((n, k), FILL, np.float32)
+        ids, lps, _ = mapped_topk(v, np.full((n, 1), -1), np.zeros((n, 1)), k)
         return _columns(
             np.asarray(fallback, np.float32), ids, lps, np.full(n, np.nan, np.float32), n, k
         ) | {"xtok_chunk": np.full(n, CODE[prep.refused], np.int32)}
     ch = prep.chunks
-    t_chunk = np.asarray(ch.teacher_chunk)  # [n_t]
     s_chunk = np.asarray(ch.student_chunk)  # [n]
     c_lp = np.zeros(len(ch.spans), np.float64)  # [C]
-    np.add.at(c_lp, t_chunk, t["logprob"].astype(np.float64))
+    np.add.at(c_lp, np.asarray(ch.teacher_chunk), t["logprob"].astype(np.float64))
     n_s = np.bincount(s_chunk, minlength=len(ch.spans))  # [C] student tokens per chunk
-    first_t = np.asarray([a for a, _ in ch.teacher_range])  # [C]
-    ids = np.empty((n, k), np.int32)
-    lps = np.empty((n, k), np.float32)
-    mk = np.zeros(n, np.int16)
-    frac = np.zeros(n, np.float32)
+    first_t = np.asarray([a for a, _ in ch.teacher_range])[s_chunk]  # [n] teacher row
+    rows = np.asarray(align.teacher_rows(ch))  # [n] comparable teacher row, -1 inside a chunk
+    at = rows >= 0
+    t_ids = np.where(at[:, None], t["topk_ids"][np.maximum(rows, 0)], -1)  # [n, K_T]
+    t_lps = t["topk_logprobs"][np.maximum(rows, 0)].astype(np.float64)  # [n, K_T]
+    ids, lps, mk = mapped_topk(v, t_ids, t_lps, k)
+    p = np.where(at[:, None], np.exp(t_lps), 0.0)  # [n, K_T] teacher top-K probabilities
+    mass = np.where(np.arange(k)[None, :] < mk[:, None], np.exp(lps.astype(np.float64)), 0.0)
+    frac = mass.sum(1) / np.maximum(p.sum(1), 1e-300)  # [n]
     probs = np.zeros((n, k), np.float32)
-    k_t = t["topk_ids"].shape[1]
-    for i, r in enumerate(align.teacher_rows(ch)):
-        if r < 0:
-            ids[i], lps[i], _ = _mapped_topk(v, np.zeros(0, np.int64), np.zeros(0), k)
-            continue
-        ids[i], lps[i], mk[i] = _mapped_topk(v, t["topk_ids"][r], t["topk_logprobs"][r], k)
-        p = np.exp(t["topk_logprobs"][r].astype(np.float64))  # [K_T]
-        probs[i, : min(k, k_t)] = np.sort(p)[::-1][:k]
-        frac[i] = np.exp(lps[i, : mk[i]].astype(np.float64)).sum() / max(p.sum(), 1e-300)
+    k_t = p.shape[1]
+    probs[:, : min(k, k_t)] = -np.sort(-p, axis=1)[:, :k]  # [n, k] decreasing
     out = _columns(
         (c_lp / n_s)[s_chunk].astype(np.float32),
         ids,
         lps,
-        t["entropy"][first_t[s_chunk]] if "entropy" in t else np.full(n, np.nan, np.float32),
+        t["entropy"][first_t] if "entropy" in t else np.full(n, np.nan, np.float32),
         n,
         k,
-        t["topk_logmass"][first_t[s_chunk]] if k_t == k else None,
+        t["topk_logmass"][first_t] if k_t == k else None,
         mk,
     )
     out.update(
         xtok_chunk=s_chunk.astype(np.int32),
         xtok_chunk_logprob=c_lp[s_chunk].astype(np.float32),
-        xtok_mapped_k=mk,
-        xtok_mapped_frac=np.minimum(frac, 1.0),
+        xtok_mapped_k=mk.astype(np.int16),
+        xtok_mapped_frac=np.minimum(frac, 1.0).astype(np.float32),
         xtok_sorted_probs=probs.astype(np.float16),
     )
     return out
