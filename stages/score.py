@@ -28,7 +28,10 @@ Provenance: refuses a teacher/ref/behaviour model whose tokenizer differs from t
 and (Lightning OPD's teacher consistency) a teacher other than the SFT teacher recorded in
 the manifest of ``run_dir/sft_data/`` unless ``score.allow_teacher_mismatch=true``; the SFT data
 checked is recorded as ``inputs.sft_data`` of the tokens manifest, the models as absolute paths
-(``models``) and the scoring temperature as ``teacher_temperature`` (docs/DATA.md).
+(``models``) and the scoring temperature as ``teacher_temperature`` (docs/DATA.md). With
+``score.cross_tokenizer=align`` a teacher of another tokenizer is scored on its own tokenization
+instead and aligned by character offsets (``stages.lib.xtok``; the ``xtok_*`` columns,
+docs/CROSS_TOKENIZER.md).
 
 Several teachers (config ``teachers``, a name -> model mapping, with ``score.route_by``): each
 rollout is scored by the teacher its ``score.route_by.column`` value routes to (one teacher model

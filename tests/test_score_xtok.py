@@ -561,3 +561,30 @@ def test_mapped_topk_against_a_loop(k_t, k):
         np.testing.assert_allclose(got_lps[r, : len(pairs)], [lp for _, lp in pairs], rtol=1e-6)
         assert (got_lps[r, len(pairs) :] == xtok.FILL).all()
         assert len(set(got_ids[r].tolist())) == k
+
+
+def test_loader_refuses_bad_xtok_values():
+    """A selected row group with a positive chunk log-prob or a short xtok list is refused."""
+    from stages.lib.loader import check_row_group
+
+    def table(chunk_lp, chunks):
+        t, k = 2, 1
+        f32 = lambda v: pa.array([v], pa.list_(pa.float32()))  # noqa: E731
+        return pa.table({
+            "sample_id": ["s"], "topk_k": [k], "behavior_topk_k": [0],
+            "train_prompt_ids": pa.array([[1]], pa.list_(pa.int32())),
+            "response_ids": pa.array([[5, 6]], pa.list_(pa.int32())),
+            "weights": f32([1.0] * t), "segments": pa.array([[0, 0]], pa.list_(pa.uint8())),
+            "teacher_logprob": f32([-1.0] * t), "behavior_logprob": f32([-1.0] * t),
+            "ref_logprob": pa.nulls(1, pa.list_(pa.float32())),
+            "teacher_topk_ids": pa.array([[5, 6]], pa.list_(pa.int32())),
+            "teacher_topk_logprobs": f32([-1.0] * t), "teacher_topk_logmass": f32([-1.0] * t),
+            "behavior_topk_ids": pa.nulls(1, pa.list_(pa.int32())),
+            "teacher_logprobs_on_behavior_topk": pa.nulls(1, pa.list_(pa.float16())),
+            "xtok_chunk": pa.array([chunks], pa.list_(pa.int32())),
+            "xtok_chunk_logprob": f32(chunk_lp),
+        })  # fmt: skip
+
+    assert check_row_group(table([-1.0, -1.0], [0, 1]), 10, 10.0) is None
+    assert "xtok_chunk_logprob" in check_row_group(table([-1.0, 0.5], [0, 1]), 10, 10.0)
+    assert "xtok_chunk has 1 values" in check_row_group(table([-1.0, -1.0], [0]), 10, 10.0)

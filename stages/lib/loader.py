@@ -199,6 +199,9 @@ def _check_lengths(tbl: pa.Table) -> str | None:
     wants.update(teacher_topk_ids=tk, teacher_topk_logprobs=tk)
     tkb = t * tbl["behavior_topk_k"].to_numpy()
     wants.update(behavior_topk_ids=tkb, teacher_logprobs_on_behavior_topk=tkb)
+    for c in XTOK_COLUMNS:  # cross-tokenizer selections: [T] each, the sorted probs [T*K]
+        if c in tbl.column_names:
+            wants[c] = tk if c == "xtok_sorted_probs" else t
     for c, want in wants.items():
         have = n(c)
         bad = (have != want) & (have >= 0)  # null optional lists are fine
@@ -215,7 +218,8 @@ def check_row_group(tbl: pa.Table, vocab_size: int | None, max_weight: float) ->
     """The first problem of a row group the trainer is about to read, or None (vectorised)."""
     if (msg := _check_lengths(tbl)) is not None:
         return msg
-    for col in ("weights",) + LOGPROB_COLUMNS + ID_COLUMNS:
+    xtok_lp = ("xtok_chunk_logprob",) if "xtok_chunk_logprob" in tbl.column_names else ()
+    for col in ("weights",) + LOGPROB_COLUMNS + xtok_lp + ID_COLUMNS:
         offsets, vals, valid = _list_values(tbl[col])
         if not valid.any() or len(vals) == 0:
             continue
