@@ -57,6 +57,17 @@ SCHEMA = pa.schema(
     ]
 )
 
+# Cross-tokenizer columns, present when the tokens have them (data_schemas/tokens.py, xtok_*):
+# per token [T], and the teacher's sorted top-K probabilities flattened [T*K]. Absent otherwise,
+# so same-tokenizer selections are what they were (additive; the version stays 1).
+XTOK_FIELDS = [
+    pa.field("xtok_chunk", IDS, nullable=True),  # [T] chunk id in the sample; < 0 not scored
+    pa.field("xtok_chunk_logprob", F32, nullable=True),  # [T] teacher log-prob of the chunk
+    pa.field("xtok_mapped_k", pa.list_(pa.int16()), nullable=True),  # [T] real top-K entries
+    pa.field("xtok_mapped_frac", F32, nullable=True),  # [T] mapped share of the top-K mass
+    pa.field("xtok_sorted_probs", F16, nullable=True),  # [T*K] teacher probabilities, sorted
+]
+
 SPEC = TableSpec(
     name=NAME,
     schema=SCHEMA,

@@ -21,6 +21,19 @@ run does not write the column at all, so its shards stay byte for byte what they
 column existed; the DuckDB views (select, sql) show it as null there (``OPTIONAL_COLUMNS``),
 a plain Parquet reader sees no such column. The schema version is therefore unchanged: every
 version-2 shard, with or without the column, reads the same way.
+
+The ``xtok_*`` columns (cross-tokenizer alignment, ``XTOK_VERSION``; docs/CROSS_TOKENIZER.md) are
+additive the same way: written only by ``score.cross_tokenizer=align`` for a teacher whose tokenizer
+differs from the student's, absent (null in the views) otherwise. Per student token: ``xtok_chunk``
+(the aligned chunk's id in its sample, 0-based in text order; negative on every token of a
+response the teacher did not score, the reason's code in ``XTOK_REFUSED``: selection weight 0),
+``xtok_chunk_logprob`` (the teacher's log-prob of the whole chunk, GOLD's merged span, on each of
+its tokens),
+``xtok_mapped_k`` (how many leading entries of ``teacher_topk_ids`` are teacher top-K entries
+mapped into student ids by equal token strings; the remaining entries are filler with
+``XTOK_FILL_LOGPROB``), ``xtok_mapped_frac`` (the mapped share of the teacher's top-K mass, 0 where
+no teacher position is comparable) and ``xtok_sorted_probs`` (the teacher's own top-K probabilities
+in decreasing order, for ULD; zeros where no teacher position is comparable).
 """
 
 from __future__ import annotations
@@ -55,8 +68,35 @@ SCHEMA = pa.schema(
         pa.field("teacher_id", pa.string(), nullable=True),  # routed teacher (several teachers)
     ]
 )
+# Cross-tokenizer columns (score.cross_tokenizer=align with a teacher of another tokenizer).
+XTOK_VERSION = 1  # version of the xtok_* columns' meaning (recorded in the manifest's extra)
+XTOK_FILL_LOGPROB = -1.0e4  # top-K filler entries past xtok_mapped_k: no teacher number
+# xtok_chunk of a response the teacher did not score -> why (counted in the tokens manifest)
+XTOK_REFUSED = {
+    -1: "roundtrip",  # the teacher's decode of its encoding is not the student's text
+    -2: "special_token",  # a special token inside the response (only a final stop is aligned)
+    -3: "no_stop_match",  # a final special token the teacher's vocabulary has no match for
+    -4: "empty",  # nothing to score on the teacher's side
+    -5: "no_prefix",  # the teacher's prefix is empty
+    -6: "too_long",  # prefix + response, on the teacher's tokenization, exceed its context
+}
+XTOK_FIELDS = [
+    pa.field("xtok_chunk", pa.int32(), nullable=True),  # chunk id in the sample; -1 not scored
+    pa.field("xtok_chunk_logprob", pa.float32(), nullable=True),  # teacher log-prob of the chunk
+    pa.field("xtok_mapped_k", pa.int16(), nullable=True),  # real entries of the top-K columns
+    pa.field("xtok_mapped_frac", pa.float32(), nullable=True),  # mapped share of top-K mass
+    pa.field("xtok_sorted_probs", pa.list_(pa.float16()), nullable=True),  # [K] decreasing
+]
+XTOK_COLUMNS = tuple(f.name for f in XTOK_FIELDS)
 # Columns a shard may leave out (absent = null), with their DuckDB type for the views.
-OPTIONAL_COLUMNS = {"teacher_id": "VARCHAR"}
+OPTIONAL_COLUMNS = {
+    "teacher_id": "VARCHAR",
+    "xtok_chunk": "INTEGER",
+    "xtok_chunk_logprob": "FLOAT",
+    "xtok_mapped_k": "SMALLINT",
+    "xtok_mapped_frac": "FLOAT",
+    "xtok_sorted_probs": "FLOAT[]",
+}
 # The schema of a single-teacher shard: every column but teacher_id.
 SCHEMA_ONE_TEACHER = SCHEMA.remove(SCHEMA.get_field_index("teacher_id"))
 
@@ -81,11 +121,24 @@ SPEC = TableSpec(
     fixed_length=("teacher_topk_ids", "behavior_topk_ids"),
 )
 SPEC_ONE_TEACHER = dataclasses.replace(SPEC, schema=SCHEMA_ONE_TEACHER)
+# A cross-tokenizer shard (one teacher): the one-teacher columns, then the xtok columns.
+SCHEMA_XTOK = pa.schema([*SCHEMA_ONE_TEACHER, *XTOK_FIELDS])
+SPEC_XTOK = dataclasses.replace(
+    SPEC_ONE_TEACHER,
+    schema=SCHEMA_XTOK,
+    logprob_cols=(*SPEC.logprob_cols, "xtok_chunk_logprob"),
+    finite_cols=(*SPEC.finite_cols, "xtok_mapped_frac", "xtok_sorted_probs"),
+    nonneg_cols=("xtok_mapped_k", "xtok_mapped_frac", "xtok_sorted_probs"),
+    fixed_length=(*SPEC.fixed_length, "xtok_sorted_probs"),
+)
 
 
 def validate(table: pa.Table, *, where: str = "tokens", vocab_size: int | None = None) -> pa.Table:
     """Check the table: nulls, NaN/inf or positive log-probs, ragged top-K, ids, unique keys.
-    A table without ``teacher_id`` (one teacher) is checked, and kept, without it."""
+    A table without ``teacher_id`` (one teacher) is checked, and kept, without it; one with the
+    ``xtok_*`` columns is checked with them (values in range, fixed-length sorted probabilities)."""
+    if "xtok_chunk" in table.column_names:
+        return check_table(table, SPEC_XTOK, where=where, vocab_size=vocab_size)
     spec = SPEC if "teacher_id" in table.column_names else SPEC_ONE_TEACHER
     return check_table(table, spec, where=where, vocab_size=vocab_size)
 

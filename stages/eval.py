@@ -326,6 +326,11 @@ def run(cfg: Config) -> dict:
     tok = models.load_tokenizer(cfg.student.path, "student")
     teacher = models.load_model(cfg.teacher.path, "teacher") if cfg.teacher.path else None
     teacher_tok = models.load_tokenizer(cfg.teacher.path, "teacher") if teacher else None
+    if teacher_tok is not None and cfg.score.cross_tokenizer == "align":
+        if chat.id_map_fingerprint(tok) != chat.id_map_fingerprint(teacher_tok):
+            # a teacher of another tokenizer: no token-level KL to it (docs/CROSS_TOKENIZER.md)
+            print("[eval] the teacher's tokenizer differs (score.cross_tokenizer=align): no KL")
+            teacher = teacher_tok = None
     if teacher_tok is not None:
         chat.check_compatible(
             {"student": tok, "teacher": teacher_tok}, "student.path / teacher.path"

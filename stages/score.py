@@ -28,7 +28,10 @@ Provenance: refuses a teacher/ref/behaviour model whose tokenizer differs from t
 and (Lightning OPD's teacher consistency) a teacher other than the SFT teacher recorded in
 the manifest of ``run_dir/sft_data/`` unless ``score.allow_teacher_mismatch=true``; the SFT data
 checked is recorded as ``inputs.sft_data`` of the tokens manifest, the models as absolute paths
-(``models``) and the scoring temperature as ``teacher_temperature`` (docs/DATA.md).
+(``models``) and the scoring temperature as ``teacher_temperature`` (docs/DATA.md). With
+``score.cross_tokenizer=align`` a teacher of another tokenizer is scored on its own tokenization
+instead and aligned by character offsets (``stages.lib.xtok``; the ``xtok_*`` columns,
+docs/CROSS_TOKENIZER.md).
 
 Several teachers (config ``teachers``, a name -> model mapping, with ``score.route_by``): each
 rollout is scored by the teacher its ``score.route_by.column`` value routes to (one teacher model
@@ -57,7 +60,7 @@ import torch
 from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
-from stages.lib import chat, generation, models, store
+from stages.lib import chat, generation, models, store, xtok
 from stages.lib import logprobs as lp
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
@@ -399,7 +402,11 @@ def _check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role],
     s_dir = generation.tokenizer_dir(policy_path, cfg.student.path) if policy_path else None
     s_tok = models.load_tokenizer(s_dir or cfg.student.path, "student")
     models.check_same_tokenizer(tok_fp, models.tokenizer_fingerprint(s_tok), "rollouts'", "student")
-    chat.check_compatible({"student": s_tok, "teacher": tok}, "student.path / teacher.path")
+    if sc.cross_tokenizer == "align" and xtok.differ(s_tok, tok):
+        tok = s_tok  # a teacher of another tokenizer (_xtok_setup): the tokens are in student ids
+        vocab = models.vocab_size(tok)
+    else:
+        chat.check_compatible({"student": s_tok, "teacher": tok}, "student.path / teacher.path")
     for k_name, k_val in (("score.topk", sc.topk), ("score.behavior_topk", sc.behavior_topk)):
         if k_val > vocab:
             raise UserError(
@@ -523,6 +530,8 @@ def _tokens_table(
         if parts and all(isinstance(p, np.ndarray) and p.dtype != object for p in parts):
             arrays.append(pa.array(np.concatenate(parts)).cast(f.type))
         else:
+            if pa.types.is_floating(f.type):  # numbers and nulls mixed (cross-tokenizer refusals)
+                flat = [x.item() if isinstance(x, np.generic) else x for x in flat]
             arrays.append(pa.array(flat, type=f.type, from_pandas=True))
     return pa.Table.from_arrays(arrays, schema=schema)
 
@@ -697,9 +706,10 @@ def role_devices(sc) -> dict[str, torch.device]:
 
 
 def _score_shards(
-    cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts: _Counts, devices
+    cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts: _Counts, devices, xt=None
 ) -> None:
-    """Score and write the shards ``todo`` (rollout shard s -> tokens shard s)."""
+    """Score and write the shards ``todo`` (rollout shard s -> tokens shard s); ``xt``: the
+    cross-tokenizer teacher (its passes run apart, on its own ids: ``_xtok_teacher``)."""
     sc, vocab = cfg.score, models.vocab_size(tok)
     total = sum(rm["shards"][s]["rows"] for s in todo)
     _check_rollouts(paths, todo, vocab)  # before any shard is written
@@ -713,12 +723,14 @@ def _score_shards(
     try:
         with torch.inference_mode():
             for s in todo:
-                rows = _read_shard(paths[s], (rb.column,) if cfg.teachers else ())
+                rows = _read_shard(
+                    paths[s], (rb.column,) if cfg.teachers else ("prompt_id",) if xt else ()
+                )
                 ids = (
                     route([r[rb.column] for r in rows], rb, str(paths[s])) if cfg.teachers else None
                 )
                 teacher_of = [t_roles[n] for n in ids] if ids else None
-                plan = plan_shard(rows, roles, sc.behavior_topk, teacher_of)
+                plan = plan_shard(rows, roles[1:] if xt else roles, sc.behavior_topk, teacher_of)
                 jobs = list(plan.jobs.values())
                 # behaviour passes first: teacher passes gather at their top-Kb ids
                 b_keys = {k.get("behavior") for k in plan.of}
@@ -737,7 +749,12 @@ def _score_shards(
                     scorer.run(late, done, stats=False, gather=True, progress=None)
                 counts.passes_run += len(jobs) + len(late)
                 counts.requests += plan.requests
+                if xt is not None:
+                    counts.passes_run += _xtok_teacher(xt, rows, plan, sc)
+                    counts.requests += len(rows)
                 table = _tokens_table(rows, plan, sc, vocab, sc.behavior, bool(cfg.ref.path), ids)
+                if xt is not None:
+                    table = _with_xtok_columns(table, rows, plan)
                 w.write_shard(s, table)
                 counts.tokens += table.num_rows
                 counts.shards += 1
@@ -753,7 +770,9 @@ def _model_paths(cfg, roles: list[Role], t_roles: dict[str, Role]) -> dict[str, 
     return out | {r.name: r.path for r in roles if r.name != "teacher"}
 
 
-def _commit(cfg, w, rm, n_shards, fps, roles, t_roles, backend, vocab, sft_inputs) -> bool:
+def _commit(
+    cfg, w, rm, n_shards, fps, roles, t_roles, backend, vocab, sft_inputs, xtra=None
+) -> bool:
     sc = cfg.score
     policy_path = store.model_path(rm, "policy", "policy_path") or cfg.student.path
     models_ = _model_paths(cfg, roles, t_roles)
@@ -790,8 +809,133 @@ def _commit(cfg, w, rm, n_shards, fps, roles, t_roles, backend, vocab, sft_input
                 for r in roles
             },  # fmt: skip
             **several,
+            **(xtra or {}),  # cross_tokenizer (score.cross_tokenizer=align, another tokenizer)
         },
     )
+
+
+# ----------------------------------------------------------------------------- cross-tokenizer
+@dataclass
+class XtokTeacher:
+    """A teacher of another tokenizer (score.cross_tokenizer=align; stages/lib/xtok.py)."""
+
+    role: Role
+    vocabs: xtok.Vocabs
+    prefixes: dict[str, list[int]]  # prompt_id -> the teacher's own prefix ids
+    scorer: _Scorer  # runs the teacher on its ids (its vocabulary, its pad id)
+    identity: dict  # what the tokens' dataset id adds for this path
+
+
+def _xtok_setup(cfg: Config, rm: dict, layout: RunLayout, s_tok, roles: list[Role]):
+    """The cross-tokenizer teacher, or None when the teacher shares the student's tokenizer (the
+    same-tokenizer path, unchanged) or score.cross_tokenizer=refuse (_check_models refused)."""
+    sc, first = cfg.score, roles[0]
+    if sc.cross_tokenizer != "align":
+        return None
+    t_tok = models.load_tokenizer(first.path, "teacher")
+    if not xtok.differ(s_tok, t_tok):
+        return None
+    where = "score.cross_tokenizer=align"
+    for bad, what, fix in (
+        (cfg.teachers, "several teachers (teachers)", "score one teacher per run"),
+        (sc.behavior_topk, "score.behavior_topk", "set score.behavior_topk=0"),
+    ):
+        if bad:
+            raise UserError(
+                f"{what} with a teacher of another tokenizer is not supported", where, fix
+            )
+    prefixes = xtok.teacher_prefixes(cfg, rm, s_tok, t_tok, str(layout.rollouts))
+    t_vocab = models.vocab_size(t_tok)
+    pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else t_tok.eos_token_id
+    # the HF backend always: vLLM's prompt log-probs were wired for the student's vocabulary
+    scorer = _Scorer(cfg, "hf", t_vocab, pad, 1, role_devices(sc))
+    identity = {
+        "mode": "align",
+        "version": tokens_table.XTOK_VERSION,
+        "teacher_tokenizer": models.tokenizer_fingerprint(t_tok),
+        "prompts": (rm.get("inputs") or {}).get("prompts"),
+        "rollout": as_dict(cfg)["rollout"],  # the teacher prefix's rendering
+    }
+    return XtokTeacher(first, xtok.Vocabs.of(s_tok, t_tok), prefixes, scorer, identity)
+
+
+def _xtok_teacher(xt: XtokTeacher, rows: list[dict], plan: Plan, sc) -> int:
+    """Score one shard's rows with the cross-tokenizer teacher and put each row's aligned result
+    in ``plan`` as its teacher pass; returns the number of teacher passes run."""
+    k_t = min(sc.topk, xt.scorer.vocab)
+    ctx = models.context_length(xt.scorer.hf_model(xt.role).model)  # loads the teacher once
+    preps, jobs = [], {}
+    for row in rows:
+        prefix = xt.prefixes.get(row["prompt_id"])
+        if prefix is None:
+            raise UserError(
+                f"rollout prompt {row['prompt_id']!r} is not in data.prompts",
+                "data.prompts / score.cross_tokenizer=align",
+                "set data.prompts to the prompts the rollout stage read",
+            )
+        prep = xtok.prepare(xt.vocabs, list(row["response_ids"]))
+        if not prep.refused and not prefix:
+            prep = xtok.Prepared(refused="no_prefix")
+        if not prep.refused and len(prefix) + len(prep.response) > ctx:
+            prep = xtok.Prepared(refused="too_long")  # on the teacher's tokenization
+        preps.append(prep)
+        key = (tuple(prefix), tuple(prep.response))
+        if not prep.refused and key not in jobs:
+            jobs[key] = Job(key, xt.role, list(prefix), prep.response, k_t, sc.entropy)
+    if jobs:
+        xt.scorer.run(list(jobs.values()), {}, stats=True, gather=False, progress=None)
+    for i, (row, prep) in enumerate(zip(rows, preps, strict=True)):
+        b = plan.jobs[plan.of[i]["behavior"]].result if "behavior" in plan.of[i] else None
+        fallback = b["logprob"] if b else np.asarray(row["behavior_logprobs"], np.float32)
+        t = (
+            None
+            if prep.refused
+            else jobs[(tuple(xt.prefixes[row["prompt_id"]]), tuple(prep.response))].result
+        )
+        key = ("xtok", i)
+        plan.jobs[key] = Job(key, xt.role, [], [])
+        plan.jobs[key].result = xtok.student_columns(xt.vocabs, prep, t, sc.topk, fallback)
+        plan.of[i]["teacher"] = key
+    return len(jobs)
+
+
+def _with_xtok_columns(table: pa.Table, rows: list[dict], plan: Plan) -> pa.Table:
+    """The shard's tokens table with the xtok_* columns (from each row's aligned result)."""
+    res = [plan.jobs[keys["teacher"]].result for keys in plan.of]
+    for f in tokens_table.XTOK_FIELDS:
+        vals = np.concatenate([r[f.name] for r in res])  # [N] or [N, K]
+        if vals.ndim == 2:
+            n, k = vals.shape
+            offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))  # [N + 1]
+            arr = pa.ListArray.from_arrays(offsets, pa.array(vals.reshape(-1))).cast(f.type)
+        else:
+            arr = pa.array(vals).cast(f.type)
+        table = table.append_column(f, arr)
+    return table
+
+
+def _xtok_manifest(xt: XtokTeacher, w, n_shards: int) -> dict:
+    """The manifest's ``extra.cross_tokenizer``: the path's identity and the refusals, counted
+    from the written shards (every worker's, whatever was resumed)."""
+    refused = dict.fromkeys(tokens_table.XTOK_REFUSED.values(), 0)
+    tokens = rows = 0
+    for s in range(n_shards):
+        path = w.shard_path(s)
+        if not path.exists():
+            return xt.identity  # other workers still writing: the last one counts
+        t = pq.read_table(path, columns=["sample_id", "pos", "xtok_chunk"])
+        first = t.filter(pc.equal(t["pos"], 0))
+        rows += first.num_rows
+        for code in first["xtok_chunk"].to_numpy():
+            if code < 0:
+                refused[tokens_table.XTOK_REFUSED[int(code)]] += 1
+        tokens += int(pc.sum(pc.less(t["xtok_chunk"], 0)).as_py() or 0)
+    return xt.identity | {
+        "rows": rows,
+        "refused_rows": sum(refused.values()),
+        "refused_tokens": tokens,
+        "refused": refused,
+    }
 
 
 def run(cfg: Config) -> dict:
@@ -808,9 +952,12 @@ def run(cfg: Config) -> dict:
     if cfg.teachers:
         _check_routes(cfg, paths, mine)  # a rollout without a teacher: before any model loads
     roles, fps, tok, t_roles = _check_models(cfg, rm, layout)
+    xt = _xtok_setup(cfg, rm, layout, tok, roles)  # None: the teacher shares the tokenizer
     sft_inputs = _check_sft_teacher(cfg, layout, t_roles)
     vocab = models.vocab_size(tok)
     dataset_id = _dataset_id(rm, fps, sc, backend, bool(cfg.teachers))
+    if xt is not None:  # a different dataset: the teacher's numbers come through the alignment
+        dataset_id = store.content_id({"base": dataset_id, "cross_tokenizer": xt.identity})
     t0, counts = time.perf_counter(), _Counts()
     with store.open_writer(
         layout.tokens,
@@ -824,8 +971,13 @@ def run(cfg: Config) -> dict:
     ) as w:
         todo = [] if w.complete else [s for s in mine if not w.is_done(s)]
         if todo:
-            _score_shards(cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts, devices)
-        committed = _commit(cfg, w, rm, n_shards, fps, roles, t_roles, backend, vocab, sft_inputs)
+            _score_shards(
+                cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts, devices, xt
+            )
+        xtra = {"cross_tokenizer": _xtok_manifest(xt, w, n_shards)} if xt is not None else {}
+        committed = _commit(
+            cfg, w, rm, n_shards, fps, roles, t_roles, backend, vocab, sft_inputs, xtra
+        )
     secs = time.perf_counter() - t0
     reused = max(counts.requests - counts.passes_run, 0)
     summary = (

@@ -73,6 +73,8 @@ NEEDS_FIX = {
     "behavior_entropy": "score with score.behavior=true score.entropy=true (full-vocabulary entropy)",
     "ref_logprob": "score with ref.path set (a reference model), or use the span rule alone "
     "(threshold=null top_fraction=null span=true)",
+    "xtok_mapped_frac": "the tokens are not cross-tokenizer: score a teacher of another "
+    "tokenizer with score.cross_tokenizer=align, or drop this policy",
 }
 
 
@@ -144,6 +146,10 @@ POLICIES: dict[str, Policy] = {
     "retain": Policy({"weight": Param(1.0, _num(0, INF, hi_open=True), "a number >= 0")}),
     "trust_region": Policy({"tau": Param(0.5, _num(0, 1, lo_open=True), "a number in (0, 1]")}),
     "iw_position": Policy({"w_max": Param(1.5, _num(1, INF, hi_open=True), "a number >= 1")}),
+    "xtok_mapped": Policy(
+        {"min_frac": Param(0.5, _num(0, 1), "a number in [0, 1]")},
+        lambda p: ("xtok_mapped_frac",),
+    ),
 }
 
 
@@ -243,7 +249,8 @@ def open_pass1(layout: RunLayout, manifests: dict[str, dict], tmp_dir: Path, sel
         CREATE OR REPLACE VIEW tok AS
         SELECT (_shard << {ROW_BITS}) | _row AS rid, _shard AS shard,
             sample_id, pos, token_id, segment, is_guided, teacher_logprob, behavior_logprob,
-            behavior_entropy, teacher_entropy, ref_logprob, teacher_topk_logmass, teacher_id
+            behavior_entropy, teacher_entropy, ref_logprob, teacher_topk_logmass, teacher_id,
+            xtok_chunk, xtok_chunk_logprob, xtok_mapped_k, xtok_mapped_frac
         FROM tokens
         """
     )
@@ -351,6 +358,10 @@ def compute_weights(con: duckdb.DuckDBPyConnection, rules: list[Rule], *, seed: 
                 f"returned {n} rows for {n_tok} tokens ({bad} null/negative/non-finite weights)",
             )
     product = " * ".join(f"r{i}.weight" for i in range(len(rules)))
+    # Tokens the cross-tokenizer teacher did not score (xtok_chunk < 0): weight 0 whatever the
+    # policy says (the SQL is unchanged when there are none: same-tokenizer runs as before).
+    if con.execute("SELECT count(*) FROM tok WHERE xtok_chunk < 0").fetchone()[0]:
+        product = f"({product}) * CASE WHEN xtok_chunk < 0 THEN 0.0 ELSE 1.0 END"
     joins = " ".join(f"LEFT JOIN rule_{i} AS r{i} USING (rid)" for i in range(len(rules)))
     con.execute(
         f"""
@@ -451,6 +462,7 @@ TOKEN_COLUMNS = (
     "teacher_topk_logmass",
     "behavior_topk_ids",
     "teacher_logprobs_on_behavior_topk",
+    *tokens.XTOK_COLUMNS,  # cross-tokenizer shards only (read when present)
 )
 ROLLOUT_COLUMNS = (
     "sample_id",
@@ -608,7 +620,7 @@ def assemble(ro: pa.Table, tk: pa.Table, weight: np.ndarray, where: str) -> pa.T
     kept = np.concatenate([[0], np.cumsum(w > 0)])  # [N+1] (reduceat mishandles empty rows)
     n_kept = kept[offsets[1:]] - kept[offsets[:-1]]  # [S]
     empty_lists = lambda typ: pa.nulls(n_seq, pa.list_(typ))  # noqa: E731
-    return pa.table(
+    table = pa.table(
         {
             "sample_id": ro["sample_id"],
             "prompt_id": ro["prompt_id"],
@@ -632,6 +644,23 @@ def assemble(ro: pa.Table, tk: pa.Table, weight: np.ndarray, where: str) -> pa.T
         },
         schema=selected.SCHEMA,
     )
+    if "xtok_chunk" in tk.column_names:
+        table = _with_xtok(table, tk, per_token, offsets, order, k)
+    return table
+
+
+def _with_xtok(table: pa.Table, tk: pa.Table, per_token, offsets, order, k: int) -> pa.Table:
+    """The cross-tokenizer columns (``selected.XTOK_FIELDS``), per sequence like the others."""
+    for f in selected.XTOK_FIELDS[:-1]:  # per token [T]
+        table = table.append_column(f, per_token(f.name).cast(f.type))
+    n_tok = int(offsets[-1])
+    probs = _flat_values(tk["xtok_sorted_probs"]).to_numpy(zero_copy_only=False)  # [N*K]
+    probs = probs.reshape(n_tok, k)
+    if order is not None:
+        probs = probs[order]
+    offk = pa.array((offsets * k).astype(np.int32))  # [S + 1]
+    f = selected.XTOK_FIELDS[-1]  # [T*K]
+    return table.append_column(f, pa.ListArray.from_arrays(offk, pa.array(probs.reshape(-1))))
 
 
 def output_plan(ro_manifest: dict, rows_per_shard: int) -> list[int]:

@@ -183,15 +183,36 @@ class ResponseLoss(nn.Module):
         if n <= self.chunk:
             return self._chunk_loss(h, batch)
         total, metrics = None, {}
-        for s in range(0, n, self.chunk):
-            sub = {k: v[s : s + self.chunk] for k, v in batch.items()}
+        for s, e in loss_splits(n, self.chunk, batch.get("chunk_index")):
+            sub = {k: v[s:e] for k, v in batch.items()}
             # Recompute the chunk's [chunk, V] logits in backward instead of keeping them all.
             loss, m = torch.utils.checkpoint.checkpoint(
-                self._chunk_loss, h[s : s + self.chunk], sub, use_reentrant=False
+                self._chunk_loss, h[s:e], sub, use_reentrant=False
             )
             total = loss if total is None else total + loss
             add_metrics(metrics, m)
         return total, metrics
+
+
+def loss_splits(n: int, chunk: int, keys: Tensor | None = None) -> list[tuple[int, int]]:
+    """``[s, e)`` ranges of about ``chunk`` positions covering ``n``. With ``keys`` (the aligned
+    chunk ids of a cross-tokenizer batch) no range ends inside a run of equal keys: chunk_opd
+    needs all of a chunk's tokens in one loss call (a chunk longer than ``chunk`` stays whole)."""
+    if keys is None:
+        return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    k, out, s = keys.tolist(), [], 0
+    while s < n:
+        e = min(s + chunk, n)
+        b = e
+        while s < b < n and k[b] == k[b - 1]:  # back to the start of the chunk cut through
+            b -= 1
+        if b == s:  # one chunk longer than the range: keep it whole
+            b = e
+            while b < n and k[b] == k[b - 1]:
+                b += 1
+        out.append((s, b))
+        s = b
+    return out
 
 
 def unwrap(model: nn.Module) -> nn.Module:

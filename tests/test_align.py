@@ -294,3 +294,43 @@ def test_aligned_losses_run_on_bpe_pair(bpe_pair):
         loss, _ = fn(logits, b)
         (grad,) = torch.autograd.grad(loss, logits)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def metaspace_tokenizer(corpus: list[str], vocab_size: int):
+    """A sentencepiece-style BPE (Metaspace: '▁' for spaces, the first token's stripped)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(byte_fallback=False, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"], show_progress=False
+    )
+    tk.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "bytes", "metaspace", "words", "wordpiece"])
+def test_windowed_char_offsets_equal_the_exact_rule(bpe_pair, byte_teacher, kind):
+    """The O(n) offsets equal the O(n²) prefix rule, on encoded text and on random id sequences
+    (which split multi-byte characters and put special tokens anywhere), with a short window."""
+    tok = {
+        "bpe": lambda: bpe_pair[0],
+        "bytes": lambda: byte_teacher,
+        "metaspace": lambda: metaspace_tokenizer(CORPUS, 200),
+        "words": lambda: word_tokenizer(SPECIALS + WORDS),
+        "wordpiece": lambda: word_tokenizer(SPECIALS + WORDS),
+    }[kind]()
+    if kind == "wordpiece":  # the decoder's clean-up joins " ." to the word before
+        from tokenizers import decoders
+
+        tok.backend_tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    g = random.Random(1)
+    seqs = [tok.encode(" ".join(SENTENCES + SENTENCES[::-1]), add_special_tokens=False)]
+    seqs += [[g.randrange(len(tok)) for _ in range(g.randrange(1, 80))] for _ in range(30)]
+    for ids in seqs:
+        for window in (2, 5, 16):
+            assert align.char_offsets(tok, ids, window=window) == align.char_offsets_exact(
+                tok, ids
+            ), (kind, window, ids)

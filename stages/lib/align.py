@@ -19,7 +19,8 @@ tokenizer's own encoding of a text), this works for any sampled id sequence, and
 partition the text exactly. A token after which the decoded prefix is not a prefix of the text (it
 ends inside a multi-byte character) gets an empty span at its start, and the token that completes
 the character carries the text, so no chunk boundary ever falls inside a character. Cost: one
-decode per prefix (O(n²) characters, in the tokenizer's Rust code, batched).
+decode of a bounded window per token (O(n), ``char_offsets``), the whole prefix only where a
+window cannot decide; ``char_offsets_exact`` is the plain O(n²) rule, kept as the reference.
 """
 
 from __future__ import annotations
@@ -40,33 +41,77 @@ def decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def char_offsets(tokenizer: Any, ids: Sequence[int]) -> list[Span]:
+WINDOW = 16  # tokens of left context per boundary decode (decoders look back a few tokens at most)
+
+
+def _batch(tokenizer: Any, seqs: list[list[int]]) -> list[str]:
+    return tokenizer.batch_decode(
+        seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+
+
+def char_offsets(tokenizer: Any, ids: Sequence[int], window: int = WINDOW) -> list[Span]:
     """Character span ``(start, end)`` of each token in ``decode(tokenizer, ids)``.
 
     The spans are contiguous and cover the text: ``spans[0][0] == 0``, ``spans[i][1] ==
     spans[i+1][0]``, ``spans[-1][1] == len(text)``. Special tokens (skipped by the decode) and
     tokens ending inside a character get an empty span at their start (module docstring).
+
+    Cost O(n · window): token ``i``'s text is what it adds to the decode of the ``window - 1``
+    tokens before it (both decodes start at the same token, so a decoder's start-of-sequence
+    rule, e.g. a stripped leading space, cancels out), placed after token ``i - 1``'s end when
+    that end was clean and the text there agrees. Otherwise (a window inside a character, a
+    decoder that rewrites earlier text) the exact rule decides that boundary: the length of
+    ``decode(ids[:i+1])`` when it is a prefix of the text (``char_offsets_exact``).
     """
     ids = list(ids)
     if not ids:
         return []
     text = decode(tokenizer, ids)
-    prefixes = tokenizer.batch_decode(
-        [ids[: i + 1] for i in range(len(ids) - 1)],
-        skip_special_tokens=True,
-        clean_up_tokenization_spaces=False,
-    )
+    n, window = len(ids), max(2, window)
+    if n == 1:
+        return [(0, len(text))]
+    starts = [max(0, i + 1 - window) for i in range(n - 1)]  # window of boundary i: [a, i]
+    cur = _batch(tokenizer, [ids[a : i + 1] for i, a in enumerate(starts)])
+    prev = _batch(tokenizer, [ids[a:i] for i, a in enumerate(starts)])
+    ends: list[int] = []
+    last, clean = 0, True  # clean: ``last`` is the true end of the previous token
+    for i, a in enumerate(starts):
+        end = None
+        if i > a and clean and "\ufffd" not in cur[i] and cur[i].startswith(prev[i]):
+            piece = cur[i][len(prev[i]) :]
+            end = last + len(piece) if text.startswith(piece, last) else None
+        elif i == a:  # the first token: its window is the prefix itself
+            end = len(cur[i]) if text.startswith(cur[i]) else None
+        if end is None:  # the exact rule (O(i)), for this boundary only
+            prefix = decode(tokenizer, ids[: i + 1])
+            end = len(prefix) if text.startswith(prefix) else None
+        # A clean boundary moves forward; otherwise (the token ends inside a character, or the
+        # decoder rewrites a tail) it stays where it was: the token gets an empty span at its
+        # start and is merged with what completes it.
+        clean = end is not None and end >= last
+        if end is not None:
+            last = max(last, end)
+        ends.append(last)
+    ends.append(len(text))
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def char_offsets_exact(tokenizer: Any, ids: Sequence[int]) -> list[Span]:
+    """``char_offsets`` by the O(n²) rule alone (one decode per prefix): the reference."""
+    ids = list(ids)
+    if not ids:
+        return []
+    text = decode(tokenizer, ids)
+    if len(ids) == 1:  # (batch_decode of no sequences is not an empty list)
+        return [(0, len(text))]
     ends, last = [], 0
-    for prefix in prefixes:
-        # A clean boundary: the decoded prefix is a prefix of the text. Otherwise (the token ends
-        # inside a character, or the decoder rewrites a tail) the boundary stays where it was:
-        # the token gets an empty span at its start and is merged with what completes it.
+    for prefix in _batch(tokenizer, [ids[: i + 1] for i in range(len(ids) - 1)]):
         if text.startswith(prefix):
             last = max(last, len(prefix))
         ends.append(last)
     ends.append(len(text))
-    starts = [0, *ends[:-1]]
-    return list(zip(starts, ends, strict=True))
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def reencode(tokenizer: Any, text: str) -> list[int] | None:

@@ -269,9 +269,17 @@ class ScoreConfig:
     ref_device: str | None = None
     # Several teachers (`teachers`): which one scores each rollout.
     route_by: RouteBy = field(default_factory=RouteBy)
+    # A teacher whose tokenizer differs from the student's: refuse (the default) | align (score
+    # it on its own tokenization, aligned by character offsets; docs/CROSS_TOKENIZER.md).
+    cross_tokenizer: str = "refuse"
 
     def __post_init__(self) -> None:
         _check(self.backend in ("hf", "vllm", "auto"), "score.backend", "must be hf|vllm|auto")
+        _check(
+            self.cross_tokenizer in ("refuse", "align"),
+            "score.cross_tokenizer",
+            "must be refuse|align",
+        )
         _check_device(self.device, "score.device")
         _check_device(self.teacher_device, "score.teacher_device", nullable=True)
         _check_device(self.ref_device, "score.ref_device", nullable=True)

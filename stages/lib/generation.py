@@ -428,9 +428,14 @@ def plan_rollouts(
     teacher_tok, compat = None, None
     if teacher_path:
         teacher_tok = models.load_tokenizer(teacher_path, "teacher")
-        compat = chat.check_compatible(
-            {"student": tok, "teacher": teacher_tok}, "student.path / teacher.path"
-        )
+        if cfg.score.cross_tokenizer == "align" and chat.id_map_fingerprint(
+            tok
+        ) != chat.id_map_fingerprint(teacher_tok):
+            teacher_tok = None  # another tokenizer: score renders the teacher's own prefix
+        else:
+            compat = chat.check_compatible(
+                {"student": tok, "teacher": teacher_tok}, "student.path / teacher.path"
+            )
     items = build_prompt_ids(tok, prompts_table, r, cfg.seed, teacher_tok)
     n_items = len(items)
     items, skipped = check_lengths(items, limit, r.too_long, "rollout.max_prompt_tokens")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from data_schemas import selected as selected_table
@@ -57,6 +58,18 @@ LIST_COLUMNS = (
 )
 SCALAR_COLUMNS = ("sample_id", "topk_k", "behavior_topk_k")
 COLUMNS = list(SCALAR_COLUMNS + LIST_COLUMNS)
+# Cross-tokenizer columns (selected.XTOK_FIELDS): read when the selection has them.
+XTOK_COLUMNS = tuple(f.name for f in selected_table.XTOK_FIELDS)
+
+
+def columns_of(directory: Path, m: dict) -> list[str]:
+    """COLUMNS, plus the cross-tokenizer ones when the selection's shards hold them."""
+    paths = store.shard_paths(directory, m)
+    if not paths:
+        return COLUMNS
+    have = set(pq.read_schema(paths[0]).names)
+    return COLUMNS + [c for c in XTOK_COLUMNS if c in have]
+
 
 Seq = dict  # one sequence: column name -> numpy array (lists) or scalar; None for null lists
 
@@ -147,7 +160,7 @@ def table_to_seqs(tbl: pa.Table) -> list[Seq]:
         vals = tbl[c].to_pylist()
         for i in range(n):
             seqs[i][c] = vals[i]
-    for c in LIST_COLUMNS:
+    for c in LIST_COLUMNS + tuple(c for c in XTOK_COLUMNS if c in tbl.column_names):
         # a sliced list array's offsets index its parent's values, which .values returns whole:
         # use them as they are (subtracting offsets[0] read the wrong elements of a slice)
         offsets, values, valid = _list_values(tbl[c])
@@ -186,6 +199,9 @@ def _check_lengths(tbl: pa.Table) -> str | None:
     wants.update(teacher_topk_ids=tk, teacher_topk_logprobs=tk)
     tkb = t * tbl["behavior_topk_k"].to_numpy()
     wants.update(behavior_topk_ids=tkb, teacher_logprobs_on_behavior_topk=tkb)
+    for c in XTOK_COLUMNS:  # cross-tokenizer selections: [T] each, the sorted probs [T*K]
+        if c in tbl.column_names:
+            wants[c] = tk if c == "xtok_sorted_probs" else t
     for c, want in wants.items():
         have = n(c)
         bad = (have != want) & (have >= 0)  # null optional lists are fine
@@ -202,7 +218,8 @@ def check_row_group(tbl: pa.Table, vocab_size: int | None, max_weight: float) ->
     """The first problem of a row group the trainer is about to read, or None (vectorised)."""
     if (msg := _check_lengths(tbl)) is not None:
         return msg
-    for col in ("weights",) + LOGPROB_COLUMNS + ID_COLUMNS:
+    xtok_lp = ("xtok_chunk_logprob",) if "xtok_chunk_logprob" in tbl.column_names else ()
+    for col in ("weights",) + LOGPROB_COLUMNS + xtok_lp + ID_COLUMNS:
         offsets, vals, valid = _list_values(tbl[col])
         if not valid.any() or len(vals) == 0:
             continue
@@ -258,6 +275,7 @@ class MicroBatchStream:
         self._skip = int(start["skip"])
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         self._stop = threading.Event()
+        self._columns = columns_of(self.directory, self.manifest)
         self._thread = threading.Thread(target=self._produce, name="selected-prefetch", daemon=True)
         self._thread.start()
 
@@ -273,7 +291,7 @@ class MicroBatchStream:
                 state=self._next_state,
                 epochs=self.epochs,
                 shuffle_seed=self.shuffle_seed,
-                columns=COLUMNS,
+                columns=self._columns,
             ):
                 self._check(tbl, before)
                 if not self._put((table_to_seqs(tbl), before)):
@@ -437,6 +455,8 @@ def collate(seqs: list[Seq], pad_id: int, where: str = "selected") -> MicroBatch
         batch["teacher_logprobs_on_behavior_topk"] = torch.from_numpy(
             _cat(seqs, "teacher_logprobs_on_behavior_topk", np.float32).reshape(-1, kb_)
         )  # [M, Kb]
+    if all(s.get("xtok_chunk") is not None for s in seqs):
+        batch.update(xtok_batch(seqs, batch, k))
     pos = response_positions(p_lens, r_lens, width)  # [M]
     return MicroBatch(
         input_ids=torch.from_numpy(ids),
@@ -449,3 +469,32 @@ def collate(seqs: list[Seq], pad_id: int, where: str = "selected") -> MicroBatch
         n_tokens=int(sum(r_lens)),
         n_kept=int((batch["weight"] > 0).sum()),
     )
+
+
+def xtok_batch(seqs: list[Seq], batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The cross-tokenizer loss inputs (stages/lib/losses.py: chunk_opd, mapped_topk_fkl, uld).
+
+    ``chunk_index`` [M]: the aligned chunk ids made unique across the micro-batch (a token the
+    teacher did not score, chunk < 0, is a chunk of its own; its weight is 0 anyway);
+    ``teacher_mapped_ids`` [M, K]: the top-K ids with -1 past each token's ``xtok_mapped_k`` (the
+    filler entries), next to ``teacher_topk_logprobs`` as ``teacher_mapped_logprobs``.
+    """
+    parts, base = [], 0
+    for s in seqs:
+        c = np.asarray(s["xtok_chunk"], np.int64)  # [T]
+        solo = c < 0
+        c = np.where(solo, c.max(initial=-1) + 1 + np.cumsum(solo), c)  # [T] own chunks
+        parts.append(c + base)
+        base += int(c.max(initial=-1)) + 1
+    mapped_k = torch.from_numpy(_cat(seqs, "xtok_mapped_k", np.int64))  # [M]
+    ids = batch["teacher_topk_ids"]  # [M, K]
+    slots = torch.arange(k)[None, :]  # [1, K]
+    return {
+        "chunk_index": torch.from_numpy(np.concatenate(parts)),  # [M]
+        "teacher_chunk_logprob": torch.from_numpy(_cat(seqs, "xtok_chunk_logprob", np.float32)),
+        "teacher_mapped_ids": torch.where(slots < mapped_k[:, None], ids, -1),  # [M, K]
+        "teacher_mapped_logprobs": batch["teacher_topk_logprobs"],  # [M, K]
+        "teacher_sorted_probs": torch.from_numpy(
+            _cat(seqs, "xtok_sorted_probs", np.float32).reshape(-1, k)
+        ),  # [M, K]
+    }

@@ -600,7 +600,8 @@ def uld(
     ``teacher_sorted_probs`` [N, K_T] (decreasing); the student's ``k`` largest probabilities
     (default K_T, at most V), both zero-padded to the longer length:
     ``L_t = Σ_i |sort(p_θ)_i − sort(p_T)_i|``. With K_T and k covering both vocabularies this is
-    ULD's full-vocabulary distance (the smaller vocabulary padded with zeros).
+    ULD's full-vocabulary distance (the smaller vocabulary padded with zeros). Rows whose teacher
+    probabilities are all 0 (no comparable teacher position) contribute 0.
     """
     p = prepare(logits, batch, vocab_size, temperature)
     t = p.need("teacher_sorted_probs", "uld")  # [N, K_T]
@@ -612,7 +613,10 @@ def uld(
     n = max(k_s, t.shape[1])
     s = torch.nn.functional.pad(s, (0, n - k_s))  # [N, n]
     t = torch.nn.functional.pad(t, (0, n - t.shape[1]))  # [N, n]
-    return _finish(p, (s - t).abs().sum(-1))
+    # A row with no teacher probabilities (all 0: no comparable teacher position, e.g. inside an
+    # aligned chunk) has nothing to match: 0, not the student's mass.
+    has_t = t.sum(-1) > 0  # [N]
+    return _finish(p, torch.where(has_t, (s - t).abs().sum(-1), 0.0))
 
 
 LOSSES: dict[str, LossFn] = {

@@ -6,7 +6,8 @@
 -- Contract of a policy file (copy one to write your own): one SELECT over the view `tok` (one row per
 -- response token: rid, shard, sample_id, pos, token_id, segment, is_guided, teacher_logprob,
 -- behavior_logprob, behavior_entropy, teacher_entropy, ref_logprob, teacher_topk_logmass, teacher_id
--- (the routed teacher's name with several teachers, else null)) and, when
+-- (the routed teacher's name with several teachers, else null), xtok_chunk, xtok_chunk_logprob,
+-- xtok_mapped_k, xtok_mapped_frac (a teacher of another tokenizer, else null)) and, when
 -- needed, `rollouts_in` (the rollouts table). It returns exactly one row per row of `tok`:
 -- `rid` and `weight` (DOUBLE >= 0, 0 = excluded). Parameters are DuckDB prepared parameters ($name),
 -- bound by stages.select; `$seed` (cfg.seed) and `$ln_v` (ln of the vocabulary size) are always
