@@ -1,0 +1,282 @@
+"""Ray workers for the shard stages: the same shard plan, taken by Ray actors instead of one process.
+
+``launcher.kind=ray`` (stages/lib/config.py ``LauncherConfig``) makes the rollout and score stages
+hand their missing shards to :func:`run_shards`. The driver (the process that runs the stage)
+keeps everything that decides what is written: the plan, the dataset lock, resume (committed
+shards are never handed out) and the manifest, written after :func:`run_shards` returns through the
+stage's usual commit. Each actor calls the stage's ``make(writer)`` once (it loads ONE engine: an
+HF model or vLLM) and then runs the returned per-shard function on the shards it is given, writing
+each through the shard store (temp file, fsync, atomic rename), exactly as a local worker does.
+
+Assignment is dynamic: one shard in flight per actor, the next one handed to whichever actor
+finishes first, so a slow node or a long shard does not hold back the others. An actor whose
+process dies (SIGKILL, out of memory, lost node) is replaced by a new one, at most
+``launcher.max_restarts`` times per actor; its shard goes back to the queue after the dead
+attempt's temp file is removed (a temp file never becomes a shard: only the rename commits, and
+the shard is redone from scratch or, when the rename had happened, kept). A ``UserError`` raised
+inside an actor reaches the driver as the same exception, so the stage prints its one line.
+
+The stage's functions travel to the actors with cloudpickle (``ray.put``, once). Actors import
+this package from the driver's code folder (``PYTHONPATH``), which a local cluster and nodes with
+the same checkout path share; other clusters need distillery installed on every node.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages.lib import store
+from stages.lib.config import LauncherConfig
+from stages.lib.errors import UserError
+from stages.lib.progress import Progress
+
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding stages/ and data_schemas/
+
+
+class Quiet:
+    """A progress sink that shows nothing (an actor's shard: the driver reports progress)."""
+
+    def update(self, n: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+QUIET = Quiet()
+
+
+@dataclass
+class Launched:
+    """What :func:`run_shards` did: shards run, redone after an actor died, actors replaced."""
+
+    actors: int = 0
+    shards: int = 0
+    redone: int = 0
+    replaced: int = 0
+    kept_after_death: int = 0  # a dead attempt had already renamed its shard: kept, not redone
+    nodes: set = field(default_factory=set)
+    pids: list = field(default_factory=list)  # every actor process, replacements included
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a UserError that says how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            "launcher.kind=ray but the ray package is not installed",
+            "launcher.kind",
+            "pip install 'distillery[ray]' (or pip install 'ray==2.60.0'), or use "
+            "launcher.kind=local",
+        ) from None
+    return ray
+
+
+def job_runtime_env() -> dict:
+    """Ray's runtime environment for this driver's job: actors import this code folder first
+    (not another install of distillery) and use one tokenizer thread."""
+    path = [str(CODE_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(path)), "TOKENIZERS_PARALLELISM": "false"}
+    if "DISTILLERY_DEBUG" in os.environ:
+        env["DISTILLERY_DEBUG"] = os.environ["DISTILLERY_DEBUG"]
+    return {"env_vars": env}
+
+
+def connect(lc: LauncherConfig) -> Any:
+    """Connect to the cluster ``launcher.address`` names, or start a local one (null); a session
+    that is already connected (the pipeline's earlier stage, a test) is reused as it is."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    kw: dict[str, Any] = {"log_to_driver": True, "runtime_env": job_runtime_env()}
+    try:
+        if lc.address is None:
+            if lc.dashboard is not None:
+                kw["include_dashboard"] = lc.dashboard
+            ray.init(**kw)
+        else:
+            ray.init(address=lc.address, **kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"launcher.address={lc.address}" if lc.address else "launcher.address=null"
+        raise UserError(
+            f"cannot start or reach the Ray cluster ({str(e).splitlines()[0][:200]})",
+            where,
+            "start one with `ray start --head` and set launcher.address=auto (or host:6379), "
+            "or leave launcher.address=null for a local cluster",
+        ) from None
+    return ray
+
+
+def check_resources(ray: Any, lc: LauncherConfig) -> None:
+    """One actor's request must fit the cluster, or Ray would wait for it forever."""
+    have = ray.cluster_resources()
+    for key, want in (("CPU", lc.num_cpus), ("GPU", lc.num_gpus)):
+        if want > have.get(key, 0):
+            raise UserError(
+                f"one Ray actor asks for {want:g} {key}s but the cluster has {have.get(key, 0):g}",
+                f"launcher.num_{key.lower()}s",
+                f"lower launcher.num_{key.lower()}s or add nodes with {key}s to the cluster",
+            )
+
+
+class ShardActor:
+    """One engine and the shards handed to it (becomes a Ray actor class in :func:`run_shards`)."""
+
+    def __init__(self, make: Callable, spec: dict):
+        self.make, self.spec, self.fn = make, spec, None
+
+    def info(self) -> dict:
+        import socket
+
+        return {"pid": os.getpid(), "node": socket.gethostname()}
+
+    def run(self, shard: int) -> Any:
+        if self.fn is None:  # the engine loads on the first shard, inside a task, so that a
+            # UserError while loading reaches the driver like any other
+            self.fn = self.make(store.DatasetWriter(**self.spec))
+        return self.fn(shard)
+
+
+def writer_spec(w: store.DatasetWriter) -> dict:
+    """The fields an actor needs to write shards of ``w``'s dataset (no locks: the driver holds
+    the dataset's writer lock for the whole run)."""
+    return {
+        "directory": w.directory,
+        "table": w.table,
+        "dataset_id": w.dataset_id,
+        "stage": w.stage,
+        "row_group_rows": w.row_group_rows,
+        "vocab_size": w.vocab_size,
+    }
+
+
+def remove_temps(w: store.DatasetWriter, shard: int) -> int:
+    """Delete the temp files of a dead attempt at ``shard`` (its process is gone); how many."""
+    final = Path(w.shard_path(shard))
+    n = 0
+    for tmp in final.parent.glob(f"{store.TMP_PREFIX}{final.name}.*"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def run_shards(
+    lc: LauncherConfig,
+    w: store.DatasetWriter,
+    todo: list[int],
+    make: Callable[[store.DatasetWriter], Callable[[int], Any]],
+    *,
+    units: dict[int, float],
+    on_result: Callable[[int, Any], None],
+    desc: str,
+    unit: str,
+) -> Launched:
+    """Run ``todo`` on Ray actors; ``on_result(shard, result)`` in the driver as each one lands
+    (``result`` None: a dead attempt had committed it). ``units``: progress per shard."""
+    ray = connect(lc)
+    check_resources(ray, lc)
+    actor_cls = ray.remote(ShardActor)
+    opts = {
+        "num_cpus": lc.num_cpus,
+        "num_gpus": lc.num_gpus,
+        "max_restarts": 0,  # the driver replaces a dead actor itself and requeues its shard
+    }
+    if lc.env:  # a runtime env of its own starts a fresh worker process (~seconds more)
+        opts["runtime_env"] = {"env_vars": {**job_runtime_env()["env_vars"], **lc.env}}
+    make_ref, spec = ray.put(make), writer_spec(w)
+    out = Launched()
+
+    def start() -> Any:
+        a = actor_cls.options(**opts).remote(make_ref, spec)
+        out.actors += 1
+        return a
+
+    actors = [start() for _ in range(min(lc.actors, len(todo)))]
+    deaths = [0] * len(actors)
+    queue: deque[int] = deque(todo)
+    running: dict[Any, tuple[int, int]] = {}  # task ref -> (actor slot, shard)
+    bar = Progress(int(sum(units.get(s, 0) for s in todo)), desc, unit=unit)
+    t0 = time.perf_counter()
+    try:
+        for a in actors:
+            _note(ray, a, out)
+        idle = list(range(len(actors)))
+        while queue or running:
+            while idle and queue:
+                slot, shard = idle.pop(0), queue.popleft()
+                running[actors[slot].run.remote(shard)] = (slot, shard)
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            slot, shard = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as e:  # the process died mid-shard
+                deaths[slot] += 1
+                if _after_death(lc, w, shard, deaths[slot], e, out, queue, on_result):
+                    bar.update(units.get(shard, 0))
+                ray.kill(actors[slot], no_restart=True)
+                actors[slot] = start()
+                _note(ray, actors[slot], out)
+                out.replaced += 1
+                idle.append(slot)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                raise _user_error(e) from None
+            on_result(shard, result)
+            out.shards += 1
+            bar.update(units.get(shard, 0))
+            idle.append(slot)
+    finally:
+        bar.close()
+        for a in actors:  # free the engines (and GPUs) for the next stage
+            ray.kill(a, no_restart=True)
+    print(
+        f"[{desc.split()[0]}] ray: {out.shards} shards on {out.actors} actor(s) "
+        f"({len(out.nodes)} node(s)) in {time.perf_counter() - t0:.1f} s, "
+        f"{out.redone} redone after {out.replaced} actor death(s)",
+        flush=True,
+    )
+    return out
+
+
+def _note(ray: Any, actor: Any, out: Launched) -> None:
+    """Record where an actor runs (its pid: what an operator kills; the node)."""
+    info = ray.get(actor.info.remote())
+    out.pids.append(info["pid"])
+    out.nodes.add(info["node"])
+
+
+def _after_death(lc, w, shard, deaths, err, out: Launched, queue: deque, on_result) -> bool:
+    """The actor on ``shard`` died: fail after too many deaths, else clean up and requeue
+    (False) or, when the dead attempt had committed it, keep the shard (True)."""
+    if deaths > lc.max_restarts:
+        raise UserError(
+            f"a Ray actor died {deaths} times (last while on shard {shard}: "
+            f"{str(err).splitlines()[0][:160]})",
+            f"launcher.max_restarts={lc.max_restarts}",
+            "read the actor's log (`ray logs` or the dashboard): an out-of-memory kill needs more "
+            "launcher.num_cpus/num_gpus per actor or fewer actors per node; re-running resumes",
+        )
+    remove_temps(w, shard)
+    if w.is_done(shard):  # it died after the rename: the shard is complete, keep it
+        out.kept_after_death += 1
+        on_result(shard, None)
+        return True
+    out.redone += 1
+    queue.appendleft(shard)
+    return False
+
+
+def _user_error(e: Exception) -> Exception:
+    """A UserError raised in an actor as itself (the stage prints its one line); anything else
+    as Ray's error, which carries the actor's traceback."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, UserError):
+        return UserError(cause.what, cause.where, cause.fix)
+    return e
