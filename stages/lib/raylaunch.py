@@ -56,7 +56,7 @@ QUIET = Quiet()
 class Launched:
     """What :func:`run_shards` did: shards run, redone after an actor died, actors replaced."""
 
-    actors: int = 0
+    actors: int = 0  # actors used (replacements not counted)
     shards: int = 0
     redone: int = 0
     replaced: int = 0
@@ -127,21 +127,38 @@ def check_resources(ray: Any, lc: LauncherConfig) -> None:
 
 
 class ShardActor:
-    """One engine and the shards handed to it (becomes a Ray actor class in :func:`run_shards`)."""
+    """One engine and the shards handed to it (becomes a Ray actor class in :func:`run_shards`).
+    ``load`` gives it a stage's ``make``; the engine loads on the first shard, inside a task, so
+    that a UserError while loading reaches the driver like any other."""
 
-    def __init__(self, make: Callable, spec: dict):
-        self.make, self.spec, self.fn = make, spec, None
+    def __init__(self):
+        self.make, self.spec, self.fn = None, None, None
 
     def info(self) -> dict:
         import socket
 
         return {"pid": os.getpid(), "node": socket.gethostname()}
 
+    def load(self, make: Callable, spec: dict) -> None:
+        self.make, self.spec, self.fn = make, spec, None
+
     def run(self, shard: int) -> Any:
-        if self.fn is None:  # the engine loads on the first shard, inside a task, so that a
-            # UserError while loading reaches the driver like any other
+        if self.fn is None:
             self.fn = self.make(store.DatasetWriter(**self.spec))
         return self.fn(shard)
+
+    def reset(self) -> None:
+        """Drop the engine (its memory, its GPU) and keep the process for the next stage."""
+        import gc
+        import sys
+
+        self.make, self.spec, self.fn = None, None, None
+        if "stages.lib.vllm_backend" in sys.modules:
+            sys.modules["stages.lib.vllm_backend"].clear_llm_cache()
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def writer_spec(w: store.DatasetWriter) -> dict:
@@ -167,6 +184,59 @@ def remove_temps(w: store.DatasetWriter, shard: int) -> int:
     return n
 
 
+# Actors outlive one stage in this process (rollout then score in the pipeline, a test module):
+# starting one costs seconds (a process that imports torch). Reused while the requested options and
+# the Ray session are the same; their engines are dropped between stages (ShardActor.reset).
+_POOL: dict[str, Any] = {"key": None, "actors": []}
+
+
+def _actor_options(lc: LauncherConfig) -> dict:
+    opts: dict[str, Any] = {
+        "num_cpus": lc.num_cpus,
+        "num_gpus": lc.num_gpus,
+        "max_restarts": 0,  # the driver replaces a dead actor itself and requeues its shard
+    }
+    if lc.env:  # a runtime env of its own starts a fresh worker process (~seconds more)
+        opts["runtime_env"] = {"env_vars": {**job_runtime_env()["env_vars"], **lc.env}}
+    return opts
+
+
+def drop_pool() -> None:
+    """Kill the pooled actors (a failed stage, other options, or the end of a Ray session)."""
+    import ray
+
+    for a in _POOL["actors"]:
+        if ray.is_initialized():
+            ray.kill(a, no_restart=True)
+    _POOL.update(key=None, actors=[])
+
+
+def _start(ray: Any, opts: dict, out: Launched) -> Any:
+    """A new actor, waited for until it runs (its pid and node recorded)."""
+    a = ray.remote(ShardActor).options(**opts).remote()
+    _note(ray, a, out)
+    return a
+
+
+def _actors(ray: Any, lc: LauncherConfig, n: int, out: Launched) -> list:
+    """``n`` live actors with ``lc``'s options: pooled ones first (a dead one is dropped)."""
+    opts = _actor_options(lc)
+    key = store.canonical_json([opts, ray.get_runtime_context().get_job_id()])
+    if _POOL["key"] != key:
+        drop_pool()
+    live = []
+    for a in _POOL["actors"]:
+        try:
+            _note(ray, a, out)
+            live.append(a)
+        except ray.exceptions.RayActorError:
+            pass
+    live += [_start(ray, opts, out) for _ in range(n - len(live))]
+    _POOL.update(key=key, actors=live)
+    out.actors = n
+    return live[:n]
+
+
 def run_shards(
     lc: LauncherConfig,
     w: store.DatasetWriter,
@@ -182,67 +252,62 @@ def run_shards(
     (``result`` None: a dead attempt had committed it). ``units``: progress per shard."""
     ray = connect(lc)
     check_resources(ray, lc)
-    actor_cls = ray.remote(ShardActor)
-    opts = {
-        "num_cpus": lc.num_cpus,
-        "num_gpus": lc.num_gpus,
-        "max_restarts": 0,  # the driver replaces a dead actor itself and requeues its shard
-    }
-    if lc.env:  # a runtime env of its own starts a fresh worker process (~seconds more)
-        opts["runtime_env"] = {"env_vars": {**job_runtime_env()["env_vars"], **lc.env}}
-    make_ref, spec = ray.put(make), writer_spec(w)
-    out = Launched()
-
-    def start() -> Any:
-        a = actor_cls.options(**opts).remote(make_ref, spec)
-        out.actors += 1
-        return a
-
-    actors = [start() for _ in range(min(lc.actors, len(todo)))]
-    deaths = [0] * len(actors)
-    queue: deque[int] = deque(todo)
-    running: dict[Any, tuple[int, int]] = {}  # task ref -> (actor slot, shard)
+    out, t0 = Launched(), time.perf_counter()
     bar = Progress(int(sum(units.get(s, 0) for s in todo)), desc, unit=unit)
-    t0 = time.perf_counter()
     try:
-        for a in actors:
-            _note(ray, a, out)
-        idle = list(range(len(actors)))
-        while queue or running:
-            while idle and queue:
-                slot, shard = idle.pop(0), queue.popleft()
-                running[actors[slot].run.remote(shard)] = (slot, shard)
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            slot, shard = running.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as e:  # the process died mid-shard
-                deaths[slot] += 1
-                if _after_death(lc, w, shard, deaths[slot], e, out, queue, on_result):
-                    bar.update(units.get(shard, 0))
-                ray.kill(actors[slot], no_restart=True)
-                actors[slot] = start()
-                _note(ray, actors[slot], out)
-                out.replaced += 1
-                idle.append(slot)
-                continue
-            except ray.exceptions.RayTaskError as e:
-                raise _user_error(e) from None
-            on_result(shard, result)
-            out.shards += 1
-            bar.update(units.get(shard, 0))
-            idle.append(slot)
+        actors = _actors(ray, lc, min(lc.actors, len(todo)), out)
+        _dispatch(ray, lc, w, todo, make, actors, units, on_result, bar, out)
+    except BaseException:
+        drop_pool()  # stop in-flight work; a later stage starts afresh
+        raise
     finally:
         bar.close()
-        for a in actors:  # free the engines (and GPUs) for the next stage
-            ray.kill(a, no_restart=True)
+    for a in _POOL["actors"]:  # free the engines (and GPUs) for the next stage
+        a.reset.remote()
     print(
-        f"[{desc.split()[0]}] ray: {out.shards} shards on {out.actors} actor(s) "
-        f"({len(out.nodes)} node(s)) in {time.perf_counter() - t0:.1f} s, "
-        f"{out.redone} redone after {out.replaced} actor death(s)",
+        f"[{desc.split()[0]}] ray: {out.shards} shards on {len(out.nodes)} node(s), "
+        f"{out.actors} actor(s) in {time.perf_counter() - t0:.1f} s, "
+        f"{out.redone} redone and {out.kept_after_death} kept after {out.replaced} actor "
+        "death(s)",
         flush=True,
     )
     return out
+
+
+def _dispatch(ray, lc, w, todo, make, actors, units, on_result, bar, out: Launched) -> None:
+    """Hand shards to idle actors until every one has landed; replace an actor that dies."""
+    make_ref, spec = ray.put(make), writer_spec(w)  # pickled once, fetched by each actor
+    for a in actors:
+        a.load.remote(make_ref, spec)
+    deaths = [0] * len(actors)
+    queue: deque[int] = deque(todo)
+    running: dict[Any, tuple[int, int]] = {}  # task ref -> (actor slot, shard)
+    idle = list(range(len(actors)))
+    while queue or running:
+        while idle and queue:
+            slot, shard = idle.pop(0), queue.popleft()
+            running[actors[slot].run.remote(shard)] = (slot, shard)
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        slot, shard = running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as e:  # the process died mid-shard
+            deaths[slot] += 1
+            if _after_death(lc, w, shard, deaths[slot], e, out, queue, on_result):
+                bar.update(units.get(shard, 0))
+            dead, actors[slot] = actors[slot], _start(ray, _actor_options(lc), out)
+            ray.kill(dead, no_restart=True)
+            actors[slot].load.remote(make_ref, spec)
+            _POOL["actors"] = [actors[slot] if a is dead else a for a in _POOL["actors"]]
+            out.replaced += 1
+            idle.append(slot)
+            continue
+        except ray.exceptions.RayTaskError as e:
+            raise _user_error(e) from None
+        on_result(shard, result)
+        out.shards += 1
+        bar.update(units.get(shard, 0))
+        idle.append(slot)
 
 
 def _note(ray: Any, actor: Any, out: Launched) -> None:
