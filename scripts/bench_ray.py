@@ -4,10 +4,10 @@ One run measures, on the same workload and in this order: the plain local run (o
 torch thread), ``launcher.kind=ray`` with 1 actor, then with 2 actors (each actor 1 CPU, 1 thread),
 on a local Ray cluster started once (its start-up is reported apart: a cluster usually outlives a
 stage). For each Ray setting the actors are started first and timed apart (``actor_start_s``: a
-process that imports torch), then rollout and score run on them (the pool is reused between the
-two stages, as in the pipeline). Ratios: ``overhead_1_actor`` = Ray 1 actor / local - 1 (stages
-only, and ``_cold`` with the actor start included), ``speedup_2_vs_1`` = 1 actor / 2 actors. Every
-run's shards are checked byte-identical to the local run's.
+process that imports torch and the stages), then rollout and score run on them (the pool is reused
+between the two stages, as in the pipeline). Ratios: ``overhead_1_actor`` = Ray 1 actor / local
+- 1 (stages only; ``_cold`` with the actor start included), ``speedup_2_vs_1`` = 1 actor / 2
+actors. Every run's shards are checked byte-identical to the local run's.
 
 Work: a random Llama policy (hidden 128, 2 layers, vocab 4,096) samples ``n`` responses per
 prompt; a larger teacher (hidden 256) and the policy score them (2 passes per rollout). The machine

@@ -98,20 +98,53 @@ def connect(lc: LauncherConfig) -> Any:
     kw: dict[str, Any] = {"log_to_driver": True, "runtime_env": job_runtime_env()}
     try:
         if lc.address is None:
-            if lc.dashboard is not None:
-                kw["include_dashboard"] = lc.dashboard
-            ray.init(**kw)
+            _start_local(ray, lc, kw)
         else:
+            _check_reachable(lc.address)
             ray.init(address=lc.address, **kw)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = f"launcher.address={lc.address}" if lc.address else "launcher.address=null"
+    except (ConnectionError, RuntimeError, ValueError, OSError) as e:
         raise UserError(
             f"cannot start or reach the Ray cluster ({str(e).splitlines()[0][:200]})",
-            where,
+            f"launcher.address={lc.address if lc.address else 'null'}",
             "start one with `ray start --head` and set launcher.address=auto (or host:6379), "
             "or leave launcher.address=null for a local cluster",
         ) from None
     return ray
+
+
+def _start_local(ray: Any, lc: LauncherConfig, kw: dict) -> None:
+    """A local cluster; the dashboard as ``launcher.dashboard`` says, without it (and a warning)
+    when its packages are missing: it only shows, it never decides anything."""
+    if lc.dashboard is None:
+        ray.init(**kw)
+        return
+    try:
+        ray.init(include_dashboard=lc.dashboard, **kw)
+    except Exception as e:  # Ray raises a bare Exception for missing dashboard packages
+        if "dashboard" not in str(e).lower():
+            raise
+        ray.shutdown()
+        print(
+            f"[ray] no dashboard ({str(e).splitlines()[0][:120]}; pip install 'ray[default]' "
+            "for it): running without",
+            flush=True,
+        )
+        ray.init(include_dashboard=False, **kw)
+
+
+def _check_reachable(address: str) -> None:
+    """A ``host:port`` or ``ray://host:port`` address must accept a connection within seconds
+    (Ray itself retries an unreachable one for minutes)."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    if address == "auto" or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"{address!r} is not host:port")
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+        pass
 
 
 def check_resources(ray: Any, lc: LauncherConfig) -> None:
