@@ -82,7 +82,7 @@ def on_ray(ray, work: Path, base: list[str], actors: int, ref: dict[str, bytes])
     lc = compose("rollout", args).launcher
     raylaunch.drop_pool()
     t0 = time.perf_counter()
-    pool = raylaunch._actors(ray, lc, actors, raylaunch.Launched())
+    pool = raylaunch._actors(ray, lc, actors)
     ray.get([a.info.remote(("stages.rollout", "stages.score")) for a in pool])  # torch imported
     res = {"actor_start_s": time.perf_counter() - t0, **stages(run_dir, args)}
     res["identical_to_local"] = shard_bytes(run_dir) == ref
@@ -106,6 +106,7 @@ def bench(quick: bool) -> dict:
     ref = shard_bytes(work / "local")
     t0 = time.perf_counter()
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         runtime_env=raylaunch.job_runtime_env(),

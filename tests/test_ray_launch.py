@@ -38,6 +38,7 @@ def ray_session():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         runtime_env=raylaunch.job_runtime_env(),

@@ -115,6 +115,7 @@ def connect(lc: LauncherConfig) -> Any:
 def _start_local(ray: Any, lc: LauncherConfig, kw: dict) -> None:
     """A local cluster; the dashboard as ``launcher.dashboard`` says, without it (and a warning)
     when its packages are missing: it only shows, it never decides anything."""
+    kw = {**kw, "address": "local"}  # a new cluster, even when `ray start` runs one here
     if lc.dashboard is None:
         ray.init(**kw)
         return
@@ -176,8 +177,10 @@ class ShardActor:
             importlib.import_module(name)
         return {"pid": os.getpid(), "node": socket.gethostname()}
 
-    def load(self, make: Callable, spec: dict) -> None:
+    def load(self, make: Callable, spec: dict) -> dict:
+        """Take a stage's ``make`` (deserialising it imports the stage); where this actor runs."""
         self.make, self.spec, self.fn = make, spec, None
+        return self.info()
 
     def run(self, shard: int) -> Any:
         if self.fn is None:
@@ -248,30 +251,17 @@ def drop_pool() -> None:
     _POOL.update(key=None, actors=[])
 
 
-def _start(ray: Any, opts: dict, out: Launched) -> Any:
-    """A new actor, waited for until it runs (its pid and node recorded)."""
-    a = ray.remote(ShardActor).options(**opts).remote()
-    _note(ray, a, out)
-    return a
-
-
-def _actors(ray: Any, lc: LauncherConfig, n: int, out: Launched) -> list:
-    """``n`` live actors with ``lc``'s options: pooled ones first (a dead one is dropped)."""
+def _actors(ray: Any, lc: LauncherConfig, n: int) -> list:
+    """``n`` actors with ``lc``'s options, pooled ones first; not waited for (an actor the cluster
+    cannot place yet must not hold back those it can)."""
     opts = _actor_options(lc)
     key = store.canonical_json([opts, ray.get_runtime_context().get_job_id()])
     if _POOL["key"] != key:
         drop_pool()
-    live = []
-    for a in _POOL["actors"]:
-        try:
-            _note(ray, a, out)
-            live.append(a)
-        except ray.exceptions.RayActorError:
-            pass
-    live += [_start(ray, opts, out) for _ in range(n - len(live))]
-    _POOL.update(key=key, actors=live)
-    out.actors = n
-    return live[:n]
+    have = _POOL["actors"]
+    have += [ray.remote(ShardActor).options(**opts).remote() for _ in range(n - len(have))]
+    _POOL.update(key=key, actors=have)
+    return have[:n]
 
 
 def run_shards(
@@ -292,8 +282,9 @@ def run_shards(
     out, t0 = Launched(), time.perf_counter()
     bar = Progress(int(sum(units.get(s, 0) for s in todo)), desc, unit=unit)
     try:
-        actors = _actors(ray, lc, min(lc.actors, len(todo)), out)
-        _dispatch(ray, lc, w, todo, make, actors, units, on_result, bar, out)
+        actors = _actors(ray, lc, min(lc.actors, len(todo)))
+        out.actors = len(actors)
+        _Dispatch(ray, lc, w, make, actors, units, on_result, bar, out).run(todo)
     except BaseException:
         drop_pool()  # stop in-flight work; a later stage starts afresh
         raise
@@ -303,7 +294,7 @@ def run_shards(
         a.reset.remote()
     print(
         f"[{desc.split()[0]}] ray: {out.shards} shards on {len(out.nodes)} node(s), "
-        f"{out.actors} actor(s) in {time.perf_counter() - t0:.1f} s, "
+        f"{len(out.pids)} actor process(es) in {time.perf_counter() - t0:.1f} s, "
         f"{out.redone} redone and {out.kept_after_death} kept after {out.replaced} actor "
         "death(s)",
         flush=True,
@@ -311,64 +302,110 @@ def run_shards(
     return out
 
 
-def _dispatch(ray, lc, w, todo, make, actors, units, on_result, bar, out: Launched) -> None:
-    """Hand shards to idle actors until every one has landed; replace an actor that dies."""
-    make_ref, spec = ray.put(make), writer_spec(w)  # pickled once, fetched by each actor
-    for a in actors:
-        a.load.remote(make_ref, spec)
-    deaths = [0] * len(actors)
-    queue: deque[int] = deque(todo)
-    running: dict[Any, tuple[int, int]] = {}  # task ref -> (actor slot, shard)
-    idle = list(range(len(actors)))
-    while queue or running:
-        while idle and queue:
-            slot, shard = idle.pop(0), queue.popleft()
-            running[actors[slot].run.remote(shard)] = (slot, shard)
-        (ref,), _ = ray.wait(list(running), num_returns=1)
-        slot, shard = running.pop(ref)
+WAIT_NOTE_S = 60.0  # say so when no actor has reported for this long (a cluster with no room)
+
+
+@dataclass
+class _Dispatch:
+    """The driver's loop: one task in flight per actor slot, either its ``load`` (the actor is
+    starting) or a shard; shards go to idle slots; a dead slot gets a new actor."""
+
+    ray: Any
+    lc: LauncherConfig
+    w: store.DatasetWriter
+    make: Callable
+    actors: list
+    units: dict
+    on_result: Callable
+    bar: Any
+    out: Launched
+
+    def run(self, todo: list[int]) -> None:
+        self.make_ref = self.ray.put(self.make)  # pickled once, fetched by each actor
+        self.queue, self.idle = deque(todo), []
+        self.deaths = [0] * len(self.actors)
+        self.running: dict[Any, tuple[int, int | None]] = {}  # ref -> (slot, shard or None)
+        for slot in range(len(self.actors)):
+            self._load(slot)
+        while self.queue or any(sh is not None for _, sh in self.running.values()):
+            while self.idle and self.queue:
+                slot, shard = self.idle.pop(0), self.queue.popleft()
+                self.running[self.actors[slot].run.remote(shard)] = (slot, shard)
+            ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=WAIT_NOTE_S)
+            if not ready:
+                self._waiting()
+                continue
+            slot, shard = self.running.pop(ready[0])
+            self._landed(ready[0], slot, shard)
+        self._drop_unstarted()
+
+    def _load(self, slot: int) -> None:
+        ref = self.actors[slot].load.remote(self.make_ref, writer_spec(self.w))
+        self.running[ref] = (slot, None)
+
+    def _landed(self, ref: Any, slot: int, shard: int | None) -> None:
         try:
-            result = ray.get(ref)
-        except ray.exceptions.RayActorError as e:  # the process died mid-shard
-            deaths[slot] += 1
-            if _after_death(lc, w, shard, deaths[slot], e, out, queue, on_result):
-                bar.update(units.get(shard, 0))
-            dead, actors[slot] = actors[slot], _start(ray, _actor_options(lc), out)
-            ray.kill(dead, no_restart=True)
-            actors[slot].load.remote(make_ref, spec)
-            _POOL["actors"] = [actors[slot] if a is dead else a for a in _POOL["actors"]]
-            out.replaced += 1
-            idle.append(slot)
-            continue
-        except ray.exceptions.RayTaskError as e:
+            result = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as e:  # the process died (mid-shard)
+            self.deaths[slot] += 1
+            if _after_death(self.lc, self.w, shard, self.deaths[slot], e, self.out, self.queue):
+                self.on_result(shard, None)
+                self.bar.update(self.units.get(shard, 0))
+            self._replace(slot)
+            return
+        except self.ray.exceptions.RayTaskError as e:
             raise _user_error(e) from None
-        on_result(shard, result)
-        out.shards += 1
-        bar.update(units.get(shard, 0))
-        idle.append(slot)
+        if shard is None:  # the actor is up and holds the stage's make
+            self.out.pids.append(result["pid"])
+            self.out.nodes.add(result["node"])
+        else:
+            self.on_result(shard, result)
+            self.out.shards += 1
+            self.bar.update(self.units.get(shard, 0))
+        self.idle.append(slot)
+
+    def _replace(self, slot: int) -> None:
+        dead = self.actors[slot]
+        self.ray.kill(dead, no_restart=True)
+        self.actors[slot] = self.ray.remote(ShardActor).options(**_actor_options(self.lc)).remote()
+        _POOL["actors"] = [self.actors[slot] if a is dead else a for a in _POOL["actors"]]
+        self.out.replaced += 1
+        self._load(slot)
+
+    def _waiting(self) -> None:
+        starting = sum(sh is None for _, sh in self.running.values())
+        print(
+            f"[ray] {starting} actor(s) not started after {WAIT_NOTE_S:.0f} s: the cluster has "
+            f"no room for launcher.num_cpus={self.lc.num_cpus:g} / "
+            f"num_gpus={self.lc.num_gpus:g} more (`ray status` shows what is free)",
+            flush=True,
+        )
+
+    def _drop_unstarted(self) -> None:
+        """Actors still starting when the last shard landed: not needed, not kept."""
+        for ref, (slot, _) in list(self.running.items()):
+            self.ray.kill(self.actors[slot], no_restart=True)
+            _POOL["actors"] = [a for a in _POOL["actors"] if a is not self.actors[slot]]
+            del self.running[ref]
 
 
-def _note(ray: Any, actor: Any, out: Launched) -> None:
-    """Record where an actor runs (its pid: what an operator kills; the node)."""
-    info = ray.get(actor.info.remote())
-    out.pids.append(info["pid"])
-    out.nodes.add(info["node"])
-
-
-def _after_death(lc, w, shard, deaths, err, out: Launched, queue: deque, on_result) -> bool:
-    """The actor on ``shard`` died: fail after too many deaths, else clean up and requeue
-    (False) or, when the dead attempt had committed it, keep the shard (True)."""
+def _after_death(lc, w, shard, deaths, err, out: Launched, queue: deque) -> bool:
+    """The actor on ``shard`` (None: while starting) died: fail after too many deaths, else clean
+    up and requeue (False) or, when the dead attempt had committed it, keep the shard (True)."""
     if deaths > lc.max_restarts:
+        on = f"shard {shard}" if shard is not None else "start-up"
         raise UserError(
-            f"a Ray actor died {deaths} times (last while on shard {shard}: "
+            f"a Ray actor died {deaths} times (last while on {on}: "
             f"{str(err).splitlines()[0][:160]})",
             f"launcher.max_restarts={lc.max_restarts}",
             "read the actor's log (`ray logs` or the dashboard): an out-of-memory kill needs more "
             "launcher.num_cpus/num_gpus per actor or fewer actors per node; re-running resumes",
         )
+    if shard is None:
+        return False
     remove_temps(w, shard)
     if w.is_done(shard):  # it died after the rename: the shard is complete, keep it
         out.kept_after_death += 1
-        on_result(shard, None)
         return True
     out.redone += 1
     queue.appendleft(shard)
