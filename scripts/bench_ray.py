@@ -38,6 +38,12 @@ from stages import rollout, score  # noqa: E402
 from stages.lib import raylaunch  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
 
+WARM_IMPORTS = (
+    "stages.rollout",
+    "stages.score",
+    "transformers.models.llama.modeling_llama",
+    "transformers.generation.utils",
+)
 QUICK = dict(prompts=96, n=2, max_new_tokens=24, per_shard=4)
 FULL = dict(prompts=192, n=4, max_new_tokens=48, per_shard=8)
 
@@ -83,7 +89,9 @@ def on_ray(ray, work: Path, base: list[str], actors: int, ref: dict[str, bytes])
     raylaunch.drop_pool()
     t0 = time.perf_counter()
     pool = raylaunch._actors(ray, lc, actors)
-    ray.get([a.info.remote(("stages.rollout", "stages.score")) for a in pool])  # torch imported
+    # what the local run has imported by now (the driver built the models): torch, the stages,
+    # transformers' Llama and generation code
+    ray.get([a.info.remote(WARM_IMPORTS) for a in pool])
     res = {"actor_start_s": time.perf_counter() - t0, **stages(run_dir, args)}
     res["identical_to_local"] = shard_bytes(run_dir) == ref
     raylaunch.drop_pool()
