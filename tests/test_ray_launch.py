@@ -208,3 +208,31 @@ def test_kill_mid_write_leaves_no_second_shard_and_resume_skips_done_shards(
     assert re.search(r"1 redone and 0 kept after 1 actor death", capsys.readouterr().out)
     assert shard_bytes(run_dir / "rollouts") == shard_bytes(ref / "rollouts")
     assert len(shard_bytes(run_dir / "rollouts")) == 3 and not temps(run_dir / "rollouts")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("launcher.kind=slurm", "launcher.kind"),
+        ("launcher.actors=0", "launcher.actors"),
+        ("launcher.num_cpus=0", "launcher.num_cpus"),
+        ("launcher.num_gpus=-1", "launcher.num_gpus"),
+        ("launcher.max_restarts=-1", "launcher.max_restarts"),
+        ("launcher.address=' '", "launcher.address"),
+        ("worker.count=2", "launcher.kind=ray"),  # the launcher takes the whole plan
+    ],
+)
+def test_launcher_config_is_checked_at_compose(override, key):
+    with pytest.raises(errors.UserError, match=re.escape(key)):
+        compose("rollout", ["launcher.kind=ray", override])
+
+
+def test_an_address_that_does_not_answer_fails_at_once():
+    """Ray alone retries an unreachable GCS for minutes; the launcher refuses in seconds."""
+    t0 = time.time()
+    with pytest.raises(OSError):
+        raylaunch._check_reachable("127.0.0.1:1")
+    with pytest.raises(OSError):
+        raylaunch._check_reachable("ray://127.0.0.1:1")
+    raylaunch._check_reachable("auto")  # found by Ray itself (a ConnectionError when absent)
+    assert time.time() - t0 < 10
