@@ -7,8 +7,10 @@ local Ray cluster started once. Cluster start-up (``ray_init_s``) and actor star
 apart: a cluster and its actors outlive a stage (the actors are pooled across stages). The three
 settings run interleaved for ``repeats`` rounds (order reversed every other round) and each takes
 its best round, so load that shifts during the run hits all three alike. Ratios:
-``overhead_1_actor`` = Ray 1 actor / local - 1, ``speedup_2_vs_1`` = 1 actor / 2 actors. Every
-run's shards are checked byte-identical to the local run's.
+``overhead_1_actor`` = Ray 1 actor / local - 1, ``speedup_2_vs_1`` = 1 actor / 2 actors, and
+``cpu_overhead_1_actor`` from the CPU seconds of the driver plus the actors (Ray's own daemons not
+counted), which other jobs on a shared machine do not inflate. Every run's shards are checked
+byte-identical to the local run's.
 
 Work: a random Llama policy (hidden 128, 2 layers, vocab 4,096) samples ``n`` responses per
 prompt; a larger teacher (hidden 256) and the policy score them (2 passes per rollout). The machine
@@ -45,8 +47,8 @@ WARM_IMPORTS = (
     "transformers.models.llama.modeling_llama",
     "transformers.generation.utils",
 )
-QUICK = dict(prompts=64, n=2, max_new_tokens=16, per_shard=4, repeats=2)
-FULL = dict(prompts=192, n=4, max_new_tokens=48, per_shard=8, repeats=3)
+QUICK = dict(prompts=96, n=2, max_new_tokens=24, per_shard=16, repeats=2)
+FULL = dict(prompts=256, n=2, max_new_tokens=48, per_shard=32, repeats=3)
 
 
 def overrides(student: Path, teacher: Path, prompts: Path, w: dict) -> list[str]:
@@ -64,15 +66,22 @@ def overrides(student: Path, teacher: Path, prompts: Path, w: dict) -> list[str]
     ]
 
 
-def stages(run_dir: Path, args: list[str]) -> dict:
-    """Rollout then score into a fresh ``run_dir``; wall seconds of each."""
+def actors_cpu(ray) -> float:
+    """CPU seconds the pooled actors' processes have used so far (all their threads)."""
+    return sum(i["cpu_s"] for i in ray.get([a.info.remote() for a in raylaunch._POOL["actors"]]))
+
+
+def stages(ray, run_dir: Path, args: list[str]) -> dict:
+    """Rollout then score into a fresh ``run_dir``: wall seconds of each, and the CPU seconds of
+    this process plus the actors (what the work cost, whatever else the machine is running)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    t0 = time.perf_counter()
+    c0, a0, t0 = time.process_time(), actors_cpu(ray), time.perf_counter()
     rollout.run(compose("rollout", args))
     t1 = time.perf_counter()
     score.run(compose("score", args))
     t2 = time.perf_counter()
-    return {"rollout_s": t1 - t0, "score_s": t2 - t1, "total_s": t2 - t0}
+    cpu = time.process_time() - c0 + actors_cpu(ray) - a0
+    return {"rollout_s": t1 - t0, "score_s": t2 - t1, "total_s": t2 - t0, "cpu_s": cpu}
 
 
 def shard_bytes(run_dir: Path) -> dict[str, bytes]:
@@ -125,14 +134,17 @@ def bench(quick: bool) -> dict:
     for r in range(w["repeats"]):  # interleaved, the order reversed every other round
         for name in list(SETTINGS)[:: 1 if r % 2 == 0 else -1]:
             run_dir = work / name
-            runs[name].append(stages(run_dir, [*base, f"run_dir={run_dir}", *SETTINGS[name]]))
+            args = [*base, f"run_dir={run_dir}", *SETTINGS[name]]
+            runs[name].append(stages(ray, run_dir, args))
         ref = shard_bytes(work / "local")
         identical &= all(shard_bytes(work / n) == ref for n in SETTINGS)
     raylaunch.drop_pool()
     ray.shutdown()
     res["load_avg_1m_after"] = os.getloadavg()[0]
     best = {n: min(x["total_s"] for x in v) for n, v in runs.items()}
-    res |= {"runs": runs, "best_total_s": best, "identical_bytes": identical}
+    cpu = {n: min(x["cpu_s"] for x in v) for n, v in runs.items()}
+    res |= {"runs": runs, "best_total_s": best, "best_cpu_s": cpu, "identical_bytes": identical}
+    res["cpu_overhead_1_actor"] = cpu["ray_1_actor"] / cpu["local"] - 1
     res["shards"] = len(shard_bytes(work / "local"))
     res["overhead_1_actor"] = best["ray_1_actor"] / best["local"] - 1
     res["speedup_2_vs_1"] = best["ray_1_actor"] / best["ray_2_actors"]

@@ -175,7 +175,7 @@ class ShardActor:
 
         for name in imports:
             importlib.import_module(name)
-        return {"pid": os.getpid(), "node": socket.gethostname()}
+        return {"pid": os.getpid(), "node": socket.gethostname(), "cpu_s": time.process_time()}
 
     def load(self, make: Callable, spec: dict) -> dict:
         """Take a stage's ``make`` (deserialising it imports the stage); where this actor runs."""
