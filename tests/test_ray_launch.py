@@ -236,3 +236,17 @@ def test_an_address_that_does_not_answer_fails_at_once():
         raylaunch._check_reachable("ray://127.0.0.1:1")
     raylaunch._check_reachable("auto")  # found by Ray itself (a ConnectionError when absent)
     assert time.time() - t0 < 10
+
+
+def test_an_actor_dying_too_often_is_one_error_and_leaves_no_temp(
+    tmp_path, tiny_lm, tiny_teacher, prompts_file
+):
+    """launcher.max_restarts=0: the first death ends the stage with one line naming the shard;
+    the dead attempt's temp file is removed and nothing is committed."""
+    fault = ("launcher.actors=1", "launcher.max_restarts=0")
+    fault += ("+launcher.env.DISTILLERY_FAULT='mid_shard:1'",)
+    args = overrides(tmp_path, tiny_lm, tiny_teacher, prompts_file, *RAY[:1], *fault)
+    with pytest.raises(errors.UserError, match=r"died 1 time \(last while on shard 0") as info:
+        rollout.run(compose("rollout", args))
+    assert "launcher.max_restarts=0" in info.value.line()
+    assert not shard_bytes(tmp_path / "rollouts") and not temps(tmp_path / "rollouts")

@@ -396,10 +396,12 @@ class _Dispatch:
 def _after_death(lc, w, shard, deaths, err, out: Launched, queue: deque) -> bool:
     """The actor on ``shard`` (None: while starting) died: fail after too many deaths, else clean
     up and requeue (False) or, when the dead attempt had committed it, keep the shard (True)."""
+    if shard is not None:
+        remove_temps(w, shard)  # the dead attempt's, whatever happens next
     if deaths > lc.max_restarts:
         on = f"shard {shard}" if shard is not None else "start-up"
         raise UserError(
-            f"a Ray actor died {deaths} times (last while on {on}: "
+            f"a Ray actor died {deaths} time{'s' if deaths > 1 else ''} (last while on {on}: "
             f"{str(err).splitlines()[0][:160]})",
             f"launcher.max_restarts={lc.max_restarts}",
             "read the actor's log (`ray logs` or the dashboard): an out-of-memory kill needs more "
@@ -407,7 +409,6 @@ def _after_death(lc, w, shard, deaths, err, out: Launched, queue: deque) -> bool
         )
     if shard is None:
         return False
-    remove_temps(w, shard)
     if w.is_done(shard):  # it died after the rename: the shard is complete, keep it
         out.kept_after_death += 1
         return True
