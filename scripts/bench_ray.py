@@ -47,7 +47,7 @@ WARM_IMPORTS = (
     "transformers.models.llama.modeling_llama",
     "transformers.generation.utils",
 )
-QUICK = dict(prompts=96, n=2, max_new_tokens=24, per_shard=16, repeats=2)
+QUICK = dict(prompts=64, n=2, max_new_tokens=24, per_shard=16, repeats=2)
 FULL = dict(prompts=256, n=2, max_new_tokens=48, per_shard=32, repeats=3)
 
 
