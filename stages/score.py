@@ -710,7 +710,7 @@ def _score_shards(
 ) -> None:
     """Score and write the shards ``todo`` (rollout shard s -> tokens shard s); ``xt``: the
     cross-tokenizer teacher (its passes run apart, on its own ids: ``_xtok_teacher``)."""
-    sc, vocab = cfg.score, models.vocab_size(tok)
+    vocab = models.vocab_size(tok)
     total = sum(rm["shards"][s]["rows"] for s in todo)
     _check_rollouts(paths, todo, vocab)  # before any shard is written
     max_len = _max_len(paths, todo)
@@ -718,8 +718,15 @@ def _score_shards(
     scorer = _Scorer(cfg, backend, vocab, pad_id, max_len, devices)
     # counted in rollout response tokens: each shard's passes (tokens x passes) scaled to them
     desc = f"score {total} rollouts"
+    if cfg.launcher.kind == "ray":
+        return _score_on_ray(cfg, w, paths, todo, roles, t_roles, scorer, counts, desc, xt)
     bar = Progress(_response_tokens(paths, todo), desc, unit="response tokens")
-    rb = sc.route_by
+    _score_loop(cfg, w, paths, todo, roles, t_roles, scorer, counts, bar, xt)
+
+
+def _score_loop(cfg, w, paths, todo, roles, t_roles, scorer, counts: _Counts, bar, xt=None) -> None:
+    """Score and write the shards ``todo`` with ``scorer``; closes ``bar``."""
+    sc, vocab, rb = cfg.score, scorer.vocab, cfg.score.route_by
     try:
         with torch.inference_mode():
             for s in todo:
@@ -760,6 +767,33 @@ def _score_shards(
                 counts.shards += 1
     finally:
         bar.close()
+
+
+def _score_on_ray(
+    cfg, w, paths, todo, roles, t_roles, scorer, counts: _Counts, desc, xt=None
+) -> None:
+    """``launcher.kind=ray``: Ray actors score the shards ``todo``, each with its own copy of
+    ``scorer`` (models load on the actor, once; HF devices picked on the actor's machine)."""
+    from stages.lib import raylaunch
+
+    def make(aw):  # runs on each actor, once
+        scorer.devices = role_devices(cfg.score)
+
+        def one(s: int) -> _Counts:
+            got = _Counts()
+            _score_loop(cfg, aw, paths, [s], roles, t_roles, scorer, got, raylaunch.QUIET, xt)
+            return got
+
+        return one
+
+    def merge(s: int, got: _Counts | None) -> None:
+        for f in dataclasses.fields(got or _Counts()):
+            setattr(counts, f.name, getattr(counts, f.name) + getattr(got or _Counts(), f.name))
+
+    units = {s: _response_tokens(paths, [s]) for s in todo}
+    raylaunch.run_shards(
+        cfg.launcher, w, todo, make, units=units, on_result=merge, desc=desc, unit="response tokens"
+    )
 
 
 def _model_paths(cfg, roles: list[Role], t_roles: dict[str, Role]) -> dict[str, str]:

@@ -134,6 +134,48 @@ class WorkerConfig:
         _check(0 <= self.index < self.count, "worker.index", "must be in 0..worker.count-1")
 
 
+LAUNCHERS = ("local", "ray")
+
+
+@dataclass
+class LauncherConfig:
+    # How rollout and score run their shard plan: local = in this process (split by hand with
+    # worker.index/worker.count); ray = Ray actors take the shards (docs/CLUSTER.md; needs the
+    # `ray` extra).
+    kind: str = "local"
+    # The Ray cluster: null = start a local one in this process; "auto" = the cluster that
+    # `ray start` runs on this machine; "host:6379" or "ray://host:10001" = that cluster.
+    address: str | None = None
+    # Ray actors; each loads one engine (HF model or vLLM) once and takes shards one at a time.
+    actors: int = 2
+    # CPUs Ray reserves per actor (Ray gives the actor as many OpenMP threads unless the
+    # environment sets OMP_NUM_THREADS).
+    num_cpus: float = 1.0
+    # GPUs Ray reserves per actor (1 for an engine on one GPU; 0 = CPU).
+    num_gpus: float = 0.0
+    # How often an actor whose process dies (killed, out of memory, node lost) is replaced; its
+    # shard is redone. One more death fails the stage.
+    max_restarts: int = 3
+    # Ray's dashboard for a local cluster: null = Ray's default (on when its packages are
+    # installed: pip install 'ray[default]'), true, false. A cluster from `ray start` has its own.
+    dashboard: bool | None = None
+    # Extra environment variables for the actors (e.g. HF_HOME), name -> value.
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.kind in LAUNCHERS, "launcher.kind", f"must be local|ray (got {self.kind!r})")
+        _check(
+            self.address is None or self.address.strip() != "",
+            "launcher.address",
+            "must be null (a local cluster), auto, host:port or ray://host:port",
+        )
+        _check(self.actors >= 1, "launcher.actors", "must be >= 1")
+        _check(self.num_cpus > 0, "launcher.num_cpus", "must be > 0")
+        _check(self.num_gpus >= 0, "launcher.num_gpus", "must be >= 0")
+        _check(self.max_restarts >= 0, "launcher.max_restarts", "must be >= 0")
+        _check_finite(self, "launcher")
+
+
 @dataclass
 class RolloutConfig:
     # hf | vllm | auto (auto = vllm where CUDA is present, else hf).
@@ -753,6 +795,8 @@ class Config:
     ref: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    # Where rollout and score run their shards: this process, or Ray actors.
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
@@ -769,6 +813,11 @@ class Config:
     def __post_init__(self) -> None:
         RunLayout.of(self.run_dir)  # not empty (an empty run_dir writes into the cwd)
         self._check_teachers()
+        _check(
+            self.launcher.kind == "local" or self.worker.count == 1,
+            "launcher.kind=ray",
+            "takes the whole shard plan: leave worker.index/worker.count at 0/1",
+        )
         ad = self.pipeline.adaptive
         _check(
             not (ad.enabled and ad.metric == "staleness" and not self.score.behavior),

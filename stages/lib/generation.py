@@ -373,9 +373,12 @@ def generate_rollouts(
         },
     }
 
-    def engine() -> Engine:
+    def engine(on_actor: bool = False) -> Engine:
+        dev = device
+        if on_actor and backend == "hf":  # a Ray actor picks the device of its own machine
+            dev = models.pick_device(r.device, "rollout.device")
         return load_engine(
-            backend, policy_path, plan.tok, s, r, dtype=dtype, ctx_len=plan.ctx_len, device=device
+            backend, policy_path, plan.tok, s, r, dtype=dtype, ctx_len=plan.ctx_len, device=dev
         )
 
     stats = Stats()
@@ -472,7 +475,9 @@ def _write_rollouts(
     ) as w:
         todo = [] if w.complete else [sh for sh in mine if not w.is_done(sh)]
         stats.shards_resumed = 0 if w.complete else len(mine) - len(todo)
-        if todo:
+        if todo and cfg.launcher.kind == "ray":
+            _sample_on_ray(cfg, w, engine, todo, plan, s, stats, stage_name, match)
+        elif todo:
             _sample_shards(
                 w, engine(), todo, plan.by_shard, s, plan.tok, stats, stage_name, cfg.seed, match
             )
@@ -556,9 +561,11 @@ def _sample_shards(
     stage_name: str,
     seed: int,
     match: str = "words",
+    progress: Any = None,
 ) -> None:
-    """Generate and write shards one at a time: memory holds one shard, a kill loses one shard."""
-    bar = Progress(sum(len(by_shard.get(sh, [])) for sh in todo), stage_name)
+    """Generate and write shards one at a time: memory holds one shard, a kill loses one shard.
+    ``progress``: where to count prompts (None = a bar of this call's own)."""
+    bar = progress or Progress(sum(len(by_shard.get(sh, [])) for sh in todo), stage_name)
     try:
         for sh in todo:
             prompts = by_shard.get(sh, [])
@@ -580,3 +587,47 @@ def _sample_shards(
             bar.update(len(prompts))
     finally:
         bar.close()
+
+
+def _sample_on_ray(
+    cfg: Config,
+    w: store.DatasetWriter,
+    engine: Any,
+    todo: list[int],
+    plan: RolloutPlan,
+    s: Sampling,
+    stats: Stats,
+    stage_name: str,
+    match: str,
+) -> None:
+    """``launcher.kind=ray``: Ray actors sample the shards ``todo`` (one engine each, loaded once,
+    on the device ``rollout.device`` picks on the actor's machine); stats merged here."""
+    from stages.lib import raylaunch
+
+    by_shard, tok, seed = plan.by_shard, plan.tok, cfg.seed
+
+    def make(aw: store.DatasetWriter):  # runs on each actor, once
+        eng = engine(on_actor=True)
+
+        def one(sh: int) -> Stats:
+            got = Stats()
+            args = (by_shard, s, tok, got, stage_name, seed, match)
+            _sample_shards(aw, eng, [sh], *args, progress=raylaunch.QUIET)
+            return got
+
+        return one
+
+    def merge(sh: int, got: Stats | None) -> None:
+        if got is None:  # committed by an attempt that died after its rename
+            return
+        stats.samples += got.samples
+        stats.tokens += got.tokens
+        stats.guided += got.guided
+        stats.seconds += got.seconds
+        stats.shards_written += got.shards_written
+        stats.finish.update(got.finish)
+
+    units = {sh: len(by_shard.get(sh, [])) for sh in todo}
+    raylaunch.run_shards(
+        cfg.launcher, w, todo, make, units=units, on_result=merge, desc=stage_name, unit="prompts"
+    )
