@@ -36,11 +36,14 @@ BUSY = (
 
 # setup name -> environment added to the child's (before torch loads OpenMP)
 SETUPS: dict[str, dict[str, str]] = {
-    "default": {},  # libgomp's own policy: spin ~300k iterations, then sleep
+    "default": {},  # GNU OpenMP's own policy: spin 300k iterations (milliseconds), then sleep
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # sleep at once when a thread waits
+    "spin_1k": {"GOMP_SPINCOUNT": "1000"},  # a very short spin, then sleep
     "spin_10k": {"GOMP_SPINCOUNT": "10000"},  # a short spin, then sleep
+    "spin_30k": {"GOMP_SPINCOUNT": "30000"},
+    "spin_100k": {"GOMP_SPINCOUNT": "100000"},
     "one_thread": {"BENCH_TORCH_THREADS": "1"},  # no parallel regions at all (reference)
-    "project": {},  # whatever stages.lib.threads sets up (the project's default)
+    "project": {},  # stages.lib.threads.setup(), as every entry point runs it  # whatever stages.lib.threads sets up (the project's default)
 }
 
 
@@ -91,13 +94,27 @@ def child(steps: int, use_project: bool) -> None:
     print(json.dumps(out), flush=True)
 
 
-def run_child(setup: str, steps: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+def _realtime() -> None:
+    """In the child before exec: FIFO real-time scheduling, inherited by its threads."""
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+
+
+def run_child(setup: str, steps: int, realtime: bool = False) -> dict:
+    drop = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # each setup sets its own
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(SETUPS[setup])
     cmd = [sys.executable, __file__, "--child", "--steps", str(steps)]
     if setup == "project":
         cmd.append("--project")
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
+    p = subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        preexec_fn=_realtime if realtime else None,
+    )
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -109,6 +126,21 @@ def stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.kill()
         p.wait()
+
+
+def idle_realtime(setups: list[str], steps: int, repeats: int) -> dict:
+    """Idle speed with the machine to itself: each child real-time (SCHED_FIFO, root only; the
+    kernel still leaves other jobs 5 % of each second), no busy loops, interleaved."""
+    times: dict[str, list[float]] = {s: [] for s in setups}
+    for _ in range(repeats):
+        for s in setups:
+            times[s].append(run_child(s, steps, realtime=True)["seconds"])
+            print(f"{s} idle real-time: {times[s][-1]:.2f} s", file=sys.stderr, flush=True)
+    best = {s: min(v) for s, v in times.items()}
+    out = {"threads.idle_realtime_times": times}
+    for s in setups:
+        out[f"threads.{s}.idle_realtime_over_{setups[0]}"] = best[s] / best[setups[0]]
+    return out
 
 
 def bench(quick: bool, setups: list[str], repeats: int | None = None) -> dict:
@@ -164,6 +196,13 @@ def main() -> None:
         help="niceness of the bench, its children and its busy loops (e.g. -20 as root: the "
         "measurement then competes with its own busy loops, hardly with other jobs)",
     )
+    ap.add_argument(
+        "--realtime",
+        action="store_true",
+        help="also time each setup idle as a real-time process (root; the idle speed on a busy "
+        "machine)",
+    )
+    ap.add_argument("--realtime-only", action="store_true", help="only the real-time idle check")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--project", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=15, help=argparse.SUPPRESS)
@@ -173,8 +212,11 @@ def main() -> None:
         return
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every child
-    res = bench(args.quick, args.setups.split(","), args.repeats)
+    setups = args.setups.split(",")
+    res = {} if args.realtime_only else bench(args.quick, setups, args.repeats)
     res["threads.nice"] = args.nice
+    if args.realtime or args.realtime_only:
+        res.update(idle_realtime(setups, 6 if args.quick else 15, args.repeats or 3))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "threads.times"}, indent=1))

@@ -1,8 +1,7 @@
 """The thread setup of the entry points: OpenMP's wait policy is set before torch loads it.
 
 OMP_DISPLAY_ENV=verbose makes GNU OpenMP print the settings it started with, so these tests read
-what the runtime itself uses (its spin count: 300000 by default, 0 when passive), not just the
-environment variable."""
+what the runtime itself uses (its spin count: 300000 by default), not just the environment."""
 
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ PROBE = (
 
 def _openmp(first: str, **env: str) -> tuple[str, str]:
     """(spin count OpenMP started with, torch threads) in a fresh interpreter."""
-    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     p = subprocess.run(
         [sys.executable, "-c", PROBE.format(first=first)],
         cwd=ROOT,
@@ -36,15 +35,17 @@ def _openmp(first: str, **env: str) -> tuple[str, str]:
     return line.split("=")[1].strip(" '"), p.stdout.strip()
 
 
-def test_stages_start_openmp_passive_with_the_same_thread_count():
-    assert _openmp("import stages.train") == ("0", "2")  # threads sleep at once when waiting
+def test_stages_start_openmp_with_a_short_spin_and_the_same_thread_count():
+    assert _openmp("import stages.train") == ("1000", "2")
     assert _openmp("import os")[0] == "300000"  # without the setup: the runtime's default
 
 
 def test_a_users_own_policy_wins():
     assert _openmp("import stages", OMP_WAIT_POLICY="ACTIVE")[0] == "30000000000"  # spin on
+    assert _openmp("import stages", OMP_WAIT_POLICY="PASSIVE")[0] == "0"
+    assert _openmp("import stages", GOMP_SPINCOUNT="5000")[0] == "5000"
 
 
 def test_the_demo_world_sets_it_before_torch():
     first = "import sys; sys.path.insert(0, 'scripts'); from demoworld import world"
-    assert _openmp(first)[0] == "0"
+    assert _openmp(first)[0] == "1000"

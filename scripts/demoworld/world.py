@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 # isort: off
-import stages  # noqa: F401  (first: sets OpenMP's wait policy before torch loads; lib/threads.py)
+import stages  # noqa: F401  (first: sets OpenMP's spin count before torch loads; lib/threads.py)
 import torch
 
 # isort: on
