@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_select  # noqa: E402
 
 from data_schemas import codec, rollouts, tokens  # noqa: E402
+from data_schemas import manifest as manifest_mod  # noqa: E402
 from stages.lib import store  # noqa: E402
 
 SEQ_PER_SHARD = 2000
@@ -85,6 +86,9 @@ def renamed(table: pa.Table, shard: int) -> pa.Table:
 def write_run(run_dir: Path, n_tokens: int, tpl: list[tuple[pa.Table, pa.Table]]) -> int:
     """Committed rollouts/ + tokens/ of at least ``n_tokens`` tokens, shard by shard."""
     n_shards = -(-n_tokens // (SEQ_PER_SHARD * MEAN_T))
+    done = manifest_mod.read(run_dir / "tokens")  # a kept run (--keep): write nothing
+    if done is not None and len(done["shards"]) == n_shards:
+        return done["rows"]
     ro_id = store.content_id({"scale": n_tokens})
     tk_id = store.content_id({"scale-tok": n_tokens})
     total = 0
@@ -129,6 +133,8 @@ def child(run_dir: Path, overrides: list[str]) -> None:
 
 
 def run_select(run_dir: Path, overrides: list[str]) -> dict:
+    for old in (run_dir / "selected", run_dir / ".duckdb_tmp"):  # no resume from a kept run
+        shutil.rmtree(old, ignore_errors=True)
     p = subprocess.run(
         [sys.executable, __file__, "--child", str(run_dir), *overrides],
         capture_output=True,
@@ -144,7 +150,9 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*.parquet"))
 
 
-def bench(quick: bool, workdir: Path | None = None, overrides: list[str] | None = None) -> dict:
+def bench(
+    quick: bool, workdir: Path | None = None, overrides: list[str] | None = None, keep: bool = False
+) -> dict:
     small, large = (200_000, 2_000_000) if quick else (5_000_000, 50_000_000)
     overrides = list(overrides or [])
     out: dict = {
@@ -152,7 +160,11 @@ def bench(quick: bool, workdir: Path | None = None, overrides: list[str] | None 
         "select_scale.quick": quick,
         "select_scale.overrides": overrides,
     }
-    tmp = Path(tempfile.mkdtemp(prefix="bench-select-scale-", dir=workdir))
+    if keep and workdir is not None:  # runs kept in workdir, reused by the next --keep
+        tmp = workdir
+        tmp.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-select-scale-", dir=workdir))
     try:
         t0 = time.perf_counter()
         tpl = templates(np.random.default_rng(0))
@@ -176,9 +188,11 @@ def bench(quick: bool, workdir: Path | None = None, overrides: list[str] | None 
             out[f"select_scale.{name}_peak_rss_gib"] = round(r["peak_rss"] / 2**30, 3)
             out[f"select_scale.{name}_us_per_token"] = round(1e6 * r["wall_s"] / n_tok, 3)
             out[f"select_scale.{name}_cpu_us_per_token"] = round(1e6 * r["cpu_s"] / n_tok, 3)
-            shutil.rmtree(d)  # free the disk before the next run
+            if not keep:
+                shutil.rmtree(d)  # free the disk before the next run
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     out["select_scale.peak_rss_gib"] = out["select_scale.large_peak_rss_gib"]
     out["select_scale.time_per_token_large_over_small"] = round(
         out["select_scale.large_us_per_token"] / out["select_scale.small_us_per_token"], 3
@@ -196,6 +210,11 @@ def main() -> None:
     ap.add_argument("--out", help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="0.2M vs 2M tokens (~1-2 minutes)")
     ap.add_argument("--workdir", type=Path, help="where the runs are written (default: $TMPDIR)")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the runs in --workdir and reuse them next time (delete them yourself)",
+    )
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument(
         "overrides", nargs="*", help="select config overrides (select.memory_limit=1GB)"
@@ -204,7 +223,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.overrides)
         return
-    res = bench(args.quick, args.workdir, args.overrides)
+    res = bench(args.quick, args.workdir, args.overrides, args.keep)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
