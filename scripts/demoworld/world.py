@@ -51,12 +51,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-# isort: off
-import stages  # noqa: F401  (first: sets OpenMP's spin count before torch loads; lib/threads.py)
 import torch
-
-# isort: on
 from tqdm import tqdm
 
 from data_schemas import prompts as prompts_schema

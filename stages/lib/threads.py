@@ -14,8 +14,9 @@ count (which fixes the reduction order, so the bits) stays what it was.
 
 OpenMP reads its environment once, when torch loads it, so :func:`setup` must run before the
 first ``import torch``: ``stages/__init__.py`` calls it (every ``python -m stages.<stage>`` and
-``distillery`` command imports the package first), and so does the demo world. A value the user
-set in the environment wins (``OMP_WAIT_POLICY`` too: with it set, nothing is added).
+``distillery`` command imports the package first), and so does the demo world's package
+(``scripts/demoworld/__init__.py``). A value the user set in the environment wins
+(``OMP_WAIT_POLICY`` too: with it set, nothing is added).
 """
 
 from __future__ import annotations
