@@ -13,10 +13,15 @@ previous fp16 column was off by up to 2**-6 nats at log-probs around -20 (fp16's
 magnitude). Every other column keeps its logical type and is lossless: the sampled-token
 ``teacher_logprob`` stays exact fp32.
 
-Writer options (``parquet_options``): BYTE_STREAM_SPLIT for 32-bit numbers (ids, deltas, fp32
-scalars: it splits values into byte planes so zstd sees the low-entropy high bytes together), no
-dictionary for them (a 152k-id dictionary costs 17-18 bits per id), dictionary for strings, fp16
-and small ints (DuckDB cannot read BYTE_STREAM_SPLIT fp16), zstd level 9.
+Writer options (``parquet_options``), codec version 3 (the default): BYTE_STREAM_SPLIT for 32-bit
+numbers (ids, deltas, fp32 scalars: it splits values into byte planes so zstd sees the low-entropy
+high bytes together), no dictionary for them (a 152k-id dictionary costs 17-18 bits per id); fp16
+plain without a dictionary (a dictionary of ~10^4 distinct halves costs more than the 2 bytes it
+replaces; DuckDB cannot read BYTE_STREAM_SPLIT fp16); dictionary for strings, bools and small ints;
+zstd level 17. Version 2 (shards written before) differs only in the writer options: fp16 with a
+dictionary and zstd level 9. Parquet records its encodings in the file, so every reader reads both
+versions the same way; the version is marked in each shard's footer (``META_CODEC``, absent = 2),
+and ``parquet_options(schema, version=2)`` still writes the old layout (tests read both).
 
 Readers never see the encoding: ``decode_table`` (pyarrow; ``stages.lib.store.read_table`` / ``stream``
 call it) and ``DUCKDB_SELECT`` (the select list that the DuckDB ``tokens`` views use). Anyone else
@@ -37,7 +42,9 @@ import pyarrow.compute as pc
 STEP_BITS = 9
 STEP = 2.0**-STEP_BITS  # nats per fixed-point unit
 MAX_ABS_ERROR = STEP / 2  # the stated bound on the decoded top-K log-probs
-ZSTD_LEVEL = 9
+CODEC_VERSION = 3  # what encode_table / parquet_options write by default
+ZSTD_LEVEL = {2: 9, 3: 17}  # per codec version: 17 is ~6x the write CPU of 9 (~30 us/token)
+META_CODEC = b"distillery.tokens_codec"  # footer key: the codec version (absent = 2)
 
 LOGICAL = "teacher_topk_logprobs"  # list<float32> as readers see it
 PHYSICAL = "teacher_topk_logprobs_q"  # list<int32> delta-coded fixed point, as stored
@@ -89,14 +96,24 @@ def _lists(values: pa.Array, lengths: np.ndarray, like: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask)
 
 
-def encode_table(table: pa.Table) -> pa.Table:
-    """Logical tokens table -> the table as stored (LOGICAL replaced in place by PHYSICAL)."""
+def encode_table(table: pa.Table, version: int = CODEC_VERSION) -> pa.Table:
+    """Logical tokens table -> the table as stored (LOGICAL replaced in place by PHYSICAL), its
+    schema marked with the codec version (version 2 wrote no marker)."""
     if LOGICAL not in table.column_names:
         return table
     values, lengths, arr = _list_parts(table.column(LOGICAL))
     d = pa.array(encode_logprobs(values, lengths), pa.int32())
     i = table.column_names.index(LOGICAL)
-    return table.set_column(i, PHYSICAL, _lists(d, lengths, arr))
+    out = table.set_column(i, PHYSICAL, _lists(d, lengths, arr))
+    if version >= 3:
+        meta = {**(out.schema.metadata or {}), META_CODEC: str(version).encode()}
+        out = out.replace_schema_metadata(meta)
+    return out
+
+
+def shard_version(metadata: dict | None) -> int:
+    """The codec version of a stored shard from its footer's key-value metadata."""
+    return int((metadata or {}).get(META_CODEC, b"2"))
 
 
 def decode_table(table: pa.Table) -> pa.Table:
@@ -133,7 +150,7 @@ def physical_columns(columns: list[str] | None) -> list[str] | None:
     return [PHYSICAL if c == LOGICAL else c for c in columns]
 
 
-def parquet_options(schema: pa.Schema) -> dict:
+def parquet_options(schema: pa.Schema, version: int = CODEC_VERSION) -> dict:
     """pyarrow ParquetWriter options for a stored tokens table (see the module docstring)."""
     split, dictionary = {}, []
     for f in schema:
@@ -142,10 +159,12 @@ def parquet_options(schema: pa.Schema) -> dict:
         # DuckDB reads BYTE_STREAM_SPLIT for 32/64-bit numbers only (not fp16)
         if (pa.types.is_floating(t) or pa.types.is_integer(t)) and t.bit_width >= 32:
             split[path] = "BYTE_STREAM_SPLIT"
+        elif version >= 3 and pa.types.is_float16(t):
+            pass  # plain: ~1.8 bytes per value after zstd, vs ~2.9 with a dictionary
         else:
-            dictionary.append(f.name)  # strings, bools, uint8, fp16: dictionary pays off
+            dictionary.append(f.name)  # strings, bools, uint8 (and fp16 in version 2)
     return {
-        "compression_level": ZSTD_LEVEL,
+        "compression_level": ZSTD_LEVEL[version],
         "use_dictionary": dictionary,
         "column_encoding": split,
     }

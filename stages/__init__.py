@@ -4,3 +4,7 @@ Each stage module has an importable ``run(cfg)`` and a thin Hydra ``main``; run 
 ``python -m stages.<stage> experiment=demo``. Shared pieces: ``errors`` (user-facing errors),
 ``config`` (typed Hydra configs), ``store`` (Parquet shard store and manifests).
 """
+
+from stages.lib import threads as _threads
+
+_threads.setup()  # before any stage imports torch: OpenMP reads its environment once

@@ -411,6 +411,24 @@ def _quadrant(no_h: bool | None, low_h: bool | None, low_d: bool | None) -> str 
     return f"{h}_entropy/{d}_divergence"
 
 
+def _median(con: duckdb.DuckDBPyConnection, col: str) -> float | None:
+    """DuckDB's ``median`` of a DOUBLE column of ``w`` over student tokens, computed in numpy.
+
+    DuckDB's median is a holistic aggregate that holds every value in memory outside the
+    spillable buffers: at 50M tokens it failed under a 1GB ``select.memory_limit``. Here the
+    values stream out (w may spill) into one float64 array (8 bytes per student token), and the
+    result is DuckDB's own formula, bit for bit: ``lo + 0.5 * (hi - lo)`` for an even count.
+    """
+    x = con.execute(f"SELECT {col} FROM w WHERE segment = 0 AND {col} IS NOT NULL").fetchnumpy()
+    x = np.asarray(x[col], np.float64)  # [n]
+    if len(x) == 0:
+        return None
+    lo_i, hi_i = (len(x) - 1) // 2, len(x) // 2
+    x.partition([lo_i, hi_i])
+    lo, hi = float(x[lo_i]), float(x[hi_i])
+    return lo if lo_i == hi_i else lo + 0.5 * (hi - lo)
+
+
 def summarize(con: duckdb.DuckDBPyConnection) -> dict:
     """Kept tokens overall, per TIP quadrant (median splits), guided/unguided, position bucket."""
     # sequences = tokens at pos 0: pass 2 proves one row per response position (or fails)
@@ -424,14 +442,14 @@ def summarize(con: duckdb.DuckDBPyConnection) -> dict:
     bucket += f" ELSE {len(POSITION_BUCKETS) - 1} END"
     # One aggregation into at most 4 x 2 x 5 fine groups, rolled up here three ways: a hash
     # aggregate on small keys instead of three GROUP BYs on strings built per token.
+    mh, md = (_median(con, c) for c in ("h", "d"))
     rows = con.execute(
         f"""
-        WITH s AS (SELECT * FROM w WHERE segment = 0),
-             m AS (SELECT median(h) AS mh, median(d) AS md FROM s)
-        SELECT h IS NULL, h < mh, d < md, is_guided, {bucket} AS b,
+        SELECT h IS NULL, h < $mh, d < $md, is_guided, {bucket} AS b,
                count(*), count(*) FILTER (WHERE weight > 0), min(pos)
-        FROM s, m GROUP BY ALL
-        """
+        FROM w WHERE segment = 0 GROUP BY ALL
+        """,
+        {"mh": mh, "md": md},
     ).fetchall()
     return {
         "tokens_total": int(total),

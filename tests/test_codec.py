@@ -211,3 +211,39 @@ def test_public_decode_takes_arrow_and_pandas():
     assert codec.decode(plain) is plain  # no coded column: unchanged
     with pytest.raises(TypeError, match="pyarrow Table or a pandas/polars"):
         codec.decode([1, 2])
+
+
+def test_codec_versions_2_and_3_read_the_same(tmp_path):
+    """Shards written before codec version 3 (fp16 dictionaries, zstd 9) read as before, equal
+    to version-3 shards of the same rows; each shard's footer says which version wrote it."""
+    table, lps = _tokens_shard(400, seed=5)
+    dirs = {}
+    for name, module in (("v2", bench_storage.TokensV2), ("v3", tokens)):
+        d = dirs[name] = tmp_path / name
+        with store.open_writer(d, module, dataset_id="x", stage="score", row_group_rows=128) as w:
+            w.write_shard(0, table)
+            assert w.commit(1, config={}, fingerprints={}, inputs={})
+    files = {k: pq.ParquetFile(next(d.glob("bucket=*/*.parquet"))) for k, d in dirs.items()}
+    assert codec.shard_version(files["v2"].metadata.metadata) == 2
+    assert codec.shard_version(files["v3"].metadata.metadata) == codec.CODEC_VERSION == 3
+    ent = files["v3"].schema_arrow.names.index("teacher_entropy")
+    assert "PLAIN_DICTIONARY" not in files["v3"].metadata.row_group(0).column(ent).encodings
+    assert files["v3"].metadata.row_group(0).column(ent).compression == "ZSTD"
+    back = {k: store.read_table(d, tokens) for k, d in dirs.items()}  # the same reader for both
+    assert back["v2"].equals(back["v3"])
+    for c in ("teacher_entropy", "behavior_entropy", "teacher_topk_ids", "teacher_logprob"):
+        assert back["v3"][c].equals(table[c])
+    got = np.stack(back["v3"]["teacher_topk_logprobs"].to_numpy(zero_copy_only=False))
+    assert np.abs(got - lps).max() <= codec.MAX_ABS_ERROR
+    con = duckdb.connect()  # DuckDB reads plain fp16 and the v2 dictionaries alike
+    q = "SELECT sum(teacher_entropy), sum(behavior_entropy), sum(teacher_topk_logprobs[32]) FROM "
+    sums = [
+        con.execute(
+            f"{q} (SELECT {tokens.DUCKDB_SELECT} FROM read_parquet('{d}/bucket=*/*.parquet'))"
+        ).fetchone()
+        for d in dirs.values()
+    ]
+    assert sums[0] == sums[1]
+    assert sums[0][0] == pytest.approx(
+        float(np.sum(table["teacher_entropy"].to_numpy().astype(np.float64)))
+    )

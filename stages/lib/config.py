@@ -369,8 +369,9 @@ class SelectConfig:
     # Rows per Parquet row group: the unit the trainer shuffles and strides over ranks (small =
     # better mixing of neighbouring prompts; each row is one sequence).
     row_group_rows: int = 64
-    # DuckDB memory limit (it spills to disk beyond it) and threads.
-    memory_limit: str = "4GB"
+    # DuckDB memory limit (it spills to disk beyond it) and threads. 1GB keeps the stage's peak
+    # RSS under 2 GiB on 50M tokens (scripts/bench_select_scale.py; 4GB peaked above 4 GiB).
+    memory_limit: str = "1GB"
     threads: int = 2
 
     def __post_init__(self) -> None:
