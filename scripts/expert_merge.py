@@ -147,6 +147,11 @@ def build_expert(
     model.save_pretrained(dest, safe_serialization=True)
     tok.save_pretrained(dest)
     doc = {"settings": want, **info, "train_seconds": round(time.time() - t0, 1)}
+    rows = pq.read_table(world_dir / "prompts" / "private_closed.parquet").to_pylist()
+    mine = [r for r in rows if W.row_attr_entity(r)[1] in ents]
+    other = [r for r in rows if W.row_attr_entity(r)[1] not in ents]
+    doc["private_closed_own_half"] = round(W.greedy_accuracy(model, tok, mine, False), 4)
+    doc["private_closed_other_half"] = round(W.greedy_accuracy(model, tok, other, False), 4)
     meta.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
 

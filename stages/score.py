@@ -365,28 +365,21 @@ def _check_sft_teacher(
     cfg: Config, layout: RunLayout, t_roles: dict[str, Role], used: set[str] | None = None
 ) -> dict:
     """Lightning OPD's teacher consistency: the SFT data's teacher must be this teacher (with
-    several teachers: each one that scores rollouts, ``used``, is checked on its own). Returns
+    several teachers: each one that scores rollouts, ``used``, on its own). Returns
     ``{"sft_data": <dataset id>}`` when an SFT dataset was checked, else {}."""
     sft_m = manifest_mod.read(layout.sft_data)
     if sft_m is None:
         return {}
-    if cfg.teachers and used is not None:
-        _check_sft_per_teacher(cfg, layout, t_roles, used, sft_m["fingerprints"])
+    if cfg.teachers:
+        _check_sft_per_teacher(cfg, layout, t_roles, used or set(), sft_m["fingerprints"])
+        return {"sft_data": sft_m["dataset_id"]}
     sft_teacher = sft_m["fingerprints"].get("teacher")
-    t_fps = [r.fingerprint for r in t_roles.values()]
-    if sft_teacher not in t_fps and not cfg.score.allow_teacher_mismatch:
-        if cfg.teachers:
-            what = (
-                "none of the OPD teachers ("
-                + ", ".join(f"{n}: {r.fingerprint}" for n, r in t_roles.items())
-                + ") is"
-            )
-        else:
-            what = f"the OPD teacher {cfg.teacher.path} ({t_fps[0]}) is not"
+    t_fp = t_roles[""].fingerprint
+    if sft_teacher != t_fp and not cfg.score.allow_teacher_mismatch:
         raise UserError(
-            f"{what} the SFT teacher ({sft_teacher}) "
+            f"the OPD teacher {cfg.teacher.path} ({t_fp}) is not the SFT teacher ({sft_teacher}) "
             "that wrote sft_data/; Lightning OPD's teacher consistency requires the same one",
-            f"{layout.sft_data} / " + ("teachers" if cfg.teachers else "teacher.path"),
+            f"{layout.sft_data} / teacher.path",
             "use the SFT teacher as teacher.path, or set score.allow_teacher_mismatch=true",
         )
     return {"sft_data": sft_m["dataset_id"]}
