@@ -258,10 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lam", type=float, default=1.25, help="ExOPD lambda (> 1)")
     ap.add_argument("--n-public", type=int, default=300, help="public prompts in the mix")
     ap.add_argument("--n-anchor", type=int, default=300, help="reading anchors in the mix")
-    ap.add_argument("--expert-steps", type=int, default=600)
+    ap.add_argument("--expert-steps", type=int, default=400)
     ap.add_argument("--expert-lr", type=float, default=1e-3)
     ap.add_argument("--expert-private-frac", type=float, default=0.5)
     ap.add_argument("--only", choices=["experts", "all"], default="all")
+    ap.add_argument(
+        "--halves", nargs="+", choices=HALVES, help="with --only experts: build just these"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny world, one seed (smoke test)")
     args = ap.parse_args(argv)
     out, world_dir = args.out.resolve(), args.world.resolve()
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["prompts"] = write_prompts(world_dir, out, split, args.n_public, args.n_anchor)
     doc["experts"] = {
         h: build_expert(world, world_dir, split[h], out / "models" / f"expert_{h}", args, h)
-        for h in HALVES
+        for h in (args.halves or HALVES)
     }
     print(json.dumps(doc["experts"], indent=1), flush=True)
     if args.only == "experts":
