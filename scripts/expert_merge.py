@@ -84,6 +84,13 @@ def half_of(row: dict, split: dict[str, list[str]]) -> str | None:
 
 
 # ----------------------------------------------------------------------------- prompts
+def _write(rows: list[dict], path: Path) -> None:
+    """Atomically (parallel calls, one per seed, rewrite the same bytes while others read)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    W.write_prompts(rows, tmp)
+    os.replace(tmp, path)
+
+
 def write_prompts(world_dir: Path, out: Path, split: dict, n_public: int, n_anchor: int) -> dict:
     """Training prompts and eval sets under ``out/prompts`` (the same for every seed)."""
     src, dst = world_dir / "prompts", out / "prompts"
@@ -100,15 +107,13 @@ def write_prompts(world_dir: Path, out: Path, split: dict, n_public: int, n_anch
         + rng.sample(public, min(n_public, len(public)))
         + rng.sample(anchors, min(n_anchor, len(anchors)))
     )
-    W.write_prompts(rows, dst / "train.parquet")
+    _write(rows, dst / "train.parquet")
     for name, file in (("private", "private_closed"), ("paraphrase", "private_paraphrase")):
         evals = pq.read_table(src / f"{file}.parquet").to_pylist()
         for h in HALVES:
-            W.write_prompts(
-                [r for r in evals if half_of(r, split) == h], dst / f"{name}_{h}.parquet"
-            )
+            _write([r for r in evals if half_of(r, split) == h], dst / f"{name}_{h}.parquet")
     for name in ("public_closed", "reading"):
-        W.write_prompts(pq.read_table(src / f"{name}.parquet").to_pylist(), dst / f"{name}.parquet")
+        _write(pq.read_table(src / f"{name}.parquet").to_pylist(), dst / f"{name}.parquet")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["kind"]] = counts.get(r["kind"], 0) + 1
@@ -254,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world", type=Path, default=Path("runs/world"))
     ap.add_argument("--out", type=Path, default=Path("runs/expert_merge"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=8, help="training epochs (both losses)")
+    ap.add_argument("--epochs", type=int, default=6, help="training epochs (both losses)")
     ap.add_argument("--lam", type=float, default=1.25, help="ExOPD lambda (> 1)")
-    ap.add_argument("--n-public", type=int, default=300, help="public prompts in the mix")
-    ap.add_argument("--n-anchor", type=int, default=300, help="reading anchors in the mix")
+    ap.add_argument("--n-public", type=int, default=150, help="public prompts in the mix")
+    ap.add_argument("--n-anchor", type=int, default=150, help="reading anchors in the mix")
     ap.add_argument("--expert-steps", type=int, default=400)
     ap.add_argument("--expert-lr", type=float, default=1e-3)
     ap.add_argument("--expert-private-frac", type=float, default=0.5)
@@ -290,16 +295,28 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(doc["experts"], indent=1), flush=True)
     if args.only == "experts":
         return 0
-    per_seed = {}
-    res_path = out / "results.json"
-    for seed in args.seeds:
-        per_seed[seed] = run_seed(out, world_dir, seed, args)
-        doc["per_seed"] = per_seed
-        doc["table"] = summarize(per_seed)
-        res_path.write_text(json.dumps(doc, indent=1) + "\n")
+    for seed in args.seeds:  # each seed's result is kept in seed<s>.json (reused when unchanged)
+        seed_json = out / f"seed{seed}.json"
+        want = shell_line(pipeline_overrides(out, world_dir, seed, args))
+        if not (seed_json.is_file() and json.loads(seed_json.read_text())["command"] == want):
+            atomic_json(seed_json, run_seed(out, world_dir, seed, args))
+    # the table: every seed asked for (a separate call per seed may run them in parallel)
+    per_seed = {s: json.loads((out / f"seed{s}.json").read_text()) for s in args.seeds}
+    doc["per_seed"] = per_seed
+    doc["table"] = summarize(per_seed)
+    res_path = out / (
+        "results.json" if len(args.seeds) > 1 else f"results_seed{args.seeds[0]}.json"
+    )
+    atomic_json(res_path, doc)
     print(markdown(doc["table"], len(per_seed)))
     print(f"wrote {res_path}")
     return 0
+
+
+def atomic_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
