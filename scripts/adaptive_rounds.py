@@ -2,19 +2,23 @@
 
     python scripts/adaptive_rounds.py --world runs/world --out runs/adaptive_rounds --seed 0
 
-Two runs of the ``demo`` experiment on the demo world, same seed and recipe except the schedule,
-each in its own run dir (nothing shared, so each pays its own rollouts and scores):
+Two runs of the ``demo`` experiment on the demo world, same seed and recipe except the schedule:
 
 * ``fixed``: ``pipeline.rounds=2`` (round 2 rolls out afresh from round 1's checkpoint);
 * ``adaptive``: ``pipeline.adaptive.max_rounds=--max-rounds``: after each round's training, a new
   round starts only when |``--metric``| (mean of the last ``--window`` logged trainer rows)
   >= ``--threshold`` (``stages.pipeline.decide``; the decisions land in ``rounds.json``).
 
-Each round trains ``--epochs`` epochs. Every stage call is timed here (so rollout and score seconds
-are known per round for both runs). Then, from the adaptive run's logged metrics, the rounds other
-thresholds would have taken (pure ``decide`` on the same rows; valid because round r only depends
-on round r-1). Writes ``<out>/results.json``: per run the rounds taken, rollout + score seconds,
-total seconds, the final checkpoint's accuracies, the commands. ``--quick``: a tiny world, 1 epoch.
+Each round trains ``--epochs`` epochs. Round r depends only on round r-1 (same configs, same
+seeds), so the adaptive run dir is seeded with the fixed run's round 1 (and round 2 when round 1's
+decision fires): its stages verify the dataset ids and skip them, and only the rounds the fixed
+schedule did not run cost anything new; a shared round is costed at what it took in the fixed
+run. Each pipeline runs as ``python -m stages.pipeline`` with its output in ``<out>/<run>.log``;
+the per-round stage seconds are the pipeline's own "=== <stage> done in Xs ===" lines. Then, from
+the adaptive run's logged metrics, the rounds other thresholds would have taken (pure ``decide``
+on the same rows). Writes ``<out>/results.json``: per run the rounds taken, rollout + score
+seconds, total stage seconds, the final checkpoint's accuracies, the commands. ``--quick``: a
+tiny world, 1 epoch.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,63 +69,85 @@ def common(world: Path, run_dir: Path, seed: int, epochs: int) -> list[str]:
     ]
 
 
-class StageClock:
-    """Wraps ``pipeline.run_stage``: (stage, run_dir, seconds) of every stage call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, float]] = []
-        self._orig = pipeline.run_stage
-
-    def __enter__(self) -> StageClock:
-        def timed(name: str, cfg: Any) -> dict:
-            t = time.time()
-            out = self._orig(name, cfg)
-            self.calls.append((name, str(cfg.run_dir), time.time() - t))
-            return out
-
-        pipeline.run_stage = timed
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pipeline.run_stage = self._orig
+STAGE_DONE = re.compile(r"^=== (\w+) done in ([\d.]+)s ===")
+ROUND_STEP = re.compile(r"^--- round (\d+)\??: (\w+) ")
 
 
-def per_round(calls: list[tuple[str, str, float]], root: Path) -> dict[int, dict[str, float]]:
-    """round -> stage -> seconds (round 1 = the run dir itself, r = run_dir/round<r>)."""
+def stage_seconds(log: Path) -> dict[int, dict[str, float]]:
+    """round -> stage -> seconds, from the pipeline's own "=== <stage> done in Xs ===" lines
+    (round r >= 2 steps follow a "--- round r: <stage>" header). A stage run in several calls of
+    the same run dir (a resumed run) counts with its longest time: a reused stage takes ~0 s."""
     out: dict[int, dict[str, float]] = {}
-    for stage, rd, s in calls:
-        if stage == "eval":
-            continue
-        name = Path(rd).name
-        r = int(name[5:]) if Path(rd) != root and name.startswith("round") else 1
-        out.setdefault(r, {})[stage] = round(out.get(r, {}).get(stage, 0.0) + s, 1)
+    pending: tuple[int, str] | None = None
+    for line in log.read_text(errors="replace").splitlines():
+        if m := ROUND_STEP.match(line):
+            pending = (int(m[1]), m[2])
+        elif m := STAGE_DONE.match(line):
+            stage, sec = m[1], float(m[2])
+            r = pending[0] if pending and pending[1] == stage else 1
+            pending = None
+            if stage != "eval":
+                out.setdefault(r, {})[stage] = max(out.get(r, {}).get(stage, 0.0), sec)
     return out
 
 
-def run_one(label: str, ovs: list[str], root: Path) -> dict:
-    cfg = compose("pipeline", ovs)
+def run_pipeline(ovs: list[str], log: Path) -> float:
+    """``python -m stages.pipeline <ovs>`` with its output appended to ``log``; wall seconds."""
     t0 = time.time()
-    with StageClock() as clock:
-        pipeline.run(cfg)
-    total = time.time() - t0
-    rounds = per_round(clock.calls, root)
+    with open(log, "a") as fh:
+        fh.write(f"\n# {time.strftime('%H:%M:%S')} {shell_line(ovs)}\n")
+        fh.flush()
+        cmd = [sys.executable, "-m", "stages.pipeline", *ovs]
+        rc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc:
+        raise SystemExit(f"pipeline failed (exit {rc}); see {log}")
+    return time.time() - t0
+
+
+def shell_line(ovs: list[str]) -> str:
+    return "OMP_NUM_THREADS=1 python -m stages.pipeline " + " ".join(
+        "'" + o.replace("'", "'\\''") + "'" for o in ovs
+    )
+
+
+def summary(ovs: list[str], root: Path, rounds: dict[int, dict[str, float]], wall: float) -> dict:
+    cfg = compose("pipeline", ovs)
     res = json.loads(RunLayout.of(cfg.run_dir).eval_results.read_text())["results"]
-    last = max(rounds)
+    last = max(r for r in rounds if "train" in rounds[r])
     final = NAME if last == 1 else f"{NAME}-r{last}"
     acc = {ck: {s: v["accuracy"] for s, v in sets.items() if s in SETS} for ck, sets in res.items()}
+    rs = {r: round(v.get("rollout", 0) + v.get("score", 0), 1) for r, v in rounds.items()}
     return {
-        "command": "OMP_NUM_THREADS=1 python -m stages.pipeline "
-        + " ".join("'" + o.replace("'", "'\\''") + "'" for o in ovs),
+        "command": shell_line(ovs),
         "rounds_taken": last,
         "seconds_per_round": rounds,
-        "rollout_plus_score_s": round(
-            sum(v.get("rollout", 0) + v.get("score", 0) for v in rounds.values()), 1
-        ),
-        "total_s": round(total, 1),
+        "rollout_plus_score_s": round(sum(rs.values()), 1),
+        "total_s": round(sum(sum(v.values()) for v in rounds.values()), 1),
+        "wall_s_this_call": round(wall, 1),
         "final_checkpoint": final,
         "final_accuracy": acc.get(final),
         "accuracy": acc,
     }
+
+
+ROUND1 = ("rollouts", "tokens", "selected", f"checkpoints/{NAME}", f"train/{NAME}")
+
+
+def share_rounds(fixed: Path, adaptive: Path, args: argparse.Namespace) -> list[int]:
+    """Seed the adaptive run dir with the fixed run's rounds that it would run identically (same
+    configs and seeds): round 1 always, round 2 when round 1's decision fires. The stages then
+    check the dataset ids and skip them. Returns the shared rounds."""
+    shared = [1]
+    for rel in ROUND1:
+        if not (adaptive / rel).exists():
+            shutil.copytree(fixed / rel, adaptive / rel)
+    rows = pipeline.read_metrics(fixed / "train" / NAME / "metrics.jsonl")
+    fired, _ = pipeline.decide(rows, args.metric, args.threshold, args.window, "round 1")
+    if fired and args.max_rounds >= 2 and (fixed / "round2").is_dir():
+        if not (adaptive / "round2").exists():
+            shutil.copytree(fixed / "round2", adaptive / "round2")
+        shared.append(2)
+    return shared
 
 
 def what_if(root: Path, metric: str, window: int, thresholds: list[float], max_rounds: int) -> dict:
@@ -168,11 +197,21 @@ def main(argv: list[str] | None = None) -> int:
         f"pipeline.adaptive.window={args.window}",
         f"pipeline.adaptive.max_rounds={args.max_rounds}",
     ]
-    doc["fixed"] = run_one("fixed", fixed, out / "fixed")
-    doc["adaptive"] = run_one("adaptive", adaptive, out / "adaptive")
-    doc["adaptive"]["rounds_json"] = json.loads(
-        RunLayout.of(out / "adaptive").round_decisions.read_text()
-    )
+    fixed_dir, ad_dir = out / "fixed", out / "adaptive"
+    wall = run_pipeline(fixed, out / "fixed.log")
+    fixed_rounds = stage_seconds(out / "fixed.log")
+    doc["fixed"] = summary(fixed, fixed_dir, fixed_rounds, wall)
+    ad_dir.mkdir(parents=True, exist_ok=True)
+    shared = share_rounds(fixed_dir, ad_dir, args)
+    wall = run_pipeline(adaptive, out / "adaptive.log")
+    ad_rounds = stage_seconds(out / "adaptive.log")
+    decided = json.loads(RunLayout.of(ad_dir).round_decisions.read_text())
+    ran = [1] + [e["next_round"] for e in decided["rounds"] if e["next_round"]]
+    # a shared round's cost is what it took in the fixed run (the same work, done once)
+    rounds = {r: fixed_rounds[r] if r in shared else ad_rounds.get(r, {}) for r in ran}
+    doc["adaptive"] = summary(adaptive, ad_dir, rounds, wall)
+    doc["adaptive"]["shared_with_fixed"] = shared
+    doc["adaptive"]["rounds_json"] = decided
     doc["what_if"] = what_if(
         out / "adaptive",
         args.metric,
