@@ -168,8 +168,9 @@ def pipeline_overrides(out: Path, world_dir: Path, seed: int, args: argparse.Nam
     experts = {h: out / "models" / f"expert_{h}" for h in HALVES}
     evals = [f"++data.eval_sets.{s}={p / (s + '.parquet')}" for s in SETS]
     # reference trainings on the same cache (other losses), e.g. topk_fkl
-    refs = "".join(f", {{name: {n}, overrides: ['loss={n}']}}" for n in args.reference_losses)
-    extra = "".join(f"{n}," for n in args.reference_losses)
+    sfx = suffix(args)
+    refs = "".join(f", {{name: {n}{sfx}, overrides: ['loss={n}']}}" for n in args.reference_losses)
+    extra = "".join(f"{n}{sfx}," for n in args.reference_losses)
     return [
         "experiment=demo",
         f"run_dir={out / f'seed{seed}'}",
@@ -184,16 +185,25 @@ def pipeline_overrides(out: Path, world_dir: Path, seed: int, args: argparse.Nam
         "rollout.teacher_template='{prompt}'",  # the experts know the facts closed-book
         "select=all",
         "loss=opd_k1",
-        "train.name=opd_k1",
+        f"train.name=opd_k1{sfx}",
         f"train.epochs={args.epochs}",
-        f"pipeline.variants=[{{name: exopd, overrides: ['loss=exopd', "
+        f"pipeline.variants=[{{name: exopd{sfx}, overrides: ['loss=exopd', "
         f"'loss.terms.0.kwargs.lam={args.lam}']}}{refs}]",
         f"eval.sets=[{','.join(SETS)}]",
-        f"eval.checkpoints=[base,opd_k1,exopd,{extra}{experts['a']},{experts['b']}]",
+        f"eval.checkpoints=[base,opd_k1{sfx},exopd{sfx},{extra}{experts['a']},{experts['b']}]",
         "eval.kl_set=private_a",
         "eval.kl_prompts=16",
         "pipeline.stages=[rollout,score,select,train,eval]",
     ]
+
+
+DEFAULT_EPOCHS = 6
+
+
+def suffix(args: argparse.Namespace) -> str:
+    """Train names (and result files) of a schedule other than the default carry its epochs, so
+    several schedules train side by side on one cache (opd_k1, opd_k1-e12, ...)."""
+    return "" if args.epochs == DEFAULT_EPOCHS else f"-e{args.epochs}"
 
 
 def shell_line(ovs: list[str]) -> str:
@@ -262,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world", type=Path, default=Path("runs/world"))
     ap.add_argument("--out", type=Path, default=Path("runs/expert_merge"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=6, help="training epochs (both losses)")
+    ap.add_argument(
+        "--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs (both losses)"
+    )
     ap.add_argument("--lam", type=float, default=1.25, help="ExOPD lambda (> 1)")
     ap.add_argument(
         "--reference-losses",
@@ -305,17 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "experts":
         return 0
     for seed in args.seeds:  # each seed's result is kept in seed<s>.json (reused when unchanged)
-        seed_json = out / f"seed{seed}.json"
+        seed_json = out / f"seed{seed}{suffix(args)}.json"
         want = shell_line(pipeline_overrides(out, world_dir, seed, args))
         old = json.loads(seed_json.read_text()) if seed_json.is_file() else None
         if not (old and old["command"] == want):
             atomic_json(seed_json, keep_costs(run_seed(out, world_dir, seed, args), old))
     # the table: every seed asked for (a separate call per seed may run them in parallel)
-    per_seed = {s: json.loads((out / f"seed{s}.json").read_text()) for s in args.seeds}
+    per_seed = {
+        s: json.loads((out / f"seed{s}{suffix(args)}.json").read_text()) for s in args.seeds
+    }
     doc["per_seed"] = per_seed
     doc["table"] = summarize(per_seed)
     res_path = out / (
-        "results.json" if len(args.seeds) > 1 else f"results_seed{args.seeds[0]}.json"
+        f"results{suffix(args)}.json"
+        if len(args.seeds) > 1
+        else f"results_seed{args.seeds[0]}{suffix(args)}.json"
     )
     atomic_json(res_path, doc)
     print(markdown(doc["table"], len(per_seed)))
