@@ -203,7 +203,7 @@ DEFAULT_EPOCHS = 6
 def suffix(args: argparse.Namespace) -> str:
     """Train names (and result files) of a schedule other than the default carry its epochs, so
     several schedules train side by side on one cache (opd_k1, opd_k1-e12, ...)."""
-    return "" if args.epochs == DEFAULT_EPOCHS else f"-e{args.epochs}"
+    return "" if args.epochs == DEFAULT_EPOCHS or args.quick else f"-e{args.epochs}"
 
 
 def shell_line(ovs: list[str]) -> str:

@@ -18,13 +18,13 @@ def test_expert_merge_quick(tmp_path):
     em = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(em)
     assert em.main(["--quick", "--out", str(tmp_path)]) == 0
-    doc = json.loads((tmp_path / "results.json").read_text())
+    doc = json.loads((tmp_path / "results_seed0.json").read_text())  # one seed
     a, b = doc["halves"]["a"], doc["halves"]["b"]
     assert a and b and not set(a) & set(b)
     # each expert trained on its own half only
     assert doc["experts"]["a"]["settings"]["entities"] == a
     # every checkpoint evaluated on every set, both losses trained on one cache
-    assert set(doc["table"]) == {"base", "opd_k1", "exopd", "expert_a", "expert_b"}
+    assert set(doc["table"]) == {"base", "opd_k1", "exopd", "topk_fkl", "expert_a", "expert_b"}
     assert all(set(v) == set(em.SETS) for v in doc["table"].values())
     assert "stages.pipeline" in doc["per_seed"]["0"]["command"]
     # private prompts are scored by their half's expert, the rest by either
