@@ -34,7 +34,8 @@ instead and aligned by character offsets (``stages.lib.xtok``; the ``xtok_*`` co
 docs/CROSS_TOKENIZER.md).
 
 Several teachers (config ``teachers``, a name -> model mapping, with ``score.route_by``): each
-rollout is scored by the teacher its ``score.route_by.column`` value routes to (one teacher model
+rollout is scored by the teacher its ``score.route_by.column`` value routes to, or that
+``score.route_by.sql`` (a DuckDB expression over the prompts) names for its prompt (one teacher model
 resident at a time); the tokens get a ``teacher_id`` column, the manifest the fingerprint of every
 teacher (``teacher.<name>``) and ``extra.teachers``. Every route is resolved before any model
 loads. With ``teachers`` empty, ``teacher`` scores everything and the shards are exactly what they
@@ -308,12 +309,42 @@ def route(values: list, rb, where: str) -> list[str]:
     return out
 
 
-def _check_routes(cfg: Config, paths: list[Path], shards: list[int]) -> None:
-    """Every rollout of ``shards`` has a teacher (before any model loads)."""
-    col = cfg.score.route_by.column
-    for s in shards:
-        values = pq.read_table(paths[s], columns=[col])[col].to_pylist()
-        route(sorted(set(values), key=str), cfg.score.route_by, str(paths[s]))
+class Router:
+    """Each rollout's teacher name: by ``score.route_by.column`` (:func:`route`), or by
+    ``score.route_by.sql`` evaluated once over ``data.prompts`` (stages/lib/routing.py) and
+    looked up by the rollout's ``prompt_id``."""
+
+    def __init__(self, cfg: Config) -> None:
+        from data_schemas import prompts as prompts_schema
+        from stages.lib import routing
+
+        self.rb = rb = cfg.score.route_by
+        self.column = rb.column or "prompt_id"
+        self.by_prompt = None
+        if rb.sql is not None:
+            table = prompts_schema.read(cfg.data.prompts, split=cfg.data.split)
+            self.by_prompt = routing.routes(table, rb.sql, sorted(cfg.teachers), rb.default)
+
+    def names(self, values: list, where: str) -> list[str]:
+        if self.by_prompt is None:
+            return route(values, self.rb, where)
+        lost = [v for v in values if v not in self.by_prompt]
+        if lost:
+            raise UserError(
+                f"rollouts of prompt {lost[0]!r} ({len(lost)} in all) have no route: the prompt "
+                "is not in data.prompts, where score.route_by.sql is evaluated",
+                where,
+                "set data.prompts to the prompts the rollouts were made from",
+            )
+        return [self.by_prompt[v] for v in values]
+
+    def check(self, paths: list[Path], shards: list[int]) -> set[str]:
+        """Every rollout of ``shards`` has a teacher (before any model loads); the names used."""
+        used: set[str] = set()
+        for s in shards:
+            values = pq.read_table(paths[s], columns=[self.column])[self.column].to_pylist()
+            used |= set(self.names(sorted(set(values), key=str), str(paths[s])))
+        return used
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -333,31 +364,48 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def _check_sft_teacher(cfg: Config, layout: RunLayout, t_roles: dict[str, Role]) -> dict:
+def _check_sft_teacher(
+    cfg: Config, layout: RunLayout, t_roles: dict[str, Role], used: set[str] | None = None
+) -> dict:
     """Lightning OPD's teacher consistency: the SFT data's teacher must be this teacher (with
-    several teachers: one of them). Returns ``{"sft_data": <dataset id>}`` when an SFT dataset
-    was checked, else {}."""
+    several teachers: each one that scores rollouts, ``used``, on its own). Returns
+    ``{"sft_data": <dataset id>}`` when an SFT dataset was checked, else {}."""
     sft_m = manifest_mod.read(layout.sft_data)
     if sft_m is None:
         return {}
+    if cfg.teachers:
+        _check_sft_per_teacher(cfg, layout, t_roles, used or set(), sft_m["fingerprints"])
+        return {"sft_data": sft_m["dataset_id"]}
     sft_teacher = sft_m["fingerprints"].get("teacher")
-    t_fps = [r.fingerprint for r in t_roles.values()]
-    if sft_teacher not in t_fps and not cfg.score.allow_teacher_mismatch:
-        if cfg.teachers:
-            what = (
-                "none of the OPD teachers ("
-                + ", ".join(f"{n}: {r.fingerprint}" for n, r in t_roles.items())
-                + ") is"
-            )
-        else:
-            what = f"the OPD teacher {cfg.teacher.path} ({t_fps[0]}) is not"
+    t_fp = t_roles[""].fingerprint
+    if sft_teacher != t_fp and not cfg.score.allow_teacher_mismatch:
         raise UserError(
-            f"{what} the SFT teacher ({sft_teacher}) "
+            f"the OPD teacher {cfg.teacher.path} ({t_fp}) is not the SFT teacher ({sft_teacher}) "
             "that wrote sft_data/; Lightning OPD's teacher consistency requires the same one",
-            f"{layout.sft_data} / " + ("teachers" if cfg.teachers else "teacher.path"),
+            f"{layout.sft_data} / teacher.path",
             "use the SFT teacher as teacher.path, or set score.allow_teacher_mismatch=true",
         )
     return {"sft_data": sft_m["dataset_id"]}
+
+
+def _check_sft_per_teacher(
+    cfg: Config, layout: RunLayout, t_roles: dict[str, Role], used: set[str], sft_fps: dict
+) -> None:
+    """Each routed teacher that scores rollouts must be the SFT teacher of its prompts: the SFT
+    data's ``teacher.<name>`` fingerprint when it has one per teacher, else its one ``teacher``."""
+    if cfg.score.allow_teacher_mismatch:
+        return
+    for name in sorted(used):
+        want = sft_fps.get(f"teacher.{name}", sft_fps.get("teacher"))
+        got = t_roles[name].fingerprint
+        if want is not None and got != want:
+            raise UserError(
+                f"OPD teacher {name!r} ({got}) scores rollouts but is not the SFT teacher "
+                f"({want}) that wrote sft_data/; Lightning OPD's teacher consistency holds per "
+                "teacher",
+                f"{layout.sft_data} / teachers.{name}",
+                "route those prompts to the SFT teacher, or set score.allow_teacher_mismatch=true",
+            )
 
 
 def scoring_teachers(cfg: Config) -> dict[str, object]:
@@ -706,7 +754,19 @@ def role_devices(sc) -> dict[str, torch.device]:
 
 
 def _score_shards(
-    cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts: _Counts, devices, xt=None
+    cfg,
+    w,
+    rm,
+    paths,
+    todo,
+    roles,
+    t_roles,
+    tok,
+    backend,
+    counts: _Counts,
+    devices,
+    xt=None,
+    router=None,
 ) -> None:
     """Score and write the shards ``todo`` (rollout shard s -> tokens shard s); ``xt``: the
     cross-tokenizer teacher (its passes run apart, on its own ids: ``_xtok_teacher``)."""
@@ -719,23 +779,23 @@ def _score_shards(
     # counted in rollout response tokens: each shard's passes (tokens x passes) scaled to them
     desc = f"score {total} rollouts"
     if cfg.launcher.kind == "ray":
-        return _score_on_ray(cfg, w, paths, todo, roles, t_roles, scorer, counts, desc, xt)
+        return _score_on_ray(cfg, w, paths, todo, roles, t_roles, scorer, counts, desc, xt, router)
     bar = Progress(_response_tokens(paths, todo), desc, unit="response tokens")
-    _score_loop(cfg, w, paths, todo, roles, t_roles, scorer, counts, bar, xt)
+    _score_loop(cfg, w, paths, todo, roles, t_roles, scorer, counts, bar, xt, router)
 
 
-def _score_loop(cfg, w, paths, todo, roles, t_roles, scorer, counts: _Counts, bar, xt=None) -> None:
+def _score_loop(
+    cfg, w, paths, todo, roles, t_roles, scorer, counts: _Counts, bar, xt=None, router=None
+) -> None:
     """Score and write the shards ``todo`` with ``scorer``; closes ``bar``."""
-    sc, vocab, rb = cfg.score, scorer.vocab, cfg.score.route_by
+    sc, vocab = cfg.score, scorer.vocab
+    col = router.column if router else None
+    extra = ((col,) if router else ()) + (("prompt_id",) if xt else ())
     try:
         with torch.inference_mode():
             for s in todo:
-                rows = _read_shard(
-                    paths[s], (rb.column,) if cfg.teachers else ("prompt_id",) if xt else ()
-                )
-                ids = (
-                    route([r[rb.column] for r in rows], rb, str(paths[s])) if cfg.teachers else None
-                )
+                rows = _read_shard(paths[s], extra)
+                ids = router.names([r[col] for r in rows], str(paths[s])) if router else None
                 teacher_of = [t_roles[n] for n in ids] if ids else None
                 plan = plan_shard(rows, roles[1:] if xt else roles, sc.behavior_topk, teacher_of)
                 jobs = list(plan.jobs.values())
@@ -770,7 +830,7 @@ def _score_loop(cfg, w, paths, todo, roles, t_roles, scorer, counts: _Counts, ba
 
 
 def _score_on_ray(
-    cfg, w, paths, todo, roles, t_roles, scorer, counts: _Counts, desc, xt=None
+    cfg, w, paths, todo, roles, t_roles, scorer, counts: _Counts, desc, xt=None, router=None
 ) -> None:
     """``launcher.kind=ray``: Ray actors score the shards ``todo``, each with its own copy of
     ``scorer`` (models load on the actor, once; HF devices picked on the actor's machine)."""
@@ -781,7 +841,9 @@ def _score_on_ray(
 
         def one(s: int) -> _Counts:
             got = _Counts()
-            _score_loop(cfg, aw, paths, [s], roles, t_roles, scorer, got, raylaunch.QUIET, xt)
+            _score_loop(
+                cfg, aw, paths, [s], roles, t_roles, scorer, got, raylaunch.QUIET, xt, router
+            )
             return got
 
         return one
@@ -983,11 +1045,11 @@ def run(cfg: Config) -> dict:
     n_shards = len(rm["shards"])
     mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
     paths = store.shard_paths(layout.rollouts, rm)
-    if cfg.teachers:
-        _check_routes(cfg, paths, mine)  # a rollout without a teacher: before any model loads
+    router = Router(cfg) if cfg.teachers else None
+    used = router.check(paths, mine) if router else None  # before any model loads
     roles, fps, tok, t_roles = _check_models(cfg, rm, layout)
     xt = _xtok_setup(cfg, rm, layout, tok, roles)  # None: the teacher shares the tokenizer
-    sft_inputs = _check_sft_teacher(cfg, layout, t_roles)
+    sft_inputs = _check_sft_teacher(cfg, layout, t_roles, used)
     vocab = models.vocab_size(tok)
     dataset_id = _dataset_id(rm, fps, sc, backend, bool(cfg.teachers))
     if xt is not None:  # a different dataset: the teacher's numbers come through the alignment
@@ -1006,7 +1068,7 @@ def run(cfg: Config) -> dict:
         todo = [] if w.complete else [s for s in mine if not w.is_done(s)]
         if todo:
             _score_shards(
-                cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts, devices, xt
+                cfg, w, rm, paths, todo, roles, t_roles, tok, backend, counts, devices, xt, router
             )
         xtra = {"cross_tokenizer": _xtok_manifest(xt, w, n_shards)} if xt is not None else {}
         committed = _commit(

@@ -144,6 +144,12 @@ POLICIES: dict[str, Policy] = {
         ),
     ),
     "retain": Policy({"weight": Param(1.0, _num(0, INF, hi_open=True), "a number >= 0")}),
+    "teacher": Policy(
+        {
+            "name": Param(None, lambda v: isinstance(v, str) and bool(v), "a teacher name"),
+            "weight": Param(0.0, _num(0, INF, hi_open=True), "a number >= 0"),
+        }
+    ),
     "trust_region": Policy({"tau": Param(0.5, _num(0, 1, lo_open=True), "a number in (0, 1]")}),
     "iw_position": Policy({"w_max": Param(1.5, _num(1, INF, hi_open=True), "a number >= 1")}),
     "xtok_mapped": Policy(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -556,19 +557,99 @@ def test_teachers_config_checks():
         compose("score", ["score.route_by.column=domain"])
 
 
-def test_several_teachers_none_of_them_the_sft_teacher_is_refused(tmp_path, tiny_lm, tiny_teacher):
+def write_prompts_file(path: Path, n: int) -> Path:
+    """Prompts p000..: the even ones carry a long context (a column the rollouts do not have)."""
+    rows = [
+        {"id": f"p{i:03d}", "prompt": "q", "context": "x" * (20 if i % 2 == 0 else 2)}
+        for i in range(n)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_routes_by_a_sql_expression_over_the_prompts(tmp_path, tiny_lm, tiny_teacher):
+    """score.route_by.sql is evaluated over data.prompts: each rollout goes to the teacher its
+    prompt's expression names (here by the prompt's context length), written as teacher_id."""
+    write_rollouts(tmp_path, tiny_lm, n_rows=8)  # prompt ids p000..p003
+    prompts = write_prompts_file(tmp_path / "prompts.parquet", 4)
+    both = f"+teachers={{a: {{path: {tiny_teacher}}}, b: {{path: {tiny_lm}}}}}"
+    sql = "score.route_by.sql=\"CASE WHEN length(context) > 5 THEN 'a' ELSE 'b' END\""
+    cfg = cfg_for(tmp_path, tiny_lm, tiny_lm, both, sql, f"data.prompts={prompts}", "score.topk=4")
+    assert run(cfg)["committed"]
+    vocab = len(models.load_tokenizer(str(tiny_lm)))
+    rows = rollouts_rows(tmp_path)
+    for x in read_tokens(tmp_path).to_pylist():
+        ro = rows[x["sample_id"]]
+        want = "a" if int(ro["prompt_id"][1:]) % 2 == 0 else "b"
+        assert x["teacher_id"] == want, ro["prompt_id"]
+        d = dense(tiny_teacher if want == "a" else tiny_lm, ro["teacher_prompt_ids"],
+                  ro["response_ids"], vocab)  # fmt: skip
+        assert abs(x["teacher_logprob"] - d[x["pos"], x["token_id"]]) < TOL
+    m = manifest.read(tmp_path / "tokens")
+    assert m["extra"]["route_by"]["sql"].startswith("CASE WHEN length(context)")
+
+    # the built-in `teacher` policy weighs by teacher_id: teacher b's tokens at half weight
+    from data_schemas import selected
+    from stages import select
+
+    res = select.run(compose("select", [f"run_dir={tmp_path}", "select=teacher_half_b"]))
+    kept = store.read_table(Path(res["dir"]), selected).to_pylist()
+    w = {r["sample_id"]: r["weights"] for r in kept}
+    for sid, ro in rows.items():
+        want = 1.0 if int(ro["prompt_id"][1:]) % 2 == 0 else 0.5
+        assert w[sid] == [want] * len(ro["response_ids"]), sid
+
+
+def test_route_sql_mistakes_are_one_error_each(tmp_path, tiny_lm, tiny_teacher, monkeypatch):
+    both = f"+teachers={{a: {{path: {tiny_teacher}}}, b: {{path: {tiny_lm}}}}}"
+    with pytest.raises(UserError, match=r"fails in DuckDB: .*domain.*Fix: write an expression"):
+        compose("score", [both, "score.route_by.sql=\"CASE WHEN domain = 'x' THEN 'a' END\""])
+    with pytest.raises(UserError, match="score.route_by.sql replaces score.route_by.column"):
+        compose("score", [both, "score.route_by.column=kind", "score.route_by.sql='a'"])
+    with pytest.raises(UserError, match="score.route_by.sql needs teachers"):
+        compose("score", ["score.route_by.sql=\"'a'\""])
+    # a name that is not a teacher: refused before any model loads, naming a prompt
+    write_rollouts(tmp_path, tiny_lm, n_rows=4)
+    prompts = write_prompts_file(tmp_path / "prompts.parquet", 2)
+    sql = "score.route_by.sql=\"CASE WHEN length(context) > 5 THEN 'a' ELSE 'c' END\""
+    cfg = cfg_for(tmp_path, tiny_lm, tiny_lm, both, sql, f"data.prompts={prompts}")
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: loaded.append(a))
+    with pytest.raises(UserError, match=r"gives 'c', which is not a teacher name for 1 .*'p001'"):
+        run(cfg)
+    assert loaded == [] and not (tmp_path / "tokens").exists()
+
+
+def test_routing_sql_is_pure():
+    """routing.routes: NULL takes the default; without one it is refused."""
+    from stages.lib import routing
+
+    t = pa.table({"id": ["x", "y"], "kind": ["k", None]})
+    assert routing.routes(t, "kind", ["k", "d"], "d") == {"x": "k", "y": "d"}
+    with pytest.raises(UserError, match="NULL .*default is not set.*'y'"):
+        routing.routes(t, "kind", ["k"], None)
+    with pytest.raises(UserError, match="one expression"):
+        routing.routes(t, "'k'; DROP TABLE prompts", ["k"], None)
+
+
+def test_a_routed_teacher_other_than_the_sft_teacher_is_refused(tmp_path, tiny_lm, tiny_teacher):
     run_dir = tmp_path / "run"
     write_rollouts(run_dir, tiny_lm, n_rows=2, kinds=("fact",))
     with store.open_writer(run_dir / "sft_data", rollouts_table, dataset_id="s", stage="sft") as w:
         fp = models.model_fingerprint(str(tiny_lm))
         assert w.commit(0, config={}, fingerprints={"teacher": fp}, inputs={})
     route = two_teachers("score.route_by.default=a")
-    with pytest.raises(UserError, match="none of the OPD teachers .*a: .* is the SFT teacher"):
+    with pytest.raises(UserError, match="OPD teacher 'a' .* is not the SFT teacher .*teachers.a"):
         run(
             cfg_for(run_dir, tiny_lm, tiny_lm, f"+teachers={{a: {{path: {tiny_teacher}}}}}", *route)
         )
     both = f"+teachers={{a: {{path: {tiny_teacher}}}, b: {{path: {tiny_lm}}}}}"
-    assert run(cfg_for(run_dir, tiny_lm, tiny_lm, both, *route))["committed"]  # b is the SFT one
+    # b is the SFT teacher, but every rollout goes to a: refused per teacher, naming a
+    with pytest.raises(UserError, match="OPD teacher 'a' .* scores rollouts but is not the SFT"):
+        run(cfg_for(run_dir, tiny_lm, tiny_lm, both, *route))
+    to_b = two_teachers("+score.route_by.map={fact: b}", "score.route_by.default=a")
+    assert run(cfg_for(run_dir, tiny_lm, tiny_lm, both, *to_b))["committed"]  # b scores all
 
 
 # ----------------------------------------------------------------------------- devices, progress

@@ -272,7 +272,12 @@ class RouteBy:
     # Column value -> teacher name.
     map: dict[str, str] = field(default_factory=dict)
     # The teacher of a value not in `map` (null: such a value is an error before any model loads).
+    # With `sql`: the teacher of a prompt whose expression is NULL.
     default: str | None = None
+    # Instead of `column`: a DuckDB SQL expression over the prompts (id, prompt, context, answer,
+    # kind, messages) whose value is the teacher name, e.g.
+    # "CASE WHEN kind = 'math' THEN 'a' ELSE 'b' END" (stages/lib/routing.py). null = off.
+    sql: str | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -280,6 +285,19 @@ class RouteBy:
             "score.route_by.column",
             f"must be one of {'|'.join(ROUTE_COLUMNS)} (got {self.column!r})",
         )
+        if self.sql is None:
+            return
+        _check(
+            self.column is None, "score.route_by.sql", "replaces score.route_by.column (set one)"
+        )
+        _check(not self.map, "score.route_by.map", "is for column routes (the sql gives names)")
+        from stages.lib import routing
+
+        routing.check_expression(self.sql)
+
+    @property
+    def enabled(self) -> bool:
+        return self.column is not None or self.sql is not None
 
 
 @dataclass
@@ -846,8 +864,9 @@ class Config:
             _check(m.path is not None, f"teachers.{name}.path", "must be set")
         if not self.teachers:
             _check(rb.column is None, "score.route_by.column", "needs teachers (several models)")
+            _check(rb.sql is None, "score.route_by.sql", "needs teachers (several models)")
             return
-        _check(rb.column is not None, "score.route_by.column", "must be set with teachers")
+        _check(rb.enabled, "score.route_by.column", "must be set with teachers (or route_by.sql)")
         for value, name in [*rb.map.items(), ("(default)", rb.default)]:
             if name is not None and name not in self.teachers:
                 raise UserError(
