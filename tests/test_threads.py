@@ -21,7 +21,10 @@ PROBE = (
 
 def _openmp(first: str, **env: str) -> tuple[str, str]:
     """(spin count OpenMP started with, torch threads) in a fresh interpreter."""
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    # LD_PRELOAD: vLLM's CPU platform preloads libgomp for its engine processes (in this pytest
+    # process once a vLLM test ran); a preloaded OpenMP reads its environment before Python starts
+    drop = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LD_PRELOAD")
+    base = {k: v for k, v in os.environ.items() if k not in drop}
     p = subprocess.run(
         [sys.executable, "-c", PROBE.format(first=first)],
         cwd=ROOT,

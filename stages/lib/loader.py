@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from data_schemas import selected as selected_table
@@ -67,7 +66,7 @@ def columns_of(directory: Path, m: dict) -> list[str]:
     paths = store.shard_paths(directory, m)
     if not paths:
         return COLUMNS
-    have = set(pq.read_schema(paths[0]).names)
+    have = set(store.open_shard(paths[0]).schema_arrow.names)  # streamed on object storage
     return COLUMNS + [c for c in XTOK_COLUMNS if c in have]
 
 

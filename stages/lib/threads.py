@@ -16,7 +16,10 @@ OpenMP reads its environment once, when torch loads it, so :func:`setup` must ru
 first ``import torch``: ``stages/__init__.py`` calls it (every ``python -m stages.<stage>`` and
 ``distillery`` command imports the package first), and so does the demo world's package
 (``scripts/demoworld/__init__.py``). A value the user set in the environment wins
-(``OMP_WAIT_POLICY`` too: with it set, nothing is added).
+(``OMP_WAIT_POLICY`` too: with it set, nothing is added). Processes a stage starts (vLLM's engine
+core) inherit the variable. One case it cannot reach: a libgomp loaded before Python starts
+(``LD_PRELOAD=.../libgomp.so``, as vLLM's CPU platform sets for its workers) has read its
+environment already; export ``GOMP_SPINCOUNT=1000`` in the shell there.
 """
 
 from __future__ import annotations
