@@ -67,7 +67,7 @@ from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
-from stages.lib.progress import Progress, Scaled
+from stages.lib.progress import QUIET, Progress, Scaled
 
 PREFIX_COL = {
     "teacher": "teacher_prompt_ids",
@@ -841,9 +841,7 @@ def _score_on_ray(
 
         def one(s: int) -> _Counts:
             got = _Counts()
-            _score_loop(
-                cfg, aw, paths, [s], roles, t_roles, scorer, got, raylaunch.QUIET, xt, router
-            )
+            _score_loop(cfg, aw, paths, [s], roles, t_roles, scorer, got, QUIET, xt, router)
             return got
 
         return one

@@ -35,7 +35,7 @@ from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
-from stages.lib.progress import Progress
+from stages.lib.progress import QUIET, Progress
 
 # Rollout keys that change speed, memory or placement but not what is sampled (left out of the
 # dataset id).
@@ -612,7 +612,7 @@ def _sample_on_ray(
         def one(sh: int) -> Stats:
             got = Stats()
             args = (by_shard, s, tok, got, stage_name, seed, match)
-            _sample_shards(aw, eng, [sh], *args, progress=raylaunch.QUIET)
+            _sample_shards(aw, eng, [sh], *args, progress=QUIET)
             return got
 
         return one

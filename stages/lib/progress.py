@@ -53,3 +53,16 @@ class Scaled:
 
     def update(self, n: float) -> None:
         self.progress.update(n * self.factor)
+
+
+class Quiet:
+    """A progress sink that shows nothing (e.g. a Ray actor's shard: the driver reports progress)."""
+
+    def update(self, n: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+QUIET = Quiet()

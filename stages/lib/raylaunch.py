@@ -39,19 +39,6 @@ from stages.lib.progress import Progress
 CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding stages/ and data_schemas/
 
 
-class Quiet:
-    """A progress sink that shows nothing (an actor's shard: the driver reports progress)."""
-
-    def update(self, n: float) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-QUIET = Quiet()
-
-
 @dataclass
 class Launched:
     """What :func:`run_shards` did: shards run, redone after an actor died, actors replaced."""
