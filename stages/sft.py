@@ -10,6 +10,14 @@ teacher's own log-prob as ``teacher_logprob``, no top-K) and ``run_dir/checkpoin
 (the SFT student, trained by stages/train.py with ``loss=sft``). The rollout stage then samples
 from this checkpoint and the trainer starts from it.
 
+A teacher with another tokenizer (``score.cross_tokenizer=align``, docs/CROSS_TOKENIZER.md): the
+teacher answers in its own ids (``sft_data`` stays in them), and the answers reach the student as
+text: each answer is decoded, re-encoded with the student's tokenizer (it must round-trip exactly,
+else the answer is dropped and counted by reason in the manifest), its stop token mapped to the
+student's of the same role, and the prefix rendered with the student's tokenizer and template. The
+teacher's own log-prob of each aligned chunk is spread evenly over the chunk's student tokens, so
+the per-answer sum is the teacher's sequence log-prob.
+
 Run: ``python -m stages.sft experiment=demo_lightning`` (the pipeline runs it when sft.enabled).
 """
 
@@ -23,10 +31,11 @@ import pyarrow.parquet as pq
 from data_schemas import prompts as prompts_schema
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
-from stages.lib import models, store
+from stages.lib import models, store, xtok
 from stages.lib.config import Config, sft_config
 from stages.lib.entry import hydra_entry
-from stages.lib.generation import Sampling, generate_rollouts
+from stages.lib.errors import UserError
+from stages.lib.generation import Sampling, build_prompt_ids, generate_rollouts
 from stages.lib.layout import RunLayout
 
 
@@ -71,32 +80,124 @@ def to_selected(rollouts: pa.Table) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=selected_schema.SCHEMA)
 
 
-def write_selected(cfg: Config, sft_manifest: dict, tok_vocab: int) -> dict:
+# ----------------------------------------------------------------------------- another tokenizer
+def spread_chunks(source_lp: list[float], chunks) -> list[float]:
+    """Per target token: its chunk's summed source log-prob split evenly over the chunk's target
+    tokens (chunks partition both sides in text order, so every sum over chunks is preserved)."""
+    out: list[float] = []
+    for (sa, sb), (ta, tb) in zip(chunks.student_range, chunks.teacher_range, strict=True):
+        total = float(sum(source_lp[sa:sb]))
+        out += [total / (tb - ta)] * (tb - ta)
+    return out
+
+
+def to_student_ids(
+    rollouts: pa.Table, v: xtok.Vocabs, train_ids: dict[str, list[int]], refused: dict
+) -> pa.Table:
+    """Teacher-id answers -> the same rows in student ids (``v`` maps teacher -> student: its
+    ``s_tok`` is the teacher's tokenizer); answers that do not round-trip are dropped and counted
+    in ``refused`` (reason -> rows)."""
+    keep, ids, lps, prefix = [], [], [], []
+    rows = rollouts.select(["prompt_id", "response_ids", "behavior_logprobs"]).to_pylist()
+    for i, r in enumerate(rows):
+        prep = xtok.prepare(v, r["response_ids"])
+        if prep.refused is not None:
+            refused[prep.refused] = refused.get(prep.refused, 0) + 1
+            continue
+        keep.append(i)
+        ids.append(prep.response)
+        lps.append(spread_chunks(r["behavior_logprobs"], prep.chunks))
+        prefix.append(train_ids[r["prompt_id"]])
+    t = rollouts.take(pa.array(keep, pa.int64()))
+    fields = {f.name: f for f in t.schema}
+    for name, values in (
+        ("train_prompt_ids", prefix),
+        ("response_ids", ids),
+        ("behavior_logprobs", lps),
+        ("response_len", [len(x) for x in ids]),
+    ):
+        f = fields[name]
+        t = t.set_column(t.schema.get_field_index(name), f, pa.array(values, f.type))
+    return t
+
+
+def write_selected(cfg: Config, sft_manifest: dict, tok_s, cross: xtok.Vocabs | None) -> dict:
     src = sft_data_dir(cfg)
     out = RunLayout.of(cfg.run_dir).sft_selected
-    did = store.content_id({"sft_data": sft_manifest["dataset_id"]})
+    ident = {"sft_data": sft_manifest["dataset_id"]}
+    fps = dict(sft_manifest["fingerprints"])
+    if cross is not None:  # the same answers in the student's tokenization: another dataset
+        ident["student_tokenizer"] = models.tokenizer_fingerprint(tok_s)
+        fps |= {"tokenizer": ident["student_tokenizer"], "teacher_tokenizer": fps["tokenizer"]}
+    did = store.content_id(ident)
+    paths = store.shard_paths(src, sft_manifest)
+    converted: dict[int, pa.Table] = {}
+    extra: dict = {"summary": {"sequences": sft_manifest["rows"]}}
+    if cross is not None:  # converted (and checked) before anything is written
+        train_ids, refused = _student_prefixes(cfg, tok_s), {}
+        for s, p in enumerate(paths):
+            t = rollouts_schema.validate(pq.read_table(p), where=str(p))
+            converted[s] = to_student_ids(t, cross, train_ids, refused)
+        kept = sum(t.num_rows for t in converted.values())
+        _check_kept(kept, refused, sft_manifest["rows"])
+        extra = {
+            "summary": {"sequences": kept},
+            "cross_tokenizer": {"mode": "align", "kept": kept, "refused": refused},
+        }
     with store.open_writer(
         out,
         selected_schema,
         dataset_id=did,
         stage="sft",
         overwrite=cfg.overwrite,
-        vocab_size=tok_vocab,
+        vocab_size=models.vocab_size(tok_s),
     ) as w:
         if not w.complete:
-            paths = store.shard_paths(src, sft_manifest)
             for s, p in enumerate(paths):
                 if not w.is_done(s):
-                    t = rollouts_schema.validate(pq.read_table(p), where=str(p))
+                    t = converted.get(s)
+                    if t is None:
+                        t = rollouts_schema.validate(pq.read_table(p), where=str(p))
                     w.write_shard(s, to_selected(t))
             w.commit(
                 len(paths),
                 config={},
-                fingerprints=sft_manifest["fingerprints"],
+                fingerprints=fps,
                 inputs={"sft_data": sft_manifest["dataset_id"]},
-                extra={"summary": {"sequences": sft_manifest["rows"]}},
+                extra=extra,
             )
     return store.open_committed(out, selected_schema, what_writes_it="python -m stages.sft")
+
+
+def _student_prefixes(cfg: Config, tok_s) -> dict[str, list[int]]:
+    """prompt_id -> the student's training prefix (its own tokenizer and template)."""
+    table = prompts_schema.read(cfg.data.prompts, max_prompts=cfg.data.max_prompts)
+    return {p.prompt_id: p.train_ids for p in build_prompt_ids(tok_s, table, cfg.rollout, cfg.seed)}
+
+
+def _check_kept(kept: int, refused: dict, total: int) -> None:
+    if kept == 0:
+        raise UserError(
+            f"none of the teacher's {total} answers round-trips through the student's tokenizer "
+            f"(refused: {refused})",
+            "sft with score.cross_tokenizer=align",
+            "use a student tokenizer that can spell the teacher's answers (no unknown tokens, no "
+            "text normalisation), or turn sft off",
+        )
+
+
+def check_tokenizers(cfg: Config, tok_s, tok_t) -> xtok.Vocabs | None:
+    """None when the two tokenizers agree; the teacher -> student maps when they differ and
+    ``score.cross_tokenizer=align`` allows it; otherwise the usual mismatch error."""
+    if cfg.score.cross_tokenizer == "align" and xtok.differ(tok_s, tok_t):
+        return xtok.Vocabs.of(tok_t, tok_s)  # roles swapped: the teacher's ids are the source
+    models.check_same_tokenizer(
+        models.tokenizer_fingerprint(tok_s),
+        models.tokenizer_fingerprint(tok_t),
+        "student",
+        "teacher",
+    )
+    return None
 
 
 def run(cfg: Config) -> dict:
@@ -109,12 +210,7 @@ def run(cfg: Config) -> dict:
     prompts = prompts_schema.read(scfg.data.prompts, max_prompts=scfg.data.max_prompts)
     tok_s = models.load_tokenizer(scfg.student.path, "student")
     tok_t = models.load_tokenizer(scfg.teacher.path, "teacher")
-    models.check_same_tokenizer(
-        models.tokenizer_fingerprint(tok_s),
-        models.tokenizer_fingerprint(tok_t),
-        "student",
-        "teacher",
-    )
+    cross = check_tokenizers(scfg, tok_s, tok_t)
     s = Sampling(
         n=scfg.sft.n,
         temperature=scfg.sft.temperature,
@@ -140,7 +236,7 @@ def run(cfg: Config) -> dict:
     m = store.open_committed(
         sft_data_dir(scfg), rollouts_schema, what_writes_it="python -m stages.sft"
     )
-    write_selected(scfg, m, models.vocab_size(tok_s))
+    write_selected(scfg, m, tok_s, cross)
     summary["train"] = train.run(scfg)
     lay = RunLayout.of(scfg.run_dir)
     print(f"sft: wrote {lay.sft_data}, {lay.sft_selected}, {lay.sft_final}", flush=True)
