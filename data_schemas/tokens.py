@@ -30,7 +30,7 @@ response the teacher did not score, the reason's code in ``XTOK_REFUSED``: selec
 ``xtok_chunk_logprob`` (the teacher's log-prob of the whole chunk, GOLD's merged span, on each of
 its tokens),
 ``xtok_mapped_k`` (how many leading entries of ``teacher_topk_ids`` are teacher top-K entries
-mapped into student ids by equal token strings; the remaining entries are filler with
+mapped into student ids where the tokens stand for the same text in context; the remaining entries are filler with
 ``XTOK_FILL_LOGPROB``), ``xtok_mapped_frac`` (the mapped share of the teacher's top-K mass, 0 where
 no teacher position is comparable) and ``xtok_sorted_probs`` (the teacher's own top-K probabilities
 in decreasing order, for ULD; zeros where no teacher position is comparable).
@@ -69,7 +69,7 @@ SCHEMA = pa.schema(
     ]
 )
 # Cross-tokenizer columns (score.cross_tokenizer=align with a teacher of another tokenizer).
-XTOK_VERSION = 1  # version of the xtok_* columns' meaning (recorded in the manifest's extra)
+XTOK_VERSION = 2  # version of the xtok_* columns' meaning (recorded in the manifest's extra)
 XTOK_FILL_LOGPROB = -1.0e4  # top-K filler entries past xtok_mapped_k: no teacher number
 # xtok_chunk of a response the teacher did not score -> why (counted in the tokens manifest)
 XTOK_REFUSED = {

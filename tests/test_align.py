@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -334,3 +335,36 @@ def test_windowed_char_offsets_equal_the_exact_rule(bpe_pair, byte_teacher, kind
             assert align.char_offsets(tok, ids, window=window) == align.char_offsets_exact(
                 tok, ids
             ), (kind, window, ids)
+
+
+# ------------------------------------------------------------------- in-context strings
+def test_in_context_strings_map_word_level_to_byte_level(bpe_pair):
+    """A word-level ``fox`` and a byte-level ``Ġfox`` add the same text after a word (`` fox``),
+    though alone they decode to ``fox`` and `` fox``: the start table cannot map them, the
+    in-context one does, and continuation pieces (no space) never map to whole words."""
+    from stages.lib import xtok
+
+    words = ["the", "fox", "lazy", "dog", "quick"]
+    s_tok = word_tokenizer(SPECIALS + words)
+    t_tok = bpe_pair[1]
+    g_fox = t_tok.convert_tokens_to_ids("Ġfox")
+    assert g_fox is not None and g_fox != t_tok.unk_token_id
+    s_ctx, t_ctx = align.context_id(s_tok), align.context_id(t_tok)
+    s_mid = align.surface_strings(s_tok, s_ctx)
+    t_mid = align.surface_strings(t_tok, t_ctx)
+    fox = s_tok.convert_tokens_to_ids("fox")
+    assert s_mid[fox] == " fox" and t_mid[g_fox] == " fox"
+    assert align.surface_strings(s_tok)[fox] == "fox"  # alone: no space
+    v = xtok.Vocabs.of(s_tok, t_tok)
+    assert v.table[g_fox] == -1 and v.table_mid[g_fox] == fox
+    # the teacher's top-2 [Ġfox, fox-without-space or another piece] after a word: only Ġfox maps
+    other = next(i for i, s in enumerate(t_mid) if s is not None and s.isalpha())  # no space
+    ids, lps, mk = xtok.mapped_topk(
+        v, np.array([[g_fox, other]]), np.log(np.array([[0.7, 0.2]])), 3, np.array([True])
+    )
+    assert mk.tolist() == [1] and ids[0, 0] == fox
+    # at the response's start the start table applies: nothing maps
+    _, _, mk0 = xtok.mapped_topk(
+        v, np.array([[g_fox, other]]), np.log(np.array([[0.7, 0.2]])), 3, np.array([False])
+    )
+    assert mk0.tolist() == [0]

@@ -229,24 +229,36 @@ def teacher_rows(chunks: Chunks) -> list[int]:
 
 
 # --------------------------------------------------------------------------- vocabularies
-def surface_strings(tokenizer: Any) -> list[str | None]:
+def surface_strings(tokenizer: Any, after: int | None = None) -> list[str | None]:
     """Per id, the text the token stands for, by the tokenizer's own decoder, or None.
 
-    ``convert_tokens_to_string([token])`` undoes each tokenizer's own encoding of the token string
-    (byte-level ``Ġ`` -> space, ``▁`` -> space, ``##`` continuation), so two tokenizers agree on a
-    token when they agree on its text. The EOS, BOS, pad and unk tokens get a key for their role
-    (NUL + ``"eos_token"``), so the stop action maps to the other side's. None (never mapped): other
-    special tokens, tokens that are not
-    whole characters (a partial UTF-8 byte decodes to U+FFFD), and strings two ids share (the
+    ``after=None``: the token on its own, ``convert_tokens_to_string([token])``, which undoes each
+    tokenizer's own encoding of the token string (byte-level ``Ġ`` -> space, ``##`` continuation).
+    ``after=x`` (an ordinary token, ``context_id``): the text the token adds *after* ``x``,
+    ``decode([x, j])`` minus ``decode([x])``. That is the string to compare inside a text: a
+    word-level or SentencePiece token that decodes to ``the`` alone adds `` the`` after a word,
+    as a byte-level ``Ġthe`` does, while ``##the`` or a byte-level ``the`` adds ``the``.
+    The EOS, BOS, pad and unk tokens get a key for their role (NUL + ``"eos_token"``), so the stop
+    action maps to the other side's. None (never mapped): other special tokens, tokens that are
+    not whole characters (a partial UTF-8 byte decodes to U+FFFD), and strings two ids share (the
     mapping would be ambiguous).
     """
     n = len(tokenizer)
-    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     special = set(tokenizer.all_special_ids)
-    out: list[str | None] = []
-    for i, t in enumerate(tokens):
-        s = None if t is None or i in special else tokenizer.convert_tokens_to_string([t])
-        out.append(None if not s or "\ufffd" in s else s)
+    if after is None:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+        raw = [
+            None if t is None or i in special else tokenizer.convert_tokens_to_string([t])
+            for i, t in enumerate(tokens)
+        ]
+    else:
+        head = decode(tokenizer, [after])
+        pairs = _batch(tokenizer, [[after, j] for j in range(n)])
+        raw = [
+            None if i in special or not t.startswith(head) else t[len(head) :]
+            for i, t in enumerate(pairs)
+        ]
+    out: list[str | None] = [None if not s or "\ufffd" in s else s for s in raw]
     seen: dict[str, int] = {}
     for s in out:
         if s is not None:
@@ -257,6 +269,19 @@ def surface_strings(tokenizer: Any) -> list[str | None]:
         if i is not None and 0 <= i < n and out[i] is None and i in special:
             out[i] = f"\x00{role}"  # matched by role (EOS to EOS), never by text
     return out
+
+
+def context_id(tokenizer: Any) -> int | None:
+    """An ordinary token to read other tokens after: the first id that decodes, on its own and
+    after itself, to letters only (a whole word or word-start, not a continuation piece)."""
+    special = set(tokenizer.all_special_ids)
+    for i in range(len(tokenizer)):
+        if i in special:
+            continue
+        one = decode(tokenizer, [i])
+        if one.isalpha() and decode(tokenizer, [i, i]).startswith(one):
+            return i
+    return None
 
 
 def vocab_table(

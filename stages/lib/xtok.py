@@ -43,15 +43,24 @@ class Vocabs:
 
     s_tok: Any
     t_tok: Any
-    table: np.ndarray  # [V_T] teacher id -> student id with the same string, -1 where none
+    table: np.ndarray  # [V_T] teacher id -> student id of the same text, at a response's start
     stop: dict[int, int]  # student special id -> the teacher's id of the same role/string
     s_special: frozenset[int]
     s_vocab: int
+    # [V_T] the same after another token (the text each adds after a word: `` the`` for a
+    # word-level ``the`` and a byte-level ``Ġthe`` alike); None: no in-context strings (``table``)
+    table_mid: np.ndarray | None = None
 
     @staticmethod
     def of(s_tok: Any, t_tok: Any) -> Vocabs:
         s_str, t_str = align.surface_strings(s_tok), align.surface_strings(t_tok)
         table = align.vocab_table(t_str, s_str).numpy()  # [V_T]
+        mid = None
+        s_ctx, t_ctx = align.context_id(s_tok), align.context_id(t_tok)
+        if s_ctx is not None and t_ctx is not None:
+            mid = align.vocab_table(
+                align.surface_strings(t_tok, t_ctx), align.surface_strings(s_tok, s_ctx)
+            ).numpy()  # [V_T]
         stop = {}
         t_vocab = t_tok.get_vocab()
         for i in s_tok.all_special_ids:
@@ -62,7 +71,8 @@ class Vocabs:
                 j = t_vocab.get(s_tok.convert_ids_to_tokens(i))
             if j is not None:
                 stop[i] = int(j)
-        return Vocabs(s_tok, t_tok, table, stop, frozenset(s_tok.all_special_ids), len(s_tok))
+        specials = frozenset(s_tok.all_special_ids)
+        return Vocabs(s_tok, t_tok, table, stop, specials, len(s_tok), mid)
 
 
 def differ(s_tok: Any, t_tok: Any) -> bool:
@@ -138,14 +148,19 @@ def teacher_prefixes(cfg, rm: dict, s_tok: Any, t_tok: Any, where: str) -> dict[
 
 # ----------------------------------------------------------------------------- student columns
 def mapped_topk(
-    v: Vocabs, ids: np.ndarray, lps: np.ndarray, k: int
+    v: Vocabs, ids: np.ndarray, lps: np.ndarray, k: int, mid: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Teacher top-K rows [m, K_T] in student ids, vectorised: per row the mapped entries first
     (in the teacher's order), then filler ids (the lowest student ids not in the row) at FILL, up
-    to ``k``. Returns (ids [m, k] int32, log-probs [m, k] float32, mapped count [m])."""
+    to ``k``. ``mid`` [m] bool: rows after another token of the response (in-context strings,
+    ``Vocabs.table_mid``); the others, and all when None, use the start table.
+    Returns (ids [m, k] int32, log-probs [m, k] float32, mapped count [m])."""
     m, k_t = ids.shape
     valid = (ids >= 0) & (ids < len(v.table))  # [m, K_T]
-    mapped = np.where(valid, v.table[np.clip(ids, 0, len(v.table) - 1)], -1)  # [m, K_T]
+    safe = np.clip(ids, 0, len(v.table) - 1)  # [m, K_T]
+    mapped = np.where(valid, v.table[safe], -1)  # [m, K_T]
+    if mid is not None and v.table_mid is not None:
+        mapped = np.where(valid & mid[:, None], v.table_mid[safe], mapped)  # [m, K_T]
     ok = mapped >= 0  # [m, K_T]
     order = np.argsort(~ok, axis=1, kind="stable")  # [m, K_T] mapped first, order kept
     m_ids = np.take_along_axis(mapped, order, 1)[:, :k]  # [m, min(K_T, k)]
@@ -176,7 +191,8 @@ def student_columns(
     - ``logprob``: the chunk's teacher log-prob shared equally by its student tokens (a one-to-one
       chunk: the teacher's log-prob of that token, exactly);
     - top-K: at a chunk's first student token (both models have read the same text there) the
-      teacher's top-K at the chunk's first teacher token, mapped into student ids; elsewhere
+      teacher's top-K at the chunk's first teacher token, mapped into student ids by the text
+      each token adds there (after the first token: in context, ``Vocabs.table_mid``); elsewhere
       (inside a chunk) nothing is mapped: ``xtok_mapped_k = 0``, only fillers;
     - ``entropy``: the teacher's entropy at the chunk's first teacher token.
 
@@ -200,7 +216,8 @@ def student_columns(
     at = rows >= 0
     t_ids = np.where(at[:, None], t["topk_ids"][np.maximum(rows, 0)], -1)  # [n, K_T]
     t_lps = t["topk_logprobs"][np.maximum(rows, 0)].astype(np.float64)  # [n, K_T]
-    ids, lps, mk = mapped_topk(v, t_ids, t_lps, k)
+    mid = np.arange(n) > 0  # [n] after another student token: in-context strings
+    ids, lps, mk = mapped_topk(v, t_ids, t_lps, k, mid)
     p = np.where(at[:, None], np.exp(t_lps), 0.0)  # [n, K_T] teacher top-K probabilities
     mass = np.where(np.arange(k)[None, :] < mk[:, None], np.exp(lps.astype(np.float64)), 0.0)
     frac = mass.sum(1) / np.maximum(p.sum(1), 1e-300)  # [n]
