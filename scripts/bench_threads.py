@@ -11,6 +11,19 @@ each setup its slowdown against its own idle time, that slowdown over the fair s
     OMP_NUM_THREADS=1 python scripts/bench_threads.py --quick --realtime-only --repeats 4 \
         --setups default,project,passive,one_thread --out x.json   # idle speed, as root
 
+``--workload`` picks what each child times: ``step`` (the default, the small Llama above),
+``world`` (the demo world build's base-model training: the world's tokenizer, model and
+``pretrain`` loop for ``--steps`` steps; the world's own package sets the project's threads up)
+or ``train_stage`` (``python -m stages.train experiment=demo train.max_steps=N`` on a copy of
+``--run`` taken once, whole command wall time, imports included). For these two, ``default``
+means GNU OpenMP's own spin count set explicitly (``GOMP_SPINCOUNT=300000``), since the project's
+code sets its own otherwise:
+
+    OMP_NUM_THREADS=1 python scripts/bench_threads.py --workload world --steps 60 \
+        --setups default,project --out runs/bench_threads_world.json
+    OMP_NUM_THREADS=1 python scripts/bench_threads.py --workload train_stage --steps 60 \
+        --run runs/demo_chat_s0 --setups default,project --out runs/bench_threads_train.json
+
 The machine's load average is recorded at the start and the end: other jobs on the machine add to
 the busy loops, so read the ratios from one run, never absolute times across runs. ``--nice -20``
 (as root) puts the bench and its busy loops above the other jobs of the same cgroup (it did not
@@ -97,16 +110,67 @@ def child(steps: int, use_project: bool) -> None:
     print(json.dumps(out), flush=True)
 
 
+def child_world(steps: int) -> None:
+    """Time ``steps`` steps of the demo world's base-model training (world.pretrain)."""
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    # the world's package sets the project's threads up, so it loads before torch does
+    from demoworld import world as W  # noqa: I001
+
+    torch = W.torch
+
+    s = W.WorldSettings()
+    torch.set_num_threads(s.threads)
+    world = W.make_world(s)
+    tok = W.make_tokenizer(W.vocabulary(world))
+    model = W.make_model(s.base, tok, s.seed)
+    ms = dataclasses.replace(s.base, steps=steps)
+    t, c = time.perf_counter(), time.process_time()
+    W.pretrain(model, tok, world, ms, s.seed)
+    out = {
+        "seconds": time.perf_counter() - t,
+        "cpu_seconds": time.process_time() - c,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+    }
+    print(json.dumps(out), flush=True)
+
+
+def train_stage_cmd(run: Path, steps: int) -> list[str]:
+    """The demo recipe's train stage on ``run`` (a copy), stopped after ``steps`` steps."""
+    return [
+        sys.executable, "-m", "stages.train", "experiment=demo", f"run_dir={run}",
+        f"train.max_steps={steps}", "train.name=threads_bench", "overwrite=true",
+    ]  # fmt: skip
+
+
 def _realtime() -> None:
     """In the child before exec: FIFO real-time scheduling, inherited by its threads."""
     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+
+
+WORKLOAD = {"name": "step", "run": None}  # set by main(): what run_child times
 
 
 def run_child(setup: str, steps: int, realtime: bool = False) -> dict:
     drop = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # each setup sets its own
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(SETUPS[setup])
+    if WORKLOAD["name"] != "step" and setup == "default":
+        env["GOMP_SPINCOUNT"] = "300000"  # the runtime's own value (the project code sets 1000)
+    if WORKLOAD["name"] == "train_stage":
+        t0 = time.perf_counter()
+        subprocess.run(
+            train_stage_cmd(WORKLOAD["run"], steps), env=env, cwd=ROOT, check=True,
+            capture_output=True, timeout=1800, preexec_fn=_realtime if realtime else None,
+        )  # fmt: skip
+        return {"seconds": time.perf_counter() - t0, "threads": None, "interop_threads": None,
+                "env": {k: env.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}  # fmt: skip
     cmd = [sys.executable, __file__, "--child", "--steps", str(steps)]
+    if WORKLOAD["name"] == "world":
+        cmd.append("--world")
     if setup == "project":
         cmd.append("--project")
     p = subprocess.run(
@@ -146,8 +210,10 @@ def idle_realtime(setups: list[str], steps: int, repeats: int) -> dict:
     return out
 
 
-def bench(quick: bool, setups: list[str], repeats: int | None = None) -> dict:
-    steps = 6 if quick else 15
+def bench(
+    quick: bool, setups: list[str], repeats: int | None = None, steps: int | None = None
+) -> dict:
+    steps = steps or (6 if quick else 15)
     repeats = repeats or (1 if quick else 2)
     runs: dict[str, dict[int, list[float]]] = {s: {n: [] for n in FAIR} for s in setups}
     info: dict[str, dict] = {}
@@ -167,6 +233,7 @@ def bench(quick: bool, setups: list[str], repeats: int | None = None) -> dict:
                 stop(procs)
     out: dict = {
         "threads.steps": steps,
+        "threads.workload": WORKLOAD["name"],
         "threads.repeats": repeats,
         "threads.loadavg_start": load0,
         "threads.loadavg_end": os.getloadavg(),
@@ -213,20 +280,43 @@ def main() -> None:
     ap.add_argument("--realtime-only", action="store_true", help="only the real-time idle check")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--project", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--steps", type=int, default=15, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, help="timed steps per child (default 6 quick, 15)")
+    ap.add_argument(
+        "--workload",
+        choices=("step", "world", "train_stage"),
+        default="step",
+        help="what each child times (see the module docstring)",
+    )
+    ap.add_argument("--run", help="train_stage: a demo run dir with a selection (copied once)")
+    ap.add_argument("--world", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.steps, args.project)
+        if args.world:
+            child_world(args.steps or 15)
+        else:
+            child(args.steps or 15, args.project)
         return
+    WORKLOAD["name"] = args.workload
+    if args.workload == "train_stage":
+        if not args.run or not (Path(args.run) / "selected").is_dir():
+            ap.error("--workload train_stage needs --run DIR, a demo run with a selection")
+        import shutil
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench_threads_"))
+        WORKLOAD["run"] = tmp / "run"
+        shutil.copytree(args.run, WORKLOAD["run"], ignore=shutil.ignore_patterns("checkpoints"))
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every child
     setups = (args.setups or ("default,project" if args.quick else ",".join(SETUPS))).split(",")
     if unknown := set(setups) - set(SETUPS):
         ap.error(f"unknown setups {sorted(unknown)}; known: {', '.join(SETUPS)}")
-    res = {} if args.realtime_only else bench(args.quick, setups, args.repeats)
+    res = {} if args.realtime_only else bench(args.quick, setups, args.repeats, args.steps)
     res["threads.nice"] = args.nice
     if args.realtime or args.realtime_only:
-        res.update(idle_realtime(setups, 6 if args.quick else 15, args.repeats or 3))
+        res.update(
+            idle_realtime(setups, args.steps or (6 if args.quick else 15), args.repeats or 3)
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "threads.times"}, indent=1))
