@@ -204,10 +204,11 @@ def measured(fn: Callable[[], dict]) -> dict:
     return {"wall_s": w1 - w0, "cpu_s": c1 - c0, **out}
 
 
-def _rss_mb() -> float:
+def _rss_mb(key: str = "VmRSS") -> float:
+    """This process's resident set (``VmRSS``) or its peak (``VmHWM``), in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -405,7 +406,10 @@ def run_child(name: str, spec_path: str, threads: int) -> None:
     res = runs[name]()
     res["import_s"] = import_s
     res["rss_after_imports_mb"] = rss_after_imports
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The peak of this process's own memory. Not ru_maxrss: on Linux that keeps the parent's peak
+    # across the spawn (a 16x teacher built by the parent set every small child's to 1.7 GB).
+    res["peak_rss_mb"] = _rss_mb("VmHWM")
+    res["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["torch_threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -539,11 +543,24 @@ def bench(quick: bool, threads: int, work: Path, out_path: Path, **sizes) -> dic
             out["runs"][name] = {"error": str(e)[-2000:]}
         out["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
         out["machine"]["loadavg_1_5_15m_at_end"] = os.getloadavg()
+        out["machine"]["parent_peak_rss_mb"] = _rss_mb("VmHWM")  # the floor of ru_maxrss
         out["seconds"] = time.perf_counter() - t0
         if all(n in out["runs"] for n in CHILDREN):
             out["ratios"] = ratios(out["runs"])
         out_path.write_text(json.dumps(out, indent=1))
     return out
+
+
+def _bad_size(a: argparse.Namespace) -> str | None:
+    """The one-line complaint about an out-of-range size option, or None."""
+    if a.teacher_scale is not None and not 1 <= a.teacher_scale <= 64:
+        return (
+            f"--teacher-scale {a.teacher_scale:g} is out of range (bench_peer). Fix: give 1 to 64"
+        )
+    for flag, v in (("--prompts", a.prompts), ("--response-tokens", a.tokens)):
+        if v is not None and v < 1:
+            return f"{flag} {v} must be >= 1 (bench_peer). Fix: give a positive count"
+    return None
 
 
 def main() -> None:
@@ -572,11 +589,12 @@ def main() -> None:
     except ImportError:
         print("error: trl is not installed (bench_peer). Fix: pip install -e .[bench]", file=sys.stderr)  # fmt: skip
         sys.exit(2)
+    bad = _bad_size(a)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
     out = Path(a.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    if a.teacher_scale is not None and not 1 <= a.teacher_scale <= 64:
-        print(f"error: --teacher-scale {a.teacher_scale:g} is out of range (bench_peer). Fix: give 1 to 64", file=sys.stderr)  # fmt: skip
-        sys.exit(2)
     sizes = {"prompts": a.prompts, "tokens": a.tokens, "scale": a.teacher_scale}
     if a.work:
         Path(a.work).mkdir(parents=True, exist_ok=True)
