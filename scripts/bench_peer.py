@@ -285,6 +285,7 @@ def trl_distill(spec: dict, beta: float, gradient_checkpointing: bool = False) -
     data = Dataset.from_list([{"prompt": t} for t in spec["texts"]])
     counts: list[int] = []
     gen_s: list[float] = []  # seconds inside TRL's sampling (student generate), per batch
+    gen_cpu: list[float] = []  # and CPU seconds of this process meanwhile (its torch threads)
 
     def go() -> dict:
         tok = AutoTokenizer.from_pretrained(spec["student"], padding_side="left")
@@ -302,9 +303,10 @@ def trl_distill(spec: dict, beta: float, gradient_checkpointing: bool = False) -
         generate = trainer._generate  # counts the response tokens each batch trains on
 
         def counting(prompts):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = generate(prompts)
             gen_s.append(time.perf_counter() - t0)
+            gen_cpu.append(time.process_time() - c0)
             counts.append(sum(len(c) for c in res[1]))
             return res
 
@@ -316,6 +318,7 @@ def trl_distill(spec: dict, beta: float, gradient_checkpointing: bool = False) -
     res = measured(go)
     res["response_tokens"] = sum(counts)
     res["generate_s"] = sum(gen_s)
+    res["generate_cpu_s"] = sum(gen_cpu)
     return res
 
 
