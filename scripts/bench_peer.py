@@ -23,7 +23,7 @@ its parameters, and N prompts of equal length. Every measured run is its own chi
 (b) trainer throughput on the same stored sequences (the prompts and responses of (a)'s
     selection): ``stages.train`` with ``loss=sft`` vs ``trl.SFTTrainer`` (completion-only loss),
     response tokens per second of the whole trainer call (load, train, save) and of the loop.
-(c) peak RSS of each child (``ru_maxrss``), and its RSS after the imports.
+(c) peak RSS of each child (``VmHWM``, its own high-water mark), and its RSS after the imports.
 Full mode adds ``trl_epoch_gc``: TRL's epoch with gradient checkpointing on, its documented
 default (the headline TRL runs turn it off, which only makes TRL faster). Both modes add
 ``ours_epoch_lean``: our epoch again, in its own run dir, with the documented keys that skip work
@@ -108,6 +108,9 @@ DIFFERENCES = [
     "per-token entropy and top-1 accuracy metrics. TRL shuffles (its default); ours shuffles "
     "row groups (train.shuffle, its default).",
     "Ours runs select with select.threads=1 (DuckDB) so both sides use one compute thread.",
+    "ours_epoch_lean (not a headline figure): our epoch with score.behavior=false (the behaviour "
+    "log-prob is the rollout's own fp32 record, no student pass in score), score.entropy=false "
+    "(no entropy columns) and train.trackers=[] (no TensorBoard, as TRL's report_to=none).",
 ]
 
 
