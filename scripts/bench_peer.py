@@ -1,9 +1,12 @@
 """Side by side against a peer: our offline pipeline vs TRL's online distillation and SFT trainers.
 
     python scripts/bench_peer.py --out runs/bench_peer.json [--quick] [--threads N] [--work DIR]
+        [--teacher-scale S] [--response-tokens T] [--prompts N]
 
-(``--prompts N`` / ``--tokens T`` override the mode's sizes, for trying the full-size models on a
-few prompts; ``--work DIR`` keeps the world and both sides' outputs.)
+(``--prompts N`` / ``--response-tokens T`` override the mode's sizes; ``--teacher-scale S`` swaps
+the default teacher (4.6x the student's per-token matmul weights) for one of ~S times them: same
+tokenizer and depth, the width chosen to match S; ``--work DIR`` keeps the world and both sides'
+outputs.)
 
 Needs the ``bench`` extra (``pip install -e .[bench]``: ``trl==1.16.0``). One world, built here
 from configs (no downloads): a word-level tokenizer, a random Llama student and a teacher >= 4x
@@ -20,9 +23,13 @@ its parameters, and N prompts of equal length. Every measured run is its own chi
 (b) trainer throughput on the same stored sequences (the prompts and responses of (a)'s
     selection): ``stages.train`` with ``loss=sft`` vs ``trl.SFTTrainer`` (completion-only loss),
     response tokens per second of the whole trainer call (load, train, save) and of the loop.
-(c) peak RSS of each child (``ru_maxrss``), and its RSS after the imports.
+(c) peak RSS of each child (``VmHWM``, its own high-water mark), and its RSS after the imports.
 Full mode adds ``trl_epoch_gc``: TRL's epoch with gradient checkpointing on, its documented
-default (the headline TRL runs turn it off, which only makes TRL faster).
+default (the headline TRL runs turn it off, which only makes TRL faster). Both modes add
+``ours_epoch_lean``: our epoch again, in its own run dir, with the documented keys that skip work
+no configured loss or selection reads here (``score.behavior=false``: the behaviour log-prob comes
+from the rollout's own record; ``score.entropy=false``; ``train.trackers=[]``, as TRL's
+``report_to=none``). The defaults stay the headline row.
 
 The children run interleaved (ours, TRL, ours, TRL, ...): a burst of load from other processes
 hits a pair, not a side. Ratios are ours / TRL; every setting, version, command and every
@@ -63,6 +70,9 @@ TOPK, LR, SEED = 32, 1e-5, 0
 CHILDREN = ("ours_epoch", "trl_epoch", "ours_second", "trl_second", "ours_sft", "trl_sft")
 # Full mode only: TRL's epoch again with gradient checkpointing on (its documented default).
 EXTRA = "trl_epoch_gc"
+# Both modes: our epoch with the work nothing here reads switched off by documented keys.
+LEAN = "ours_epoch_lean"
+LEAN_OVERRIDES = ["score.behavior=false", "score.entropy=false", "train.trackers=[]"]
 GOALS = {
     "epoch_wall_ours_over_trl": "<= 0.5",
     "second_loss_wall_ours_over_trl": "<= 0.15",
@@ -98,6 +108,9 @@ DIFFERENCES = [
     "per-token entropy and top-1 accuracy metrics. TRL shuffles (its default); ours shuffles "
     "row groups (train.shuffle, its default).",
     "Ours runs select with select.threads=1 (DuckDB) so both sides use one compute thread.",
+    "ours_epoch_lean (not a headline figure): our epoch with score.behavior=false (the behaviour "
+    "log-prob is the rollout's own fp32 record, no student pass in score), score.entropy=false "
+    "(no entropy columns) and train.trackers=[] (no TensorBoard, as TRL's report_to=none).",
 ]
 
 
@@ -114,6 +127,9 @@ def build_world(work: Path, size: dict) -> dict:
     words = [f"w{i}" for i in range(size["vocab_words"])]
     student = build_tiny_lm(work / "student", seed=0, words=words, **size["student_arch"])
     teacher = build_tiny_lm(work / "teacher", seed=1, words=words, **size["teacher_arch"])
+    positions = 1 + size["prompt_words"] + size["tokens"]  # bos + prompt + T
+    for path in (student, teacher):
+        _fit_positions(path, positions)
     _never_stop(student)  # every sampled response is T tokens long on both sides
     g = np.random.default_rng(SEED)
     ids = g.integers(0, len(words), (size["n_prompts"], size["prompt_words"]))  # [N, words]
@@ -125,6 +141,34 @@ def build_world(work: Path, size: dict) -> dict:
         "student": str(student), "teacher": str(teacher), "prompts": str(path), "texts": texts,
         "run_dir": str(work / "ours"), "trl_dir": str(work / "trl"), **size,
     }  # fmt: skip
+
+
+def _fit_positions(path: Path, positions: int) -> None:
+    """Raise ``max_position_embeddings`` (256 in the test models) when prompt + T needs more: RoPE
+    has no learned positions, so only the config's limit changes."""
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg["max_position_embeddings"] < positions:
+        cfg["max_position_embeddings"] = positions
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def matmul_weights(arch: dict, vocab: int) -> int:
+    """Per-token matmul weights of a ``build_tiny_lm`` Llama: per layer q, k, v, o (h x h each)
+    and the MLP (3 x h x 2h), then the untied LM head (h x V)."""
+    h = arch["hidden"]
+    return arch["layers"] * 10 * h * h + h * vocab
+
+
+def teacher_arch(scale: float, student: dict, layers: int, vocab: int) -> dict:
+    """A teacher of ``layers`` layers whose width (a multiple of 64, one head per 64) gives the
+    matmul-weight ratio to the student closest to ``scale`` (on a log scale)."""
+    import math
+
+    target = scale * matmul_weights(student, vocab)
+    widths = range(64, 8193, 64)
+    err = lambda h: abs(math.log(matmul_weights({"hidden": h, "layers": layers}, vocab) / target))  # noqa: E731
+    return {"hidden": min(widths, key=err), "layers": layers}
 
 
 def _never_stop(path: Path) -> None:
@@ -163,16 +207,18 @@ def measured(fn: Callable[[], dict]) -> dict:
     return {"wall_s": w1 - w0, "cpu_s": c1 - c0, **out}
 
 
-def _rss_mb() -> float:
+def _rss_mb(key: str = "VmRSS") -> float:
+    """This process's resident set (``VmRSS``) or its peak (``VmHWM``), in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
 # ----------------------------------------------------------------------------- our side
 def ours_overrides(spec: dict, loss: str, name: str) -> list[str]:
+    """Our stages' settings (hydra overrides); ``spec["extra_overrides"]`` appends the lean keys."""
     mb_tokens = spec["batch"] * (1 + spec["prompt_words"] + spec["tokens"])  # bos + words + T
     return [
         f"run_dir={spec['run_dir']}", f"student.path={spec['student']}",
@@ -181,7 +227,7 @@ def ours_overrides(spec: dict, loss: str, name: str) -> list[str]:
         "rollout.temperature=1.0", "rollout.top_p=1.0", "score.backend=hf", f"score.topk={TOPK}",
         "select.threads=1", f"loss={loss}", f"train.name={name}", "train.epochs=1",
         f"train.micro_batch_tokens={mb_tokens}", f"train.lr={LR}", "train.log_every=1",
-        "overwrite=true",
+        "overwrite=true", *spec.get("extra_overrides", []),
     ]  # fmt: skip
 
 
@@ -242,6 +288,7 @@ def trl_distill(spec: dict, beta: float, gradient_checkpointing: bool = False) -
     data = Dataset.from_list([{"prompt": t} for t in spec["texts"]])
     counts: list[int] = []
     gen_s: list[float] = []  # seconds inside TRL's sampling (student generate), per batch
+    gen_cpu: list[float] = []  # and CPU seconds of this process meanwhile (its torch threads)
 
     def go() -> dict:
         tok = AutoTokenizer.from_pretrained(spec["student"], padding_side="left")
@@ -259,9 +306,10 @@ def trl_distill(spec: dict, beta: float, gradient_checkpointing: bool = False) -
         generate = trainer._generate  # counts the response tokens each batch trains on
 
         def counting(prompts):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = generate(prompts)
             gen_s.append(time.perf_counter() - t0)
+            gen_cpu.append(time.process_time() - c0)
             counts.append(sum(len(c) for c in res[1]))
             return res
 
@@ -273,6 +321,7 @@ def trl_distill(spec: dict, beta: float, gradient_checkpointing: bool = False) -
     res = measured(go)
     res["response_tokens"] = sum(counts)
     res["generate_s"] = sum(gen_s)
+    res["generate_cpu_s"] = sum(gen_cpu)
     return res
 
 
@@ -350,6 +399,9 @@ def run_child(name: str, spec_path: str, threads: int) -> None:
     import_s, rss_after_imports = time.perf_counter() - t0, _rss_mb()
     runs = {
         "ours_epoch": lambda: ours_epoch(spec),
+        LEAN: lambda: ours_epoch(
+            spec | {"run_dir": spec["run_dir"] + "_lean", "extra_overrides": LEAN_OVERRIDES}
+        ),
         "ours_second": lambda: ours_train(spec, "topk_rkl", "topk_rkl"),
         "ours_sft": lambda: ours_train(spec, "sft", "peer_sft"),
         "trl_epoch": lambda: trl_distill(spec, 0.0),
@@ -360,7 +412,10 @@ def run_child(name: str, spec_path: str, threads: int) -> None:
     res = runs[name]()
     res["import_s"] = import_s
     res["rss_after_imports_mb"] = rss_after_imports
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The peak of this process's own memory. Not ru_maxrss: on Linux that keeps the parent's peak
+    # across the spawn (a 16x teacher built by the parent set every small child's to 1.7 GB).
+    res["peak_rss_mb"] = _rss_mb("VmHWM")
+    res["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["torch_threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -396,6 +451,9 @@ def versions() -> dict:
 def ratios(r: dict) -> dict:
     tps = lambda k, t: r[k]["response_tokens"] / r[k][t]  # noqa: E731
     extra = {}
+    if "wall_s" in r.get(LEAN, {}):
+        extra["epoch_lean_wall_ours_over_trl"] = r[LEAN]["wall_s"] / r["trl_epoch"]["wall_s"]
+        extra["epoch_lean_cpu_ours_over_trl"] = r[LEAN]["cpu_s"] / r["trl_epoch"]["cpu_s"]
     if "wall_s" in r.get(EXTRA, {}):
         extra["epoch_wall_ours_over_trl_gc"] = r["ours_epoch"]["wall_s"] / r[EXTRA]["wall_s"]
         extra["epoch_cpu_ours_over_trl_gc"] = r["ours_epoch"]["cpu_s"] / r[EXTRA]["cpu_s"]
@@ -420,22 +478,44 @@ def ratios(r: dict) -> dict:
     }
 
 
-def setup(quick: bool, threads: int, work: Path, prompts: int | None, tokens: int | None):
-    """Build the world; the JSON's header (versions, settings, models, commands)."""
+def sizes_for(quick: bool, prompts: int | None, tokens: int | None, scale: float | None) -> dict:
+    """The mode's sizes with the command line's overrides (the defaults when none is given)."""
     size = dict(SIZES["quick" if quick else "full"])
     size["n_prompts"] = prompts or size["n_prompts"]
     size["tokens"] = tokens or size["tokens"]
+    if scale is not None:
+        layers = size["teacher_arch"]["layers"]
+        size["teacher_arch"] = teacher_arch(scale, size["student_arch"], layers, _vocab(size))
+    size["teacher_scale"] = scale  # null: the mode's default teacher
+    return size
+
+
+def _vocab(size: dict) -> int:
+    """Vocabulary of the world's tokenizer: the words plus its four special tokens."""
+    return size["vocab_words"] + 4
+
+
+def setup(quick: bool, threads: int, work: Path, prompts: int | None, tokens: int | None,
+          scale: float | None = None):  # fmt: skip
+    """Build the world; the JSON's header (versions, settings, models, commands)."""
+    size = sizes_for(quick, prompts, tokens, scale)
     t0 = time.perf_counter()
     spec = build_world(work, size)
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     (s_all, s_mm), (t_all, t_mm) = n_params(spec["student"]), n_params(spec["teacher"])
-    children = CHILDREN if quick else (*CHILDREN, EXTRA)
+    children = (*CHILDREN, LEAN) if quick else (*CHILDREN, EXTRA, LEAN)
     header = {
         "quick": quick,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"nproc": os.cpu_count(), "loadavg_1m_at_start": os.getloadavg()[0]},
+        "machine": {
+            "nproc": os.cpu_count(),
+            "loadavg_1m_at_start": os.getloadavg()[0],
+            "loadavg_1_5_15m_at_start": os.getloadavg(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "nice": os.nice(0),
+        },  # fmt: skip
         "versions": versions(),
         "settings": {**size, "topk": TOPK, "lr": LR, "seed": SEED, "threads": threads},
         "models": {
@@ -445,6 +525,7 @@ def setup(quick: bool, threads: int, work: Path, prompts: int | None, tokens: in
             "teacher_over_student_matmul_params": t_mm / s_mm,
         },
         "commands": {n: " ".join(child_command(n, spec_path, threads)) for n in children},
+        "lean_overrides": LEAN_OVERRIDES,
         "goals": GOALS,
         "differences": DIFFERENCES,
         "world_s": time.perf_counter() - t0,
@@ -463,15 +544,29 @@ def bench(quick: bool, threads: int, work: Path, out_path: Path, **sizes) -> dic
         try:
             out["runs"][name] = spawn(name, spec_path, threads, timeout)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
-            if name != EXTRA:
+            if name not in (EXTRA, LEAN):
                 raise
             out["runs"][name] = {"error": str(e)[-2000:]}
         out["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
+        out["machine"]["loadavg_1_5_15m_at_end"] = os.getloadavg()
+        out["machine"]["parent_peak_rss_mb"] = _rss_mb("VmHWM")  # the floor of ru_maxrss
         out["seconds"] = time.perf_counter() - t0
         if all(n in out["runs"] for n in CHILDREN):
             out["ratios"] = ratios(out["runs"])
         out_path.write_text(json.dumps(out, indent=1))
     return out
+
+
+def _bad_size(a: argparse.Namespace) -> str | None:
+    """The one-line complaint about an out-of-range size option, or None."""
+    if a.teacher_scale is not None and not 1 <= a.teacher_scale <= 64:
+        return (
+            f"--teacher-scale {a.teacher_scale:g} is out of range (bench_peer). Fix: give 1 to 64"
+        )
+    for flag, v in (("--prompts", a.prompts), ("--response-tokens", a.tokens)):
+        if v is not None and v < 1:
+            return f"{flag} {v} must be >= 1 (bench_peer). Fix: give a positive count"
+    return None
 
 
 def main() -> None:
@@ -480,9 +575,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny models, 16 prompts: ~2 minutes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
     ap.add_argument("--prompts", type=int, help="override the mode's number of prompts")
-    ap.add_argument("--tokens", type=int, help="override the mode's response length T")
+    ap.add_argument(
+        "--response-tokens", "--tokens", dest="tokens", type=int,
+        help="override the mode's response length T (sampled tokens per prompt)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--teacher-scale", type=float,
+        help="a teacher of ~S times the student's per-token matmul weights (default: the mode's)",
+    )  # fmt: skip
     ap.add_argument("--work", help="build the world here and keep it (default: a temp dir)")
-    ap.add_argument("--child", choices=(*CHILDREN, EXTRA), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=(*CHILDREN, EXTRA, LEAN), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -493,9 +595,13 @@ def main() -> None:
     except ImportError:
         print("error: trl is not installed (bench_peer). Fix: pip install -e .[bench]", file=sys.stderr)  # fmt: skip
         sys.exit(2)
+    bad = _bad_size(a)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
     out = Path(a.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    sizes = {"prompts": a.prompts, "tokens": a.tokens}
+    sizes = {"prompts": a.prompts, "tokens": a.tokens, "scale": a.teacher_scale}
     if a.work:
         Path(a.work).mkdir(parents=True, exist_ok=True)
         result = bench(a.quick, a.threads, Path(a.work).resolve(), out, **sizes)

@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("trl")
+
+import bench_peer  # noqa: E402  (scripts/ is on pytest's pythonpath)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +37,9 @@ def test_quick_run_writes_valid_json(tmp_path):
     assert r["models"]["teacher_over_student_params"] >= 4
     assert set(r["runs"]) == {
         "ours_epoch", "trl_epoch", "ours_second", "trl_second", "ours_sft", "trl_sft",
+        "ours_epoch_lean",
     }  # fmt: skip
+    assert s["teacher_scale"] is None  # no --teacher-scale: the mode's default teacher
     for name, run in r["runs"].items():
         # same prompts, same T, no early stop: every side trains on exactly N * T response tokens
         assert run["response_tokens"] == tokens, name
@@ -42,7 +47,18 @@ def test_quick_run_writes_valid_json(tmp_path):
         assert run["peak_rss_mb"] >= run["rss_after_imports_mb"] > 0, name
         assert run["torch_threads"] == s["threads"], name
         assert name in r["commands"] and "--child" in r["commands"][name]
-    assert r["runs"]["ours_epoch"]["stages"].keys() == {"rollout", "score", "select", "train"}
+    for name in ("ours_epoch", "ours_epoch_lean"):
+        assert r["runs"][name]["stages"].keys() == {"rollout", "score", "select", "train"}
+    # the lean epoch ran in its own run dir with its keys: no entropy, behaviour from the rollout
+    assert r["lean_overrides"] == [
+        "score.behavior=false",
+        "score.entropy=false",
+        "train.trackers=[]",
+    ]
+    lean = tmp_path / "world" / "ours_lean"
+    tok = pq.read_table(next((lean / "tokens").rglob("*.parquet")), columns=["teacher_entropy"])
+    assert tok["teacher_entropy"].null_count == tok.num_rows > 0
+    assert not (lean / "train" / "topk_fkl" / "tb").exists()
     for side in ("ours", "trl"):  # one optimizer step per batch of 8 sequences, on both sides
         assert r["runs"][f"{side}_sft"]["steps"] == s["n_prompts"] // s["batch"]
 
@@ -53,3 +69,29 @@ def test_quick_run_writes_valid_json(tmp_path):
         r["runs"]["ours_epoch"]["wall_s"] / r["runs"]["trl_epoch"]["wall_s"]
     )
     assert len(r["differences"]) >= 5
+    assert ratios["epoch_lean_cpu_ours_over_trl"] > 0
+
+
+def test_teacher_scale_picks_the_width():
+    """--teacher-scale S: same depth, the width whose matmul-weight ratio is nearest S; none given
+    keeps the primary row's teacher exactly as it was."""
+    default = bench_peer.sizes_for(False, None, None, None)
+    assert default["teacher_arch"] == {"hidden": 1024, "layers": 8}
+    assert (default["tokens"], default["n_prompts"]) == (64, 64)
+    vocab = default["vocab_words"] + 4
+    for scale in (4, 16, 30):
+        size = bench_peer.sizes_for(False, None, 256, scale)
+        ratio = bench_peer.matmul_weights(size["teacher_arch"], vocab) / bench_peer.matmul_weights(
+            size["student_arch"], vocab
+        )
+        assert abs(ratio / scale - 1) < 0.05, (scale, ratio)
+        assert size["teacher_arch"]["layers"] == 8 and size["tokens"] == 256
+
+
+def test_teacher_scale_out_of_range_is_one_line(tmp_path):
+    out = tmp_path / "peer.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_peer.py"), "--teacher-scale", "0.5"]
+    p = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: --teacher-scale") and p.stderr.count("\n") == 1
+    assert not out.exists()
