@@ -216,7 +216,7 @@ class HFModel:
     model: torch.nn.Module
     head: object  # fp32 head callable [n, H] -> [n, V]
     device: torch.device
-    body: torch.nn.Module | None = None  # a compiled decoder (score.compile); None = eager
+    body: object = None  # a compiled decoder callable (score.compile); None = eager
 
 
 def hf_model(model: torch.nn.Module, device: torch.device, compiled: bool = False) -> HFModel:

@@ -303,7 +303,10 @@ def gather_logprobs(
 
 
 def model_hidden_states(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, body: nn.Module | None = None
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    body: Callable[..., object] | None = None,
 ) -> Tensor:
     """Final hidden states ``[B, T, H]`` of a transformers causal LM, *after* its final norm.
 

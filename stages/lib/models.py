@@ -238,4 +238,14 @@ def compiled_body(model, where: str = "score.compile"):
                 where,
                 f"pip install triton, or set {where}=false",
             )
-    return torch.compile(decoder, dynamic=True, options={"freezing": True})
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(decoder, dynamic=True)
+
+    def body(**kwargs):
+        # compiles happen lazily, at a call: freezing must be on then (torch.compile's
+        # ``options={"freezing": True}`` is not honoured, the GEMMs stay aten::mm), and only then
+        with inductor_config.patch(freezing=True):
+            return compiled(**kwargs)
+
+    return body
