@@ -17,7 +17,14 @@ batches (its FLOPs only), so ``1 - body_seconds / seconds`` is the share of the 
 statistics. The machine may be shared (other jobs steal cores from a 2-thread run): the limit is
 measured before and after the runs, and the 1-minute load average is stated with them.
 
-Run: ``python scripts/bench_score.py --out bench_score.json [--quick] [--no-vllm]``.
+``score.compile=true`` (``hf_compiled``, skipped with ``--no-compile``): the same work through the
+inductor-compiled body (frozen weights, oneDNN GEMMs) and the oneDNN head, at the stage's default
+batching. Its first pass compiles (every batch shape once): ``compile_s`` is that pass minus a
+warm one, ``break_even_response_tokens`` how many scored tokens repay it, and
+``max_abs_diff_vs_eager`` the largest difference of each stored float column from the eager path
+(plus the share of top-K ids that differ: near ties swapping places).
+
+Run: ``python scripts/bench_score.py --out bench_score.json [--quick] [--no-vllm] [--no-compile]``.
 """
 
 from __future__ import annotations
