@@ -48,6 +48,23 @@ QUICK = dict(hidden=256, layers=4, vocab=8000, intermediate=1024, prefix=32, res
 K = 32
 
 
+# The scheduling policy the bench started with (``chrt -f 10``: SCHED_FIFO). Loading a model
+# through transformers leaves the main thread SCHED_OTHER again (measured: the policy is FIFO
+# before ``from_pretrained`` and OTHER after), and the main thread is OpenMP's thread 0, so every
+# parallel region would wait for a thread that the machine's other jobs preempt.
+POLICY = (os.sched_getscheduler(0), os.sched_getparam(0))
+
+
+def load_model(path: Path):
+    """``stages.lib.models.load_model`` for the teacher role, then the start policy restored."""
+    from stages.lib import models
+
+    model = models.load_model(str(path), "teacher")
+    if os.sched_getscheduler(0) != POLICY[0]:
+        os.sched_setscheduler(0, *POLICY)
+    return model
+
+
 def matmul_flops(n: int = 2048, reps: int = 5) -> float:
     """Achieved fp32 FLOP/s of one large square ``torch.mm`` (best of ``reps``)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -139,10 +156,9 @@ def bench_hf(path: Path, jobs, *, batch_tokens: int, chunk: int, reps: int = 2,
     """The HF scoring core over ``jobs``: ``seconds`` (warm, best of ``reps``), ``first_s`` (the
     first pass: with ``compiled`` it includes the compile), ``body_seconds`` (the decoder alone on
     the same batches, best of ``reps``; only with ``body``) and ``outputs`` (the last results)."""
-    from stages.lib.models import load_model
     from stages.score import hf_model, length_buckets, pad_right
 
-    model = load_model(str(path), "teacher")
+    model = load_model(path)
     m = hf_model(model, torch.device("cpu"), compiled)
     vocab = model.config.vocab_size
     out: dict = {}
@@ -192,11 +208,10 @@ def bench_compiled(
     a shared machine's swings hit both alike (the fractions are per pass, best of ``rounds``).
     Also: the compile (the compiled first pass minus a warm one), the response tokens that repay
     it, and the largest difference of the stored floats from the eager path's."""
-    from stages.lib.models import load_model
     from stages.score import hf_model
 
     bt, ch = config
-    model = load_model(str(path), "teacher")
+    model = load_model(path)
     vocab = model.config.vocab_size
     ms = {"eager": hf_model(model, torch.device("cpu")), "compiled": hf_model(
         model, torch.device("cpu"), compiled=True)}  # fmt: skip
@@ -247,6 +262,8 @@ def bench(
         from transformers import AutoModelForCausalLM
 
         m = AutoModelForCausalLM.from_pretrained(path)
+        if os.sched_getscheduler(0) != POLICY[0]:
+            os.sched_setscheduler(0, *POLICY)
         n_body, H, V = body_params(m), spec["hidden"], spec["vocab"]
         out["params_total"] = sum(p.numel() for p in m.parameters())
         out["params_non_embedding_body"] = n_body
