@@ -49,10 +49,16 @@ K = 32
 
 
 # The scheduling policy the bench started with (``chrt -f 10``: SCHED_FIFO). Loading a model
-# through transformers leaves the main thread SCHED_OTHER again (measured: the policy is FIFO
-# before ``from_pretrained`` and OTHER after), and the main thread is OpenMP's thread 0, so every
-# parallel region would wait for a thread that the machine's other jobs preempt.
+# through transformers leaves the main thread SCHED_OTHER again (measured: FIFO before
+# ``from_pretrained``, OTHER after; other calls may too), and the main thread is OpenMP's thread 0,
+# so every parallel region would wait for a thread the machine's other jobs preempt: each timed
+# section restores it first (``_keep_policy``).
 POLICY = (os.sched_getscheduler(0), os.sched_getparam(0))
+
+
+def _keep_policy() -> None:
+    if os.sched_getscheduler(0) != POLICY[0]:
+        os.sched_setscheduler(0, *POLICY)
 
 
 def load_model(path: Path):
@@ -60,13 +66,13 @@ def load_model(path: Path):
     from stages.lib import models
 
     model = models.load_model(str(path), "teacher")
-    if os.sched_getscheduler(0) != POLICY[0]:
-        os.sched_setscheduler(0, *POLICY)
+    _keep_policy()
     return model
 
 
 def matmul_flops(n: int = 2048, reps: int = 5) -> float:
     """Achieved fp32 FLOP/s of one large square ``torch.mm`` (best of ``reps``)."""
+    _keep_policy()
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm-up
     best = float("inf")
@@ -135,6 +141,7 @@ def _hf_pass(m, jobs, vocab: int, batch_tokens: int, chunk: int) -> float:
     """Seconds of one ``hf_score`` pass over ``jobs``."""
     from stages.score import hf_score
 
+    _keep_policy()
     t0 = time.perf_counter()
     hf_score(m, jobs, vocab_size=vocab, batch_tokens=batch_tokens, chunk=chunk,
              pad_id=0, done={}, behavior_topk=0)  # fmt: skip
@@ -145,6 +152,7 @@ def _body_pass(m, batches) -> float:
     """Seconds of the decoder body alone (eager or ``m.body``) over padded ``batches``."""
     from stages.lib import logprobs as lp
 
+    _keep_policy()
     t0 = time.perf_counter()
     for ids, mask in batches:
         lp.model_hidden_states(m.model, ids, mask, m.body)
@@ -262,8 +270,7 @@ def bench(
         from transformers import AutoModelForCausalLM
 
         m = AutoModelForCausalLM.from_pretrained(path)
-        if os.sched_getscheduler(0) != POLICY[0]:
-            os.sched_setscheduler(0, *POLICY)
+        _keep_policy()
         n_body, H, V = body_params(m), spec["hidden"], spec["vocab"]
         out["params_total"] = sum(p.numel() for p in m.parameters())
         out["params_non_embedding_body"] = n_body
