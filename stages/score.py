@@ -216,6 +216,17 @@ class HFModel:
     model: torch.nn.Module
     head: object  # fp32 head callable [n, H] -> [n, V]
     device: torch.device
+    body: object = None  # a compiled decoder callable (score.compile); None = eager
+
+
+def hf_model(model: torch.nn.Module, device: torch.device, compiled: bool = False) -> HFModel:
+    """The scoring view of a loaded model: eager, or (``compiled``: score.compile) with the decoder
+    compiled by TorchInductor and the head's GEMM through oneDNN on CPU (both change the stored
+    floats by GEMM rounding only: docs/BENCHMARKS.md, score)."""
+    if not compiled:
+        return HFModel(model, lp.model_head(model), device)
+    head = lp.model_head(model, onednn=lp.onednn_ok(device))
+    return HFModel(model, head, device, models.compiled_body(model))
 
 
 def hf_score(
@@ -263,7 +274,8 @@ def hf_score(
         gids = torch.from_numpy(np.concatenate(g_ids)).to(m.device) if g_ids else None  # [G, Kb]
         gout = torch.empty(len(gpos) if g_pos else 0, behavior_topk)  # [G, Kb]
 
-        hidden = lp.model_hidden_states(m.model, ids.to(m.device), mask.to(m.device))  # [B, T, H]
+        ids, mask = ids.to(m.device), mask.to(m.device)
+        hidden = lp.model_hidden_states(m.model, ids, mask, m.body)  # [B, T, H]
         hidden = hidden.reshape(-1, hidden.shape[-1])[pos.to(m.device)]  # [M, H]
         parts: list[dict[str, torch.Tensor]] = []
         for s in range(0, len(pos), chunk):
@@ -643,7 +655,7 @@ class _Scorer:
                     f"{role.name}.path={role.path}",
                     "use a model with a longer context or shorter rollouts",
                 )
-            self.hf[key] = HFModel(model, lp.model_head(model), device)
+            self.hf[key] = hf_model(model, device, self.cfg.score.compile)
         return self.hf[key]
 
     def run(

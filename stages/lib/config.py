@@ -316,6 +316,12 @@ class ScoreConfig:
     batch_tokens: int = 8192
     # Positions per chunk of the fp32 LM head (bounds memory; 128-256 keeps [chunk, V] in cache).
     chunk_positions: int = 256
+    # HF backend: compile each scoring model's decoder with TorchInductor (frozen weights, oneDNN
+    # GEMMs, fused elementwise work) and run the head's GEMM through oneDNN on CPU. Faster once
+    # the compile (tens of seconds per model, once per run) is paid; costs a second copy of the
+    # weights in memory; stored floats differ from the eager path by GEMM rounding (~1e-5 in
+    # log-probs). Needs a C++ compiler on CPU (triton on CUDA). docs/BENCHMARKS.md, score.
+    compile: bool = False
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
     # Where the HF backend runs the behaviour model: auto (cuda when present, else cpu) | cpu |
@@ -347,6 +353,7 @@ class ScoreConfig:
         _check(self.behavior_topk >= 0, "score.behavior_topk", "must be >= 0")
         _check(self.batch_tokens >= 1, "score.batch_tokens", "must be >= 1")
         _check(self.chunk_positions >= 1, "score.chunk_positions", "must be >= 1")
+        _check(isinstance(self.compile, bool), "score.compile", "must be true|false")
 
 
 @dataclass

@@ -20,8 +20,10 @@ Public functions:
 - ``logits_stats_(z, targets, k, vocab_size, ...)``: the same from fp32 logits it may overwrite.
 - ``topk_exact(z, k)``: ``torch.topk`` over rows, exact, via a segment-max pre-filter.
 - ``gather_logprobs(logits, ids, vocab_size, temperature)``: log-probs at given ids + log-normaliser.
-- ``model_hidden_states(model, input_ids, attention_mask)``: final (normed) hidden states.
-- ``model_head(model)``: the output head as an fp32 callable (with the model's logit transforms).
+- ``model_hidden_states(model, input_ids, attention_mask, body=None)``: final (normed) hidden
+  states (``body``: a compiled decoder to run instead, ``stages.lib.models.compiled_body``).
+- ``model_head(model, onednn=False)``: the output head as an fp32 callable (with the model's logit
+  transforms); ``onednn`` runs its matmul through oneDNN (scoring only, no gradient).
 - ``response_positions(prefix_lens, response_lens, seq_len)``: flat indices of scoring positions.
 - ``sequence_stats(model, prefix_ids, response_ids, k, vocab_size, ...)``: the whole path.
 """
@@ -64,17 +66,33 @@ def masked_logits(logits: Tensor, vocab_size: int, temperature: float = 1.0) -> 
     return z
 
 
-def _fp32_head(lm_head: Head) -> Callable[[Tensor], Tensor]:
+def onednn_ok(device: torch.device | str) -> bool:
+    """Whether oneDNN fp32 GEMMs can run on ``device`` (CPU builds with mkldnn only)."""
+    return torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+def _fp32_head(lm_head: Head, onednn: bool = False) -> Callable[[Tensor], Tensor]:
     """The head as a callable returning fp32 logits.
 
     An ``nn.Linear`` head (what every transformers causal LM has) is computed in fp32 from an fp32
     copy of its weight, made once here, not per chunk: bf16 matmuls would round logits by ~1e-2
     before the log-softmax (DESIGN: "compute the head in fp32"). Other callables are trusted and
     their output is cast with ``.float()``.
+
+    ``onednn`` (a CPU ``nn.Linear`` only; ignored otherwise): the matmul runs through oneDNN on a
+    copy of the weight in its own layout (one more ``[V, H]`` fp32 copy resident), which on an
+    AVX-512 CPU does a ``[256, 768] x [768, 32000]`` chunk at ~1.3x MKL's rate (docs/BENCHMARKS.md,
+    score). Still fp32 in, fp32 accumulate, fp32 out; only the summation order differs from MKL's
+    (logits differ by ~1e-6 relative). No autograd: scoring only, never the trainer.
     """
     if isinstance(lm_head, nn.Linear):
         w = lm_head.weight.float()  # [V, H]; no copy when already fp32
         b = None if lm_head.bias is None else lm_head.bias.float()
+        if onednn and onednn_ok(w.device):
+            wd = w.detach().to_mkldnn()  # [V, H] oneDNN layout
+            b = None if b is None else b.detach()
+            pointwise = torch.ops.mkldnn._linear_pointwise
+            return lambda h: pointwise(h.float().contiguous(), wd, b, "none", [], "")
         return lambda h: F.linear(h.float(), w, b)
     return lambda h: lm_head(h).float()
 
@@ -284,7 +302,12 @@ def gather_logprobs(
 # ---------------------------------------------------------------- transformers causal LMs
 
 
-def model_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def model_hidden_states(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    body: Callable[..., object] | None = None,
+) -> Tensor:
     """Final hidden states ``[B, T, H]`` of a transformers causal LM, *after* its final norm.
 
     Runs the decoder body (``model.get_decoder()``, i.e. ``model.model`` for Llama/Qwen/Gemma),
@@ -292,8 +315,11 @@ def model_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     head is applied later, in chunks, at the scoring positions only. Falls back to
     ``output_hidden_states=True`` (whose last entry is normed in transformers' decoder models) for
     architectures without a decoder accessor. Right padding keeps default position ids correct.
+    ``body``: a stand-in for the decoder with its call signature (a compiled copy of it).
     """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if body is not None:
+        decoder = body
     if decoder is not None and decoder is not model:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state  # [B, T, H]
@@ -306,15 +332,16 @@ def model_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     return out.hidden_states[-1]  # [B, T, H]
 
 
-def model_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
+def model_head(model: nn.Module, onednn: bool = False) -> Callable[[Tensor], Tensor]:
     """The model's output head as an fp32 callable ``[n, H] -> [n, V]``.
 
     Applies the logit transforms transformers performs after ``lm_head`` for the families that
     have one (Gemma 2/3 ``final_logit_softcapping``, Granite ``logits_scaling``), so that the
-    result equals ``model(...).logits`` (tested for Llama). Differentiable; but for a non-fp32
-    head the fp32 weight copy is a snapshot taken here, so a trainer calls this once per step.
+    result equals ``model(...).logits`` (tested for Llama). Differentiable (unless ``onednn``, see
+    ``_fp32_head``); but for a non-fp32 head the fp32 weight copy is a snapshot taken here, so a
+    trainer calls this once per step.
     """
-    head = _fp32_head(model.get_output_embeddings())
+    head = _fp32_head(model.get_output_embeddings(), onednn)
     cfg = getattr(model, "config", None)
     cap = getattr(cfg, "final_logit_softcapping", None)
     scale = getattr(cfg, "logits_scaling", None)

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -199,3 +200,52 @@ def context_length(model) -> int:
     return int(
         getattr(c, "max_position_embeddings", None) or os.environ.get("DISTILLERY_CTX", 2048)
     )
+
+
+def compiled_body(model, where: str = "score.compile"):
+    """The decoder body of ``model`` compiled by TorchInductor for scoring, or a UserError.
+
+    ``dynamic=True``: one graph serves every batch shape (sizes 0 and 1 are specialised, so a
+    one-row batch compiles once more). ``freezing``: the weights become constants of the graph,
+    so inductor pre-packs every linear layer's weight for oneDNN (one more copy of the body's
+    weights resident) and fuses the norms, rotary, activation and residual adds around the
+    GEMMs. Frozen weights: the model must not change afterwards (a teacher does not), and it must
+    be called without autograd (``torch.inference_mode``), as the score stage calls it. The first
+    call per shape class compiles (seconds to minutes; docs/BENCHMARKS.md, score).
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        raise UserError(
+            f"{type(model).__name__} has no separate decoder body to compile",
+            where,
+            f"set {where}=false",
+        )
+    device = next(model.parameters()).device
+    if device.type == "cpu" and not any(
+        shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")
+    ):
+        raise UserError(
+            "no C++ compiler found (TorchInductor compiles CPU kernels with g++ or clang++)",
+            where,
+            f"install g++ (or set CXX), or set {where}=false",
+        )
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise UserError(
+                "triton is not installed (TorchInductor needs it for CUDA)",
+                where,
+                f"pip install triton, or set {where}=false",
+            )
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(decoder, dynamic=True)
+
+    def body(**kwargs):
+        # compiles happen lazily, at a call: freezing must be on then (torch.compile's
+        # ``options={"freezing": True}`` is not honoured, the GEMMs stay aten::mm), and only then
+        with inductor_config.patch(freezing=True):
+            return compiled(**kwargs)
+
+    return body
