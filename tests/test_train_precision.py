@@ -68,7 +68,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(world):
 
 MEM_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from stages.train import ResponseLoss
     torch.manual_seed(0)
@@ -80,7 +80,11 @@ MEM_SCRIPT = textwrap.dedent(
     pos = torch.cat([torch.arange(64, 383) + b * 384 for b in range(8)])  # [M]
     batch = {"token_id": ids.reshape(-1)[pos + 1], "weight": torch.ones(len(pos))}
     wrapped = ResponseLoss(model, [("sft", 1.0, {})], 512, 1.0, 4096)
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, monotonic
+    # VmHWM (this process's own peak, MiB, monotonic), not ru_maxrss: Linux carries the parent's
+    # peak across fork + exec into ru_maxrss, so under a large pytest process every reading was
+    # the parent's 1.3 GB and the two steps could not be told apart
+    hwm = lambda: [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+    peak = lambda: int(hwm().split()[1]) / 1024
     out = {"base": peak()}
     # checkpointed first: the peak only grows, so the second step shows its own higher peak
     for name, on in (("checkpointed", True), ("plain", False)):
