@@ -6,7 +6,7 @@ every shard written is a template with its sample ids renamed, so writing 50M to
 writes only (zstd level 1 here, to keep the set-up short; select reads any encoding alike). Then
 ``stages.select`` (TIP entropy top-half, the defaults otherwise: ``select.memory_limit``,
 ``select.threads``) runs on each in its own child process, which reports its wall time, CPU time
-and peak RSS (``ru_maxrss``). The runs are deleted afterwards.
+and peak RSS (``VmHWM`` of the select process). The runs are deleted afterwards.
 
     OMP_NUM_THREADS=1 python scripts/bench_select_scale.py --out runs/bench_select_scale.json
     OMP_NUM_THREADS=1 python scripts/bench_select_scale.py --quick --out x.json  # 0.2M vs 2M
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -128,7 +127,9 @@ def child(run_dir: Path, overrides: list[str]) -> None:
     t, c = time.perf_counter(), time.process_time()
     res = select.run(cfg)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # VmHWM: this process's own peak; ru_maxrss would carry the parent's peak across the exec
+    hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+    peak = int(hwm.split()[1]) * 1024  # KiB -> bytes
     print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss": peak, "dir": res["dir"]}))
 
 
