@@ -63,6 +63,18 @@ SETUPS: dict[str, dict[str, str]] = {
 }
 
 
+def _report(torch, t: float, c: float) -> None:
+    """The child's one JSON line: wall and CPU seconds since (t, c), threads, environment."""
+    out = {
+        "seconds": time.perf_counter() - t,
+        "cpu_seconds": time.process_time() - c,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+    }
+    print(json.dumps(out), flush=True)
+
+
 def child(steps: int, use_project: bool) -> None:
     """Time ``steps`` training steps of a small Llama; print one JSON line."""
     if use_project:
@@ -100,14 +112,7 @@ def child(steps: int, use_project: bool) -> None:
     t, c = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    out = {
-        "seconds": time.perf_counter() - t,
-        "cpu_seconds": time.process_time() - c,
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
-    }
-    print(json.dumps(out), flush=True)
+    _report(torch, t, c)
 
 
 def child_world(steps: int) -> None:
@@ -128,14 +133,7 @@ def child_world(steps: int) -> None:
     ms = dataclasses.replace(s.base, steps=steps)
     t, c = time.perf_counter(), time.process_time()
     W.pretrain(model, tok, world, ms, s.seed)
-    out = {
-        "seconds": time.perf_counter() - t,
-        "cpu_seconds": time.process_time() - c,
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
-    }
-    print(json.dumps(out), flush=True)
+    _report(torch, t, c)
 
 
 def train_stage_cmd(run: Path, steps: int) -> list[str]:

@@ -117,3 +117,15 @@ def write_prompts(path: Path, n: int = 12, *, with_context: bool = True) -> Path
 @pytest.fixture()
 def tiny_prompts(tmp_path) -> Path:
     return write_prompts(tmp_path / "prompts.parquet")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (restored after): exact comparisons between two
+    code paths should not depend on how a reduction was split across threads."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

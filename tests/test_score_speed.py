@@ -26,12 +26,7 @@ TOL = 1e-4  # nats: compiled / oneDNN vs eager / MKL, stored fp32 columns
 FP16_TOL = 2e-3  # the fp16-stored top-K log-probs and entropies
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _jobs(vocab: int, seed: int = 0) -> list[Job]:

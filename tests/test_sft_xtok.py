@@ -29,13 +29,7 @@ from stages.lib.errors import UserError
 from tests.conftest import WORDS, write_prompts
 from tests.test_score_xtok import SPECIALS, pair, save_lm, word_tokenizer  # noqa: F401
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sft_cfg(run_dir: Path, student: Path, teacher: Path, prompts: Path, *extra: str):
