@@ -190,7 +190,8 @@ def check_tokenizers(cfg: Config, tok_s, tok_t) -> xtok.Vocabs | None:
     """None when the two tokenizers agree; the teacher -> student maps when they differ and
     ``score.cross_tokenizer=align`` allows it; otherwise the usual mismatch error."""
     if cfg.score.cross_tokenizer == "align" and xtok.differ(tok_s, tok_t):
-        return xtok.Vocabs.of(tok_t, tok_s)  # roles swapped: the teacher's ids are the source
+        # roles swapped: the teacher's ids are the source; no top-K is mapped here
+        return xtok.Vocabs.of(tok_t, tok_s, in_context=False)
     models.check_same_tokenizer(
         models.tokenizer_fingerprint(tok_s),
         models.tokenizer_fingerprint(tok_t),

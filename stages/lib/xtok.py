@@ -52,12 +52,14 @@ class Vocabs:
     table_mid: np.ndarray | None = None
 
     @staticmethod
-    def of(s_tok: Any, t_tok: Any) -> Vocabs:
+    def of(s_tok: Any, t_tok: Any, in_context: bool = True) -> Vocabs:
+        """``in_context=False``: no ``table_mid`` (a decode per vocabulary entry saved where no
+        top-K is mapped, e.g. the SFT stage's text path)."""
         s_str, t_str = align.surface_strings(s_tok), align.surface_strings(t_tok)
         table = align.vocab_table(t_str, s_str).numpy()  # [V_T]
         mid = None
         s_ctx, t_ctx = align.context_id(s_tok), align.context_id(t_tok)
-        if s_ctx is not None and t_ctx is not None:
+        if in_context and s_ctx is not None and t_ctx is not None:
             mid = align.vocab_table(
                 align.surface_strings(t_tok, t_ctx), align.surface_strings(s_tok, s_ctx)
             ).numpy()  # [V_T]
