@@ -174,7 +174,10 @@ class ResponseLoss(nn.Module):
         # The head and log-softmax stay fp32 under bf16 autocast and bf16 weights (docs: fp32 head).
         with torch.autocast(h.device.type, enabled=False):
             logits = model_head(self.model)(h.float())  # [n, V] fp32
-            return combined_loss(logits, batch, self.terms, self.vocab_size, self.temperature)
+            # in place: the logits become the log-softmax (losses.py: 2 x [n, V] working set)
+            return combined_loss(
+                logits, batch, self.terms, self.vocab_size, self.temperature, inplace=True
+            )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, batch: dict):
         hidden = model_hidden_states(self.model, input_ids, attention_mask)  # [B, L, H]

@@ -335,13 +335,13 @@ def score(
             raise ValueError("score() needs a non-empty prefix (position 0 has no log-prob)")
         prompts.append({"prompt_token_ids": [int(t) for t in pre] + [int(t) for t in resp]})
     # temperature 0 makes the one throw-away sampled token cheap and seed-free.
-    # never read cached blocks: every prompt position must be computed to get its log-prob
+    # Never read cached blocks: every prompt position must be computed to get its log-prob.
+    # (vLLM versions without the field skip the cache for prompt-log-prob requests themselves.)
+    skip = {"skip_reading_prefix_cache": True}
+    if "skip_reading_prefix_cache" not in getattr(SamplingParams, "__struct_fields__", ()):
+        skip = {}
     params = SamplingParams(
-        max_tokens=1,
-        temperature=0.0,
-        prompt_logprobs=k,
-        detokenize=False,
-        skip_reading_prefix_cache=True,
+        max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False, **skip
     )
     outputs = llm.generate(prompts, params, use_tqdm=False)
 
