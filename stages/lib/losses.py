@@ -65,6 +65,14 @@ TAIL_SETS = {
     "mapped_topk_fkl": "teacher_mapped_ids",
 }
 ROW_BLOCK = 64  # rows per pass over [rows, V] scratch: bounds temporaries to [64, V]
+WORKING_BLOCKS = 2  # [N, V] fp32 blocks the fused path holds at its peak (log-softmax + gradient)
+
+
+def chunk_for_budget(budget_mib: float, vocab_size: int) -> int:
+    """Positions per loss call whose working set (``WORKING_BLOCKS`` x [chunk, V] fp32) fits
+    ``budget_mib`` MiB; at least one row block (below that the scratch dominates anyway)."""
+    per_row = WORKING_BLOCKS * vocab_size * 4  # bytes per position
+    return max(ROW_BLOCK, int(budget_mib * 2**20) // per_row)
 
 
 def _id_columns(batch: Mapping[str, Tensor]) -> tuple[list[str], Tensor | None]:
