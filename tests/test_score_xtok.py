@@ -292,7 +292,9 @@ def test_refused_responses_are_counted_and_marked(tmp_path, pair):
     student, _, _ = pair
     tok = models.load_tokenizer(str(student))
     t_words = [x for x in SPECIALS + WORDS if x != "w77"]  # a teacher that cannot spell w77
-    teacher = save_lm(tmp_path / "teacher", word_tokenizer({x: i for i, x in enumerate(t_words[::-1])}))
+    teacher = save_lm(
+        tmp_path / "teacher", word_tokenizer({x: i for i, x in enumerate(t_words[::-1])})
+    )
     w = lambda s: ids_of(tok, s)  # noqa: E731
     responses = [
         w("w1 w2"),
@@ -547,6 +549,34 @@ def test_rollout_then_score_with_a_teacher_of_another_tokenizer(tmp_path, pair):
     assert out["committed"]
     x = manifest.read(tmp_path / "run" / "tokens")["extra"]["cross_tokenizer"]
     assert x["rows"] == 8 and x["rows"] >= x["refused_rows"]  # rollout.n = 2 per prompt
+
+
+def test_a_teacher_folder_without_a_tokenizer_is_one_error(tmp_path, pair):
+    """transformers builds an empty tokenizer from config.json's model type alone: the rollout
+    and score stages stop on it before any output instead of refusing every response."""
+    from stages import rollout as rollout_stage
+
+    student, teacher, _ = pair
+    bare = tmp_path / "teacher"
+    shutil.copytree(teacher, bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    cfg = __import__("json").loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(__import__("json").dumps(cfg | {"model_type": "qwen2"}))
+    prompts = write_prompts(tmp_path / "prompts.parquet", n=2)
+    run_dir = tmp_path / "run"
+    common = [
+        f"run_dir={run_dir}", f"student.path={student}", f"teacher.path={bare}",
+        f"data.prompts={prompts}", "rollout.backend=hf", "score.cross_tokenizer=align",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="teacher folder has no usable tokenizer"):
+        rollout_stage.run(compose("rollout", common))
+    assert not (run_dir / "rollouts").exists()
+    write_run(run_dir, student, [[5, 6]])
+    with pytest.raises(UserError, match="teacher folder has no usable tokenizer"):
+        run(compose("score", [*common, "score.backend=hf"]))
+    assert not (run_dir / "tokens").exists()
 
 
 def test_eval_skips_the_kl_to_a_teacher_of_another_tokenizer(tmp_path, pair):

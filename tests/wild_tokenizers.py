@@ -87,7 +87,9 @@ def sentencepiece_bpe(vocab_size: int = 400, corpus: list[str] = CORPUS):
     base.train_from_iterator(corpus, trainer)
     learned = json.loads(base.to_str())["model"]
     order = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    order += [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if t not in order]
+    order += [
+        t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if t not in order
+    ]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     tk = Tokenizer(
         models.BPE(
@@ -97,7 +99,12 @@ def sentencepiece_bpe(vocab_size: int = 400, corpus: list[str] = CORPUS):
     )  # fmt: skip
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tk.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
     )
     tk.add_special_tokens(["<unk>", "<s>", "</s>"])
     return _fast(tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -74,9 +74,7 @@ class ByteMap:
         return b"".join(parts), out
 
     def bytes_of(self, ids: Sequence[int], at_start: bool) -> bytes | None:
-        parts = [
-            self.start[i] if at_start and k == 0 else self.mid[i] for k, i in enumerate(ids)
-        ]
+        parts = [self.start[i] if at_start and k == 0 else self.mid[i] for k, i in enumerate(ids)]
         return None if any(p is None for p in parts) else b"".join(parts)
 
 
