@@ -322,6 +322,11 @@ class ScoreConfig:
     # weights in memory; stored floats differ from the eager path by GEMM rounding (~1e-5 in
     # log-probs). Needs a C++ compiler on CPU (triton on CUDA). docs/BENCHMARKS.md, score.
     compile: bool = False
+    # HF backend: run each distinct (model, prefix) once and score all of its responses against
+    # its KV cache (the rollout.n samples of a prompt; roles of one model reading one prefix).
+    # Stored floats equal the unshared path's to GEMM rounding (<= 1e-5 in log-probs); false runs
+    # every prefix ⊕ response row whole. docs/BENCHMARKS.md, prefix-shared scoring.
+    share_prefix: bool = True
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
     # Where the HF backend runs the behaviour model: auto (cuda when present, else cpu) | cpu |
@@ -354,6 +359,7 @@ class ScoreConfig:
         _check(self.batch_tokens >= 1, "score.batch_tokens", "must be >= 1")
         _check(self.chunk_positions >= 1, "score.chunk_positions", "must be >= 1")
         _check(isinstance(self.compile, bool), "score.compile", "must be true|false")
+        _check(isinstance(self.share_prefix, bool), "score.share_prefix", "must be true|false")
 
 
 @dataclass
