@@ -224,6 +224,10 @@ class RolloutConfig:
     # Chat rows with earlier assistant turns: one sample per assistant turn (the student regenerates
     # each, after the turns before it) instead of one sample after the whole conversation.
     expand_turns: bool = False
+    # A conversation ending with an assistant message (without expand_turns): continue (a
+    # prefill: the student continues that message) | regenerate (the student writes that turn
+    # anew; the message becomes the turn's reference answer unless the row has an answer).
+    final_assistant: str = "continue"
     # Extra stop token ids and stop strings (besides the tokenizer EOS and every id of the model's
     # generation_config.eos_token_id); the stop token is kept in the response.
     stop_token_ids: list[int] = field(default_factory=list)
@@ -242,6 +246,11 @@ class RolloutConfig:
             self.context_placement in ("system", "user"),
             "rollout.context_placement",
             "must be system|user",
+        )
+        _check(
+            self.final_assistant in ("continue", "regenerate"),
+            "rollout.final_assistant",
+            "must be continue|regenerate",
         )
         _check("{context}" in self.context_template, "rollout.context_template", "needs {context}")
         _check(all(s for s in self.stop_strings), "rollout.stop_strings", "must be non-empty")
@@ -322,6 +331,11 @@ class ScoreConfig:
     # weights in memory; stored floats differ from the eager path by GEMM rounding (~1e-5 in
     # log-probs). Needs a C++ compiler on CPU (triton on CUDA). docs/BENCHMARKS.md, score.
     compile: bool = False
+    # HF backend: run each distinct (model, prefix) once and score all of its responses against
+    # its KV cache (the rollout.n samples of a prompt; roles of one model reading one prefix).
+    # Stored floats equal the unshared path's to GEMM rounding (<= 1e-5 in log-probs); false runs
+    # every prefix ⊕ response row whole. docs/BENCHMARKS.md, prefix-shared scoring.
+    share_prefix: bool = True
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
     # Where the HF backend runs the behaviour model: auto (cuda when present, else cpu) | cpu |
@@ -354,6 +368,7 @@ class ScoreConfig:
         _check(self.batch_tokens >= 1, "score.batch_tokens", "must be >= 1")
         _check(self.chunk_positions >= 1, "score.chunk_positions", "must be >= 1")
         _check(isinstance(self.compile, bool), "score.compile", "must be true|false")
+        _check(isinstance(self.share_prefix, bool), "score.share_prefix", "must be true|false")
 
 
 @dataclass
