@@ -16,6 +16,12 @@ attempt's temp file is removed (a temp file never becomes a shard: only the rena
 the shard is redone from scratch or, when the rename had happened, kept). A ``UserError`` raised
 inside an actor reaches the driver as the same exception, so the stage prints its one line.
 
+A run in object storage (``run_dir=s3://...``): the actors share nothing with the driver but the
+bucket. Each works in its own mirror (``stages.lib.remote.attach``), fetches only what its shard
+reads (``remote.localize``: the rollouts shard, a model inside the run), publishes each shard
+under its final key as it renames it, and returns the shard's manifest entry; the driver commits
+from those entries (``DatasetWriter.reported``) without fetching the shards.
+
 The stage's functions travel to the actors with cloudpickle (``ray.put``, once). Actors import
 this package from the driver's code folder (``PYTHONPATH``), which a local cluster and nodes with
 the same checkout path share; other clusters need distillery installed on every node.

@@ -13,7 +13,8 @@ machine and the stage code reads and writes them as it always did. Around each s
    third of its lifetime with ``If-Match: <etag>``; an expired lease is taken over with the same
    ``If-Match`` (only one taker can win). Without boto3 (or for ``gs://``) the lease is written
    and read back: a narrow race two simultaneous writers can both win, documented.
-2. **Pull.** One listing of the run prefix; every dataset folder's ``_manifest.json`` and only
+2. **Pull.** One listing of the run prefix; of the folders the stage reads (:func:`stage_reads`;
+   the whole run for train, eval, sft, report): every dataset folder's ``_manifest.json`` and only
    the shards it lists (a folder without a manifest yet: its published shards, which a resumed
    writer checks by dataset id and skips); every other file (checkpoints, metrics, results).
    Unchanged files are not fetched again (``.mirror-index.json`` records size and remote mtime).
@@ -22,6 +23,10 @@ machine and the stage code reads and writes them as it always did. Around each s
    into place, each manifest the moment it is written (after its shards, so a single atomic PUT
    commits the dataset on the bucket, as the rename does on disk). When the stage ends (also on
    an error) every other changed file of the mirror is uploaded: checkpoints, metrics, reports.
+
+A Ray actor of such a run (another machine) works in its own mirror: :func:`attach` makes it
+publish what it commits, and :func:`localize` fetches the one file or folder of the driver's it
+reads (docs/CLUSTER.md, "Ray and a bucket together").
 
 Object stores have no rename: a reader trusts only what a manifest lists (``store.open_committed``
 checks the mirrored files against it), so a shard published by a killed writer is invisible until
