@@ -273,7 +273,8 @@ def test_actors_pull_what_they_read_and_publish_the_bytes_of_a_local_run(
     for a in actors:
         run = a / "s3" / BUCKET / prefix
         got = files_under(run)
-        assert f"{SFT}/model.safetensors" in got, a
+        if any(f.startswith(("rollouts/bucket=", "tokens/bucket=")) for f in got):
+            assert f"{SFT}/model.safetensors" in got, a  # it ran the policy: pulled it
         assert {f.split("/")[0] for f in got} <= {"checkpoints", "rollouts", "tokens"}, got
         assert not any(f.startswith("checkpoints/old") for f in got)
         scored += [f for f in got if f.startswith("tokens/bucket=")]
@@ -351,20 +352,21 @@ def test_killed_actor_is_replaced_its_shard_published_once_and_a_second_driver_r
     assert not (tmp_path / "driver2").exists() or not files_under(tmp_path / "driver2")
 
 
-def test_a_run_moved_to_another_bucket_prefix_still_verifies(
+def test_a_run_moved_to_another_bucket_still_verifies(
     s3, reference, tmp_path, monkeypatch, tiny_lm, tiny_teacher, prompts_file
 ):
     """The models of a manifest resolve inside the run wherever it is: copied to another
-    prefix, scored on a fresh machine (empty mirror), the behaviour model (the SFT checkpoint)
+    bucket and prefix, scored on a fresh machine (empty mirror), the behaviour model (the SFT checkpoint)
     is the run's own copy there and its fingerprint matches the one that sampled."""
-    src, dst = "runs/a", "moved/elsewhere"
+    src, dst, other = "runs/a", "moved/elsewhere", "distillery-ray-other"
     if not objects(s3, f"{src}/rollouts/_manifest.json"):
         pytest.skip("needs test_actors_pull_what_they_read_and_publish_the_bytes_of_a_local_run")
+    s3.create_bucket(Bucket=other)
     for key, body in objects(s3, f"{src}/").items():
         if key.startswith((f"{src}/rollouts/", f"{src}/{SFT}/")):
-            s3.put_object(Bucket=BUCKET, Key=dst + key[len(src) :], Body=body)
+            s3.put_object(Bucket=other, Key=dst + key[len(src) :], Body=body)
     as_driver(monkeypatch, tmp_path, "fresh")
-    uri = f"s3://{BUCKET}/{dst}"
+    uri = f"s3://{other}/{dst}"
     args = overrides(uri, tiny_lm, tiny_teacher, prompts_file, "launcher.kind=local")
     out = run_stage_in_session(score, compose("score", args))
     assert out["committed"]
