@@ -247,6 +247,10 @@ class RolloutConfig:
     # Chat rows with earlier assistant turns: one sample per assistant turn (the student regenerates
     # each, after the turns before it) instead of one sample after the whole conversation.
     expand_turns: bool = False
+    # A conversation ending with an assistant message (without expand_turns): continue (a
+    # prefill: the student continues that message) | regenerate (the student writes that turn
+    # anew; the message becomes the turn's reference answer unless the row has an answer).
+    final_assistant: str = "continue"
     # Extra stop token ids and stop strings (besides the tokenizer EOS and every id of the model's
     # generation_config.eos_token_id); the stop token is kept in the response.
     stop_token_ids: list[int] = field(default_factory=list)
@@ -265,6 +269,11 @@ class RolloutConfig:
             self.context_placement in ("system", "user"),
             "rollout.context_placement",
             "must be system|user",
+        )
+        _check(
+            self.final_assistant in ("continue", "regenerate"),
+            "rollout.final_assistant",
+            "must be continue|regenerate",
         )
         _check("{context}" in self.context_template, "rollout.context_template", "needs {context}")
         _check(all(s for s in self.stop_strings), "rollout.stop_strings", "must be non-empty")
@@ -346,6 +355,11 @@ class ScoreConfig:
     # weights in memory; stored floats differ from the eager path by GEMM rounding (~1e-5 in
     # log-probs). Needs a C++ compiler on CPU (triton on CUDA). docs/BENCHMARKS.md, score.
     compile: bool = False
+    # HF backend: run each distinct (model, prefix) once and score all of its responses against
+    # its KV cache (the rollout.n samples of a prompt; roles of one model reading one prefix).
+    # Stored floats equal the unshared path's to GEMM rounding (<= 1e-5 in log-probs); false runs
+    # every prefix ⊕ response row whole. docs/BENCHMARKS.md, prefix-shared scoring.
+    share_prefix: bool = True
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
     # Where the HF backend runs the behaviour model: auto (cuda when present, else cpu) | cpu |
@@ -382,6 +396,7 @@ class ScoreConfig:
         _check(self.batch_tokens >= 1, "score.batch_tokens", "must be >= 1")
         _check(self.chunk_positions >= 1, "score.chunk_positions", "must be >= 1")
         _check(isinstance(self.compile, bool), "score.compile", "must be true|false")
+        _check(isinstance(self.share_prefix, bool), "score.share_prefix", "must be true|false")
 
 
 @dataclass
@@ -588,8 +603,12 @@ class TrainConfig:
     device: str = "auto"
     # Shard the model with FSDP2 under torchrun (else DDP when world size > 1).
     fsdp: bool = False
-    # Positions per chunk of the student's LM head inside the loss.
-    chunk_positions: int = 1024
+    # Positions per chunk of the student's LM head inside the loss; null = the most that fit
+    # train.loss_memory_mib (the loss's working set is 2 x [chunk, V] fp32).
+    chunk_positions: int | None = None
+    # Memory budget of the loss's [chunk, V] working set, in MiB (used when chunk_positions is
+    # null): at V = 151,936 the default 512 gives 441 positions per chunk.
+    loss_memory_mib: int = 512
     # Row groups prefetched by the background loader thread.
     prefetch: int = 2
     # Experiment trackers, each fed the metrics.jsonl rows and the resolved config:
@@ -643,7 +662,12 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.save_every is None or self.save_every >= 1, "train.save_every", "must be >= 1")
-        _check(self.chunk_positions >= 1, "train.chunk_positions", "must be >= 1")
+        _check(
+            self.chunk_positions is None or self.chunk_positions >= 1,
+            "train.chunk_positions",
+            "must be >= 1 (or null: from train.loss_memory_mib)",
+        )
+        _check(self.loss_memory_mib >= 1, "train.loss_memory_mib", "must be >= 1 (MiB)")
         _check(self.prefetch >= 0, "train.prefetch", "must be >= 0")
         for t in self.trackers:
             _check(t in TRACKERS, "train.trackers", f"entries must be among {list(TRACKERS)}")
