@@ -116,10 +116,10 @@ def get_llm(
     * prefix caching on for generation; :func:`score`'s prompt-log-prob requests skip reading
       the cache (prompt log-probs of cached tokens were wrong when they read it).
     * ``skip_tokenizer_init``: we pass and receive token ids only, never text, so no tokenizer is
-      needed and nothing is ever decoded and re-encoded. ``tokenizer`` (a folder) starts the
-      engine with one instead, for stop strings only (vLLM matches ``stop`` on its detokenized
-      text; without a tokenizer it would silently ignore them). (vLLM then logs a harmless "Chat template
-      warmup failed ... Tokenizer not available" traceback at start-up.)
+      needed and nothing is ever decoded and re-encoded. (vLLM then logs a harmless "Chat
+      template warmup failed ... Tokenizer not available" traceback at start-up.)
+      ``tokenizer`` (a folder) starts the engine with one instead, for stop strings only: vLLM
+      matches ``stop`` on its detokenized text, and without a tokenizer it ignores them.
     * ``generation_config="vllm"``: the model's generation_config.json is not read, so it cannot
       add stop tokens or default sampling settings behind the caller's back.
 
