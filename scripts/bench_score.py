@@ -123,7 +123,7 @@ def body_params(model) -> int:
 
 
 def make_jobs(spec: dict, seed: int = 0):
-    from stages.score import Job, Role
+    from stages.lib.scoring.plan import Job, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", K, True)
@@ -139,7 +139,7 @@ def make_jobs(spec: dict, seed: int = 0):
 
 def _hf_pass(m, jobs, vocab: int, batch_tokens: int, chunk: int) -> float:
     """Seconds of one ``hf_score`` pass over ``jobs``."""
-    from stages.score import hf_score
+    from stages.lib.scoring.hf import hf_score
 
     _keep_policy()
     t0 = time.perf_counter()
@@ -164,7 +164,8 @@ def bench_hf(path: Path, jobs, *, batch_tokens: int, chunk: int, reps: int = 2,
     """The HF scoring core over ``jobs``: ``seconds`` (warm, best of ``reps``), ``first_s`` (the
     first pass: with ``compiled`` it includes the compile), ``body_seconds`` (the decoder alone on
     the same batches, best of ``reps``; only with ``body``) and ``outputs`` (the last results)."""
-    from stages.score import hf_model, length_buckets, pad_right
+    from stages.lib.scoring.hf import hf_model, pad_right
+    from stages.lib.scoring.plan import length_buckets
 
     model = load_model(path)
     m = hf_model(model, torch.device("cpu"), compiled)
@@ -216,7 +217,7 @@ def bench_compiled(
     a shared machine's swings hit both alike (the fractions are per pass, best of ``rounds``).
     Also: the compile (the compiled first pass minus a warm one), the response tokens that repay
     it, and the largest difference of the stored floats from the eager path's."""
-    from stages.score import hf_model
+    from stages.lib.scoring.hf import hf_model
 
     bt, ch = config
     model = load_model(path)
