@@ -16,7 +16,9 @@ up). For every rollout it scores ``prefix ⊕ response`` with up to three roles:
 A *pass* is one forward over one (model, prefix, response) triple. Roles that name the same model
 and the same prefix share one pass (in the demo the teacher reads context + prompt, the behaviour
 read the same prefix when guided and the train prompt otherwise, the reference reads the train
-prompt: 2 passes per sequence instead of 3).
+prompt: 2 passes per sequence instead of 3). On the HF backend, passes of one model that read the
+same prefix (the ``rollout.n`` samples of a prompt) run that prefix once and score their responses
+against its KV cache (``score.share_prefix``, default true: the same floats to GEMM rounding).
 
 Backends: ``hf`` (transformers, chunked fp32 head via ``stages.lib.logprobs``), ``vllm`` (prompt
 log-probs via ``stages.lib.vllm_backend``), ``auto`` = vllm where CUDA is present, else hf. vLLM cannot

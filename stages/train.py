@@ -94,7 +94,7 @@ from stages.lib.training.distributed import (
     step_counts,
 )
 from stages.lib.training.job import Job, State, Trainer
-from stages.lib.training.objective import ResponseLoss, add_metrics, lr_factor
+from stages.lib.training.objective import ResponseLoss, add_metrics, loss_chunk, lr_factor
 from stages.lib.training.online import online_scorer
 from stages.lib.training.precision import MasterWeights, autocast_for
 
@@ -212,7 +212,9 @@ def build_model(
         model = apply_lora(model, tc.lora, resume_from if resumed is not None else None)
     model.train()
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in job.cfg.loss.terms]
-    wrapped = ResponseLoss(model, terms, job.vocab, job.cfg.loss.temperature, tc.chunk_positions)
+    wrapped = ResponseLoss(
+        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab)
+    )
     wrapped = wrapped.to(job.dist.device)
     master = None
     if tc.precision == "bf16_params" and not job.fsdp:

@@ -89,6 +89,7 @@ class Scorer:
                 stats=with_stats,
                 gather=gather,
                 progress=bar,
+                share_prefix=sc.share_prefix,
             )
 
         for group in by_model.values():

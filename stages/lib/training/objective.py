@@ -4,12 +4,13 @@ its chunking, and the learning-rate schedule."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from stages.lib.logprobs import model_head, model_hidden_states
-from stages.lib.losses import MAX_SUFFIX, combined_loss
+from stages.lib.losses import MAX_SUFFIX, chunk_for_budget, combined_loss
 
 
 # ============================================================================ small pure helpers
@@ -42,7 +43,10 @@ class ResponseLoss(nn.Module):
         # The head and log-softmax stay fp32 under bf16 autocast and bf16 weights (docs: fp32 head).
         with torch.autocast(h.device.type, enabled=False):
             logits = model_head(self.model)(h.float())  # [n, V] fp32
-            return combined_loss(logits, batch, self.terms, self.vocab_size, self.temperature)
+            # in place: the logits become the log-softmax (losses.py: 2 x [n, V] working set)
+            return combined_loss(
+                logits, batch, self.terms, self.vocab_size, self.temperature, inplace=True
+            )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, batch: dict):
         hidden = model_hidden_states(self.model, input_ids, attention_mask)  # [B, L, H]
@@ -60,6 +64,13 @@ class ResponseLoss(nn.Module):
             total = loss if total is None else total + loss
             add_metrics(metrics, m)
         return total, metrics
+
+
+def loss_chunk(tc: Any, vocab: int) -> int:
+    """``train.chunk_positions``, or (null) the most positions ``train.loss_memory_mib`` holds."""
+    if tc.chunk_positions is not None:
+        return tc.chunk_positions
+    return chunk_for_budget(tc.loss_memory_mib, vocab)
 
 
 def loss_splits(n: int, chunk: int, keys: Tensor | None = None) -> list[tuple[int, int]]:

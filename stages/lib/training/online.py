@@ -16,6 +16,7 @@ from stages.lib.layout import RunLayout
 from stages.lib.loader import MicroBatch
 from stages.lib.logprobs import sequence_stats
 from stages.lib.training.job import Job
+from stages.lib.training.objective import loss_chunk
 
 
 # ============================================================================ setup: online teacher
@@ -41,7 +42,7 @@ def online_teacher(
     with torch.inference_mode():
         stats = sequence_stats(
             teacher, pre, mb.response_ids, k, vocab, cfg.loss.temperature,
-            cfg.train.chunk_positions, pad_id, want_entropy=False,
+            loss_chunk(cfg.train, vocab), pad_id, want_entropy=False,
         )  # fmt: skip
     # Built outside inference mode: the loss may save these tensors for backward.
     dev = mb.batch["token_id"].device
