@@ -1,4 +1,5 @@
-"""What the report reads: the run's manifests and views, training metrics, eval results, and the two\nDuckDB aggregates it plots (entropy x gap histogram, kept fraction by position)."""
+"""What the report reads: the run's manifests and views, training metrics, eval results, and the two
+DuckDB aggregates it plots (entropy x gap histogram, kept fraction by position)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The selection policies: the registry of SQL policy files with their typed parameters, the columns each\nneeds, and the binding of a configured rule to its SQL."""
+"""The selection policies: the registry of SQL policy files with their typed parameters, the columns each
+needs, and the binding of a configured rule to its SQL."""
 
 from __future__ import annotations
 
