@@ -116,7 +116,7 @@ def build_prompt_ids(
     render = chat.Renderer.of(r, tok, teacher_tok)
     out: list[PromptIds] = []
     for row in table.to_pylist():
-        for t in chat.turns(row, r.expand_turns):
+        for t in chat.turns(row, r.expand_turns, r.final_assistant):
             g = is_guided(seed, t.prompt_id, row.get("context") is not None, r.guided_fraction)
             train = render.train_ids(t, row)
             out.append(
@@ -127,7 +127,7 @@ def build_prompt_ids(
                     rollout_ids=render.guided_ids(t, row) if g else train,
                     teacher_ids=render.teacher_ids(t, row),
                     is_guided=g,
-                    answer=row.get("answer"),
+                    answer=t.answer,
                     kind=row.get("kind"),
                     turn=t.turn,
                 )

@@ -163,6 +163,10 @@ class RolloutConfig:
     # Chat rows with earlier assistant turns: one sample per assistant turn (the student regenerates
     # each, after the turns before it) instead of one sample after the whole conversation.
     expand_turns: bool = False
+    # A conversation ending with an assistant message (without expand_turns): continue (a
+    # prefill: the student continues that message) | regenerate (the student writes that turn
+    # anew; the message becomes the turn's reference answer unless the row has an answer).
+    final_assistant: str = "continue"
     # Extra stop token ids and stop strings (besides the tokenizer EOS and every id of the model's
     # generation_config.eos_token_id); the stop token is kept in the response.
     stop_token_ids: list[int] = field(default_factory=list)
@@ -181,6 +185,11 @@ class RolloutConfig:
             self.context_placement in ("system", "user"),
             "rollout.context_placement",
             "must be system|user",
+        )
+        _check(
+            self.final_assistant in ("continue", "regenerate"),
+            "rollout.final_assistant",
+            "must be continue|regenerate",
         )
         _check("{context}" in self.context_template, "rollout.context_template", "needs {context}")
         _check(all(s for s in self.stop_strings), "rollout.stop_strings", "must be non-empty")
