@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data_schemas import prompts as prompts_schema
-from stages.lib import chat, decoding, models
+from stages.lib import chat, decoding, models, safety
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -74,8 +74,8 @@ def checkpoint_paths(cfg: Config) -> dict[str, str]:
         out["sft"] = str(layout.sft_final)
     root = layout.checkpoints_root
     for d in sorted(root.glob("*/final")) if root.is_dir() else []:
-        if d.parent.name != "sft":
-            out[d.parent.name] = str(d)
+        if d.parent.name != "sft":  # a name read from disk: it becomes a path and a label
+            out[safety.check_disk_name(d.parent.name, d.parent, "checkpoint folder")] = str(d)
     out.update({name: str(d) for name, d in later.items()})
     return out
 
@@ -94,7 +94,8 @@ def round_checkpoints(layout: RunLayout) -> dict[str, Path]:
     found = []
     for r, rl in layout.rounds().items():
         if r >= 2 and rl.checkpoints_root.is_dir():
-            found += [(r, d.parent.name, d) for d in sorted(rl.checkpoints_root.glob("*/final"))]
+            for d in sorted(rl.checkpoints_root.glob("*/final")):
+                found.append((r, safety.check_disk_name(d.parent.name, d.parent, "checkpoint"), d))
     return {name: d for _, name, d in sorted(found)}
 
 
@@ -322,6 +323,9 @@ def write_generations(root: Path, name: str, generations: dict[str, list[dict]])
 
 def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
+    layout = RunLayout.of(cfg.run_dir)
+    safety.check_output(layout.eval, layout.root, "eval results")
+    ckpts = checkpoint_paths(cfg)  # names read from disk are checked before any model loads
     sets = load_sets(cfg)
     tok = models.load_tokenizer(cfg.student.path, "student")
     teacher = models.load_model(cfg.teacher.path, "teacher") if cfg.teacher.path else None
@@ -346,7 +350,6 @@ def run(cfg: Config) -> dict:
         "sets": {n: prompts_schema.source_sha256(cfg.data.eval_sets[n]) for n in sets},
     }
     results, t0, gen_root = {}, time.time(), out_dir / "generations"
-    ckpts = checkpoint_paths(cfg)
     bar = Progress(len(ckpts), "eval", unit="checkpoints")  # cached ones count as done
     try:
         for name, ckpt in ckpts.items():

@@ -61,7 +61,7 @@ import torch
 from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
-from stages.lib import chat, generation, models, store, xtok
+from stages.lib import chat, generation, models, safety, store, xtok
 from stages.lib import logprobs as lp
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
@@ -1047,6 +1047,7 @@ def _xtok_manifest(xt: XtokTeacher, w, n_shards: int) -> dict:
 def run(cfg: Config) -> dict:
     """Score the rollouts of ``cfg.run_dir`` into ``run_dir/tokens/``; return a summary dict."""
     sc, layout = cfg.score, RunLayout.of(cfg.run_dir)
+    safety.check_output(layout.tokens, layout.root, "the tokens dataset")
     rm = store.open_committed(
         layout.rollouts, rollouts_table, what_writes_it="python -m stages.rollout"
     )

@@ -78,7 +78,7 @@ from torch import Tensor, nn
 from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_table
 from data_schemas import selected as selected_table
-from stages.lib import models, store, trackers, trainer_state
+from stages.lib import models, safety, store, trackers, trainer_state
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError, fault_point
@@ -373,7 +373,8 @@ def setup_job(cfg: Config, dist: Dist) -> Job:
     """Resolve and check everything the run reads before any model loads."""
     tc = cfg.train
     layout = RunLayout.of(cfg.run_dir)
-    layout.checkpoints(tc.name)  # validates train.name before anything touches the disk
+    for out in (layout.checkpoints(tc.name), layout.train(tc.name)):  # train.name, symlinks
+        safety.check_output(out, layout.root, f"train.name={tc.name}")
     if not (math.isfinite(tc.lr) and tc.lr > 0):  # config validation refuses it too
         raise UserError(
             f"train.lr={tc.lr} is not a finite positive number", "config", "fix train.lr"

@@ -54,6 +54,7 @@ class Case:
     fault: str | None = None
     hold_lock: str | None = None  # a lock file (relative to run_dir) the test process holds
     notes: list[str] = field(default_factory=list)
+    cli: bool = False  # setup returns the whole command line (distillery-sql), not overrides
 
 
 # ----------------------------------------------------------------------------- case setups
@@ -219,6 +220,77 @@ def _train_pickled_init(ctx: Ctx, d: Path) -> list[str]:
     return [f"student.path={m}"]
 
 
+# ----------------------------------------------------------------------------- hostile runs
+# A run dir handed over by someone else: names on disk that are SQL, symlinks out of the run.
+# Every file outside the run that a case sets up lives in a sibling ``<case>-*`` folder, which
+# ``outcomes`` snapshots with the run dir: it must be unchanged, and no payload may run.
+def _payload(d: Path) -> str:
+    """A folder name that is SQL: closes the view's quoted name and writes a file outside."""
+    return (
+        f"x\" AS SELECT 1; COPY (SELECT 42) TO '{d.parent / (d.name + '-outside')}/pwned.csv'; --"
+    )
+
+
+HOSTILE_SELECTIONS = {
+    "copy": _payload,
+    "single_quote": lambda d: "it's",
+    "trailing_newline": lambda d: "all\n",
+    "space": lambda d: "my selection",
+    "unicode": lambda d: "sélection",
+    "semicolon": lambda d: "a;DROP VIEW tokens",
+}
+
+
+def _hostile_selection(kind: str, stage: str):
+    """A committed selection copied under a name read from disk that is not a safe name."""
+
+    def setup(ctx: Ctx, d: Path) -> list[str]:
+        ctx.copy(d, "rollouts", "tokens", "selected")
+        (d.parent / f"{d.name}-outside").mkdir()
+        src = d / "selected" / "entropy_half"
+        shutil.copytree(src, d / "selected" / HOSTILE_SELECTIONS[kind](d))
+        if stage == "sql":
+            return [str(d), "SELECT count(*) FROM tokens"]
+        return []
+
+    return setup
+
+
+def _hostile_checkpoint(ctx: Ctx, d: Path) -> list[str]:
+    """eval discovers checkpoints/<name>/final on disk: a name that is not a safe name."""
+    ctx.copy(d, "checkpoints")
+    src = next(p for p in (d / "checkpoints").iterdir() if p.is_dir())
+    src.rename(d / "checkpoints" / "ckpt'; --")
+    return ["eval.checkpoints=[]"]
+
+
+def _outside(d: Path, *, files: bool = True) -> Path:
+    """A folder outside the run with files in it (what a symlink in the run points at)."""
+    out = d.parent / f"{d.name}-outside"
+    out.mkdir(parents=True, exist_ok=True)
+    if files:
+        (out / "keep.txt").write_text("not this run's\n")
+        (out / "config.json").write_text('{"model_type": "someone else"}\n')
+        (out / "bucket=000").mkdir()
+        (out / "bucket=000" / "shard-00000.parquet").write_bytes(b"PAR1 not yours PAR1")
+    return out
+
+
+def _symlink(rel: str, *datasets: str, extra: tuple[str, ...] = ("overwrite=true",)):
+    """Inputs copied, then ``rel`` (under the run dir) made a symlink to a folder outside."""
+
+    def setup(ctx: Ctx, d: Path) -> list[str]:
+        ctx.copy(d, *datasets)
+        link = d / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.exists():
+            shutil.rmtree(link)
+        link.symlink_to(_outside(d), target_is_directory=True)
+        return list(extra)
+
+    return setup
+
+
 CASES = [
     Case(
         "prompts_malformed_jsonl",
@@ -302,6 +374,67 @@ CASES = [
     ),
     Case("checkpoint_from_another_model", "train", _train_other_init, "another init"),
     Case("train_pickled_weights", "train", _train_pickled_init, "pickled"),
+    # -------------------------------------------------- names on disk are never SQL (#28, 1)
+    *[
+        Case(
+            f"sql_selection_name_{k}",
+            "sql",
+            _hostile_selection(k, "sql"),
+            "not a safe name",
+            cli=True,
+        )
+        for k in HOSTILE_SELECTIONS
+    ],
+    *[
+        Case(
+            f"report_selection_name_{k}",
+            "report",
+            _hostile_selection(k, "report"),
+            "not a safe name",
+        )
+        for k in ("copy", "trailing_newline", "semicolon")
+    ],
+    Case("eval_checkpoint_folder_name", "eval", _hostile_checkpoint, "not a safe name"),
+    # -------------------------------------------------- no write or delete through a symlink (2)
+    Case(
+        "symlink_selected_name_overwrite",
+        "select",
+        _symlink("selected/entropy_half", "rollouts", "tokens"),
+        "symlink",
+    ),
+    Case("symlink_selected_root", "select", _symlink("selected", "rollouts", "tokens"), "symlink"),
+    Case(
+        "symlink_selection_bucket",
+        "select",
+        _symlink("selected/entropy_half/bucket=000", "rollouts", "tokens"),
+        "symlink",
+    ),
+    Case("symlink_duckdb_tmp", "select", _symlink(".duckdb_tmp", "rollouts", "tokens"), "symlink"),
+    Case(
+        "symlink_checkpoints_name_overwrite",
+        "train",
+        _symlink("checkpoints/topk_fkl-entropy_half", "rollouts", "tokens", "selected"),
+        "symlink",
+    ),
+    Case(
+        "symlink_checkpoints_root",
+        "train",
+        _symlink("checkpoints", "rollouts", "tokens", "selected"),
+        "symlink",
+    ),
+    Case(
+        "symlink_train_dir_config_json",
+        "train",
+        _symlink("train/topk_fkl-entropy_half", "rollouts", "tokens", "selected", extra=()),
+        "symlink",
+    ),
+    Case("symlink_tokens_overwrite", "score", _symlink("tokens", "rollouts"), "symlink"),
+    Case("symlink_rollouts_overwrite", "rollout", _symlink("rollouts"), "symlink"),
+    Case(
+        "symlink_rollouts_bucket", "rollout", _symlink("rollouts/bucket=000", extra=()), "symlink"
+    ),
+    Case("symlink_eval_dir", "eval", _symlink("eval", extra=("eval.checkpoints=[]",)), "symlink"),
+    Case("symlink_report_dir", "report", _symlink("report", "rollouts", extra=()), "symlink"),
     Case(
         "train_run_name_locked",
         "train",
@@ -313,14 +446,19 @@ CASES = [
 
 
 def snapshot(d: Path) -> dict[str, str]:
-    """Every non-lock file under the run dir with its hash: what a failed run must leave alone."""
-    if not d.exists():
-        return {}
-    return {
-        str(p.relative_to(d)): store.file_sha256(p)
-        for p in sorted(d.rglob("*"))
-        if p.is_file() and not p.name.startswith(".lock")
-    }
+    """Every non-lock file under the run dir with its hash (a symlink: its target, not followed),
+    and everything in the case's sibling folders outside the run (``<case>-*``: prompts, models,
+    symlink targets): what a failed run must leave alone."""
+    out = {}
+    if d.exists():
+        for top, dirs, files in os.walk(d, followlinks=False):
+            for n in dirs + files:
+                p = Path(top) / n
+                if p.is_symlink():
+                    out[str(p.relative_to(d))] = "-> " + os.readlink(p)
+                elif p.is_file() and not n.startswith(".lock"):
+                    out[str(p.relative_to(d))] = store.file_sha256(p)
+    return out | h.tree_state(*sorted(d.parent.glob(f"{d.name}-*")))
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +487,7 @@ def outcomes(tiny_lm, tiny_teacher, tmp_path_factory):
                 locks.append(fd)
             dirs.append(d)
             before.append(snapshot(d))
-            jobs.append((c.stage, ctx.ov(d, *extra), c.fault))
+            jobs.append((c.stage, extra if c.cli else ctx.ov(d, *extra), c.fault))
         results = z.run_many(jobs, parallel=2)
         for fd in locks:
             os.close(fd)
@@ -372,7 +510,9 @@ def test_bad_input_fails_with_one_clear_error_and_no_output(outcomes, case):
     assert r.rc == 2, f"not reported as a user error: {r.describe()}"
     assert case.expect.lower() in line.lower(), line
     assert "Fix:" in line, line
-    assert after == before, f"partial output: {sorted(set(after) - set(before))}"
+    changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
+    assert after == before, f"partial output or changes: {changed}"
+    assert not (h.REPO / "pwned.csv").exists()  # no payload ran in the working directory
 
 
 def test_matrix_is_large_enough():

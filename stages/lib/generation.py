@@ -30,11 +30,12 @@ import pyarrow as pa
 import torch
 
 from data_schemas import rollouts as rollouts_schema
-from stages.lib import chat, decoding, models, store
+from stages.lib import chat, decoding, models, safety, store
 from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
+from stages.lib.layout import RunLayout
 from stages.lib.progress import QUIET, Progress
 
 # Rollout keys that change speed, memory or placement but not what is sampled (left out of the
@@ -343,6 +344,7 @@ def generate_rollouts(
     Returns the summary dict (also printed as one line).
     """
     t_start = time.perf_counter()
+    safety.check_output(out_dir, RunLayout.of(cfg.run_dir).root, f"the {stage_name} dataset")
     r = rollout or cfg.rollout
     s = sampling or Sampling.of(r)
     dtype = dtype or cfg.student.dtype
