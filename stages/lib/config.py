@@ -32,6 +32,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from stages.lib import remote
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout, check_name
 
@@ -837,6 +838,7 @@ class Config:
     source: Source = field(default_factory=Source)
 
     def __post_init__(self) -> None:
+        self.run_dir = remote.adopt_credentials(self.run_dir)  # never kept in the config
         RunLayout.of(self.run_dir)  # not empty (an empty run_dir writes into the cwd)
         self._check_teachers()
         _check(
@@ -1134,7 +1136,7 @@ def compose(
     """Compose a config exactly as ``python -m stages.<config_name> <overrides>`` does (the
     entry points, tests, the pipeline, notebooks). ``config_dirs``: extra config folders, as
     ``--config-dir``. Every failure is a UserError."""
-    ovs, dirs = list(overrides or []), absolute_dirs(config_dirs)
+    ovs, dirs = [remote.adopt_credentials(o) for o in overrides or []], absolute_dirs(config_dirs)
     check_override_keys(ovs, dirs, where)
     cfg = to_config(compose_dict(config_name, ovs, dirs, where), where)
     cfg.source = Source(config_name=config_name, overrides=ovs, config_dirs=dirs)

@@ -7,13 +7,18 @@ A run directory, a bucket and a model folder may have been handed over by someon
   a SQL identifier or a dataset label (config names use it through ``layout.check_name``);
 - ``quote_ident``: a SQL identifier, quoted (names are checked first; quoting is the second wall);
 - ``check_output``: a folder a stage writes or deletes in must not lead out of the run through a
-  symlink (the folder itself, a folder above it inside the run, or anything inside it).
+  symlink (the folder itself, a folder above it inside the run, or anything inside it);
+- ``check_object_key``, ``redact``, ``split_credentials``, ``parse_json_object``: object storage
+  keys become local paths only when they are plain relative keys; credentials in a URI never
+  reach a log, an error, a mirror path or a manifest.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 
 from data_schemas.errors import UserError
@@ -108,3 +113,56 @@ def check_output(path: Path | str, root: Path | str, key: str) -> Path:
             "remove the symlink (or copy the data into the run dir), or choose another run_dir",
         )
     return Path(path)
+
+
+# ----------------------------------------------------------------------------- object storage
+# scheme://user:secret@bucket/...: what a URI with credentials looks like (userinfo before '@')
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<info>[^/@\s\"']+)@")
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ``***``."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", str(text))
+
+
+def split_credentials(text: str) -> tuple[str, str, tuple[str, str] | None]:
+    """(``text`` without the credentials of its first URI, that URI's scheme, (key, secret)) for
+    a text holding ``scheme://key:secret@rest`` (a URI, an override ``k='URI'``); (text, "",
+    None) without credentials. A user part without a secret gives (key, ""); both are
+    percent-decoded (a secret with '/' is written %2F in a URI)."""
+    m = _USERINFO.search(text)
+    if m is None:
+        return text, "", None
+    key, _, secret = m["info"].partition(":")
+    creds = (urllib.parse.unquote(key), urllib.parse.unquote(secret))
+    return text[: m.start()] + m["scheme"] + text[m.end() :], m["scheme"][:-3], creds
+
+
+def check_object_key(path: str, base: str, uri: str) -> str:
+    """The part of the object path ``path`` under the run prefix ``base`` when it is a safe
+    relative key (no empty, '.' or '..' segment, no backslash or control character), else one
+    UserError naming the object: it is checked before any local path is made from it."""
+    rel = path[len(base) + 1 :] if path.startswith(base + "/") else None
+    parts = rel.split("/") if rel else []
+    if not parts or any(p in ("", ".", "..") or "\\" in p or not p.isprintable() for p in parts):
+        raise UserError(
+            f"object key {path!r} in the bucket is not a relative key under the run prefix "
+            "(empty, '.' or '..' parts, or control characters): it cannot become a local file",
+            redact(uri),
+            "delete or rename that object; stages write keys such as "
+            "<run>/rollouts/bucket=000/shard-00000.parquet",
+        )
+    return rel
+
+
+def parse_json_object(raw: bytes | str, what: str, where: str, fix: str) -> dict:
+    """A JSON object read from a bucket or a file, or one UserError (truncated, not UTF-8, not
+    an object) naming it."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} is not valid JSON ({e.__class__.__name__})", where, fix) from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{what} is not a JSON object", where, fix)
+    return doc
