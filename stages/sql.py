@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.run_dir is None:
         raise UserError("no run dir given", "command line", "distillery-sql RUN_DIR [QUERY]")
+    args.run_dir = remote.adopt_credentials(args.run_dir)  # s3://KEY:SECRET@...: never printed
     if args.migrate:
         done = store.migrate_run(RunLayout.of(args.run_dir).root)
         print(f"sql: migrated {len(done)} dataset folder(s) under {args.run_dir} to _manifest.json")
