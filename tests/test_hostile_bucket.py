@@ -80,7 +80,7 @@ BAD_KEYS = {
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_KEYS))
-def test_bad_object_key_is_refused_before_any_local_path(s3, kind, tmp_path):
+def test_bad_object_key_is_refused_before_any_local_path(s3, kind, tmp_path):  # noqa: F811
     """A key that is not a plain relative key under the run: one line, exit 2, the mirror and
     the disk outside it unchanged (the absolute key names a folder in tmp_path)."""
     prefix = f"keys-{kind}/run"
@@ -109,7 +109,7 @@ CORRUPT = {
 
 
 @pytest.mark.parametrize("kind", sorted(CORRUPT))
-def test_corrupt_lease_object_is_one_line(s3, kind, tmp_path, monkeypatch):
+def test_corrupt_lease_object_is_one_line(s3, kind, tmp_path, monkeypatch):  # noqa: F811
     machine(monkeypatch, tmp_path, kind)
     r = remote.open_remote(f"s3://{BUCKET}/lease-{kind}/run")
     put(s3, f"lease-{kind}/run/_leases/select-x.json", CORRUPT[kind])
@@ -122,7 +122,7 @@ def test_corrupt_lease_object_is_one_line(s3, kind, tmp_path, monkeypatch):
     assert body.read() == CORRUPT[kind]
 
 
-def test_corrupt_lease_through_the_cli(s3, tmp_path):
+def test_corrupt_lease_through_the_cli(s3, tmp_path):  # noqa: F811
     """select on a run whose lease object is corrupt: exit 2, one line naming the lease."""
     put(s3, "lease-cli/run/_leases/select-entropy_half.json", b"{nope")
     work = tmp_path / "work"
@@ -133,7 +133,7 @@ def test_corrupt_lease_through_the_cli(s3, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "not_utf8", "a_list"])
-def test_corrupt_manifest_object_is_one_line(s3, kind, tmp_path):
+def test_corrupt_manifest_object_is_one_line(s3, kind, tmp_path):  # noqa: F811
     put(s3, f"man-{kind}/run/rollouts/_manifest.json", CORRUPT[kind])
     work = tmp_path / "work"
     work.mkdir()
@@ -167,7 +167,7 @@ def _no_secret(r: h.Result, *roots: Path, objects: dict[str, bytes]) -> None:
         assert "sEcReT" not in key and b"sEcReT" not in body and b"AKIAHOSTILE" not in body, key
 
 
-def test_credentials_in_the_uri_work_and_never_leak(s3, ov, tmp_path):
+def test_credentials_in_the_uri_work_and_never_leak(s3, ov, tmp_path):  # noqa: F811
     """A rollout with ``run_dir=s3://KEY:SECRET@bucket/run`` and no AWS keys in the environment:
     it runs (the keys reach the S3 client), and the secret is in no log, error, mirror path,
     local file, object key or uploaded object (manifests included)."""
@@ -187,7 +187,7 @@ def test_credentials_in_the_uri_work_and_never_leak(s3, ov, tmp_path):
     _no_secret(q, tmp_path / "m2", objects={})
 
 
-def test_credentials_in_a_failing_uri_are_redacted(s3, tmp_path):
+def test_credentials_in_a_failing_uri_are_redacted(s3, tmp_path):  # noqa: F811
     work = tmp_path / "work"
     work.mkdir()
     for args, module in (
