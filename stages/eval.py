@@ -133,7 +133,9 @@ def is_adapter_dir(path: str) -> bool:
 def adapter_base(cfg: Config, path: str) -> str:
     """The model an adapter was trained on: its adapter_config's base when that directory exists
     (relative paths as the trainer wrote them), else the student."""
-    base = json.loads((Path(path) / "adapter_config.json").read_text()).get(
+    f = Path(path) / "adapter_config.json"
+    fix = "re-save the adapter (model.save_pretrained(DIR)) or evaluate a merged checkpoint"
+    base = safety.parse_json_object(f.read_bytes(), "adapter_config.json", str(f), fix).get(
         "base_model_name_or_path"
     )
     return base if base and (Path(base) / "config.json").is_file() else cfg.student.path
@@ -152,6 +154,7 @@ def load_checkpoint(cfg: Config, name: str, path: str):
             path,
             "pip install peft (or train with train.lora.save_merged=true)",
         ) from None
+    models.check_safe_weights(Path(path), f"checkpoint {name} (LoRA adapter)", allow_pickle=False)
     base = models.load_model(adapter_base(cfg, path), f"base of checkpoint {name}")
     return PeftModel.from_pretrained(base, path).merge_and_unload().eval()
 

@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 from data_schemas import codec, rollouts, selected, tokens
 from data_schemas import manifest as manifest_mod
 from data_schemas.common import LOGPROB_TOL
-from stages.lib import safety, store, views
+from stages.lib import integrity, safety, store, views
 from stages.lib.config import Config, SelectConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -787,6 +787,13 @@ def run(cfg: Config) -> dict:
     try:
         con = open_pass1(layout, {"rollouts": ro_m, "tokens": tk_m}, tmp_dir, sel)
         check_values(con, layout.tokens)
+        integrity.check_select_inputs(  # keys, ids against the vocabulary, top-K order
+            con,
+            layout.rollouts,
+            layout.tokens,
+            store.shard_paths(layout.tokens, tk_m),
+            integrity.manifest_vocab_size(tk_m, ro_m),
+        )
         check_needs(con, rules, str(layout.tokens))
         compute_weights(con, rules, seed=cfg.seed, ln_v=_vocab_ln(tk_m, ro_m))
         summary = summarize(con)

@@ -87,7 +87,7 @@ from stages.lib.loader import MicroBatch, MicroBatchStream, Plan, collate, plan_
 from stages.lib.logprobs import model_head, model_hidden_states, sequence_stats
 from stages.lib.losses import MAX_SUFFIX, average_metrics, combined_loss
 
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STEP_DIR = re.compile(r"^step-(\d{6,})\Z")
 
 
 # ============================================================================ small pure helpers
@@ -489,7 +489,8 @@ def set_rng_state(s: dict) -> None:
 def apply_lora(model: nn.Module, lc, resume_from: Path | None) -> nn.Module:
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if resume_from is not None:
+    if resume_from is not None:  # adapters load from safetensors only, as weights do
+        models.check_safe_weights(resume_from, "LoRA adapter", allow_pickle=False)
         return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
     cfg = LoraConfig(
         r=lc.r,

@@ -252,6 +252,14 @@ class RolloutConfig:
         _check(self.temperature > 0, "rollout.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _check(
+            self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+            "rollout.max_prompt_tokens",
+            "must be >= 1 (or null: the context length minus max_new_tokens)",
+        )
+        _check(
+            0 < self.vllm_memory_fraction <= 1, "rollout.vllm_memory_fraction", "must be in (0, 1]"
+        )
         _check(0 <= self.guided_fraction <= 1, "rollout.guided_fraction", "must be in [0, 1]")
         _check(self.too_long in ("error", "skip"), "rollout.too_long", "must be error|skip")
         _check(self.prompts_per_shard >= 1, "rollout.prompts_per_shard", "must be >= 1")
@@ -486,6 +494,8 @@ class LossTerm:
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.weight), "loss.terms[].weight", "must be finite")
+        # a negative weight would train the student away from the teacher
+        _check(self.weight >= 0, "loss.terms[].weight", f"must be >= 0 (got {self.weight})")
         check_loss_term(self.name, self.kwargs)
 
 
@@ -502,6 +512,7 @@ class LossConfig:
         _check_finite(self, "loss")
         _check(self.temperature > 0, "loss.temperature", "must be > 0")
         _check(len(self.terms) >= 1, "loss.terms", "needs at least one term")
+        _check(any(t.weight > 0 for t in self.terms), "loss.terms[].weight", "one must be > 0")
 
 
 @dataclass
@@ -839,6 +850,10 @@ class Config:
 
     def __post_init__(self) -> None:
         self.run_dir = remote.adopt_credentials(self.run_dir)  # never kept in the config
+        # numpy's seeds are 0..2**32-1: anything else is a traceback deep inside a stage
+        _check(
+            isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", "must be in 0..2**32-1"
+        )
         RunLayout.of(self.run_dir)  # not empty (an empty run_dir writes into the cwd)
         self._check_teachers()
         _check(
@@ -1144,7 +1159,7 @@ def compose(
 
 
 # ----------------------------------------------------------------------------- derived configs
-_PLAIN = re.compile(r"^[A-Za-z0-9_./\-+:@]+$")
+_PLAIN = re.compile(r"^[A-Za-z0-9_./\-+:@]+\Z")  # \Z: a trailing newline is not plain
 
 
 def quote(value: Any) -> str:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 
 from data_schemas import rollouts as rollouts_schema
-from stages.lib import chat, decoding, models, safety, store
+from stages.lib import chat, decoding, input_limits, models, safety, store
 from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
@@ -441,9 +441,12 @@ def plan_rollouts(
             compat = chat.check_compatible(
                 {"student": tok, "teacher": teacher_tok}, "student.path / teacher.path"
             )
+    where = "rollout.max_prompt_tokens"  # a huge prompt is refused before it is tokenized
+    prompts_table, huge = input_limits.precheck(prompts_table, tok, limit, r.too_long, where)
     items = build_prompt_ids(tok, prompts_table, r, cfg.seed, teacher_tok)
-    n_items = len(items)
-    items, skipped = check_lengths(items, limit, r.too_long, "rollout.max_prompt_tokens")
+    n_items = len(items) + len(huge)
+    items, skipped = check_lengths(items, limit, r.too_long, where)
+    skipped = huge + skipped
     by_shard = shard_groups(items, r.prompts_per_shard)
     n_shards = n_shards_for(n_items, r.prompts_per_shard)
     return RolloutPlan(tok, ctx_len, limit, compat, n_items, skipped, by_shard, n_shards)
