@@ -331,6 +331,11 @@ class ScoreConfig:
     # weights in memory; stored floats differ from the eager path by GEMM rounding (~1e-5 in
     # log-probs). Needs a C++ compiler on CPU (triton on CUDA). docs/BENCHMARKS.md, score.
     compile: bool = False
+    # HF backend: run each distinct (model, prefix) once and score all of its responses against
+    # its KV cache (the rollout.n samples of a prompt; roles of one model reading one prefix).
+    # Stored floats equal the unshared path's to GEMM rounding (<= 1e-5 in log-probs); false runs
+    # every prefix ⊕ response row whole. docs/BENCHMARKS.md, prefix-shared scoring.
+    share_prefix: bool = True
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
     # Where the HF backend runs the behaviour model: auto (cuda when present, else cpu) | cpu |
@@ -363,6 +368,7 @@ class ScoreConfig:
         _check(self.batch_tokens >= 1, "score.batch_tokens", "must be >= 1")
         _check(self.chunk_positions >= 1, "score.chunk_positions", "must be >= 1")
         _check(isinstance(self.compile, bool), "score.compile", "must be true|false")
+        _check(isinstance(self.share_prefix, bool), "score.share_prefix", "must be true|false")
 
 
 @dataclass
@@ -572,8 +578,12 @@ class TrainConfig:
     device: str = "auto"
     # Shard the model with FSDP2 under torchrun (else DDP when world size > 1).
     fsdp: bool = False
-    # Positions per chunk of the student's LM head inside the loss.
-    chunk_positions: int = 1024
+    # Positions per chunk of the student's LM head inside the loss; null = the most that fit
+    # train.loss_memory_mib (the loss's working set is 2 x [chunk, V] fp32).
+    chunk_positions: int | None = None
+    # Memory budget of the loss's [chunk, V] working set, in MiB (used when chunk_positions is
+    # null): at V = 151,936 the default 512 gives 441 positions per chunk.
+    loss_memory_mib: int = 512
     # Row groups prefetched by the background loader thread.
     prefetch: int = 2
     # Experiment trackers, each fed the metrics.jsonl rows and the resolved config:
@@ -627,7 +637,12 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.save_every is None or self.save_every >= 1, "train.save_every", "must be >= 1")
-        _check(self.chunk_positions >= 1, "train.chunk_positions", "must be >= 1")
+        _check(
+            self.chunk_positions is None or self.chunk_positions >= 1,
+            "train.chunk_positions",
+            "must be >= 1 (or null: from train.loss_memory_mib)",
+        )
+        _check(self.loss_memory_mib >= 1, "train.loss_memory_mib", "must be >= 1 (MiB)")
         _check(self.prefetch >= 0, "train.prefetch", "must be >= 0")
         for t in self.trackers:
             _check(t in TRACKERS, "train.trackers", f"entries must be among {list(TRACKERS)}")
