@@ -289,9 +289,6 @@ class RolloutConfig:
             "rollout.max_prompt_tokens",
             "must be >= 1 (or null: the context length minus max_new_tokens)",
         )
-        _check(
-            0 < self.vllm_memory_fraction <= 1, "rollout.vllm_memory_fraction", "must be in (0, 1]"
-        )
         _check(0 <= self.guided_fraction <= 1, "rollout.guided_fraction", "must be in [0, 1]")
         _check(self.too_long in ("error", "skip"), "rollout.too_long", "must be error|skip")
         _check(self.prompts_per_shard >= 1, "rollout.prompts_per_shard", "must be >= 1")

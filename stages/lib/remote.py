@@ -199,7 +199,7 @@ class Remote:
         else:
             sel = pafs.FileSelector(self.key(rel), recursive=True, allow_not_found=True)
             found = {
-                i.path[len(self.base) + 1 :]: i
+                safety.check_object_key(i.path, self.base, self.uri): i  # before a local path
                 for i in self.fs.get_file_info(sel)
                 if i.type == pafs.FileType.File
             }
