@@ -153,15 +153,21 @@ def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
 
 class _StepLogprobs:
     """Logits processor placed before temperature / top-p: it sees each step's raw fp32 logits
-    (padded vocabulary rows already masked by ``_MaskRows``), keeps that ONE step's log-softmax and gathers it at the token
-    sampled from it when the next step (or ``finish``) reveals that token. Memory: one
-    ``[rows, V]`` block, whatever the number of steps (``output_logits`` kept all T of them)."""
+    (padded vocabulary rows already masked by ``_MaskRows``), keeps that ONE step's log-softmax
+    and gathers it at the token sampled from it when the next step (or ``finish``) reveals that
+    token. Memory: one ``[rows, V]`` block, whatever the number of steps (``output_logits`` kept
+    all T of them), and a ``[rows, max_new_tokens]`` result allocated once (growing it step by
+    step left small blocks between the big ones and the heap grew with T)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_new_tokens: int) -> None:
+        self.max_new_tokens = max_new_tokens
         self.pending: torch.Tensor | None = None  # [rows, V] log-softmax of the newest step
-        self.steps: list[torch.Tensor] = []  # per step [rows] fp32 log-prob of its sampled token
+        self.out: torch.Tensor | None = None  # [rows, max_new_tokens] fp32, on the CPU
+        self.t = 0  # steps gathered so far
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.out is None:
+            self.out = torch.zeros(scores.shape[0], self.max_new_tokens, dtype=torch.float32)
         if self.pending is not None:  # input_ids[:, -1] was sampled from the pending step
             self._take(input_ids[:, -1])
         self.pending = torch.log_softmax(scores.float(), dim=-1)  # [rows, V] raw, temperature 1
@@ -169,17 +175,18 @@ class _StepLogprobs:
 
     def _take(self, tokens: torch.Tensor) -> None:
         idx = tokens.to(self.pending.device)[:, None]  # [rows, 1]
-        self.steps.append(self.pending.gather(1, idx).squeeze(1).cpu())  # [rows]
+        self.out[:, self.t] = self.pending.gather(1, idx).squeeze(1).cpu()  # [rows]
+        self.t += 1
         self.pending = None
 
     def finish(self, gen: torch.Tensor) -> torch.Tensor:
         """The log-probs of the generated ids ``gen`` [rows, T] -> [rows, T] fp32."""
-        if self.pending is not None and gen.shape[1] > len(self.steps):
-            self._take(gen[:, len(self.steps)])
+        if self.pending is not None and gen.shape[1] > self.t:
+            self._take(gen[:, self.t])
         self.pending = None
-        if not self.steps:
-            return torch.empty(gen.shape, dtype=torch.float32)
-        return torch.stack(self.steps[: gen.shape[1]], dim=1)  # [rows, T]
+        if self.out is None:
+            return torch.zeros(gen.shape, dtype=torch.float32)
+        return self.out[:, : gen.shape[1]]  # [rows, T]
 
 
 def prefill_shared(
@@ -243,7 +250,7 @@ def hf_generate(
         batch = prompt_ids[b : b + batch_size]
         ids, mask = left_pad(batch, pad)  # [B, L]
         ids, mask = ids.to(device), mask.to(device)
-        record = _StepLogprobs() if logprobs else None
+        record = _StepLogprobs(s.max_new_tokens) if logprobs else None
         # custom processors run before generate's temperature / top-p: the recorder sees the raw
         # logits with the padded rows masked (the distribution sampled from at temperature 1)
         procs = LogitsProcessorList(

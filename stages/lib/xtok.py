@@ -223,7 +223,7 @@ def teacher_prefixes(cfg, rm: dict, s_tok: Any, t_tok: Any, where: str) -> dict[
     render = chat.Renderer.of(cfg.rollout, s_tok, t_tok)
     out = {}
     for row in table.to_pylist():
-        for t in chat.turns(row, cfg.rollout.expand_turns):
+        for t in chat.turns(row, cfg.rollout.expand_turns, cfg.rollout.final_assistant):
             out[t.prompt_id] = render.teacher_ids(t, row)
     return out
 
