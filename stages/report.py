@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_schemas import manifest as manifest_mod
-from stages.lib import store, views
+from stages.lib import safety, store, views
 from stages.lib.config import Config
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -98,7 +98,9 @@ def open_run(layout: RunLayout) -> RunData:
             "run `python -m stages.rollout` (or the pipeline) for this run_dir first, or point "
             "run_dir at an existing run",
         )
-    rv = views.open_run(layout, verify_checksums=VERIFY_CHECKSUMS, con=views.connect(threads=2))
+    rv = views.open_run(
+        layout, verify_checksums=VERIFY_CHECKSUMS, read_only=True, con=views.connect(threads=2)
+    )
     rollouts = rv.manifests["rollouts"]
     if rollouts["rows"] == 0:
         rv.close()
@@ -889,6 +891,7 @@ def run(cfg: Config) -> dict:
         raise UserError(
             "run dir not found", str(layout.root), "point run_dir at a run (e.g. runs/demo)"
         )
+    safety.check_output(layout.report, layout.root, "the report")
     _remove_stale(layout)
     tmp = layout.root / f"{TMP_PREFIX}{os.getpid()}"
     try:

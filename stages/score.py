@@ -63,7 +63,7 @@ import torch
 from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
-from stages.lib import chat, generation, models, store, xtok
+from stages.lib import chat, generation, models, safety, store, xtok
 from stages.lib import logprobs as lp
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
@@ -273,6 +273,7 @@ def share_units(jobs: list[Job], batch_tokens: int) -> tuple[list[list[list[int]
     return keep, sorted(single)
 
 
+@torch.no_grad()
 def hf_score(
     m: HFModel,
     jobs: list[Job],
@@ -1157,6 +1158,7 @@ def _xtok_manifest(xt: XtokTeacher, w, n_shards: int) -> dict:
 def run(cfg: Config) -> dict:
     """Score the rollouts of ``cfg.run_dir`` into ``run_dir/tokens/``; return a summary dict."""
     sc, layout = cfg.score, RunLayout.of(cfg.run_dir)
+    safety.check_output(layout.tokens, layout.root, "the tokens dataset")
     rm = store.open_committed(
         layout.rollouts, rollouts_table, what_writes_it="python -m stages.rollout"
     )

@@ -78,16 +78,16 @@ from torch import Tensor, nn
 from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts as rollouts_table
 from data_schemas import selected as selected_table
-from stages.lib import models, store, trackers, trainer_state
+from stages.lib import models, safety, store, trackers, trainer_state
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError, fault_point
 from stages.lib.layout import RunLayout
 from stages.lib.loader import MicroBatch, MicroBatchStream, Plan, collate, plan_steps
-from stages.lib.logprobs import model_head, model_hidden_states, sequence_stats
+from stages.lib.logprobs import model_head, response_hidden, sequence_stats
 from stages.lib.losses import MAX_SUFFIX, average_metrics, chunk_for_budget, combined_loss
 
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STEP_DIR = re.compile(r"^step-(\d{6,})\Z")
 
 
 # ============================================================================ small pure helpers
@@ -163,12 +163,19 @@ class ResponseLoss(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, terms: list, vocab_size: int, temperature: float, chunk: int
+        self,
+        model: nn.Module,
+        terms: list,
+        vocab_size: int,
+        temperature: float,
+        chunk: int,
+        share_prefix: bool = False,
     ):
         super().__init__()
         self.model = model
         self.terms, self.vocab_size = terms, vocab_size
         self.temperature, self.chunk = temperature, chunk
+        self.share_prefix = share_prefix  # train.share_prefix: rows of one prompt run it once
 
     def _chunk_loss(self, h: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         # The head and log-softmax stay fp32 under bf16 autocast and bf16 weights (docs: fp32 head).
@@ -180,8 +187,9 @@ class ResponseLoss(nn.Module):
             )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, batch: dict):
-        hidden = model_hidden_states(self.model, input_ids, attention_mask)  # [B, L, H]
-        h = hidden.reshape(-1, hidden.shape[-1])[positions]  # [M, H]
+        h = response_hidden(  # [M, H]
+            self.model, input_ids, attention_mask, positions, self.share_prefix
+        )
         n = h.shape[0]
         if n <= self.chunk:
             return self._chunk_loss(h, batch)
@@ -383,7 +391,8 @@ def setup_job(cfg: Config, dist: Dist) -> Job:
     """Resolve and check everything the run reads before any model loads."""
     tc = cfg.train
     layout = RunLayout.of(cfg.run_dir)
-    layout.checkpoints(tc.name)  # validates train.name before anything touches the disk
+    for out in (layout.checkpoints(tc.name), layout.train(tc.name)):  # train.name, symlinks
+        safety.check_output(out, layout.root, f"train.name={tc.name}")
     if not (math.isfinite(tc.lr) and tc.lr > 0):  # config validation refuses it too
         raise UserError(
             f"train.lr={tc.lr} is not a finite positive number", "config", "fix train.lr"
@@ -498,7 +507,8 @@ def set_rng_state(s: dict) -> None:
 def apply_lora(model: nn.Module, lc, resume_from: Path | None) -> nn.Module:
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if resume_from is not None:
+    if resume_from is not None:  # adapters load from safetensors only, as weights do
+        models.check_safe_weights(resume_from, "LoRA adapter", allow_pickle=False)
         return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
     cfg = LoraConfig(
         r=lc.r,
@@ -554,8 +564,12 @@ def build_model(
         model = apply_lora(model, tc.lora, resume_from if resumed is not None else None)
     model.train()
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in job.cfg.loss.terms]
+    # Prefix sharing calls the decoder twice per micro-batch with a KV cache: not with activation
+    # checkpointing (transformers turns the cache off there) nor under FSDP2 (one unshard per
+    # layer call is what it schedules for); DDP and one process are fine.
+    share = tc.share_prefix and not tc.gradient_checkpointing and not job.fsdp
     wrapped = ResponseLoss(
-        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab)
+        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab), share
     )
     wrapped = wrapped.to(job.dist.device)
     master = None

@@ -32,6 +32,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from stages.lib import remote
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout, check_name
 
@@ -283,6 +284,11 @@ class RolloutConfig:
         _check(self.temperature > 0, "rollout.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _check(
+            self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+            "rollout.max_prompt_tokens",
+            "must be >= 1 (or null: the context length minus max_new_tokens)",
+        )
         _check(0 <= self.guided_fraction <= 1, "rollout.guided_fraction", "must be in [0, 1]")
         _check(self.too_long in ("error", "skip"), "rollout.too_long", "must be error|skip")
         _check(self.prompts_per_shard >= 1, "rollout.prompts_per_shard", "must be >= 1")
@@ -528,6 +534,8 @@ class LossTerm:
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.weight), "loss.terms[].weight", "must be finite")
+        # a negative weight would train the student away from the teacher
+        _check(self.weight >= 0, "loss.terms[].weight", f"must be >= 0 (got {self.weight})")
         check_loss_term(self.name, self.kwargs)
 
 
@@ -544,6 +552,7 @@ class LossConfig:
         _check_finite(self, "loss")
         _check(self.temperature > 0, "loss.temperature", "must be > 0")
         _check(len(self.terms) >= 1, "loss.terms", "needs at least one term")
+        _check(any(t.weight > 0 for t in self.terms), "loss.terms[].weight", "one must be > 0")
 
 
 @dataclass
@@ -623,6 +632,11 @@ class TrainConfig:
     # Whole-model activation checkpointing: recompute each decoder layer in backward (less memory,
     # ~1 more forward of compute).
     gradient_checkpointing: bool = False
+    # Rows of a micro-batch with the same train prompt (the rollout.n samples of a prompt) run
+    # the prompt through the student once and their responses against its KV cache: the same
+    # loss and gradients to GEMM rounding, less compute with long prompts. Off under
+    # gradient_checkpointing and FSDP (one decoder call per micro-batch there).
+    share_prefix: bool = True
     # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast on CPU and CUDA) |
     # bf16_params (bf16 parameters, fp32 master weights in the optimizer). The LM head, the
     # log-softmax and the loss are fp32 in every mode.
@@ -675,6 +689,7 @@ class TrainConfig:
             self.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be offline|online"
         )
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+        _check(isinstance(self.share_prefix, bool), "train.share_prefix", "must be true|false")
         _check(
             not (self.precision == "bf16_params" and self.lora.r > 0),
             "train.precision=bf16_params",
@@ -889,6 +904,11 @@ class Config:
     source: Source = field(default_factory=Source)
 
     def __post_init__(self) -> None:
+        self.run_dir = remote.adopt_credentials(self.run_dir)  # never kept in the config
+        # numpy's seeds are 0..2**32-1: anything else is a traceback deep inside a stage
+        _check(
+            isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", "must be in 0..2**32-1"
+        )
         RunLayout.of(self.run_dir)  # not empty (an empty run_dir writes into the cwd)
         self._check_teachers()
         _check(
@@ -1193,7 +1213,7 @@ def compose(
     """Compose a config exactly as ``python -m stages.<config_name> <overrides>`` does (the
     entry points, tests, the pipeline, notebooks). ``config_dirs``: extra config folders, as
     ``--config-dir``. Every failure is a UserError."""
-    ovs, dirs = list(overrides or []), absolute_dirs(config_dirs)
+    ovs, dirs = [remote.adopt_credentials(o) for o in overrides or []], absolute_dirs(config_dirs)
     check_override_keys(ovs, dirs, where)
     cfg = to_config(compose_dict(config_name, ovs, dirs, where), where)
     cfg.source = Source(config_name=config_name, overrides=ovs, config_dirs=dirs)
@@ -1201,7 +1221,7 @@ def compose(
 
 
 # ----------------------------------------------------------------------------- derived configs
-_PLAIN = re.compile(r"^[A-Za-z0-9_./\-+:@]+$")
+_PLAIN = re.compile(r"^[A-Za-z0-9_./\-+:@]+\Z")  # \Z: a trailing newline is not plain
 
 
 def quote(value: Any) -> str:
