@@ -17,7 +17,8 @@ Then runs, each stage in a child process of its own:
 For each stage the JSON holds the child's peak RSS (``VmHWM``, its own high-water mark) minus its
 RSS after the imports (``peak_mib``), beside an analytic floor (``floor_mib``, its parts listed):
 the weights it holds, the optimizer state, and one working block: rollout the KV cache and one
-``[batch x n, V]`` fp32 block per decode step; score one ``[score.chunk_positions, V]`` fp32 block;
+``[batch x n, V]`` fp32 block per decode step; score the larger model (``score.resident=one``) and
+one ``[score.chunk_positions, V]`` fp32 block;
 train the loss's ``2 x [chunk, V]`` fp32 working set and the checkpointed layer inputs. Also bytes
 per response token on disk (rollouts, tokens) and tokens/s. ``ratio = peak_mib / floor_mib``.
 
@@ -168,8 +169,8 @@ def floors(sh: Shape, response_tokens: int, chunk: int) -> dict[str, dict[str, f
     tokens = min(sh.micro_batch_tokens, rows * seq)  # positions in one micro-batch
     return {
         "rollout": {"weights": student, "kv_cache": kv, "step_block": rows * sh.vocab * 4 / MIB},
-        "score": {
-            "weights_teacher_and_behaviour": teacher + student,
+        "score": {  # score.resident=one: the larger of the two models is loaded at a time
+            "weights_largest_model": max(teacher, student),
             "chunk_block": sh.score_chunk * sh.vocab * 4 / MIB,
         },
         "train": {
@@ -233,14 +234,15 @@ def child(stage: str, overrides: list[str]) -> None:
 
 def loss_probe(vocab: int, chunk: int, hidden: int, loss: str) -> None:
     """The loss's working set alone: one ``[chunk, V]`` chunk through an fp32 head, the loss
-    (``inplace``, as the trainer calls it) and backward; peak above the inputs, in blocks."""
+    (``inplace``, as the trainer calls it) and backward; peak above the inputs, in blocks. The
+    head's weight takes no gradient here: its ``[V, H]`` gradient is the model's, not the loss's."""
     import torch
 
     from stages.lib.losses import combined_loss
 
     torch.manual_seed(0)
     h = torch.randn(chunk, hidden, requires_grad=True)  # [N, H]
-    w = torch.randn(vocab, hidden, requires_grad=True)  # [V, H] the head
+    w = torch.randn(vocab, hidden)  # [V, H] the head (frozen: see above)
     t = torch.log_softmax(torch.randn(chunk, vocab), -1)  # [N, V] a teacher, dropped below
     vals, ids = t.topk(32, -1)  # [N, 32]
     y = torch.randint(0, vocab, (chunk,))  # [N]
@@ -260,7 +262,6 @@ def loss_probe(vocab: int, chunk: int, hidden: int, loss: str) -> None:
     del logits
     out.backward()
     block = chunk * vocab * 4 / MIB
-    grad_w = vocab * hidden * 4 / MIB  # the head's weight gradient: weights, not working set
     peak = _status("VmHWM") - base
     print(
         "BENCH "
@@ -270,8 +271,7 @@ def loss_probe(vocab: int, chunk: int, hidden: int, loss: str) -> None:
                 "chunk": chunk,
                 "block_mib": round(block, 1),
                 "peak_mib": round(peak, 1),
-                "head_grad_mib": round(grad_w, 1),
-                "blocks": round((peak - grad_w) / block, 2),
+                "blocks": round(peak / block, 2),
             }
         ),
         flush=True,
