@@ -473,7 +473,7 @@ def test_rows_in_score_order_give_the_same_selection(tmp_path):
 @pytest.mark.parametrize("scale", [1, 100_000])  # -3e6 nats: the int64 path
 def test_decode_topk_matches_the_codec(scale):
     from data_schemas import codec
-    from stages.select import decode_topk
+    from stages.lib.selection.assemble import decode_topk
 
     rng = np.random.default_rng(0)
     lp = -np.sort(rng.uniform(0, 30, (500, 32)) * scale, axis=1).astype(np.float32)  # [N, K]
