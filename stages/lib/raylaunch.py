@@ -273,7 +273,7 @@ def _actor_options(lc: LauncherConfig) -> dict:
     }
     if lc.resources:  # custom node resources: actors only on the nodes that have them
         opts["resources"] = dict(lc.resources)
-    if lc.placement == "spread":  # one actor per node first (Ray packs by default)
+    if lc.placement == "spread":  # across the nodes first (Ray's default favours nodes in use)
         opts["scheduling_strategy"] = "SPREAD"
     if lc.env:  # a runtime env of its own starts a fresh worker process (~seconds more)
         opts["runtime_env"] = {"env_vars": {**job_runtime_env()["env_vars"], **lc.env}}
