@@ -84,7 +84,7 @@ from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError, fault_point
 from stages.lib.layout import RunLayout
 from stages.lib.loader import MicroBatch, MicroBatchStream, Plan, collate, plan_steps
-from stages.lib.logprobs import model_head, model_hidden_states, sequence_stats
+from stages.lib.logprobs import model_head, response_hidden, sequence_stats
 from stages.lib.losses import MAX_SUFFIX, average_metrics, chunk_for_budget, combined_loss
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -163,12 +163,19 @@ class ResponseLoss(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, terms: list, vocab_size: int, temperature: float, chunk: int
+        self,
+        model: nn.Module,
+        terms: list,
+        vocab_size: int,
+        temperature: float,
+        chunk: int,
+        share_prefix: bool = False,
     ):
         super().__init__()
         self.model = model
         self.terms, self.vocab_size = terms, vocab_size
         self.temperature, self.chunk = temperature, chunk
+        self.share_prefix = share_prefix  # train.share_prefix: rows of one prompt run it once
 
     def _chunk_loss(self, h: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         # The head and log-softmax stay fp32 under bf16 autocast and bf16 weights (docs: fp32 head).
@@ -180,8 +187,9 @@ class ResponseLoss(nn.Module):
             )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, batch: dict):
-        hidden = model_hidden_states(self.model, input_ids, attention_mask)  # [B, L, H]
-        h = hidden.reshape(-1, hidden.shape[-1])[positions]  # [M, H]
+        h = response_hidden(  # [M, H]
+            self.model, input_ids, attention_mask, positions, self.share_prefix
+        )
         n = h.shape[0]
         if n <= self.chunk:
             return self._chunk_loss(h, batch)
@@ -554,8 +562,12 @@ def build_model(
         model = apply_lora(model, tc.lora, resume_from if resumed is not None else None)
     model.train()
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in job.cfg.loss.terms]
+    # Prefix sharing calls the decoder twice per micro-batch with a KV cache: not with activation
+    # checkpointing (transformers turns the cache off there) nor under FSDP2 (one unshard per
+    # layer call is what it schedules for); DDP and one process are fine.
+    share = tc.share_prefix and not tc.gradient_checkpointing and not job.fsdp
     wrapped = ResponseLoss(
-        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab)
+        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab), share
     )
     wrapped = wrapped.to(job.dist.device)
     master = None

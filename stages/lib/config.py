@@ -623,6 +623,11 @@ class TrainConfig:
     # Whole-model activation checkpointing: recompute each decoder layer in backward (less memory,
     # ~1 more forward of compute).
     gradient_checkpointing: bool = False
+    # Rows of a micro-batch with the same train prompt (the rollout.n samples of a prompt) run
+    # the prompt through the student once and their responses against its KV cache: the same
+    # loss and gradients to GEMM rounding, less compute with long prompts. Off under
+    # gradient_checkpointing and FSDP (one decoder call per micro-batch there).
+    share_prefix: bool = True
     # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast on CPU and CUDA) |
     # bf16_params (bf16 parameters, fp32 master weights in the optimizer). The LM head, the
     # log-softmax and the loss are fp32 in every mode.
@@ -675,6 +680,7 @@ class TrainConfig:
             self.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be offline|online"
         )
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+        _check(isinstance(self.share_prefix, bool), "train.share_prefix", "must be true|false")
         _check(
             not (self.precision == "bf16_params" and self.lora.r > 0),
             "train.precision=bf16_params",

@@ -225,6 +225,7 @@ def load_engine(
             dtype=dtype,
             gpu_memory_utilization=r.vllm_memory_fraction,
             tensor_parallel_size=r.tensor_parallel_size,
+            tokenizer=tok.name_or_path if stops.strings else None,
         )
 
         def sample_vllm(prompt_ids: list[list[int]], seed: int) -> list[list[Sample]]:
@@ -237,6 +238,7 @@ def load_engine(
                 max_new_tokens=s.max_new_tokens,
                 seed=seed,
                 eos_id=stops.all_ids,
+                stop=stops.strings,
             )
             return [[_vllm_sample(d, stops, s, tok) for d in per] for per in out]
 
@@ -266,7 +268,7 @@ def load_engine(
 
 def _vllm_sample(d: dict, stops: decoding.Stops, s: Sampling, tok: Any) -> Sample:
     """A vLLM sample cut and labelled by the same rule as the HF backend (stop strings too)."""
-    length, reason = decoding.cut(d["response_ids"], stops, s.max_new_tokens, tok)
+    length, reason = decoding.cut(d["response_ids"], stops, s.max_new_tokens)
     return Sample(d["response_ids"][:length], d["logprobs"][:length], reason)
 
 
