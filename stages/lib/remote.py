@@ -334,14 +334,20 @@ def pull(
 
 def stage_reads(cfg: Any, stage: str) -> tuple[str, ...] | None:
     """The run's folders (prefixes) a stage reads or resumes: all a pull fetches for it. None =
-    the whole run (train, eval, sft, report read across it). Pure."""
-    sft_policy = ("checkpoints/sft/final/",)  # the policy / behaviour model after SFT
+    the whole run (eval and sft read checkpoints across it). Pure."""
+    sft_policy = ("checkpoints/sft/final/",)  # the policy / behaviour model / init after SFT
     if stage == "rollout":
         return ("rollouts/", *sft_policy)
     if stage == "score":
         return ("rollouts/", "tokens/", "sft_data/_manifest.json", *sft_policy)
     if stage == "select":
         return ("rollouts/", "tokens/", f"selected/{cfg.select.name}/")
+    if stage == "train":  # (the selection's shards are streamed, not pulled)
+        tc = cfg.train
+        own = (f"selected/{tc.selection}/", f"checkpoints/{tc.name}/", f"train/{tc.name}/")
+        return ("rollouts/", "tokens/_manifest.json", *own, *sft_policy)
+    if stage == "report":  # the datasets, the curves and results; a tokenizer, no checkpoint
+        return ("rollouts/", "tokens/", "selected/", "train/", "eval/", "report/", *sft_policy)
     return None
 
 
