@@ -1,6 +1,6 @@
 """Ray workers for the shard stages: the same shard plan, taken by Ray actors instead of one process.
 
-``launcher.kind=ray`` (stages/lib/config.py ``LauncherConfig``) makes the rollout and score stages
+``launcher.kind=ray`` (stages/lib/config/schema.py ``LauncherConfig``) makes the rollout and score stages
 hand their missing shards to :func:`run_shards`. The driver (the process that runs the stage)
 keeps everything that decides what is written: the plan, the dataset lock, resume (committed
 shards are never handed out) and the manifest, written after :func:`run_shards` returns through the
