@@ -484,7 +484,7 @@ def test_select_and_train_see_the_alignment(tmp_path):
 
 
 def test_loss_splits_keep_chunks_whole():
-    from stages.train import loss_splits
+    from stages.lib.training.objective import loss_splits
 
     assert loss_splits(7, 3) == [(0, 3), (3, 6), (6, 7)]
     keys = torch.tensor([0, 0, 1, 1, 1, 1, 1, 2, 3, 3])
@@ -498,7 +498,7 @@ def test_loss_splits_keep_chunks_whole():
 
 def test_chunk_opd_over_loss_splits_equals_one_call():
     from stages.lib.losses import chunk_opd
-    from stages.train import loss_splits
+    from stages.lib.training.objective import loss_splits
 
     g = torch.Generator().manual_seed(0)
     n, v = 12, 9

@@ -14,8 +14,8 @@ from stages.lib import models
 from stages.lib.config import compose
 from stages.lib.errors import UserError
 from stages.lib.logprobs import response_positions
-from stages.score import pad_right
-from stages.train import ResponseLoss
+from stages.lib.scoring.hf import pad_right
+from stages.lib.training.objective import ResponseLoss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
