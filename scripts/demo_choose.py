@@ -68,16 +68,17 @@ def val_rows(world: Path) -> list[dict[str, Any]]:
     path = world / "prompts" / "val.parquet"
     if not path.is_file():
         raise UserError(
-            "the world has no validation split", str(path), "rebuild it: python scripts/make_demo.py"
+            "the world has no validation split",
+            str(path),
+            "rebuild it: python scripts/make_demo.py",
         )
     return pq.read_table(path).to_pylist()
 
 
 def accuracies(model_dir: Path, rows: list[dict[str, Any]]) -> dict[str, float]:
     """Greedy accuracy (%) per validation kind, the student's view (no evidence)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from demoworld import world as W
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
