@@ -138,10 +138,11 @@ class WorldSettings:
     # Torch CPU threads of the build: a parallel reduction's order depends on it, so it is part
     # of the key (the same count on every machine gives the same bits).
     threads: int = 2
-    # "portable": torch's AVX2 kernels and MKL's conditional bitwise reproducibility mode
-    # (MKL_CBWR=COMPATIBLE), the same code path on every x86 CPU with AVX2, so the same bits (see
-    # PORTABLE_ENV); "native": the fastest kernels of this CPU (bits differ between CPUs).
-    kernels: str = "portable"
+    # "native": the fastest kernels of this CPU (the bits differ between CPUs); "portable":
+    # torch's AVX2 kernels and MKL's conditional numerical reproducibility mode
+    # (MKL_CBWR=COMPATIBLE), one code path on every x86 CPU with AVX2, so the same bits, but about
+    # 2.8x slower here (PORTABLE_ENV; docs/RESULTS.md), so not the default.
+    kernels: str = "native"
 
     @staticmethod
     def quick() -> WorldSettings:
