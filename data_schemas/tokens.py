@@ -69,16 +69,18 @@ SCHEMA = pa.schema(
     ]
 )
 # Cross-tokenizer columns (score.cross_tokenizer=align with a teacher of another tokenizer).
-XTOK_VERSION = 2  # version of the xtok_* columns' meaning (recorded in the manifest's extra)
+XTOK_VERSION = 3  # version of the xtok_* columns' meaning (recorded in the manifest's extra)
+# 3: byte spans from each tokenizer's byte mapping and the student's ids as sampled (2: text)
 XTOK_FILL_LOGPROB = -1.0e4  # top-K filler entries past xtok_mapped_k: no teacher number
 # xtok_chunk of a response the teacher did not score -> why (counted in the tokens manifest)
 XTOK_REFUSED = {
-    -1: "roundtrip",  # the teacher's decode of its encoding is not the student's text
+    -1: "roundtrip",  # the teacher cannot spell the response's bytes exactly
     -2: "special_token",  # a special token inside the response (only a final stop is aligned)
     -3: "no_stop_match",  # a final special token the teacher's vocabulary has no match for
     -4: "empty",  # nothing to score on the teacher's side
     -5: "no_prefix",  # the teacher's prefix is empty
     -6: "too_long",  # prefix + response, on the teacher's tokenization, exceed its context
+    -7: "invalid_utf8",  # bytes that are not UTF-8 text (refused by the SFT text path only)
 }
 XTOK_FIELDS = [
     pa.field("xtok_chunk", pa.int32(), nullable=True),  # chunk id in the sample; -1 not scored

@@ -3,7 +3,9 @@
 Each suite is ``scripts/bench_<name>.py``'s ``bench(quick)``; a suite that is missing or fails is
 recorded as ``"<name>.error"`` (with the traceback's last line) instead of stopping the others,
 and the command then exits with status 1 after writing the JSON (CI fails on a crash, never on a
-timing: no figure is checked against its goal here).
+timing: no figure is checked against its goal here). It also exits 1 when a suite reports
+``<name>.limit_violations``: a fraction above the limit measured in the same run (the score
+suite's matmul limit), which means the limit, not the code, is wrong.
 Ratios are taken inside one suite's run, so they survive a noisy, shared machine better than
 absolute numbers. ``demo.end_to_end_seconds`` is read from ``runs/demo/timings.json`` (the
 pipeline's stage timings) when a demo run left one.
@@ -39,6 +41,8 @@ HEADLINE = (
     "storage.naive_bytes_per_token_k32",
     "storage.max_abs_logprob_error",
     "score.hf_fraction_of_matmul_limit",
+    "score.prefix_sharing_speedup",
+    "score.prefix_sharing_speedup_demo",
     "score.vllm_tokens_per_s_over_hf",
     "rollout.hf_stage_overhead",
     "rollout.vllm_stage_overhead",
@@ -175,6 +179,11 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps({k: res[k] for k in HEADLINE}, indent=1, default=str))
     failed = sorted(k.removesuffix(".error") for k in res if k.endswith(".error"))
+    # a fraction above its measured limit: the limit is wrong, every fraction of the run with it
+    bad = {k: v for k, v in res.items() if k.endswith(".limit_violations") and v}
+    for k, v in bad.items():
+        print(f"[bench] {k}: {'; '.join(v)}", file=sys.stderr)
+    failed += sorted(k.removesuffix(".limit_violations") for k in bad)
     if failed:  # the JSON is written, the others ran; CI still sees the crash
         print(f"[bench] failed suites: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

@@ -46,6 +46,15 @@ sys.path.insert(0, str(ROOT))
 FULL = dict(hidden=768, layers=12, vocab=32000, intermediate=2048, prefix=64, response=192, n=24)
 QUICK = dict(hidden=256, layers=4, vocab=8000, intermediate=1024, prefix=32, response=96, n=24)
 K = 32
+# Prefix sharing (issue's shape): n samples per prompt after a long prefix; quick: a smaller one.
+SHARED = dict(prompts=4, n=8, prefix=512, response=64)
+SHARED_QUICK = dict(prompts=3, n=8, prefix=128, response=16)
+# The demo's own shapes (experiment=demo): its base model's architecture (hidden 128, 3 layers,
+# 2 heads, MLP 512, 643 ids), rollout.n = 2, score.topk = 8, responses of <= 24 tokens, and
+# prefix lengths as the demo's rendered prompts have them (train prompts 14-52 tokens, mean 25;
+# the evidence adds 13-18; guided rollouts read the teacher's prefix; docs/BENCHMARKS.md).
+DEMO = dict(hidden=128, layers=3, vocab=643, intermediate=512, prompts=96, n=2, topk=8,
+            train_prefix=(14, 37), context=(13, 19), response=(4, 25))  # fmt: skip
 
 
 # The scheduling policy the bench started with (``chrt -f 10``: SCHED_FIFO). Loading a model
@@ -81,6 +90,105 @@ def matmul_flops(n: int = 2048, reps: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def _best_seconds(fn, reps: int) -> float:
+    fn()  # warm-up (first-touch of the output, oneDNN primitive creation)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_paths(w: torch.Tensor, rows: int) -> dict:
+    """The fp32 GEMM paths ``x [rows, in] @ w.T`` can take here, as callables of ``x``: MKL
+    (``F.linear``, the eager path), MKL with a pre-packed weight (``mkl._mkl_linear``: what
+    TorchInductor's freezing emits for static shapes) and oneDNN, with the plain and the packed
+    weight layout (``mkldnn._linear_pointwise``: the dynamic-shape compiled body and the
+    ``score.compile`` head)."""
+    import torch.nn.functional as F
+
+    paths = {"mkl": lambda x: F.linear(x, w)}
+    if torch._C.has_mkl:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+        paths["mkl_packed"] = lambda x: torch.ops.mkl._mkl_linear(x, packed, w, None, rows)
+    if torch.backends.mkldnn.is_available():
+        plain = w.to_mkldnn()
+        pointwise = torch.ops.mkldnn._linear_pointwise
+        paths["onednn"] = lambda x: pointwise(x, plain, None, "none", [], "")
+        blocked = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        paths["onednn_packed"] = lambda x: pointwise(x, blocked, None, "none", [], "")
+    return paths
+
+
+def gemm_limit(model, body_rows: list[int], head_rows: int, reps: int = 3) -> dict:
+    """The matmul limit at the model's own shapes: for each distinct linear of the decoder (at
+    each of ``body_rows`` rows: the bench's tokens per forward) and for the LM head (at
+    ``head_rows``, the head chunk), the best rate over every GEMM path the model can take
+    (``gemm_paths``) and row count, and from those the ideal seconds per processed token (body)
+    and per scored token (head). A pass can reach 1.0 of this limit only if every GEMM ran on its
+    fastest path and nothing else took time; a fraction above 1 means the limit missed a faster
+    path (``check_fractions``)."""
+    _keep_policy()
+    shapes: dict[tuple[int, int], int] = {}  # (out, in) -> linears of that shape in the body
+    for mod in model.get_decoder().modules():
+        if isinstance(mod, torch.nn.Linear):
+            shapes[tuple(mod.weight.shape)] = shapes.get(tuple(mod.weight.shape), 0) + 1
+    head = model.get_output_embeddings().weight
+    work = [("body", k, c, body_rows) for k, c in shapes.items()]
+    work.append(("head", tuple(head.shape), 1, [head_rows]))
+    out: dict = {"shapes": {}, "rows": {"body": body_rows, "head": head_rows}}
+    per_token = {"body": 0.0, "head": 0.0}
+    with torch.inference_mode():
+        for part, (o, i), count, row_counts in work:
+            w = torch.randn(o, i)  # [out, in]
+            best = 0.0
+            for rows in row_counts:
+                x = torch.randn(rows, i)  # [rows, in]
+                rates = {
+                    name: 2 * rows * i * o / _best_seconds(lambda f=f, x=x: f(x), reps)
+                    for name, f in gemm_paths(w, rows).items()
+                }
+                best = max(best, *rates.values())
+                out["shapes"][f"{part} {rows}x{i}x{o}"] = {"count": count, **rates}
+            per_token[part] += count * 2 * i * o / best  # ideal seconds per token
+    out["ideal_s_per_processed_token"] = per_token["body"]
+    out["ideal_s_per_scored_token"] = per_token["head"]
+    return out
+
+
+def ideal_seconds(limit: dict, processed: int, scored: int) -> float:
+    """Seconds the counted GEMMs of a pass take at the limit's best path for every shape."""
+    return (
+        processed * limit["ideal_s_per_processed_token"]
+        + scored * limit["ideal_s_per_scored_token"]
+    )
+
+
+def best_limit(*limits: dict) -> dict:
+    """The best of several measurements of the limit, body and head each at its fastest (the
+    machine is shared: the quietest moment's rate is the one that bounds every pass)."""
+    keys = ("ideal_s_per_processed_token", "ideal_s_per_scored_token")
+    out = dict(min(limits, key=lambda x: ideal_seconds(x, 1, 1)))  # its per-shape rates
+    return out | {k: min(x[k] for x in limits) for k in keys}
+
+
+def check_fractions(out: dict) -> list[str]:
+    """Every ``*fraction_of_matmul_limit*`` number in ``out`` (nested too) that exceeds 1: a
+    limit that is not a limit. The bench fails on them (exit status 1)."""
+    bad = []
+
+    def walk(x, path):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}.{k}" if path else k)
+        elif "fraction_of_matmul_limit" in path and isinstance(x, float) and x > 1.0:
+            bad.append(f"{path} = {x:.3f}")
+
+    walk(out, "")
+    return bad
 
 
 def build_model(out: Path, spec: dict) -> Path:
@@ -135,6 +243,105 @@ def make_jobs(spec: dict, seed: int = 0):
         resp = rng.integers(4, spec["vocab"], r).tolist()
         jobs.append(Job((i,), role, prefix, resp, k=K, entropy=True))
     return jobs
+
+
+def shared_jobs(shape: dict, vocab: int, seed: int = 0):
+    """``prompts`` prefixes of ``prefix`` tokens, ``n`` responses of ``response`` tokens each:
+    one teacher job per sample (the teacher pass of a rollout.n = n run)."""
+    from stages.score import Job, Role
+
+    rng = np.random.default_rng(seed)
+    role = Role("teacher", "", "float32", "bench", K, True)
+    jobs = []
+    for p in range(shape["prompts"]):
+        prefix = [2] + rng.integers(4, vocab, shape["prefix"] - 1).tolist()
+        for i in range(shape["n"]):
+            resp = rng.integers(4, vocab, shape["response"]).tolist()
+            jobs.append(Job((p, i), role, prefix, resp, k=K, entropy=True))
+    return jobs
+
+
+def demo_jobs(shape: dict, seed: int = 0):
+    """The demo's score shard: one model in every role (teacher after context + prompt,
+    behaviour after the guided or the train prompt, reference after the train prompt), so each
+    prompt gives a group of n samples after its teacher prefix and, unguided, one after its
+    train prefix; guided prompts' behaviour passes are the teacher's (one job). K = 8 as the
+    demo's score.topk."""
+    from stages.score import Job, Role
+
+    rng = np.random.default_rng(seed)
+    role = Role("teacher", "", "float32", "bench", shape["topk"], True)
+    jobs = []
+    for p in range(shape["prompts"]):
+        train = [2] + rng.integers(
+            4, shape["vocab"], int(rng.integers(*shape["train_prefix"])) - 1
+        ).tolist()
+        ctx = rng.integers(4, shape["vocab"], int(rng.integers(*shape["context"]))).tolist()
+        teacher = train[:1] + ctx + train[1:]
+        for i in range(shape["n"]):
+            resp = rng.integers(4, shape["vocab"], int(rng.integers(*shape["response"]))).tolist()
+            jobs.append(Job((p, i, "t"), role, teacher, resp, k=shape["topk"], entropy=True))
+            jobs.append(Job((p, i, "r"), role, train, resp, k=shape["topk"], entropy=True))
+    return jobs
+
+
+def processed_tokens(jobs, shared: bool) -> int:
+    """Real tokens through the decoder: every prefix ⊕ response, or with sharing each distinct
+    prefix once plus every response but its last token (the first is scored by the prefix)."""
+    if not shared:
+        return sum(len(j.prefix) + len(j.response) for j in jobs)
+    prefixes = {tuple(j.prefix) for j in jobs}
+    return sum(len(p) for p in prefixes) + sum(len(j.response) - 1 for j in jobs)
+
+
+def bench_sharing(path: Path, jobs, limit: dict, *, batch_tokens: int, chunk: int,
+                  rounds: int = 2) -> dict:  # fmt: skip
+    """The HF scoring pass over ``jobs`` with and without ``score.share_prefix``, interleaved
+    (shared, unshared, shared, ...; best of ``rounds`` each), in one process on one model: the
+    speedup, each pass's fraction of the matmul limit (its own counted tokens), and the largest
+    difference of the stored floats between the two."""
+    from stages.score import hf_model, hf_score, share_units
+
+    model = load_model(path)
+    m = hf_model(model, torch.device("cpu"))
+    vocab = model.config.vocab_size
+    best = {"shared": float("inf"), "unshared": float("inf")}
+    cpu = dict(best)  # CPU seconds of this process (all its threads), best of the rounds
+    outs = {}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name in best:
+                _keep_policy()
+                t0, c0 = time.perf_counter(), time.process_time()
+                hf_score(m, jobs, vocab_size=vocab, batch_tokens=batch_tokens, chunk=chunk,
+                         pad_id=0, done={}, behavior_topk=0, share_prefix=name == "shared")  # fmt: skip
+                best[name] = min(best[name], time.perf_counter() - t0)
+                cpu[name] = min(cpu[name], time.process_time() - c0)
+                outs[name] = [dict(j.result) for j in jobs]
+    scored = sum(len(j.response) for j in jobs)
+    units, single = share_units(jobs, batch_tokens)
+    res = {
+        "jobs": len(jobs),
+        "scored_tokens": scored,
+        "units": len(units),
+        "unshared_jobs": len(single),
+    }
+    for name, shared in (("shared", True), ("unshared", False)):
+        proc = processed_tokens(jobs, shared)
+        res[name] = {
+            "seconds": best[name],
+            "cpu_seconds": cpu[name],
+            "tokens_per_s": scored / best[name],
+            "processed_tokens": proc,
+            "fraction_of_matmul_limit": ideal_seconds(limit, proc, scored) / best[name],
+        }
+    res["speedup"] = best["unshared"] / best["shared"]
+    res["speedup_cpu"] = cpu["unshared"] / cpu["shared"]  # steadier on a shared machine
+    res["rounds"] = rounds
+    # the most sharing can give: tokens through the decoder, unshared over shared
+    res["token_ratio_ceiling"] = processed_tokens(jobs, False) / processed_tokens(jobs, True)
+    res["max_abs_diff_shared_vs_unshared"] = max_abs_diff(outs["shared"], outs["unshared"])
+    return res
 
 
 def _hf_pass(m, jobs, vocab: int, batch_tokens: int, chunk: int) -> float:
@@ -209,13 +416,14 @@ def bench_vllm(path: Path, jobs) -> dict:
 
 
 def bench_compiled(
-    path: Path, jobs, config: tuple[int, int], flops: float, rounds: int = 2
+    path: Path, jobs, config: tuple[int, int], measure_limit, rounds: int = 2
 ) -> dict:
     """``score.compile=true`` against eager on the stage's default batching, interleaved: each
-    round runs an eager and a compiled pass, each right after its own matmul-rate measurement, so
-    a shared machine's swings hit both alike (the fractions are per pass, best of ``rounds``).
-    Also: the compile (the compiled first pass minus a warm one), the response tokens that repay
-    it, and the largest difference of the stored floats from the eager path's."""
+    round runs an eager and a compiled pass, each right after a measurement of the matmul limit
+    (``measure_limit()``, appended to ``limits``: the caller takes the best of all of them for
+    every fraction). Best of ``rounds`` seconds each. Also: the compile (the compiled first pass
+    minus a warm one), the response tokens that repay it, and the largest difference of the
+    stored floats from the eager path's."""
     from stages.score import hf_model
 
     bt, ch = config
@@ -223,17 +431,14 @@ def bench_compiled(
     vocab = model.config.vocab_size
     ms = {"eager": hf_model(model, torch.device("cpu")), "compiled": hf_model(
         model, torch.device("cpu"), compiled=True)}  # fmt: skip
-    best = {n: {"seconds": float("inf"), "fraction_of_matmul_limit": 0.0} for n in ms}
-    outs = {}
+    best = {n: {"seconds": float("inf")} for n in ms}
+    outs, limits = {}, []
     with torch.inference_mode():
         first = {n: _hf_pass(m, jobs, vocab, bt, ch) for n, m in ms.items()}
         for _ in range(rounds):
             for n, m in ms.items():
-                peak = matmul_flops()
-                s = _hf_pass(m, jobs, vocab, bt, ch)
-                b = best[n]
-                b["seconds"] = min(b["seconds"], s)
-                b["fraction_of_matmul_limit"] = max(b["fraction_of_matmul_limit"], flops / s / peak)
+                limits.append(measure_limit())
+                best[n]["seconds"] = min(best[n]["seconds"], _hf_pass(m, jobs, vocab, bt, ch))
                 outs[n] = [dict(j.result) for j in jobs]
     resp = sum(len(j.response) for j in jobs)
     c, e = best["compiled"], best["eager"]
@@ -250,7 +455,31 @@ def bench_compiled(
         "speedup_over_eager": e["seconds"] / c["seconds"],
         "break_even_response_tokens": compile_s / saved if saved > 0 else None,
         "max_abs_diff_vs_eager": max_abs_diff(outs["compiled"], outs["eager"]),
+        "limits": limits,
     }
+
+
+def forward_rows(jobs, batch_tokens: int) -> list[int]:
+    """Padded tokens per decoder forward of the stage's length buckets, fewest, mean and most
+    (the body GEMMs' row counts, at which the limit is measured)."""
+    from stages.score import length_buckets
+
+    lengths = [len(j.prefix) + len(j.response) for j in jobs]
+    sizes = [len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths, batch_tokens)]
+    return sorted({min(sizes), sum(sizes) // len(sizes), max(sizes)})
+
+
+def bench_demo(tmp: Path, rounds: int = 5) -> dict:
+    """Prefix sharing at the demo's own shapes (``DEMO``), its own model and limit."""
+    from transformers import AutoModelForCausalLM
+
+    path = build_model(tmp / "demo", DEMO)
+    jobs = demo_jobs(DEMO)
+    m = AutoModelForCausalLM.from_pretrained(path)
+    limit = gemm_limit(m, forward_rows(jobs, 8192), 256)
+    del m
+    res = bench_sharing(path, jobs, limit, batch_tokens=8192, chunk=256, rounds=rounds)
+    return {"shape": DEMO, "limit": limit, **res}
 
 
 def bench(
@@ -274,7 +503,6 @@ def bench(
         n_body, H, V = body_params(m), spec["hidden"], spec["vocab"]
         out["params_total"] = sum(p.numel() for p in m.parameters())
         out["params_non_embedding_body"] = n_body
-        del m
         jobs = make_jobs(spec)
         resp_tokens = sum(len(j.response) for j in jobs)
         all_tokens = sum(len(j.prefix) + len(j.response) for j in jobs)
@@ -286,8 +514,11 @@ def bench(
             flops_counted=flops,
             flops_attention=attn,
         )
-        peak = matmul_flops()
-        out["matmul_fp32_flops_per_s"] = peak
+        rows = forward_rows(jobs, 8192)
+        measure_limit = lambda: gemm_limit(m, rows, 256)  # noqa: E731
+        limits = [measure_limit()]
+        # the old yardstick, kept for comparison: one 2048^2 torch.mm
+        out["matmul_fp32_2048_mm_flops_per_s"] = matmul_flops()
         out["load_average_1min_before"] = os.getloadavg()[0]
         configs = [(8192, 256)]  # the stage's defaults (score.batch_tokens, chunk_positions)
         if sweep if sweep is not None else not quick:
@@ -304,19 +535,40 @@ def bench(
                     "chunk_positions": ch,
                     "seconds": r["seconds"],
                     "tokens_per_s": resp_tokens / r["seconds"],
-                    "fraction_of_matmul_limit": flops / r["seconds"] / peak,
-                }
+                }  # fmt: skip
             )
+        if with_compile:
+            c = out["hf_compiled"] = bench_compiled(path, jobs, configs[0], measure_limit)
+            limits += c.pop("limits")
+        shape = SHARED_QUICK if quick else SHARED
+        sharing = out["prefix_sharing"] = {"shape": shape} | bench_sharing(
+            path, shared_jobs(shape, V), limits[0], batch_tokens=8192, chunk=256
+        )
+        # re-measure the limit after the runs: the machine may be shared; the best of every
+        # measurement of the run is the limit all fractions are taken against
+        limits.append(measure_limit())
+        out["load_average_1min_after"] = os.getloadavg()[0]
+        limit = out["matmul_limit"] = best_limit(*limits)
+        out["matmul_limit"]["measurements"] = len(limits)
+        ideal = ideal_seconds(limit, all_tokens, resp_tokens)
+        ideal_body = all_tokens * limit["ideal_s_per_processed_token"]
+        out["matmul_limit_flops_per_s"] = flops / ideal
+        out["matmul_limit_flops_per_s_each_measurement"] = [
+            flops / ideal_seconds(x, all_tokens, resp_tokens) for x in limits
+        ]
+        for r in runs:
+            r["fraction_of_matmul_limit"] = ideal / r["seconds"]
         out["hf_runs"] = runs
         best = max(runs, key=lambda r: r["tokens_per_s"])
         out["score.hf_tokens_per_s"] = best["tokens_per_s"]
         out["score.hf_best_config"] = {k: best[k] for k in ("batch_tokens", "chunk_positions")}
         out["score.hf_fraction_of_matmul_limit"] = best["fraction_of_matmul_limit"]
         out["hf_body_seconds"] = body_s
-        out["hf_body_fraction_of_matmul_limit"] = 2 * n_body * all_tokens / body_s / peak
+        out["hf_body_fraction_of_matmul_limit"] = ideal_body / body_s
         out["hf_head_and_stats_share_of_time"] = max(0.0, 1 - body_s / runs[0]["seconds"])
         if with_compile:
-            c = out["hf_compiled"] = bench_compiled(path, jobs, configs[0], flops)
+            for n in ("eager", "compiled"):
+                c[n]["fraction_of_matmul_limit"] = ideal / c[n]["seconds"]
             out["score.hf_compiled_tokens_per_s"] = resp_tokens / c["compiled"]["seconds"]
             out["score.hf_compiled_fraction_of_matmul_limit"] = c["compiled"][
                 "fraction_of_matmul_limit"
@@ -324,9 +576,14 @@ def bench(
             out["score.hf_eager_fraction_of_matmul_limit_interleaved"] = c["eager"][
                 "fraction_of_matmul_limit"
             ]
-        # re-measure the limit after the runs: the machine may be shared, state both
-        out["matmul_fp32_flops_per_s_after"] = matmul_flops()
-        out["load_average_1min_after"] = os.getloadavg()[0]
+        for name in ("shared", "unshared"):  # against the run's best limit too
+            x = sharing[name]
+            x["fraction_of_matmul_limit"] = (
+                ideal_seconds(limit, x["processed_tokens"], sharing["scored_tokens"]) / x["seconds"]
+            )
+        out["score.prefix_sharing_speedup"] = sharing["speedup"]
+        out["prefix_sharing_demo"] = bench_demo(Path(tmp))
+        out["score.prefix_sharing_speedup_demo"] = out["prefix_sharing_demo"]["speedup"]
         if with_vllm:
             v = bench_vllm(path, jobs)
             out["vllm"] = v
@@ -335,11 +592,14 @@ def bench(
                 out["score.vllm_tokens_per_s_over_hf"] = (
                     out["score.vllm_tokens_per_s"] / out["score.hf_tokens_per_s"]
                 )
-                out["score.vllm_fraction_of_matmul_limit"] = flops / v["seconds"] / peak
+                out["score.vllm_fraction_of_matmul_limit"] = ideal / v["seconds"]
         out["note"] = (
             "HF numbers include full-vocabulary entropy and top-K; vLLM gives top-K only (no "
-            "entropy). Fractions count 2*body_params per processed token + 2*H*V per scored token."
+            "entropy). A fraction is the seconds the pass's GEMMs (2*body_params per processed "
+            "token + 2*H*V per scored token) would take at the best rate any GEMM path reaches "
+            "at the model's shapes (matmul_limit), over the pass's seconds."
         )
+    out["score.limit_violations"] = check_fractions(out)
     return out
 
 
@@ -353,6 +613,14 @@ def main() -> None:
     res = bench(a.quick, with_vllm=not a.no_vllm, with_compile=not a.no_compile)
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
+    if res["score.limit_violations"]:  # the JSON is written; the run still fails
+        print(
+            "error: a fraction exceeds the measured matmul limit (bench_score): "
+            + "; ".join(res["score.limit_violations"])
+            + ". Fix: the limit misses a GEMM path this machine uses; add it to gemm_paths",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -170,8 +170,9 @@ def alignment_costs(student: Path, teacher: Path, run_dir: Path) -> dict:
     preps = [xtok.prepare(v, r["response_ids"]) for r in rows]
     t_prepare = time.perf_counter() - t0
     t0 = time.perf_counter()
+    bm = align.byte_map(s_tok)
     for r in rows:
-        align.char_offsets(s_tok, r["response_ids"])
+        bm.spans([i for i in r["response_ids"] if i not in v.s_special] or [0])
     t_offsets = time.perf_counter() - t0
     ok = [p for p in preps if not p.refused]
     rng = np.random.default_rng(0)
@@ -198,7 +199,7 @@ def alignment_costs(student: Path, teacher: Path, run_dir: Path) -> dict:
         "teacher_tokens_per_student_token": round(n_t / max(n_s, 1), 3),
         "student_tokens_per_chunk": round(n_s / max(sum(chunks), 1), 3),
         "prepare_seconds": round(t_prepare, 3),
-        "char_offsets_student_seconds": round(t_offsets, 3),
+        "byte_spans_student_seconds": round(t_offsets, 3),
         "student_columns_seconds": round(t_columns, 3),
         "mean_response_tokens": round(n_s / len(rows), 1),
     }

@@ -16,7 +16,9 @@ up). For every rollout it scores ``prefix ⊕ response`` with up to three roles:
 A *pass* is one forward over one (model, prefix, response) triple. Roles that name the same model
 and the same prefix share one pass (in the demo the teacher reads context + prompt, the behaviour
 read the same prefix when guided and the train prompt otherwise, the reference reads the train
-prompt: 2 passes per sequence instead of 3).
+prompt: 2 passes per sequence instead of 3). On the HF backend, passes of one model that read the
+same prefix (the ``rollout.n`` samples of a prompt) run that prefix once and score their responses
+against its KV cache (``score.share_prefix``, default true: the same floats to GEMM rounding).
 
 Backends: ``hf`` (transformers, chunked fp32 head via ``stages.lib.logprobs``), ``vllm`` (prompt
 log-probs via ``stages.lib.vllm_backend``), ``auto`` = vllm where CUDA is present, else hf. vLLM cannot
@@ -229,6 +231,48 @@ def hf_model(model: torch.nn.Module, device: torch.device, compiled: bool = Fals
     return HFModel(model, head, device, models.compiled_body(model))
 
 
+def share_units(jobs: list[Job], batch_tokens: int) -> tuple[list[list[list[int]]], list[int]]:
+    """Which jobs score against a shared prefix, and in which units (pure).
+
+    Jobs with the same prefix (``rollout.n`` samples of one prompt; roles of one model reading
+    the same prefix) form a group; a group of two or more is shared: its prefix runs once. A
+    *unit* is one prefix forward plus one response forward: a list of groups (each a list of job
+    indices), packed in prefix-length order while ``rows · (longest prefix + longest response)
+    <= batch_tokens``, the tokens the unshared batch of those rows would hold (so the repeated KV
+    cache is bounded like today's batches). A group too large for one unit is split across
+    units; every group of one job, and every unit left without two jobs of one group, is
+    returned in ``single`` (the unshared path). Returns ``(units, single)``.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault(tuple(j.prefix), []).append(i)
+    single = [g[0] for g in groups.values() if len(g) == 1]
+    shared = sorted(
+        (g for g in groups.values() if len(g) > 1), key=lambda g: len(jobs[g[0]].prefix)
+    )
+    units: list[list[list[int]]] = []
+    unit: list[list[int]] = []
+    rows = p_max = r_max = 0
+    for g in shared:
+        p = len(jobs[g[0]].prefix)
+        unit.append([])  # g's piece in the open unit
+        for i in g:
+            r = len(jobs[i].response)
+            if rows and (rows + 1) * (max(p_max, p) + max(r_max, r)) > batch_tokens:
+                units.append([u for u in unit if u])  # full: close it, g goes on in a new one
+                unit, rows, p_max, r_max = [[]], 0, 0, 0
+            unit[-1].append(i)
+            rows, p_max, r_max = rows + 1, max(p_max, p), max(r_max, r)
+    units.append([u for u in unit if u])
+    keep = []
+    for u in units:  # a unit without a group of two shares nothing: the unshared path
+        if any(len(piece) > 1 for piece in u):
+            keep.append(u)
+        else:
+            single += [i for piece in u for i in piece]
+    return keep, sorted(single)
+
+
 def hf_score(
     m: HFModel,
     jobs: list[Job],
@@ -242,65 +286,97 @@ def hf_score(
     stats: bool = True,
     gather: bool = True,
     progress=None,
+    share_prefix: bool = True,
 ) -> None:
     """Run ``jobs`` through a transformers model; fill ``job.result`` (when ``stats``) and
     ``job.gathered`` (when ``gather``: teacher log-probs at the behaviour top-Kb ids of
     ``done[key]``, which must already hold results).
 
-    Memory: the decoder runs on length-bucketed batches of at most ``batch_tokens`` padded tokens;
-    the fp32 head sees ``chunk`` response positions at a time (``[chunk, V]``, never ``[B, T, V]``).
+    ``share_prefix`` (score.share_prefix): jobs with the same prefix run it once and score their
+    responses against its KV cache (``share_units``, ``lp.shared_prefix_hidden``; always the
+    eager decoder); the others, and everything when off, run as padded ``prefix ⊕ response``
+    rows. Memory: at most ``batch_tokens`` padded tokens per forward (cache tokens counted); the
+    fp32 head sees ``chunk`` response positions at a time (``[chunk, V]``, never ``[B, T, V]``).
     """
-    lengths = [len(j.prefix) + len(j.response) for j in jobs]
+    units, single = [], list(range(len(jobs)))
+    if share_prefix and lp.can_share_prefix(m.model):
+        units, single = share_units(jobs, batch_tokens)
+    kw = dict(vocab_size=vocab_size, chunk=chunk, done=done, behavior_topk=behavior_topk,
+              stats=stats, gather=gather, progress=progress)  # fmt: skip
+    for unit in units:
+        batch = [jobs[i] for g in unit for i in g]
+        prefixes = [jobs[g[0]].prefix for g in unit]
+        owner = [u for u, g in enumerate(unit) for _ in g]
+        hidden = lp.shared_prefix_hidden(
+            m.model, prefixes, [j.response for j in batch], owner, pad_id
+        )  # [M, H]
+        _head_pass(m, batch, hidden, **kw)
+    lengths = [len(jobs[i].prefix) + len(jobs[i].response) for i in single]
     for batch_idx in length_buckets(lengths, batch_tokens):
-        batch = [jobs[i] for i in batch_idx]
-        k = max(j.k for j in batch) if stats else 0
-        want_entropy = stats and any(j.entropy for j in batch)
+        batch = [jobs[single[i]] for i in batch_idx]
         ids, mask = pad_right([j.prefix + j.response for j in batch], pad_id)  # [B, T] each
-        seq_len = ids.shape[1]
         r_lens = [len(j.response) for j in batch]
-        pos = lp.response_positions([len(j.prefix) for j in batch], r_lens, seq_len)  # [M]
-        targets = ids.reshape(-1)[pos + 1].to(m.device)  # [M]
-        starts = np.concatenate(
-            [[0], np.cumsum(r_lens)]
-        )  # row b owns flat [starts[b], starts[b+1])
-        # gather requests, flattened: flat position -> behaviour top-Kb ids to read
-        g_pos, g_ids, g_where = [], [], []
-        for b, j in enumerate(batch):
-            for bkey in j.gathers if gather else ():
-                g_pos.append(np.arange(starts[b], starts[b + 1]))
-                g_ids.append(done[bkey].result["topk_ids"][:, :behavior_topk])
-                g_where.append((j, bkey, len(j.response)))
-        gpos = torch.from_numpy(np.concatenate(g_pos)) if g_pos else None  # [G]
-        gids = torch.from_numpy(np.concatenate(g_ids)).to(m.device) if g_ids else None  # [G, Kb]
-        gout = torch.empty(len(gpos) if g_pos else 0, behavior_topk)  # [G, Kb]
-
-        ids, mask = ids.to(m.device), mask.to(m.device)
-        hidden = lp.model_hidden_states(m.model, ids, mask, m.body)  # [B, T, H]
+        pos = lp.response_positions([len(j.prefix) for j in batch], r_lens, ids.shape[1])  # [M]
+        hidden = lp.model_hidden_states(m.model, ids.to(m.device), mask.to(m.device), m.body)
         hidden = hidden.reshape(-1, hidden.shape[-1])[pos.to(m.device)]  # [M, H]
-        parts: list[dict[str, torch.Tensor]] = []
-        for s in range(0, len(pos), chunk):
-            e = min(s + chunk, len(pos))
-            z = m.head(hidden[s:e])  # [n, V] fp32
-            if gpos is not None:  # before the stats, which overwrite z
-                sel = ((gpos >= s) & (gpos < e)).nonzero().squeeze(1)  # [g]
-                if len(sel):
-                    rows_ = (gpos[sel] - s).to(m.device)  # [g]
-                    got, _ = lp.gather_logprobs(z[rows_], gids[sel.to(m.device)], vocab_size)
-                    gout[sel] = got.cpu()  # [g, Kb]
-            if stats:
-                t = targets[s:e]  # [n]
-                parts.append(lp.logits_stats_(z, t, k, vocab_size, want_entropy=want_entropy))
-            del z
+        _head_pass(m, batch, hidden, **kw)
+
+
+def _head_pass(
+    m: HFModel,
+    batch: list[Job],
+    hidden: torch.Tensor,
+    *,
+    vocab_size: int,
+    chunk: int,
+    done: dict[PassKey, Job],
+    behavior_topk: int,
+    stats: bool,
+    gather: bool,
+    progress,
+) -> None:
+    """The fp32 head over ``hidden`` [M, H] (the response-scoring positions of ``batch``, rows
+    in order), ``chunk`` positions at a time: each job's statistics and gathers."""
+    k = max(j.k for j in batch) if stats else 0
+    want_entropy = stats and any(j.entropy for j in batch)
+    r_lens = [len(j.response) for j in batch]
+    targets = torch.tensor([t for j in batch for t in j.response], dtype=torch.long)  # [M]
+    targets = targets.to(m.device)
+    starts = np.concatenate([[0], np.cumsum(r_lens)])  # row b owns flat [starts[b], starts[b+1])
+    # gather requests, flattened: flat position -> behaviour top-Kb ids to read
+    g_pos, g_ids, g_where = [], [], []
+    for b, j in enumerate(batch):
+        for bkey in j.gathers if gather else ():
+            g_pos.append(np.arange(starts[b], starts[b + 1]))
+            g_ids.append(done[bkey].result["topk_ids"][:, :behavior_topk])
+            g_where.append((j, bkey, len(j.response)))
+    gpos = torch.from_numpy(np.concatenate(g_pos)) if g_pos else None  # [G]
+    gids = torch.from_numpy(np.concatenate(g_ids)).to(m.device) if g_ids else None  # [G, Kb]
+    gout = torch.empty(len(gpos) if g_pos else 0, behavior_topk)  # [G, Kb]
+    parts: list[dict[str, torch.Tensor]] = []
+    for s in range(0, len(targets), chunk):
+        e = min(s + chunk, len(targets))
+        z = m.head(hidden[s:e])  # [n, V] fp32
+        if gpos is not None:  # before the stats, which overwrite z
+            sel = ((gpos >= s) & (gpos < e)).nonzero().squeeze(1)  # [g]
+            if len(sel):
+                rows_ = (gpos[sel] - s).to(m.device)  # [g]
+                got, _ = lp.gather_logprobs(z[rows_], gids[sel.to(m.device)], vocab_size)
+                gout[sel] = got.cpu()  # [g, Kb]
         if stats:
-            flat = {n: torch.cat([p[n] for p in parts]).cpu().numpy() for n in parts[0]}
-            for b, j in enumerate(batch):
-                j.result = {n: a[starts[b] : starts[b + 1]] for n, a in flat.items()}
-        g0 = 0
-        for j, bkey, r in g_where:
-            j.gathered[bkey] = gout[g0 : g0 + r].numpy()
-            g0 += r
-        if progress is not None:
-            progress.update(sum(r_lens))
+            t = targets[s:e]  # [n]
+            parts.append(lp.logits_stats_(z, t, k, vocab_size, want_entropy=want_entropy))
+        del z
+    if stats:
+        flat = {n: torch.cat([p[n] for p in parts]).cpu().numpy() for n in parts[0]}
+        for b, j in enumerate(batch):
+            j.result = {n: a[starts[b] : starts[b + 1]] for n, a in flat.items()}
+    g0 = 0
+    for j, bkey, r in g_where:
+        j.gathered[bkey] = gout[g0 : g0 + r].numpy()
+        g0 += r
+    if progress is not None:
+        progress.update(sum(r_lens))
 
 
 # ----------------------------------------------------------------------------- routing (pure)
@@ -446,7 +522,7 @@ def _check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role],
     sc = cfg.score
     fps_in = rm.get("fingerprints", {})
     tok_fp = fps_in.get("tokenizer")
-    policy_path = store.model_path(rm, "policy", "policy_path") or cfg.student.path
+    policy_path = store.model_path(rm, "policy", "policy_path", layout.rollouts) or cfg.student.path
     first = next(iter(scoring_teachers(cfg).values()))
     if not first.path:
         raise UserError("no teacher model configured", "teacher.path", "set teacher.path=DIR")
@@ -679,6 +755,7 @@ class _Scorer:
                 stats=with_stats,
                 gather=gather,
                 progress=bar,
+                share_prefix=sc.share_prefix,
             )
 
         for group in by_model.values():
@@ -713,6 +790,7 @@ class _Scorer:
                 max_model_len=self.max_len + 1,
                 max_logprobs=kmax,
                 dtype=role.dtype,
+                tensor_parallel_size=self.cfg.score.tensor_parallel_size,
             )
         out = vb.score(
             self.llms[role.model_key], [j.prefix for j in group], [j.response for j in group], k=k
@@ -791,7 +869,8 @@ def _score_shards(
     # counted in rollout response tokens: each shard's passes (tokens x passes) scaled to them
     desc = f"score {total} rollouts"
     if cfg.launcher.kind == "ray":
-        return _score_on_ray(cfg, w, paths, todo, roles, t_roles, scorer, counts, desc, xt, router)
+        args = (roles, t_roles, scorer, counts, desc, xt, router)
+        return _score_on_ray(cfg, w, paths, rm["shards"], todo, *args)
     bar = Progress(_response_tokens(paths, todo), desc, unit="response tokens")
     _score_loop(cfg, w, paths, todo, roles, t_roles, scorer, counts, bar, xt, router)
 
@@ -842,18 +921,22 @@ def _score_loop(
 
 
 def _score_on_ray(
-    cfg, w, paths, todo, roles, t_roles, scorer, counts: _Counts, desc, xt=None, router=None
+    cfg, w, paths, entries, todo, roles, t_roles, scorer, counts: _Counts, desc, xt, router
 ) -> None:
     """``launcher.kind=ray``: Ray actors score the shards ``todo``, each with its own copy of
     ``scorer`` (models load on the actor, once; HF devices picked on the actor's machine)."""
-    from stages.lib import raylaunch
+    from stages.lib import raylaunch, remote
+
+    entries = {s: entries[s] for s in todo}  # each rollouts shard's entry: checked when fetched
 
     def make(aw):  # runs on each actor, once
         scorer.devices = role_devices(cfg.score)
+        here = _localized(roles, t_roles, xt)  # models in the run's bucket: fetched here
 
         def one(s: int) -> _Counts:
             got = _Counts()
-            _score_loop(cfg, aw, paths, [s], roles, t_roles, scorer, got, QUIET, xt, router)
+            local = {s: Path(remote.localize(paths[s], entries[s]))}  # only shard s is read
+            _score_loop(cfg, aw, local, [s], *here[:2], scorer, got, QUIET, here[2], router)
             return got
 
         return one
@@ -864,8 +947,29 @@ def _score_on_ray(
 
     units = {s: _response_tokens(paths, [s]) for s in todo}
     raylaunch.run_shards(
-        cfg.launcher, w, todo, make, units=units, on_result=merge, desc=desc, unit="response tokens"
+        cfg.launcher,
+        w,
+        todo,
+        make,
+        units=units,
+        on_result=merge,
+        desc=desc,
+        unit="response tokens",
+        run_dir=cfg.run_dir,
     )
+
+
+def _localized(roles: list[Role], t_roles: dict[str, Role], xt):
+    """The roles (and the cross-tokenizer teacher) with their model folders as this machine
+    has them (a Ray actor: a model inside the run's bucket is fetched into its mirror)."""
+    from stages.lib import remote
+
+    def here(r: Role) -> Role:
+        return dataclasses.replace(r, path=remote.localize(r.path))
+
+    t_here = {n: here(r) for n, r in t_roles.items()}
+    xt_here = None if xt is None else dataclasses.replace(xt, role=here(xt.role))
+    return [here(r) for r in roles], t_here, xt_here
 
 
 def _model_paths(cfg, roles: list[Role], t_roles: dict[str, Role]) -> dict[str, str]:
@@ -879,14 +983,20 @@ def _model_paths(cfg, roles: list[Role], t_roles: dict[str, Role]) -> dict[str, 
 def _commit(
     cfg, w, rm, n_shards, fps, roles, t_roles, backend, vocab, sft_inputs, xtra=None
 ) -> bool:
-    sc = cfg.score
-    policy_path = store.model_path(rm, "policy", "policy_path") or cfg.student.path
-    models_ = _model_paths(cfg, roles, t_roles)
+    sc, rollouts_dir = cfg.score, RunLayout.of(cfg.run_dir).rollouts
+    policy_path = store.model_path(rm, "policy", "policy_path", rollouts_dir) or cfg.student.path
+    root = store.run_root_of(w.directory)
+
+    def shown(path: str) -> str:  # a model inside the run as <run_dir>/<rel>, not this mirror
+        return store.shown_path(path, root, cfg.run_dir)
+
+    policy_path = shown(policy_path)
+    models_ = {role: shown(p) for role, p in _model_paths(cfg, roles, t_roles).items()}
     several = {}  # with several teachers: each one's path, fingerprint, and the routing
     if cfg.teachers:
         several = {
             "teachers": {
-                n: {"path": r.path, "fingerprint": r.fingerprint} for n, r in t_roles.items()
+                n: {"path": shown(r.path), "fingerprint": r.fingerprint} for n, r in t_roles.items()
             },
             "route_by": dataclasses.asdict(sc.route_by),
         }

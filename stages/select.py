@@ -877,13 +877,17 @@ def write_selected(con, cfg, dataset_id, out_dir, layout, ro_m, tk_m, rules, sum
         if pending is not None:
             pending.result()
         summary["sequences_no_kept"] = no_kept
-        models = {**(ro_m.get("models") or {}), **(tk_m.get("models") or {})}
+        models = {  # each manifest's model folders, resolved here (run-relative ones too)
+            role: store.model_path(m, role, directory=d)
+            for m, d in ((ro_m, layout.rollouts), (tk_m, tk_dir))
+            for role in (m.get("models") or {})
+        }
         w.commit(
             plan[-1],
             config=as_dict(cfg),
             fingerprints={**ro_m["fingerprints"], **tk_m["fingerprints"]},
             inputs={"rollouts": ro_m["dataset_id"], "tokens": tk_m["dataset_id"]},
-            models={role: e["path"] for role, e in models.items()},
+            models=models,
             teacher_temperature=tk_m.get("teacher_temperature"),
             extra={
                 "summary": summary,

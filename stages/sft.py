@@ -100,7 +100,7 @@ def to_student_ids(
     keep, ids, lps, prefix = [], [], [], []
     rows = rollouts.select(["prompt_id", "response_ids", "behavior_logprobs"]).to_pylist()
     for i, r in enumerate(rows):
-        prep = xtok.prepare(v, r["response_ids"])
+        prep = xtok.prepare(v, r["response_ids"], utf8_only=True)
         if prep.refused is not None:
             refused[prep.refused] = refused.get(prep.refused, 0) + 1
             continue
@@ -191,7 +191,7 @@ def check_tokenizers(cfg: Config, tok_s, tok_t) -> xtok.Vocabs | None:
     ``score.cross_tokenizer=align`` allows it; otherwise the usual mismatch error."""
     if cfg.score.cross_tokenizer == "align" and xtok.differ(tok_s, tok_t):
         # roles swapped: the teacher's ids are the source; no top-K is mapped here
-        return xtok.Vocabs.of(tok_t, tok_s, in_context=False)
+        return xtok.Vocabs.of(tok_t, tok_s)
     models.check_same_tokenizer(
         models.tokenizer_fingerprint(tok_s),
         models.tokenizer_fingerprint(tok_t),

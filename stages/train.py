@@ -85,7 +85,7 @@ from stages.lib.errors import UserError, fault_point
 from stages.lib.layout import RunLayout
 from stages.lib.loader import MicroBatch, MicroBatchStream, Plan, collate, plan_steps
 from stages.lib.logprobs import model_head, model_hidden_states, sequence_stats
-from stages.lib.losses import MAX_SUFFIX, average_metrics, combined_loss
+from stages.lib.losses import MAX_SUFFIX, average_metrics, chunk_for_budget, combined_loss
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -174,7 +174,10 @@ class ResponseLoss(nn.Module):
         # The head and log-softmax stay fp32 under bf16 autocast and bf16 weights (docs: fp32 head).
         with torch.autocast(h.device.type, enabled=False):
             logits = model_head(self.model)(h.float())  # [n, V] fp32
-            return combined_loss(logits, batch, self.terms, self.vocab_size, self.temperature)
+            # in place: the logits become the log-softmax (losses.py: 2 x [n, V] working set)
+            return combined_loss(
+                logits, batch, self.terms, self.vocab_size, self.temperature, inplace=True
+            )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, batch: dict):
         hidden = model_hidden_states(self.model, input_ids, attention_mask)  # [B, L, H]
@@ -192,6 +195,13 @@ class ResponseLoss(nn.Module):
             total = loss if total is None else total + loss
             add_metrics(metrics, m)
         return total, metrics
+
+
+def loss_chunk(tc: Any, vocab: int) -> int:
+    """``train.chunk_positions``, or (null) the most positions ``train.loss_memory_mib`` holds."""
+    if tc.chunk_positions is not None:
+        return tc.chunk_positions
+    return chunk_for_budget(tc.loss_memory_mib, vocab)
 
 
 def loss_splits(n: int, chunk: int, keys: Tensor | None = None) -> list[tuple[int, int]]:
@@ -544,7 +554,9 @@ def build_model(
         model = apply_lora(model, tc.lora, resume_from if resumed is not None else None)
     model.train()
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in job.cfg.loss.terms]
-    wrapped = ResponseLoss(model, terms, job.vocab, job.cfg.loss.temperature, tc.chunk_positions)
+    wrapped = ResponseLoss(
+        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab)
+    )
     wrapped = wrapped.to(job.dist.device)
     master = None
     if tc.precision == "bf16_params" and not job.fsdp:
@@ -668,7 +680,7 @@ def online_teacher(
     with torch.inference_mode():
         stats = sequence_stats(
             teacher, pre, mb.response_ids, k, vocab, cfg.loss.temperature,
-            cfg.train.chunk_positions, pad_id, want_entropy=False,
+            loss_chunk(cfg.train, vocab), pad_id, want_entropy=False,
         )  # fmt: skip
     # Built outside inference mode: the loss may save these tensors for backward.
     dev = mb.batch["token_id"].device

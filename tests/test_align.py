@@ -73,12 +73,13 @@ def test_permuted_vocabulary_is_the_identity():
     g = torch.Generator().manual_seed(0)
     s_ids = torch.randint(len(SPECIALS), v, (15,), generator=g).tolist()
 
-    text = align.decode(tok_s, s_ids)
-    t_ids = align.reencode(tok_t, text)
+    bm_s, bm_t = align.byte_map(tok_s), align.byte_map(tok_t)
+    data, s_off = bm_s.spans(s_ids)
+    t_ids = align.encode_bytes(tok_t, bm_t, data)
     assert t_ids == [perm[i] for i in s_ids]
-    chunks = align.align_spans(align.char_offsets(tok_s, s_ids), align.char_offsets(tok_t, t_ids))
+    chunks = align.align_spans(s_off, bm_t.spans(t_ids)[1])
     assert chunks.student_range == chunks.teacher_range == [(i, i + 1) for i in range(15)]
-    assert "".join(text[a:b] for a, b in chunks.spans) == text
+    assert b"".join(data[a:b] for a, b in chunks.spans) == data
 
     # the same teacher distribution in both id spaces (the permuted teacher's logits are permuted)
     lp = torch.log_softmax(torch.randn(15, v, generator=g) * 2, -1)  # [n, V] student ids
@@ -92,7 +93,7 @@ def test_permuted_vocabulary_is_the_identity():
     k = 8
     vals_t, ids_t = lp_t.topk(k, -1)  # [n, K] in teacher ids
     ids, lps, logmass = align.map_topk(
-        ids_t, vals_t, align.surface_strings(tok_t), align.surface_strings(tok_s)
+        ids_t, vals_t, align.surface_keys(tok_t, bm_t), align.surface_keys(tok_s, bm_s)
     )
     vals_s, ids_s = lp.topk(k, -1)
     assert torch.equal(ids, ids_s) and torch.equal(lps, vals_s)
@@ -122,9 +123,9 @@ def test_permuted_vocabulary_is_the_identity():
 def test_special_tokens_map_by_role_only():
     order = SPECIALS + WORDS
     tok = word_tokenizer(order)
-    strings = align.surface_strings(tok)
-    assert strings[order.index("<eos>")] == "\x00eos_token"
-    assert strings[order.index("w3")] == "w3"
+    strings = align.surface_keys(tok, align.byte_map(tok))
+    assert strings[order.index("<eos>")] == ("role", "eos_token")
+    assert strings[order.index("w3")] == b"w3"
     table = align.vocab_table(strings, strings)
     assert torch.equal(table, torch.arange(len(order)))
 
@@ -219,59 +220,65 @@ def byte_teacher():
 
 @pytest.mark.parametrize("teacher", ["bpe", "bytes"])
 @pytest.mark.parametrize("sentence", SENTENCES)
-def test_bpe_pair_chunks_agree_on_text(bpe_pair, byte_teacher, sentence, teacher):
+def test_bpe_pair_chunks_agree_on_bytes(bpe_pair, byte_teacher, sentence, teacher):
     tok_s, tok_t = bpe_pair[0], bpe_pair[1] if teacher == "bpe" else byte_teacher
+    bm_s, bm_t = align.byte_map(tok_s), align.byte_map(tok_t)
     s_ids = tok_s.encode(sentence, add_special_tokens=False)
-    text = align.decode(tok_s, s_ids)
-    assert text == sentence
-    t_ids = align.reencode(tok_t, text)
+    data, s_off = bm_s.spans(s_ids)
+    assert data == sentence.encode()
+    t_ids = align.encode_bytes(tok_t, bm_t, data)
     assert t_ids is not None and t_ids != s_ids  # different merges
-    s_off, t_off = align.char_offsets(tok_s, s_ids), align.char_offsets(tok_t, t_ids)
-    ch = align.align_spans(s_off, t_off)
-    assert "".join(text[a:b] for a, b in ch.spans) == text
+    ch = align.align_spans(s_off, bm_t.spans(t_ids)[1])
+    assert b"".join(data[a:b] for a, b in ch.spans) == data
     multi = 0
     for (a, b), (sa, sb), (ta, tb) in zip(
         ch.spans, ch.student_range, ch.teacher_range, strict=True
     ):
-        # each side's tokens of the chunk decode to the chunk's text (no split character)
-        assert align.decode(tok_s, s_ids[sa:sb]) == text[a:b]
-        assert align.decode(tok_t, t_ids[ta:tb]) == text[a:b]
+        # each side's tokens of the chunk spell the chunk's bytes
+        assert bm_s.bytes_of(s_ids[sa:sb], sa == 0) == data[a:b]
+        assert bm_t.bytes_of(t_ids[ta:tb], ta == 0) == data[a:b]
         multi += (sb - sa > 1) or (tb - ta > 1)
     assert len(ch.spans) <= min(len(s_ids), len(t_ids)) and multi > 0  # tokens really merged
     assert ch.student_chunk == sorted(ch.student_chunk)
 
 
-def test_char_offsets_split_characters(bpe_pair):
-    """Sampled ids that split a multi-byte character: the first byte gets an empty span."""
+def test_byte_spans_split_characters(bpe_pair):
+    """Sampled ids that split a multi-byte character: each byte token gets its own byte, and
+    a teacher with one token per byte spells them exactly (no U+FFFD anywhere)."""
     tok_s, _ = bpe_pair
+    bm = align.byte_map(tok_s)
     byte_ids = [tok_s.convert_tokens_to_ids(c) for c in "Ã©"]  # "é" as its two byte tokens
     ids = tok_s.encode("caf", add_special_tokens=False) + byte_ids
-    text = align.decode(tok_s, ids)
-    assert text == "café"
-    off = align.char_offsets(tok_s, ids)
-    assert off[-2] == (3, 3) and off[-1] == (3, 4)
+    data, off = bm.spans(ids)
+    assert data == "café".encode() and off[-2] == (3, 4) and off[-1] == (4, 5)
+    lone = bm.spans(byte_ids[:1])[0]  # the first byte alone: not UTF-8, still exact
+    assert lone == b"\xc3" and align.encode_bytes(tok_s, bm, lone) == byte_ids[:1]
 
 
-def test_roundtrip_refusal():
+def test_encode_bytes_refuses_what_it_cannot_spell():
     tok = word_tokenizer(SPECIALS + WORDS)
-    assert align.roundtrip_ok(tok, "w1 w2 ?")
-    assert not align.roundtrip_ok(tok, "w1 unknownword")  # <unk> does not decode back
-    assert align.reencode(tok, "w1  w2") is None  # the double space is lost
+    bm = align.byte_map(tok)
+    assert bm.kind == "text"
+    assert align.encode_bytes(tok, bm, b"w1 w2 ?") is not None
+    assert align.encode_bytes(tok, bm, b"w1 unknownword") is None  # <unk> has no bytes
+    assert align.encode_bytes(tok, bm, b"w1  w2") is None  # the double space is lost
+    assert align.encode_bytes(tok, bm, b"w1 \xc3") is None  # no byte alphabet
 
 
 def test_aligned_losses_run_on_bpe_pair(bpe_pair):
     """The columns from a real alignment feed the losses (finite values, student-side grads)."""
     tok_s, tok_t = bpe_pair
     s_ids = tok_s.encode(SENTENCES[1], add_special_tokens=False)
-    text = align.decode(tok_s, s_ids)
-    t_ids = align.reencode(tok_t, text)
-    ch = align.align_spans(align.char_offsets(tok_s, s_ids), align.char_offsets(tok_t, t_ids))
+    bm_s, bm_t = align.byte_map(tok_s), align.byte_map(tok_t)
+    data, s_off = bm_s.spans(s_ids)
+    t_ids = align.encode_bytes(tok_t, bm_t, data)
+    ch = align.align_spans(s_off, bm_t.spans(t_ids)[1])
     g = torch.Generator().manual_seed(1)
     t_lp = torch.log_softmax(torch.randn(len(t_ids), len(tok_t), generator=g), -1)
     t_tok = t_lp[torch.arange(len(t_ids)), torch.tensor(t_ids)]
     vals, ids_t = t_lp.topk(16, -1)
     m_ids, m_lp, _ = align.map_topk(
-        ids_t, vals, align.surface_strings(tok_t), align.surface_strings(tok_s)
+        ids_t, vals, align.surface_keys(tok_t, bm_t), align.surface_keys(tok_s, bm_s)
     )
     rows = align.teacher_rows(ch)  # top-K only where both sides have read the same text
     assert all(r == ch.teacher_range[c][0] for r, c in zip(rows, ch.student_chunk) if r >= 0)
@@ -313,9 +320,9 @@ def metaspace_tokenizer(corpus: list[str], vocab_size: int):
 
 
 @pytest.mark.parametrize("kind", ["bpe", "bytes", "metaspace", "words", "wordpiece"])
-def test_windowed_char_offsets_equal_the_exact_rule(bpe_pair, byte_teacher, kind):
-    """The O(n) offsets equal the O(n²) prefix rule, on encoded text and on random id sequences
-    (which split multi-byte characters and put special tokens anywhere), with a short window."""
+def test_byte_spans_equal_the_decoders_text(bpe_pair, byte_teacher, kind):
+    """On encoded text the byte spans spell what the tokenizer's decode gives; on random id
+    sequences they are contiguous and each token's span is its bytes."""
     tok = {
         "bpe": lambda: bpe_pair[0],
         "bytes": lambda: byte_teacher,
@@ -327,14 +334,21 @@ def test_windowed_char_offsets_equal_the_exact_rule(bpe_pair, byte_teacher, kind
         from tokenizers import decoders
 
         tok.backend_tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    bm = align.byte_map(tok)
+    text = " ".join(SENTENCES + SENTENCES[::-1])
+    ids = tok.encode(text, add_special_tokens=False)
+    if tok.unk_token_id not in ids:  # (an unknown word is <unk>, which has no bytes)
+        assert bm.spans(ids)[0] == tok.decode(ids).encode()
     g = random.Random(1)
-    seqs = [tok.encode(" ".join(SENTENCES + SENTENCES[::-1]), add_special_tokens=False)]
-    seqs += [[g.randrange(len(tok)) for _ in range(g.randrange(1, 80))] for _ in range(30)]
-    for ids in seqs:
-        for window in (2, 5, 16):
-            assert align.char_offsets(tok, ids, window=window) == align.char_offsets_exact(
-                tok, ids
-            ), (kind, window, ids)
+    special = set(tok.all_special_ids)
+    plain = [i for i in range(len(tok)) if i not in special]
+    for _ in range(30):
+        ids = [g.choice(plain) for _ in range(g.randrange(1, 80))]
+        data, off = bm.spans(ids)
+        assert off[0][0] == 0 and off[-1][1] == len(data)
+        assert all(a[1] == b[0] for a, b in zip(off, off[1:]))
+        assert all(data[a:b] == (bm.start if k == 0 else bm.mid)[i]
+                   for k, ((a, b), i) in enumerate(zip(off, ids)))  # fmt: skip
 
 
 # ------------------------------------------------------------------- in-context strings
@@ -349,16 +363,16 @@ def test_in_context_strings_map_word_level_to_byte_level(bpe_pair):
     t_tok = bpe_pair[1]
     g_fox = t_tok.convert_tokens_to_ids("Ġfox")
     assert g_fox is not None and g_fox != t_tok.unk_token_id
-    s_ctx, t_ctx = align.context_id(s_tok), align.context_id(t_tok)
-    s_mid = align.surface_strings(s_tok, s_ctx)
-    t_mid = align.surface_strings(t_tok, t_ctx)
+    s_bm, t_bm = align.byte_map(s_tok), align.byte_map(t_tok)
+    s_mid = align.surface_keys(s_tok, s_bm, "mid")
+    t_mid = align.surface_keys(t_tok, t_bm, "mid")
     fox = s_tok.convert_tokens_to_ids("fox")
-    assert s_mid[fox] == " fox" and t_mid[g_fox] == " fox"
-    assert align.surface_strings(s_tok)[fox] == "fox"  # alone: no space
+    assert s_mid[fox] == b" fox" and t_mid[g_fox] == b" fox"
+    assert align.surface_keys(s_tok, s_bm)[fox] == b"fox"  # alone: no space
     v = xtok.Vocabs.of(s_tok, t_tok)
     assert v.table[g_fox] == -1 and v.table_mid[g_fox] == fox
     # the teacher's top-2 [Ġfox, fox-without-space or another piece] after a word: only Ġfox maps
-    other = next(i for i, s in enumerate(t_mid) if s is not None and s.isalpha())  # no space
+    other = next(i for i, s in enumerate(t_mid) if isinstance(s, bytes) and s.isalpha())
     ids, lps, mk = xtok.mapped_topk(
         v, np.array([[g_fox, other]]), np.log(np.array([[0.7, 0.2]])), 3, np.array([True])
     )

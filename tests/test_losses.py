@@ -644,3 +644,69 @@ def test_uld_topk_truncated_and_identity_is_zero():
     # the student's own sorted probabilities as the teacher's: zero distance, whatever the ids
     own = torch.softmax(logits, -1).sort(-1, descending=True).values
     close(uld(logits, dict(b, teacher_sorted_probs=own))[0], 0.0, atol=1e-6)
+
+
+# --------------------------------------------------------------- the fused (low-memory) path
+FUSED_CASES = [
+    ("opd_k1", {"is_clip": 2.0}),
+    ("vopd", {"support": "behavior"}),
+    ("exopd", {}),
+    ("topk_fkl", {}),
+    ("topk_fkl", {"tail_bucket": False}),
+    ("topk_rkl", {"form": "stopgrad", "renormalize": False}),
+    ("gkd_jsd", {"beta": 0.3}),
+    ("tropd", {"tau": 0.9}),
+    ("sft", {}),
+    ("chunk_opd", {}),
+    ("mapped_topk_fkl", {}),
+]
+
+
+@pytest.mark.parametrize("k", [5, V])
+@pytest.mark.parametrize("name,kw", FUSED_CASES)
+def test_fused_path_equals_the_dense_autograd_path(name, kw, k):
+    """The fused path (in-place log-softmax, one gather, tails by row block, the gradient built
+    in one buffer) against the plain autograd path: value, metrics and gradient, at a loss
+    temperature, with padded vocabulary columns, excluded rows, and K = V."""
+    from stages.lib.losses import TAIL_SETS, prepare
+
+    student, _, batch = make(k=k, seed=7)
+    batch["weight"][::4] = 0.0
+    batch["segment"][1::3] = 1
+    logits = torch.cat([student, torch.randn(N, 3)], dim=1)  # 3 padded columns
+    tails = (TAIL_SETS[name],) if name in TAIL_SETS else ()
+
+    def run(dense: bool):
+        x = logits.clone().requires_grad_(True)
+        p = prepare(x, batch, V, 0.7, tails=tails, dense=dense)
+        loss, m = LOSSES[name](p, batch, **kw)
+        loss.backward()
+        return loss.detach(), x.grad, m
+
+    got, g_got, m_got = run(False)
+    ref, g_ref, m_ref = run(True)
+    close(got, ref)
+    close(g_got, g_ref)
+    assert torch.all(g_got[:, V:] == 0)  # padded columns get no gradient
+    for key in m_ref:
+        close(m_got[key], m_ref[key])
+
+
+def test_combined_inplace_overwrites_logits_and_keeps_the_gradient():
+    """``inplace=True`` (the trainer's head output): same loss and gradient, the logits tensor
+    itself holds the log-softmax afterwards."""
+    student, _, batch = make(k=6, seed=3)
+    terms = [("tropd", 1.0, {}), ("topk_fkl", 0.5, {}), ("mapped_topk_fkl", 0.1, {})]
+    w = torch.randn(8, V, requires_grad=True)
+    h = torch.randn(N, 8)
+    grads = []
+    for inplace in (False, True):
+        w.grad = None
+        logits = h @ w  # [N, V] not a leaf: may be overwritten
+        loss, _ = combined_loss(logits, batch, terms, V, 1.3, inplace=inplace)
+        loss.backward()
+        grads.append((loss.detach(), w.grad.clone()))
+        if inplace:
+            close(logits.detach(), torch.log_softmax((h @ w).detach() / 1.3, -1))
+    close(grads[0][0], grads[1][0])
+    close(grads[0][1], grads[1][1])

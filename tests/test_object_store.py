@@ -351,3 +351,21 @@ def test_uris_and_what_a_pull_takes(tmp_path, monkeypatch):
         "tokens/bucket=000/shard-00000.parquet",
         "checkpoints/x/final/config.json",
     ]
+
+
+def test_mirror_root_templates_and_what_each_stage_pulls(tmp_path, monkeypatch):
+    """``{host}``/``{pid}`` in DISTILLERY_MIRROR; the folders a stage's pull is limited to."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "m-{host}" / "{pid}"))
+    assert remote.mirror_root() == tmp_path / f"m-{socket.gethostname()}" / str(os.getpid())
+    cfg = SimpleNamespace(select=SimpleNamespace(name="half"))
+    assert remote.stage_reads(cfg, "rollout") == ("rollouts/", "checkpoints/sft/final/")
+    assert "tokens/" in remote.stage_reads(cfg, "score")
+    assert not any(p.startswith("selected/") for p in remote.stage_reads(cfg, "score"))
+    assert remote.stage_reads(cfg, "select")[-1] == "selected/half/"
+    for stage in ("train", "eval", "sft", "report"):  # they read across the run
+        assert remote.stage_reads(cfg, stage) is None
+    # off a Ray actor, localize and translate leave paths as they are
+    assert remote.localize(tmp_path / "x") == str(tmp_path / "x")
+    assert remote.translate(tmp_path / "x") == tmp_path / "x"

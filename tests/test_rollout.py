@@ -327,6 +327,93 @@ def test_log_progress_and_final_line(tmp_path, tiny_lm, prompts_file):
     assert "\r" not in p.stdout and "\r" not in p.stderr  # no bar redrawn into the log
 
 
+# ----------------------------------------------------------------------------- the HF loop
+@pytest.fixture(scope="module")
+def padded_lm(tmp_path_factory) -> Path:
+    """Another seed, and 20 padded embedding rows past the tokenizer (never sampled, masked out
+    of the stored log-probs)."""
+    from tests.conftest import WORDS, build_tiny_lm
+
+    return build_tiny_lm(
+        tmp_path_factory.mktemp("padded_lm"), seed=3, pad_vocab_to=len(WORDS) + 4 + 20
+    )
+
+
+def sample_hf(lm: Path, prompts: list[list[int]], s, share: bool, seed: int, batch: int):
+    """``decoding.hf_generate`` on ``lm``, plus the number of token positions its forwards ran."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.lib import decoding
+
+    model = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(lm)
+    decoding.plain_generation_config(model, tok)
+    positions = []
+    model.model.register_forward_hook(
+        lambda m, a, kw, out: positions.append(kw["input_ids"].numel()), with_kwargs=True
+    )
+    out = decoding.hf_generate(
+        model,
+        prompts,
+        s,
+        stops=decoding.stops_for(tok, lm),
+        pad=decoding.pad_id(tok),
+        n_ids=len(tok),
+        batch_size=batch,
+        seed=seed,
+        tok=tok,
+        share_prefix=share,
+    )
+    return out, sum(positions)
+
+
+RAGGED = [
+    [2] + [5 + (i * 7 + j) % 80 for j in range(k)] for i, k in enumerate((0, 3, 14, 7, 1, 22))
+]
+
+
+@pytest.mark.parametrize("seed,batch,temperature", [(0, 4, 0.8), (1, 3, 1.0), (2, 6, 0.5)])
+def test_prefill_once_for_n_samples_same_rows(padded_lm, seed, batch, temperature):
+    """Each prompt's prefix runs once for its n samples: the same tokens (the RNG stream is
+    consumed the same way) and log-probs equal to the per-sample prefill within fp32 rounding;
+    fewer positions through the model. Ragged prompts, a one-token prompt, padded vocabulary."""
+    from stages.lib.decoding import Sampling
+
+    s = Sampling(4, temperature, 0.9, 10)
+    shared, n_shared = sample_hf(padded_lm, RAGGED, s, True, seed, batch)
+    plain, n_plain = sample_hf(padded_lm, RAGGED, s, False, seed, batch)
+    worst = 0.0
+    for a, b in zip(shared, plain, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert (x.response_ids, x.finish_reason) == (y.response_ids, y.finish_reason)
+            worst = max([worst] + [abs(u - v) for u, v in zip(x.logprobs, y.logprobs, strict=True)])
+    assert worst <= 1e-5, worst
+    assert n_shared < n_plain
+    # sampled: the n samples of a prompt are not all the same
+    assert any(len({tuple(x.response_ids) for x in per}) > 1 for per in shared)
+
+
+def test_step_logprobs_are_the_masked_raw_distribution(padded_lm):
+    """The log-prob recorded each step is the fp32 log-softmax of the raw logits over the
+    tokenizer's rows (padded rows excluded, as sampled at temperature 1), at the sampled token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.lib.decoding import Sampling
+
+    out, _ = sample_hf(padded_lm, RAGGED, Sampling(3, 0.7, 1.0, 12), True, 5, 4)
+    model = AutoModelForCausalLM.from_pretrained(padded_lm, dtype=torch.float32).eval()
+    n_ids = len(AutoTokenizer.from_pretrained(padded_lm))
+    worst = 0.0
+    for prefix, per in zip(RAGGED, out, strict=True):
+        for smp in per:
+            ids = torch.tensor([prefix + smp.response_ids])  # [1, L]
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prefix) - 1 : -1, :n_ids].float()  # [T, V]
+            ref = torch.log_softmax(logits, -1).gather(1, ids[0, len(prefix) :, None])[:, 0]
+            worst = max(worst, (ref - torch.tensor(smp.logprobs)).abs().max().item())
+    assert worst < 1e-4, worst
+
+
 # ----------------------------------------------------------------------------- vLLM
 @pytest.mark.vllm
 def test_vllm_backend_logprobs_and_schema(tmp_path, tiny_lm, prompts_file):

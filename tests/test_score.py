@@ -57,25 +57,28 @@ def write_rollouts(
     seed: int = 0,
     max_resp: int = 12,
     kinds: tuple[str, ...] = (),
+    samples: int = 1,
 ) -> Path:
-    """A committed rollouts table: half the rows guided (rollout prefix = teacher prefix)."""
+    """A committed rollouts table: half the rows guided (rollout prefix = teacher prefix).
+    ``samples`` > 1: that many consecutive rows per prompt (rollout.n), guided per prompt."""
     tok = models.load_tokenizer(str(policy))
     v = len(tok)
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_rows):
-        prompt = tok(f"question : w{i % 90} w{(i * 7) % 90} ? answer :").input_ids
-        context = tok(f"evidence : w{(i * 3) % 90} .", add_special_tokens=False).input_ids
+        q = i // samples  # the prompt's index (i itself when one sample per prompt)
+        prompt = tok(f"question : w{q % 90} w{(q * 7) % 90} ? answer :").input_ids
+        context = tok(f"evidence : w{(q * 3) % 90} .", add_special_tokens=False).input_ids
         teacher = prompt[:1] + context + prompt[1:]
-        guided = i % 2 == 0
+        guided = q % 2 == 0
         resp = rng.integers(4, v, size=int(rng.integers(1, max_resp + 1))).tolist()
         if i % 3 == 0:  # a few identical responses in a row: must not confuse the pass planner
             resp = [5, 6, 7]
         rows.append(
             {
                 "sample_id": f"s{i:04d}",
-                "prompt_id": f"p{i // 2:03d}",
-                "sample_idx": i % 2,
+                "prompt_id": f"p{i // 2:03d}" if samples == 1 else f"p{q:03d}",
+                "sample_idx": i % 2 if samples == 1 else i % samples,
                 "train_prompt_ids": prompt,
                 "rollout_prompt_ids": teacher if guided else prompt,
                 "teacher_prompt_ids": teacher,

@@ -175,6 +175,9 @@ def test_permuted_vocabulary_is_the_same_tokenizer_path(tmp_path, pair):
     responses = [rng.choice(plain, size=int(rng.integers(2, 9))).tolist() for _ in range(7)]
     responses[1].append(tok.eos_token_id)  # a stop token: aligned to the teacher's EOS by role
     responses[4] = [tok.eos_token_id]  # only a stop
+    # "w3" "." spell "w3." (the decoder's clean-up), which the student's own encoder cannot
+    # read back: the student's ids as sampled are what the teacher reads
+    responses[5] = ids_of(tok, "w3 .") + [tok.eos_token_id]
     same, cross = tmp_path / "same", tmp_path / "cross"
     prompts = write_run(same, student, responses)
     shutil.copytree(same / "rollouts", cross / "rollouts")
@@ -212,6 +215,63 @@ def test_permuted_vocabulary_is_the_same_tokenizer_path(tmp_path, pair):
     assert m["dataset_id"] != manifest.read(same / "tokens")["dataset_id"]
 
 
+def _compare_tokens(a: pa.Table, b: pa.Table) -> None:
+    """The cross path's columns equal the same-tokenizer path's (ids already in student ids)."""
+    assert a.num_rows == b.num_rows
+    for col in ("teacher_logprob", "teacher_topk_logmass", "teacher_entropy", "behavior_logprob"):
+        np.testing.assert_allclose(
+            b[col].to_numpy(zero_copy_only=False).astype(np.float64),
+            a[col].to_numpy(zero_copy_only=False).astype(np.float64),
+            atol=TOL,
+            err_msg=col,
+        )
+    assert b["teacher_topk_ids"].to_pylist() == a["teacher_topk_ids"].to_pylist()
+    np.testing.assert_allclose(
+        np.array(b["teacher_topk_logprobs"].to_pylist()),
+        np.array(a["teacher_topk_logprobs"].to_pylist()),
+        atol=2**-9,
+    )
+    assert (b["xtok_chunk"].to_numpy() == b["pos"].to_numpy()).all()  # one token per chunk
+
+
+@pytest.mark.parametrize("flavor", ["byte_bpe", "sentencepiece_bpe"])
+def test_permuted_identity_on_high_temperature_rollouts(tmp_path, flavor):
+    """Byte-level BPE (byte tokens that are not UTF-8 alone) and SentencePiece with byte fallback
+    (``<0xNN>``, ``▁``, the stripped first space): rollouts sampled at temperature 1.5 hold
+    partial characters and splits the student's own encoder would not make; the permuted teacher
+    still gives the same-tokenizer numbers on every token."""
+    from stages import rollout as rollout_stage
+    from stages.lib import align
+    from tests import wild_tokenizers as wt
+
+    s_tok = getattr(wt, flavor)()
+    t_tok, perm = wt.permuted(s_tok)
+    student = save_lm(tmp_path / "student", s_tok, seed=3, ctx=512)
+    wt.save_permuted_model(student, tmp_path / "teacher", t_tok, perm)
+    prompts = write_prompts(tmp_path / "prompts.parquet", n=8)
+    same, cross = tmp_path / "same", tmp_path / "cross"
+    rollout_stage.run(compose("rollout", [
+        f"run_dir={same}", f"student.path={student}", f"data.prompts={prompts}",
+        "rollout.backend=hf", "rollout.temperature=1.5", "rollout.max_new_tokens=24",
+    ]))  # fmt: skip
+    shutil.copytree(same / "rollouts", cross / "rollouts")
+    rows = store.read_table(same / "rollouts", rollouts_table).to_pylist()
+    bm = align.byte_map(s_tok)
+    partial = canon_differs = 0
+    for r in rows:
+        body = [i for i in r["response_ids"] if i not in s_tok.all_special_ids]
+        partial += any(not align.is_utf8(bm.mid[i]) for i in body)
+        data = bm.spans(body)[0] if body else b""
+        canon_differs += align.encode_bytes(s_tok, bm, data) != body
+    assert partial >= 3 and canon_differs >= 3, (partial, canon_differs)  # the cases are there
+    score(same, student, student, prompts)
+    out = score(cross, student, tmp_path / "teacher", prompts, "score.cross_tokenizer=align")
+    assert out["committed"]
+    _compare_tokens(tokens_of(same), tokens_of(cross))
+    x = manifest.read(cross / "tokens")["extra"]["cross_tokenizer"]
+    assert x["refused_rows"] == 0 and x["rows"] == len(rows) and x["version"] == 3
+
+
 def test_align_switch_keeps_same_tokenizer_shards_byte_identical(tmp_path, pair):
     student, _, _ = pair
     responses = [[5, 6, 7], [8, 9, 10, 3]]
@@ -229,12 +289,16 @@ def test_align_switch_keeps_same_tokenizer_shards_byte_identical(tmp_path, pair)
 
 # ----------------------------------------------------------------------------- refusals, errors
 def test_refused_responses_are_counted_and_marked(tmp_path, pair):
-    student, teacher, _ = pair
+    student, _, _ = pair
     tok = models.load_tokenizer(str(student))
+    t_words = [x for x in SPECIALS + WORDS if x != "w77"]  # a teacher that cannot spell w77
+    teacher = save_lm(
+        tmp_path / "teacher", word_tokenizer({x: i for i, x in enumerate(t_words[::-1])})
+    )
     w = lambda s: ids_of(tok, s)  # noqa: E731
     responses = [
         w("w1 w2"),
-        w("w3 .") + [tok.eos_token_id],  # "w3." after the decoder's clean-up: not round-trip
+        w("w3 w77") + [tok.eos_token_id],  # no teacher token spells " w77"
         w("w4") + [tok.bos_token_id] + w("w5"),  # a special token inside
         w("w6 w7 w8"),
     ]
@@ -357,7 +421,8 @@ def _hand_pair(root: Path):
     """A WordPiece student/teacher pair with splits on both sides (the hand-built case)."""
     base = SPECIALS + [w for w in WORDS if w not in ("w12", "w34")] + ["##2", "##4"]
     s_tok = word_tokenizer({t: i for i, t in enumerate(base + ["w34"])}, wordpiece=True)
-    t_tok = word_tokenizer({t: i for i, t in enumerate(["w12"] + base)}, wordpiece=True)
+    t_base = [w for w in base if w != "w77"]  # the teacher cannot spell w77
+    t_tok = word_tokenizer({t: i for i, t in enumerate(["w12"] + t_base)}, wordpiece=True)
     return save_lm(root / "student", s_tok, seed=0), save_lm(root / "teacher", t_tok, seed=1)
 
 
@@ -371,7 +436,7 @@ def test_select_and_train_see_the_alignment(tmp_path):
     w = lambda s: ids_of(tok, s)  # noqa: E731
     responses = [
         w("w12 w34 w5 w12") + [tok.eos_token_id],
-        w("w3 ."),  # refused (round trip)
+        w("w3 w77"),  # refused (round trip)
         w("w34 w34 w7 w8 w12"),
         w("w9 w12 w1") + [tok.eos_token_id],
     ]
@@ -484,6 +549,34 @@ def test_rollout_then_score_with_a_teacher_of_another_tokenizer(tmp_path, pair):
     assert out["committed"]
     x = manifest.read(tmp_path / "run" / "tokens")["extra"]["cross_tokenizer"]
     assert x["rows"] == 8 and x["rows"] >= x["refused_rows"]  # rollout.n = 2 per prompt
+
+
+def test_a_teacher_folder_without_a_tokenizer_is_one_error(tmp_path, pair):
+    """transformers builds an empty tokenizer from config.json's model type alone: the rollout
+    and score stages stop on it before any output instead of refusing every response."""
+    from stages import rollout as rollout_stage
+
+    student, teacher, _ = pair
+    bare = tmp_path / "teacher"
+    shutil.copytree(teacher, bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    cfg = __import__("json").loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(__import__("json").dumps(cfg | {"model_type": "qwen2"}))
+    prompts = write_prompts(tmp_path / "prompts.parquet", n=2)
+    run_dir = tmp_path / "run"
+    common = [
+        f"run_dir={run_dir}", f"student.path={student}", f"teacher.path={bare}",
+        f"data.prompts={prompts}", "rollout.backend=hf", "score.cross_tokenizer=align",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="teacher folder has no usable tokenizer"):
+        rollout_stage.run(compose("rollout", common))
+    assert not (run_dir / "rollouts").exists()
+    write_run(run_dir, student, [[5, 6]])
+    with pytest.raises(UserError, match="teacher folder has no usable tokenizer"):
+        run(compose("score", [*common, "score.backend=hf"]))
+    assert not (run_dir / "tokens").exists()
 
 
 def test_eval_skips_the_kl_to_a_teacher_of_another_tokenizer(tmp_path, pair):

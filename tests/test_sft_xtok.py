@@ -168,3 +168,32 @@ def test_default_still_refuses_a_teacher_of_another_tokenizer(tmp_path, pair):  
     with pytest.raises(UserError, match="tokenizer"):
         sft.run(sft_cfg(tmp_path / "run", student, teacher, prompts))
     assert not (tmp_path / "run" / "sft_data").exists()
+
+
+def test_answers_that_are_not_utf8_are_refused_not_carried_as_replacement_characters():
+    """A byte-level teacher's answer holding a lone byte of a character has no text: the SFT
+    text path drops and counts it (reason invalid_utf8) instead of training on U+FFFD; a whole
+    character sampled as its byte tokens is text and is kept, spelled by the student."""
+    from tests import wild_tokenizers as wt
+
+    t_tok, s_tok = wt.byte_bpe(400), wt.byte_bpe(300)
+    byte = {b: i for b, i in align.byte_map(t_tok).byte_ids.items()}
+    ok = t_tok("the café", add_special_tokens=False)["input_ids"]
+    split = t_tok("the caf", add_special_tokens=False)["input_ids"] + [byte[0xC3], byte[0xA9]]
+    lone = t_tok("the ", add_special_tokens=False)["input_ids"] + [byte[0xC3]]
+    eos = t_tok.eos_token_id
+    rows = [[*ok, eos], [*split, eos], [*lone, eos]]
+    table = pa.table({
+        "prompt_id": ["p0", "p1", "p2"],
+        "response_ids": pa.array(rows, pa.list_(pa.int32())),
+        "behavior_logprobs": pa.array([[-1.0] * len(r) for r in rows], pa.list_(pa.float32())),
+        "train_prompt_ids": pa.array([[0]] * 3, pa.list_(pa.int32())),
+        "response_len": pa.array([len(r) for r in rows], pa.int32()),
+    })  # fmt: skip
+    refused: dict = {}
+    out = sft.to_student_ids(table, xtok.Vocabs.of(t_tok, s_tok), {"p0": [1], "p1": [1]}, refused)
+    assert refused == {"invalid_utf8": 1} and out["prompt_id"].to_pylist() == ["p0", "p1"]
+    bm = align.byte_map(s_tok)
+    for r in out.to_pylist():
+        assert bm.spans(r["response_ids"][:-1])[0] == "the café".encode()
+        assert r["response_ids"][-1] == s_tok.eos_token_id

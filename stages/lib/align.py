@@ -1,30 +1,30 @@
 """Cross-tokenizer alignment: a teacher whose tokenizer differs from the student's.
 
-Pure functions, no model loading. The score stage (not yet wired) uses them in this order:
+Pure functions, no model loading. Everything works on **bytes**, never on decoded text: a decode
+turns a token that is part of a UTF-8 character (a byte-level BPE byte, a SentencePiece
+``<0xNN>`` byte-fallback token) into U+FFFD, and U+FFFD then "matches" U+FFFD.
 
-1. ``text = tok_s.decode(student_ids)`` and ``char_offsets(tok_s, student_ids)``: the student's
-   sampled ids stay the stored truth; each token gets its exact character span in that text.
-2. ``reencode(tok_t, text)``: the teacher's ids for the same text, or None when the teacher's
-   decode of them does not give the text back exactly (the caller counts and refuses the row).
-3. ``char_offsets(tok_t, teacher_ids)`` and ``align_spans``: tokens merged into the smallest chunks
-   whose character boundaries agree on both sides (GOLD's sequence alignment).
-4. ``chunk_logprobs``: the teacher's (and, in the loss, the student's) log-prob of each chunk, the
-   sum over its tokens; ``map_topk``: the teacher's top-K moved into student ids where the token
-   strings are equal, the rest of the mass left to the tail; ``sorted_probs`` for ULD.
-
-Spans come from **incremental decoding**: the boundary after token ``i`` is the length of
-``decode(ids[:i+1])`` (its common prefix with the full text, kept monotone). Unlike a fast
-tokenizer's offset mapping (which trims whitespace for byte-level BPE and is only defined for the
-tokenizer's own encoding of a text), this works for any sampled id sequence, and the spans
-partition the text exactly. A token after which the decoded prefix is not a prefix of the text (it
-ends inside a multi-byte character) gets an empty span at its start, and the token that completes
-the character carries the text, so no chunk boundary ever falls inside a character. Cost: one
-decode of a bounded window per token (O(n), ``char_offsets``), the whole prefix only where a
-window cannot decide; ``char_offsets_exact`` is the plain O(n²) rule, kept as the reference.
+1. ``byte_map(tok)``: each id's exact bytes, from the tokenizer's own byte mapping: byte-level BPE
+   through the inverse of GPT-2's ``bytes_to_unicode`` table, SentencePiece through ``▁`` = space
+   and ``<0xNN>`` = the byte NN, and for tokenizers without a byte alphabet (word-level, WordPiece,
+   Unigram without byte fallback: every token is whole text) from the decoder, read once per
+   vocabulary entry. Two forms per id: ``start`` (the token as a response's first token: a
+   decoder that strips a leading space, SentencePiece's or a word-joining one, strips it) and
+   ``mid`` (what it adds after another token).
+2. ``byte_spans(bm, ids)``: the student's sampled ids as they are -> the response's bytes and each
+   token's byte span (contiguous, covering the bytes).
+3. ``encode_bytes(tok, bm, data)``: another tokenizer's ids for exactly these bytes (valid UTF-8
+   runs through its encoder, special-token strings split as text; each byte that is not part of
+   valid UTF-8 as its single-byte token), or None when its ids' bytes are not exactly ``data``.
+4. ``align_spans``: tokens merged into the smallest chunks whose byte boundaries agree on both
+   sides (GOLD's sequence alignment); ``chunk_logprobs``; ``map_topk`` by equal bytes.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,96 +33,201 @@ import torch
 from torch import Tensor
 
 Span = tuple[int, int]
+Key = bytes | tuple[str, str]  # a token's bytes, ("role", "eos_token"), ("byte", "50")
+ROLES = ("eos_token", "bos_token", "pad_token", "unk_token")
 
 
-# ----------------------------------------------------------------------------- decoding
-def decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    """The text of ``ids`` exactly as the stages see it (no special tokens, no space clean-up)."""
-    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+# ----------------------------------------------------------------------------- byte maps
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE token strings use it)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    bs += range(ord("®"), ord("ÿ") + 1)
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
-WINDOW = 16  # tokens of left context per boundary decode (decoders look back a few tokens at most)
+@dataclass(frozen=True)
+class ByteMap:
+    """One tokenizer's bytes per id (None: a special token, or no exact bytes)."""
+
+    kind: str  # byte_level | sentencepiece | text
+    start: list[bytes | None]  # [V] the token as a response's first token
+    mid: list[bytes | None]  # [V] the bytes it adds after another token
+    byte_ids: dict[int, int]  # byte value -> the id spelling that one byte (byte alphabets only)
+
+    def spans(self, ids: Sequence[int]) -> tuple[bytes, list[Span]] | None:
+        """The bytes of ``ids`` (a response: the first in ``start`` form) and each token's byte
+        span; None when an id has no bytes (a special token)."""
+        parts = [self.start[ids[0]] if k == 0 else self.mid[i] for k, i in enumerate(ids)]
+        if any(p is None for p in parts):
+            return None
+        out, pos = [], 0
+        for p in parts:
+            out.append((pos, pos + len(p)))
+            pos += len(p)
+        return b"".join(parts), out
+
+    def bytes_of(self, ids: Sequence[int], at_start: bool) -> bytes | None:
+        parts = [self.start[i] if at_start and k == 0 else self.mid[i] for k, i in enumerate(ids)]
+        return None if any(p is None for p in parts) else b"".join(parts)
 
 
-def _batch(tokenizer: Any, seqs: list[list[int]]) -> list[str]:
-    return tokenizer.batch_decode(
-        seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False
+def _decoder_types(tok: Any) -> tuple[set[str], dict]:
+    """The decoder's component types (a Sequence's parts too) and the model's JSON."""
+    try:
+        spec = json.loads(tok.backend_tokenizer.to_str())
+    except (AttributeError, ValueError):
+        return set(), {}
+    types, stack = set(), [spec.get("decoder") or {}]
+    while stack:
+        d = stack.pop()
+        types.add(d.get("type"))
+        if d.get("type") == "Replace" and (d.get("pattern") or {}).get("String") == "▁":
+            types.add("Metaspace")
+        stack.extend(d.get("decoders") or [])
+    return types, spec.get("model") or {}
+
+
+def _decode(tok: Any, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def byte_map(tok: Any) -> ByteMap:
+    """Each id's exact bytes by the tokenizer's own byte mapping (module docstring)."""
+    n = len(tok)
+    special = set(tok.all_special_ids)
+    added = {i: t.content for i, t in tok.added_tokens_decoder.items() if i not in special}
+    tokens = tok.convert_ids_to_tokens(list(range(n)))
+    types, model = _decoder_types(tok)
+    byte_ids: dict[int, int] = {}
+    if "ByteLevel" in types:
+        inv = {c: b for b, c in bytes_to_unicode().items()}
+        mid: list[bytes | None] = []
+        for i, t in enumerate(tokens):
+            if i in special or t is None:
+                mid.append(None)
+            elif i in added:
+                mid.append(added[i].encode())
+            else:
+                mid.append(bytes(inv[c] for c in t) if all(c in inv for c in t) else None)
+        vocab = tok.get_vocab()
+        byte_ids = {b: vocab[c] for b, c in bytes_to_unicode().items() if c in vocab}
+        return ByteMap("byte_level", list(mid), mid, byte_ids)
+    if "Metaspace" in types:
+        fallback = "ByteFallback" in types or bool(model.get("byte_fallback"))
+        mid = []
+        for i, t in enumerate(tokens):
+            if i in special or t is None:
+                mid.append(None)
+            elif i in added:
+                mid.append(added[i].encode())
+            elif fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
+                byte_ids[int(t[3:5], 16)] = i
+                mid.append(bytes([int(t[3:5], 16)]))
+            else:
+                mid.append(t.replace("▁", " ").encode())
+        # does the decoder strip the leading space of a sequence's first token?
+        probe = next(
+            (i for i, t in enumerate(tokens) if i not in special and t and t[0] == "▁" and
+             len(t) > 1 and i not in added), None,
+        )  # fmt: skip
+        strip = probe is not None and not _decode(tok, [probe]).startswith(" ")
+        start = [m[1:] if strip and m is not None and m[:1] == b" " else m for m in mid]
+        return ByteMap("sentencepiece", start, mid, byte_ids)
+    # no byte alphabet: every token is whole text, read from the decoder once per entry
+    ctx = _context_id(tok, special)
+    alone = tok.batch_decode(
+        [[i] for i in range(n)], skip_special_tokens=False, clean_up_tokenization_spaces=False
     )
+    start = [None if i in special or "\ufffd" in s else s.encode() for i, s in enumerate(alone)]
+    if ctx is None:
+        return ByteMap("text", start, list(start), {})
+    head = alone[ctx]
+    pairs = tok.batch_decode(
+        [[ctx, i] for i in range(n)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    mid = [
+        None if i in special or "\ufffd" in s or not s.startswith(head) else s[len(head) :].encode()
+        for i, s in enumerate(pairs)
+    ]
+    return ByteMap("text", start, mid, {})
 
 
-def char_offsets(tokenizer: Any, ids: Sequence[int], window: int = WINDOW) -> list[Span]:
-    """Character span ``(start, end)`` of each token in ``decode(tokenizer, ids)``.
-
-    The spans are contiguous and cover the text: ``spans[0][0] == 0``, ``spans[i][1] ==
-    spans[i+1][0]``, ``spans[-1][1] == len(text)``. Special tokens (skipped by the decode) and
-    tokens ending inside a character get an empty span at their start (module docstring).
-
-    Cost O(n · window): token ``i``'s text is what it adds to the decode of the ``window - 1``
-    tokens before it (both decodes start at the same token, so a decoder's start-of-sequence
-    rule, e.g. a stripped leading space, cancels out), placed after token ``i - 1``'s end when
-    that end was clean and the text there agrees. Otherwise (a window inside a character, a
-    decoder that rewrites earlier text) the exact rule decides that boundary: the length of
-    ``decode(ids[:i+1])`` when it is a prefix of the text (``char_offsets_exact``).
-    """
-    ids = list(ids)
-    if not ids:
-        return []
-    text = decode(tokenizer, ids)
-    n, window = len(ids), max(2, window)
-    if n == 1:
-        return [(0, len(text))]
-    starts = [max(0, i + 1 - window) for i in range(n - 1)]  # window of boundary i: [a, i]
-    cur = _batch(tokenizer, [ids[a : i + 1] for i, a in enumerate(starts)])
-    prev = _batch(tokenizer, [ids[a:i] for i, a in enumerate(starts)])
-    ends: list[int] = []
-    last, clean = 0, True  # clean: ``last`` is the true end of the previous token
-    for i, a in enumerate(starts):
-        end = None
-        if i > a and clean and "\ufffd" not in cur[i] and cur[i].startswith(prev[i]):
-            piece = cur[i][len(prev[i]) :]
-            end = last + len(piece) if text.startswith(piece, last) else None
-        elif i == a:  # the first token: its window is the prefix itself
-            end = len(cur[i]) if text.startswith(cur[i]) else None
-        if end is None:  # the exact rule (O(i)), for this boundary only
-            prefix = decode(tokenizer, ids[: i + 1])
-            end = len(prefix) if text.startswith(prefix) else None
-        # A clean boundary moves forward; otherwise (the token ends inside a character, or the
-        # decoder rewrites a tail) it stays where it was: the token gets an empty span at its
-        # start and is merged with what completes it.
-        clean = end is not None and end >= last
-        if end is not None:
-            last = max(last, end)
-        ends.append(last)
-    ends.append(len(text))
-    return list(zip([0, *ends[:-1]], ends, strict=True))
+def _context_id(tok: Any, special: set[int]) -> int | None:
+    """An ordinary token to read other tokens after: the first id that decodes, on its own and
+    after itself, to letters only (a whole word or word-start, not a continuation piece)."""
+    for i in range(len(tok)):
+        if i in special:
+            continue
+        one = _decode(tok, [i])
+        if one.isalpha() and _decode(tok, [i, i]).startswith(one):
+            return i
+    return None
 
 
-def char_offsets_exact(tokenizer: Any, ids: Sequence[int]) -> list[Span]:
-    """``char_offsets`` by the O(n²) rule alone (one decode per prefix): the reference."""
-    ids = list(ids)
-    if not ids:
-        return []
-    text = decode(tokenizer, ids)
-    if len(ids) == 1:  # (batch_decode of no sequences is not an empty list)
-        return [(0, len(text))]
-    ends, last = [], 0
-    for prefix in _batch(tokenizer, [ids[: i + 1] for i in range(len(ids) - 1)]):
-        if text.startswith(prefix):
-            last = max(last, len(prefix))
-        ends.append(last)
-    ends.append(len(text))
-    return list(zip([0, *ends[:-1]], ends, strict=True))
+_ESCAPED = re.compile("([\udc80-\udcff])")  # bytes that are not valid UTF-8 (surrogateescape)
 
 
-def reencode(tokenizer: Any, text: str) -> list[int] | None:
-    """The teacher's ids for ``text``, or None when decoding them does not give ``text`` back."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return ids if decode(tokenizer, ids) == text else None
+def _encode_text(tok: Any, text: str) -> list[int]:
+    """The tokenizer's own ids for ``text``; a special token's string is text, not that token."""
+    return list(tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
-def roundtrip_ok(tokenizer: Any, text: str) -> bool:
-    """Does ``text`` survive encode -> decode by this tokenizer exactly (the refusal test)?"""
-    return reencode(tokenizer, text) is not None
+def _encode_piece(tok: Any, bm: ByteMap, text: str, at_start: bool) -> list[int] | None:
+    """Ids whose bytes are exactly ``text``'s, trying the encoder's output and, for an encoder
+    that prepends a space marker to every text it encodes (SentencePiece's dummy prefix), the
+    same without it."""
+    want = text.encode()
+    ids = _encode_text(tok, text)
+    cands = [ids]
+    if text.startswith(" "):
+        cands.append(_encode_text(tok, text[1:]))
+    if ids and bm.mid[ids[0]] == b" ":
+        cands.append(ids[1:])
+    if ids and bm.mid[ids[0]] is not None and bm.mid[ids[0]][:1] == b" ":
+        bare = tok.convert_tokens_to_ids(tok.convert_ids_to_tokens(ids[0])[1:] or "\x00")
+        if isinstance(bare, int) and bare != tok.unk_token_id:
+            cands.append([bare, *ids[1:]])
+    for c in cands:
+        if c and bm.bytes_of(c, at_start) == want:
+            return c
+    return None
+
+
+def encode_bytes(tok: Any, bm: ByteMap, data: bytes, at_start: bool = True) -> list[int] | None:
+    """The tokenizer's ids spelling exactly ``data`` (the first id in ``start`` form when
+    ``at_start``): valid UTF-8 runs by its encoder, every other byte as its single-byte token;
+    None when it cannot (no byte alphabet, or an encoder that changes the text)."""
+    ids: list[int] = []
+    for piece in _ESCAPED.split(data.decode("utf-8", "surrogateescape")):
+        if not piece:
+            continue
+        first = at_start and not ids
+        if _ESCAPED.fullmatch(piece):
+            i = bm.byte_ids.get(ord(piece) - 0xDC00)
+            if i is None:
+                return None
+            ids.append(i)
+            continue
+        got = _encode_piece(tok, bm, piece, first)
+        if got is None:
+            return None
+        ids += got
+    return ids if bm.bytes_of(ids, at_start) == data else None
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- alignment
@@ -130,7 +235,7 @@ def roundtrip_ok(tokenizer: Any, text: str) -> bool:
 class Chunks:
     """The alignment of two tokenizations of one text into chunks with agreeing boundaries."""
 
-    spans: list[Span]  # per chunk: its character span in the text
+    spans: list[Span]  # per chunk: its byte span in the response
     student_range: list[Span]  # per chunk: student tokens [a, b)
     teacher_range: list[Span]  # per chunk: teacher tokens [a, b)
     student_chunk: list[int]  # per student token: its chunk id (0-based, in text order)
@@ -172,15 +277,15 @@ def _ranges(chunk_ids: list[int], n_chunks: int) -> list[Span]:
 def align_spans(student_offsets: Sequence[Span], teacher_offsets: Sequence[Span]) -> Chunks:
     """Merge tokens into the smallest chunks whose character boundaries agree on both sides.
 
-    A cut is a character position that ends a token on both sides (plus 0); chunks are the text
+    A cut is a byte position that ends a token on both sides (plus 0); chunks are the text
     between consecutive cuts. No token crosses a cut (its own side's tokens partition the text), so
     each chunk is a contiguous run of tokens on each side, and one-to-one spans give one-token
-    chunks. Both offset lists must partition the same text (``char_offsets`` output).
+    chunks. Both offset lists must partition the same bytes (``ByteMap.spans`` output).
     """
     n_s = _check_partition(student_offsets, "student")
     n_t = _check_partition(teacher_offsets, "teacher")
     if n_s != n_t:
-        raise ValueError(f"the two sides cover different lengths: {n_s} vs {n_t} characters")
+        raise ValueError(f"the two sides cover different lengths: {n_s} vs {n_t} bytes")
     if not student_offsets or not teacher_offsets or n_s == 0:
         raise ValueError("cannot align an empty text")
     ends_t = {b for _, b in teacher_offsets}
@@ -218,7 +323,7 @@ def per_student_token(chunk_values: Tensor, chunks: Chunks) -> Tensor:
 def teacher_rows(chunks: Chunks) -> list[int]:
     """Per student token, the teacher position whose distribution is comparable, or -1.
 
-    At the first token of a chunk both models have read the same text, so the teacher's
+    At the first token of a chunk both models have read the same bytes, so the teacher's
     distribution at its chunk's first token and the student's are over the same continuation
     (the top-K columns are taken there). Inside a chunk the prefixes differ: -1 (nothing mapped).
     """
@@ -229,65 +334,48 @@ def teacher_rows(chunks: Chunks) -> list[int]:
 
 
 # --------------------------------------------------------------------------- vocabularies
-def surface_strings(tokenizer: Any, after: int | None = None) -> list[str | None]:
-    """Per id, the text the token stands for, by the tokenizer's own decoder, or None.
+def surface_keys(tok: Any, bm: ByteMap, form: str = "start") -> list[Key | None]:
+    """Per id, what the token stands for: its bytes in ``form`` (``start``: as a response's first
+    token; ``mid``: after another token, where a word-level ``the`` and a byte-level ``Ġthe`` both
+    add `` the``), or None (never mapped).
 
-    ``after=None``: the token on its own, ``convert_tokens_to_string([token])``, which undoes each
-    tokenizer's own encoding of the token string (byte-level ``Ġ`` -> space, ``##`` continuation).
-    ``after=x`` (an ordinary token, ``context_id``): the text the token adds *after* ``x``,
-    ``decode([x, j])`` minus ``decode([x])``. That is the string to compare inside a text: a
-    word-level or SentencePiece token that decodes to ``the`` alone adds `` the`` after a word,
-    as a byte-level ``Ġthe`` does, while ``##the`` or a byte-level ``the`` adds ``the``.
-    The EOS, BOS, pad and unk tokens get a key for their role (NUL + ``"eos_token"``), so the stop
-    action maps to the other side's. None (never mapped): other special tokens, tokens that are
-    not whole characters (a partial UTF-8 byte decodes to U+FFFD), and strings two ids share (the
-    mapping would be ambiguous).
+    EOS, BOS, pad and unk get a key for their role, so the stop action maps to the other side's;
+    other special tokens get None. Bytes two ids share are ambiguous: the id that is not a
+    byte-fallback token keeps them (SentencePiece's ``2`` over ``<0x32>``), else neither does;
+    such a byte-fallback token gets ("byte", "50"), which only another byte-fallback token has,
+    and first tokens that a decoder makes equal (``an`` and ``▁an`` after SentencePiece strips the
+    first space) are told apart by what they add after another token.
     """
-    n = len(tokenizer)
-    special = set(tokenizer.all_special_ids)
-    if after is None:
-        tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
-        raw = [
-            None if t is None or i in special else tokenizer.convert_tokens_to_string([t])
-            for i, t in enumerate(tokens)
-        ]
-    else:
-        head = decode(tokenizer, [after])
-        pairs = _batch(tokenizer, [[after, j] for j in range(n)])
-        raw = [
-            None if i in special or not t.startswith(head) else t[len(head) :]
-            for i, t in enumerate(pairs)
-        ]
-    out: list[str | None] = [None if not s or "\ufffd" in s else s for s in raw]
-    seen: dict[str, int] = {}
-    for s in out:
-        if s is not None:
-            seen[s] = seen.get(s, 0) + 1
-    out = [s if s is not None and seen[s] == 1 else None for s in out]
-    for role in ("eos_token", "bos_token", "pad_token", "unk_token"):
-        i = getattr(tokenizer, f"{role}_id", None)
-        if i is not None and 0 <= i < n and out[i] is None and i in special:
-            out[i] = f"\x00{role}"  # matched by role (EOS to EOS), never by text
+    vals = bm.start if form == "start" else bm.mid
+    fallback = {i: b for b, i in bm.byte_ids.items()} if bm.kind == "sentencepiece" else {}
+    owners: dict[bytes, list[int]] = {}
+    for i, b in enumerate(vals):
+        if b is not None:
+            owners.setdefault(b, []).append(i)
+    out: list[Key | None] = [None] * len(vals)
+    for b, ids in owners.items():
+        keep = [i for i in ids if i not in fallback] if len(ids) > 1 else ids
+        if len(keep) == 1 and b:
+            out[keep[0]] = b
+        for i in ids:
+            if out[i] is not None:
+                continue
+            if i in fallback:  # a byte-fallback token beside a token of its byte
+                out[i] = ("byte", str(fallback[i]))
+            elif form == "start" and bm.mid[i]:  # ``an`` and ``▁an`` as first tokens
+                out[i] = ("mid", bm.mid[i].hex())
+    special = set(tok.all_special_ids)
+    for role in ROLES:
+        i = getattr(tok, f"{role}_id", None)
+        if i is not None and 0 <= i < len(out) and out[i] is None and i in special:
+            out[i] = ("role", role)  # matched by role (EOS to EOS), never by text
     return out
 
 
-def context_id(tokenizer: Any) -> int | None:
-    """An ordinary token to read other tokens after: the first id that decodes, on its own and
-    after itself, to letters only (a whole word or word-start, not a continuation piece)."""
-    special = set(tokenizer.all_special_ids)
-    for i in range(len(tokenizer)):
-        if i in special:
-            continue
-        one = decode(tokenizer, [i])
-        if one.isalpha() and decode(tokenizer, [i, i]).startswith(one):
-            return i
-    return None
-
-
 def vocab_table(
-    teacher_vocab: Sequence[str | None], student_vocab: Sequence[str | None] | Mapping[str, int]
+    teacher_vocab: Sequence[Key | None], student_vocab: Sequence[Key | None] | Mapping[Key, int]
 ) -> Tensor:
-    """Teacher id -> student id with the same string, -1 where none [V_T] int64."""
+    """Teacher id -> student id with the same key, -1 where none [V_T] int64."""
     if not isinstance(student_vocab, Mapping):
         student_vocab = {s: i for i, s in enumerate(student_vocab) if s is not None}
     table = [student_vocab.get(s, -1) if s is not None else -1 for s in teacher_vocab]
@@ -307,14 +395,14 @@ def map_topk_table(ids: Tensor, logprobs: Tensor, table: Tensor) -> tuple[Tensor
 def map_topk(
     teacher_topk_ids: Tensor,
     teacher_topk_logprobs: Tensor,
-    teacher_vocab: Sequence[str | None],
-    student_vocab: Sequence[str | None] | Mapping[str, int],
+    teacher_vocab: Sequence[Key | None],
+    student_vocab: Sequence[Key | None] | Mapping[Key, int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The teacher's top-K [N, K] in student ids: (ids, log-probs, log of the mapped mass [N]).
 
-    Vocabularies are ``surface_strings`` lists (or, for the student, string -> id). An entry whose
-    string has no student id gets id -1 and log-prob -inf; its mass (with the mass beyond the
-    teacher's K) is the tail bucket of ``mapped_topk_fkl``. Distinct teacher strings map to
+    Vocabularies are ``surface_keys`` lists (or, for the student, key -> id). An entry whose
+    key has no student id gets id -1 and log-prob -inf; its mass (with the mass beyond the
+    teacher's K) is the tail bucket of ``mapped_topk_fkl``. Distinct teacher keys map to
     distinct student ids, so the mapped ids of a row never repeat.
     """
     table = vocab_table(teacher_vocab, student_vocab)  # [V_T]

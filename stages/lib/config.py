@@ -86,6 +86,13 @@ def _check_finite(obj: Any, group: str) -> None:
             _check(_finite_value(v), f"{group}.{f.name}", f"must be finite (got {v!r})")
 
 
+def _check_tensor_parallel(size: Any, backend: str, group: str) -> None:
+    """A vLLM engine spans ``size`` GPUs (an int >= 1); the HF backend runs on one device."""
+    key = f"{group}.tensor_parallel_size"
+    _check(isinstance(size, int) and not isinstance(size, bool) and size >= 1, key, "must be >= 1")
+    _check(size == 1 or backend != "hf", key, f"is vLLM's: set {group}.backend=vllm, or 1")
+
+
 @dataclass
 class ModelConfig:
     # Local Hugging Face model directory (save_pretrained format); null when the role is unused.
@@ -135,6 +142,7 @@ class WorkerConfig:
 
 
 LAUNCHERS = ("local", "ray")
+PLACEMENTS = ("default", "spread")
 
 
 @dataclass
@@ -151,8 +159,15 @@ class LauncherConfig:
     # CPUs Ray reserves per actor (Ray gives the actor as many OpenMP threads unless the
     # environment sets OMP_NUM_THREADS).
     num_cpus: float = 1.0
-    # GPUs Ray reserves per actor (1 for an engine on one GPU; 0 = CPU).
+    # GPUs Ray reserves per actor (1 for an engine on one GPU; 0 = CPU). A vLLM engine with
+    # rollout/score.tensor_parallel_size = T needs T here (Ray hands the actor T GPUs).
     num_gpus: float = 0.0
+    # Custom Ray resources per actor, name -> amount: actors start only on nodes that declare
+    # them (`ray start --resources='{"h100": 8}'`), e.g. {h100: 1} keeps engines off CPU nodes.
+    resources: dict[str, float] = field(default_factory=dict)
+    # Where Ray puts the actors: default (Ray's own choice, which favours the nodes already in
+    # use) | spread (across the nodes first: engines spread over their network links and disks).
+    placement: str = "default"
     # How often an actor whose process dies (killed, out of memory, node lost) is replaced; its
     # shard is redone. One more death fails the stage.
     max_restarts: int = 3
@@ -173,6 +188,11 @@ class LauncherConfig:
         _check(self.num_cpus > 0, "launcher.num_cpus", "must be > 0")
         _check(self.num_gpus >= 0, "launcher.num_gpus", "must be >= 0")
         _check(self.max_restarts >= 0, "launcher.max_restarts", "must be >= 0")
+        _check(self.placement in PLACEMENTS, "launcher.placement", "must be default|spread")
+        for k, v in self.resources.items():
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            _check(ok, f"launcher.resources.{k}", f"must be a number > 0 (got {v!r})")
+            _check(k not in ("CPU", "GPU"), f"launcher.resources.{k}", "use num_cpus / num_gpus")
         _check_finite(self, "launcher")
 
 
@@ -208,6 +228,9 @@ class RolloutConfig:
     device: str = "auto"
     # vLLM: fraction of memory for the KV cache (on CPU, of system RAM).
     vllm_memory_fraction: float = 0.25
+    # vLLM: GPUs one engine spans (tensor parallelism; a policy too large for one GPU). With
+    # launcher.kind=ray each actor needs that many: launcher.num_gpus >= this. HF: must be 1.
+    tensor_parallel_size: int = 1
     # Chat rows (`messages`): a Jinja chat template file replacing the tokenizers' own (null =
     # each tokenizer's chat_template; the teacher prefix uses the teacher tokenizer's).
     chat_template: str | None = None
@@ -224,6 +247,10 @@ class RolloutConfig:
     # Chat rows with earlier assistant turns: one sample per assistant turn (the student regenerates
     # each, after the turns before it) instead of one sample after the whole conversation.
     expand_turns: bool = False
+    # A conversation ending with an assistant message (without expand_turns): continue (a
+    # prefill: the student continues that message) | regenerate (the student writes that turn
+    # anew; the message becomes the turn's reference answer unless the row has an answer).
+    final_assistant: str = "continue"
     # Extra stop token ids and stop strings (besides the tokenizer EOS and every id of the model's
     # generation_config.eos_token_id); the stop token is kept in the response.
     stop_token_ids: list[int] = field(default_factory=list)
@@ -243,6 +270,11 @@ class RolloutConfig:
             "rollout.context_placement",
             "must be system|user",
         )
+        _check(
+            self.final_assistant in ("continue", "regenerate"),
+            "rollout.final_assistant",
+            "must be continue|regenerate",
+        )
         _check("{context}" in self.context_template, "rollout.context_template", "needs {context}")
         _check(all(s for s in self.stop_strings), "rollout.stop_strings", "must be non-empty")
         _check(all(i >= 0 for i in self.stop_token_ids), "rollout.stop_token_ids", "must be >= 0")
@@ -258,6 +290,7 @@ class RolloutConfig:
         _check(
             0 < self.vllm_memory_fraction <= 1, "rollout.vllm_memory_fraction", "must be in (0, 1]"
         )
+        _check_tensor_parallel(self.tensor_parallel_size, self.backend, "rollout")
 
 
 # Rollouts columns a teacher route can read (the prompt's columns the rollout stage carries).
@@ -322,6 +355,11 @@ class ScoreConfig:
     # weights in memory; stored floats differ from the eager path by GEMM rounding (~1e-5 in
     # log-probs). Needs a C++ compiler on CPU (triton on CUDA). docs/BENCHMARKS.md, score.
     compile: bool = False
+    # HF backend: run each distinct (model, prefix) once and score all of its responses against
+    # its KV cache (the rollout.n samples of a prompt; roles of one model reading one prefix).
+    # Stored floats equal the unshared path's to GEMM rounding (<= 1e-5 in log-probs); false runs
+    # every prefix ⊕ response row whole. docs/BENCHMARKS.md, prefix-shared scoring.
+    share_prefix: bool = True
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
     # Where the HF backend runs the behaviour model: auto (cuda when present, else cpu) | cpu |
@@ -338,9 +376,13 @@ class ScoreConfig:
     # A teacher whose tokenizer differs from the student's: refuse (the default) | align (score
     # it on its own tokenization, aligned by character offsets; docs/CROSS_TOKENIZER.md).
     cross_tokenizer: str = "refuse"
+    # vLLM: GPUs each scoring engine spans (tensor parallelism: a teacher too large for one
+    # GPU). With launcher.kind=ray each actor needs that many: launcher.num_gpus >= this.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check(self.backend in ("hf", "vllm", "auto"), "score.backend", "must be hf|vllm|auto")
+        _check_tensor_parallel(self.tensor_parallel_size, self.backend, "score")
         _check(
             self.cross_tokenizer in ("refuse", "align"),
             "score.cross_tokenizer",
@@ -354,6 +396,7 @@ class ScoreConfig:
         _check(self.batch_tokens >= 1, "score.batch_tokens", "must be >= 1")
         _check(self.chunk_positions >= 1, "score.chunk_positions", "must be >= 1")
         _check(isinstance(self.compile, bool), "score.compile", "must be true|false")
+        _check(isinstance(self.share_prefix, bool), "score.share_prefix", "must be true|false")
 
 
 @dataclass
@@ -560,8 +603,12 @@ class TrainConfig:
     device: str = "auto"
     # Shard the model with FSDP2 under torchrun (else DDP when world size > 1).
     fsdp: bool = False
-    # Positions per chunk of the student's LM head inside the loss.
-    chunk_positions: int = 1024
+    # Positions per chunk of the student's LM head inside the loss; null = the most that fit
+    # train.loss_memory_mib (the loss's working set is 2 x [chunk, V] fp32).
+    chunk_positions: int | None = None
+    # Memory budget of the loss's [chunk, V] working set, in MiB (used when chunk_positions is
+    # null): at V = 151,936 the default 512 gives 441 positions per chunk.
+    loss_memory_mib: int = 512
     # Row groups prefetched by the background loader thread.
     prefetch: int = 2
     # Experiment trackers, each fed the metrics.jsonl rows and the resolved config:
@@ -615,7 +662,12 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.save_every is None or self.save_every >= 1, "train.save_every", "must be >= 1")
-        _check(self.chunk_positions >= 1, "train.chunk_positions", "must be >= 1")
+        _check(
+            self.chunk_positions is None or self.chunk_positions >= 1,
+            "train.chunk_positions",
+            "must be >= 1 (or null: from train.loss_memory_mib)",
+        )
+        _check(self.loss_memory_mib >= 1, "train.loss_memory_mib", "must be >= 1 (MiB)")
         _check(self.prefetch >= 0, "train.prefetch", "must be >= 0")
         for t in self.trackers:
             _check(t in TRACKERS, "train.trackers", f"entries must be among {list(TRACKERS)}")
@@ -844,6 +896,13 @@ class Config:
             "launcher.kind=ray",
             "takes the whole shard plan: leave worker.index/worker.count at 0/1",
         )
+        for group in ("rollout", "score"):  # a Ray actor holds one engine and its GPUs
+            tp = getattr(self, group).tensor_parallel_size
+            _check(
+                self.launcher.kind == "local" or tp <= max(self.launcher.num_gpus, 1),
+                f"{group}.tensor_parallel_size={tp}",
+                f"needs launcher.num_gpus >= {tp} (each Ray actor's engine spans {tp} GPUs)",
+            )
         ad = self.pipeline.adaptive
         _check(
             not (ad.enabled and ad.metric == "staleness" and not self.score.behavior),

@@ -151,13 +151,66 @@ def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def sampled_logprobs(logits: tuple[torch.Tensor, ...], gen: torch.Tensor) -> torch.Tensor:
-    """fp32 full-vocabulary log-softmax of the raw logits, gathered at the sampled ids: ``[B, T]``."""
-    out = torch.empty(gen.shape, dtype=torch.float32)  # [B, T]
-    for t, step in enumerate(logits):  # step: [B, V] raw (unprocessed) logits of position t
-        lsm = torch.log_softmax(step.float(), dim=-1)  # [B, V]
-        out[:, t] = lsm.gather(1, gen[:, t : t + 1].to(lsm.device)).squeeze(1).cpu()
-    return out
+class _StepLogprobs:
+    """Logits processor placed before temperature / top-p: it sees each step's raw fp32 logits
+    (padded vocabulary rows already masked by ``_MaskRows``), keeps that ONE step's log-softmax
+    and gathers it at the token sampled from it when the next step (or ``finish``) reveals that
+    token. Memory: one ``[rows, V]`` block, whatever the number of steps (``output_logits`` kept
+    all T of them), and a ``[rows, max_new_tokens]`` result allocated once (growing it step by
+    step left small blocks between the big ones and the heap grew with T)."""
+
+    def __init__(self, max_new_tokens: int) -> None:
+        self.max_new_tokens = max_new_tokens
+        self.pending: torch.Tensor | None = None  # [rows, V] log-softmax of the newest step
+        self.out: torch.Tensor | None = None  # [rows, max_new_tokens] fp32, on the CPU
+        self.t = 0  # steps gathered so far
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.out is None:
+            self.out = torch.zeros(scores.shape[0], self.max_new_tokens, dtype=torch.float32)
+        if self.pending is not None:  # input_ids[:, -1] was sampled from the pending step
+            self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float(), dim=-1)  # [rows, V] raw, temperature 1
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        idx = tokens.to(self.pending.device)[:, None]  # [rows, 1]
+        self.out[:, self.t] = self.pending.gather(1, idx).squeeze(1).cpu()  # [rows]
+        self.t += 1
+        self.pending = None
+
+    def finish(self, gen: torch.Tensor) -> torch.Tensor:
+        """The log-probs of the generated ids ``gen`` [rows, T] -> [rows, T] fp32."""
+        if self.pending is not None and gen.shape[1] > self.t:
+            self._take(gen[:, self.t])
+        self.pending = None
+        if self.out is None:
+            return torch.zeros(gen.shape, dtype=torch.float32)
+        return self.out[:, : gen.shape[1]]  # [rows, T]
+
+
+def prefill_shared(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Run each prompt's prefix ONCE and repeat its KV cache for its ``n`` samples.
+
+    ``ids`` / ``mask`` ``[B, L]`` left-padded. The first ``L - 1`` positions go through the model
+    at batch ``B`` (``generate`` with ``num_return_sequences=n`` would run them at ``B * n``); the
+    cache is then repeated to ``B * n`` rows and ``generate`` continues from it with the last
+    prompt token. Returns the ``[B * n, L]`` ids and mask to pass with the cache. Positions follow
+    ``generate``'s own rule for left padding (cumulative sum of the mask, minus one).
+    """
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    out = model(
+        input_ids=ids[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=pos[:, :-1],
+        use_cache=True,
+        logits_to_keep=1,  # the prefix's logits are not needed: no [B, L, V] block
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    return ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), cache
 
 
 @torch.no_grad()
@@ -173,14 +226,17 @@ def hf_generate(
     seed: int,
     tok: Any = None,
     logprobs: bool = True,
+    share_prefix: bool = True,
 ) -> list[list[Sample]]:
     """``s.n`` samples per prompt with ``model.generate`` (left padding, batches of prompts).
 
     ``torch.manual_seed(seed)`` once, then batches in order: the same inputs, seed and batch size
-    give the same samples. ``output_logits`` returns the raw logits (``output_scores`` would be
-    the temperature/top-p processed ones), from which the behaviour log-probs are computed.
-    Memory: with ``logprobs`` generate keeps ``[batch_size * n, V]`` fp32 logits per step until it
-    returns, i.e. ``4 * batch_size * n * max_new_tokens * V`` bytes; lower the batch for big vocabs.
+    give the same samples. The behaviour log-probs are the raw (temperature 1) full-vocabulary
+    fp32 log-softmax at each sampled token, computed step by step by a logits processor
+    (``_StepLogprobs``), so memory is ``O(batch_size * n * V)`` plus the KV cache, independent of
+    ``max_new_tokens``. ``share_prefix`` (with ``n > 1``): each prompt's prefix is computed once
+    and its cache repeated for the ``n`` samples (``prefill_shared``); the samples follow the
+    same distribution, and their log-probs agree with the unshared path within fp32 rounding.
     ``tok`` is needed only for stop strings.
     """
     from transformers import LogitsProcessorList
@@ -188,34 +244,44 @@ def hf_generate(
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     rows = model.get_output_embeddings().weight.shape[0]
-    procs = LogitsProcessorList([_MaskRows(n_ids)] if rows > n_ids else [])
     greedy = s.temperature == 0
     results: list[list[Sample]] = []
     for b in range(0, len(prompt_ids), batch_size):
         batch = prompt_ids[b : b + batch_size]
         ids, mask = left_pad(batch, pad)  # [B, L]
+        ids, mask = ids.to(device), mask.to(device)
+        record = _StepLogprobs(s.max_new_tokens) if logprobs else None
+        # custom processors run before generate's temperature / top-p: the recorder sees the raw
+        # logits with the padded rows masked (the distribution sampled from at temperature 1)
+        procs = LogitsProcessorList(
+            ([_MaskRows(n_ids)] if rows > n_ids else []) + ([record] if record else [])
+        )
+        extra: dict[str, Any] = {"num_return_sequences": s.n}
+        if share_prefix and s.n > 1 and ids.shape[1] > 1:
+            ids, mask, cache = prefill_shared(model, ids, mask, s.n)  # [B*n, L]
+            extra = {"past_key_values": cache}
         out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
+            input_ids=ids,
+            attention_mask=mask,
             do_sample=not greedy,
             temperature=None if greedy else s.temperature,
             top_p=None if greedy else s.top_p,
             top_k=None if greedy else 0,
             max_new_tokens=s.max_new_tokens,
-            num_return_sequences=s.n,
             eos_token_id=stops.all_ids,
             pad_token_id=pad,
             logits_processor=procs,
-            output_logits=logprobs,
             return_dict_in_generate=True,
+            **extra,
         )
         gen = out.sequences[:, ids.shape[1] :].cpu()  # [B*n, T]
         gen_l = gen.tolist()
-        lps_l = sampled_logprobs(out.logits, gen).tolist() if logprobs else None  # [B*n, T]
+        lps_l = record.finish(gen).tolist() if record else None  # [B*n, T]
+        del out, extra
         for i in range(len(batch)):
             samples = []
             for j in range(s.n):
-                r = i * s.n + j  # num_return_sequences repeats each prompt n times in a row
+                r = i * s.n + j  # each prompt's n samples are consecutive rows
                 length, reason = cut(gen_l[r], stops, s.max_new_tokens, tok)
                 lps = lps_l[r][:length] if lps_l is not None else []
                 samples.append(Sample(gen_l[r][:length], lps, reason))

@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 
 from data_schemas import rollouts as rollouts_schema
-from stages.lib import chat, decoding, models, store
+from stages.lib import chat, decoding, models, remote, store
 from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
@@ -41,7 +41,13 @@ from stages.lib.progress import QUIET, Progress
 # dataset id).
 # The backend is one of them: both backends sample the same distribution into the same schema,
 # so a run may resume on another machine with another backend (the manifest records which ran).
-BACKEND_ONLY_KEYS = ("backend", "batch_size", "vllm_memory_fraction", "device")
+BACKEND_ONLY_KEYS = (
+    "backend",
+    "batch_size",
+    "vllm_memory_fraction",
+    "device",
+    "tensor_parallel_size",
+)
 VLLM_MAX_LOGPROBS = 20  # vLLM's default; sharing one value lets the stages share cached engines
 
 
@@ -116,7 +122,7 @@ def build_prompt_ids(
     render = chat.Renderer.of(r, tok, teacher_tok)
     out: list[PromptIds] = []
     for row in table.to_pylist():
-        for t in chat.turns(row, r.expand_turns):
+        for t in chat.turns(row, r.expand_turns, r.final_assistant):
             g = is_guided(seed, t.prompt_id, row.get("context") is not None, r.guided_fraction)
             train = render.train_ids(t, row)
             out.append(
@@ -127,7 +133,7 @@ def build_prompt_ids(
                     rollout_ids=render.guided_ids(t, row) if g else train,
                     teacher_ids=render.teacher_ids(t, row),
                     is_guided=g,
-                    answer=row.get("answer"),
+                    answer=t.answer,
                     kind=row.get("kind"),
                     turn=t.turn,
                 )
@@ -218,6 +224,7 @@ def load_engine(
             max_logprobs=VLLM_MAX_LOGPROBS,
             dtype=dtype,
             gpu_memory_utilization=r.vllm_memory_fraction,
+            tensor_parallel_size=r.tensor_parallel_size,
         )
 
         def sample_vllm(prompt_ids: list[list[int]], seed: int) -> list[list[Sample]]:
@@ -360,8 +367,9 @@ def generate_rollouts(
         "config": as_dict(cfg),
         "fingerprints": fps,
         "inputs": inputs or {},
+        "models": {"policy": policy_path},  # in the run (an SFT checkpoint): run-relative
         "extra": {
-            "policy_path": str(policy_path),
+            "policy_path": store.shown_path(policy_path, store.run_root_of(out_dir), cfg.run_dir),
             "backend": backend,
             "n_prompts": prompts_table.num_rows,
             "skipped_too_long": plan.skipped,
@@ -373,13 +381,14 @@ def generate_rollouts(
         },
     }
 
+    tok, ctx_len = plan.tok, plan.ctx_len  # (not `plan`: a Ray actor gets engine, not the plan)
+
     def engine(on_actor: bool = False) -> Engine:
-        dev = device
-        if on_actor and backend == "hf":  # a Ray actor picks the device of its own machine
-            dev = models.pick_device(r.device, "rollout.device")
-        return load_engine(
-            backend, policy_path, plan.tok, s, r, dtype=dtype, ctx_len=plan.ctx_len, device=dev
-        )
+        dev, path = device, policy_path
+        if on_actor:  # a Ray actor: the device of its own machine; the policy fetched there
+            dev = models.pick_device(r.device, "rollout.device") if backend == "hf" else None
+            path = remote.localize(policy_path)  # (a run in a bucket: an SFT checkpoint in it)
+        return load_engine(backend, path, tok, s, r, dtype=dtype, ctx_len=ctx_len, device=dev)
 
     stats = Stats()
     complete = _write_rollouts(
@@ -609,9 +618,9 @@ def _sample_on_ray(
     def make(aw: store.DatasetWriter):  # runs on each actor, once
         eng = engine(on_actor=True)
 
-        def one(sh: int) -> Stats:
+        def one(sh: int, prompts: list[PromptIds]) -> Stats:  # the shard's prompts come with it
             got = Stats()
-            args = (by_shard, s, tok, got, stage_name, seed, match)
+            args = ({sh: prompts}, s, tok, got, stage_name, seed, match)
             _sample_shards(aw, eng, [sh], *args, progress=QUIET)
             return got
 
@@ -629,5 +638,14 @@ def _sample_on_ray(
 
     units = {sh: len(by_shard.get(sh, [])) for sh in todo}
     raylaunch.run_shards(
-        cfg.launcher, w, todo, make, units=units, on_result=merge, desc=stage_name, unit="prompts"
+        cfg.launcher,
+        w,
+        todo,
+        make,
+        units=units,
+        on_result=merge,
+        desc=stage_name,
+        unit="prompts",
+        inputs=lambda sh: by_shard.get(sh, []),
+        run_dir=cfg.run_dir,
     )

@@ -25,6 +25,8 @@ Public functions:
 - ``model_head(model, onednn=False)``: the output head as an fp32 callable (with the model's logit
   transforms); ``onednn`` runs its matmul through oneDNN (scoring only, no gradient).
 - ``response_positions(prefix_lens, response_lens, seq_len)``: flat indices of scoring positions.
+- ``shared_prefix_hidden(model, prefixes, responses, owner)``: the hidden states that score each
+  response, each distinct prefix run once (its KV cache shared by all its responses).
 - ``sequence_stats(model, prefix_ids, response_ids, k, vocab_size, ...)``: the whole path.
 """
 
@@ -377,6 +379,88 @@ def response_positions(
         start = b * seq_len + p - 1
         idx.append(torch.arange(start, start + r, dtype=torch.long))
     return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)  # [M]
+
+
+def can_share_prefix(model: nn.Module) -> bool:
+    """Whether ``shared_prefix_hidden`` can run ``model``: a transformers decoder (``get_decoder``)
+    that takes a KV cache and explicit position ids (every causal LM of the library does)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder is not None and decoder is not model
+
+
+@torch.no_grad()
+def shared_prefix_hidden(
+    model: nn.Module,
+    prefixes: list[list[int]],
+    responses: list[list[int]],
+    owner: Sequence[int],
+    pad_id: int = 0,
+) -> Tensor:
+    """Final hidden states ``[M, H]`` at the positions that score each response (``M = Σ
+    len(responses)``, rows in order, as ``response_positions`` orders them), with each distinct
+    prefix run through the decoder **once**.
+
+    ``responses[b]`` continues ``prefixes[owner[b]]``. Two forwards: the ``G`` prefixes
+    (right-padded ``[G, P]``, KV cache kept), then every response row ``[R, L]`` against its
+    prefix's cache (``batch_select_indices`` repeats it per row), with position ids continuing the
+    prefix (``P_g + j``) and an attention mask that hides the other prefixes' padding. Response
+    token 0 is scored by the prefix's last position (one hidden state, shared by its responses);
+    token ``j >= 1`` by response position ``j - 1``, so a response's last token is never fed.
+
+    Equal to one forward over each ``prefix ⊕ response`` up to GEMM rounding (the same floats
+    in another summation order: ~1e-6 in log-probs, tests/test_score_prefix.py). Memory: the
+    cache of the ``R`` rows, ``R · (P + L)`` tokens of keys and values per layer, the same tokens
+    a padded batch of those rows would hold (the caller bounds it, ``batch_tokens``).
+    """
+    if len(responses) != len(owner):
+        raise ValueError("responses and owner must have the same length")
+    if any(len(p) < 1 for p in prefixes):
+        raise ValueError("empty prefix: nothing scores the first response token")
+    device = next(model.parameters()).device
+    decoder = model.get_decoder()
+    g_ids, g_mask = _pad_right(prefixes, pad_id)  # [G, P] each
+    p_lens = g_mask.sum(1)  # [G]
+    out = decoder(input_ids=g_ids.to(device), attention_mask=g_mask.to(device), use_cache=True)
+    h_pre = out.last_hidden_state  # [G, P, H]
+    last = h_pre[torch.arange(len(prefixes)), (p_lens - 1).to(device)]  # [G, H]
+    del h_pre
+    own = torch.as_tensor(list(owner), dtype=torch.long)  # [R]
+    tails = [list(r[:-1]) for r in responses]  # the tokens whose outputs score tokens 1..r-1
+    width = max((len(t) for t in tails), default=0)
+    h_resp = None
+    if width:
+        cache = out.past_key_values
+        cache.batch_select_indices(own.to(device))  # [G, ...] -> [R, ...] per layer
+        r_ids, r_mask = _pad_right(tails, pad_id)  # [R, L] each
+        mask = torch.cat([g_mask[own], r_mask], dim=1)  # [R, P + L]
+        pos = p_lens[own][:, None] + torch.arange(width)  # [R, L] continuing each prefix
+        h_resp = decoder(
+            input_ids=r_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=pos.to(device),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state  # [R, L, H]
+    rows = []
+    for b, r in enumerate(responses):
+        rows.append(last[int(own[b])][None])  # [1, H] scores token 0
+        if len(r) > 1:
+            rows.append(h_resp[b, : len(r) - 1])  # [r - 1, H]
+    if not rows:
+        return last.new_zeros(0, last.shape[-1])
+    return torch.cat(rows)  # [M, H]
+
+
+def _pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded ``(ids, attention_mask)``, both [B, T] int64 (T >= 1)."""
+    seq_len = max([len(r) for r in rows] + [1])
+    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(rows), seq_len), dtype=torch.long)  # [B, T]
+    for b, row in enumerate(rows):
+        if len(row):
+            ids[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+            mask[b, : len(row)] = 1
+    return ids, mask
 
 
 @torch.no_grad()

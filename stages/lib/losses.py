@@ -53,23 +53,148 @@ MAX_SUFFIX = "_max"
 
 # ---------------------------------------------------------------------------- shared inputs
 
+# Id columns whose student log-probs the fused path gathers in its one pass (any present).
+GATHER_COLUMNS = ("token_id", "teacher_topk_ids", "behavior_topk_ids", "teacher_mapped_ids")
+# Losses that read the student's log-probs at columns they choose themselves (not a stored id
+# column): they take the dense path, an [N, V] log-softmax under autograd (more memory).
+DENSE_LOSSES = ("uld",)
+# Loss -> the id column whose complement's student log-mass it reads (the tail bucket).
+TAIL_SETS = {
+    "topk_fkl": "teacher_topk_ids",
+    "tropd": "teacher_topk_ids",
+    "mapped_topk_fkl": "teacher_mapped_ids",
+}
+ROW_BLOCK = 64  # rows per pass over [rows, V] scratch: bounds temporaries to [64, V]
+WORKING_BLOCKS = 2  # [N, V] fp32 blocks the fused path holds at its peak (log-softmax + gradient)
+
+
+def chunk_for_budget(budget_mib: float, vocab_size: int) -> int:
+    """Positions per loss call whose working set (``WORKING_BLOCKS`` x [chunk, V] fp32) fits
+    ``budget_mib`` MiB; at least one row block (below that the scratch dominates anyway)."""
+    per_row = WORKING_BLOCKS * vocab_size * 4  # bytes per position
+    return max(ROW_BLOCK, int(budget_mib * 2**20) // per_row)
+
+
+def _id_columns(batch: Mapping[str, Tensor]) -> tuple[list[str], Tensor | None]:
+    """The gathered id columns present and their concatenation [N, K_all] (ids < 0 -> 0)."""
+    names = [c for c in GATHER_COLUMNS if isinstance(batch.get(c), Tensor)]
+    parts = [batch[c].long().reshape(batch[c].shape[0], -1) for c in names]  # [N, K_c]
+    return names, (torch.cat(parts, dim=1).clamp(min=0) if parts else None)
+
+
+def _in_set(ids: Tensor, valid: Tensor, width: int) -> Tensor:
+    """[rows, width] bool: the columns named by the valid entries of ``ids`` [rows, K]."""
+    hit = torch.zeros(ids.shape[0], width + 1, dtype=torch.bool, device=ids.device)
+    # invalid entries write to a spare last column: every write is True, so duplicates are safe
+    return hit.scatter_(1, torch.where(valid, ids, width), True)[:, :width]
+
+
+def _log_softmax_(z: Tensor, temperature: float, vocab_size: int) -> Tensor:
+    """``z`` [N, W] fp32 becomes its log-softmax at ``temperature`` over the first ``vocab_size``
+    columns (the rest -inf), IN PLACE, row block by row block: no second [N, W] buffer."""
+    if temperature != 1.0:
+        z.div_(temperature)
+    if z.shape[1] > vocab_size:
+        z[:, vocab_size:] = float("-inf")
+    for s in range(0, z.shape[0], ROW_BLOCK):
+        blk = z[s : s + ROW_BLOCK]  # [b, W] view
+        blk.sub_(torch.logsumexp(blk, dim=-1, keepdim=True))
+    return z
+
+
+def _outside_lse(logp: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
+    """``log Σ_{j ∉ ids} exp(logp_j)`` per row [N] (-inf when nothing is outside), by row block."""
+    out = torch.empty(logp.shape[0], device=logp.device)  # [N]
+    for s in range(0, logp.shape[0], ROW_BLOCK):
+        blk = logp[s : s + ROW_BLOCK]  # [b, W]
+        mask = _in_set(ids[s : s + ROW_BLOCK], valid[s : s + ROW_BLOCK], blk.shape[1])
+        out[s : s + ROW_BLOCK] = torch.logsumexp(blk.masked_fill(mask, float("-inf")), dim=-1)
+    return out
+
+
+class _FusedLogProbs(torch.autograd.Function):
+    """The student's fp32 log-softmax, its values at the stored id columns and its log-mass
+    outside chosen id sets, with ONE [N, V] block alive besides the logits.
+
+    Forward: the logits become the log-softmax in place (``inplace``; else in a copy), gathered
+    once at every id column. Backward builds dL/dlogp in one [N, V] buffer (scatter of the
+    gathered values' gradients, plus each tail's dense term) and turns it, in place, into the
+    gradient of the logits: ``g − softmax · Σ g`` (divided by the temperature). Peak: the saved
+    log-softmax and that buffer, 2 x [N, V] fp32, plus [ROW_BLOCK, V] scratch.
+    """
+
+    @staticmethod
+    def forward(ctx, z, ids, sets, temperature, vocab_size, inplace):  # noqa: ANN001
+        ctx.set_materialize_grads(False)  # unused outputs send None, not [N, V] of zeros
+        logp = z if inplace and z.dtype == torch.float32 else z.float().clone()  # [N, W]
+        _log_softmax_(logp, temperature, vocab_size)
+        vals = logp.gather(1, ids)  # [N, K_all]
+        tails = [_outside_lse(logp, ids[:, lo:hi], valid) for lo, hi, valid in sets]  # [N] each
+        ctx.sets, ctx.temperature, ctx.dtype = (
+            [(lo, hi) for lo, hi, _ in sets],
+            temperature,
+            z.dtype,
+        )
+        ctx.save_for_backward(logp, ids, *tails, *[v for _, _, v in sets])
+        ctx.mark_non_differentiable(logp)
+        return (logp, vals, *tails)
+
+    @staticmethod
+    def backward(ctx, _g_logp, g_vals, *g_tails):  # noqa: ANN001
+        logp, ids, *rest = ctx.saved_tensors
+        k = len(ctx.sets)
+        tails, valids = rest[:k], rest[k:]
+        grad = torch.zeros_like(logp)  # [N, W] dL/dlogp
+        if g_vals is not None:
+            grad.scatter_add_(1, ids, g_vals)
+        for (lo, hi), lse, valid, g in zip(ctx.sets, tails, valids, g_tails, strict=True):
+            if g is None:
+                continue
+            has = torch.isfinite(lse)  # [N]; no tail: no gradient (and no -inf - -inf NaN)
+            g, lse = torch.where(has, g, 0.0), torch.where(has, lse, 0.0)
+            for s in range(0, logp.shape[0], ROW_BLOCK):
+                blk = logp[s : s + ROW_BLOCK]  # [b, W]
+                mask = _in_set(
+                    ids[s : s + ROW_BLOCK, lo:hi], valid[s : s + ROW_BLOCK], blk.shape[1]
+                )
+                share = torch.sub(blk, lse[s : s + ROW_BLOCK, None]).exp_().masked_fill_(mask, 0.0)
+                grad[s : s + ROW_BLOCK].add_(share.mul_(g[s : s + ROW_BLOCK, None]))  # [b, W]
+        for s in range(0, logp.shape[0], ROW_BLOCK):  # through the log-softmax, in place
+            gb = grad[s : s + ROW_BLOCK]  # [b, W]
+            gb.sub_(logp[s : s + ROW_BLOCK].exp().mul_(gb.sum(-1, keepdim=True)))
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(ctx.dtype), None, None, None, None, None
+
 
 @dataclass
 class Prepared:
-    """The student's full-vocabulary log-probs and the cleaned per-token batch, computed once.
+    """The student's log-probs and the cleaned per-token batch, computed once per call.
 
     ``combined_loss`` builds one and passes it as ``logits`` to every term, so the [N, V]
-    log-softmax is computed once per call however many terms there are.
+    log-softmax is computed once per call however many terms there are. Fused path (default): the
+    log-probs the losses use are gathered in one pass (``at``, ``tail``) and ``logp`` carries no
+    gradient; dense path (``DENSE_LOSSES``): ``logp`` is differentiable.
     """
 
-    logp: Tensor  # [N, V] fp32 log π_θ at the loss temperature; padded columns -inf; with grad
-    token_logp: Tensor  # [N] log π_θ(y_t)
+    logp: Tensor  # [N, V] fp32 log π_θ at the loss temperature; padded columns -inf
+    token_logp: Tensor  # [N] log π_θ(y_t), with grad
     batch: dict[str, Tensor]  # per-token fields, excluded rows zeroed, floats in fp32
     w: Tensor  # [N] fp32 selection weight
+    cols: dict[str, Tensor]  # id column -> student log-probs there [N, K], with grad
+    tails: dict[str, tuple[Tensor, Tensor]]  # id column -> (log-mass outside [N], has_tail [N])
 
-    def at(self, ids: Tensor) -> Tensor:
-        """Student full-vocabulary log-probs at ids [N, K] -> [N, K]."""
-        return self.logp.gather(1, ids)
+    def at(self, name: str) -> Tensor:
+        """Student full-vocabulary log-probs at the ids of column ``name`` -> [N, K]."""
+        if name not in self.cols:
+            raise KeyError(f"batch has no {name!r} column")
+        return self.cols[name]
+
+    def tail(self, name: str) -> tuple[Tensor, Tensor]:
+        """(log Σ p_θ outside the valid ids of column ``name`` [N], 0 where none; has_tail [N])."""
+        if name not in self.tails:
+            raise KeyError(f"the tail outside {name!r} was not prepared (see TAIL_SETS)")
+        return self.tails[name]
 
     def need(self, name: str, why: str) -> Tensor:
         if name not in self.batch:
@@ -77,21 +202,8 @@ class Prepared:
         return self.batch[name]
 
 
-def prepare(
-    logits: Tensor | Prepared,
-    batch: Mapping[str, Tensor],
-    vocab_size: int | None = None,
-    temperature: float = 1.0,
-) -> Prepared:
-    """Student log-softmax (fp32, full unpadded vocabulary, at ``temperature``) + cleaned batch."""
-    if isinstance(logits, Prepared):
-        return logits
-    n, width = logits.shape
-    vocab_size = width if vocab_size is None else vocab_size
-    if vocab_size > width:
-        raise ValueError(f"vocab_size={vocab_size} exceeds the logits' {width} columns")
-    w = batch.get("weight")
-    w = torch.ones(n, device=logits.device) if w is None else w.float()  # [N]
+def _clean(batch: Mapping[str, Tensor], n: int, w: Tensor) -> dict[str, Tensor]:
+    """Per-token fields with excluded rows (w = 0) zeroed before any arithmetic."""
     keep = w != 0  # [N]
     clean: dict[str, Tensor] = {}
     for name, x in batch.items():
@@ -106,17 +218,80 @@ def prepare(
             clean[name] = torch.where(k, x.long(), 0)  # id -1 padding must still gather
         else:
             clean[name] = x
-    z = logits.float()  # [N, V]
-    if temperature != 1.0:
-        z = z / temperature
-    if width > vocab_size:
-        # Out of place (masked_fill, not an in-place write): keeps autograd happy.
-        z = z.masked_fill(torch.arange(width, device=z.device) >= vocab_size, float("-inf"))
-    logp = torch.log_softmax(z, dim=-1)  # [N, V]
     if "token_id" not in clean:
         raise KeyError("batch has no 'token_id' column")
-    token_logp = logp.gather(1, clean["token_id"][:, None]).squeeze(1)  # [N]
-    return Prepared(logp=logp, token_logp=token_logp, batch=clean, w=w)
+    return clean
+
+
+def _valid(ids: Tensor) -> Tensor:
+    """Which ids [N, K] are members of their set: -1 (a teacher token without a student id in
+    ``teacher_mapped_ids``) is not."""
+    return ids >= 0
+
+
+def prepare(
+    logits: Tensor | Prepared,
+    batch: Mapping[str, Tensor],
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    *,
+    tails: tuple[str, ...] = (),
+    dense: bool = False,
+    inplace: bool = False,
+) -> Prepared:
+    """Student log-softmax (fp32, full unpadded vocabulary, at ``temperature``) + cleaned batch.
+
+    ``tails``: id columns whose complement's log-mass to prepare (``TAIL_SETS``). ``dense``: keep
+    a differentiable [N, V] ``logp`` (for ``DENSE_LOSSES``). ``inplace``: the fused path may
+    overwrite fp32 ``logits`` with the log-softmax (the trainer's own head output; saves a block).
+    """
+    if isinstance(logits, Prepared):
+        return logits
+    n, width = logits.shape
+    vocab_size = width if vocab_size is None else vocab_size
+    if vocab_size > width:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the logits' {width} columns")
+    w = batch.get("weight")
+    w = torch.ones(n, device=logits.device) if w is None else w.float()  # [N]
+    clean = _clean(batch, n, w)
+    names, ids = _id_columns(clean)  # [N, K_all]
+    span, lo = {}, 0  # column -> its [lo, hi) range in ids
+    for c in names:
+        span[c] = (lo, lo + clean[c].reshape(n, -1).shape[1])
+        lo = span[c][1]
+    wanted = [c for c in dict.fromkeys(tails) if c in span]
+    valids = {c: _valid(clean[c]) for c in wanted}
+    if dense:
+        z = logits.float()  # [N, V]
+        if temperature != 1.0:
+            z = z / temperature
+        if width > vocab_size:  # out of place: keeps autograd happy
+            z = z.masked_fill(torch.arange(width, device=z.device) >= vocab_size, float("-inf"))
+        logp = torch.log_softmax(z, dim=-1)  # [N, V]
+        vals = logp.gather(1, ids)  # [N, K_all]
+        got = {}
+        for c in wanted:
+            lo, hi = span[c]
+            in_set = _in_set(ids[:, lo:hi], valids[c], width)  # [N, V]
+            has = (~in_set & torch.isfinite(logp)).any(dim=-1)  # [N]
+            # S columns get a finite floor, not -inf: K = V stays finite, gradient included
+            floor = torch.finfo(logp.dtype).min
+            got[c] = torch.logsumexp(logp.masked_fill(in_set, floor), dim=-1)  # [N]
+            got[c] = (torch.where(has, got[c], 0.0), has)
+    else:
+        sets = [(*span[c], valids[c]) for c in wanted]
+        logp, vals, *lses = _FusedLogProbs.apply(
+            logits, ids, sets, temperature, vocab_size, inplace
+        )
+        got = {}
+        for c, lse in zip(wanted, lses, strict=True):
+            has = torch.isfinite(lse)  # [N]
+            got[c] = (torch.where(has, lse, 0.0), has)
+    cols = {}
+    for c in names:
+        lo, hi = span[c]
+        cols[c] = vals[:, lo:hi].reshape(clean[c].shape)  # [N] or [N, K]
+    return Prepared(logp=logp, token_logp=cols["token_id"], batch=clean, w=w, cols=cols, tails=got)
 
 
 def _segment(p: Prepared) -> Tensor:
@@ -184,18 +359,15 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     return (a * diff).sum(-1)  # [N]
 
 
-def _support(p: Prepared, support: str, why: str) -> tuple[Tensor, Tensor]:
-    """(ids [N, K] int64, teacher full-vocab log-probs on them [N, K] fp32) for a top-K support."""
+def _support(p: Prepared, support: str, why: str) -> tuple[str, Tensor]:
+    """(the ids' column name, teacher full-vocab log-probs on them [N, K] fp32) for a top-K
+    support; the student's log-probs there are ``p.at(name)``."""
     if support == "teacher":
-        return (
-            p.need("teacher_topk_ids", why),
-            p.need("teacher_topk_logprobs", why),
-        )
+        p.need("teacher_topk_ids", why)
+        return "teacher_topk_ids", p.need("teacher_topk_logprobs", why)
     if support == "behavior":
-        return (
-            p.need("behavior_topk_ids", why),
-            p.need("teacher_logprobs_on_behavior_topk", why),
-        )
+        p.need("behavior_topk_ids", why)
+        return "behavior_topk_ids", p.need("teacher_logprobs_on_behavior_topk", why)
     raise ValueError(f"support must be 'teacher' or 'behavior', got {support!r}")
 
 
@@ -220,8 +392,8 @@ def _pg(p: Prepared, adv: Tensor, is_clip: float | None) -> tuple[Tensor, Metric
 
 def _topk_fkl_tokens(p: Prepared, tail_bucket: bool, why: str) -> Tensor:
     """Per-token top-K forward KL on the teacher's support [N] (see ``topk_fkl``)."""
-    ids, t_lp = _support(p, "teacher", why)  # [N, K], [N, K]
-    s_lp = p.at(ids)  # [N, K] student, full-vocab normalised
+    col, t_lp = _support(p, "teacher", why)  # the ids' column, [N, K]
+    s_lp = p.at(col)  # [N, K] student, full-vocab normalised
     if not tail_bucket:
         return _kl(_renorm(t_lp), _renorm(s_lp))
     # Teacher tail mass from the stored fp32 log-mass (top-K log-probs may be stored in fp16).
@@ -231,16 +403,10 @@ def _topk_fkl_tokens(p: Prepared, tail_bucket: bool, why: str) -> Tensor:
     tail_t = (-torch.expm1(logmass.clamp(max=0.0))).clamp(0.0, 1.0)  # [N] 1 − exp(logmass)
     # Student tail mass = logsumexp over the columns outside S, computed exactly from the
     # log-softmax rather than as 1 − Σ_S p_θ (which cancels catastrophically when the tail is
-    # small). S columns get a finite floor, not -inf, so that K = V yields a finite value and a
-    # finite gradient.
-    floor = torch.finfo(p.logp.dtype).min
-    log_tail_s = torch.logsumexp(p.logp.scatter(1, ids, floor), dim=-1)  # [N]
-    # When S covers every real column (K = V) the tail is empty for both models: a stored
-    # log-mass a hair below 0 (a logaddexp's -1e-7, fp16 rounding) is rounding, not mass, and
-    # tail_T · log(floor) would be ~1e31. Such rows get no tail term at all.
-    outside = torch.ones_like(p.logp, dtype=torch.bool).scatter(1, ids, False)  # [N, V]
-    outside &= torch.isfinite(p.logp)  # padded vocabulary columns are not part of the tail
-    has_tail = outside.any(dim=-1)  # [N]
+    # small). When S covers every real column (K = V; padded columns are not part of the tail)
+    # the tail is empty for both models: a stored log-mass a hair below 0 (a logaddexp's -1e-7,
+    # fp16 rounding) is rounding, not mass. Such rows get no tail term at all.
+    log_tail_s, has_tail = p.tail(col)  # [N], [N]
     tail = torch.special.xlogy(tail_t, tail_t) - tail_t * log_tail_s  # [N]
     head = _kl(t_lp, s_lp)  # [N] Σ_S p_T (log p_T − log p_θ), unnormalised
     return head + torch.where(has_tail, tail, 0.0)  # [N]
@@ -295,8 +461,8 @@ def vopd(
     the baseline less optimal (less variance reduction), never biased.
     """
     p = prepare(logits, batch, vocab_size, temperature)
-    ids, t_lp = _support(p, support, "vopd")  # [N, K], [N, K]
-    kl = _kl(_renorm(p.at(ids).detach()), _renorm(t_lp))  # [N] baseline, no gradient
+    col, t_lp = _support(p, support, "vopd")  # the ids' column, [N, K]
+    kl = _kl(_renorm(p.at(col).detach()), _renorm(t_lp))  # [N] baseline, no gradient
     r = p.need("teacher_logprob", "vopd") - p.token_logp.detach()  # [N]
     per_token, m = _pg(p, r + kl, is_clip)
     m["baseline_kl"] = (p.w * kl).sum()
@@ -350,7 +516,8 @@ def topk_fkl(
     ``tail_bucket=False``: both distributions renormalised on ``S``:
     ``Σ_{i∈S} p̃_T(i)(log p̃_T(i) − log p̃_θ(i))`` (blind to mass the student puts outside ``S``).
     """
-    p = prepare(logits, batch, vocab_size, temperature)
+    tails = ("teacher_topk_ids",) if tail_bucket else ()
+    p = prepare(logits, batch, vocab_size, temperature, tails=tails)
     return _finish(p, _topk_fkl_tokens(p, tail_bucket, "topk_fkl"))
 
 
@@ -384,8 +551,8 @@ def topk_rkl(
     if form not in ("biased", "stopgrad"):
         raise ValueError(f"form must be 'biased' or 'stopgrad', got {form!r}")
     p = prepare(logits, batch, vocab_size, temperature)
-    ids, t_lp = _support(p, support, "topk_rkl")  # [N, K], [N, K]
-    s_lp = p.at(ids)  # [N, K] full-vocab
+    col, t_lp = _support(p, support, "topk_rkl")  # the ids' column, [N, K]
+    s_lp = p.at(col)  # [N, K] full-vocab
     s_tilde = _renorm(s_lp)  # [N, K]
     if renormalize:
         s_log, t_log = s_tilde, _renorm(t_lp)
@@ -425,8 +592,8 @@ def gkd_jsd(
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     p = prepare(logits, batch, vocab_size, temperature)
-    ids, t_lp = _support(p, "teacher", "gkd_jsd")  # [N, K], [N, K]
-    s = _renorm(p.at(ids))  # [N, K]
+    col, t_lp = _support(p, "teacher", "gkd_jsd")  # the ids' column, [N, K]
+    s = _renorm(p.at(col))  # [N, K]
     t = _renorm(t_lp)  # [N, K]
     if beta == 0.0:
         jsd = _kl(t, s)  # [N]
@@ -470,7 +637,8 @@ def tropd(
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     if outlier not in ("fkl", "mask", "clip"):
         raise ValueError(f"outlier must be 'fkl', 'mask' or 'clip', got {outlier!r}")
-    p = prepare(logits, batch, vocab_size, temperature)
+    tails = ("teacher_topk_ids",) if tail_bucket else ()
+    p = prepare(logits, batch, vocab_size, temperature, tails=tails)
     seg = _segment(p)  # [N]
     r = p.need("teacher_logprob", "tropd") - p.token_logp.detach()  # [N]
     log_tau = math.log(tau)
@@ -564,22 +732,18 @@ def mapped_topk_fkl(
     ``tail_T = 1 − Σ_M p_T`` holds the unmapped and the beyond-K mass; ``tail_θ = 1 − Σ_M p_θ``.
     Everything mapped is ``topk_fkl`` (tail bucket) exactly; nothing mapped is 0.
     """
-    p = prepare(logits, batch, vocab_size, temperature)
+    p = prepare(logits, batch, vocab_size, temperature, tails=("teacher_mapped_ids",))
     raw = p.need("teacher_mapped_ids", "mapped_topk_fkl")  # [N, K]
     valid = raw >= 0  # [N, K]
-    ids = torch.where(valid, raw, 0)  # [N, K] safe to gather
     t_lp = torch.where(valid, p.need("teacher_mapped_logprobs", "mapped_topk_fkl"), -math.inf)
     logmass = p.batch.get("teacher_mapped_logmass")
     if logmass is None:
         logmass = torch.logsumexp(t_lp, dim=-1)  # [N]
     tail_t = (-torch.expm1(logmass.clamp(max=0.0))).clamp(0.0, 1.0)  # [N]
-    # The mapped set as a mask (scatter_add: unmapped entries add 0 at the dummy id 0).
-    in_m = torch.zeros_like(p.logp).scatter_add(1, ids, valid.float()) > 0  # [N, V]
-    floor = torch.finfo(p.logp.dtype).min  # finite, as in topk_fkl: K = V stays finite
-    log_tail_s = torch.logsumexp(p.logp.masked_fill(in_m, floor), dim=-1)  # [N]
-    has_tail = (~in_m & torch.isfinite(p.logp)).any(dim=-1)  # [N]
+    # the student's mass outside the mapped set (unmapped entries are not members)
+    log_tail_s, has_tail = p.tail("teacher_mapped_ids")  # [N], [N]
     tail = torch.special.xlogy(tail_t, tail_t) - tail_t * log_tail_s  # [N]
-    head = _kl(t_lp, p.at(ids))  # [N] unmapped entries have p_T = 0
+    head = _kl(t_lp, p.at("teacher_mapped_ids"))  # [N] unmapped entries have p_T = 0
     per_token = head + torch.where(has_tail, tail, 0.0)  # [N]
     # Nothing mapped: both sides are the one bucket, KL 0 exactly (not a logsumexp's rounding).
     per_token = torch.where(valid.any(dim=-1), per_token, 0.0)  # [N]
@@ -603,7 +767,7 @@ def uld(
     ULD's full-vocabulary distance (the smaller vocabulary padded with zeros). Rows whose teacher
     probabilities are all 0 (no comparable teacher position) contribute 0.
     """
-    p = prepare(logits, batch, vocab_size, temperature)
+    p = prepare(logits, batch, vocab_size, temperature, dense=True)
     t = p.need("teacher_sorted_probs", "uld")  # [N, K_T]
     width = int(torch.isfinite(p.logp[:1]).sum()) if p.logp.shape[0] else p.logp.shape[1]
     k_s = min(t.shape[1] if k is None else k, width)
@@ -642,22 +806,27 @@ def combined_loss(
     terms: list[tuple[str, float, dict]],
     vocab_size: int | None = None,
     temperature: float = 1.0,
+    inplace: bool = False,
 ) -> tuple[Tensor, Metrics]:
     """Weighted sum of loss terms, ``Σ_j c_j · loss_sum_j``, sharing one student log-softmax.
 
     ``terms``: ``[(name, coefficient, kwargs), ...]`` with names from ``LOSSES``. Metrics: the
     shared diagnostics once (``tokens``, ``reward``, ...), ``loss`` (the total) and each term's own
-    metrics prefixed ``<name>/`` (``<name>#<j>/`` when a name repeats).
+    metrics prefixed ``<name>/`` (``<name>#<j>/`` when a name repeats). ``inplace``: ``logits``
+    (fp32, owned by the caller, not used again) become the log-softmax: one [N, V] block less.
     """
     if not terms:
         raise ValueError("combined_loss needs at least one term")
-    p = prepare(logits, batch, vocab_size, temperature)
     names = [t[0] for t in terms]
+    for name in names:
+        if name not in LOSSES:
+            raise KeyError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
+    tails = tuple(TAIL_SETS[n] for n in names if n in TAIL_SETS)
+    dense = any(n in DENSE_LOSSES for n in names)
+    p = prepare(logits, batch, vocab_size, temperature, tails=tails, dense=dense, inplace=inplace)
     total: Tensor | None = None
     metrics: Metrics = {}
     for j, (name, coef, kwargs) in enumerate(terms):
-        if name not in LOSSES:
-            raise KeyError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
         loss, m = LOSSES[name](p, batch, **(kwargs or {}))
         label = name if names.count(name) == 1 else f"{name}#{j}"
         total = coef * loss if total is None else total + coef * loss

@@ -57,7 +57,23 @@ def load_tokenizer(path: str | None, role: str = "student"):
         ) from None
     if tok.eos_token_id is None:
         raise UserError(f"the {role} tokenizer has no EOS token", str(p), "set tokenizer.eos_token")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES) or len(tok) <= len(
+        set(tok.all_special_ids)
+    ):  # transformers builds an empty tokenizer from config.json's model type alone
+        raise UserError(
+            f"the {role} folder has no usable tokenizer (no tokenizer.json or vocabulary file; "
+            f"{len(tok)} ids)",
+            str(p),
+            "save the tokenizer next to the weights (tokenizer.save_pretrained(DIR))",
+        )
     return tok
+
+
+# the files a saved tokenizer consists of (one is enough: tokenizer.json, or the vocabulary files)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model",
+)  # fmt: skip
 
 
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

