@@ -58,7 +58,7 @@ def commands(world: Path, run_dir: Path, seed: int) -> list[list[str]]:
             "--world",
             str(world),
         ],
-        pipe + ["pipeline.stages=[eval,report]"],
+        pipe + ["pipeline.stages=[eval,report]", f"eval.checkpoints=[base,{NAME}-val]"],
     ]
 
 
