@@ -265,6 +265,10 @@ def _jsonl_rows(p: Any) -> list[Any]:
             raise SchemaError(
                 f"prompts: malformed JSON on line {n} ({e.msg})", str(p), FIX
             ) from None
+        except RecursionError:  # the decoder recurses per nesting level
+            raise SchemaError(
+                f"prompts: the JSON on line {n} is nested too deeply", str(p), FIX
+            ) from None
     return rows
 
 
@@ -319,11 +323,16 @@ def read(path: str | None, *, max_prompts: int | None = None, split: str = "trai
     else:
         try:
             rows = pq.read_table(p).to_pylist()
+        except RecursionError:
+            raise SchemaError("prompts: a value is nested too deeply", str(p), FIX) from None
         except (pa.ArrowInvalid, OSError) as e:
             raise SchemaError(f"cannot read prompts as Parquet ({e})", str(p), fix) from None
     if max_prompts is not None:
         rows = rows[:max_prompts]
-    return from_rows(rows, str(p))
+    try:
+        return from_rows(rows, str(p))
+    except RecursionError:  # a value nested thousands deep (it is never a valid row)
+        raise SchemaError("prompts: a value is nested too deeply", str(p), FIX) from None
 
 
 def source_sha256(path: str, split: str = "train") -> str:

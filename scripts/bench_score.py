@@ -231,7 +231,7 @@ def body_params(model) -> int:
 
 
 def make_jobs(spec: dict, seed: int = 0):
-    from stages.score import Job, Role
+    from stages.lib.scoring.plan import Job, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", K, True)
@@ -248,7 +248,7 @@ def make_jobs(spec: dict, seed: int = 0):
 def shared_jobs(shape: dict, vocab: int, seed: int = 0):
     """``prompts`` prefixes of ``prefix`` tokens, ``n`` responses of ``response`` tokens each:
     one teacher job per sample (the teacher pass of a rollout.n = n run)."""
-    from stages.score import Job, Role
+    from stages.lib.scoring.plan import Job, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", K, True)
@@ -267,7 +267,7 @@ def demo_jobs(shape: dict, seed: int = 0):
     prompt gives a group of n samples after its teacher prefix and, unguided, one after its
     train prefix; guided prompts' behaviour passes are the teacher's (one job). K = 8 as the
     demo's score.topk."""
-    from stages.score import Job, Role
+    from stages.lib.scoring.plan import Job, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", shape["topk"], True)
@@ -300,7 +300,7 @@ def bench_sharing(path: Path, jobs, limit: dict, *, batch_tokens: int, chunk: in
     (shared, unshared, shared, ...; best of ``rounds`` each), in one process on one model: the
     speedup, each pass's fraction of the matmul limit (its own counted tokens), and the largest
     difference of the stored floats between the two."""
-    from stages.score import hf_model, hf_score, share_units
+    from stages.lib.scoring.hf import hf_model, hf_score, share_units
 
     model = load_model(path)
     m = hf_model(model, torch.device("cpu"))
@@ -346,7 +346,7 @@ def bench_sharing(path: Path, jobs, limit: dict, *, batch_tokens: int, chunk: in
 
 def _hf_pass(m, jobs, vocab: int, batch_tokens: int, chunk: int) -> float:
     """Seconds of one ``hf_score`` pass over ``jobs``."""
-    from stages.score import hf_score
+    from stages.lib.scoring.hf import hf_score
 
     _keep_policy()
     t0 = time.perf_counter()
@@ -371,7 +371,8 @@ def bench_hf(path: Path, jobs, *, batch_tokens: int, chunk: int, reps: int = 2,
     """The HF scoring core over ``jobs``: ``seconds`` (warm, best of ``reps``), ``first_s`` (the
     first pass: with ``compiled`` it includes the compile), ``body_seconds`` (the decoder alone on
     the same batches, best of ``reps``; only with ``body``) and ``outputs`` (the last results)."""
-    from stages.score import hf_model, length_buckets, pad_right
+    from stages.lib.scoring.hf import hf_model, pad_right
+    from stages.lib.scoring.plan import length_buckets
 
     model = load_model(path)
     m = hf_model(model, torch.device("cpu"), compiled)
@@ -424,7 +425,7 @@ def bench_compiled(
     every fraction). Best of ``rounds`` seconds each. Also: the compile (the compiled first pass
     minus a warm one), the response tokens that repay it, and the largest difference of the
     stored floats from the eager path's."""
-    from stages.score import hf_model
+    from stages.lib.scoring.hf import hf_model
 
     bt, ch = config
     model = load_model(path)
@@ -462,7 +463,7 @@ def bench_compiled(
 def forward_rows(jobs, batch_tokens: int) -> list[int]:
     """Padded tokens per decoder forward of the stage's length buckets, fewest, mean and most
     (the body GEMMs' row counts, at which the limit is measured)."""
-    from stages.score import length_buckets
+    from stages.lib.scoring.plan import length_buckets
 
     lengths = [len(j.prefix) + len(j.response) for j in jobs]
     sizes = [len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths, batch_tokens)]

@@ -204,7 +204,8 @@ def pair_ratio(num: list[float], den: list[float]) -> float:
 
 def trainer(cfg, student: Path, vocab: int):
     """The student under ``stages.train``'s loss and optimizer, as ``run`` builds them."""
-    from stages.train import Dist, ResponseLoss
+    from stages.lib.training.distributed import Dist
+    from stages.lib.training.objective import ResponseLoss
 
     tc = cfg.train
     torch.manual_seed(0)
@@ -297,7 +298,8 @@ def bench_streaming(w: dict, pairs: int) -> dict:
 # ----------------------------------------------------------------------------- (c) offline vs online
 def bench_online(w: dict, pairs: int, end_to_end: bool) -> dict:
     from stages.lib.loader import MicroBatchStream, collate
-    from stages.train import online_teacher, train_step
+    from stages.lib.training.online import online_teacher
+    from stages.train import train_step
 
     cfg = train_cfg(w, "online", 1)
     sel = w["selection"]
@@ -355,7 +357,8 @@ def bench_online(w: dict, pairs: int, end_to_end: bool) -> dict:
 def bench_precision(w: dict, pairs: int) -> dict:
     """Step time of fp32, bf16 autocast and bf16 weights + fp32 masters, interleaved pairwise."""
     from stages.lib.loader import MicroBatchStream, collate
-    from stages.train import MasterWeights, autocast_for, train_step
+    from stages.lib.training.precision import MasterWeights, autocast_for
+    from stages.train import train_step
 
     cfg = train_cfg(w, "precision", 1)
     sel = w["selection"]
@@ -424,7 +427,7 @@ def mem_child(
     variant: str, model_dir: str, seqs: int, resp: int, k: int, chunk: int, gc: bool = False
 ) -> dict:
     """One training step of one variant; peak RSS growth over the pre-step baseline."""
-    from stages.train import ResponseLoss
+    from stages.lib.training.objective import ResponseLoss
 
     torch.manual_seed(0)
     tok = models.load_tokenizer(model_dir)

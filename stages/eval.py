@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data_schemas import prompts as prompts_schema
-from stages.lib import chat, decoding, models
+from stages.lib import chat, decoding, models, safety
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -74,8 +74,8 @@ def checkpoint_paths(cfg: Config) -> dict[str, str]:
         out["sft"] = str(layout.sft_final)
     root = layout.checkpoints_root
     for d in sorted(root.glob("*/final")) if root.is_dir() else []:
-        if d.parent.name != "sft":
-            out[d.parent.name] = str(d)
+        if d.parent.name != "sft":  # a name read from disk: it becomes a path and a label
+            out[safety.check_disk_name(d.parent.name, d.parent, "checkpoint folder")] = str(d)
     out.update({name: str(d) for name, d in later.items()})
     return out
 
@@ -94,7 +94,8 @@ def round_checkpoints(layout: RunLayout) -> dict[str, Path]:
     found = []
     for r, rl in layout.rounds().items():
         if r >= 2 and rl.checkpoints_root.is_dir():
-            found += [(r, d.parent.name, d) for d in sorted(rl.checkpoints_root.glob("*/final"))]
+            for d in sorted(rl.checkpoints_root.glob("*/final")):
+                found.append((r, safety.check_disk_name(d.parent.name, d.parent, "checkpoint"), d))
     return {name: d for _, name, d in sorted(found)}
 
 
@@ -132,7 +133,9 @@ def is_adapter_dir(path: str) -> bool:
 def adapter_base(cfg: Config, path: str) -> str:
     """The model an adapter was trained on: its adapter_config's base when that directory exists
     (relative paths as the trainer wrote them), else the student."""
-    base = json.loads((Path(path) / "adapter_config.json").read_text()).get(
+    f = Path(path) / "adapter_config.json"
+    fix = "re-save the adapter (model.save_pretrained(DIR)) or evaluate a merged checkpoint"
+    base = safety.parse_json_object(f.read_bytes(), "adapter_config.json", str(f), fix).get(
         "base_model_name_or_path"
     )
     return base if base and (Path(base) / "config.json").is_file() else cfg.student.path
@@ -151,6 +154,7 @@ def load_checkpoint(cfg: Config, name: str, path: str):
             path,
             "pip install peft (or train with train.lora.save_merged=true)",
         ) from None
+    models.check_safe_weights(Path(path), f"checkpoint {name} (LoRA adapter)", allow_pickle=False)
     base = models.load_model(adapter_base(cfg, path), f"base of checkpoint {name}")
     return PeftModel.from_pretrained(base, path).merge_and_unload().eval()
 
@@ -355,6 +359,9 @@ def write_generations(root: Path, name: str, generations: dict[str, list[dict]])
 
 def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
+    layout = RunLayout.of(cfg.run_dir)
+    safety.check_output(layout.eval, layout.root, "eval results")
+    ckpts = checkpoint_paths(cfg)  # names read from disk are checked before any model loads
     sets = load_sets(cfg)
     tok = models.load_tokenizer(cfg.student.path, "student")
     teacher = models.load_model(cfg.teacher.path, "teacher") if cfg.teacher.path else None
@@ -379,7 +386,6 @@ def run(cfg: Config) -> dict:
         "sets": {n: prompts_schema.source_sha256(cfg.data.eval_sets[n]) for n in sets},
     }
     results, t0, gen_root = {}, time.time(), out_dir / "generations"
-    ckpts = checkpoint_paths(cfg)
     bar = Progress(len(ckpts), "eval", unit="checkpoints")  # cached ones count as done
     try:
         for name, ckpt in ckpts.items():

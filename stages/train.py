@@ -59,278 +59,44 @@ import contextlib
 import functools
 import json
 import math
-import os
 import random
-import re
-import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 from torch import Tensor, nn
 
 from data_schemas import manifest as manifest_mod
-from data_schemas import rollouts as rollouts_table
 from data_schemas import selected as selected_table
-from stages.lib import models, store, trackers, trainer_state
+from stages.lib import models, safety, store, trackers
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
-from stages.lib.errors import UserError, fault_point
+from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
 from stages.lib.loader import MicroBatch, MicroBatchStream, Plan, collate, plan_steps
-from stages.lib.logprobs import model_head, model_hidden_states, sequence_stats
-from stages.lib.losses import MAX_SUFFIX, average_metrics, chunk_for_budget, combined_loss
-
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-# ============================================================================ small pure helpers
-def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """LR multiplier for optimizer step ``step`` (0-based): linear warmup, then cosine or flat."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def step_dirs(root: Path) -> list[Path]:
-    """Step checkpoint folders under ``root``, oldest first (temp folders are not among them)."""
-    found = [p for p in root.glob("step-*") if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def latest_step_dir(root: Path) -> Path | None:
-    """The newest step checkpoint with a trainer state (a pickled one too: to be refused)."""
-    done = [
-        p for p in step_dirs(root) if trainer_state.is_complete(p) or trainer_state.has_pickle(p)
-    ]
-    return done[-1] if done else None
-
-
-# ============================================================================ distributed seams
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            tdist.barrier()
-
-    def all_reduce(self, x: Tensor, op: str = "sum") -> Tensor:
-        if self.world_size > 1:
-            tdist.all_reduce(x, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
-        return x
-
-
-def setup_distributed(device_name: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK (a process group even for one process, so FSDP2
-    runs under ``--nproc_per_node=1``); NCCL on GPUs, gloo on CPU."""
-    device = models.pick_device(device_name)
-    if "WORLD_SIZE" not in os.environ:
-        return Dist(device=device)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(), device=device)
-
-
-# ============================================================================ the model under loss
-class ResponseLoss(nn.Module):
-    """Student forward that returns the weighted loss SUM over response tokens (and metric sums).
-
-    Wrapped whole by DDP / FSDP2, so their hooks see one forward and one backward per micro-batch.
-    """
-
-    def __init__(
-        self, model: nn.Module, terms: list, vocab_size: int, temperature: float, chunk: int
-    ):
-        super().__init__()
-        self.model = model
-        self.terms, self.vocab_size = terms, vocab_size
-        self.temperature, self.chunk = temperature, chunk
-
-    def _chunk_loss(self, h: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        # The head and log-softmax stay fp32 under bf16 autocast and bf16 weights (docs: fp32 head).
-        with torch.autocast(h.device.type, enabled=False):
-            logits = model_head(self.model)(h.float())  # [n, V] fp32
-            # in place: the logits become the log-softmax (losses.py: 2 x [n, V] working set)
-            return combined_loss(
-                logits, batch, self.terms, self.vocab_size, self.temperature, inplace=True
-            )
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, batch: dict):
-        hidden = model_hidden_states(self.model, input_ids, attention_mask)  # [B, L, H]
-        h = hidden.reshape(-1, hidden.shape[-1])[positions]  # [M, H]
-        n = h.shape[0]
-        if n <= self.chunk:
-            return self._chunk_loss(h, batch)
-        total, metrics = None, {}
-        for s, e in loss_splits(n, self.chunk, batch.get("chunk_index")):
-            sub = {k: v[s:e] for k, v in batch.items()}
-            # Recompute the chunk's [chunk, V] logits in backward instead of keeping them all.
-            loss, m = torch.utils.checkpoint.checkpoint(
-                self._chunk_loss, h[s:e], sub, use_reentrant=False
-            )
-            total = loss if total is None else total + loss
-            add_metrics(metrics, m)
-        return total, metrics
-
-
-def loss_chunk(tc: Any, vocab: int) -> int:
-    """``train.chunk_positions``, or (null) the most positions ``train.loss_memory_mib`` holds."""
-    if tc.chunk_positions is not None:
-        return tc.chunk_positions
-    return chunk_for_budget(tc.loss_memory_mib, vocab)
-
-
-def loss_splits(n: int, chunk: int, keys: Tensor | None = None) -> list[tuple[int, int]]:
-    """``[s, e)`` ranges of about ``chunk`` positions covering ``n``. With ``keys`` (the aligned
-    chunk ids of a cross-tokenizer batch) no range ends inside a run of equal keys: chunk_opd
-    needs all of a chunk's tokens in one loss call (a chunk longer than ``chunk`` stays whole)."""
-    if keys is None:
-        return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    k, out, s = keys.tolist(), [], 0
-    while s < n:
-        e = min(s + chunk, n)
-        b = e
-        while s < b < n and k[b] == k[b - 1]:  # back to the start of the chunk cut through
-            b -= 1
-        if b == s:  # one chunk longer than the range: keep it whole
-            b = e
-            while b < n and k[b] == k[b - 1]:
-                b += 1
-        out.append((s, b))
-        s = b
-    return out
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face (or PEFT) model inside DDP / ResponseLoss."""
-    model = getattr(model, "module", model)
-    return model.model if isinstance(model, ResponseLoss) else model
-
-
-def add_metrics(sums: dict[str, Tensor], mets: dict[str, Tensor]) -> None:
-    """Accumulate a micro-batch's metric sums (``*_max`` metrics by maximum)."""
-    for k, v in mets.items():
-        v = v.detach().double()
-        if k in sums:
-            v = torch.maximum(sums[k], v) if k.endswith(MAX_SUFFIX) else sums[k] + v
-        sums[k] = v
-
-
-def reduce_totals(sums: dict[str, Tensor], dist: Dist) -> dict[str, float]:
-    """Metric totals over all ranks: one SUM all-reduce (and one MAX for ``*_max``)."""
-    out = {}
-    for op, keys in (
-        ("sum", [k for k in sorted(sums) if not k.endswith(MAX_SUFFIX)]),
-        ("max", [k for k in sorted(sums) if k.endswith(MAX_SUFFIX)]),
-    ):
-        if keys:
-            vec = dist.all_reduce(torch.stack([sums[k].cpu() for k in keys]), op)
-            out.update(zip(keys, vec.tolist()))
-    return out
-
-
-# ============================================================================ precision
-@dataclass
-class MasterWeights:
-    """bf16 parameters trained through fp32 master copies (``train.precision=bf16_params``).
-
-    The optimizer updates ``master``; after backward the bf16 gradients are widened into the
-    masters' ``.grad``, after the step the masters are rounded into the bf16 parameters.
-    Checkpoints hold the fp32 masters, so a resume continues from exactly what was trained.
-    """
-
-    params: list[Tensor]  # the model's trainable parameters (bf16)
-    master: list[Tensor]  # their fp32 copies (what the optimizer sees)
-
-    @classmethod
-    def of(cls, model: nn.Module) -> MasterWeights:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        master = [p.detach().float().clone() for p in trainable]
-        model.to(torch.bfloat16)
-        return cls([p for p in model.parameters() if p.requires_grad], master)
-
-    def grads_to_master(self) -> None:
-        for p, m in zip(self.params, self.master):
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
-
-    def master_to_params(self) -> None:
-        with torch.no_grad():
-            for p, m in zip(self.params, self.master):
-                p.copy_(m)
-
-    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
-        """The model's state dict with every trainable tensor replaced by its fp32 master."""
-        by_ptr = {p.data_ptr(): m for p, m in zip(self.params, self.master)}
-        return {k: by_ptr.get(v.data_ptr(), v) for k, v in model.state_dict().items()}
-
-
-def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
-    """The context each forward runs under: bf16 autocast (``bf16``; ``auto`` on CUDA) or none."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-# ============================================================================ setup: the job
-@dataclass
-class Job:
-    """The fixed facts of one training run, found by ``setup_job`` (read-only afterwards)."""
-
-    cfg: Config
-    dist: Dist
-    layout: RunLayout
-    sel_dir: Path
-    manifest: dict
-    init: str
-    tok: Any
-    vocab: int
-    pad_id: int
-    identity: dict  # what a resumed checkpoint must have been trained from
-
-    @property
-    def ckpt_root(self) -> Path:
-        return self.layout.checkpoints(self.cfg.train.name)
-
-    @property
-    def final_dir(self) -> Path:
-        return self.layout.final(self.cfg.train.name)
-
-    @property
-    def out_dir(self) -> Path:
-        return self.layout.train(self.cfg.train.name)
-
-    @property
-    def fsdp(self) -> bool:
-        return self.cfg.train.fsdp and tdist.is_initialized()
-
-    def say(self, *a: Any) -> None:
-        if self.dist.main:
-            print(*a, flush=True)
+from stages.lib.losses import average_metrics
+from stages.lib.training.checkpoint import (
+    find_resume,
+    load_resume,
+    restore,
+    run_lock,
+    save_checkpoint,
+    step_dir_name,
+)
+from stages.lib.training.distributed import (
+    Dist,
+    distribute,
+    no_sync_unless_last,
+    reduce_totals,
+    setup_distributed,
+    step_counts,
+)
+from stages.lib.training.job import Job, State, Trainer
+from stages.lib.training.objective import ResponseLoss, add_metrics, loss_chunk, lr_factor
+from stages.lib.training.online import online_scorer
+from stages.lib.training.precision import MasterWeights, autocast_for
 
 
 def selection_tokenizer(layout: RunLayout, m: dict) -> str | None:
@@ -383,7 +149,8 @@ def setup_job(cfg: Config, dist: Dist) -> Job:
     """Resolve and check everything the run reads before any model loads."""
     tc = cfg.train
     layout = RunLayout.of(cfg.run_dir)
-    layout.checkpoints(tc.name)  # validates train.name before anything touches the disk
+    for out in (layout.checkpoints(tc.name), layout.train(tc.name)):  # train.name, symlinks
+        safety.check_output(out, layout.root, f"train.name={tc.name}")
     if not (math.isfinite(tc.lr) and tc.lr > 0):  # config validation refuses it too
         raise UserError(
             f"train.lr={tc.lr} is not a finite positive number", "config", "fix train.lr"
@@ -409,96 +176,12 @@ def setup_job(cfg: Config, dist: Dist) -> Job:
     return Job(cfg, dist, layout, sel_dir, m, init, tok, vocab, pad_id, identity)
 
 
-@contextlib.contextmanager
-def run_lock(job: Job):
-    """One trainer per run name (``store``'s flock: released by the kernel if the process dies)."""
-    with contextlib.ExitStack() as stack:
-        if job.dist.main:
-            name = job.cfg.train.name
-            lock = store.file_lock(
-                job.layout.train_lock(name),
-                f"training run '{name}'",
-                blocking=False,
-                holder="another trainer",
-                where=str(job.ckpt_root),
-                fix="wait for that training to finish (or stop it), or pick another train.name",
-            )
-            stack.enter_context(lock)
-        yield
-
-
-# ============================================================================ setup: resume
-def clean_temp(root: Path) -> None:
-    """Remove the temp folders of interrupted checkpoint saves (``.tmp-step-*``, ``.tmp-final``)."""
-    for p in root.glob(f"{store.TMP_PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def find_resume(job: Job) -> Path | None:
-    """The checkpoint to resume from (None: start fresh); ``overwrite`` clears this name first."""
-    tc, root = job.cfg.train, job.ckpt_root
-    if job.dist.main and root.exists():
-        clean_temp(root)
-    job.dist.barrier()
-    if not root.exists() or not any(root.iterdir()):
-        return None
-    if job.cfg.overwrite:
-        if job.dist.main:  # only this name's folders; the name is checked by the layout
-            shutil.rmtree(root)
-            shutil.rmtree(job.out_dir, ignore_errors=True)
-        job.dist.barrier()
-        return None
-    if not tc.resume:
-        raise UserError(
-            f"checkpoints of run '{tc.name}' already exist",
-            str(root),
-            "pass train.resume=true to continue, overwrite=true to start over, or another train.name",
-        )
-    final = job.final_dir
-    if trainer_state.is_complete(final) or trainer_state.has_pickle(final):
-        return final
-    return latest_step_dir(root)
-
-
-def load_resume(job: Job, path: Path) -> dict:
-    """This rank's trainer state of checkpoint ``path``, checked against the job's identity."""
-    state = trainer_state.load(path, job.dist.rank)
-    had = state.get("identity") or {}
-    if had != job.identity:
-        diff = [k for k in job.identity if had.get(k) != job.identity[k]]
-        raise UserError(
-            f"checkpoint {path} was trained from another {'/'.join(diff)}: "
-            + ", ".join(f"{k} {had.get(k)} (now {job.identity[k]})" for k in diff),
-            str(path),
-            "pass overwrite=true to start over, or use another train.name",
-        )
-    return state
-
-
-def rng_state() -> dict:
-    s = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 # ============================================================================ setup: model
 def apply_lora(model: nn.Module, lc, resume_from: Path | None) -> nn.Module:
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if resume_from is not None:
+    if resume_from is not None:  # adapters load from safetensors only, as weights do
+        models.check_safe_weights(resume_from, "LoRA adapter", allow_pickle=False)
         return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
     cfg = LoraConfig(
         r=lc.r,
@@ -508,29 +191,6 @@ def apply_lora(model: nn.Module, lc, resume_from: Path | None) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)
-
-
-def distribute(wrapped: nn.Module, job: Job) -> nn.Module:
-    """FSDP2 (each decoder layer, then the root) or DDP over the process group; as is alone."""
-    if job.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        bf16 = job.cfg.train.precision == "bf16_params"
-        layer_mp = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
-        )
-        # the root's inputs include the fp32 teacher columns: never cast them
-        root_mp = MixedPrecisionPolicy(
-            param_dtype=layer_mp.param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
-        )
-        for layer in getattr(unwrap(wrapped).get_decoder(), "layers", []):
-            fully_shard(layer, mp_policy=layer_mp)
-        fully_shard(wrapped, mp_policy=root_mp)
-        return wrapped
-    if job.dist.world_size > 1:
-        ids = [job.dist.device.index] if job.dist.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
-    return wrapped
 
 
 def build_model(
@@ -554,37 +214,18 @@ def build_model(
         model = apply_lora(model, tc.lora, resume_from if resumed is not None else None)
     model.train()
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in job.cfg.loss.terms]
+    # Prefix sharing calls the decoder twice per micro-batch with a KV cache: not with activation
+    # checkpointing (transformers turns the cache off there) nor under FSDP2 (one unshard per
+    # layer call is what it schedules for); DDP and one process are fine.
+    share = tc.share_prefix and not tc.gradient_checkpointing and not job.fsdp
     wrapped = ResponseLoss(
-        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab)
+        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab), share
     )
     wrapped = wrapped.to(job.dist.device)
     master = None
     if tc.precision == "bf16_params" and not job.fsdp:
         master = MasterWeights.of(model)
     return distribute(wrapped, job), master
-
-
-@dataclass
-class Trainer:
-    """What a step changes: the wrapped model, its optimizer and schedule."""
-
-    wrapped: nn.Module
-    optim: torch.optim.Optimizer
-    sched: Any
-    params: list[Tensor]  # what the optimizer updates (the fp32 masters under bf16_params)
-    master: MasterWeights | None
-    autocast: Callable[[], Any]
-
-
-@dataclass
-class State:
-    """What a checkpoint restores besides weights, optimizer and RNG."""
-
-    step: int = 0
-    history: list[float] = field(default_factory=list)  # every step's loss
-    logged: list[dict] = field(default_factory=list)  # the metrics.jsonl rows
-    loader: dict | None = None  # MicroBatchStream.position()
-    skipped: int = 0  # micro-batches skipped for a non-finite loss
 
 
 def make_plan(job: Job) -> Plan:
@@ -627,90 +268,6 @@ def build_trainer(
     return Trainer(wrapped, optim, sched, params, master, autocast)
 
 
-def _rewrap_dtensors(optim: torch.optim.Optimizer) -> None:
-    """FSDP2: optimizer moments were saved as local shards; make them DTensors like their params."""
-    from torch.distributed.tensor import DTensor
-
-    for group in optim.param_groups:
-        for p in group["params"]:
-            st = optim.state.get(p, {})
-            for k, v in st.items():
-                if isinstance(p, DTensor) and not isinstance(v, DTensor) and v.dim() > 0:
-                    st[k] = DTensor.from_local(
-                        v.to(p.device), p.device_mesh, p.placements,
-                        run_check=False, shape=p.shape, stride=p.stride(),
-                    )  # fmt: skip
-
-
-def restore(trainer: Trainer, resumed: dict) -> State:
-    trainer.optim.load_state_dict(resumed["optimizer"])
-    if tdist.is_initialized():
-        _rewrap_dtensors(trainer.optim)
-    trainer.sched.load_state_dict(resumed["scheduler"])
-    set_rng_state(resumed["rng"])
-    return State(
-        step=resumed["step"],
-        history=resumed["history"],
-        logged=resumed["logged"],
-        loader=resumed["loader"],
-        skipped=resumed.get("skipped", 0),
-    )
-
-
-# ============================================================================ setup: online teacher
-def teacher_prefixes(layout: RunLayout) -> dict[str, list[int]] | None:
-    """sample_id -> teacher_prompt_ids from the rollouts table (online mode), None if absent."""
-    if manifest_mod.read(layout.rollouts) is None:
-        return None
-    t = store.read_table(
-        layout.rollouts, rollouts_table, columns=["sample_id", "teacher_prompt_ids"]
-    )
-    return dict(zip(t["sample_id"].to_pylist(), t["teacher_prompt_ids"].to_pylist()))
-
-
-def online_teacher(
-    teacher: nn.Module, mb: MicroBatch, prefixes, k: int, vocab: int, cfg: Config, pad_id: int
-) -> None:
-    """Replace the cached teacher columns of ``mb`` with a live teacher pass (standard OPD).
-
-    What a live-teacher trainer does per micro-batch: a teacher forward under ``inference_mode``,
-    full-vocabulary fp32 log-softmax, top-K gather (``sequence_stats``, as the score stage does).
-    """
-    pre = [prefixes.get(s, p) if prefixes else p for s, p in zip(mb.sample_ids, mb.prefix_ids)]
-    with torch.inference_mode():
-        stats = sequence_stats(
-            teacher, pre, mb.response_ids, k, vocab, cfg.loss.temperature,
-            loss_chunk(cfg.train, vocab), pad_id, want_entropy=False,
-        )  # fmt: skip
-    # Built outside inference mode: the loss may save these tensors for backward.
-    dev = mb.batch["token_id"].device
-    cat = lambda key: torch.from_numpy(np.concatenate([s[key] for s in stats])).to(dev)  # noqa: E731
-    mb.batch["teacher_logprob"] = cat("logprob")  # [M]
-    mb.batch["teacher_topk_ids"] = cat("topk_ids").long()  # [M, K]
-    mb.batch["teacher_topk_logprobs"] = cat("topk_logprobs")  # [M, K]
-    mb.batch["teacher_topk_logmass"] = cat("topk_logmass")  # [M]
-
-
-def online_scorer(job: Job) -> Callable[[MicroBatch], None] | None:
-    """``train.online``: a live teacher replacing the cached columns of each micro-batch."""
-    cfg = job.cfg
-    if not cfg.train.online:
-        return None
-    teacher = models.load_model(
-        cfg.teacher.path, "teacher", dtype="float32", device=job.dist.device,
-        allow_pickle=cfg.train.allow_pickled_weights,
-    )  # fmt: skip
-    t_tok = models.tokenizer_fingerprint(models.load_tokenizer(cfg.teacher.path, "teacher"))
-    models.check_same_tokenizer(job.identity["tokenizer"], t_tok, "student", "teacher")
-    prefixes = teacher_prefixes(job.layout)
-
-    def score(mb: MicroBatch) -> None:  # the cached K, so the loss sees the same support size
-        k = mb.batch["teacher_topk_ids"].shape[1]
-        online_teacher(teacher, mb, prefixes, k, job.vocab, cfg, job.pad_id)
-
-    return score
-
-
 # ============================================================================ setup: outputs
 def open_outputs(job: Job, state: State, plan: Plan) -> list:
     """metrics.jsonl (exactly the resumed checkpoint's rows), config.json, the trackers."""
@@ -733,27 +290,6 @@ def open_outputs(job: Job, state: State, plan: Plan) -> list:
     return opened
 
 
-# ============================================================================ step
-def _no_sync(wrapped: nn.Module, last: bool):
-    """Skip the gradient all-reduce on all but the step's last micro-batch (DDP / FSDP2)."""
-    if last:
-        return contextlib.nullcontext()
-    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
-        return wrapped.no_sync()
-    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
-
-        @contextlib.contextmanager
-        def off():
-            wrapped.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                wrapped.set_requires_gradient_sync(True)
-
-        return off()
-    return contextlib.nullcontext()
-
-
 def _bad_loss(value: float, mb: MicroBatch, where: str) -> UserError:
     ids = ", ".join(mb.sample_ids[:3]) + (" ..." if len(mb.sample_ids) > 3 else "")
     return UserError(
@@ -763,20 +299,6 @@ def _bad_loss(value: float, mb: MicroBatch, where: str) -> UserError:
         "lower train.lr if the weights diverged, or check those rows; train.max_bad_micro_batches=N "
         "skips isolated bad micro-batches",
     )
-
-
-def step_counts(mbs: list[MicroBatch], dist: Dist) -> list[float]:
-    """(Σ weight, response tokens, kept tokens, input tokens) of a step, summed over ranks."""
-    counts = torch.tensor(
-        [
-            float(sum(mb.batch["weight"].double().sum() for mb in mbs)),
-            sum(mb.n_tokens for mb in mbs),
-            sum(mb.n_kept for mb in mbs),
-            sum(int(mb.attention_mask.sum()) for mb in mbs),
-        ],
-        dtype=torch.float64,
-    )
-    return dist.all_reduce(counts).tolist()
 
 
 def train_step(
@@ -812,7 +334,7 @@ def train_step(
         mb.to(dist.device)
         if score is not None:
             score(mb)
-        with _no_sync(wrapped, i == len(mbs) - 1):
+        with no_sync_unless_last(wrapped, i == len(mbs) - 1):
             with autocast():
                 loss_sum, mets = wrapped(mb.input_ids, mb.attention_mask, mb.positions, mb.batch)
             if not bool(torch.isfinite(loss_sum)):
@@ -852,89 +374,6 @@ def train_step(
         "skipped_micro_batches": skipped,
         "input_tokens": n_in,
     }
-
-
-# ============================================================================ checkpoint
-def check_finite_params(job: Job, trainer: Trainer) -> None:
-    """Refuse to save diverged weights (e.g. train.lr=inf: a finite loss, then inf parameters)."""
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731
-    bad = any(not bool(torch.isfinite(local(p)).all()) for p in trainer.params)
-    flag = job.dist.all_reduce(torch.tensor([float(bad)]), "max")
-    if flag.item() > 0:
-        raise UserError(
-            "the weights became non-finite (the optimizer diverged); nothing was saved",
-            str(job.ckpt_root),
-            "lower train.lr (and keep train.grad_clip > 0), then re-run",
-        )
-
-
-def _write_checkpoint(job: Job, trainer: Trainer, payload: dict, tmp: Path, merge: bool) -> None:
-    """HF weights + tokenizer (rank 0) and every rank's trainer state, into ``tmp``."""
-    dist = job.dist
-    if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    tmp.mkdir(parents=True, exist_ok=True)  # a node without a shared filesystem (object storage)
-    model = unwrap(trainer.wrapped)
-    sd = None
-    if job.fsdp:  # every rank takes part in gathering the full state dict
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        sd = get_model_state_dict(model, options=opts)
-    elif trainer.master is not None:
-        sd = trainer.master.state_dict(model)  # the fp32 masters, not their bf16 rounding
-    if dist.main:
-        if merge and hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()  # LoRA folded into a plain checkpoint (end of run)
-        model.save_pretrained(tmp, state_dict=sd) if sd is not None else model.save_pretrained(tmp)
-        job.tok.save_pretrained(tmp)
-    fault_point("mid_checkpoint")  # weights written, trainer state not yet
-    trainer_state.save(tmp, dist.rank, payload)
-
-
-def save_checkpoint(
-    job: Job, trainer: Trainer, state: State, loader: MicroBatchStream, plan: Plan, path: Path,
-    *, merge: bool,
-) -> None:  # fmt: skip
-    """Write a checkpoint into a temp folder, then rename it to ``path`` (atomic); prune old steps.
-
-    A full disk (or any write error) removes the temp folder and raises one UserError; the
-    checkpoints written before stay, so a re-run resumes from the newest of them.
-    """
-    check_finite_params(job, trainer)
-    payload = {
-        "step": state.step, "optimizer": trainer.optim.state_dict(),
-        "scheduler": trainer.sched.state_dict(), "rng": rng_state(), "loader": loader.position(),
-        "history": state.history, "logged": state.logged, "skipped": state.skipped,
-        "identity": job.identity, "plan": plan.__dict__,
-    }  # fmt: skip
-    tmp = path.with_name(f"{store.TMP_PREFIX}{path.name}")
-    try:
-        _write_checkpoint(job, trainer, payload, tmp, merge)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise store.disk_error(e, str(path)) from None
-    job.dist.barrier()
-    if job.dist.main:
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        if STEP_DIR.match(path.name):
-            prune_steps(job.ckpt_root, job.cfg.train.keep_last)
-    job.dist.barrier()
-    if store.HOOKS.checkpoint is not None:  # object storage: every node publishes its part
-        store.HOOKS.checkpoint(tmp, path, job.dist)
-
-
-def prune_steps(root: Path, keep_last: int | None) -> None:
-    """Delete all but the newest ``keep_last`` complete step checkpoints."""
-    if keep_last is None:
-        return
-    done = [p for p in step_dirs(root) if trainer_state.is_complete(p)]
-    for p in done[: max(0, len(done) - keep_last)]:
-        shutil.rmtree(p, ignore_errors=True)
 
 
 # ============================================================================ loop

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LIB = sorted((ROOT / "stages" / "lib").glob("*.py"))
+LIB = sorted((ROOT / "stages" / "lib").rglob("*.py"))  # sub-packages included
 SCHEMAS = sorted((ROOT / "data_schemas").glob("*.py"))
 STAGE_CODE = sorted((ROOT / "stages").rglob("*.py"))
 
@@ -40,7 +40,7 @@ def _forbidden_for_lib(mod: str) -> bool:
     return not (mod == "stages.lib" or mod.startswith("stages.lib."))
 
 
-@pytest.mark.parametrize("path", LIB, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", LIB, ids=lambda p: str(p.relative_to(ROOT / "stages" / "lib")))
 def test_library_imports_no_stage_script_or_demo(path: Path) -> None:
     bad = sorted(m for m in imported_modules(path) if _forbidden_for_lib(m))
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

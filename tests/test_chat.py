@@ -446,6 +446,25 @@ def test_vllm_stops_like_hf(tmp_path, qwen_dir, qwen_tok):
     hf, vl = _responses(tmp_path / "hf"), _responses(tmp_path / "vl")
     assert [(s, i, w) for s, i, w in hf] == [(s, i, w) for s, i, w in vl]
     assert all(w == "eos" for *_, w in vl)
+    # stop strings (vLLM's `stop`, an HF stopping criterion): the same cut on both backends,
+    # for a string ending inside a token and one spanning two
+    a, b, _ = chain_ids(qwen_tok)
+    plain = build_model(tmp_path / "plain", "qwen2", qwen_tok)  # would run to the length limit
+    for k, pat in enumerate((" ", "he w")):
+        cut = [f"rollout.stop_strings=[{json.dumps(pat)}]"]
+        rollout_run(_rollout_cfg(tmp_path / f"h{k}", plain, prompts, "rollout.backend=hf", *cut))
+        rollout_run(_rollout_cfg(tmp_path / f"v{k}", plain, prompts, "rollout.backend=vllm", *cut))
+        hf, vl = _responses(tmp_path / f"h{k}"), _responses(tmp_path / f"v{k}")
+        assert hf == vl and all(i == [a, b] and w == "stop" for _, i, w in vl), (pat, vl)
+    # the engine itself stopped there (its own finish reason), not only the cut after it
+    from stages.lib import vllm_backend
+
+    llm = next(v for k, v in vllm_backend._LLM_CACHE.items() if k[0] == str(plain) and k[-1])
+    (raw,) = vllm_backend.generate(
+        llm, [template_ids(qwen_tok, MESSAGES)], n=1, temperature=0.0, top_p=1.0,
+        max_new_tokens=7, seed=0, eos_id=[qwen_tok.eos_token_id], stop=["he w"],
+    )  # fmt: skip
+    assert raw[0]["response_ids"] == [a, b] and raw[0]["finish_reason"] == "stop"
     import gc
 
     from stages.lib import vllm_backend
@@ -694,3 +713,65 @@ def test_expanded_turns_are_graded_against_their_own_replies(qwen_tok):
     rows = [{"id": "c", "messages": conv[:-1] + [conv[-1]], "answer": "mira"}]
     items = items_of(qwen_tok, rows, RolloutConfig(expand_turns=True))
     assert [i.answer for i in items] == ["vexton.", "mira"]  # the row's answer: its last turn
+
+
+# ----------------------------------------------------------------------------- stop strings
+@pytest.mark.parametrize("flavor", ["byte_bpe", "sentencepiece_bpe"])
+def test_stop_strings_cut_at_the_first_token_completing_one(flavor):
+    """``cut`` (one pass, bytes) against the plain rule: the first i whose ids[:i+1] bytes hold
+    a stop string, on random ids that split characters, with stop strings taken from inside the
+    responses (multi-byte characters included)."""
+    import random
+
+    from stages.lib import align
+    from tests import wild_tokenizers as wt
+
+    tok = getattr(wt, flavor)()
+    bm = align.byte_map(tok)
+    special = align.special_ids(tok)
+    plain = [i for i in range(len(tok)) if i not in special]
+    g = random.Random(0)
+    hits = 0
+    for _ in range(200):
+        ids = [g.choice(plain) for _ in range(g.randrange(1, 40))]
+        data = b"".join(bm.mid[i] for i in ids)
+        a = g.randrange(len(data))
+        pat = data[a : a + g.randrange(1, 6)].decode("utf-8", "ignore") or "東"
+        stops = decoding.stops_for(tok, None, (), [pat])
+        want = next(
+            (
+                i + 1
+                for i in range(len(ids))
+                if pat.encode() in b"".join(bm.mid[j] for j in ids[: i + 1])
+            ),
+            None,
+        )
+        got = decoding.cut(ids, stops, 64)
+        assert got == ((want, "stop") if want else (len(ids), "length")), (ids, pat)
+        hits += want is not None
+    assert hits > 100
+
+
+def test_stop_strings_stop_generation_itself(tmp_path, qwen_tok):
+    """The stopping criterion ends generation at the token completing the string (inside a
+    token, or across two): two forward passes, not max_new_tokens; the chain "he" " w" <end>
+    would otherwise run 50 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    a, b, _ = chain_ids(qwen_tok)
+    model = build_model(tmp_path / "plain", "qwen2", qwen_tok)  # no EOS in its config: no end
+    m = AutoModelForCausalLM.from_pretrained(model)
+    calls = []
+    m.register_forward_hook(lambda *args: calls.append(1))
+    assert (qwen_tok.decode([a]), qwen_tok.decode([b])) == ("he", " w")
+    for pat in (" ", "he w"):  # ends inside b (its first byte); spans a and b
+        calls.clear()
+        stops = decoding.stops_for(qwen_tok, model, (), [pat])
+        (out,) = decoding.greedy(
+            m, qwen_tok, [template_ids(qwen_tok, MESSAGES)], max_new_tokens=50, batch_size=1,
+            stops=stops,
+        )  # fmt: skip
+        assert out.response_ids == [a, b] and out.finish_reason == "stop"
+        assert len(calls) == 2, pat
+    with pytest.raises(UserError, match="is a special token"):
+        decoding.stops_for(qwen_tok, model, (), ["<|im_end|>"])

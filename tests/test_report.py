@@ -31,6 +31,7 @@ from stages.lib import store
 from stages.lib.config import as_dict, compose
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
+from stages.lib.reporting import browser
 from tests.conftest import write_prompts
 
 K = 8
@@ -336,10 +337,10 @@ def test_entropy_divergence_histogram_counts_the_q3_quadrant(full_run, divergenc
 
 
 def test_sample_indices_are_seeded_and_distinct():
-    a, b, c = (report.sample_indices(1000, 50, seed) for seed in (0, 0, 1))
+    a, b, c = (browser.sample_indices(1000, 50, seed) for seed in (0, 0, 1))
     assert len(set(a.tolist())) == 50 and (np.diff(a) > 0).all() and a.max() < 1000
     assert (a == b).all() and not (a == c).all()
-    assert report.sample_indices(7, 50, 0).tolist() == list(range(7))
+    assert browser.sample_indices(7, 50, 0).tolist() == list(range(7))
 
 
 def test_report_shows_a_sample_of_a_large_run(full_run, tmp_path):
@@ -352,7 +353,7 @@ def test_report_shows_a_sample_of_a_large_run(full_run, tmp_path):
     sids = [r["sid"] for r in blob["rollouts"]]
     assert blob["shown"] == 5 and blob["total"] == 12 and len(set(sids)) == 5
     everyone = sorted(r["sample_id"] for r in full_run[2]["rollouts"])
-    assert sids == [everyone[i] for i in report.sample_indices(12, 5, 0)]
+    assert sids == [everyone[i] for i in browser.sample_indices(12, 5, 0)]
     assert all(len(t[0]) == len(t[1]) == 3 for r in blob["rollouts"] for t in r["topk"])
 
 

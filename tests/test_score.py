@@ -29,7 +29,9 @@ from data_schemas import tokens as tokens_table
 from stages.lib import models, store
 from stages.lib.config import compose
 from stages.lib.errors import UserError
-from stages.score import length_buckets, pad_right, plan_shard, run
+from stages.lib.scoring.hf import pad_right
+from stages.lib.scoring.plan import length_buckets, plan_shard
+from stages.score import run
 from tests.conftest import WORDS, build_tiny_lm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -402,7 +404,7 @@ def test_killed_run_resumes_identically(tmp_path, tiny_lm, tiny_teacher):
 
 def test_plan_reuses_shared_prefixes(tiny_lm):
     """Pure planner check: guided rows share teacher+behaviour, unguided share behaviour+ref."""
-    from stages.score import Role
+    from stages.lib.scoring.plan import Role
 
     roles = [
         Role("teacher", "m", "float32", "fp", 4, True),

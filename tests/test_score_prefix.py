@@ -19,7 +19,9 @@ from stages.lib import logprobs as lp
 from stages.lib import models
 from stages.lib.config import compose
 from stages.lib.errors import UserError
-from stages.score import Job, Role, hf_model, hf_score, run, share_units
+from stages.lib.scoring.hf import hf_model, hf_score, share_units
+from stages.lib.scoring.plan import Job, Role
+from stages.score import run
 from tests.test_score import cfg_for, read_tokens, write_rollouts
 
 TOL = 1e-5  # nats: shared vs unshared, fp32 columns

@@ -1,4 +1,4 @@
-"""``score.compile`` (stages/score.py ``hf_model``): the compiled decoder and the oneDNN head give the
+"""``score.compile`` (stages/lib/scoring/hf.py ``hf_model``): the compiled decoder and the oneDNN head give the
 eager path's numbers to GEMM rounding, and its mistakes are one error each.
 
 The tolerance is stated, not "close": on the benchmark's 134M model the stored log-probs of the
@@ -19,7 +19,9 @@ from stages.lib import logprobs as lp
 from stages.lib import models
 from stages.lib.config import compose
 from stages.lib.errors import UserError
-from stages.score import Job, Role, hf_model, hf_score, run
+from stages.lib.scoring.hf import hf_model, hf_score
+from stages.lib.scoring.plan import Job, Role
+from stages.score import run
 from tests.test_score import cfg_for, read_tokens, write_rollouts
 
 TOL = 1e-4  # nats: compiled / oneDNN vs eager / MKL, stored fp32 columns

@@ -109,7 +109,8 @@ def rollouts_table(seqs: list[dict]) -> pa.Table:
         {
             "sample_id": [q["sample_id"] for q in seqs],
             "prompt_id": [q["prompt_id"] for q in seqs],
-            "sample_idx": pa.array([0] * n, pa.int32()),
+            # sample j of its prompt (write_run: s<i> is sample i % 2 of prompt p<i // 2>)
+            "sample_idx": pa.array([int(q["sample_id"][1:]) % 2 for q in seqs], pa.int32()),
             "train_prompt_ids": [q["train_prompt_ids"] for q in seqs],
             "rollout_prompt_ids": [q["teacher_prompt_ids"] for q in seqs],
             "teacher_prompt_ids": [q["teacher_prompt_ids"] for q in seqs],
@@ -472,7 +473,7 @@ def test_rows_in_score_order_give_the_same_selection(tmp_path):
 @pytest.mark.parametrize("scale", [1, 100_000])  # -3e6 nats: the int64 path
 def test_decode_topk_matches_the_codec(scale):
     from data_schemas import codec
-    from stages.select import decode_topk
+    from stages.lib.selection.assemble import decode_topk
 
     rng = np.random.default_rng(0)
     lp = -np.sort(rng.uniform(0, 30, (500, 32)) * scale, axis=1).astype(np.float32)  # [N, K]

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from stages.select import _median
+from stages.lib.selection.summary import _median
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 10, 1001, 20000])

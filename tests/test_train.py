@@ -23,7 +23,8 @@ from stages.lib.config import compose
 from stages.lib.errors import UserError
 from stages.lib.logprobs import sequence_stats
 from stages.lib.losses import combined_loss
-from stages.train import lr_factor, run
+from stages.lib.training.objective import lr_factor
+from stages.train import run
 from tests.conftest import WORDS, build_tiny_lm
 
 

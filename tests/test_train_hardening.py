@@ -24,7 +24,9 @@ from stages.lib import errors, models, store
 from stages.lib.config import compose
 from stages.lib.errors import UserError
 from stages.lib.loader import check_row_group, collate
-from stages.train import Dist, ResponseLoss, run, train_step
+from stages.lib.training.distributed import Dist
+from stages.lib.training.objective import ResponseLoss
+from stages.train import run, train_step
 from tests import reliability_harness as h
 from tests import test_train
 from tests.test_train import make_selection, train_cfg

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from stages.lib import models
-from stages.train import ResponseLoss, run
+from stages.lib.training.objective import ResponseLoss
+from stages.train import run
 from tests import test_train
 from tests.test_train import make_selection, params_of, train_cfg
 

@@ -30,11 +30,12 @@ import pyarrow as pa
 import torch
 
 from data_schemas import rollouts as rollouts_schema
-from stages.lib import chat, decoding, models, remote, store
+from stages.lib import chat, decoding, input_limits, models, remote, safety, store
 from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
+from stages.lib.layout import RunLayout
 from stages.lib.progress import QUIET, Progress
 
 # Rollout keys that change speed, memory or placement but not what is sampled (left out of the
@@ -225,6 +226,7 @@ def load_engine(
             dtype=dtype,
             gpu_memory_utilization=r.vllm_memory_fraction,
             tensor_parallel_size=r.tensor_parallel_size,
+            tokenizer=tok.name_or_path if stops.strings else None,
         )
 
         def sample_vllm(prompt_ids: list[list[int]], seed: int) -> list[list[Sample]]:
@@ -237,6 +239,7 @@ def load_engine(
                 max_new_tokens=s.max_new_tokens,
                 seed=seed,
                 eos_id=stops.all_ids,
+                stop=stops.strings,
             )
             return [[_vllm_sample(d, stops, s, tok) for d in per] for per in out]
 
@@ -266,7 +269,7 @@ def load_engine(
 
 def _vllm_sample(d: dict, stops: decoding.Stops, s: Sampling, tok: Any) -> Sample:
     """A vLLM sample cut and labelled by the same rule as the HF backend (stop strings too)."""
-    length, reason = decoding.cut(d["response_ids"], stops, s.max_new_tokens, tok)
+    length, reason = decoding.cut(d["response_ids"], stops, s.max_new_tokens)
     return Sample(d["response_ids"][:length], d["logprobs"][:length], reason)
 
 
@@ -350,6 +353,7 @@ def generate_rollouts(
     Returns the summary dict (also printed as one line).
     """
     t_start = time.perf_counter()
+    safety.check_output(out_dir, RunLayout.of(cfg.run_dir).root, f"the {stage_name} dataset")
     r = rollout or cfg.rollout
     s = sampling or Sampling.of(r)
     dtype = dtype or cfg.student.dtype
@@ -448,9 +452,12 @@ def plan_rollouts(
             compat = chat.check_compatible(
                 {"student": tok, "teacher": teacher_tok}, "student.path / teacher.path"
             )
+    where = "rollout.max_prompt_tokens"  # a huge prompt is refused before it is tokenized
+    prompts_table, huge = input_limits.precheck(prompts_table, tok, limit, r.too_long, where)
     items = build_prompt_ids(tok, prompts_table, r, cfg.seed, teacher_tok)
-    n_items = len(items)
-    items, skipped = check_lengths(items, limit, r.too_long, "rollout.max_prompt_tokens")
+    n_items = len(items) + len(huge)
+    items, skipped = check_lengths(items, limit, r.too_long, where)
+    skipped = huge + skipped
     by_shard = shard_groups(items, r.prompts_per_shard)
     n_shards = n_shards_for(n_items, r.prompts_per_shard)
     return RolloutPlan(tok, ctx_len, limit, compat, n_items, skipped, by_shard, n_shards)

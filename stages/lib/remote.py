@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from data_schemas.errors import UserError
+from stages.lib import safety
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 ENV_MIRROR = "DISTILLERY_MIRROR"  # the mirror root (default ~/.cache/distillery/mirror)
@@ -83,11 +84,13 @@ def mirror_root() -> Path:
 
 
 def split(uri: str) -> tuple[str, str]:
-    """(scheme, "bucket/key") of a remote URI, without trailing slashes."""
-    scheme, rest = uri.split("://", 1)
+    """(scheme, "bucket/key") of a remote URI, without trailing slashes (nor credentials)."""
+    scheme, rest = safety.split_credentials(uri)[0].split("://", 1)
     rest = rest.strip("/")
     if not rest or ".." in rest.split("/"):
-        raise UserError(f"bad object storage URI {uri!r}", "run_dir", "use s3://bucket/prefix")
+        raise UserError(
+            f"bad object storage URI {safety.redact(uri)!r}", "run_dir", "use s3://bucket/prefix"
+        )
     return scheme, rest
 
 
@@ -95,6 +98,24 @@ def mirror_of(uri: str) -> Path:
     """The local working mirror of a remote run (the same path on every machine)."""
     scheme, rest = split(uri)
     return mirror_root() / scheme / rest
+
+
+def adopt_credentials(value: str) -> str:
+    """``value`` (a URI, or an override ``key=URI``) without the credentials of an
+    ``s3://KEY:SECRET@bucket/...`` URI, which become this process' AWS variables (inherited by
+    the stages it starts): they never reach a log, an error, a mirror path or a manifest."""
+    clean, scheme, creds = safety.split_credentials(value)
+    if creds is None:
+        return value
+    if scheme != "s3" or not all(creds) or safety.redact(clean) != clean:
+        raise UserError(
+            f"credentials in {safety.redact(value)!r} are not supported there",
+            "run_dir",
+            "use one s3://KEY:SECRET@bucket/prefix, or (better) the AWS_*/GOOGLE_* variables",
+        )
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = creds
+    os.environ.pop("AWS_SESSION_TOKEN", None)  # it belongs to other keys
+    return clean
 
 
 def join(uri: str, *parts: str) -> str:
@@ -178,7 +199,7 @@ class Remote:
         else:
             sel = pafs.FileSelector(self.key(rel), recursive=True, allow_not_found=True)
             found = {
-                i.path[len(self.base) + 1 :]: i
+                safety.check_object_key(i.path, self.base, self.uri): i  # before a local path
                 for i in self.fs.get_file_info(sel)
                 if i.type == pafs.FileType.File
             }
@@ -207,7 +228,7 @@ class Remote:
         for info in self.fs.get_file_info(sel):
             if info.type != pafs.FileType.File:
                 continue
-            rel = info.path[len(self.base) + 1 :]
+            rel = safety.check_object_key(info.path, self.base, self.uri)  # before any local path
             parts = rel.split("/")
             if parts[0] == LEASES or any(p.startswith(".") for p in parts):
                 continue
@@ -223,6 +244,7 @@ def open_remote(uri: str) -> Remote:
     ``AWS_ENDPOINT_URL`` for an S3-compatible server) and its mirror, created."""
     import pyarrow.fs as pafs
 
+    uri = adopt_credentials(uri)  # s3://KEY:SECRET@...: the keys go to the AWS variables
     scheme, rest = split(uri)
     key = f"{scheme}://{rest}"
     if key in _REMOTES and _REMOTES[key].mirror == mirror_of(uri):
@@ -231,7 +253,7 @@ def open_remote(uri: str) -> Remote:
         fs, base = pafs.FileSystem.from_uri(f"{'gs' if scheme == 'gcs' else scheme}://{rest}")
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError with the reason
         raise UserError(
-            f"cannot open {uri} ({' '.join(str(e).split())[:200]})",
+            f"cannot open {safety.redact(uri)} ({safety.redact(' '.join(str(e).split()))[:200]})",
             "run_dir",
             "check the URI and the credentials (AWS_* / GOOGLE_* variables, AWS_ENDPOINT_URL)",
         ) from None
@@ -253,7 +275,7 @@ def _check_bucket(r: Remote) -> None:
         info = r.fs.get_file_info(bucket)
     except OSError as e:
         raise UserError(
-            f"cannot reach {r.uri} ({' '.join(str(e).split())[:200]})",
+            f"cannot reach {r.uri} ({safety.redact(' '.join(str(e).split()))[:200]})",
             "run_dir",
             "check the credentials and the endpoint (AWS_* variables, AWS_ENDPOINT_URL)",
         ) from None
@@ -311,7 +333,12 @@ def pull(
         if rel.endswith(_MANIFEST):
             if not r._fresh(rel, info.size, str(info.mtime)):
                 r.download(rel, info)
-            manifests[_folder(rel)] = json.loads((r.mirror / rel).read_text())
+            manifests[_folder(rel)] = safety.parse_json_object(
+                (r.mirror / rel).read_bytes(),
+                f"manifest {rel}",
+                join(r.uri, rel),
+                "re-run the stage that writes it with overwrite=true, or delete the object",
+            )
     fetched = 0
     for rel in plan_pull(objects, manifests):
         info = objects[rel]
@@ -334,14 +361,20 @@ def pull(
 
 def stage_reads(cfg: Any, stage: str) -> tuple[str, ...] | None:
     """The run's folders (prefixes) a stage reads or resumes: all a pull fetches for it. None =
-    the whole run (train, eval, sft, report read across it). Pure."""
-    sft_policy = ("checkpoints/sft/final/",)  # the policy / behaviour model after SFT
+    the whole run (eval and sft read checkpoints across it). Pure."""
+    sft_policy = ("checkpoints/sft/final/",)  # the policy / behaviour model / init after SFT
     if stage == "rollout":
         return ("rollouts/", *sft_policy)
     if stage == "score":
         return ("rollouts/", "tokens/", "sft_data/_manifest.json", *sft_policy)
     if stage == "select":
         return ("rollouts/", "tokens/", f"selected/{cfg.select.name}/")
+    if stage == "train":  # (the selection's shards are streamed, not pulled)
+        tc = cfg.train
+        own = (f"selected/{tc.selection}/", f"checkpoints/{tc.name}/", f"train/{tc.name}/")
+        return ("rollouts/", "tokens/_manifest.json", *own, *sft_policy)
+    if stage == "report":  # the datasets, the curves and results; a tokenizer, no checkpoint
+        return ("rollouts/", "tokens/", "selected/", "train/", "eval/", "report/", *sft_policy)
     return None
 
 
@@ -409,6 +442,15 @@ class Lease:
         }  # fmt: skip
         return json.dumps(doc).encode()
 
+    def parse(self, raw: bytes) -> dict:
+        """The lease document, or one UserError for a corrupt lease object."""
+        return safety.parse_json_object(
+            raw,
+            f"lease {self.name}",
+            join(self.r.uri, LEASES, f"{self.name}.json"),
+            "if no stage is writing this run, delete the lease object and re-run",
+        )
+
     def refuse(self, cur: dict) -> UserError:
         return UserError(
             f"{self.name} of {self.r.uri} is being written by {cur.get('host')} pid "
@@ -435,7 +477,7 @@ class Lease:
             if not _precondition(e):
                 raise
         got = client.get_object(Bucket=bucket, Key=key)
-        cur = json.loads(got["Body"].read())
+        cur = self.parse(got["Body"].read())
         if cur.get("expires", 0) > time.time():
             raise self.refuse(cur) from None
         try:  # expired: take it over, only if nobody else did in between
@@ -445,7 +487,7 @@ class Lease:
         except client.exceptions.ClientError as e:
             if not _precondition(e):
                 raise
-            cur = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            cur = self.parse(client.get_object(Bucket=bucket, Key=key)["Body"].read())
             raise self.refuse(cur) from None
 
     def _acquire_readback(self, _client: Any = None) -> None:
@@ -461,7 +503,7 @@ class Lease:
     def _read(self) -> dict | None:
         try:
             with self.r.fs.open_input_stream(self.key) as f:
-                return json.loads(f.read())
+                return self.parse(f.read())
         except (FileNotFoundError, OSError):
             return None
 
@@ -493,7 +535,10 @@ class Lease:
             self._thread.join()
         if self.lost.is_set():
             return
-        cur, client = self._read(), _s3_client(self.r)
+        try:
+            cur, client = self._read(), _s3_client(self.r)
+        except UserError:  # corrupt: not ours to remove
+            return
         if not cur or cur.get("holder") != self.holder:
             return
         if client is not None:  # (pyarrow's delete would leave a "_leases/" folder marker)
@@ -631,18 +676,19 @@ def sync_published(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- on a Ray actor
-_DRIVER: list[Path] = []  # on a Ray actor of a remote run: the driver's mirror of the run
+_DRIVER: list[Path] = []  # on a Ray actor of a remote run: the driver's mirror root
 
 
-def attach(run_uri: str, driver_mirror: str) -> Remote:
+def attach(run_uri: str, driver_root: str) -> Remote:
     """On a Ray actor (another machine, its own mirror): commit-time publishing as in a stage
-    session, without a lease (the driver holds it), and :func:`localize` for the driver's paths."""
+    session, without a lease (the driver holds it), and :func:`localize` for the paths of the
+    driver's mirror (rooted at ``driver_root``)."""
     from stages.lib import store
 
     detach()
     r = open_remote(run_uri)
     _ACTIVE.append((r, None))
-    _DRIVER.append(Path(driver_mirror))
+    _DRIVER.append(Path(driver_root))
     store.HOOKS.published = _published
     return r
 
@@ -657,30 +703,31 @@ def detach() -> None:
         store.HOOKS.published = None
 
 
-def _driver_rel(path: str | Path) -> str | None:
-    """``path`` relative to the driver's mirror of the run (posix), or None."""
+def _driver_parts(path: str | Path) -> tuple[str, ...] | None:
+    """``path`` in the driver's mirror as (scheme, bucket, *key parts), or None."""
     if not _DRIVER:
         return None
     try:
-        return Path(path).relative_to(_DRIVER[0]).as_posix()
+        parts = Path(path).relative_to(_DRIVER[0]).parts
     except ValueError:
         return None
+    return parts if len(parts) >= 3 else None
 
 
 def translate(path: str | Path) -> Path:
-    """A path in the driver's mirror of the run as the same path in this machine's mirror (not
+    """A path in the driver's mirror as the same object's path in this machine's mirror (not
     fetched); any other path as it is."""
-    rel = _driver_rel(path)
-    return Path(path) if rel is None else _ACTIVE[0][0].mirror / rel
+    parts = _driver_parts(path)
+    return Path(path) if parts is None else mirror_root().joinpath(*parts)
 
 
 def localize(path: str | Path, expect: dict | None = None) -> str:
-    """What a Ray actor reads, here: a file or folder in the driver's mirror of the run (a
-    rollout shard, an SFT checkpoint) is fetched from the bucket into this machine's mirror
-    (only that; ``expect``: a manifest shard entry its bytes must match); any other path must
-    exist on this machine. Off a Ray actor of a remote run: ``path`` as it is."""
-    rel = _driver_rel(path)
-    if rel is None:
+    """What a Ray actor reads, here: a file or folder in the driver's mirror (a rollouts shard,
+    an SFT checkpoint, an earlier round's checkpoint) is fetched from its bucket into this
+    machine's mirror (only that; ``expect``: a manifest shard entry its bytes must match); any
+    other path must exist on this machine. Off a Ray actor of a remote run: ``path`` as it is."""
+    parts = _driver_parts(path)
+    if parts is None:
         if _DRIVER and not Path(path).exists():
             raise UserError(
                 f"{path} is not on this Ray node ({socket.gethostname()})",
@@ -688,15 +735,15 @@ def localize(path: str | Path, expect: dict | None = None) -> str:
                 "put the models at the same path on every node, or inside the run's bucket",
             )
         return str(path)
-    r = _ACTIVE[0][0]
-    local = r.fetch(rel)
+    r = open_remote(f"{parts[0]}://{parts[1]}")  # the whole bucket: rel = the object's key
+    local = r.fetch("/".join(parts[2:]))
     if expect is not None:
         from stages.lib import store
 
         if local.stat().st_size != expect["bytes"] or store.file_sha256(local) != expect["sha256"]:
             raise UserError(
-                f"{rel} in the bucket does not match its manifest (size or sha256)",
-                r.key(rel),
+                f"{'/'.join(parts[2:])} in the bucket does not match its manifest (size or sha256)",
+                r.key("/".join(parts[2:])),
                 "re-run the stage that wrote it with overwrite=true",
             )
     return str(local)

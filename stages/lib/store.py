@@ -47,6 +47,7 @@ from data_schemas import manifest as manifest_mod
 from data_schemas.common import META_DATASET, META_SHARD, META_TABLE, META_VERSION
 from stages.lib.errors import UserError, fault_point
 from stages.lib.layout import RunLayout
+from stages.lib.safety import redact
 
 SHARDS_PER_BUCKET = 256
 TMP_PREFIX = ".tmp-"
@@ -311,7 +312,7 @@ class DatasetWriter:
                 "shards": shards,
                 "fingerprints": fingerprints,
                 "inputs": inputs,
-                "config": config,
+                "config": json.loads(redact(json.dumps(config))),  # no credentials in a URI
                 "extra": extra or {},
             }
             if models:

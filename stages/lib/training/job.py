@@ -1,0 +1,78 @@
+"""The trainer's three records: ``Job`` (the fixed facts of one run), ``Trainer`` (what a step
+changes) and ``State`` (what a checkpoint restores besides weights, optimizer and RNG)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor, nn
+
+from stages.lib.config import Config
+from stages.lib.layout import RunLayout
+from stages.lib.training.distributed import Dist
+from stages.lib.training.precision import MasterWeights
+
+
+# ============================================================================ setup: the job
+@dataclass
+class Job:
+    """The fixed facts of one training run, found by ``setup_job`` (read-only afterwards)."""
+
+    cfg: Config
+    dist: Dist
+    layout: RunLayout
+    sel_dir: Path
+    manifest: dict
+    init: str
+    tok: Any
+    vocab: int
+    pad_id: int
+    identity: dict  # what a resumed checkpoint must have been trained from
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.layout.checkpoints(self.cfg.train.name)
+
+    @property
+    def final_dir(self) -> Path:
+        return self.layout.final(self.cfg.train.name)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.layout.train(self.cfg.train.name)
+
+    @property
+    def fsdp(self) -> bool:
+        return self.cfg.train.fsdp and tdist.is_initialized()
+
+    def say(self, *a: Any) -> None:
+        if self.dist.main:
+            print(*a, flush=True)
+
+
+@dataclass
+class Trainer:
+    """What a step changes: the wrapped model, its optimizer and schedule."""
+
+    wrapped: nn.Module
+    optim: torch.optim.Optimizer
+    sched: Any
+    params: list[Tensor]  # what the optimizer updates (the fp32 masters under bf16_params)
+    master: MasterWeights | None
+    autocast: Callable[[], Any]
+
+
+@dataclass
+class State:
+    """What a checkpoint restores besides weights, optimizer and RNG."""
+
+    step: int = 0
+    history: list[float] = field(default_factory=list)  # every step's loss
+    logged: list[dict] = field(default_factory=list)  # the metrics.jsonl rows
+    loader: dict | None = None  # MicroBatchStream.position()
+    skipped: int = 0  # micro-batches skipped for a non-finite loss
