@@ -204,7 +204,7 @@ def pair_ratio(num: list[float], den: list[float]) -> float:
 
 def trainer(cfg, student: Path, vocab: int):
     """The student under ``stages.train``'s loss and optimizer, as ``run`` builds them."""
-    from stages.lib.training.distributed import Dist
+    from stages.lib.training.job import Dist
     from stages.lib.training.objective import ResponseLoss
 
     tc = cfg.train

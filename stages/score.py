@@ -66,7 +66,6 @@ from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
 from stages.lib.progress import QUIET, Progress, Scaled
-from stages.lib.routing import Router
 from stages.lib.scoring.cross_tokenizer import (
     score_xtok_teacher,
     with_xtok_columns,
@@ -75,6 +74,7 @@ from stages.lib.scoring.cross_tokenizer import (
 )
 from stages.lib.scoring.plan import PREFIX_COL, Role, plan_shard
 from stages.lib.scoring.provenance import check_models, check_sft_teacher
+from stages.lib.scoring.router import Router
 from stages.lib.scoring.scorer import Scorer, role_devices
 from stages.lib.scoring.tokens import build_tokens_table
 

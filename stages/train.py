@@ -86,14 +86,13 @@ from stages.lib.training.checkpoint import (
     step_dir_name,
 )
 from stages.lib.training.distributed import (
-    Dist,
     distribute,
     no_sync_unless_last,
     reduce_totals,
     setup_distributed,
     step_counts,
 )
-from stages.lib.training.job import Job, State, Trainer
+from stages.lib.training.job import Dist, Job, State, Trainer
 from stages.lib.training.objective import ResponseLoss, add_metrics, loss_chunk, lr_factor
 from stages.lib.training.online import online_scorer
 from stages.lib.training.precision import MasterWeights, autocast_for

@@ -28,6 +28,7 @@ from stages.lib import remote  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
 from stages.lib.errors import UserError  # noqa: E402
 from stages.lib.layout import RunLayout  # noqa: E402
+from stages.lib.uri import ENV_MIRROR, mirror_of  # noqa: E402
 from tests import reliability_harness as h  # noqa: E402
 from tests.conftest import write_prompts  # noqa: E402
 
@@ -76,7 +77,7 @@ def s3():
 def machine(monkeypatch, tmp_path: Path, name: str) -> Path:
     """Switch to a fresh mirror folder (another machine's empty cache)."""
     d = tmp_path / f"mirror-{name}"
-    monkeypatch.setenv(remote.ENV_MIRROR, str(d))
+    monkeypatch.setenv(ENV_MIRROR, str(d))
     remote._REMOTES.clear()
     return d
 
@@ -161,7 +162,7 @@ def test_killed_stage_resumes_from_the_bucket_and_a_live_lease_refuses(
     uri = f"s3://{BUCKET}/kill/run"
     monkeypatch.setenv(remote.ENV_LEASE, "6")
     # machine A: rollout SIGKILLed right after its first shard is published
-    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "mA"))
+    monkeypatch.setenv(ENV_MIRROR, str(tmp_path / "mA"))
     r = h.run_stage("rollout", ov(uri), fault="after_shard:1")
     assert r.killed, r.describe()
     keys = objects(s3, "kill/run/")
@@ -257,7 +258,7 @@ def torchrun_node(node_rank: int, port: int, overrides: list[str], mirror: Path)
         f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
         "--rdzv_id=object-store-test", "-m", "stages.train", *overrides,
     ]  # fmt: skip
-    env = h.stage_env(**{remote.ENV_MIRROR: str(mirror)})
+    env = h.stage_env(**{ENV_MIRROR: str(mirror)})
     return subprocess.Popen(
         cmd, cwd=h.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -328,13 +329,13 @@ def test_a_missing_bucket_is_one_line(s3, tmp_path, monkeypatch):
 def test_uris_and_what_a_pull_takes(tmp_path, monkeypatch):
     """file:// is the local folder; a mirror is a function of the URI; a pull takes the
     manifest's shards and not a stray one, and every published shard of an uncommitted folder."""
-    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path))
+    monkeypatch.setenv(ENV_MIRROR, str(tmp_path))
     assert RunLayout.of("file:///data/run").root == Path("/data/run")
     assert RunLayout.of(f"s3://{BUCKET}/a/run/").root == tmp_path / "s3" / BUCKET / "a/run"
     assert RunLayout.round_dir("s3://b/run", 2) == "s3://b/run/round2"
     assert RunLayout.round_dir("runs/x", 2) == "runs/x/round2"
     with pytest.raises(UserError):
-        remote.mirror_of("s3://b/../etc")
+        mirror_of("s3://b/../etc")
     objs = dict.fromkeys(
         [
             "rollouts/_manifest.json",

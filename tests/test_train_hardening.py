@@ -24,7 +24,7 @@ from stages.lib import errors, models, store
 from stages.lib.config import compose
 from stages.lib.errors import UserError
 from stages.lib.loader import check_row_group, collate
-from stages.lib.training.distributed import Dist
+from stages.lib.training.job import Dist
 from stages.lib.training.objective import ResponseLoss
 from stages.train import run, train_step
 from tests import reliability_harness as h

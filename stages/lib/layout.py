@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_schemas.errors import UserError
-from stages.lib import remote
+from stages.lib import uri
 
 # A name that becomes one path component: letters, digits, '.', '_', '-'; not '.' or '..'.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -59,17 +59,17 @@ class RunLayout:
         whose files stages read and write in its local working mirror (``stages.lib.remote``)."""
         if run_dir is None or str(run_dir).strip() == "":
             raise UserError("run_dir is empty", "config", "set run_dir=<a directory for this run>")
-        if remote.is_remote(run_dir):
-            return cls(remote.mirror_of(str(run_dir)))
-        return cls(Path(remote.local_path(run_dir)))
+        if uri.is_remote(run_dir):
+            return cls(uri.mirror_of(str(run_dir)))
+        return cls(Path(uri.local_path(run_dir)))
 
     @staticmethod
     def round_dir(run_dir: str, r: int) -> str:
         """The ``run_dir`` of round ``r`` (a URI stays a URI: round r writes to the bucket too)."""
         if r == 1:
             return run_dir
-        if remote.is_remote(run_dir):
-            return remote.join(run_dir, f"round{r}")
+        if uri.is_remote(run_dir):
+            return uri.join(run_dir, f"round{r}")
         return str(RunLayout.of(run_dir).round(r).root)
 
     # ---------------------------------------------------------------- datasets

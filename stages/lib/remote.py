@@ -47,49 +47,14 @@ from pathlib import Path
 from typing import Any
 
 from data_schemas.errors import UserError
+from stages.lib.uri import is_remote, mirror_of, split
 
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
-ENV_MIRROR = "DISTILLERY_MIRROR"  # the mirror root (default ~/.cache/distillery/mirror)
 ENV_LEASE = "DISTILLERY_LEASE_SECONDS"  # lease lifetime; renewed every third of it
 DEFAULT_LEASE_SECONDS = 60.0
 INDEX = ".mirror-index.json"  # rel -> {"size", "mtime" (remote), "local" (mirror mtime_ns)}
 LEASES = "_leases"
 _SHARD = re.compile(r"^(?:(.*)/)?bucket=\d+/shard-\d+\.parquet$")
 _MANIFEST = "_manifest.json"
-
-
-# ----------------------------------------------------------------------------- names
-def is_remote(run_dir: str | Path | None) -> bool:
-    return isinstance(run_dir, str) and run_dir.startswith(REMOTE_SCHEMES)
-
-
-def local_path(run_dir: str | Path) -> str:
-    """A plain path as it is; ``file:///x`` as ``/x``."""
-    s = str(run_dir)
-    return s[len("file://") :] if s.startswith("file://") else s
-
-
-def mirror_root() -> Path:
-    return Path(os.environ.get(ENV_MIRROR) or Path.home() / ".cache/distillery/mirror")
-
-
-def split(uri: str) -> tuple[str, str]:
-    """(scheme, "bucket/key") of a remote URI, without trailing slashes."""
-    scheme, rest = uri.split("://", 1)
-    rest = rest.strip("/")
-    if not rest or ".." in rest.split("/"):
-        raise UserError(f"bad object storage URI {uri!r}", "run_dir", "use s3://bucket/prefix")
-    return scheme, rest
-
-
-def mirror_of(uri: str) -> Path:
-    """The local working mirror of a remote run (the same path on every machine)."""
-    scheme, rest = split(uri)
-    return mirror_root() / scheme / rest
-
-
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts])
 
 
 def _iso(t: float) -> str:
