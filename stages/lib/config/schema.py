@@ -20,7 +20,16 @@ from stages.lib.config.checks import (
 from stages.lib.errors import UserError
 from stages.lib.layout import check_name
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+def conf_dir() -> Path:
+    """The config tree: the copy an installed package carries (``stages/conf``, mapped from the
+    repository's ``conf/`` at build time: pyproject.toml), else the repository's ``conf/``."""
+    here = Path(__file__).resolve()
+    packaged = here.parents[2] / "conf"  # stages/conf: only in an installed wheel
+    return packaged if (packaged / "base.yaml").is_file() else here.parents[3] / "conf"
+
+
+CONF_DIR = conf_dir()
 POLICY_DIR = Path(__file__).resolve().parents[2] / "sql_policies"  # the selection SQL files
 STAGES = ("sft", "rollout", "score", "select", "train", "eval", "report")
 
