@@ -3,6 +3,7 @@
 - the library (stages/lib) never imports a stage, scripts/ or the demo world;
 - no import circle inside the library, at any depth (function-level imports included), and the
   run-URI module (stages/lib/uri.py) imports nothing of the library but errors;
+- one module (stages/lib/config/compose.py) touches Hydra's private API;
 - data_schemas (the data contract) imports nothing of stages;
 - no stage or library module builds a run path by hand (``run_dir / "..."``): paths come from
   stages/lib/layout.py.
@@ -132,3 +133,12 @@ def test_uri_module_is_dependency_free() -> None:
     mods = imported_modules(ROOT / "stages" / "lib" / "uri.py")
     ours = sorted(m for m in mods if m.split(".")[0] in ("stages", "data_schemas"))
     assert ours == ["data_schemas.errors", "data_schemas.errors.UserError"], ours
+
+
+def test_one_module_touches_hydras_private_api() -> None:
+    users = sorted(
+        str(p.relative_to(ROOT))
+        for p in STAGE_CODE
+        if any(m.startswith("hydra._internal") for m in imported_modules(p))
+    )
+    assert users == ["stages/lib/config/compose.py"], users
