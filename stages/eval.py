@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 import torch
 
 from data_schemas import prompts as prompts_schema
-from stages.lib import chat, decoding, models
+from stages.lib import adapters, chat, decoding, models
+from stages.lib.adapters import adapter_base, is_adapter_dir
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -123,43 +124,22 @@ def reverse_kl_per_token(
     return total / max(count, 1)
 
 
-def is_adapter_dir(path: str) -> bool:
-    """An adapter-only checkpoint (train.lora.save_merged=false): adapter files, no config.json."""
-    p = Path(path)
-    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
-
-
-def adapter_base(cfg: Config, path: str) -> str:
-    """The model an adapter was trained on: its adapter_config's base when that directory exists
-    (relative paths as the trainer wrote them), else the student."""
-    base = json.loads((Path(path) / "adapter_config.json").read_text()).get(
-        "base_model_name_or_path"
-    )
-    return base if base and (Path(base) / "config.json").is_file() else cfg.student.path
-
-
 def load_checkpoint(cfg: Config, name: str, path: str):
     """A model to evaluate; adapter-only checkpoints are applied to their base through peft and
     merged."""
     if not is_adapter_dir(path):
         return models.load_model(path, f"checkpoint {name}")
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise UserError(
-            f"checkpoint {name} holds a LoRA adapter only and peft is not installed",
-            path,
-            "pip install peft (or train with train.lora.save_merged=true)",
-        ) from None
-    base = models.load_model(adapter_base(cfg, path), f"base of checkpoint {name}")
-    return PeftModel.from_pretrained(base, path).merge_and_unload().eval()
+    base = models.load_model(adapter_base(path, cfg.student.path), f"base of checkpoint {name}")
+    return adapters.merged(base, path, f"checkpoint {name} (a LoRA adapter only)")
 
 
 def checkpoint_fingerprint(cfg: Config, name: str, path: str) -> str:
     """The model fingerprint, or for an adapter its files' hash with its base's fingerprint."""
     if not is_adapter_dir(path):
         return models.model_fingerprint(path, name)
-    h = hashlib.sha256(models.model_fingerprint(adapter_base(cfg, path), "base").encode())
+    h = hashlib.sha256(
+        models.model_fingerprint(adapter_base(path, cfg.student.path), "base").encode()
+    )
     for f in sorted(Path(path).iterdir()):
         if f.is_file() and f.name.startswith("adapter_"):
             h.update(f.name.encode() + f.read_bytes())

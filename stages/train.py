@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 from data_schemas import manifest as manifest_mod
 from data_schemas import selected as selected_table
-from stages.lib import models, store, trackers
+from stages.lib import adapters, models, store, trackers
 from stages.lib.config import Config, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -176,18 +176,9 @@ def setup_job(cfg: Config, dist: Dist) -> Job:
 
 # ============================================================================ setup: model
 def apply_lora(model: nn.Module, lc, resume_from: Path | None) -> nn.Module:
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     if resume_from is not None:
-        return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-    cfg = LoraConfig(
-        r=lc.r,
-        lora_alpha=lc.alpha,
-        lora_dropout=lc.dropout,
-        target_modules=list(lc.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, cfg)
+        return adapters.attach(model, resume_from, trainable=True, what="resuming a LoRA run")
+    return adapters.new_adapter(model, lc)
 
 
 def build_model(
