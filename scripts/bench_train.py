@@ -344,7 +344,7 @@ def bench_online(w: dict, pairs: int, end_to_end: bool) -> dict:
         med = {}
         for mode in ("offline", "online"):
             run(train_cfg(w, mode, pairs + 1))
-            metrics = RunLayout(w["run_dir"]).train(mode) / "metrics.jsonl"
+            metrics = RunLayout(w["run_dir"]).metrics(mode)
             rows = metrics.read_text().splitlines()
             med[mode] = statistics.median(json.loads(r)["step_s"] for r in rows[1:])  # warm-up
         out["c.run_offline_step_s"] = med["offline"]

@@ -219,7 +219,7 @@ class Decisions:
         if same:
             fired, value = old["fired"], old["value"]
         else:
-            path = RunLayout.of(rcfg.run_dir).train(rcfg.train.name) / "metrics.jsonl"
+            path = RunLayout.of(rcfg.run_dir).metrics(rcfg.train.name)
             rows = read_metrics(path)
             fired, value = decide(rows, ad.metric, ad.threshold, ad.window, str(path))
         nxt = r + 1 if fired and r < ad.max_rounds else None

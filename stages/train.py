@@ -261,10 +261,10 @@ def open_outputs(job: Job, state: State, plan: Plan) -> list:
     out.mkdir(parents=True, exist_ok=True)
     # rows logged after the resumed checkpoint (a crash, a second writer) are dropped here
     store.atomic_write_text(
-        out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.logged)
+        job.layout.metrics(tc.name), "".join(json.dumps(r) + "\n" for r in state.logged)
     )
     resolved = as_dict(cfg)
-    (out / "config.json").write_text(json.dumps(resolved, indent=1))
+    job.layout.train_config(tc.name).write_text(json.dumps(resolved, indent=1))
     opened = trackers.open_trackers(tc.trackers, out, resolved, state.step, tc=tc, name=tc.name)
     job.say(f"train: config\n{json.dumps(resolved['train'], indent=1)}\nloss: {cfg.loss.terms}")
     job.say(
@@ -372,7 +372,7 @@ def record(job: Job, state: State, row: dict, plan: Plan, opened: list, bar) -> 
     if state.step % job.cfg.train.log_every == 0 or state.step == plan.steps:
         state.logged.append(row)
         if job.dist.main:
-            with open(job.out_dir / "metrics.jsonl", "a") as f:
+            with open(job.layout.metrics(job.cfg.train.name), "a") as f:
                 f.write(json.dumps(row) + "\n")
             for t in opened:
                 t.log(row)
@@ -473,7 +473,7 @@ def train(job: Job) -> dict:
         trackers.close_all(opened)
     job.say(
         f"train: done, {state.step} steps, final loss {state.history[-1]:.4f}; wrote "
-        f"{job.final_dir} and {job.out_dir / 'metrics.jsonl'}"
+        f"{job.final_dir} and {job.layout.metrics(job.cfg.train.name)}"
     )
     return summary(job, state, plan.__dict__, skipped=False)
 

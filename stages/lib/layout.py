@@ -31,6 +31,10 @@ from pathlib import Path
 from data_schemas.errors import UserError
 from stages.lib import uri
 
+# File names inside a run's folders (the folders: RunLayout below)
+METRICS = "metrics.jsonl"  # train/<name>/: one JSON row per logged training step
+TRAIN_CONFIG = "config.json"  # train/<name>/: the resolved config of the training run
+
 # A name that becomes one path component: letters, digits, '.', '_', '-'; not '.' or '..'.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
@@ -121,6 +125,13 @@ class RunLayout:
 
     def train(self, name: str) -> Path:
         return self.train_root / check_name(name, "train.name")
+
+    def metrics(self, name: str) -> Path:
+        """The logged rows of training run ``name`` (``train/<name>/metrics.jsonl``)."""
+        return self.train(name) / METRICS
+
+    def train_config(self, name: str) -> Path:
+        return self.train(name) / TRAIN_CONFIG
 
     # ---------------------------------------------------------------- outputs
     @property

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_schemas import manifest as manifest_mod
 from data_schemas.errors import UserError
 from stages.lib.uri import is_remote, mirror_of, split
 
@@ -54,7 +55,7 @@ DEFAULT_LEASE_SECONDS = 60.0
 INDEX = ".mirror-index.json"  # rel -> {"size", "mtime" (remote), "local" (mirror mtime_ns)}
 LEASES = "_leases"
 _SHARD = re.compile(r"^(?:(.*)/)?bucket=\d+/shard-\d+\.parquet$")
-_MANIFEST = "_manifest.json"
+_MANIFEST = manifest_mod.FILENAME
 
 
 def _iso(t: float) -> str:
