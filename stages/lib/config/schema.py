@@ -19,6 +19,7 @@ from stages.lib.config.checks import (
 )
 from stages.lib.errors import UserError
 from stages.lib.layout import check_name
+from stages.lib.selection.policies import POLICY_DIR
 
 
 def conf_dir() -> Path:
@@ -30,7 +31,6 @@ def conf_dir() -> Path:
 
 
 CONF_DIR = conf_dir()
-POLICY_DIR = Path(__file__).resolve().parents[2] / "sql_policies"  # the selection SQL files
 STAGES = ("sft", "rollout", "score", "select", "train", "eval", "report")
 
 

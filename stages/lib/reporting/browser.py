@@ -1,4 +1,5 @@
-"""The rollout browser's data: a seeded sample of rollouts with their decoded tokens and per-token\nteacher/behaviour numbers, as the JSON the page's script renders."""
+"""The rollout browser's data: a seeded sample of rollouts with their decoded tokens and per-token
+teacher/behaviour numbers, as the JSON the page's script renders."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What the report reads: the run's manifests and views, training metrics, eval results, and the two\nDuckDB aggregates it plots (entropy x gap histogram, kept fraction by position)."""
+"""What the report reads: the run's manifests and views, training metrics, eval results, and the two
+DuckDB aggregates it plots (entropy x gap histogram, kept fraction by position)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from stages.lib import views
 from stages.lib.config import Config
 from stages.lib.errors import UserError
 from stages.lib.layout import METRICS, RunLayout
+from stages.lib.selection.policies import Q3_PARAMS
 
-# tip_q3.sql defaults (conf/select/tip_q3.yaml): median entropy, top 10 % divergence
-Q3_DEFAULTS = {"entropy_quantile": 0.5, "divergence_quantile": 0.9, "divergence": "rkl"}
+# tip_q3.sql defaults, from the policy registry: median entropy, top 10 % divergence
+Q3_DEFAULTS = {k: p.default for k, p in Q3_PARAMS.items()}
 
 
 # The report only reads: shard sizes and footers (dataset ids) are checked, but hashing every byte

@@ -1,4 +1,5 @@
-"""The report's figures (matplotlib, PNG): training curves, the entropy x gap histogram, kept fraction\nby position, eval accuracy."""
+"""The report's figures (matplotlib, PNG): training curves, the entropy x gap histogram, kept fraction
+by position, eval accuracy."""
 
 from __future__ import annotations
 

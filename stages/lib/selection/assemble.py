@@ -1,4 +1,5 @@
-"""Selection pass 2 (Arrow): the train-ready table, one row per sequence with per-token weights and\nthe teacher/behaviour/reference columns, top-K lists decoded and flattened."""
+"""Selection pass 2 (Arrow): the train-ready table, one row per sequence with per-token weights and
+the teacher/behaviour/reference columns, top-K lists decoded and flattened."""
 
 from __future__ import annotations
 

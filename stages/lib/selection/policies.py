@@ -1,4 +1,5 @@
-"""The selection policies: the registry of SQL policy files with their typed parameters, the columns each\nneeds, and the binding of a configured rule to its SQL."""
+"""The selection policies: the registry of SQL policy files with their typed parameters, the columns each
+needs, and the binding of a configured rule to its SQL."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from stages.lib.errors import UserError
 
-POLICY_DIR = Path(__file__).resolve().parents[2] / "sql_policies"
+POLICY_DIR = Path(__file__).resolve().parents[2] / "sql_policies"  # the policies' SQL files
 
 
 NEEDS_FIX = {

@@ -1,4 +1,5 @@
-"""The selection summary: kept fractions overall, by position bucket and by entropy/divergence\nquadrant, and medians; printed after a selection."""
+"""The selection summary: kept fractions overall, by position bucket and by entropy/divergence
+quadrant, and medians; printed after a selection."""
 
 from __future__ import annotations
 

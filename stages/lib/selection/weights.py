@@ -1,4 +1,5 @@
-"""Selection pass 1 (DuckDB): every token's weight, the product of the policies' weights, over the\ntokens and rollouts views; value checks and the per-shard weight read-back."""
+"""Selection pass 1 (DuckDB): every token's weight, the product of the policies' weights, over the
+tokens and rollouts views; value checks and the per-shard weight read-back."""
 
 from __future__ import annotations
 
