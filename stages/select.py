@@ -137,17 +137,14 @@ def _check_config(sel: SelectConfig, layout: RunLayout) -> list[Rule]:
 
 def _done(out_dir: Path, dataset_id: str, cfg: Config) -> dict | None:
     """The summary of an up-to-date selection; refuses another one unless ``overwrite``."""
-    existing = manifest_mod.read(out_dir)
-    if existing is not None and existing["dataset_id"] == dataset_id:
-        return existing["extra"].get("summary", {})
-    if existing is not None and not cfg.overwrite:  # refuse before the expensive pass
-        raise UserError(
-            f"{out_dir} already holds a selection from a different run or config "
-            f"(dataset_id {existing['dataset_id']}, this run {dataset_id})",
-            str(out_dir),
-            "pass overwrite=true to replace it, or choose another select.name",
-        )
-    return None
+    existing = store.up_to_date(  # refused before the expensive pass, not at the writer
+        out_dir,
+        dataset_id,
+        overwrite=cfg.overwrite,
+        what="a selection",
+        fix="pass overwrite=true to replace it, or choose another select.name",
+    )
+    return None if existing is None else existing["extra"].get("summary", {})
 
 
 def run(cfg: Config) -> dict:
