@@ -39,12 +39,13 @@ import torch
 from data_schemas import prompts as prompts_schema
 from stages.lib import adapters, chat, decoding, models
 from stages.lib.adapters import adapter_base, is_adapter_dir
-from stages.lib.config import Config, as_dict
+from stages.lib.config import Config, EvalConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
 from stages.lib.layout import RunLayout, check_name
 from stages.lib.progress import Progress
+from stages.lib.spec import StageSpec
 from stages.lib.store import atomic_write_text, content_id
 
 
@@ -384,6 +385,17 @@ def _read_cache(path: Path) -> dict:
             "delete it; the eval stage recomputes every result",
         ) from None
 
+
+SPEC = StageSpec(
+    name="eval",
+    run=run,
+    config=EvalConfig,
+    uses=("data", "student", "teacher"),
+    reads=("checkpoints/", "data.eval_sets", "teacher.path"),
+    writes=("eval/",),
+    dataset_id=("per entry: checkpoint fingerprint", "eval set", "settings"),
+    extras=("dev", "s3"),
+)
 
 main = hydra_entry("eval")(run)
 

@@ -34,13 +34,16 @@ from pathlib import Path
 from stages.lib import remote
 from stages.lib.config import (
     ADAPTIVE_METRICS,
+    STAGES,
     Config,
+    PipelineConfig,
     round_config,
     variant_config,
 )
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
+from stages.lib.spec import StageSpec
 from stages.lib.store import atomic_write_text
 
 
@@ -77,7 +80,7 @@ def plan(cfg: Config) -> list[Step]:
         for v in cfg.pipeline.variants:
             vcfg = variant_config(cfg, v)
             label, group = f"variant {v.name}", f"variant:{v.name}"
-            steps += [Step(s, vcfg, f"{label}: {s}", group) for s in ("select", "train")]
+            steps += [Step(s, vcfg, f"{label}: {s}", group) for s in VARIANT_STAGES]
         for r in range(2, last + 1):  # adaptive: every possible round, each conditional
             rcfg, mark = round_config(cfg, r), "?" if ad.enabled else ""
             steps += [
@@ -87,7 +90,14 @@ def plan(cfg: Config) -> list[Step]:
     return steps
 
 
-ROUND_STAGES = ("rollout", "score", "select", "train")  # the stages a round runs again
+def spec(name: str) -> StageSpec:
+    """Stage ``name``'s spec (``SPEC`` of ``stages/<name>.py``)."""
+    return importlib.import_module(f"stages.{name}").SPEC
+
+
+# What a round of fresh rollouts, and a training variant, run again: from the stages' specs.
+ROUND_STAGES = tuple(s for s in STAGES if spec(s).rounds)
+VARIANT_STAGES = tuple(s for s in STAGES if spec(s).variants)
 
 
 def format_plan(steps: list[Step]) -> str:
@@ -107,11 +117,10 @@ def format_plan(steps: list[Step]) -> str:
 
 
 def run_stage(name: str, cfg: Config) -> dict:
-    mod = importlib.import_module(f"stages.{name}")
     t0 = time.time()
     print(f"\n=== {name} ===", flush=True)
     with remote.stage_session(cfg, name):  # a run on object storage: lease, pull, publish
-        out = mod.run(cfg)
+        out = spec(name).run(cfg)
     print(f"=== {name} done in {time.time() - t0:.1f}s ===", flush=True)
     return out if isinstance(out, dict) else {}
 
@@ -267,6 +276,17 @@ def _wrote(cfg: Config, steps: list[Step]) -> str:
     out.append(str(lay.timings))
     return ", ".join(out)
 
+
+SPEC = StageSpec(
+    name="pipeline",
+    run=run,
+    config=PipelineConfig,
+    uses=(),
+    reads=(),
+    writes=("timings.json", "rounds.json"),
+    dataset_id=(),
+    extras=("s3",),
+)
 
 main = hydra_entry("pipeline")(run)
 

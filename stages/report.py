@@ -35,7 +35,7 @@ import shutil
 from pathlib import Path
 
 from stages.lib import store
-from stages.lib.config import Config
+from stages.lib.config import Config, ReportConfig
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
@@ -51,6 +51,7 @@ from stages.lib.reporting.data import (
 )
 from stages.lib.reporting.figures import plot_entropy_gap, plot_eval, plot_kept, plot_training
 from stages.lib.reporting.page import render_html
+from stages.lib.spec import StageSpec
 
 # ----------------------------------------------------------------------------- the stage
 # report/ is swapped into place from a per-process temp folder; a stale one (its process gone) is
@@ -162,6 +163,17 @@ def run(cfg: Config) -> dict:
     print(f"report: wrote {len(paths)} file(s) to {layout.report}")
     return paths
 
+
+SPEC = StageSpec(
+    name="report",
+    run=run,
+    config=ReportConfig,
+    uses=("select",),
+    reads=("rollouts/", "tokens/", "selected/", "train/", "eval/"),
+    writes=("report/",),
+    dataset_id=(),
+    extras=("s3",),
+)
 
 main = hydra_entry("report")(run)
 

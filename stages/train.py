@@ -71,12 +71,13 @@ from torch import Tensor, nn
 from data_schemas import manifest as manifest_mod
 from data_schemas import selected as selected_table
 from stages.lib import adapters, models, store, trackers
-from stages.lib.config import Config, as_dict
+from stages.lib.config import Config, TrainConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
 from stages.lib.loader import MicroBatch, MicroBatchStream, Plan, collate, plan_steps
 from stages.lib.losses import average_metrics
+from stages.lib.spec import StageSpec
 from stages.lib.training.checkpoint import (
     find_resume,
     load_resume,
@@ -485,6 +486,19 @@ def run(cfg: Config) -> dict:
     with run_lock(job):
         return train(job)
 
+
+SPEC = StageSpec(
+    name="train",
+    run=run,
+    config=TrainConfig,
+    uses=("loss", "student", "teacher", "sft"),
+    reads=("selected/<train.selection>/", "checkpoints/sft/", "rollouts/"),
+    writes=("checkpoints/<train.name>/", "train/<train.name>/"),
+    dataset_id=("init model", "tokenizer", "selection id", "world size"),
+    extras=("trackers", "dev", "s3"),
+    rounds=True,
+    variants=True,
+)
 
 _main = hydra_entry("train")(run)
 
