@@ -18,4 +18,5 @@ class UserError(Exception):
             s += f" ({self.where})"
         if self.fix:
             s += f". Fix: {self.fix}"
-        return s
+        # one line, even when a name read from disk holds a line break
+        return s.replace("\r", "\\r").replace("\n", "\\n")

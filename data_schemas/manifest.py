@@ -7,7 +7,8 @@
  "shards": [{"path": "bucket=000/shard-00000.parquet", "rows": 10, "bytes": 999, "sha256": "..."}],
  "fingerprints": {"teacher": "...", "tokenizer": "..."},   # models and tokenizer that made it
  "inputs": {"rollouts": "<dataset_id>"},                   # datasets it was computed from
- "models": {"teacher": {"path": "/abs/dir", "fingerprint": "..."}},  # optional, absolute paths
+ "models": {"teacher": {"path": "/abs/dir", "fingerprint": "..."},   # optional: a model folder,
+            "policy": {"run_path": "checkpoints/sft/final", ...}},  # absolute, or inside the run
  "teacher_temperature": 1.0,                               # optional: tokens / selected only
  "config": {...},                                          # the resolved stage config
  "extra": {...},                                           # stage-specific (summaries, K, ...)
@@ -72,10 +73,24 @@ def seal(m: dict) -> dict:
 
 
 def _check_models(models: dict, where: str) -> None:
+    """Each entry names its folder by an absolute ``path`` or by a ``run_path`` inside the run
+    (relative, no '..')."""
     for role, entry in models.items():
-        ok = isinstance(entry, dict) and isinstance(entry.get("path"), str)
-        if not ok or not Path(entry["path"]).is_absolute():
-            raise SchemaError(f"manifest models.{role}: needs an absolute 'path'", where, _FIX)
+        entry = entry if isinstance(entry, dict) else {}
+        path, run_path = entry.get("path"), entry.get("run_path")
+        ok_abs = isinstance(path, str) and Path(path).is_absolute()
+        ok_run = (
+            isinstance(run_path, str)
+            and run_path != ""
+            and not Path(run_path).is_absolute()
+            and ".." not in Path(run_path).parts
+        )
+        if ok_abs == ok_run:  # exactly one of them
+            raise SchemaError(
+                f"manifest models.{role}: needs an absolute 'path' or a 'run_path' inside the run",
+                where,
+                _FIX,
+            )
 
 
 def validate(m: Any, *, where: str, sealed: bool = True) -> dict:

@@ -4,7 +4,15 @@ Columns: ``id`` (str, unique) and exactly one of ``prompt`` (str, plain text) or
 list of ``{role, content}`` with role system / user / assistant / tool and string content), plus
 optional ``context`` (str, the privileged information a guided rollout or a self-teacher reads),
 ``answer`` (str, a verifiable reference answer) and ``kind`` (str, a free label reports group by).
-TRL's conversational layout, ``prompt`` holding a message list, is read as ``messages``.
+
+Common chat layouts are read to the same rows (``chat_layout``): TRL's conversational
+``prompt`` (a message list) and its ``completion`` (the reference answer unless ``answer`` is set),
+ShareGPT's ``conversations`` of ``{from, value}`` (``human``/``gpt``/``system``/...; a top-level
+``system`` string becomes the system message), and OpenAI content parts (``content`` a list of
+``{type: text, text}``, joined; any other part type is refused). Layouts that hold no prompt
+(a ``text`` column, Alpaca's instruction/input/output, an implicit-prompt preference pair) are
+one error naming the layout and the fix. A string holding a lone surrogate (an escaped
+``"\ud800"`` in JSON) is refused: it is not text.
 
 Sources: JSONL (one object per line, UTF-8), Parquet, or a folder written by ``datasets``'
 ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose split ``data.split`` is read). Types are
@@ -50,8 +58,30 @@ def _bad(what: str, where: str) -> SchemaError:
     return SchemaError(f"prompts: {what}", where, FIX)
 
 
+def text_of(content: Any, row: str, i: int, role: str, where: str) -> str:
+    """A message's text: a string, or OpenAI content parts (text parts joined, as templates that
+    read parts write them; any other part is refused)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for k, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise SchemaError(
+                    f"prompts: row {row}: message {i} ({role}) content part {k} is "
+                    f"{'a ' + repr(kind) if kind else 'not a {type, text}'} part; only text "
+                    "parts are read",
+                    where,
+                    "keep the text parts (drop images/audio) or give 'content' as a string",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad(f"row {row}: message {i} ({role}) has no string 'content'", where)
+
+
 def check_messages(value: Any, row: str, where: str) -> list[dict[str, str]]:
-    """A message list as ``[{role, content}]`` (strict: known roles, string content)."""
+    """A message list as ``[{role, content}]`` (strict: known roles, string or text-part content)."""
     if not isinstance(value, list) or not value:
         raise _bad(f"row {row}: 'messages' must be a non-empty list of {{role, content}}", where)
     out = []
@@ -60,12 +90,111 @@ def check_messages(value: Any, row: str, where: str) -> list[dict[str, str]]:
             raise _bad(f"row {row}: message {i} is not an object with a string 'role'", where)
         if m["role"] not in ROLES:
             raise _bad(f"row {row}: message {i} has role {m['role']!r}, not one of {ROLES}", where)
-        if not isinstance(m.get("content"), str):
-            raise _bad(f"row {row}: message {i} ({m['role']}) has no string 'content'", where)
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append(
+            {"role": m["role"], "content": text_of(m.get("content"), row, i, m["role"], where)}
+        )
     if all(m["role"] in ("system", "assistant") for m in out):
         raise _bad(f"row {row}: the messages hold no user or tool turn", where)
     return out
+
+
+# ShareGPT speaker names (``from``) -> roles
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "chatgpt": "assistant", "model": "assistant", "system": "system", "tool": "tool",
+    "observation": "tool", "function_response": "tool",
+}  # fmt: skip
+# layouts without a prompt -> (their name, how to turn them into prompts)
+NO_PROMPT = {
+    "text": ("a language-modeling row ('text' only)", "give each row a 'prompt' or 'messages'"),
+    "instruction": (
+        "an Alpaca row (instruction/input/output)",
+        "map it to 'messages' ([{role: user, content: instruction + input}]) and 'answer' (output)",
+    ),
+    "chosen": (
+        "a preference row without a prompt (chosen/rejected hold the whole conversation)",
+        "give the shared turns as 'prompt' (TRL's explicit-prompt layout)",
+    ),
+}
+
+
+def sharegpt(value: Any, system: Any, label: str, where: str) -> list[dict]:
+    """ShareGPT ``conversations`` -> ``[{role, content}]`` (``{from, value}`` or OpenAI keys)."""
+    fix = "ShareGPT rows need 'conversations': [{from: human|gpt|system|tool, value: TEXT}, ...]"
+    if not isinstance(value, list) or not value:
+        raise SchemaError(f"prompts: row {label}: 'conversations' is not a list", where, fix)
+    out = []
+    for i, m in enumerate(value):
+        if isinstance(m, dict) and "from" in m:
+            who = m.get("from")
+            role = SHAREGPT_ROLES.get(who.lower()) if isinstance(who, str) else None
+            if role is None:
+                raise SchemaError(
+                    f"prompts: row {label}: ShareGPT turn {i} is from {who!r}, not one of "
+                    f"{sorted(SHAREGPT_ROLES)}",
+                    where,
+                    fix,
+                )
+            out.append({"role": role, "content": m.get("value")})
+        else:
+            out.append(m)  # {role, content}: checked as messages
+    if isinstance(system, str) and system and out[0].get("role") != "system":
+        out.insert(0, {"role": "system", "content": system})
+    return out
+
+
+def chat_layout(raw: dict, label: str, where: str) -> tuple[Any, Any, Any]:
+    """(prompt, messages, completion) of a row in any layout read (module docstring)."""
+    prompt, messages = raw.get("prompt"), raw.get("messages")
+    convs = raw.get("conversations")
+    if convs is not None:
+        if prompt is not None or messages is not None:
+            raise _bad(
+                f"row {label}: 'conversations' (ShareGPT) and prompt/messages are both set", where
+            )
+        messages = sharegpt(convs, raw.get("system"), label, where)
+    if isinstance(prompt, list):  # TRL's conversational layout
+        if messages is not None:
+            raise _bad(f"row {label}: 'prompt' is a message list and 'messages' is set too", where)
+        prompt, messages = None, prompt
+    if prompt is None and messages is None:
+        for key, (name, fix) in NO_PROMPT.items():
+            if raw.get(key) is not None:
+                raise SchemaError(
+                    f"prompts: row {label} is {name}: no prompt to answer", where, fix
+                )
+    return prompt, messages, raw.get("completion")
+
+
+def completion_text(value: Any, label: str, where: str) -> str | None:
+    """TRL's ``completion`` as a reference answer: a string, or one assistant message's text."""
+    if value is None or isinstance(value, str):
+        return value
+    one = value[0] if isinstance(value, list) and len(value) == 1 else None
+    if not isinstance(one, dict) or one.get("role") != "assistant":
+        raise _bad(f"row {label}: 'completion' must be a string or one assistant message", where)
+    return text_of(one.get("content"), label, 0, "assistant", where)
+
+
+def check_text(value: Any, label: str, where: str) -> None:
+    """Every string in a row must be text: JSON can escape a lone surrogate, UTF-8 cannot hold it."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise SchemaError(
+                    f"prompts: row {label}: a string holds a lone surrogate "
+                    f"({v[e.start]!r} at character {e.start}), which is not text",
+                    where,
+                    "write the character itself, or its full surrogate pair in JSON escapes",
+                ) from None
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 def normalise_row(raw: Any, n: int, where: str) -> dict[str, Any]:
@@ -76,14 +205,12 @@ def normalise_row(raw: Any, n: int, where: str) -> dict[str, Any]:
     if not isinstance(rid, str) or not rid:
         raise _bad(f"row {n}: 'id' must be a non-empty string, got {rid!r}", where)
     label = f"{n} (id {rid!r})"
-    prompt, messages = raw.get("prompt"), raw.get("messages")
-    if isinstance(prompt, list):  # TRL's conversational layout
-        if messages is not None:
-            raise _bad(f"row {label}: 'prompt' is a message list and 'messages' is set too", where)
-        prompt, messages = None, prompt
+    check_text(raw, label, where)
+    prompt, messages, completion = chat_layout(raw, label, where)
     if prompt is None and messages is None:
         raise _bad(
-            f"row {label}: missing column 'prompt' (or 'messages'); needs exactly one of them",
+            f"row {label}: missing column 'prompt' (or 'messages', or ShareGPT "
+            "'conversations'); needs exactly one of them",
             where,
         )
     if prompt is not None and messages is not None:
@@ -101,6 +228,8 @@ def normalise_row(raw: Any, n: int, where: str) -> dict[str, Any]:
             raise _bad(f"row {label}: '{col}' must be a string or null, got {v!r:.60}", where)
         row[col] = v
     row["messages"] = None if messages is None else check_messages(messages, label, where)
+    if row["answer"] is None:
+        row["answer"] = completion_text(completion, label, where)
     return row
 
 
@@ -135,6 +264,10 @@ def _jsonl_rows(p: Any) -> list[Any]:
         except json.JSONDecodeError as e:
             raise SchemaError(
                 f"prompts: malformed JSON on line {n} ({e.msg})", str(p), FIX
+            ) from None
+        except RecursionError:  # the decoder recurses per nesting level
+            raise SchemaError(
+                f"prompts: the JSON on line {n} is nested too deeply", str(p), FIX
             ) from None
     return rows
 
@@ -190,11 +323,16 @@ def read(path: str | None, *, max_prompts: int | None = None, split: str = "trai
     else:
         try:
             rows = pq.read_table(p).to_pylist()
+        except RecursionError:
+            raise SchemaError("prompts: a value is nested too deeply", str(p), FIX) from None
         except (pa.ArrowInvalid, OSError) as e:
             raise SchemaError(f"cannot read prompts as Parquet ({e})", str(p), fix) from None
     if max_prompts is not None:
         rows = rows[:max_prompts]
-    return from_rows(rows, str(p))
+    try:
+        return from_rows(rows, str(p))
+    except RecursionError:  # a value nested thousands deep (it is never a valid row)
+        raise SchemaError("prompts: a value is nested too deeply", str(p), FIX) from None
 
 
 def source_sha256(path: str, split: str = "train") -> str:

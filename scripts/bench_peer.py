@@ -1,9 +1,12 @@
 """Side by side against a peer: our offline pipeline vs TRL's online distillation and SFT trainers.
 
     python scripts/bench_peer.py --out runs/bench_peer.json [--quick] [--threads N] [--work DIR]
-        [--teacher-scale S] [--response-tokens T] [--prompts N]
+        [--teacher-scale S] [--response-tokens T] [--prompts N] [--samples n] [--prompt-tokens L]
 
-(``--prompts N`` / ``--response-tokens T`` override the mode's sizes; ``--teacher-scale S`` swaps
+(``--prompts N`` / ``--response-tokens T`` override the mode's sizes; ``--samples n`` samples each
+prompt n times on both sides (ours: ``rollout.n``; TRL, which has no per-prompt repeat in its
+distillation trainer: each prompt n times in its dataset); ``--prompt-tokens L`` makes every
+prompt L tokens long (BOS + L - 1 words); ``--teacher-scale S`` swaps
 the default teacher (4.6x the student's per-token matmul weights) for one of ~S times them: same
 tokenizer and depth, the width chosen to match S; ``--work DIR`` keeps the world and both sides'
 outputs.)
@@ -58,12 +61,12 @@ SIZES = {
     "full": {
         "vocab_words": 8188, "student_arch": {"hidden": 512, "layers": 6},
         "teacher_arch": {"hidden": 1024, "layers": 8}, "n_prompts": 64, "prompt_words": 15,
-        "tokens": 64, "batch": 8,
+        "tokens": 64, "batch": 8, "samples": 1,
     },
     "quick": {
         "vocab_words": 1020, "student_arch": {"hidden": 128, "layers": 2},
         "teacher_arch": {"hidden": 256, "layers": 4}, "n_prompts": 16, "prompt_words": 7,
-        "tokens": 16, "batch": 8,
+        "tokens": 16, "batch": 8, "samples": 1,
     },
 }  # fmt: skip
 TOPK, LR, SEED = 32, 1e-5, 0
@@ -108,6 +111,12 @@ DIFFERENCES = [
     "per-token entropy and top-1 accuracy metrics. TRL shuffles (its default); ours shuffles "
     "row groups (train.shuffle, its default).",
     "Ours runs select with select.threads=1 (DuckDB) so both sides use one compute thread.",
+    "Samples per prompt (settings.samples = n, --samples): ours sets rollout.n = n, so the HF "
+    "rollout prefills each prompt once for its n samples and the score stage runs each (model, "
+    "prefix) once for them (score.share_prefix, its default); TRL's DistillationTrainer has no "
+    "per-prompt repeat, so its dataset holds each prompt n times: each copy is sampled, scored "
+    "by the teacher and trained on as its own row (as every online trainer re-encodes the prompt "
+    "per sample). Both train on the same N * n sequences, 8 per step.",
     "ours_epoch_lean (not a headline figure): our epoch with score.behavior=false (the behaviour "
     "log-prob is the rollout's own fp32 record, no student pass in score), score.entropy=false "
     "(no entropy columns) and train.trackers=[] (no TensorBoard, as TRL's report_to=none).",
@@ -223,7 +232,8 @@ def ours_overrides(spec: dict, loss: str, name: str) -> list[str]:
     return [
         f"run_dir={spec['run_dir']}", f"student.path={spec['student']}",
         f"teacher.path={spec['teacher']}", f"data.prompts={spec['prompts']}", f"seed={SEED}",
-        "rollout.backend=hf", "rollout.n=1", f"rollout.max_new_tokens={spec['tokens']}",
+        "rollout.backend=hf", f"rollout.n={spec['samples']}",
+        f"rollout.max_new_tokens={spec['tokens']}",
         "rollout.temperature=1.0", "rollout.top_p=1.0", "score.backend=hf", f"score.topk={TOPK}",
         "select.threads=1", f"loss={loss}", f"train.name={name}", "train.epochs=1",
         f"train.micro_batch_tokens={mb_tokens}", f"train.lr={LR}", "train.log_every=1",
@@ -285,7 +295,8 @@ def trl_distill(spec: dict, beta: float, gradient_checkpointing: bool = False) -
     from trl import DistillationConfig, DistillationTrainer
 
     out = str(Path(spec["trl_dir"]) / f"distill_beta{beta:g}_gc{int(gradient_checkpointing)}")
-    data = Dataset.from_list([{"prompt": t} for t in spec["texts"]])
+    # n samples per prompt: the prompt n times (DistillationTrainer samples one completion per row)
+    data = Dataset.from_list([{"prompt": t} for t in spec["texts"] for _ in range(spec["samples"])])
     counts: list[int] = []
     gen_s: list[float] = []  # seconds inside TRL's sampling (student generate), per batch
     gen_cpu: list[float] = []  # and CPU seconds of this process meanwhile (its torch threads)
@@ -478,11 +489,21 @@ def ratios(r: dict) -> dict:
     }
 
 
-def sizes_for(quick: bool, prompts: int | None, tokens: int | None, scale: float | None) -> dict:
+def sizes_for(
+    quick: bool,
+    prompts: int | None,
+    tokens: int | None,
+    scale: float | None,
+    samples: int | None = None,
+    prompt_tokens: int | None = None,
+) -> dict:
     """The mode's sizes with the command line's overrides (the defaults when none is given)."""
     size = dict(SIZES["quick" if quick else "full"])
     size["n_prompts"] = prompts or size["n_prompts"]
     size["tokens"] = tokens or size["tokens"]
+    size["samples"] = samples or size["samples"]
+    if prompt_tokens is not None:
+        size["prompt_words"] = prompt_tokens - 1  # BOS + words
     if scale is not None:
         layers = size["teacher_arch"]["layers"]
         size["teacher_arch"] = teacher_arch(scale, size["student_arch"], layers, _vocab(size))
@@ -496,9 +517,10 @@ def _vocab(size: dict) -> int:
 
 
 def setup(quick: bool, threads: int, work: Path, prompts: int | None, tokens: int | None,
-          scale: float | None = None):  # fmt: skip
+          scale: float | None = None, samples: int | None = None,
+          prompt_tokens: int | None = None):  # fmt: skip
     """Build the world; the JSON's header (versions, settings, models, commands)."""
-    size = sizes_for(quick, prompts, tokens, scale)
+    size = sizes_for(quick, prompts, tokens, scale, samples, prompt_tokens)
     t0 = time.perf_counter()
     spec = build_world(work, size)
     spec_path = work / "spec.json"
@@ -563,7 +585,10 @@ def _bad_size(a: argparse.Namespace) -> str | None:
         return (
             f"--teacher-scale {a.teacher_scale:g} is out of range (bench_peer). Fix: give 1 to 64"
         )
-    for flag, v in (("--prompts", a.prompts), ("--response-tokens", a.tokens)):
+    if a.prompt_tokens is not None and a.prompt_tokens < 2:
+        return f"--prompt-tokens {a.prompt_tokens} must be >= 2 (bench_peer). Fix: give 2 or more"
+    for flag, v in (("--prompts", a.prompts), ("--response-tokens", a.tokens),
+                    ("--samples", a.samples)):  # fmt: skip
         if v is not None and v < 1:
             return f"{flag} {v} must be >= 1 (bench_peer). Fix: give a positive count"
     return None
@@ -583,6 +608,8 @@ def main() -> None:
         "--teacher-scale", type=float,
         help="a teacher of ~S times the student's per-token matmul weights (default: the mode's)",
     )  # fmt: skip
+    ap.add_argument("--samples", type=int, help="samples per prompt, both sides (default 1)")
+    ap.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (BOS included)")
     ap.add_argument("--work", help="build the world here and keep it (default: a temp dir)")
     ap.add_argument("--child", choices=(*CHILDREN, EXTRA, LEAN), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -601,7 +628,8 @@ def main() -> None:
         sys.exit(2)
     out = Path(a.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    sizes = {"prompts": a.prompts, "tokens": a.tokens, "scale": a.teacher_scale}
+    sizes = {"prompts": a.prompts, "tokens": a.tokens, "scale": a.teacher_scale,
+             "samples": a.samples, "prompt_tokens": a.prompt_tokens}  # fmt: skip
     if a.work:
         Path(a.work).mkdir(parents=True, exist_ok=True)
         result = bench(a.quick, a.threads, Path(a.work).resolve(), out, **sizes)

@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stages.lib import remote, store  # noqa: E402
-from stages.lib.uri import ENV_MIRROR, mirror_of  # noqa: E402
 
 BUCKET = "distillery-bench"
 
@@ -110,20 +109,20 @@ def bench(n_shards: int, rows: int, tokens: int, work: Path) -> dict:
     t_local_r, n_rows = read_all(paths)
 
     uri = f"s3://{BUCKET}/bench/run"
-    os.environ[ENV_MIRROR] = str(work / "mirror-writer")
+    os.environ[remote.ENV_MIRROR] = str(work / "mirror-writer")
     remote._REMOTES.clear()
     with remote.stage_session(SimpleNamespace(run_dir=uri), "bench"):
-        t_s3_w = write_shards(mirror_of(uri) / "tokens", tables)
+        t_s3_w = write_shards(remote.mirror_of(uri) / "tokens", tables)
 
-    os.environ[ENV_MIRROR] = str(work / "mirror-reader-pull")  # another machine
+    os.environ[remote.ENV_MIRROR] = str(work / "mirror-reader-pull")  # another machine
     remote._REMOTES.clear()
     t0 = time.perf_counter()
     remote.pull(remote.open_remote(uri))
-    pulled = [mirror_of(uri) / "tokens" / store.shard_relpath(s) for s in range(n_shards)]
+    pulled = [remote.mirror_of(uri) / "tokens" / store.shard_relpath(s) for s in range(n_shards)]
     t_pull = time.perf_counter() - t0
     t_pull_read, _ = read_all(pulled)
 
-    os.environ[ENV_MIRROR] = str(work / "mirror-reader-stream")
+    os.environ[remote.ENV_MIRROR] = str(work / "mirror-reader-stream")
     remote._REMOTES.clear()
     r = remote.open_remote(uri)
     remote.pull(r, streamed=("tokens/",))  # the manifest only

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data_schemas import prompts as prompts_schema
-from stages.lib import adapters, chat, decoding, models
+from stages.lib import adapters, chat, decoding, models, safety
 from stages.lib.adapters import adapter_base, is_adapter_dir
 from stages.lib.config import Config, EvalConfig, as_dict
 from stages.lib.entry import hydra_entry
@@ -76,8 +76,8 @@ def checkpoint_paths(cfg: Config) -> dict[str, str]:
         out["sft"] = str(layout.sft_final)
     root = layout.checkpoints_root
     for d in sorted(root.glob("*/final")) if root.is_dir() else []:
-        if d.parent.name != "sft":
-            out[d.parent.name] = str(d)
+        if d.parent.name != "sft":  # a name read from disk: it becomes a path and a label
+            out[safety.check_disk_name(d.parent.name, d.parent, "checkpoint folder")] = str(d)
     out.update({name: str(d) for name, d in later.items()})
     return out
 
@@ -96,7 +96,8 @@ def round_checkpoints(layout: RunLayout) -> dict[str, Path]:
     found = []
     for r, rl in layout.rounds().items():
         if r >= 2 and rl.checkpoints_root.is_dir():
-            found += [(r, d.parent.name, d) for d in sorted(rl.checkpoints_root.glob("*/final"))]
+            for d in sorted(rl.checkpoints_root.glob("*/final")):
+                found.append((r, safety.check_disk_name(d.parent.name, d.parent, "checkpoint"), d))
     return {name: d for _, name, d in sorted(found)}
 
 
@@ -204,23 +205,28 @@ def evaluate_one(
         {"student": tok, f"checkpoint {name}": checkpoint_tokenizer(cfg, name, path)},
         f"{path} / student.path",
     )
-    r = cfg.rollout
+    r, e = cfg.rollout, cfg.eval
     render = chat.Renderer.of(r, tok, teacher_tok)
     stops = decoding.stops_for(tok, path, r.stop_token_ids, r.stop_strings)
+    limit = prompt_limit(cfg, models.context_length(model), path)
     res: dict = {"path": path}
     generations: dict[str, list[dict]] = {}
     for set_name, rows in sets.items():
-        prefixes = [render.train_ids(chat.turns(row, False)[0], row) for row in rows]
+        turns = [chat.turns(row, False, r.final_assistant)[0] for row in rows]
+        rows = [row | {"answer": t.answer} for row, t in zip(rows, turns, strict=True)]
+        prefixes = [render.train_ids(t, row) for t, row in zip(turns, rows, strict=True)]
+        check_prompt_lengths(rows, prefixes, limit, set_name)
         res[set_name], generations[set_name] = accuracy_entry(
             cfg, model, tok, stops, rows, prefixes
         )
     if teacher is not None:
-        e = cfg.eval
         kl_set = e.kl_set or next(iter(sets))
         rows = sets[kl_set][: e.kl_prompts]
-        turns = [chat.turns(row, False)[0] for row in rows]
+        turns = [chat.turns(row, False, r.final_assistant)[0] for row in rows]
         sp = [render.train_ids(t, row) for t, row in zip(turns, rows, strict=True)]
         tp = [render.teacher_ids(t, row) for t, row in zip(turns, rows, strict=True)]
+        t_limit = prompt_limit(cfg, models.context_length(teacher), cfg.teacher.path)
+        check_prompt_lengths(rows, tp, t_limit, f"{kl_set} (teacher prefix)")
         outs = decoding.greedy(
             model, tok, sp, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, stops=stops
         )
@@ -229,6 +235,34 @@ def evaluate_one(
         )
         res["rkl_set"] = kl_set
     return res, generations
+
+
+def prompt_limit(cfg: Config, ctx_len: int, path: str) -> int:
+    """The longest prefix a model of context ``ctx_len`` decodes ``eval.max_new_tokens`` after
+    (``rollout.max_prompt_tokens`` lowers it), as in the rollout stage."""
+    limit = ctx_len - cfg.eval.max_new_tokens
+    if cfg.rollout.max_prompt_tokens is not None:
+        limit = min(limit, cfg.rollout.max_prompt_tokens)
+    if limit < 1:
+        raise UserError(
+            f"eval.max_new_tokens={cfg.eval.max_new_tokens} leaves no room for a prompt in the "
+            f"context of {ctx_len} positions",
+            f"eval.max_new_tokens ({path})",
+            f"set eval.max_new_tokens below {ctx_len}",
+        )
+    return limit
+
+
+def check_prompt_lengths(rows: list[dict], prefixes: list[list[int]], limit: int, where: str):
+    """One error for the first prefix over ``limit`` (the model would read past its context)."""
+    for row, p in zip(rows, prefixes, strict=True):
+        if len(p) > limit:
+            raise UserError(
+                f"eval prompt {row['id']!r} is {len(p)} tokens long, over the limit of {limit} "
+                "(context length minus eval.max_new_tokens, or rollout.max_prompt_tokens)",
+                f"eval set {where}",
+                "shorten it or drop it from the set, or lower eval.max_new_tokens",
+            )
 
 
 def load_sets(cfg: Config) -> dict[str, list[dict]]:
@@ -303,6 +337,9 @@ def write_generations(root: Path, name: str, generations: dict[str, list[dict]])
 
 def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
+    layout = RunLayout.of(cfg.run_dir)
+    safety.check_output(layout.eval, layout.root, "eval results")
+    ckpts = checkpoint_paths(cfg)  # names read from disk are checked before any model loads
     sets = load_sets(cfg)
     tok = models.load_tokenizer(cfg.student.path, "student")
     teacher = models.load_model(cfg.teacher.path, "teacher") if cfg.teacher.path else None
@@ -327,7 +364,6 @@ def run(cfg: Config) -> dict:
         "sets": {n: prompts_schema.source_sha256(cfg.data.eval_sets[n]) for n in sets},
     }
     results, t0, gen_root = {}, time.time(), out_dir / "generations"
-    ckpts = checkpoint_paths(cfg)
     bar = Progress(len(ckpts), "eval", unit="checkpoints")  # cached ones count as done
     try:
         for name, ckpt in ckpts.items():

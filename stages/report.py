@@ -34,7 +34,7 @@ import os
 import shutil
 from pathlib import Path
 
-from stages.lib import store
+from stages.lib import safety, store
 from stages.lib.config import Config, ReportConfig
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -143,6 +143,7 @@ def run(cfg: Config) -> dict:
         raise UserError(
             "run dir not found", str(layout.root), "point run_dir at a run (e.g. runs/demo)"
         )
+    safety.check_output(layout.report, layout.root, "the report")
     _remove_stale(layout)
     tmp = layout.root / f"{TMP_PREFIX}{os.getpid()}"
     try:

@@ -60,7 +60,7 @@ import torch
 
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
-from stages.lib import models, store, vllm_backend
+from stages.lib import models, safety, store, vllm_backend
 from stages.lib.config import Config, ScoreConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -141,7 +141,8 @@ def _score_shards(
     # counted in rollout response tokens: each shard's passes (tokens x passes) scaled to them
     desc = f"score {total} rollouts"
     if cfg.launcher.kind == "ray":
-        return _score_on_ray(cfg, w, paths, todo, roles, t_roles, scorer, counts, desc, xt, router)
+        args = (roles, t_roles, scorer, counts, desc, xt, router)
+        return _score_on_ray(cfg, w, paths, rm["shards"], todo, *args)
     bar = Progress(_response_tokens(paths, todo), desc, unit="response tokens")
     _score_loop(cfg, w, paths, todo, roles, t_roles, scorer, counts, bar, xt, router)
 
@@ -194,18 +195,22 @@ def _score_loop(
 
 
 def _score_on_ray(
-    cfg, w, paths, todo, roles, t_roles, scorer, counts: _Counts, desc, xt=None, router=None
+    cfg, w, paths, entries, todo, roles, t_roles, scorer, counts: _Counts, desc, xt, router
 ) -> None:
     """``launcher.kind=ray``: Ray actors score the shards ``todo``, each with its own copy of
     ``scorer`` (models load on the actor, once; HF devices picked on the actor's machine)."""
-    from stages.lib import raylaunch
+    from stages.lib import raylaunch, remote
+
+    entries = {s: entries[s] for s in todo}  # each rollouts shard's entry: checked when fetched
 
     def make(aw):  # runs on each actor, once
         scorer.devices = role_devices(cfg.score)
+        here = _localized(roles, t_roles, xt)  # models in the run's bucket: fetched here
 
         def one(s: int) -> _Counts:
             got = _Counts()
-            _score_loop(cfg, aw, paths, [s], roles, t_roles, scorer, got, QUIET, xt, router)
+            local = {s: Path(remote.localize(paths[s], entries[s]))}  # only shard s is read
+            _score_loop(cfg, aw, local, [s], *here[:2], scorer, got, QUIET, here[2], router)
             return got
 
         return one
@@ -216,8 +221,29 @@ def _score_on_ray(
 
     units = {s: _response_tokens(paths, [s]) for s in todo}
     raylaunch.run_shards(
-        cfg.launcher, w, todo, make, units=units, on_result=merge, desc=desc, unit="response tokens"
+        cfg.launcher,
+        w,
+        todo,
+        make,
+        units=units,
+        on_result=merge,
+        desc=desc,
+        unit="response tokens",
+        run_dir=cfg.run_dir,
     )
+
+
+def _localized(roles: list[Role], t_roles: dict[str, Role], xt):
+    """The roles (and the cross-tokenizer teacher) with their model folders as this machine
+    has them (a Ray actor: a model inside the run's bucket is fetched into its mirror)."""
+    from stages.lib import remote
+
+    def here(r: Role) -> Role:
+        return dataclasses.replace(r, path=remote.localize(r.path))
+
+    t_here = {n: here(r) for n, r in t_roles.items()}
+    xt_here = None if xt is None else dataclasses.replace(xt, role=here(xt.role))
+    return [here(r) for r in roles], t_here, xt_here
 
 
 def _model_paths(cfg, roles: list[Role], t_roles: dict[str, Role]) -> dict[str, str]:
@@ -231,14 +257,20 @@ def _model_paths(cfg, roles: list[Role], t_roles: dict[str, Role]) -> dict[str, 
 def _commit(
     cfg, w, rm, n_shards, fps, roles, t_roles, backend, vocab, sft_inputs, xtra=None
 ) -> bool:
-    sc = cfg.score
-    policy_path = store.model_path(rm, "policy", "policy_path") or cfg.student.path
-    models_ = _model_paths(cfg, roles, t_roles)
+    sc, rollouts_dir = cfg.score, RunLayout.of(cfg.run_dir).rollouts
+    policy_path = store.model_path(rm, "policy", "policy_path", rollouts_dir) or cfg.student.path
+    root = store.run_root_of(w.directory)
+
+    def shown(path: str) -> str:  # a model inside the run as <run_dir>/<rel>, not this mirror
+        return store.shown_path(path, root, cfg.run_dir)
+
+    policy_path = shown(policy_path)
+    models_ = {role: shown(p) for role, p in _model_paths(cfg, roles, t_roles).items()}
     several = {}  # with several teachers: each one's path, fingerprint, and the routing
     if cfg.teachers:
         several = {
             "teachers": {
-                n: {"path": r.path, "fingerprint": r.fingerprint} for n, r in t_roles.items()
+                n: {"path": shown(r.path), "fingerprint": r.fingerprint} for n, r in t_roles.items()
             },
             "route_by": dataclasses.asdict(sc.route_by),
         }
@@ -275,6 +307,7 @@ def _commit(
 def run(cfg: Config) -> dict:
     """Score the rollouts of ``cfg.run_dir`` into ``run_dir/tokens/``; return a summary dict."""
     sc, layout = cfg.score, RunLayout.of(cfg.run_dir)
+    safety.check_output(layout.tokens, layout.root, "the tokens dataset")
     rm = store.open_committed(
         layout.rollouts, rollouts_table, what_writes_it="python -m stages.rollout"
     )

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from data_schemas import manifest as manifest_mod
 from data_schemas import rollouts, selected, tokens
-from stages.lib import store
+from stages.lib import integrity, safety, store
 from stages.lib.config import Config, SelectConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -152,6 +152,8 @@ def run(cfg: Config) -> dict:
     sel, layout = cfg.select, RunLayout.of(cfg.run_dir)
     rules = _check_config(sel, layout)
     out_dir = layout.selected(sel.name)
+    for out in (out_dir, layout.duckdb_tmp):  # no write or delete through a symlink out of the run
+        safety.check_output(out, layout.root, f"select.name={sel.name}")
     ro_m, tk_m = _inputs(layout)
     dataset_id = dataset_id_of(ro_m["dataset_id"], tk_m["dataset_id"], sel, cfg.seed)
     summary = _done(out_dir, dataset_id, cfg)
@@ -164,6 +166,13 @@ def run(cfg: Config) -> dict:
     try:
         con = open_pass1(layout, {"rollouts": ro_m, "tokens": tk_m}, tmp_dir, sel)
         check_values(con, layout.tokens)
+        integrity.check_select_inputs(  # keys, ids against the vocabulary, top-K order
+            con,
+            layout.rollouts,
+            layout.tokens,
+            store.shard_paths(layout.tokens, tk_m),
+            integrity.manifest_vocab_size(tk_m, ro_m),
+        )
         check_needs(con, rules, str(layout.tokens))
         compute_weights(con, rules, seed=cfg.seed, ln_v=_vocab_ln(tk_m, ro_m))
         summary = summarize(con)
@@ -245,13 +254,17 @@ def write_selected(con, cfg, dataset_id, out_dir, layout, ro_m, tk_m, rules, sum
         if pending is not None:
             pending.result()
         summary["sequences_no_kept"] = no_kept
-        models = {**(ro_m.get("models") or {}), **(tk_m.get("models") or {})}
+        models = {  # each manifest's model folders, resolved here (run-relative ones too)
+            role: store.model_path(m, role, directory=d)
+            for m, d in ((ro_m, layout.rollouts), (tk_m, tk_dir))
+            for role in (m.get("models") or {})
+        }
         w.commit(
             plan[-1],
             config=as_dict(cfg),
             fingerprints={**ro_m["fingerprints"], **tk_m["fingerprints"]},
             inputs={"rollouts": ro_m["dataset_id"], "tokens": tk_m["dataset_id"]},
-            models={role: e["path"] for role, e in models.items()},
+            models=models,
             teacher_temperature=tk_m.get("teacher_temperature"),
             extra={
                 "summary": summary,

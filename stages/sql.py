@@ -62,15 +62,13 @@ def connect(
     unless ``allow_writes``) and the names of its views."""
     if remote.is_remote(run_dir):  # the committed datasets, fetched into the local mirror
         remote.pull(remote.open_remote(str(run_dir)), datasets_only=True)
-    rv = views.open_run(RunLayout.of(run_dir))
+    rv = views.open_run(RunLayout.of(run_dir), read_only=not allow_writes)
     if not rv.views:
         raise UserError(
             "no committed rollouts/, tokens/ or selected/ datasets",
             str(run_dir),
             "run the pipeline (python -m stages.pipeline ...) first",
         )
-    if not allow_writes:
-        views.lock_read_only(rv.con, rv.files)
     names = [v for v in rv.views if "/" not in v]  # the per-selection views are listed by .tables
     return rv.con, names + [v for v in rv.views if "/" in v]
 
@@ -214,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.run_dir is None:
         raise UserError("no run dir given", "command line", "distillery-sql RUN_DIR [QUERY]")
+    args.run_dir = remote.adopt_credentials(args.run_dir)  # s3://KEY:SECRET@...: never printed
     if args.migrate:
         done = store.migrate_run(RunLayout.of(args.run_dir).root)
         print(f"sql: migrated {len(done)} dataset folder(s) under {args.run_dir} to _manifest.json")

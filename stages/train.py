@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 from data_schemas import manifest as manifest_mod
 from data_schemas import selected as selected_table
-from stages.lib import adapters, models, store, trackers
+from stages.lib import adapters, models, safety, store, trackers
 from stages.lib.config import Config, TrainConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -149,7 +149,8 @@ def setup_job(cfg: Config, dist: Dist) -> Job:
     """Resolve and check everything the run reads before any model loads."""
     tc = cfg.train
     layout = RunLayout.of(cfg.run_dir)
-    layout.checkpoints(tc.name)  # validates train.name before anything touches the disk
+    for out in (layout.checkpoints(tc.name), layout.train(tc.name)):  # train.name, symlinks
+        safety.check_output(out, layout.root, f"train.name={tc.name}")
     if not (math.isfinite(tc.lr) and tc.lr > 0):  # config validation refuses it too
         raise UserError(
             f"train.lr={tc.lr} is not a finite positive number", "config", "fix train.lr"
@@ -203,8 +204,12 @@ def build_model(
         model = apply_lora(model, tc.lora, resume_from if resumed is not None else None)
     model.train()
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in job.cfg.loss.terms]
+    # Prefix sharing calls the decoder twice per micro-batch with a KV cache: not with activation
+    # checkpointing (transformers turns the cache off there) nor under FSDP2 (one unshard per
+    # layer call is what it schedules for); DDP and one process are fine.
+    share = tc.share_prefix and not tc.gradient_checkpointing and not job.fsdp
     wrapped = ResponseLoss(
-        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab)
+        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab), share
     )
     wrapped = wrapped.to(job.dist.device)
     master = None

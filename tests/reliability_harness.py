@@ -179,8 +179,52 @@ def visible_shards(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("bucket=*/shard-*.parquet"))
 
 
+# ----------------------------------------------------------------------------- user errors
+def error_lines(r: Result) -> list[str]:
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+
+
+def assert_user_error(r: Result, *phrases: str) -> str:
+    """Exit 2, no traceback, exactly one ``error: <what> (<where>). Fix: <how>`` line on stderr
+    that contains every phrase (case-insensitive); returns the line."""
+    assert r.rc == 2 and not r.killed, r.describe()
+    assert "Traceback" not in r.stderr, r.describe()
+    errors = error_lines(r)
+    assert len(errors) == 1, r.describe()
+    line = errors[0]
+    assert "Fix:" in line and "(" in line, line
+    for p in phrases:
+        assert p.lower() in line.lower(), (p, line)
+    return line
+
+
+def tree_state(*roots: Path) -> dict[str, str]:
+    """Every file (sha256), folder and symlink (its target) under ``roots``, symlinks not
+    followed, lock files skipped: what a refused stage must leave exactly as it was."""
+    out: dict[str, str] = {}
+    for root in roots:
+        root = Path(root)
+        if root.is_symlink():
+            out[str(root)] = "-> " + os.readlink(root)
+            continue
+        if not root.exists():
+            continue
+        for top, dirs, files in os.walk(root, followlinks=False):
+            for n in dirs + files:
+                p = Path(top) / n
+                if n.startswith(".lock"):
+                    continue
+                if p.is_symlink():
+                    out[str(p)] = "-> " + os.readlink(p)
+                elif p.is_dir():
+                    out[str(p)] = "dir"
+                else:
+                    out[str(p)] = store.file_sha256(p)
+    return out
+
+
 # ----------------------------------------------------------------------------- the zygote
-STAGES = ("rollout", "score", "select", "train", "sft", "eval", "pipeline")
+STAGES = ("rollout", "score", "select", "train", "sft", "eval", "pipeline", "report", "sql")
 
 
 def _child(job: dict) -> None:

@@ -26,13 +26,14 @@ def test_quick_run_writes_valid_json(tmp_path):
     out = tmp_path / "peer.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_peer.py"), "--quick", "--out", str(out)]
-    cmd += ["--work", str(tmp_path / "world")]
+    cmd += ["--work", str(tmp_path / "world"), "--samples", "2", "--prompts", "8"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
 
     s = r["settings"]
-    tokens = s["n_prompts"] * s["tokens"]
+    assert s["samples"] == 2  # two samples of each of 8 prompts: 16 sequences on both sides
+    tokens = s["n_prompts"] * s["samples"] * s["tokens"]
     assert r["versions"]["trl"] == "1.16.0"
     assert r["models"]["teacher_over_student_params"] >= 4
     assert set(r["runs"]) == {
@@ -60,7 +61,7 @@ def test_quick_run_writes_valid_json(tmp_path):
     assert tok["teacher_entropy"].null_count == tok.num_rows > 0
     assert not (lean / "train" / "topk_fkl" / "tb").exists()
     for side in ("ours", "trl"):  # one optimizer step per batch of 8 sequences, on both sides
-        assert r["runs"][f"{side}_sft"]["steps"] == s["n_prompts"] // s["batch"]
+        assert r["runs"][f"{side}_sft"]["steps"] == s["n_prompts"] * s["samples"] // s["batch"]
 
     ratios = r["ratios"]
     for key in r["goals"]:
@@ -94,4 +95,26 @@ def test_teacher_scale_out_of_range_is_one_line(tmp_path):
     p = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.startswith("error: --teacher-scale") and p.stderr.count("\n") == 1
+    assert not out.exists()
+
+
+def test_samples_and_prompt_tokens_set_the_world():
+    """--samples n and --prompt-tokens L: n samples per prompt, prompts of L tokens (BOS + words);
+    neither given keeps the mode's sizes."""
+    size = bench_peer.sizes_for(False, 16, None, 16, samples=4, prompt_tokens=256)
+    assert (size["samples"], size["prompt_words"], size["n_prompts"]) == (4, 255, 16)
+    default = bench_peer.sizes_for(False, None, None, None)
+    assert (default["samples"], default["prompt_words"]) == (1, 15)
+    spec = {**default, "run_dir": "r", "student": "s", "teacher": "t", "prompts": "p"}
+    assert "rollout.n=1" in bench_peer.ours_overrides(spec, "topk_fkl", "x")
+    assert "rollout.n=4" in bench_peer.ours_overrides(spec | {"samples": 4}, "topk_fkl", "x")
+
+
+@pytest.mark.parametrize("flag", [["--samples", "0"], ["--prompt-tokens", "1"]])
+def test_bad_samples_or_prompt_length_is_one_line(tmp_path, flag):
+    out = tmp_path / "peer.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_peer.py"), *flag, "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.startswith(f"error: {flag[0]}") and p.stderr.count("\n") == 1
     assert not out.exists()

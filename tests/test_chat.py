@@ -446,6 +446,25 @@ def test_vllm_stops_like_hf(tmp_path, qwen_dir, qwen_tok):
     hf, vl = _responses(tmp_path / "hf"), _responses(tmp_path / "vl")
     assert [(s, i, w) for s, i, w in hf] == [(s, i, w) for s, i, w in vl]
     assert all(w == "eos" for *_, w in vl)
+    # stop strings (vLLM's `stop`, an HF stopping criterion): the same cut on both backends,
+    # for a string ending inside a token and one spanning two
+    a, b, _ = chain_ids(qwen_tok)
+    plain = build_model(tmp_path / "plain", "qwen2", qwen_tok)  # would run to the length limit
+    for k, pat in enumerate((" ", "he w")):
+        cut = [f"rollout.stop_strings=[{json.dumps(pat)}]"]
+        rollout_run(_rollout_cfg(tmp_path / f"h{k}", plain, prompts, "rollout.backend=hf", *cut))
+        rollout_run(_rollout_cfg(tmp_path / f"v{k}", plain, prompts, "rollout.backend=vllm", *cut))
+        hf, vl = _responses(tmp_path / f"h{k}"), _responses(tmp_path / f"v{k}")
+        assert hf == vl and all(i == [a, b] and w == "stop" for _, i, w in vl), (pat, vl)
+    # the engine itself stopped there (its own finish reason), not only the cut after it
+    from stages.lib import vllm_backend
+
+    llm = next(v for k, v in vllm_backend._LLM_CACHE.items() if k[0] == str(plain) and k[-1])
+    (raw,) = vllm_backend.generate(
+        llm, [template_ids(qwen_tok, MESSAGES)], n=1, temperature=0.0, top_p=1.0,
+        max_new_tokens=7, seed=0, eos_id=[qwen_tok.eos_token_id], stop=["he w"],
+    )  # fmt: skip
+    assert raw[0]["response_ids"] == [a, b] and raw[0]["finish_reason"] == "stop"
     import gc
 
     from stages.lib import vllm_backend
@@ -521,3 +540,238 @@ def test_expanded_turns_are_stored_per_rollout(tmp_path, qwen_dir):
     assert t.num_rows == 6  # 3 generation points x rollout.n=2
     m = store.open_committed(tmp_path / "r" / "rollouts", rollouts_schema)
     assert m["extra"]["n_generation_points"] == 3 and m["extra"]["n_prompts"] == 2
+
+
+# ----------------------------------------------------------------------------- data as it comes
+def _ids(items):
+    return [(i.prompt_id, i.train_ids, i.rollout_ids, i.teacher_ids, i.answer) for i in items]
+
+
+def test_sharegpt_content_parts_and_trl_completions_read_as_messages(tmp_path, qwen_tok):
+    """ShareGPT ``conversations`` (with a top-level ``system``), OpenAI content parts and TRL's
+    prompt/completion give the same ids and answers as the equivalent ``messages`` rows."""
+    import datasets
+
+    rows = prompt_rows()
+    who = {"system": "system", "user": "human", "assistant": "gpt"}
+    share = [
+        {"id": r["id"], "context": r["context"], "answer": r["answer"],
+         "conversations": [{"from": who[m["role"]], "value": m["content"]}
+                           for m in r["messages"] if m["role"] != "system"],
+         **({"system": r["messages"][0]["content"]} if r["messages"][0]["role"] == "system" else {})}
+        for r in rows
+    ]  # fmt: skip
+    parts = [
+        {**r, "messages": [{"role": m["role"], "content": [
+            {"type": "text", "text": m["content"][:7]}, {"type": "text", "text": m["content"][7:]}
+        ]} for m in r["messages"]]}
+        for r in rows
+    ]  # fmt: skip
+    trl = [
+        {"id": r["id"], "context": r["context"], "prompt": r["messages"],
+         "completion": [{"role": "assistant", "content": r["answer"]}]}
+        for r in rows
+    ]  # fmt: skip
+    want = _ids(items_of(qwen_tok, rows))
+    jsonl = tmp_path / "share.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in share))
+    datasets.Dataset.from_list(parts).save_to_disk(str(tmp_path / "parts"))  # Arrow structs
+    for table in (
+        prompts_schema.read(str(jsonl)),
+        prompts_schema.read(str(tmp_path / "parts")),
+        prompts_schema.from_rows(trl, "trl"),
+    ):
+        got = _ids(generation.build_prompt_ids(qwen_tok, table, RolloutConfig(), 0))
+        assert got == want
+
+
+LAYOUT_ERRORS = {
+    "image part": (
+        {
+            "id": "a",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {}},
+                    ],
+                }
+            ],
+        },
+        "content part 1 is a 'image_url' part; only text parts are read",
+    ),  # fmt: skip
+    "sharegpt speaker": (
+        {"id": "a", "conversations": [{"from": "narrator", "value": "x"}]},
+        "ShareGPT turn 0 is from 'narrator'",
+    ),
+    "text only": ({"id": "a", "text": "once upon a time"}, "is a language-modeling row"),
+    "alpaca": ({"id": "a", "instruction": "add", "input": "1 2", "output": "3"}, "Alpaca row"),
+    "implicit prompt": (
+        {"id": "a", "chosen": MESSAGES, "rejected": MESSAGES},
+        "preference row without a prompt",
+    ),
+    "completion list": (
+        {"id": "a", "prompt": MESSAGES, "completion": MESSAGES},
+        "'completion' must be a string or one assistant message",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_ERRORS))
+def test_layouts_without_a_prompt_are_one_error_naming_the_layout(tmp_path, case):
+    bad, msg = LAYOUT_ERRORS[case]
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"id": "ok", "prompt": "fine"}) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(UserError, match="row 2") as e:
+        prompts_schema.read(str(path))
+    assert msg in str(e.value) and "Fix:" in e.value.line()
+
+
+def test_a_lone_surrogate_is_one_error_on_the_cli(tmp_path, qwen_dir):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": "bad \\ud800 here"}\n')
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "stages.rollout", f"run_dir={run_dir}", f"student.path={qwen_dir}"]
+    p = subprocess.run([*cmd, f"data.prompts={path}"], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "row 2 (id 'b'): a string holds a lone surrogate" in lines[0]
+    assert not run_dir.exists()
+
+
+def test_a_prefill_is_continued_not_closed(tmp_path, qwen_tok, qwen_dir):
+    """A trailing assistant message is continued (continue_final_message): no end of turn and
+    no second assistant header; the rollout stores it in the prefix and the continuation as the
+    response. ``final_assistant=regenerate`` writes that turn anew, graded against it."""
+    a, b, end = chain_ids(qwen_tok)
+    conv = [*MESSAGES, {"role": "assistant", "content": "hello"}]
+    (item,) = items_of(qwen_tok, [{"id": "p", "messages": conv, "context": "evidence: x."}])
+    want = qwen_tok.apply_chat_template(conv, continue_final_message=True, tokenize=False)
+    assert item.train_ids == qwen_tok(want, add_special_tokens=False)["input_ids"]
+    assert item.train_ids.count(end) == 2  # system and user closed; the prefill open
+    assert qwen_tok.decode(item.train_ids).endswith("<|im_start|>assistant\nhello")
+    assert qwen_tok.decode(item.teacher_ids).endswith("assistant\nhello")
+    assert item.turn == 0
+    (regen,) = items_of(
+        qwen_tok, [{"id": "p", "messages": conv}], RolloutConfig(final_assistant="regenerate")
+    )
+    assert regen.train_ids == template_ids(qwen_tok, MESSAGES) and regen.answer == "hello"
+    prompts = write_parquet([{"id": "p", "messages": conv}], tmp_path / "p.parquet")
+    rollout_run(_rollout_cfg(tmp_path / "r", qwen_dir, prompts, "rollout.backend=hf"))
+    t = store.read_table(tmp_path / "r" / "rollouts", rollouts_schema).to_pylist()
+    # the chain continues the prefill and ends the turn: the continuation is the response
+    assert all(r["train_prompt_ids"] == item.train_ids and r["response_ids"] == [a, b, end]
+               for r in t)  # fmt: skip
+
+
+def test_a_template_without_a_system_role_gets_the_context_in_the_user_turn(qwen_tok):
+    """Gemma's template raises on a system message: the context goes to the user turn; a row
+    that has a system message of its own is one error naming the system role."""
+    import copy
+
+    from tests.wild_tokenizers import GEMMA
+
+    tok = copy.deepcopy(qwen_tok)
+    tok.chat_template = GEMMA
+    user = MESSAGES[1:]
+    (item,) = items_of(tok, [{"id": "g", "messages": user, "context": "evidence: x."}])
+    want = [{"role": "user", "content": "evidence: x.\n\n" + user[0]["content"]}]
+    assert item.teacher_ids == template_ids(tok, want)
+    assert item.train_ids == template_ids(tok, user)
+    with pytest.raises(UserError, match="the chat template has no system role") as e:
+        items_of(tok, [{"id": "s", "messages": MESSAGES}])
+    assert "Fix: drop the system message" in e.value.line()
+
+
+def test_the_default_system_prompt_stays_beside_the_context(qwen_tok):
+    """ChatML with a default system prompt (Qwen 2.5's): the teacher's prefix is the student's
+    with the context added to that prompt, nothing dropped."""
+    import copy
+
+    from tests.wild_tokenizers import CHATML_DEFAULT_SYSTEM
+
+    tok = copy.deepcopy(qwen_tok)
+    tok.chat_template = CHATML_DEFAULT_SYSTEM
+    user = MESSAGES[1:]
+    (item,) = items_of(tok, [{"id": "d", "messages": user, "context": "evidence: x."}])
+    student, teacher = tok.decode(item.train_ids), tok.decode(item.teacher_ids)
+    assert "You are a helpful assistant." in student
+    assert teacher == student.replace(
+        "You are a helpful assistant.", "You are a helpful assistant.\n\nevidence: x."
+    )
+
+
+def test_expanded_turns_are_graded_against_their_own_replies(qwen_tok):
+    conv = MESSAGES + [
+        {"role": "assistant", "content": "vexton."},
+        {"role": "user", "content": "and the leader?"},
+        {"role": "assistant", "content": "mira dost."},
+    ]
+    items = items_of(qwen_tok, [{"id": "c", "messages": conv}], RolloutConfig(expand_turns=True))
+    assert [(i.prompt_id, i.answer) for i in items] == [("c@t0", "vexton."), ("c@t1", "mira dost.")]
+    rows = [{"id": "c", "messages": conv[:-1] + [conv[-1]], "answer": "mira"}]
+    items = items_of(qwen_tok, rows, RolloutConfig(expand_turns=True))
+    assert [i.answer for i in items] == ["vexton.", "mira"]  # the row's answer: its last turn
+
+
+# ----------------------------------------------------------------------------- stop strings
+@pytest.mark.parametrize("flavor", ["byte_bpe", "sentencepiece_bpe"])
+def test_stop_strings_cut_at_the_first_token_completing_one(flavor):
+    """``cut`` (one pass, bytes) against the plain rule: the first i whose ids[:i+1] bytes hold
+    a stop string, on random ids that split characters, with stop strings taken from inside the
+    responses (multi-byte characters included)."""
+    import random
+
+    from stages.lib import align
+    from tests import wild_tokenizers as wt
+
+    tok = getattr(wt, flavor)()
+    bm = align.byte_map(tok)
+    special = align.special_ids(tok)
+    plain = [i for i in range(len(tok)) if i not in special]
+    g = random.Random(0)
+    hits = 0
+    for _ in range(200):
+        ids = [g.choice(plain) for _ in range(g.randrange(1, 40))]
+        data = b"".join(bm.mid[i] for i in ids)
+        a = g.randrange(len(data))
+        pat = data[a : a + g.randrange(1, 6)].decode("utf-8", "ignore") or "東"
+        stops = decoding.stops_for(tok, None, (), [pat])
+        want = next(
+            (
+                i + 1
+                for i in range(len(ids))
+                if pat.encode() in b"".join(bm.mid[j] for j in ids[: i + 1])
+            ),
+            None,
+        )
+        got = decoding.cut(ids, stops, 64)
+        assert got == ((want, "stop") if want else (len(ids), "length")), (ids, pat)
+        hits += want is not None
+    assert hits > 100
+
+
+def test_stop_strings_stop_generation_itself(tmp_path, qwen_tok):
+    """The stopping criterion ends generation at the token completing the string (inside a
+    token, or across two): two forward passes, not max_new_tokens; the chain "he" " w" <end>
+    would otherwise run 50 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    a, b, _ = chain_ids(qwen_tok)
+    model = build_model(tmp_path / "plain", "qwen2", qwen_tok)  # no EOS in its config: no end
+    m = AutoModelForCausalLM.from_pretrained(model)
+    calls = []
+    m.register_forward_hook(lambda *args: calls.append(1))
+    assert (qwen_tok.decode([a]), qwen_tok.decode([b])) == ("he", " w")
+    for pat in (" ", "he w"):  # ends inside b (its first byte); spans a and b
+        calls.clear()
+        stops = decoding.stops_for(qwen_tok, model, (), [pat])
+        (out,) = decoding.greedy(
+            m, qwen_tok, [template_ids(qwen_tok, MESSAGES)], max_new_tokens=50, batch_size=1,
+            stops=stops,
+        )  # fmt: skip
+        assert out.response_ids == [a, b] and out.finish_reason == "stop"
+        assert len(calls) == 2, pat
+    with pytest.raises(UserError, match="is a special token"):
+        decoding.stops_for(qwen_tok, model, (), ["<|im_end|>"])

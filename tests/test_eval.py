@@ -155,3 +155,28 @@ def test_pass_at_k_uses_the_shared_sampler(tmp_path, tiny_lm, tiny_teacher):
     cfg = _cfg(tmp_path, tiny_lm, tiny_teacher, **{"eval.pass_k": 2, "eval.match": "regex"})
     entry = eval_stage.run(cfg)["base"]["a"]
     assert 0.0 <= entry["pass@2"] <= 1.0
+
+
+def test_a_prompt_longer_than_the_context_is_one_error(tmp_path, tiny_lm):
+    """The rollout's length check, in eval: a 300-token prompt for a 256-position model (or one
+    that leaves no room for eval.max_new_tokens) stops before any decoding or output."""
+    from data_schemas import prompts as prompts_schema
+
+    long = " ".join(f"w{i % 90}" for i in range(300))
+    rows = [
+        {"id": "ok", "prompt": "w1 w2", "answer": "w3"},
+        {"id": "long", "prompt": long, "answer": "w3"},
+    ]
+    p = tmp_path / "ev.parquet"
+    __import__("pyarrow.parquet", fromlist=["x"]).write_table(
+        prompts_schema.from_rows(rows, "t"), p
+    )
+    cfg = compose("eval", [
+        f"run_dir={tmp_path / 'run'}", f"student.path={tiny_lm}", f"+data.eval_sets={{a: {p}}}",
+        "eval.max_new_tokens=4",
+    ])  # fmt: skip
+    with pytest.raises(
+        UserError, match="eval prompt 'long' is 30[0-9] tokens long, over the limit of 252"
+    ):
+        eval_stage.run(cfg)
+    assert not (tmp_path / "run" / "eval" / "results.json").exists()

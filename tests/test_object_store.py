@@ -28,7 +28,6 @@ from stages.lib import remote  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
 from stages.lib.errors import UserError  # noqa: E402
 from stages.lib.layout import RunLayout  # noqa: E402
-from stages.lib.uri import ENV_MIRROR, mirror_of  # noqa: E402
 from tests import reliability_harness as h  # noqa: E402
 from tests.conftest import write_prompts  # noqa: E402
 
@@ -77,7 +76,7 @@ def s3():
 def machine(monkeypatch, tmp_path: Path, name: str) -> Path:
     """Switch to a fresh mirror folder (another machine's empty cache)."""
     d = tmp_path / f"mirror-{name}"
-    monkeypatch.setenv(ENV_MIRROR, str(d))
+    monkeypatch.setenv(remote.ENV_MIRROR, str(d))
     remote._REMOTES.clear()
     return d
 
@@ -162,7 +161,7 @@ def test_killed_stage_resumes_from_the_bucket_and_a_live_lease_refuses(
     uri = f"s3://{BUCKET}/kill/run"
     monkeypatch.setenv(remote.ENV_LEASE, "6")
     # machine A: rollout SIGKILLed right after its first shard is published
-    monkeypatch.setenv(ENV_MIRROR, str(tmp_path / "mA"))
+    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "mA"))
     r = h.run_stage("rollout", ov(uri), fault="after_shard:1")
     assert r.killed, r.describe()
     keys = objects(s3, "kill/run/")
@@ -258,7 +257,7 @@ def torchrun_node(node_rank: int, port: int, overrides: list[str], mirror: Path)
         f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
         "--rdzv_id=object-store-test", "-m", "stages.train", *overrides,
     ]  # fmt: skip
-    env = h.stage_env(**{ENV_MIRROR: str(mirror)})
+    env = h.stage_env(**{remote.ENV_MIRROR: str(mirror)})
     return subprocess.Popen(
         cmd, cwd=h.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -329,13 +328,13 @@ def test_a_missing_bucket_is_one_line(s3, tmp_path, monkeypatch):
 def test_uris_and_what_a_pull_takes(tmp_path, monkeypatch):
     """file:// is the local folder; a mirror is a function of the URI; a pull takes the
     manifest's shards and not a stray one, and every published shard of an uncommitted folder."""
-    monkeypatch.setenv(ENV_MIRROR, str(tmp_path))
+    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path))
     assert RunLayout.of("file:///data/run").root == Path("/data/run")
     assert RunLayout.of(f"s3://{BUCKET}/a/run/").root == tmp_path / "s3" / BUCKET / "a/run"
     assert RunLayout.round_dir("s3://b/run", 2) == "s3://b/run/round2"
     assert RunLayout.round_dir("runs/x", 2) == "runs/x/round2"
     with pytest.raises(UserError):
-        mirror_of("s3://b/../etc")
+        remote.mirror_of("s3://b/../etc")
     objs = dict.fromkeys(
         [
             "rollouts/_manifest.json",
@@ -352,3 +351,21 @@ def test_uris_and_what_a_pull_takes(tmp_path, monkeypatch):
         "tokens/bucket=000/shard-00000.parquet",
         "checkpoints/x/final/config.json",
     ]
+
+
+def test_mirror_root_templates_and_what_each_stage_pulls(tmp_path, monkeypatch):
+    """``{host}``/``{pid}`` in DISTILLERY_MIRROR; the folders a stage's pull is limited to."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "m-{host}" / "{pid}"))
+    assert remote.mirror_root() == tmp_path / f"m-{socket.gethostname()}" / str(os.getpid())
+    cfg = SimpleNamespace(select=SimpleNamespace(name="half"))
+    assert remote.stage_reads(cfg, "rollout") == ("rollouts/", "checkpoints/sft/final/")
+    assert "tokens/" in remote.stage_reads(cfg, "score")
+    assert not any(p.startswith("selected/") for p in remote.stage_reads(cfg, "score"))
+    assert remote.stage_reads(cfg, "select")[-1] == "selected/half/"
+    for stage in ("train", "eval", "sft", "report"):  # they read across the run
+        assert remote.stage_reads(cfg, stage) is None
+    # off a Ray actor, localize and translate leave paths as they are
+    assert remote.localize(tmp_path / "x") == str(tmp_path / "x")
+    assert remote.translate(tmp_path / "x") == tmp_path / "x"

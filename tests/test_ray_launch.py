@@ -220,11 +220,33 @@ def test_kill_mid_write_leaves_no_second_shard_and_resume_skips_done_shards(
         ("launcher.max_restarts=-1", "launcher.max_restarts"),
         ("launcher.address=' '", "launcher.address"),
         ("worker.count=2", "launcher.kind=ray"),  # the launcher takes the whole plan
+        ("launcher.placement=pack", "launcher.placement"),
+        ("+launcher.resources.h100=0", "launcher.resources.h100"),
+        ("+launcher.resources.GPU=1", "launcher.resources.GPU"),
+        ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size"),
+        ("rollout.backend=hf rollout.tensor_parallel_size=2", "rollout.tensor_parallel_size"),
+        ("score.backend=hf score.tensor_parallel_size=2", "score.tensor_parallel_size"),
+        # a vLLM engine over 2 GPUs: each Ray actor must get 2
+        ("score.backend=vllm score.tensor_parallel_size=2", "launcher.num_gpus >= 2"),
     ],
 )
 def test_launcher_config_is_checked_at_compose(override, key):
     with pytest.raises(errors.UserError, match=re.escape(key)):
-        compose("rollout", ["launcher.kind=ray", override])
+        compose("rollout", ["launcher.kind=ray", *override.split()])
+
+
+def test_gpu_knobs_compose_and_a_resource_the_cluster_lacks_is_one_error():
+    """The GPU keys compose where they can run (vLLM, enough GPUs per actor); an actor asking
+    for a custom resource no node declares is refused before anything starts."""
+    args = ["launcher.kind=ray", "launcher.num_gpus=2", "+launcher.resources.h100=1"]
+    args += ["launcher.placement=spread", "score.backend=vllm", "score.tensor_parallel_size=2"]
+    cfg = compose("score", args)
+    assert cfg.score.tensor_parallel_size == 2 and cfg.launcher.resources == {"h100": 1}
+    opts = raylaunch._actor_options(cfg.launcher)
+    assert opts["resources"] == {"h100": 1} and opts["scheduling_strategy"] == "SPREAD"
+    lc = compose("rollout", ["launcher.kind=ray", "+launcher.resources.h100=1"]).launcher
+    with pytest.raises(errors.UserError, match=r"resource 'h100' but the cluster has 0"):
+        raylaunch.check_resources(ray, lc)
 
 
 def test_an_address_that_does_not_answer_fails_at_once():

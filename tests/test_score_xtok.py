@@ -257,9 +257,12 @@ def test_permuted_identity_on_high_temperature_rollouts(tmp_path, flavor):
     shutil.copytree(same / "rollouts", cross / "rollouts")
     rows = store.read_table(same / "rollouts", rollouts_table).to_pylist()
     bm = align.byte_map(s_tok)
+    special = align.special_ids(s_tok)
+    # a special token inside a response (a sampled <|im_start|>) is refused by design
+    inside = {r["sample_id"] for r in rows if any(i in special for i in r["response_ids"][:-1])}
     partial = canon_differs = 0
     for r in rows:
-        body = [i for i in r["response_ids"] if i not in s_tok.all_special_ids]
+        body = [i for i in r["response_ids"] if i not in special]
         partial += any(not align.is_utf8(bm.mid[i]) for i in body)
         data = bm.spans(body)[0] if body else b""
         canon_differs += align.encode_bytes(s_tok, bm, data) != body
@@ -267,9 +270,13 @@ def test_permuted_identity_on_high_temperature_rollouts(tmp_path, flavor):
     score(same, student, student, prompts)
     out = score(cross, student, tmp_path / "teacher", prompts, "score.cross_tokenizer=align")
     assert out["committed"]
-    _compare_tokens(tokens_of(same), tokens_of(cross))
+    a, b = tokens_of(same), tokens_of(cross)
+    out_a = pa.compute.is_in(a["sample_id"], pa.array(sorted(inside), pa.string()))
+    out_b = pa.compute.is_in(b["sample_id"], pa.array(sorted(inside), pa.string()))
+    assert set(b.filter(out_b)["xtok_chunk"].to_pylist()) <= {-2}
+    _compare_tokens(a.filter(pa.compute.invert(out_a)), b.filter(pa.compute.invert(out_b)))
     x = manifest.read(cross / "tokens")["extra"]["cross_tokenizer"]
-    assert x["refused_rows"] == 0 and x["rows"] == len(rows) and x["version"] == 3
+    assert x["refused_rows"] == len(inside) < len(rows) // 4 and x["version"] == 3
 
 
 def test_align_switch_keeps_same_tokenizer_shards_byte_identical(tmp_path, pair):

@@ -109,7 +109,8 @@ def rollouts_table(seqs: list[dict]) -> pa.Table:
         {
             "sample_id": [q["sample_id"] for q in seqs],
             "prompt_id": [q["prompt_id"] for q in seqs],
-            "sample_idx": pa.array([0] * n, pa.int32()),
+            # sample j of its prompt (write_run: s<i> is sample i % 2 of prompt p<i // 2>)
+            "sample_idx": pa.array([int(q["sample_id"][1:]) % 2 for q in seqs], pa.int32()),
             "train_prompt_ids": [q["train_prompt_ids"] for q in seqs],
             "rollout_prompt_ids": [q["teacher_prompt_ids"] for q in seqs],
             "teacher_prompt_ids": [q["teacher_prompt_ids"] for q in seqs],

@@ -344,3 +344,37 @@ def test_overwrite_replaces_a_dataset_with_a_broken_manifest(tmp_path):
     w = store.open_writer(d, rollouts, dataset_id="abc", stage="t", overwrite=True)
     assert not w.complete and not (d / manifest.FILENAME).exists()
     w.close()
+
+
+def test_models_inside_the_run_are_named_relative_to_it(tmp_path, tiny_lm):
+    """A model inside the run (an SFT checkpoint) is recorded by ``run_path``, one outside by
+    its absolute path; after the run moves, the in-run one resolves to the moved copy (from a
+    dataset folder or a selection's), and the manifest check takes exactly one of the two."""
+    import shutil
+
+    run = tmp_path / "run"
+    sft = run / "checkpoints" / "sft" / "final"
+    shutil.copytree(tiny_lm, sft)
+    got = store.model_entries(
+        {"policy": sft, "teacher": tiny_lm, "ref": None}, {"policy": "fp"}, run
+    )
+    assert got == {
+        "policy": {"run_path": "checkpoints/sft/final", "fingerprint": "fp"},
+        "teacher": {"path": str(Path(tiny_lm).resolve()), "fingerprint": None},
+    }
+    assert store.shown_path(sft, run, "s3://b/run/") == "s3://b/run/checkpoints/sft/final"
+    assert store.shown_path(tiny_lm, run, "s3://b/run") == str(tiny_lm)
+    moved = tmp_path / "elsewhere"
+    shutil.move(run, moved)
+    m = {"models": got}
+    for d in (moved / "tokens", moved / "selected" / "x", moved / "round2" / "rollouts"):
+        root = d.parent.parent if d.parent.name == "selected" else d.parent
+        assert store.model_path(m, "policy", directory=d) == str(root / "checkpoints/sft/final")
+    assert Path(store.model_path(m, "policy", directory=moved / "tokens")).is_dir()
+    assert store.model_path(m, "teacher") == str(Path(tiny_lm).resolve())
+    with pytest.raises(ValueError):
+        store.model_path(m, "policy")  # a run_path needs the folder it is relative to
+    manifest._check_models(got, "w")
+    for bad in ({"run_path": "../x"}, {"run_path": "/abs"}, {"path": "rel"}, {"path": "/a", "run_path": "b"}, {}):  # fmt: skip
+        with pytest.raises(UserError, match="models.p"):
+            manifest._check_models({"p": bad}, "w")

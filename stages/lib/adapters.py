@@ -8,10 +8,10 @@ stage that needs it without it installed ends with one error line.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from stages.lib import models, safety
 from stages.lib.errors import UserError
 
 
@@ -36,7 +36,9 @@ def is_adapter_dir(path: str | Path) -> bool:
 def adapter_base(path: str | Path, fallback: str) -> str:
     """The model an adapter was trained on: its adapter_config's base when that directory exists
     (relative paths as the trainer wrote them), else ``fallback`` (the student)."""
-    base = json.loads((Path(path) / "adapter_config.json").read_text()).get(
+    f = Path(path) / "adapter_config.json"
+    fix = "re-save the adapter (model.save_pretrained(DIR)) or evaluate a merged checkpoint"
+    base = safety.parse_json_object(f.read_bytes(), "adapter_config.json", str(f), fix).get(
         "base_model_name_or_path"
     )
     return base if base and (Path(base) / "config.json").is_file() else fallback
@@ -56,8 +58,10 @@ def new_adapter(model: Any, lc: Any) -> Any:
 
 
 def attach(model: Any, path: str | Path, *, trainable: bool, what: str) -> Any:
-    """``model`` with the adapter saved in ``path`` (a resumed step checkpoint: ``trainable``)."""
+    """``model`` with the adapter saved in ``path`` (a resumed step checkpoint: ``trainable``);
+    adapters load from safetensors only, as weights do."""
     peft = _peft(what, str(path))
+    models.check_safe_weights(Path(path), what, allow_pickle=False)
     return peft.PeftModel.from_pretrained(model, path, is_trainable=trainable)
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 Span = tuple[int, int]
-Key = bytes | tuple[str, str]  # a token's bytes, ("role", "eos_token"), ("byte", "50")
+Key = bytes | tuple[str, str]  # bytes, ("role", "eos_token"), ("special", ...), ("byte", "50")
 ROLES = ("eos_token", "bos_token", "pad_token", "unk_token")
 
 
@@ -98,10 +98,17 @@ def _decode(tok: Any, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+def special_ids(tok: Any) -> set[int]:
+    """The ids of special tokens: the named ones and every added token marked special (a
+    tokenizer trained with ``<|im_end|>`` as a special token need not name it)."""
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    return set(tok.all_special_ids) | {i for i, t in added.items() if t.special}
+
+
 def byte_map(tok: Any) -> ByteMap:
     """Each id's exact bytes by the tokenizer's own byte mapping (module docstring)."""
     n = len(tok)
-    special = set(tok.all_special_ids)
+    special = special_ids(tok)
     added = {i: t.content for i, t in tok.added_tokens_decoder.items() if i not in special}
     tokens = tok.convert_ids_to_tokens(list(range(n)))
     types, model = _decoder_types(tok)
@@ -340,7 +347,7 @@ def surface_keys(tok: Any, bm: ByteMap, form: str = "start") -> list[Key | None]
     add `` the``), or None (never mapped).
 
     EOS, BOS, pad and unk get a key for their role, so the stop action maps to the other side's;
-    other special tokens get None. Bytes two ids share are ambiguous: the id that is not a
+    other special tokens one for their string (ChatML's ``<|im_start|>`` to ``<|im_start|>``). Bytes two ids share are ambiguous: the id that is not a
     byte-fallback token keeps them (SentencePiece's ``2`` over ``<0x32>``), else neither does;
     such a byte-fallback token gets ("byte", "50"), which only another byte-fallback token has,
     and first tokens that a decoder makes equal (``an`` and ``▁an`` after SentencePiece strips the
@@ -364,10 +371,14 @@ def surface_keys(tok: Any, bm: ByteMap, form: str = "start") -> list[Key | None]
                 out[i] = ("byte", str(fallback[i]))
             elif form == "start" and bm.mid[i]:  # ``an`` and ``▁an`` as first tokens
                 out[i] = ("mid", bm.mid[i].hex())
-    special = set(tok.all_special_ids)
+    special = special_ids(tok)
+    names = tok.convert_ids_to_tokens(sorted(special))
+    for i, name in zip(sorted(special), names, strict=True):
+        if 0 <= i < len(out) and name:
+            out[i] = ("special", name)  # another special token: the one of the same string
     for role in ROLES:
         i = getattr(tok, f"{role}_id", None)
-        if i is not None and 0 <= i < len(out) and out[i] is None and i in special:
+        if i is not None and 0 <= i < len(out) and i in special:
             out[i] = ("role", role)  # matched by role (EOS to EOS), never by text
     return out
 

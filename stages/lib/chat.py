@@ -8,13 +8,21 @@ Used by the rollout (and SFT) stage for ``train_prompt_ids`` / ``rollout_prompt_
   ``add_special_tokens=False``: the template writes any BOS itself, so none is added twice. The
   ids equal ``tok.apply_chat_template(messages, add_generation_prompt=True)``.
 - The privileged **context** goes into the teacher (and guided rollout) prefix only: appended to
-  the system message (created when absent) or placed before the last user message, worded by
-  ``rollout.context_template``. The student's training prefix never holds it.
+  the system message or placed before the last user message, worded by
+  ``rollout.context_template``. The student's training prefix never holds it. A conversation
+  without a system message gets one holding the template's **default system prompt** (what the
+  template writes when there is none, e.g. ChatML's "You are a helpful assistant.") plus the
+  context, so the teacher's prefix differs from the student's by the context alone; a template
+  **without a system role** (Gemma's raises on one) gets the context in the user turn instead.
 - **Plain rows** (``prompt``) keep the ``str.format`` templates (``rollout.prompt_template`` ...)
   and the tokenizer's own special tokens; a text that already starts with the BOS token does not
   get a second one.
 - **Multi-turn**: a conversation with earlier assistant turns is continued after its last message,
-  or, with ``rollout.expand_turns``, expanded into one sample per assistant turn.
+  or, with ``rollout.expand_turns``, expanded into one sample per assistant turn, each with its own
+  reference answer (the conversation's reply for that turn; the row's ``answer`` for the last).
+- **Prefills**: a conversation ending with an assistant message is continued from inside that
+  message (``continue_final_message``; ``rollout.final_assistant=regenerate`` writes the turn
+  anew instead).
 - **Compatibility**: tokenizers are compared by their id -> token maps; EOS/pad/BOS settings may
   differ (they change no id) and are recorded.
 """
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,8 @@ class Turn:
     prompt_id: str  # the row id, with "@t<k>" appended when a conversation was expanded
     messages: list[dict[str, str]] | None  # None for a plain prompt row
     turn: int  # index of the generated assistant turn in the conversation (0 = first)
+    answer: str | None = None  # this turn's reference answer
+    prefill: bool = False  # messages end with an assistant message the student continues
 
 
 # ----------------------------------------------------------------------------- templating
@@ -55,8 +65,11 @@ def load_template(path: str | None) -> str | None:
     return p.read_text(encoding="utf-8")
 
 
-def render_text(tok: Any, messages: list[dict], template: str | None, kwargs: dict) -> str:
-    """The chat template applied with a generation prompt (the text the model continues)."""
+def render_text(
+    tok: Any, messages: list[dict], template: str | None, kwargs: dict, prefill: bool = False
+) -> str:
+    """The chat template applied with a generation prompt (the text the model continues), or,
+    for a ``prefill``, up to the end of the final assistant message (continue_final_message)."""
     if template is None and not getattr(tok, "chat_template", None):
         raise UserError(
             f"chat rows need a chat template, and the tokenizer of {tok.name_or_path} has none",
@@ -64,14 +77,20 @@ def render_text(tok: Any, messages: list[dict], template: str | None, kwargs: di
             "use a chat model's tokenizer, set rollout.chat_template=FILE, or give plain 'prompt' rows",
         )
     try:
-        return tok.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=True,
-            chat_template=template,
-            **kwargs,
-        )
+        return _apply(tok, messages, template, kwargs, prefill)
     except Exception as e:  # noqa: BLE001 - Jinja raises TemplateError/TypeError/... for bad input
+        if (
+            messages
+            and messages[0]["role"] == "system"
+            and not supports_system(tok, template, kwargs)
+        ):
+            raise UserError(
+                "the chat template has no system role (it fails on a system message) and a "
+                "conversation starts with one",
+                "data.prompts / rollout.chat_template",
+                "drop the system message or fold it into the first user message, or give a "
+                "template that accepts one (rollout.chat_template=FILE)",
+            ) from None
         raise UserError(
             f"the chat template failed on a conversation ({type(e).__name__}: {str(e)[:160]})",
             "rollout.chat_template / rollout.template_kwargs",
@@ -79,9 +98,52 @@ def render_text(tok: Any, messages: list[dict], template: str | None, kwargs: di
         ) from None
 
 
-def chat_ids(tok: Any, messages: list[dict], template: str | None, kwargs: dict) -> list[int]:
+def _apply(tok: Any, messages: list[dict], template: str | None, kwargs: dict, prefill: bool):
+    return tok.apply_chat_template(
+        messages,
+        tokenize=False,
+        add_generation_prompt=not prefill,
+        continue_final_message=prefill,
+        chat_template=template,
+        **kwargs,
+    )
+
+
+_PROBE = [{"role": "user", "content": "hello"}]
+_MARK = "CONTEXT-MARK-5e1f"  # stands in for a system message's text while probing a template
+
+
+def supports_system(tok: Any, template: str | None, kwargs: dict) -> bool:
+    """Does the template accept a system message (Gemma's raises on one)?"""
+    try:
+        _apply(tok, [{"role": "system", "content": _MARK}, *_PROBE], template, kwargs, False)
+    except Exception:  # noqa: BLE001 - whatever the template raises
+        return False
+    return True
+
+
+def default_system(tok: Any, messages: list[dict], template: str | None, kwargs: dict) -> str:
+    """The system prompt the template writes for ``messages`` when they hold none (ChatML's
+    "You are a helpful assistant."), or "": the text between a system message's place and what
+    follows it, read off the same conversation rendered with and without one."""
+    try:
+        bare = _apply(tok, messages, template, kwargs, False)
+        marked = _apply(
+            tok, [{"role": "system", "content": _MARK}, *messages], template, kwargs, False
+        )
+    except Exception:  # noqa: BLE001 - the caller renders (and reports) these messages itself
+        return ""
+    pre, _, post = marked.partition(_MARK)
+    if len(bare) >= len(pre) + len(post) and bare.startswith(pre) and bare.endswith(post):
+        return bare[len(pre) : len(bare) - len(post)]
+    return ""
+
+
+def chat_ids(
+    tok: Any, messages: list[dict], template: str | None, kwargs: dict, prefill: bool = False
+) -> list[int]:
     """Rendered and tokenized once, no special tokens added (the template holds them)."""
-    text = render_text(tok, messages, template, kwargs)
+    text = render_text(tok, messages, template, kwargs, prefill)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
@@ -107,16 +169,22 @@ def fill(template: str, where: str, **values: str) -> str:
         ) from None
 
 
-def with_context(messages: list[dict], context: str, r: RolloutConfig) -> list[dict]:
-    """A copy of ``messages`` holding ``context`` in the configured place."""
+def with_context(
+    messages: list[dict], context: str, r: RolloutConfig, default: str = "", placement: str = ""
+) -> list[dict]:
+    """A copy of ``messages`` holding ``context`` in the configured place (``placement``
+    overrides ``r.context_placement``); a new system message starts with ``default`` (the
+    template's default system prompt)."""
     block = fill(r.context_template, "rollout.context_template", context=context)
     out = [dict(m) for m in messages]
     sep = r.context_separator
-    if r.context_placement == "system":
+    if (placement or r.context_placement) == "system":
         if out and out[0]["role"] == "system":
             out[0]["content"] = out[0]["content"] + sep + block
         else:
-            out.insert(0, {"role": "system", "content": block})
+            out.insert(
+                0, {"role": "system", "content": default + sep + block if default else block}
+            )
         return out
     users = [i for i, m in enumerate(out) if m["role"] == "user"]
     if not users:
@@ -130,21 +198,30 @@ def with_context(messages: list[dict], context: str, r: RolloutConfig) -> list[d
 
 
 # ----------------------------------------------------------------------------- multi-turn
-def turns(row: dict, expand: bool) -> list[Turn]:
+def turns(row: dict, expand: bool, final_assistant: str = "continue") -> list[Turn]:
     """The generation points of one prompts row (see the module docstring)."""
-    msgs = row.get("messages")
+    msgs, answer = row.get("messages"), row.get("answer")
     if msgs is None:
-        return [Turn(row["id"], None, 0)]
+        return [Turn(row["id"], None, 0, answer)]
     assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    last_reply = msgs[-1]["role"] == "assistant"
     if not expand or not assistant:
-        return [Turn(row["id"], msgs, len(assistant))]
+        if last_reply and final_assistant == "regenerate":
+            reply = msgs[-1]["content"]
+            return [Turn(row["id"], msgs[:-1], len(assistant) - 1, answer or reply)]
+        return [Turn(row["id"], msgs, len(assistant) - last_reply, answer, last_reply)]
     out = [
-        Turn(f"{row['id']}@t{k}", msgs[:i], k)
+        Turn(
+            f"{row['id']}@t{k}",
+            msgs[:i],
+            k,
+            (answer or msgs[i]["content"]) if i == len(msgs) - 1 else msgs[i]["content"],
+        )
         for k, i in enumerate(assistant)
         if any(m["role"] in ("user", "tool") for m in msgs[:i])
     ]
-    if msgs[-1]["role"] != "assistant":
-        out.append(Turn(f"{row['id']}@t{len(assistant)}", msgs, len(assistant)))
+    if not last_reply:
+        out.append(Turn(f"{row['id']}@t{len(assistant)}", msgs, len(assistant), answer))
     return out
 
 
@@ -157,6 +234,8 @@ class Renderer:
     student_tok: Any
     teacher_tok: Any  # the student's when no teacher tokenizer is configured
     template: str | None = None
+    fallbacks: int = 0  # contexts placed in the user turn: the template has no system role
+    _system: dict = field(default_factory=dict)  # (tokenizer, kwargs) -> has a system role
 
     @staticmethod
     def of(r: RolloutConfig, student_tok: Any, teacher_tok: Any | None = None) -> Renderer:
@@ -166,15 +245,16 @@ class Renderer:
         """The student's prefix: never the context."""
         if t.messages is None:
             return plain_ids(self.student_tok, self._plain("prompt_template", row, None))
-        return chat_ids(self.student_tok, t.messages, self.template, self.r.template_kwargs)
+        return chat_ids(
+            self.student_tok, t.messages, self.template, self.r.template_kwargs, t.prefill
+        )
 
     def guided_ids(self, t: Turn, row: dict) -> list[int]:
         """The student's prefix with the context (EDGE-OPD guided rollout)."""
         ctx = row.get("context")
         if t.messages is None:
             return plain_ids(self.student_tok, self._plain("guided_template", row, ctx))
-        msgs = with_context(t.messages, ctx, self.r)
-        return chat_ids(self.student_tok, msgs, self.template, self.r.template_kwargs)
+        return self._with_context(self.student_tok, self.r.template_kwargs, t, ctx)
 
     def teacher_ids(self, t: Turn, row: dict) -> list[int]:
         """The teacher's prefix: the context (when the row has one) in the configured place,
@@ -183,8 +263,34 @@ class Renderer:
         if t.messages is None:
             key = "teacher_template" if ctx is not None else "prompt_template"
             return plain_ids(self.teacher_tok, self._plain(key, row, ctx))
-        msgs = with_context(t.messages, ctx, self.r) if ctx is not None else t.messages
-        return chat_ids(self.teacher_tok, msgs, self.template, self.r.teacher_template_kwargs)
+        kw = self.r.teacher_template_kwargs
+        if ctx is None:
+            return chat_ids(self.teacher_tok, t.messages, self.template, kw, t.prefill)
+        return self._with_context(self.teacher_tok, kw, t, ctx)
+
+    def _with_context(self, tok: Any, kwargs: dict, t: Turn, ctx: str) -> list[int]:
+        """Chat ids with the context placed: in the system message (after the template's
+        default system prompt when the conversation has none), or in the user turn when the
+        template has no system role (counted in ``fallbacks``)."""
+        placement, default = self.r.context_placement, ""
+        if placement == "system" and t.messages[0]["role"] != "system":
+            key = (id(tok), json.dumps(kwargs, sort_keys=True, default=str))
+            if key not in self._system:
+                self._system[key] = supports_system(tok, self.template, kwargs)
+            if not self._system[key]:
+                placement = "user"
+                if not self.fallbacks:
+                    print(
+                        f"[chat] the chat template of {tok.name_or_path or 'a tokenizer'} has no "
+                        "system role: the context goes to the user turn "
+                        "(rollout.context_placement=user)",
+                        flush=True,
+                    )
+                self.fallbacks += 1
+            else:
+                default = default_system(tok, t.messages, self.template, kwargs)
+        msgs = with_context(t.messages, ctx, self.r, default, placement)
+        return chat_ids(tok, msgs, self.template, kwargs, t.prefill)
 
     def _plain(self, key: str, row: dict, ctx: str | None) -> str:
         values = {"prompt": row["prompt"]} | ({"context": ctx} if ctx is not None else {})

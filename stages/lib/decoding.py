@@ -9,7 +9,9 @@ world. One contract everywhere:
 - stopping (:class:`Stops`): the tokenizer EOS and every id of the model's
   ``generation_config.eos_token_id`` end a response with ``finish_reason="eos"``; configured stop
   ids and stop strings end it with ``"stop"``; otherwise ``"length"``. The stop token is part of
-  the response. The vLLM backend cuts with the same function, so both agree;
+  the response. Stop strings are matched on the response's bytes (each token's bytes from the
+  tokenizer's byte map, special tokens none) and stop generation itself: a stopping criterion in
+  HF ``generate``, vLLM's ``stop``; both backends' samples are then cut by the same function;
 - ``temperature == 0`` is greedy.
 """
 
@@ -59,10 +61,50 @@ class Stops:
     eos_ids: frozenset[int]
     stop_ids: frozenset[int] = frozenset()
     strings: tuple[str, ...] = ()
+    # per id, the bytes the token adds to a response (stages.lib.align's byte map; b"" for
+    # special tokens): stop strings are matched on these, never on decoded text
+    token_bytes: tuple[bytes, ...] = ()
 
     @property
     def all_ids(self) -> list[int]:
         return sorted(self.eos_ids | self.stop_ids)
+
+
+class StringMatcher:
+    """Finds the first token after which a response's bytes hold a stop string, one token at a
+    time (the bytes kept are the last ``longest - 1`` and the new token's: O(1) per token)."""
+
+    def __init__(self, stops: Stops):
+        self.pats = [x.encode() for x in stops.strings]
+        self.keep = max(map(len, self.pats)) - 1
+        self.bytes = stops.token_bytes
+        self.tail = b""
+
+    def push(self, token: int) -> bool:
+        """Add one token; True when a stop string ends inside it."""
+        piece = self.bytes[token] if 0 <= token < len(self.bytes) else b""
+        buf = self.tail + piece
+        self.tail = buf[max(0, len(buf) - self.keep) :] if self.keep else b""
+        return bool(piece) and any(p in buf for p in self.pats)
+
+
+class StopStringCriteria:
+    """``model.generate`` stopping criterion: a row is done at the token that completes a stop
+    string (the same rule as ``cut``, so generation stops where the response is cut)."""
+
+    def __init__(self, stops: Stops):
+        self.stops = stops
+        self.rows: list[StringMatcher] | None = None
+        self.done: list[bool] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kw: Any) -> torch.Tensor:
+        last = input_ids[:, -1].tolist()  # [B] the newest token of each row
+        if self.rows is None:
+            self.rows = [StringMatcher(self.stops) for _ in last]
+            self.done = [False] * len(last)
+        for r, t in enumerate(last):
+            self.done[r] = self.done[r] or self.rows[r].push(int(t))
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)  # [B]
 
 
 def generation_eos_ids(model_path: str | Path | None) -> set[int]:
@@ -88,27 +130,38 @@ def stops_for(
     stop_ids: list[int] | tuple[int, ...] = (),
     strings: list[str] | tuple[str, ...] = (),
 ) -> Stops:
+    """The stop rule of a policy; stop strings are matched on the response's bytes."""
+    from stages.lib import align
+    from stages.lib.errors import UserError
+
     eos = {int(tok.eos_token_id)} | generation_eos_ids(model_path)
-    return Stops(frozenset(eos), frozenset(int(i) for i in stop_ids) - eos, tuple(strings))
+    token_bytes: tuple[bytes, ...] = ()
+    if strings:
+        specials = set(tok.convert_ids_to_tokens(sorted(align.special_ids(tok))))
+        for x in strings:
+            if x in specials:
+                raise UserError(
+                    f"stop string {x!r} is a special token: special tokens are not part of the "
+                    "response's text",
+                    "rollout.stop_strings",
+                    f"give its id in rollout.stop_token_ids ({tok.convert_tokens_to_ids(x)})",
+                )
+        token_bytes = tuple(b or b"" for b in align.byte_map(tok).mid)
+    stop = frozenset(int(i) for i in stop_ids) - eos
+    return Stops(frozenset(eos), stop, tuple(strings), token_bytes)
 
 
-def cut(ids: list[int], stops: Stops, max_new_tokens: int, tok: Any = None) -> tuple[int, str]:
-    """Length of the response inside a generated row (stop token included), and why it ended."""
+def cut(ids: list[int], stops: Stops, max_new_tokens: int) -> tuple[int, str]:
+    """Length of the response inside a generated row (stop token included), and why it ended:
+    the first EOS id (``eos``), configured stop id or token completing a stop string
+    (``stop``), else ``length``. O(n)."""
     ids = ids[:max_new_tokens]
-    text_hit = None
-    if stops.strings and tok is not None:
-        full = tok.decode(ids, skip_special_tokens=False)
-        if any(s in full for s in stops.strings):  # find the first token completing one
-            for i in range(len(ids)):
-                text = tok.decode(ids[: i + 1], skip_special_tokens=False)
-                if any(s in text for s in stops.strings):
-                    text_hit = i
-                    break
+    match = StringMatcher(stops) if stops.strings else None
     for i, t in enumerate(ids):
-        if text_hit is not None and i == text_hit and t not in stops.eos_ids:
-            return i + 1, "stop"
         if t in stops.eos_ids:
             return i + 1, "eos"
+        if match is not None and match.push(t):
+            return i + 1, "stop"
         if t in stops.stop_ids:
             return i + 1, "stop"
     return len(ids), "length"
@@ -153,15 +206,21 @@ def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
 
 class _StepLogprobs:
     """Logits processor placed before temperature / top-p: it sees each step's raw fp32 logits
-    (padded vocabulary rows already masked by ``_MaskRows``), keeps that ONE step's log-softmax and gathers it at the token
-    sampled from it when the next step (or ``finish``) reveals that token. Memory: one
-    ``[rows, V]`` block, whatever the number of steps (``output_logits`` kept all T of them)."""
+    (padded vocabulary rows already masked by ``_MaskRows``), keeps that ONE step's log-softmax
+    and gathers it at the token sampled from it when the next step (or ``finish``) reveals that
+    token. Memory: one ``[rows, V]`` block, whatever the number of steps (``output_logits`` kept
+    all T of them), and a ``[rows, max_new_tokens]`` result allocated once (growing it step by
+    step left small blocks between the big ones and the heap grew with T)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_new_tokens: int) -> None:
+        self.max_new_tokens = max_new_tokens
         self.pending: torch.Tensor | None = None  # [rows, V] log-softmax of the newest step
-        self.steps: list[torch.Tensor] = []  # per step [rows] fp32 log-prob of its sampled token
+        self.out: torch.Tensor | None = None  # [rows, max_new_tokens] fp32, on the CPU
+        self.t = 0  # steps gathered so far
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.out is None:
+            self.out = torch.zeros(scores.shape[0], self.max_new_tokens, dtype=torch.float32)
         if self.pending is not None:  # input_ids[:, -1] was sampled from the pending step
             self._take(input_ids[:, -1])
         self.pending = torch.log_softmax(scores.float(), dim=-1)  # [rows, V] raw, temperature 1
@@ -169,17 +228,18 @@ class _StepLogprobs:
 
     def _take(self, tokens: torch.Tensor) -> None:
         idx = tokens.to(self.pending.device)[:, None]  # [rows, 1]
-        self.steps.append(self.pending.gather(1, idx).squeeze(1).cpu())  # [rows]
+        self.out[:, self.t] = self.pending.gather(1, idx).squeeze(1).cpu()  # [rows]
+        self.t += 1
         self.pending = None
 
     def finish(self, gen: torch.Tensor) -> torch.Tensor:
         """The log-probs of the generated ids ``gen`` [rows, T] -> [rows, T] fp32."""
-        if self.pending is not None and gen.shape[1] > len(self.steps):
-            self._take(gen[:, len(self.steps)])
+        if self.pending is not None and gen.shape[1] > self.t:
+            self._take(gen[:, self.t])
         self.pending = None
-        if not self.steps:
-            return torch.empty(gen.shape, dtype=torch.float32)
-        return torch.stack(self.steps[: gen.shape[1]], dim=1)  # [rows, T]
+        if self.out is None:
+            return torch.zeros(gen.shape, dtype=torch.float32)
+        return self.out[:, : gen.shape[1]]  # [rows, T]
 
 
 def prefill_shared(
@@ -230,9 +290,9 @@ def hf_generate(
     ``max_new_tokens``. ``share_prefix`` (with ``n > 1``): each prompt's prefix is computed once
     and its cache repeated for the ``n`` samples (``prefill_shared``); the samples follow the
     same distribution, and their log-probs agree with the unshared path within fp32 rounding.
-    ``tok`` is needed only for stop strings.
+    Stop strings stop each row's generation (``StopStringCriteria``) at the token ``cut`` cuts at.
     """
-    from transformers import LogitsProcessorList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -243,16 +303,20 @@ def hf_generate(
         batch = prompt_ids[b : b + batch_size]
         ids, mask = left_pad(batch, pad)  # [B, L]
         ids, mask = ids.to(device), mask.to(device)
-        record = _StepLogprobs() if logprobs else None
+        record = _StepLogprobs(s.max_new_tokens) if logprobs else None
         # custom processors run before generate's temperature / top-p: the recorder sees the raw
         # logits with the padded rows masked (the distribution sampled from at temperature 1)
         procs = LogitsProcessorList(
             ([_MaskRows(n_ids)] if rows > n_ids else []) + ([record] if record else [])
         )
         extra: dict[str, Any] = {"num_return_sequences": s.n}
+        if stops.strings:  # generation stops at a stop string, where ``cut`` cuts
+            extra["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(stops)])
         if share_prefix and s.n > 1 and ids.shape[1] > 1:
             ids, mask, cache = prefill_shared(model, ids, mask, s.n)  # [B*n, L]
-            extra = {"past_key_values": cache}
+            extra = {"past_key_values": cache} | {
+                k: v for k, v in extra.items() if k == "stopping_criteria"
+            }
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -275,7 +339,7 @@ def hf_generate(
             samples = []
             for j in range(s.n):
                 r = i * s.n + j  # each prompt's n samples are consecutive rows
-                length, reason = cut(gen_l[r], stops, s.max_new_tokens, tok)
+                length, reason = cut(gen_l[r], stops, s.max_new_tokens)
                 lps = lps_l[r][:length] if lps_l is not None else []
                 samples.append(Sample(gen_l[r][:length], lps, reason))
             results.append(samples)

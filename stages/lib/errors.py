@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from data_schemas.errors import UserError
+from stages.lib.safety import redact
 
 EXIT_USER_ERROR = 2
 
@@ -35,9 +36,9 @@ def report_and_exit(err: BaseException) -> None:
     for bar in list(getattr(getattr(tqdm_mod, "tqdm", None), "_instances", ())):
         bar.close()
     if isinstance(err, UserError):
-        print(f"error: {err.line()}", file=sys.stderr, flush=True)
+        print(f"error: {redact(err.line())}", file=sys.stderr, flush=True)
     else:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        print(f"error: {type(err).__name__}: {redact(str(err))}", file=sys.stderr, flush=True)
         if not debug_enabled():
             print("(set DISTILLERY_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR if isinstance(err, UserError) else 1)

@@ -30,18 +30,25 @@ import pyarrow as pa
 import torch
 
 from data_schemas import rollouts as rollouts_schema
-from stages.lib import chat, decoding, models, store, vllm_backend
+from stages.lib import chat, decoding, input_limits, models, remote, safety, store, vllm_backend
 from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
+from stages.lib.layout import RunLayout
 from stages.lib.progress import QUIET, Progress
 
 # Rollout keys that change speed, memory or placement but not what is sampled (left out of the
 # dataset id).
 # The backend is one of them: both backends sample the same distribution into the same schema,
 # so a run may resume on another machine with another backend (the manifest records which ran).
-BACKEND_ONLY_KEYS = ("backend", "batch_size", "vllm_memory_fraction", "device")
+BACKEND_ONLY_KEYS = (
+    "backend",
+    "batch_size",
+    "vllm_memory_fraction",
+    "device",
+    "tensor_parallel_size",
+)
 VLLM_MAX_LOGPROBS = 20  # vLLM's default; sharing one value lets the stages share cached engines
 
 
@@ -116,7 +123,7 @@ def build_prompt_ids(
     render = chat.Renderer.of(r, tok, teacher_tok)
     out: list[PromptIds] = []
     for row in table.to_pylist():
-        for t in chat.turns(row, r.expand_turns):
+        for t in chat.turns(row, r.expand_turns, r.final_assistant):
             g = is_guided(seed, t.prompt_id, row.get("context") is not None, r.guided_fraction)
             train = render.train_ids(t, row)
             out.append(
@@ -127,7 +134,7 @@ def build_prompt_ids(
                     rollout_ids=render.guided_ids(t, row) if g else train,
                     teacher_ids=render.teacher_ids(t, row),
                     is_guided=g,
-                    answer=row.get("answer"),
+                    answer=t.answer,
                     kind=row.get("kind"),
                     turn=t.turn,
                 )
@@ -195,6 +202,8 @@ def load_engine(
             max_logprobs=VLLM_MAX_LOGPROBS,
             dtype=dtype,
             gpu_memory_utilization=r.vllm_memory_fraction,
+            tensor_parallel_size=r.tensor_parallel_size,
+            tokenizer=tok.name_or_path if stops.strings else None,
         )
 
         def sample_vllm(prompt_ids: list[list[int]], seed: int) -> list[list[Sample]]:
@@ -207,6 +216,7 @@ def load_engine(
                 max_new_tokens=s.max_new_tokens,
                 seed=seed,
                 eos_id=stops.all_ids,
+                stop=stops.strings,
             )
             return [[_vllm_sample(d, stops, s, tok) for d in per] for per in out]
 
@@ -236,7 +246,7 @@ def load_engine(
 
 def _vllm_sample(d: dict, stops: decoding.Stops, s: Sampling, tok: Any) -> Sample:
     """A vLLM sample cut and labelled by the same rule as the HF backend (stop strings too)."""
-    length, reason = decoding.cut(d["response_ids"], stops, s.max_new_tokens, tok)
+    length, reason = decoding.cut(d["response_ids"], stops, s.max_new_tokens)
     return Sample(d["response_ids"][:length], d["logprobs"][:length], reason)
 
 
@@ -320,6 +330,7 @@ def generate_rollouts(
     Returns the summary dict (also printed as one line).
     """
     t_start = time.perf_counter()
+    safety.check_output(out_dir, RunLayout.of(cfg.run_dir).root, f"the {stage_name} dataset")
     r = rollout or cfg.rollout
     s = sampling or Sampling.of(r)
     dtype = dtype or cfg.student.dtype
@@ -337,8 +348,9 @@ def generate_rollouts(
         "config": as_dict(cfg),
         "fingerprints": fps,
         "inputs": inputs or {},
+        "models": {"policy": policy_path},  # in the run (an SFT checkpoint): run-relative
         "extra": {
-            "policy_path": str(policy_path),
+            "policy_path": store.shown_path(policy_path, store.run_root_of(out_dir), cfg.run_dir),
             "backend": backend,
             "n_prompts": prompts_table.num_rows,
             "skipped_too_long": plan.skipped,
@@ -350,13 +362,14 @@ def generate_rollouts(
         },
     }
 
+    tok, ctx_len = plan.tok, plan.ctx_len  # (not `plan`: a Ray actor gets engine, not the plan)
+
     def engine(on_actor: bool = False) -> Engine:
-        dev = device
-        if on_actor and backend == "hf":  # a Ray actor picks the device of its own machine
-            dev = models.pick_device(r.device, "rollout.device")
-        return load_engine(
-            backend, policy_path, plan.tok, s, r, dtype=dtype, ctx_len=plan.ctx_len, device=dev
-        )
+        dev, path = device, policy_path
+        if on_actor:  # a Ray actor: the device of its own machine; the policy fetched there
+            dev = models.pick_device(r.device, "rollout.device") if backend == "hf" else None
+            path = remote.localize(policy_path)  # (a run in a bucket: an SFT checkpoint in it)
+        return load_engine(backend, path, tok, s, r, dtype=dtype, ctx_len=ctx_len, device=dev)
 
     stats = Stats()
     complete = _write_rollouts(
@@ -416,9 +429,12 @@ def plan_rollouts(
             compat = chat.check_compatible(
                 {"student": tok, "teacher": teacher_tok}, "student.path / teacher.path"
             )
+    where = "rollout.max_prompt_tokens"  # a huge prompt is refused before it is tokenized
+    prompts_table, huge = input_limits.precheck(prompts_table, tok, limit, r.too_long, where)
     items = build_prompt_ids(tok, prompts_table, r, cfg.seed, teacher_tok)
-    n_items = len(items)
-    items, skipped = check_lengths(items, limit, r.too_long, "rollout.max_prompt_tokens")
+    n_items = len(items) + len(huge)
+    items, skipped = check_lengths(items, limit, r.too_long, where)
+    skipped = huge + skipped
     by_shard = shard_groups(items, r.prompts_per_shard)
     n_shards = n_shards_for(n_items, r.prompts_per_shard)
     return RolloutPlan(tok, ctx_len, limit, compat, n_items, skipped, by_shard, n_shards)
@@ -586,9 +602,9 @@ def _sample_on_ray(
     def make(aw: store.DatasetWriter):  # runs on each actor, once
         eng = engine(on_actor=True)
 
-        def one(sh: int) -> Stats:
+        def one(sh: int, prompts: list[PromptIds]) -> Stats:  # the shard's prompts come with it
             got = Stats()
-            args = (by_shard, s, tok, got, stage_name, seed, match)
+            args = ({sh: prompts}, s, tok, got, stage_name, seed, match)
             _sample_shards(aw, eng, [sh], *args, progress=QUIET)
             return got
 
@@ -606,5 +622,14 @@ def _sample_on_ray(
 
     units = {sh: len(by_shard.get(sh, [])) for sh in todo}
     raylaunch.run_shards(
-        cfg.launcher, w, todo, make, units=units, on_result=merge, desc=stage_name, unit="prompts"
+        cfg.launcher,
+        w,
+        todo,
+        make,
+        units=units,
+        on_result=merge,
+        desc=stage_name,
+        unit="prompts",
+        inputs=lambda sh: by_shard.get(sh, []),
+        run_dir=cfg.run_dir,
     )

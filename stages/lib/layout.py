@@ -24,29 +24,25 @@ and DuckDB open a dataset folder as it is.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_schemas.errors import UserError
-from stages.lib import uri
+from stages.lib import safety, uri
 
 # File names inside a run's folders (the folders: RunLayout below)
 METRICS = "metrics.jsonl"  # train/<name>/: one JSON row per logged training step
 TRAIN_CONFIG = "config.json"  # train/<name>/: the resolved config of the training run
 
-# A name that becomes one path component: letters, digits, '.', '_', '-'; not '.' or '..'.
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
-
 
 def check_name(name: str | None, key: str) -> str:
-    """``name`` if it is safe as one path component under the run, else a UserError naming ``key``."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    """``name`` if it is safe as one path component under the run, else a UserError naming ``key``
+    (the one rule, ``safety.is_safe_name``, also applies to names read from disk)."""
+    if not safety.is_safe_name(name):
         raise UserError(
             f"{key}={name!r} is not a safe name",
             "config",
-            f"set {key} to 1-128 characters from letters, digits, '.', '_' and '-' "
-            "(no path separators, not starting with '.')",
+            f"set {key} to {safety.NAME_RULE} (no path separators, no newline)",
         )
     return name
 

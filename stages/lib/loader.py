@@ -37,7 +37,7 @@ import torch
 
 from data_schemas import selected as selected_table
 from data_schemas.common import LOGPROB_TOL
-from stages.lib import store
+from stages.lib import integrity, store
 from stages.lib.errors import UserError
 
 # Columns the trainer reads (sample_id/prompt_id identify sequences for the online teacher).
@@ -217,6 +217,8 @@ def check_row_group(tbl: pa.Table, vocab_size: int | None, max_weight: float) ->
     """The first problem of a row group the trainer is about to read, or None (vectorised)."""
     if (msg := _check_lengths(tbl)) is not None:
         return msg
+    if (msg := integrity.topk_order_problem(tbl)) is not None:
+        return msg
     xtok_lp = ("xtok_chunk_logprob",) if "xtok_chunk_logprob" in tbl.column_names else ()
     for col in ("weights",) + LOGPROB_COLUMNS + xtok_lp + ID_COLUMNS:
         offsets, vals, valid = _list_values(tbl[col])
@@ -275,8 +277,23 @@ class MicroBatchStream:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         self._stop = threading.Event()
         self._columns = columns_of(self.directory, self.manifest)
+        self._check_unique()
         self._thread = threading.Thread(target=self._produce, name="selected-prefetch", daemon=True)
         self._thread.start()
+
+    def _check_unique(self) -> None:
+        """One row per sample across the selection's shards (a sample trained twice per epoch
+        would weigh double): read the sample_id column of every shard once."""
+        paths = store.shard_paths(self.directory, self.manifest)
+        ids = [store.open_shard(p).read(columns=["sample_id"])["sample_id"] for p in paths]
+        dup = integrity.duplicate_sample_id([c for col in ids for c in col.chunks])
+        if dup is not None:
+            raise UserError(
+                f"sample_id {dup[0]!r} appears {dup[1]} times in the selection (a sample in two "
+                "shards, or copied rows)",
+                str(self.directory),
+                "re-run the select stage with overwrite=true (and rollout/score if they repeat it)",
+            )
 
     # background thread: read + convert row groups, hand them over with the state *before* them
     def _produce(self) -> None:

@@ -27,6 +27,8 @@ Public functions:
 - ``response_positions(prefix_lens, response_lens, seq_len)``: flat indices of scoring positions.
 - ``shared_prefix_hidden(model, prefixes, responses, owner)``: the hidden states that score each
   response, each distinct prefix run once (its KV cache shared by all its responses).
+- ``response_hidden(model, input_ids, attention_mask, positions, share_prefix)``: the trainer's
+  hidden states at the scoring positions, prefixes shared when rows repeat one.
 - ``sequence_stats(model, prefix_ids, response_ids, k, vocab_size, ...)``: the whole path.
 """
 
@@ -388,7 +390,6 @@ def can_share_prefix(model: nn.Module) -> bool:
     return decoder is not None and decoder is not model
 
 
-@torch.no_grad()
 def shared_prefix_hidden(
     model: nn.Module,
     prefixes: list[list[int]],
@@ -411,6 +412,10 @@ def shared_prefix_hidden(
     in another summation order: ~1e-6 in log-probs, tests/test_score_prefix.py). Memory: the
     cache of the ``R`` rows, ``R · (P + L)`` tokens of keys and values per layer, the same tokens
     a padded batch of those rows would hold (the caller bounds it, ``batch_tokens``).
+
+    Differentiable (the trainer's ``response_hidden``): the prefix's keys and values are one
+    tensor that every response reads, so backward sums its gradient over them. The score stage
+    calls it under ``torch.inference_mode``.
     """
     if len(responses) != len(owner):
         raise ValueError("responses and owner must have the same length")
@@ -449,6 +454,57 @@ def shared_prefix_hidden(
     if not rows:
         return last.new_zeros(0, last.shape[-1])
     return torch.cat(rows)  # [M, H]
+
+
+def prefix_groups(
+    input_ids: Tensor, attention_mask: Tensor, positions: Tensor
+) -> tuple[list[list[int]], list[list[int]], list[int]] | None:
+    """A right-padded ``prefix ⊕ response`` batch ([B, L], ``positions`` as
+    ``response_positions`` makes them) as ``(distinct prefixes, responses, owner)`` for
+    ``shared_prefix_hidden``, or None when no two rows share a prefix (or a row scores nothing,
+    or the batch is not laid out that way): then sharing saves nothing."""
+    b, width = input_ids.shape
+    pos = positions.tolist()
+    ids, lens = input_ids.tolist(), attention_mask.sum(1).tolist()
+    first, count = [None] * b, [0] * b
+    for p in pos:
+        row = p // width
+        first[row] = p if first[row] is None else first[row]
+        count[row] += 1
+    keys: dict[tuple, int] = {}
+    prefixes, responses, owner = [], [], []
+    for row in range(b):
+        if first[row] is None:
+            return None
+        p = first[row] - row * width + 1  # prefix length: position p - 1 scores response token 0
+        if p + count[row] != lens[row]:
+            return None
+        key = tuple(ids[row][:p])
+        if key not in keys:
+            keys[key] = len(prefixes)
+            prefixes.append(list(key))
+        owner.append(keys[key])
+        responses.append(ids[row][p : p + count[row]])
+    return (prefixes, responses, owner) if len(prefixes) < b else None
+
+
+def response_hidden(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    positions: Tensor,
+    share_prefix: bool = False,
+) -> Tensor:
+    """Final hidden states ``[M, H]`` at ``positions`` of a right-padded ``prefix ⊕ response``
+    batch, with gradient (the trainer's forward). ``share_prefix``: rows with the same prefix
+    (the ``rollout.n`` samples of a prompt) run it once (``prefix_groups``,
+    ``shared_prefix_hidden``); the same numbers to GEMM rounding, gradients included."""
+    if share_prefix and can_share_prefix(model):
+        groups = prefix_groups(input_ids, attention_mask, positions)
+        if groups is not None:
+            return shared_prefix_hidden(model, *groups)  # [M, H]
+    hidden = model_hidden_states(model, input_ids, attention_mask)  # [B, L, H]
+    return hidden.reshape(-1, hidden.shape[-1])[positions]  # [M, H]
 
 
 def _pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

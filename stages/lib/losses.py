@@ -84,8 +84,9 @@ def _id_columns(batch: Mapping[str, Tensor]) -> tuple[list[str], Tensor | None]:
 
 def _in_set(ids: Tensor, valid: Tensor, width: int) -> Tensor:
     """[rows, width] bool: the columns named by the valid entries of ``ids`` [rows, K]."""
-    hit = torch.zeros(ids.shape[0], width, dtype=torch.int32, device=ids.device)
-    return hit.scatter_add_(1, ids, valid.int()) > 0  # scatter_add: duplicate ids are safe
+    hit = torch.zeros(ids.shape[0], width + 1, dtype=torch.bool, device=ids.device)
+    # invalid entries write to a spare last column: every write is True, so duplicates are safe
+    return hit.scatter_(1, torch.where(valid, ids, width), True)[:, :width]
 
 
 def _log_softmax_(z: Tensor, temperature: float, vocab_size: int) -> Tensor:
@@ -156,11 +157,11 @@ class _FusedLogProbs(torch.autograd.Function):
                 mask = _in_set(
                     ids[s : s + ROW_BLOCK, lo:hi], valid[s : s + ROW_BLOCK], blk.shape[1]
                 )
-                share = (blk - lse[s : s + ROW_BLOCK, None]).exp_().masked_fill_(mask, 0.0)
-                grad[s : s + ROW_BLOCK].add_(share.mul_(g[s : s + ROW_BLOCK, None]))
+                share = torch.sub(blk, lse[s : s + ROW_BLOCK, None]).exp_().masked_fill_(mask, 0.0)
+                grad[s : s + ROW_BLOCK].add_(share.mul_(g[s : s + ROW_BLOCK, None]))  # [b, W]
         for s in range(0, logp.shape[0], ROW_BLOCK):  # through the log-softmax, in place
             gb = grad[s : s + ROW_BLOCK]  # [b, W]
-            gb.sub_(logp[s : s + ROW_BLOCK].exp() * gb.sum(-1, keepdim=True))
+            gb.sub_(logp[s : s + ROW_BLOCK].exp().mul_(gb.sum(-1, keepdim=True)))
         if ctx.temperature != 1.0:
             grad.div_(ctx.temperature)
         return grad.to(ctx.dtype), None, None, None, None, None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from stages.lib import model_checks
 from stages.lib.errors import UserError, fault_point
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -40,6 +41,7 @@ def _check_dir(path: str | None, role: str) -> Path:
             f"{role}.path",
             "save the model with save_pretrained()",
         )
+    model_checks.check_no_custom_code(p, role)  # never a prompt to run a folder's code
     return p
 
 
@@ -47,6 +49,7 @@ def load_tokenizer(path: str | None, role: str = "student"):
     from transformers import AutoTokenizer
 
     p = _check_dir(path, role)
+    model_checks.check_tokenizer_ids(p, role)  # before loading: a huge id costs GBs
     try:
         tok = AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError) as e:
@@ -184,9 +187,11 @@ def check_same_tokenizer(fp_a: str, fp_b: str, a: str, b: str) -> None:
 def check_embedding_rows(model, tok, role: str) -> None:
     """The model must have a row for every id the tokenizer can produce (padding is fine)."""
     rows = model.get_output_embeddings().weight.shape[0]
-    if rows < vocab_size(tok):
+    top = max(tok.get_vocab().values(), default=-1)  # ids may skip numbers: len() is not enough
+    if rows < vocab_size(tok) or top >= rows:
         raise UserError(
-            f"the {role} model has {rows} output rows but its tokenizer has {vocab_size(tok)} ids",
+            f"the {role} model has {rows} output rows but its tokenizer has {vocab_size(tok)} ids "
+            f"(largest {top})",
             f"{role}.path",
             "use the matching tokenizer",
         )

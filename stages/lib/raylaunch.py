@@ -16,6 +16,12 @@ attempt's temp file is removed (a temp file never becomes a shard: only the rena
 the shard is redone from scratch or, when the rename had happened, kept). A ``UserError`` raised
 inside an actor reaches the driver as the same exception, so the stage prints its one line.
 
+A run in object storage (``run_dir=s3://...``): the actors share nothing with the driver but the
+bucket. Each works in its own mirror (``stages.lib.remote.attach``), fetches only what its shard
+reads (``remote.localize``: the rollouts shard, a model inside the run), publishes each shard
+under its final key as it renames it, and returns the shard's manifest entry; the driver commits
+from those entries (``DatasetWriter.reported``) without fetching the shards.
+
 The stage's functions travel to the actors with cloudpickle (``ray.put``, once). Actors import
 this package from the driver's code folder (``PYTHONPATH``), which a local cluster and nodes with
 the same checkout path share; other clusters need distillery installed on every node.
@@ -31,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.lib import store
+from stages.lib import remote, store
 from stages.lib.config import LauncherConfig
 from stages.lib.errors import UserError
 from stages.lib.progress import Progress
@@ -66,13 +72,17 @@ def import_ray() -> Any:
     return ray
 
 
+# Passed on to the actors when the driver has them: where the bucket is (not who may read it:
+# credentials come from each node's own environment or instance role, never through the driver).
+FORWARDED_ENV = ("DISTILLERY_DEBUG", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
 def job_runtime_env() -> dict:
     """Ray's runtime environment for this driver's job: actors import this code folder first
-    (not another install of distillery) and use one tokenizer thread."""
+    (not another install of distillery), use one tokenizer thread, and reach the same bucket."""
     path = [str(CODE_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(path)), "TOKENIZERS_PARALLELISM": "false"}
-    if "DISTILLERY_DEBUG" in os.environ:
-        env["DISTILLERY_DEBUG"] = os.environ["DISTILLERY_DEBUG"]
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     return {"env_vars": env}
 
 
@@ -145,6 +155,15 @@ def check_resources(ray: Any, lc: LauncherConfig) -> None:
                 f"launcher.num_{key.lower()}s",
                 f"lower launcher.num_{key.lower()}s or add nodes with {key}s to the cluster",
             )
+    for key, want in lc.resources.items():
+        if want > have.get(key, 0):
+            raise UserError(
+                f"one Ray actor asks for {want:g} of the resource {key!r} but the cluster has "
+                f"{have.get(key, 0):g}",
+                f"launcher.resources.{key}",
+                f"start the nodes meant for the actors with `ray start --resources="
+                f"'{{\"{key}\": N}}'`, or drop the key",
+            )
 
 
 class ShardActor:
@@ -153,7 +172,7 @@ class ShardActor:
     that a UserError while loading reaches the driver like any other."""
 
     def __init__(self):
-        self.make, self.spec, self.fn = None, None, None
+        self.make, self.spec, self.fn, self.where = None, None, None, None
 
     def info(self, imports: tuple[str, ...] = ()) -> dict:
         """Where this actor runs; ``imports`` are imported first (a benchmark's warm-up)."""
@@ -164,22 +183,35 @@ class ShardActor:
             importlib.import_module(name)
         return {"pid": os.getpid(), "node": socket.gethostname(), "cpu_s": time.process_time()}
 
-    def load(self, make: Callable, spec: dict) -> dict:
-        """Take a stage's ``make`` (deserialising it imports the stage); where this actor runs."""
-        self.make, self.spec, self.fn = make, spec, None
+    def load(self, make: Callable, spec: dict, where: dict | None = None) -> dict:
+        """Take a stage's ``make`` (deserialising it imports the stage); where this actor runs.
+        ``where`` (a run in object storage): the run's URI and the driver's mirror of it; this
+        actor works in its own mirror, pulls what a shard needs and publishes what it writes."""
+        self.make, self.spec, self.fn, self.where = make, dict(spec), None, where
+        remote.detach()
+        if where is not None:
+            remote.attach(where["uri"], where["mirror"])
+            self.spec["directory"] = remote.translate(spec["directory"])
+            remove_dead_temps(self.spec["directory"])
         return self.info()
 
-    def run(self, shard: int) -> Any:
+    def run(self, shard: int, payload: Any = None) -> dict:
+        """One shard: the stage's result and, on a run in object storage, the shard's manifest
+        entry (the driver commits it without fetching the shard)."""
         if self.fn is None:
             self.fn = self.make(store.DatasetWriter(**self.spec))
-        return self.fn(shard)
+        result = self.fn(shard) if payload is None else self.fn(shard, payload)
+        path = Path(self.spec["directory"]) / store.shard_relpath(shard)
+        entry = store.shard_entry(shard, path) if self.where is not None else None
+        return {"result": result, "entry": entry}
 
     def reset(self) -> None:
         """Drop the engine (its memory, its GPU) and keep the process for the next stage."""
         import gc
         import sys
 
-        self.make, self.spec, self.fn = None, None, None
+        self.make, self.spec, self.fn, self.where = None, None, None, None
+        remote.detach()
         vllm = sys.modules.get("stages.lib.vllm_backend")
         engines = vllm is not None and bool(vllm._LLM_CACHE)
         torch = sys.modules.get("torch")
@@ -205,6 +237,18 @@ def writer_spec(w: store.DatasetWriter) -> dict:
     }
 
 
+def remove_dead_temps(directory: Path) -> int:
+    """Delete the temp shards in ``directory`` whose writer (the pid in their name) no longer
+    runs on this machine: a killed actor's, in a mirror the next actor on the node reuses."""
+    n = 0
+    for tmp in Path(directory).glob(f"bucket=*/{store.TMP_PREFIX}shard-*"):
+        pid = tmp.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def remove_temps(w: store.DatasetWriter, shard: int) -> int:
     """Delete the temp files of a dead attempt at ``shard`` (its process is gone); how many."""
     final = Path(w.shard_path(shard))
@@ -227,6 +271,10 @@ def _actor_options(lc: LauncherConfig) -> dict:
         "num_gpus": lc.num_gpus,
         "max_restarts": 0,  # the driver replaces a dead actor itself and requeues its shard
     }
+    if lc.resources:  # custom node resources: actors only on the nodes that have them
+        opts["resources"] = dict(lc.resources)
+    if lc.placement == "spread":  # one actor per node first (Ray packs by default)
+        opts["scheduling_strategy"] = "SPREAD"
     if lc.env:  # a runtime env of its own starts a fresh worker process (~seconds more)
         opts["runtime_env"] = {"env_vars": {**job_runtime_env()["env_vars"], **lc.env}}
     return opts
@@ -265,17 +313,27 @@ def run_shards(
     on_result: Callable[[int, Any], None],
     desc: str,
     unit: str,
+    inputs: Callable[[int], Any] | None = None,
+    run_dir: str | None = None,
 ) -> Launched:
     """Run ``todo`` on Ray actors; ``on_result(shard, result)`` in the driver as each one lands
-    (``result`` None: a dead attempt had committed it). ``units``: progress per shard."""
+    (``result`` None: a dead attempt had committed it). ``units``: progress per shard.
+    ``inputs(shard)``: what that shard reads, sent with it (the per-shard function then takes
+    ``(shard, inputs)``), so no actor receives the whole plan. ``run_dir`` in object storage:
+    each actor pulls what it reads into its own mirror and publishes each shard it writes; the
+    driver commits from the entries they report (it fetches none of those shards)."""
     ray = connect(lc)
     check_resources(ray, lc)
     out, t0 = Launched(), time.perf_counter()
     bar = Progress(int(sum(units.get(s, 0) for s in todo)), desc, unit=unit)
+    where = None
+    if remote.is_remote(run_dir):
+        where = {"uri": str(run_dir), "mirror": str(remote.mirror_of(str(run_dir)))}
     try:
         actors = _actors(ray, lc, min(lc.actors, len(todo)))
         out.actors = len(actors)
-        _Dispatch(ray, lc, w, make, actors, units, on_result, bar, out).run(todo)
+        d = _Dispatch(ray, lc, w, make, actors, units, on_result, bar, out, inputs, where)
+        d.run(todo)
     except BaseException:
         drop_pool()  # stop in-flight work; a later stage starts afresh
         raise
@@ -310,6 +368,8 @@ class _Dispatch:
     on_result: Callable
     bar: Any
     out: Launched
+    inputs: Callable[[int], Any] | None = None
+    where: dict | None = None  # a run in object storage: its URI, the driver's mirror
 
     def run(self, todo: list[int]) -> None:
         self.make_ref = self.ray.put(self.make)  # pickled once, fetched by each actor
@@ -321,7 +381,8 @@ class _Dispatch:
         while self.queue or any(sh is not None for _, sh in self.running.values()):
             while self.idle and self.queue:
                 slot, shard = self.idle.pop(0), self.queue.popleft()
-                self.running[self.actors[slot].run.remote(shard)] = (slot, shard)
+                payload = self.inputs(shard) if self.inputs is not None else None
+                self.running[self.actors[slot].run.remote(shard, payload)] = (slot, shard)
             ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=WAIT_NOTE_S)
             if not ready:
                 self._waiting()
@@ -331,7 +392,7 @@ class _Dispatch:
         self._drop_unstarted()
 
     def _load(self, slot: int) -> None:
-        ref = self.actors[slot].load.remote(self.make_ref, writer_spec(self.w))
+        ref = self.actors[slot].load.remote(self.make_ref, writer_spec(self.w), self.where)
         self.running[ref] = (slot, None)
 
     def _landed(self, ref: Any, slot: int, shard: int | None) -> None:
@@ -350,7 +411,9 @@ class _Dispatch:
             self.out.pids.append(result["pid"])
             self.out.nodes.add(result["node"])
         else:
-            self.on_result(shard, result)
+            if result["entry"] is not None:  # written and published on the actor's machine
+                self.w.reported[shard] = result["entry"]
+            self.on_result(shard, result["result"])
             self.out.shards += 1
             self.bar.update(self.units.get(shard, 0))
         self.idle.append(slot)
@@ -396,6 +459,7 @@ def _after_death(lc, w, shard, deaths, err, out: Launched, queue: deque) -> bool
         )
     if shard is None:
         return False
+    remote.sync_published(w.shard_path(shard))  # bucket and mirror agree on it first
     if w.is_done(shard):  # it died after the rename: the shard is complete, keep it
         out.kept_after_death += 1
         return True

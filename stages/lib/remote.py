@@ -13,7 +13,8 @@ machine and the stage code reads and writes them as it always did. Around each s
    third of its lifetime with ``If-Match: <etag>``; an expired lease is taken over with the same
    ``If-Match`` (only one taker can win). Without boto3 (or for ``gs://``) the lease is written
    and read back: a narrow race two simultaneous writers can both win, documented.
-2. **Pull.** One listing of the run prefix; every dataset folder's ``_manifest.json`` and only
+2. **Pull.** One listing of the run prefix; of the folders the stage reads (:func:`stage_reads`;
+   the whole run for train, eval, sft, report): every dataset folder's ``_manifest.json`` and only
    the shards it lists (a folder without a manifest yet: its published shards, which a resumed
    writer checks by dataset id and skips); every other file (checkpoints, metrics, results).
    Unchanged files are not fetched again (``.mirror-index.json`` records size and remote mtime).
@@ -22,6 +23,10 @@ machine and the stage code reads and writes them as it always did. Around each s
    into place, each manifest the moment it is written (after its shards, so a single atomic PUT
    commits the dataset on the bucket, as the rename does on disk). When the stage ends (also on
    an error) every other changed file of the mirror is uploaded: checkpoints, metrics, reports.
+
+A Ray actor of such a run (another machine) works in its own mirror: :func:`attach` makes it
+publish what it commits, and :func:`localize` fetches the one file or folder of the driver's it
+reads (docs/CLUSTER.md, "Ray and a bucket together").
 
 Object stores have no rename: a reader trusts only what a manifest lists (``store.open_committed``
 checks the mirrored files against it), so a shard published by a killed writer is invisible until
@@ -48,7 +53,17 @@ from typing import Any
 
 from data_schemas import manifest as manifest_mod
 from data_schemas.errors import UserError
-from stages.lib.uri import is_remote, mirror_of, split
+from stages.lib import safety
+from stages.lib.uri import (  # noqa: F401 - the run-URI names, also used as remote.<name>
+    ENV_MIRROR,
+    REMOTE_SCHEMES,
+    is_remote,
+    join,
+    local_path,
+    mirror_of,
+    mirror_root,
+    split,
+)
 
 ENV_LEASE = "DISTILLERY_LEASE_SECONDS"  # lease lifetime; renewed every third of it
 DEFAULT_LEASE_SECONDS = 60.0
@@ -56,6 +71,25 @@ INDEX = ".mirror-index.json"  # rel -> {"size", "mtime" (remote), "local" (mirro
 LEASES = "_leases"
 _SHARD = re.compile(r"^(?:(.*)/)?bucket=\d+/shard-\d+\.parquet$")
 _MANIFEST = manifest_mod.FILENAME
+
+
+# ----------------------------------------------------------------------------- credentials
+def adopt_credentials(value: str) -> str:
+    """``value`` (a URI, or an override ``key=URI``) without the credentials of an
+    ``s3://KEY:SECRET@bucket/...`` URI, which become this process' AWS variables (inherited by
+    the stages it starts): they never reach a log, an error, a mirror path or a manifest."""
+    clean, scheme, creds = safety.split_credentials(value)
+    if creds is None:
+        return value
+    if scheme != "s3" or not all(creds) or safety.redact(clean) != clean:
+        raise UserError(
+            f"credentials in {safety.redact(value)!r} are not supported there",
+            "run_dir",
+            "use one s3://KEY:SECRET@bucket/prefix, or (better) the AWS_*/GOOGLE_* variables",
+        )
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = creds
+    os.environ.pop("AWS_SESSION_TOKEN", None)  # it belongs to other keys
+    return clean
 
 
 def _iso(t: float) -> str:
@@ -124,6 +158,33 @@ class Remote:
         info = self.fs.get_file_info(self.key(rel))
         self._record(rel, info.size, str(info.mtime), path)
 
+    def fetch(self, rel: str) -> Path:
+        """The object ``rel``, or every object under the folder ``rel``, into the mirror (those
+        not already there as the bucket has them); its local path."""
+        import pyarrow.fs as pafs
+
+        info = self.fs.get_file_info(self.key(rel))
+        if info.type == pafs.FileType.File:
+            found = {rel: info}
+        else:
+            sel = pafs.FileSelector(self.key(rel), recursive=True, allow_not_found=True)
+            found = {
+                safety.check_object_key(i.path, self.base, self.uri): i  # before a local path
+                for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File
+            }
+        if not found:
+            raise UserError(
+                f"{rel} is not in {self.uri}",
+                join(self.uri, rel),
+                "re-run the stage that writes it (the driver's copy was never published)",
+            )
+        for orel, oinfo in found.items():
+            if not self._fresh(orel, oinfo.size, str(oinfo.mtime)):
+                self.download(orel, oinfo)
+        self.save_index()
+        return self.mirror / rel
+
     def _record(self, rel: str, size: int, mtime: str, path: Path) -> None:
         with self.lock:
             self.index[rel] = {"size": size, "mtime": mtime, "local": path.stat().st_mtime_ns}
@@ -137,7 +198,7 @@ class Remote:
         for info in self.fs.get_file_info(sel):
             if info.type != pafs.FileType.File:
                 continue
-            rel = info.path[len(self.base) + 1 :]
+            rel = safety.check_object_key(info.path, self.base, self.uri)  # before any local path
             parts = rel.split("/")
             if parts[0] == LEASES or any(p.startswith(".") for p in parts):
                 continue
@@ -153,6 +214,7 @@ def open_remote(uri: str) -> Remote:
     ``AWS_ENDPOINT_URL`` for an S3-compatible server) and its mirror, created."""
     import pyarrow.fs as pafs
 
+    uri = adopt_credentials(uri)  # s3://KEY:SECRET@...: the keys go to the AWS variables
     scheme, rest = split(uri)
     key = f"{scheme}://{rest}"
     if key in _REMOTES and _REMOTES[key].mirror == mirror_of(uri):
@@ -161,7 +223,7 @@ def open_remote(uri: str) -> Remote:
         fs, base = pafs.FileSystem.from_uri(f"{'gs' if scheme == 'gcs' else scheme}://{rest}")
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError with the reason
         raise UserError(
-            f"cannot open {uri} ({' '.join(str(e).split())[:200]})",
+            f"cannot open {safety.redact(uri)} ({safety.redact(' '.join(str(e).split()))[:200]})",
             "run_dir",
             "check the URI and the credentials (AWS_* / GOOGLE_* variables, AWS_ENDPOINT_URL)",
         ) from None
@@ -183,7 +245,7 @@ def _check_bucket(r: Remote) -> None:
         info = r.fs.get_file_info(bucket)
     except OSError as e:
         raise UserError(
-            f"cannot reach {r.uri} ({' '.join(str(e).split())[:200]})",
+            f"cannot reach {r.uri} ({safety.redact(' '.join(str(e).split()))[:200]})",
             "run_dir",
             "check the credentials and the endpoint (AWS_* variables, AWS_ENDPOINT_URL)",
         ) from None
@@ -224,20 +286,29 @@ def pull(
     datasets_only: bool = False,
     streamed: tuple[str, ...] = (),
     top_only: bool = False,
+    only: tuple[str, ...] | None = None,
 ) -> int:
     """Bring the mirror up to the bucket (see the module docstring); the bytes fetched. The
     shards of dataset folders under the ``streamed`` prefixes stay in the bucket (their manifests
     come): ``store.open_shard`` reads them in place. ``top_only``: the run's own files only
-    (``rounds.json``, ``timings.json``: what the pipeline itself reads)."""
+    (``rounds.json``, ``timings.json``: what the pipeline itself reads). ``only``: the objects
+    under these prefixes (what a stage reads, :func:`stage_reads`); None = the whole run."""
     objects = r.objects = r.listing()
     if top_only:
         objects = {rel: info for rel, info in objects.items() if "/" not in rel}
+    if only is not None:
+        objects = {rel: info for rel, info in objects.items() if rel.startswith(only)}
     manifests = {}
     for rel, info in objects.items():
         if rel.endswith(_MANIFEST):
             if not r._fresh(rel, info.size, str(info.mtime)):
                 r.download(rel, info)
-            manifests[_folder(rel)] = json.loads((r.mirror / rel).read_text())
+            manifests[_folder(rel)] = safety.parse_json_object(
+                (r.mirror / rel).read_bytes(),
+                f"manifest {rel}",
+                join(r.uri, rel),
+                "re-run the stage that writes it with overwrite=true, or delete the object",
+            )
     fetched = 0
     for rel in plan_pull(objects, manifests):
         info = objects[rel]
@@ -256,6 +327,19 @@ def pull(
                 p.unlink()
     r.save_index()
     return fetched
+
+
+def stage_reads(cfg: Any, stage: str) -> tuple[str, ...] | None:
+    """The run's folders (prefixes) a stage reads or resumes: all a pull fetches for it. None =
+    the whole run (train, eval, sft, report read across it). Pure."""
+    sft_policy = ("checkpoints/sft/final/",)  # the policy / behaviour model after SFT
+    if stage == "rollout":
+        return ("rollouts/", *sft_policy)
+    if stage == "score":
+        return ("rollouts/", "tokens/", "sft_data/_manifest.json", *sft_policy)
+    if stage == "select":
+        return ("rollouts/", "tokens/", f"selected/{cfg.select.name}/")
+    return None
 
 
 def publish_changed(r: Remote) -> int:
@@ -322,6 +406,15 @@ class Lease:
         }  # fmt: skip
         return json.dumps(doc).encode()
 
+    def parse(self, raw: bytes) -> dict:
+        """The lease document, or one UserError for a corrupt lease object."""
+        return safety.parse_json_object(
+            raw,
+            f"lease {self.name}",
+            join(self.r.uri, LEASES, f"{self.name}.json"),
+            "if no stage is writing this run, delete the lease object and re-run",
+        )
+
     def refuse(self, cur: dict) -> UserError:
         return UserError(
             f"{self.name} of {self.r.uri} is being written by {cur.get('host')} pid "
@@ -348,7 +441,7 @@ class Lease:
             if not _precondition(e):
                 raise
         got = client.get_object(Bucket=bucket, Key=key)
-        cur = json.loads(got["Body"].read())
+        cur = self.parse(got["Body"].read())
         if cur.get("expires", 0) > time.time():
             raise self.refuse(cur) from None
         try:  # expired: take it over, only if nobody else did in between
@@ -358,7 +451,7 @@ class Lease:
         except client.exceptions.ClientError as e:
             if not _precondition(e):
                 raise
-            cur = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            cur = self.parse(client.get_object(Bucket=bucket, Key=key)["Body"].read())
             raise self.refuse(cur) from None
 
     def _acquire_readback(self, _client: Any = None) -> None:
@@ -374,7 +467,7 @@ class Lease:
     def _read(self) -> dict | None:
         try:
             with self.r.fs.open_input_stream(self.key) as f:
-                return json.loads(f.read())
+                return self.parse(f.read())
         except (FileNotFoundError, OSError):
             return None
 
@@ -406,7 +499,10 @@ class Lease:
             self._thread.join()
         if self.lost.is_set():
             return
-        cur, client = self._read(), _s3_client(self.r)
+        try:
+            cur, client = self._read(), _s3_client(self.r)
+        except UserError:  # corrupt: not ours to remove
+            return
         if not cur or cur.get("holder") != self.holder:
             return
         if client is not None:  # (pyarrow's delete would leave a "_leases/" folder marker)
@@ -506,16 +602,113 @@ def _checkpoint(tmp: Path, path: Path, dist: Any) -> None:
     dist.barrier()
 
 
-def _refresh(directory: Path) -> None:
+def _refresh(directory: Path, reported: set[str]) -> dict[str, int] | None:
     """store hook, before a commit checks that every shard exists: fetch the shards other
-    workers (other machines) published into this dataset folder."""
+    workers (other machines) published into this dataset folder, except the ``reported`` ones
+    (folder-relative; their writers reported their entries: not fetched); the size of every
+    shard in the bucket, folder-relative (None: not a remote run)."""
     if (found := _owner(directory)) is None:
-        return
+        return None
     r, rel = found[0], found[0].rel(directory)
+    sizes = {}
     for orel, info in r.listing().items():
         if orel.startswith(rel + "/") and _SHARD.match(orel):
-            if not r._fresh(orel, info.size, str(info.mtime)):
+            sizes[orel[len(rel) + 1 :]] = info.size
+            if orel[len(rel) + 1 :] not in reported and not r._fresh(
+                orel, info.size, str(info.mtime)
+            ):
                 r.download(orel, info)
+    return sizes
+
+
+def sync_published(path: Path) -> None:
+    """After a Ray actor died on the shard at ``path`` (this machine's mirror): the bucket and
+    the mirror agree on it. Published (the actor died after its upload): fetched; renamed here
+    but not uploaded (an actor sharing this mirror died in between): uploaded now. Nothing
+    outside a remote run."""
+    if (found := _owner(path)) is None:
+        return
+    r, rel = found[0], found[0].rel(path)
+    import pyarrow.fs as pafs
+
+    info = r.fs.get_file_info(r.key(rel))
+    if info.type == pafs.FileType.File:
+        if not r._fresh(rel, info.size, str(info.mtime)):
+            r.download(rel, info)
+    elif Path(path).is_file():
+        _published(Path(path))
+
+
+# ----------------------------------------------------------------------------- on a Ray actor
+_DRIVER: list[Path] = []  # on a Ray actor of a remote run: the driver's mirror of the run
+
+
+def attach(run_uri: str, driver_mirror: str) -> Remote:
+    """On a Ray actor (another machine, its own mirror): commit-time publishing as in a stage
+    session, without a lease (the driver holds it), and :func:`localize` for the driver's paths."""
+    from stages.lib import store
+
+    detach()
+    r = open_remote(run_uri)
+    _ACTIVE.append((r, None))
+    _DRIVER.append(Path(driver_mirror))
+    store.HOOKS.published = _published
+    return r
+
+
+def detach() -> None:
+    """Undo :func:`attach` (the actor's next stage may be on another run)."""
+    from stages.lib import store
+
+    if _DRIVER:
+        _ACTIVE.clear()
+        _DRIVER.clear()
+        store.HOOKS.published = None
+
+
+def _driver_rel(path: str | Path) -> str | None:
+    """``path`` relative to the driver's mirror of the run (posix), or None."""
+    if not _DRIVER:
+        return None
+    try:
+        return Path(path).relative_to(_DRIVER[0]).as_posix()
+    except ValueError:
+        return None
+
+
+def translate(path: str | Path) -> Path:
+    """A path in the driver's mirror of the run as the same path in this machine's mirror (not
+    fetched); any other path as it is."""
+    rel = _driver_rel(path)
+    return Path(path) if rel is None else _ACTIVE[0][0].mirror / rel
+
+
+def localize(path: str | Path, expect: dict | None = None) -> str:
+    """What a Ray actor reads, here: a file or folder in the driver's mirror of the run (a
+    rollout shard, an SFT checkpoint) is fetched from the bucket into this machine's mirror
+    (only that; ``expect``: a manifest shard entry its bytes must match); any other path must
+    exist on this machine. Off a Ray actor of a remote run: ``path`` as it is."""
+    rel = _driver_rel(path)
+    if rel is None:
+        if _DRIVER and not Path(path).exists():
+            raise UserError(
+                f"{path} is not on this Ray node ({socket.gethostname()})",
+                "the model paths of the config",
+                "put the models at the same path on every node, or inside the run's bucket",
+            )
+        return str(path)
+    r = _ACTIVE[0][0]
+    local = r.fetch(rel)
+    if expect is not None:
+        from stages.lib import store
+
+        if local.stat().st_size != expect["bytes"] or store.file_sha256(local) != expect["sha256"]:
+            raise UserError(
+                f"{rel} in the bucket does not match its manifest (size or sha256)",
+                r.key(rel),
+                "re-run the stage that wrote it with overwrite=true",
+            )
+    return str(local)
 
 
 @contextlib.contextmanager
@@ -553,7 +746,8 @@ def stage_session(cfg: Any, stage: str) -> Iterator[None]:
     hooks.published = _published if rank0 else None
     try:
         streamed = ("selected/",) if stage == "train" else ()
-        n = pull(r, streamed=streamed, top_only=stage == "pipeline")
+        only = stage_reads(cfg, stage)
+        n = pull(r, streamed=streamed, top_only=stage == "pipeline", only=only)
         print(f"[{stage}] mirror of {r.uri} at {r.mirror} ({n / 1e6:.1f} MB fetched)", flush=True)
         yield
     finally:

@@ -25,7 +25,9 @@ class StageSpec:
     uses: tuple[str, ...]  # other config groups it reads (fields of Config)
     reads: tuple[str, ...]  # run folders it reads ("<key>": named by that config key)
     writes: tuple[str, ...]  # run folders (or files) it writes
-    dataset_id: tuple[str, ...]  # what its output's dataset id hashes: same id = resume, else refuse
+    dataset_id: tuple[
+        str, ...
+    ]  # what its output's dataset id hashes: same id = resume, else refuse
     extras: tuple[str, ...] = ()  # optional dependencies it can use (pyproject extras)
     rounds: bool = False  # run again by each round of fresh rollouts (pipeline.rounds)
     variants: bool = False  # run again by each training variant (pipeline.variants)

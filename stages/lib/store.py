@@ -47,6 +47,7 @@ from data_schemas import manifest as manifest_mod
 from data_schemas.common import META_DATASET, META_SHARD, META_TABLE, META_VERSION
 from stages.lib.errors import UserError, fault_point
 from stages.lib.layout import RunLayout
+from stages.lib.safety import redact
 
 SHARDS_PER_BUCKET = 256
 TMP_PREFIX = ".tmp-"
@@ -211,6 +212,9 @@ class DatasetWriter:
     worker_index: int = 0
     worker_count: int = 1
     complete: bool = False  # the manifest exists with this dataset_id: nothing to do
+    # shard -> manifest entry, for shards written and published by another machine (a Ray actor
+    # on a run in object storage): commit lists them without fetching their bytes
+    reported: dict[int, dict] = field(default_factory=dict)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     def shard_path(self, shard: int) -> Path:
@@ -281,19 +285,21 @@ class DatasetWriter:
     ) -> bool:
         """Write the manifest if all ``n_shards`` shards exist; return whether the dataset is
         committed (by this call, or by a concurrent worker that got there first: the manifest is
-        written exactly once). ``models`` (role -> model folder) are recorded as absolute paths
-        with the role's fingerprint, so the run resolves from any working directory."""
-        if HOOKS.refresh is not None:  # object storage: shards other machines published
-            HOOKS.refresh(self.directory)
+        written exactly once). ``models`` (role -> model folder) are recorded with the role's
+        fingerprint: relative to the run when inside it, else as absolute paths
+        (:func:`model_entries`), so the run resolves from any working directory or machine."""
+        published = None  # object storage: rel -> size of the shards in the bucket
+        if HOOKS.refresh is not None:  # (and those other machines published, fetched)
+            published = HOOKS.refresh(self.directory, {shard_relpath(s) for s in self.reported})
         with _flock(self.directory / ".lock", f"{self.table.NAME} dataset", blocking=True):
             done = manifest_mod.read(self.directory)
             if done is not None and done["dataset_id"] == self.dataset_id:
                 self.complete = True
                 return True
-            paths = [self.shard_path(s) for s in range(n_shards)]
-            if not all(p.exists() for p in paths) or not all(map(self.is_done, range(n_shards))):
+            here = [self.shard_path(s).exists() or s in self.reported for s in range(n_shards)]
+            if not all(here):
                 return False  # other workers are still writing; the last one commits
-            shards = [_shard_entry(s, p) for s, p in enumerate(paths)]
+            shards = [self._entry(s, published) for s in range(n_shards)]
             m = {
                 "format": manifest_mod.FORMAT,
                 "format_version": manifest_mod.FORMAT_VERSION,
@@ -306,11 +312,11 @@ class DatasetWriter:
                 "shards": shards,
                 "fingerprints": fingerprints,
                 "inputs": inputs,
-                "config": config,
+                "config": json.loads(redact(json.dumps(config))),  # no credentials in a URI
                 "extra": extra or {},
             }
             if models:
-                m["models"] = model_entries(models, fingerprints)
+                m["models"] = model_entries(models, fingerprints, run_root_of(self.directory))
             if teacher_temperature is not None:
                 m["teacher_temperature"] = float(teacher_temperature)
             fault_point("before_manifest")
@@ -322,6 +328,24 @@ class DatasetWriter:
                 raise disk_error(e, str(self.directory)) from None
             self.complete = True
             return True
+
+    def _entry(self, shard: int, published: dict[str, int] | None) -> dict:
+        """The manifest entry of a written ``shard``: from its file here, else from what the
+        machine that wrote it reported (its object in the bucket must have the reported size)."""
+        path = self.shard_path(shard)
+        if path.exists():
+            self.is_done(shard)  # (refuses a shard of another dataset)
+            return shard_entry(shard, path)
+        e, rel = self.reported[shard], shard_relpath(shard)
+        size = (published or {}).get(rel)
+        if size != e["bytes"]:
+            raise UserError(
+                f"shard {rel} was reported written ({e['bytes']} bytes) but the bucket holds "
+                f"{'no such object' if size is None else f'{size} bytes'}",
+                str(self.directory),
+                "re-run the stage: it resumes and writes the missing shard again",
+            )
+        return e
 
     def close(self) -> None:
         self._stack.close()
@@ -346,7 +370,8 @@ def _with_meta(schema: pa.Schema, w: DatasetWriter, shard: int) -> pa.Schema:
     return schema.with_metadata(meta)
 
 
-def _shard_entry(shard: int, path: Path) -> dict:
+def shard_entry(shard: int, path: Path) -> dict:
+    """A shard's manifest entry, from its file."""
     return {
         "path": shard_relpath(shard),
         "rows": pq.ParquetFile(path).metadata.num_rows,
@@ -355,19 +380,53 @@ def _shard_entry(shard: int, path: Path) -> dict:
     }
 
 
-def model_entries(models: dict[str, str | Path], fingerprints: dict) -> dict:
-    """role -> {"path": absolute folder, "fingerprint": the role's fingerprint (if known)}."""
+def run_root_of(directory: str | Path) -> Path:
+    """The run (or round) folder holding a dataset folder: ``<run>/tokens`` or
+    ``<run>/selected/<name>``."""
+    d = Path(directory)
+    return d.parent.parent if d.parent.name == "selected" else d.parent
+
+
+def model_entries(models: dict[str, str | Path], fingerprints: dict, run_root: Path) -> dict:
+    """role -> {"run_path": folder inside the run | "path": absolute folder elsewhere,
+    "fingerprint": the role's fingerprint (if known)}. A model inside the run (an SFT checkpoint)
+    is named relative to it, not by this machine's path (a mirror, a mount): the run still
+    resolves after a move to another folder, machine or bucket, and the fingerprint (content)
+    says whether it is still the same model."""
     out = {}
     for role, path in models.items():
-        if path:
-            out[role] = {"path": str(Path(path).resolve()), "fingerprint": fingerprints.get(role)}
+        if not path:
+            continue
+        p = Path(path).resolve()
+        try:
+            where = {"run_path": p.relative_to(Path(run_root).resolve()).as_posix()}
+        except ValueError:
+            where = {"path": str(p)}
+        out[role] = {**where, "fingerprint": fingerprints.get(role)}
     return out
 
 
-def model_path(m: dict, role: str, legacy: str | None = None) -> str | None:
-    """A model folder a manifest names: ``models.<role>.path`` (absolute), else the legacy
-    ``extra[legacy]`` value (relative to the directory the stage ran in), else None."""
+def shown_path(path: str | Path, run_root: Path, run_dir: str) -> str:
+    """A model folder as a manifest's ``extra`` shows it: inside the run as ``<run_dir>/<rel>``
+    (``run_dir`` as the user gave it: a folder or an ``s3://`` URI), else the folder itself."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(run_root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+    return f"{str(run_dir).rstrip('/')}/{rel}"
+
+
+def model_path(
+    m: dict, role: str, legacy: str | None = None, directory: str | Path | None = None
+) -> str | None:
+    """A model folder a manifest names: ``models.<role>`` (``run_path`` resolved against the run
+    holding ``directory``, the manifest's dataset folder; else the absolute ``path``), else the
+    legacy ``extra[legacy]`` value (relative to the directory the stage ran in), else None."""
     entry = (m.get("models") or {}).get(role)
+    if entry and "run_path" in entry:
+        if directory is None:
+            raise ValueError(f"models.{role} is inside the run: pass the dataset folder")
+        return str(run_root_of(directory) / entry["run_path"])
     if entry:
         return entry["path"]
     return (m.get("extra") or {}).get(legacy) if legacy else None

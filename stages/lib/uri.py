@@ -1,19 +1,20 @@
-"""Run URIs, dependency-free: a plain path, ``file://``, or an object-store URI (``s3://``, ``gs://``), and
-the local working mirror a remote run is read and written through (``stages/lib/remote.py``).
+"""Run URIs: a plain path, ``file://``, or an object-store URI (``s3://``, ``gs://``), and the
+local working mirror a remote run is read and written through (``stages/lib/remote.py``).
 
-Imports nothing of the library but the error type, so the run layout (``layout.py``), the store
-and the remote session can all name paths without importing each other."""
+Dependency-free: it imports nothing of the library but ``safety`` (credentials in a URI, itself
+stdlib-only), so the run layout, the store and the remote session can all name paths without
+importing each other."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from data_schemas.errors import UserError
+from stages.lib import safety
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
-
-
 ENV_MIRROR = "DISTILLERY_MIRROR"  # the mirror root (default ~/.cache/distillery/mirror)
 
 
@@ -29,15 +30,21 @@ def local_path(run_dir: str | Path) -> str:
 
 
 def mirror_root() -> Path:
-    return Path(os.environ.get(ENV_MIRROR) or Path.home() / ".cache/distillery/mirror")
+    """``$DISTILLERY_MIRROR`` (default ``~/.cache/distillery/mirror``); ``{host}`` and ``{pid}`` in
+    it become this machine's name and this process's id (a home folder shared by several nodes:
+    ``~/mirror-{host}``; one mirror per Ray actor, as separate machines have)."""
+    raw = os.environ.get(ENV_MIRROR) or str(Path.home() / ".cache/distillery/mirror")
+    return Path(raw.replace("{host}", socket.gethostname()).replace("{pid}", str(os.getpid())))
 
 
 def split(uri: str) -> tuple[str, str]:
-    """(scheme, "bucket/key") of a remote URI, without trailing slashes."""
-    scheme, rest = uri.split("://", 1)
+    """(scheme, "bucket/key") of a remote URI, without trailing slashes (nor credentials)."""
+    scheme, rest = safety.split_credentials(uri)[0].split("://", 1)
     rest = rest.strip("/")
     if not rest or ".." in rest.split("/"):
-        raise UserError(f"bad object storage URI {uri!r}", "run_dir", "use s3://bucket/prefix")
+        raise UserError(
+            f"bad object storage URI {safety.redact(uri)!r}", "run_dir", "use s3://bucket/prefix"
+        )
     return scheme, rest
 
 

@@ -9,12 +9,14 @@
 Only committed datasets get a view, and only after ``store.open_committed`` has checked their
 manifests against the files (sizes, footers, row counts, unlisted files; sha256 when asked). The
 views read exactly the shard files the manifests list, in place: nothing is copied. Datasets that
-are missing or not committed yet are left out with a note (``RunViews.notes``).
+are missing or not committed yet are left out with a note (``RunViews.notes``). Folder names
+read from disk (selections) are checked by the config name rule (``stages.lib.safety``) and
+quoted as identifiers: a name is never SQL.
 
-``lock_read_only(con, files)`` then turns the connection read-only: DuckDB may open only those
-shard files (``allowed_paths``), has no other file, network or extension access
-(``enable_external_access = false``, no auto-install/-load), and the settings cannot be changed
-back (``lock_configuration``). ``allowed_paths`` alone would still let ``COPY ... TO`` overwrite a
+``lock_read_only(con, files)`` (``open_run(read_only=True)``: before the first view is created)
+turns the connection read-only: DuckDB may open only those shard files (``allowed_paths``), has
+no other file, network or extension access (``enable_external_access = false``, no
+auto-install/-load), and the settings cannot be changed back (``lock_configuration``). ``allowed_paths`` alone would still let ``COPY ... TO`` overwrite a
 listed shard, so ``stages.sql`` also admits only read statements (docs/RELIABILITY.md).
 """
 
@@ -32,6 +34,7 @@ from data_schemas import manifest as manifest_mod
 from stages.lib import store
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
+from stages.lib.safety import check_disk_name, quote_ident
 
 TABLES: dict[str, ModuleType] = {"rollouts": rollouts, "tokens": tokens}
 WRITERS = {
@@ -108,11 +111,13 @@ def create_view(
     """View ``name`` over Parquet ``files`` of ``table`` (decoded; with ``_shard``/``_row``)."""
     excl = [codec.PHYSICAL] if hasattr(table, "DUCKDB_SELECT") else []
     extra = [f"{codec.DUCKDB_DECODE} AS {codec.LOGICAL}"] if excl else []
+    view = quote_ident(name)
     if not files:  # a committed dataset with zero shards: an empty view with the right columns
         con.register(f"_empty_{name}", table.SCHEMA.empty_table())
         ids = ["NULL::BIGINT AS _shard", "NULL::BIGINT AS _row"] if row_ids else []
         cols = ", ".join(["*", *ids])
-        con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} FROM "_empty_{name}"')
+        empty = quote_ident(f"_empty_{name}")
+        con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {cols} FROM {empty}")
         return
     opts = ", filename = true, file_row_number = true" if row_ids else ""
     if row_ids:
@@ -122,7 +127,7 @@ def create_view(
     extra += [f"NULL::{t} AS {c}" for c, t in getattr(table, "OPTIONAL_COLUMNS", {}).items()
               if c not in have]  # fmt: skip
     src = f"read_parquet([{', '.join(sql_str(p) for p in files)}], hive_partitioning = false{opts})"
-    con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {", ".join([star, *extra])} FROM {src}')
+    con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {', '.join([star, *extra])} FROM {src}")
 
 
 def _committed(directory: Path, table: ModuleType, what: str, notes: list[str], verify: bool):
@@ -138,18 +143,15 @@ def _committed(directory: Path, table: ModuleType, what: str, notes: list[str], 
 
 
 def selection_dirs(layout: RunLayout) -> list[Path]:
-    """The selection folders of a run (hidden names skipped), by name."""
+    """The selection folders of a run (hidden names skipped), by name; a folder whose name is not
+    a safe name (it becomes a SQL view and a label) is refused before any view exists."""
     root = layout.selected_root
     if not root.is_dir():
         return []
-    return sorted(d for d in root.iterdir() if d.is_dir() and not store.hidden(d.name))
-
-
-def _add(rv: RunViews, view: str, directory: Path, m: dict, table: ModuleType, row_ids: bool):
-    files = store.shard_paths(directory, m)
-    create_view(rv.con, view, files, table, row_ids=row_ids)
-    rv.views[view] = f'"{view}"'
-    rv.files += files
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not store.hidden(d.name))
+    for d in dirs:
+        check_disk_name(d.name, d, "selection folder")
+    return dirs
 
 
 def open_run(
@@ -159,17 +161,21 @@ def open_run(
     manifests: dict[str, dict] | None = None,
     verify_checksums: bool = False,
     row_ids: bool = False,
+    read_only: bool = False,
     con: duckdb.DuckDBPyConnection | None = None,
 ) -> RunViews:
     """Views over the committed datasets of a run (see the module docstring).
 
     ``manifests`` are already verified manifests to use as they are (select passes the ones it
     checked); other datasets are verified here. ``row_ids`` adds ``_shard``/``_row`` columns to
-    the rollouts and tokens views.
+    the rollouts and tokens views. ``read_only`` locks the connection (``lock_read_only``) before
+    the first view is created: every manifest and folder name is checked first, then the lock,
+    then the views.
     """
     if not layout.root.is_dir():
         raise UserError("run dir not found", str(layout.root), "pass the run_dir of a pipeline run")
     rv = RunViews(con=con if con is not None else connect())
+    todo: list[tuple[str, Path, dict, ModuleType, bool]] = []  # (view, folder, manifest, ...)
     for name in (d for d in datasets if d in TABLES):
         directory = getattr(layout, name)
         m = (manifests or {}).get(name)
@@ -177,14 +183,21 @@ def open_run(
             m = _committed(directory, TABLES[name], name, rv.notes, verify_checksums)
         if m is not None:
             rv.manifests[name] = m
-            _add(rv, name, directory, m, TABLES[name], row_ids)
+            todo.append((name, directory, m, TABLES[name], row_ids))
     if "selected" in datasets:
         for d in selection_dirs(layout):
             m = _committed(d, selected, "selected", rv.notes, verify_checksums)
             if m is not None:
                 rv.selections[d.name] = m
-                _add(rv, f"selected/{d.name}", d, m, selected, False)
-        _union_selected(rv)
+                todo.append((f"selected/{d.name}", d, m, selected, False))
+    for _, directory, m, _, _ in todo:
+        rv.files += store.shard_paths(directory, m)
+    if read_only:
+        lock_read_only(rv.con, rv.files)
+    for view, directory, m, table, ids in todo:
+        create_view(rv.con, view, store.shard_paths(directory, m), table, row_ids=ids)
+        rv.views[view] = quote_ident(view)
+    _union_selected(rv)
     return rv
 
 
@@ -192,6 +205,9 @@ def _union_selected(rv: RunViews) -> None:
     """View ``selected``: every selection, with its name in the ``selection`` column."""
     if not rv.selections:
         return
-    parts = [f'SELECT {sql_str(n)} AS selection, * FROM "selected/{n}"' for n in rv.selections]
+    parts = [
+        f"SELECT {sql_str(n)} AS selection, * FROM {quote_ident('selected/' + n)}"
+        for n in rv.selections
+    ]
     rv.con.execute("CREATE OR REPLACE VIEW selected AS " + " UNION ALL BY NAME ".join(parts))
     rv.views["selected"] = "selected"

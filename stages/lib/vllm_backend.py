@@ -128,6 +128,7 @@ def get_llm(
     dtype: str = "float32",
     gpu_memory_utilization: float | None = None,
     tensor_parallel_size: int = 1,
+    tokenizer: str | None = None,
 ):
     """Return a ``vllm.LLM`` for ``model_path``, cached per (path, settings) in this process.
 
@@ -139,8 +140,10 @@ def get_llm(
     * prefix caching on for generation; :func:`score`'s prompt-log-prob requests skip reading
       the cache (prompt log-probs of cached tokens were wrong when they read it).
     * ``skip_tokenizer_init``: we pass and receive token ids only, never text, so no tokenizer is
-      needed and nothing is ever decoded and re-encoded. (vLLM then logs a harmless "Chat template
-      warmup failed ... Tokenizer not available" traceback at start-up.)
+      needed and nothing is ever decoded and re-encoded. (vLLM then logs a harmless "Chat
+      template warmup failed ... Tokenizer not available" traceback at start-up.)
+      ``tokenizer`` (a folder) starts the engine with one instead, for stop strings only: vLLM
+      matches ``stop`` on its detokenized text, and without a tokenizer it ignores them.
     * ``generation_config="vllm"``: the model's generation_config.json is not read, so it cannot
       add stop tokens or default sampling settings behind the caller's back.
 
@@ -164,6 +167,7 @@ def get_llm(
         gpu_memory_utilization,
         tensor_parallel_size,
         os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+        tokenizer,
     )
     llm = _LLM_CACHE.get(key)
     if llm is None:
@@ -178,7 +182,8 @@ def get_llm(
             max_logprobs=max_logprobs,
             logprobs_mode="raw_logprobs",
             enable_prefix_caching=True,
-            skip_tokenizer_init=True,
+            skip_tokenizer_init=tokenizer is None,
+            **({"tokenizer": tokenizer} if tokenizer else {}),
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=on_cpu,
@@ -258,6 +263,7 @@ def generate(
     max_new_tokens: int,
     seed: int,
     eos_id: int | Sequence[int],
+    stop: Sequence[str] = (),
 ) -> list[list[dict]]:
     """Sample ``n`` responses per prompt from token ids (no decode/re-encode).
 
@@ -266,8 +272,10 @@ def generate(
     * ``response_ids``: sampled ids exactly as generated, EOS included when it stopped on EOS;
     * ``logprobs``: the engine's log-prob of each sampled token under the **raw** model
       distribution (temperature 1, before temperature/top-p), fp32-computed;
-    * ``finish_reason``: ``"eos"`` (one of ``eos_id``) or ``"length"``; the rollout then cuts and
-      labels the sample with ``stages.lib.decoding.cut``, the rule the HF backend uses too.
+    * ``finish_reason``: ``"eos"`` (one of ``eos_id``), ``"stop"`` (one of the ``stop``
+      strings, matched by vLLM on its detokenized text: needs an engine with a tokenizer) or
+      ``"length"``; the rollout then cuts and labels the sample with
+      ``stages.lib.decoding.cut``, the rule the HF backend uses too.
 
     ``eos_id`` may also be several ids (chat models often end on more than one token); sampling
     stops on any of them and the stop token is kept in ``response_ids``. ``temperature=0`` is
@@ -290,7 +298,8 @@ def generate(
             # EOS, and the caller's eos_id is the contract.
             stop_token_ids=sorted(eos_ids),
             logprobs=0,  # 0 = only the sampled token's log-prob
-            detokenize=False,
+            stop=list(stop) or None,
+            detokenize=bool(stop),  # text only to find stop strings; never read
         )
         for i in range(len(prompt_ids))
     ]
@@ -307,7 +316,8 @@ def generate(
                 entry = comp.logprobs[pos]
                 lps.append(float(entry[tok].logprob))
             stopped_on_eos = comp.finish_reason == "stop" and bool(ids) and ids[-1] in eos_ids
-            if comp.finish_reason != "length" and not stopped_on_eos:
+            on_string = comp.finish_reason == "stop" and comp.stop_reason in stop
+            if comp.finish_reason != "length" and not (stopped_on_eos or on_string):
                 # Only EOS ids and max_tokens can end a request we built; anything else (abort,
                 # an unexpected stop token) must not be stored as a normal rollout.
                 raise RuntimeError(
@@ -318,7 +328,7 @@ def generate(
                 {
                     "response_ids": ids,
                     "logprobs": lps,
-                    "finish_reason": "eos" if stopped_on_eos else "length",
+                    "finish_reason": "eos" if stopped_on_eos else "stop" if on_string else "length",
                 }
             )
         results.append(samples)

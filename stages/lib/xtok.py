@@ -68,7 +68,8 @@ class Vocabs:
         ).numpy()  # [V_T]
         stop = {}
         t_vocab = t_tok.get_vocab()
-        for i in s_tok.all_special_ids:
+        specials = frozenset(align.special_ids(s_tok))
+        for i in sorted(specials):
             role = next((r for r in align.ROLES if getattr(s_tok, f"{r}_id", None) == i), None)
             if role is not None:  # a role (EOS, BOS, pad, unk): the teacher's of the same role
                 j = getattr(t_tok, f"{role}_id", None)
@@ -76,7 +77,6 @@ class Vocabs:
                 j = t_vocab.get(s_tok.convert_ids_to_tokens(i))
             if j is not None:
                 stop[i] = int(j)
-        specials = frozenset(s_tok.all_special_ids)
         return Vocabs(
             s_tok, t_tok, table, stop, specials, len(s_tok), mid, s_bm, t_bm,
             _inverse(table, len(s_tok)), _inverse(mid, len(s_tok)),
@@ -223,7 +223,7 @@ def teacher_prefixes(cfg, rm: dict, s_tok: Any, t_tok: Any, where: str) -> dict[
     render = chat.Renderer.of(cfg.rollout, s_tok, t_tok)
     out = {}
     for row in table.to_pylist():
-        for t in chat.turns(row, cfg.rollout.expand_turns):
+        for t in chat.turns(row, cfg.rollout.expand_turns, cfg.rollout.final_assistant):
             out[t.prompt_id] = render.teacher_ids(t, row)
     return out
 

@@ -61,6 +61,13 @@ def _check_finite(obj: Any, group: str) -> None:
             _check(_finite_value(v), f"{group}.{f.name}", f"must be finite (got {v!r})")
 
 
+def _check_tensor_parallel(size: Any, backend: str, group: str) -> None:
+    """A vLLM engine spans ``size`` GPUs (an int >= 1); the HF backend runs on one device."""
+    key = f"{group}.tensor_parallel_size"
+    _check(isinstance(size, int) and not isinstance(size, bool) and size >= 1, key, "must be >= 1")
+    _check(size == 1 or backend != "hf", key, f"is vLLM's: set {group}.backend=vllm, or 1")
+
+
 # The loss functions' own signatures are the schema of a loss term: the keyword arguments after
 # the ones every loss takes (the trainer passes vocab_size and temperature itself).
 _LOSS_COMMON_ARGS = ("vocab_size", "temperature")

@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from stages.lib import remote
 from stages.lib.config.keys import (
     _one_line,
     _unknown_in_tree,
@@ -116,7 +117,7 @@ def compose(
     """Compose a config exactly as ``python -m stages.<config_name> <overrides>`` does (the
     entry points, tests, the pipeline, notebooks). ``config_dirs``: extra config folders, as
     ``--config-dir``. Every failure is a UserError."""
-    ovs, dirs = list(overrides or []), absolute_dirs(config_dirs)
+    ovs, dirs = [remote.adopt_credentials(o) for o in overrides or []], absolute_dirs(config_dirs)
     check_override_keys(ovs, dirs, where)
     cfg = to_config(compose_dict(config_name, ovs, dirs, where), where)
     cfg.source = Source(config_name=config_name, overrides=ovs, config_dirs=dirs)
@@ -124,7 +125,7 @@ def compose(
 
 
 # ----------------------------------------------------------------------------- derived configs
-_PLAIN = re.compile(r"^[A-Za-z0-9_./\-+:@]+$")
+_PLAIN = re.compile(r"^[A-Za-z0-9_./\-+:@]+\Z")  # \Z: a trailing newline is not plain
 
 
 def quote(value: Any) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from stages.lib import remote
 from stages.lib.config.checks import _check, _check_finite, _closest
 from stages.lib.config.schema import (
     STAGES,
@@ -165,6 +166,11 @@ class Config:
     source: Source = field(default_factory=Source)
 
     def __post_init__(self) -> None:
+        self.run_dir = remote.adopt_credentials(self.run_dir)  # never kept in the config
+        # numpy's seeds are 0..2**32-1: anything else is a traceback deep inside a stage
+        _check(
+            isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", "must be in 0..2**32-1"
+        )
         RunLayout.of(self.run_dir)  # not empty (an empty run_dir writes into the cwd)
         self._check_teachers()
         _check(
@@ -172,6 +178,13 @@ class Config:
             "launcher.kind=ray",
             "takes the whole shard plan: leave worker.index/worker.count at 0/1",
         )
+        for group in ("rollout", "score"):  # a Ray actor holds one engine and its GPUs
+            tp = getattr(self, group).tensor_parallel_size
+            _check(
+                self.launcher.kind == "local" or tp <= max(self.launcher.num_gpus, 1),
+                f"{group}.tensor_parallel_size={tp}",
+                f"needs launcher.num_gpus >= {tp} (each Ray actor's engine spans {tp} GPUs)",
+            )
         ad = self.pipeline.adaptive
         _check(
             not (ad.enabled and ad.metric == "staleness" and not self.score.behavior),

@@ -12,6 +12,7 @@ from stages.lib.config.checks import (
     _check,
     _check_device,
     _check_finite,
+    _check_tensor_parallel,
     _closest,
     _finite_value,
     _interpolation,
@@ -83,6 +84,7 @@ class WorkerConfig:
 
 
 LAUNCHERS = ("local", "ray")
+PLACEMENTS = ("default", "spread")
 
 
 @dataclass
@@ -99,8 +101,15 @@ class LauncherConfig:
     # CPUs Ray reserves per actor (Ray gives the actor as many OpenMP threads unless the
     # environment sets OMP_NUM_THREADS).
     num_cpus: float = 1.0
-    # GPUs Ray reserves per actor (1 for an engine on one GPU; 0 = CPU).
+    # GPUs Ray reserves per actor (1 for an engine on one GPU; 0 = CPU). A vLLM engine with
+    # rollout/score.tensor_parallel_size = T needs T here (Ray hands the actor T GPUs).
     num_gpus: float = 0.0
+    # Custom Ray resources per actor, name -> amount: actors start only on nodes that declare
+    # them (`ray start --resources='{"h100": 8}'`), e.g. {h100: 1} keeps engines off CPU nodes.
+    resources: dict[str, float] = field(default_factory=dict)
+    # Where Ray puts the actors: default (Ray's own choice, which favours the nodes already in
+    # use) | spread (across the nodes first: engines spread over their network links and disks).
+    placement: str = "default"
     # How often an actor whose process dies (killed, out of memory, node lost) is replaced; its
     # shard is redone. One more death fails the stage.
     max_restarts: int = 3
@@ -121,6 +130,11 @@ class LauncherConfig:
         _check(self.num_cpus > 0, "launcher.num_cpus", "must be > 0")
         _check(self.num_gpus >= 0, "launcher.num_gpus", "must be >= 0")
         _check(self.max_restarts >= 0, "launcher.max_restarts", "must be >= 0")
+        _check(self.placement in PLACEMENTS, "launcher.placement", "must be default|spread")
+        for k, v in self.resources.items():
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            _check(ok, f"launcher.resources.{k}", f"must be a number > 0 (got {v!r})")
+            _check(k not in ("CPU", "GPU"), f"launcher.resources.{k}", "use num_cpus / num_gpus")
         _check_finite(self, "launcher")
 
 
@@ -156,6 +170,9 @@ class RolloutConfig:
     device: str = "auto"
     # vLLM: fraction of memory for the KV cache (on CPU, of system RAM).
     vllm_memory_fraction: float = 0.25
+    # vLLM: GPUs one engine spans (tensor parallelism; a policy too large for one GPU). With
+    # launcher.kind=ray each actor needs that many: launcher.num_gpus >= this. HF: must be 1.
+    tensor_parallel_size: int = 1
     # Chat rows (`messages`): a Jinja chat template file replacing the tokenizers' own (null =
     # each tokenizer's chat_template; the teacher prefix uses the teacher tokenizer's).
     chat_template: str | None = None
@@ -172,6 +189,10 @@ class RolloutConfig:
     # Chat rows with earlier assistant turns: one sample per assistant turn (the student regenerates
     # each, after the turns before it) instead of one sample after the whole conversation.
     expand_turns: bool = False
+    # A conversation ending with an assistant message (without expand_turns): continue (a
+    # prefill: the student continues that message) | regenerate (the student writes that turn
+    # anew; the message becomes the turn's reference answer unless the row has an answer).
+    final_assistant: str = "continue"
     # Extra stop token ids and stop strings (besides the tokenizer EOS and every id of the model's
     # generation_config.eos_token_id); the stop token is kept in the response.
     stop_token_ids: list[int] = field(default_factory=list)
@@ -191,6 +212,11 @@ class RolloutConfig:
             "rollout.context_placement",
             "must be system|user",
         )
+        _check(
+            self.final_assistant in ("continue", "regenerate"),
+            "rollout.final_assistant",
+            "must be continue|regenerate",
+        )
         _check("{context}" in self.context_template, "rollout.context_template", "needs {context}")
         _check(all(s for s in self.stop_strings), "rollout.stop_strings", "must be non-empty")
         _check(all(i >= 0 for i in self.stop_token_ids), "rollout.stop_token_ids", "must be >= 0")
@@ -199,6 +225,11 @@ class RolloutConfig:
         _check(self.temperature > 0, "rollout.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _check(
+            self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+            "rollout.max_prompt_tokens",
+            "must be >= 1 (or null: the context length minus max_new_tokens)",
+        )
         _check(0 <= self.guided_fraction <= 1, "rollout.guided_fraction", "must be in [0, 1]")
         _check(self.too_long in ("error", "skip"), "rollout.too_long", "must be error|skip")
         _check(self.prompts_per_shard >= 1, "rollout.prompts_per_shard", "must be >= 1")
@@ -206,6 +237,7 @@ class RolloutConfig:
         _check(
             0 < self.vllm_memory_fraction <= 1, "rollout.vllm_memory_fraction", "must be in (0, 1]"
         )
+        _check_tensor_parallel(self.tensor_parallel_size, self.backend, "rollout")
 
 
 # Rollouts columns a teacher route can read (the prompt's columns the rollout stage carries).
@@ -291,9 +323,13 @@ class ScoreConfig:
     # A teacher whose tokenizer differs from the student's: refuse (the default) | align (score
     # it on its own tokenization, aligned by character offsets; docs/CROSS_TOKENIZER.md).
     cross_tokenizer: str = "refuse"
+    # vLLM: GPUs each scoring engine spans (tensor parallelism: a teacher too large for one
+    # GPU). With launcher.kind=ray each actor needs that many: launcher.num_gpus >= this.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check(self.backend in ("hf", "vllm", "auto"), "score.backend", "must be hf|vllm|auto")
+        _check_tensor_parallel(self.tensor_parallel_size, self.backend, "score")
         _check(
             self.cross_tokenizer in ("refuse", "align"),
             "score.cross_tokenizer",
@@ -372,6 +408,8 @@ class LossTerm:
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.weight), "loss.terms[].weight", "must be finite")
+        # a negative weight would train the student away from the teacher
+        _check(self.weight >= 0, "loss.terms[].weight", f"must be >= 0 (got {self.weight})")
         check_loss_term(self.name, self.kwargs)
 
 
@@ -388,6 +426,7 @@ class LossConfig:
         _check_finite(self, "loss")
         _check(self.temperature > 0, "loss.temperature", "must be > 0")
         _check(len(self.terms) >= 1, "loss.terms", "needs at least one term")
+        _check(any(t.weight > 0 for t in self.terms), "loss.terms[].weight", "one must be > 0")
 
 
 @dataclass
@@ -467,6 +506,11 @@ class TrainConfig:
     # Whole-model activation checkpointing: recompute each decoder layer in backward (less memory,
     # ~1 more forward of compute).
     gradient_checkpointing: bool = False
+    # Rows of a micro-batch with the same train prompt (the rollout.n samples of a prompt) run
+    # the prompt through the student once and their responses against its KV cache: the same
+    # loss and gradients to GEMM rounding, less compute with long prompts. Off under
+    # gradient_checkpointing and FSDP (one decoder call per micro-batch there).
+    share_prefix: bool = True
     # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast on CPU and CUDA) |
     # bf16_params (bf16 parameters, fp32 master weights in the optimizer). The LM head, the
     # log-softmax and the loss are fp32 in every mode.
@@ -519,6 +563,7 @@ class TrainConfig:
             self.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be offline|online"
         )
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+        _check(isinstance(self.share_prefix, bool), "train.share_prefix", "must be true|false")
         _check(
             not (self.precision == "bf16_params" and self.lora.r > 0),
             "train.precision=bf16_params",

@@ -24,7 +24,7 @@ def load_decoder(data: RunData, cfg: Config, notes: list[str]):
     from stages.lib import models
 
     cands = [
-        store.model_path(data.rollouts, "policy", "policy_path"),
+        store.model_path(data.rollouts, "policy", "policy_path", data.layout.rollouts),
         ((data.rollouts.get("config") or {}).get("student") or {}).get("path"),
         cfg.student.path,
     ]

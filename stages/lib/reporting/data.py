@@ -60,7 +60,9 @@ def open_run(layout: RunLayout) -> RunData:
             "run `python -m stages.rollout` (or the pipeline) for this run_dir first, or point "
             "run_dir at an existing run",
         )
-    rv = views.open_run(layout, verify_checksums=VERIFY_CHECKSUMS, con=views.connect(threads=2))
+    rv = views.open_run(
+        layout, verify_checksums=VERIFY_CHECKSUMS, read_only=True, con=views.connect(threads=2)
+    )
     rollouts = rv.manifests["rollouts"]
     if rollouts["rows"] == 0:
         rv.close()

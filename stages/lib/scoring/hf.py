@@ -94,6 +94,7 @@ def share_units(jobs: list[Job], batch_tokens: int) -> tuple[list[list[list[int]
     return keep, sorted(single)
 
 
+@torch.no_grad()
 def hf_score(
     m: HFModel,
     jobs: list[Job],

@@ -81,7 +81,7 @@ def check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role], 
     sc = cfg.score
     fps_in = rm.get("fingerprints", {})
     tok_fp = fps_in.get("tokenizer")
-    policy_path = store.model_path(rm, "policy", "policy_path") or cfg.student.path
+    policy_path = store.model_path(rm, "policy", "policy_path", layout.rollouts) or cfg.student.path
     first = next(iter(scoring_teachers(cfg).values()))
     if not first.path:
         raise UserError("no teacher model configured", "teacher.path", "set teacher.path=DIR")

@@ -124,6 +124,7 @@ class Scorer:
                 max_model_len=self.max_len + 1,
                 max_logprobs=kmax,
                 dtype=role.dtype,
+                tensor_parallel_size=self.cfg.score.tensor_parallel_size,
             )
         out = vb.score(
             self.llms[role.model_key], [j.prefix for j in group], [j.response for j in group], k=k

@@ -20,7 +20,7 @@ from stages.lib.loader import MicroBatchStream, Plan
 from stages.lib.training.job import Job, State, Trainer
 from stages.lib.training.objective import unwrap
 
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STEP_DIR = re.compile(r"^step-(\d{6,})\Z")
 
 
 def step_dir_name(step: int) -> str:

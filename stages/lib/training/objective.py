@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stages.lib.logprobs import model_head, model_hidden_states
+from stages.lib.logprobs import model_head, response_hidden
 from stages.lib.losses import MAX_SUFFIX, chunk_for_budget, combined_loss
 
 
@@ -32,12 +32,19 @@ class ResponseLoss(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, terms: list, vocab_size: int, temperature: float, chunk: int
+        self,
+        model: nn.Module,
+        terms: list,
+        vocab_size: int,
+        temperature: float,
+        chunk: int,
+        share_prefix: bool = False,
     ):
         super().__init__()
         self.model = model
         self.terms, self.vocab_size = terms, vocab_size
         self.temperature, self.chunk = temperature, chunk
+        self.share_prefix = share_prefix  # train.share_prefix: rows of one prompt run it once
 
     def _chunk_loss(self, h: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         # The head and log-softmax stay fp32 under bf16 autocast and bf16 weights (docs: fp32 head).
@@ -49,8 +56,9 @@ class ResponseLoss(nn.Module):
             )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, batch: dict):
-        hidden = model_hidden_states(self.model, input_ids, attention_mask)  # [B, L, H]
-        h = hidden.reshape(-1, hidden.shape[-1])[positions]  # [M, H]
+        h = response_hidden(  # [M, H]
+            self.model, input_ids, attention_mask, positions, self.share_prefix
+        )
         n = h.shape[0]
         if n <= self.chunk:
             return self._chunk_loss(h, batch)

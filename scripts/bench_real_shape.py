@@ -1,0 +1,418 @@
+"""Benchmark: the stages at the shapes users run (a 151,936-token vocabulary, long responses),
+memory first.
+
+Builds random-weight Qwen3 models from configs in a temp folder (no downloads): a student of the
+0.6B shape (28 layers, hidden 1,024, 16 query / 8 KV heads of 128, MLP 3,072, tied embeddings;
+``--student-layers 8`` for the 8-layer variant of the same width) and an 8-layer teacher of the same
+width, both with the real vocabulary of 151,936 rows and a word-level tokenizer that fills it.
+Then runs, each stage in a child process of its own:
+
+* rollout (HF backend): ``--prompts`` prompts x ``rollout.n=2`` samples in one batch
+  (batch x n = 16 by default), ``--new-tokens`` new tokens (512 by default);
+* score (HF backend, ``score.topk=32``): the teacher, the behaviour model (the student) and no
+  reference model;
+* select (every token) and train: two optimizer steps of ``topk_fkl`` (the top-K forward KL with
+  its tail term: the heaviest loss path) with whole-model gradient checkpointing.
+
+For each stage the JSON holds the child's peak RSS (``VmHWM``, its own high-water mark) minus its
+RSS after the imports (``peak_mib``), beside an analytic floor (``floor_mib``, its parts listed):
+the weights it holds, the optimizer state, and one working block: rollout the KV cache and one
+``[batch x n, V]`` fp32 block per decode step; score one ``[score.chunk_positions, V]`` fp32 block;
+train the loss's ``2 x [chunk, V]`` fp32 working set and the checkpointed layer inputs. Also bytes
+per response token on disk (rollouts, tokens) and tokens/s. ``ratio = peak_mib / floor_mib``.
+
+``--quick`` (the test suite runs it, tests/test_real_shape.py): a 2-layer model of width 64 and a
+32,768-token vocabulary, 4 prompts x 2 samples of 128 new tokens; the test asserts each stage's
+peak stays within a fixed margin of its floor, so a regression to ``O(T x V)`` memory (e.g. keeping
+every step's logits in the rollout, or a loss that holds six ``[chunk, V]`` blocks) fails.
+
+fp32 throughout: on this CPU (no native bf16) bf16 matmuls run at about 1/20 of fp32.
+
+Run: ``python scripts/bench_real_shape.py --out runs/bench/real_shape.json
+[--student-layers 28|8] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark shape: the models and the work."""
+
+    vocab: int = 151_936
+    hidden: int = 1024
+    intermediate: int = 3072
+    heads: int = 16
+    kv_heads: int = 8
+    head_dim: int = 128
+    student_layers: int = 28
+    teacher_layers: int = 8
+    prompts: int = 8  # x rollout.n = 2 samples, all in one batch
+    n: int = 2
+    prompt_words: int = 32
+    new_tokens: int = 512
+    topk: int = 32
+    score_chunk: int = 256  # score.chunk_positions (the default)
+    loss_memory_mib: int = 512  # train.loss_memory_mib (the default)
+    micro_batch_tokens: int = 2048
+
+
+QUICK = Shape(
+    vocab=32_768,
+    hidden=64,
+    intermediate=128,
+    heads=1,
+    kv_heads=1,
+    head_dim=64,
+    student_layers=2,
+    teacher_layers=2,
+    prompts=4,
+    new_tokens=128,
+    loss_memory_mib=128,  # chunk 512: the [64, V] row-block scratch is 1/8 of a block
+    micro_batch_tokens=1024,
+)
+
+
+# ----------------------------------------------------------------------------- building
+def build_tokenizer(vocab: int):
+    """A word-level tokenizer whose ids fill ``vocab`` exactly (4 specials + words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    words = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab - 4)])}
+    tk = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def build_model(out: Path, sh: Shape, layers: int, seed: int, tok) -> Path:
+    """A random-weight Qwen3 of shape ``sh`` with ``layers`` layers, saved with ``tok``."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=sh.vocab,
+        hidden_size=sh.hidden,
+        intermediate_size=sh.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=sh.heads,
+        num_key_value_heads=sh.kv_heads,
+        head_dim=sh.head_dim,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    Qwen3ForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_prompts(path: Path, sh: Shape) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_schemas import prompts
+
+    rows = []
+    for i in range(sh.prompts):
+        words = " ".join(
+            f"w{(i * 7919 + j * 104729) % (sh.vocab - 4)}" for j in range(sh.prompt_words)
+        )
+        rows.append(
+            {"id": f"p{i:03d}", "prompt": words, "context": None, "answer": None, "kind": None}
+        )
+    pq.write_table(pa.Table.from_pylist(rows, schema=prompts.SCHEMA), path)
+    return path
+
+
+def params_of(sh: Shape, layers: int) -> int:
+    """Parameter count of the Qwen3 shape (tied embeddings, q/k norms)."""
+    q, kv = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
+    attn = sh.hidden * q + 2 * sh.hidden * kv + q * sh.hidden + 2 * sh.head_dim
+    mlp = 3 * sh.hidden * sh.intermediate
+    return sh.vocab * sh.hidden + layers * (attn + mlp + 2 * sh.hidden) + sh.hidden
+
+
+# ----------------------------------------------------------------------------- floors
+def floors(sh: Shape, response_tokens: int, chunk: int) -> dict[str, dict[str, float]]:
+    """Analytic floors in MiB, per stage, by part (fp32 everywhere)."""
+    student = params_of(sh, sh.student_layers) * 4 / MIB
+    teacher = params_of(sh, sh.teacher_layers) * 4 / MIB
+    rows = sh.prompts * sh.n
+    seq = sh.prompt_words + 2 + sh.new_tokens
+    kv = 2 * sh.student_layers * sh.kv_heads * sh.head_dim * seq * rows * 4 / MIB
+    tokens = min(sh.micro_batch_tokens, rows * seq)  # positions in one micro-batch
+    return {
+        "rollout": {"weights": student, "kv_cache": kv, "step_block": rows * sh.vocab * 4 / MIB},
+        "score": {
+            "weights_teacher_and_behaviour": teacher + student,
+            "chunk_block": sh.score_chunk * sh.vocab * 4 / MIB,
+        },
+        "train": {
+            "weights_grads_adam": 4 * student,
+            "loss_blocks": 2 * min(chunk, response_tokens) * sh.vocab * 4 / MIB,
+            "checkpointed_layer_inputs": sh.student_layers * tokens * sh.hidden * 4 / MIB,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- the child
+def _status(key: str) -> float:
+    line = next(ln for ln in open("/proc/self/status") if ln.startswith(key + ":"))
+    return int(line.split()[1]) / 1024  # kB -> MiB
+
+
+def warm_up() -> None:
+    """Load what every stage loads lazily (model code, generation, Parquet, DuckDB, safetensors)
+    and run one small matmul (the BLAS's own buffers), so the baseline holds the code and the
+    peak above it is the stage's data."""
+    import duckdb  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch
+    import transformers.generation.utils  # noqa: F401
+    from transformers import AutoTokenizer, Qwen3ForCausalLM  # noqa: F401
+
+    x = torch.randn(64, 64, requires_grad=True)
+    (x @ x).sum().backward()
+
+
+def child(stage: str, overrides: list[str]) -> None:
+    """Run one stage in this process; print its memory and time as one JSON line."""
+    import importlib
+
+    import torch
+
+    from stages.lib.config import compose
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    mod = importlib.import_module(f"stages.{stage}")
+    cfg = compose(stage, overrides)
+    warm_up()
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    summary = mod.run(cfg)
+    seconds = time.perf_counter() - t0
+    print(
+        "BENCH "
+        + json.dumps(
+            {
+                "base_mib": round(base, 1),
+                "hwm_mib": round(_status("VmHWM"), 1),
+                "seconds": round(seconds, 2),
+                "summary": summary if isinstance(summary, dict) else {},
+            },
+            default=str,
+        ),
+        flush=True,
+    )
+
+
+def loss_probe(vocab: int, chunk: int, hidden: int, loss: str) -> None:
+    """The loss's working set alone: one ``[chunk, V]`` chunk through an fp32 head, the loss
+    (``inplace``, as the trainer calls it) and backward; peak above the inputs, in blocks."""
+    import torch
+
+    from stages.lib.losses import combined_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(chunk, hidden, requires_grad=True)  # [N, H]
+    w = torch.randn(vocab, hidden, requires_grad=True)  # [V, H] the head
+    t = torch.log_softmax(torch.randn(chunk, vocab), -1)  # [N, V] a teacher, dropped below
+    vals, ids = t.topk(32, -1)  # [N, 32]
+    y = torch.randint(0, vocab, (chunk,))  # [N]
+    batch = {
+        "token_id": y,
+        "weight": torch.ones(chunk),
+        "teacher_logprob": t.gather(1, y[:, None])[:, 0],
+        "teacher_topk_ids": ids,
+        "teacher_topk_logprobs": vals,
+        "teacher_topk_logmass": torch.logsumexp(vals, -1),
+    }
+    del t
+    warm_up()
+    base = _status("VmRSS")
+    logits = h @ w.T  # [N, V] fp32
+    out, _ = combined_loss(logits, batch, [(loss, 1.0, {})], vocab, 0.7, inplace=True)
+    del logits
+    out.backward()
+    block = chunk * vocab * 4 / MIB
+    grad_w = vocab * hidden * 4 / MIB  # the head's weight gradient: weights, not working set
+    peak = _status("VmHWM") - base
+    print(
+        "BENCH "
+        + json.dumps(
+            {
+                "loss": loss,
+                "chunk": chunk,
+                "block_mib": round(block, 1),
+                "peak_mib": round(peak, 1),
+                "head_grad_mib": round(grad_w, 1),
+                "blocks": round((peak - grad_w) / block, 2),
+            }
+        ),
+        flush=True,
+    )
+
+
+def run_child(stage: str, overrides: list[str], log: Path) -> dict:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    }
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, "--", *overrides]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    log.write_text(p.stdout + p.stderr)
+    if p.returncode != 0:
+        raise SystemExit(f"{stage} failed (exit {p.returncode}); log: {log}\n{p.stderr[-2000:]}")
+    got = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("BENCH "))[6:])
+    if "hwm_mib" in got:
+        got["peak_mib"] = round(got["hwm_mib"] - got["base_mib"], 1)
+    return got
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ----------------------------------------------------------------------------- the run
+def bench(sh: Shape, work: Path) -> dict:
+    from stages.lib.losses import chunk_for_budget
+
+    tok = build_tokenizer(sh.vocab)
+    student = build_model(work / "student", sh, sh.student_layers, 0, tok)
+    teacher = build_model(work / "teacher", sh, sh.teacher_layers, 1, tok)
+    prompts = write_prompts(work / "prompts.parquet", sh)
+    run_dir = work / "run"
+    common = [
+        f"run_dir={run_dir}",
+        f"student.path={student}",
+        f"teacher.path={teacher}",
+        f"data.prompts={prompts}",
+        "student.dtype=float32",
+        "teacher.dtype=float32",
+    ]
+    rollout = [
+        "rollout.backend=hf",
+        f"rollout.n={sh.n}",
+        "rollout.temperature=1.0",
+        f"rollout.max_new_tokens={sh.new_tokens}",
+        f"rollout.batch_size={sh.prompts}",
+        f"rollout.prompts_per_shard={sh.prompts}",
+    ]
+    score = ["score.backend=hf", f"score.topk={sh.topk}", f"score.chunk_positions={sh.score_chunk}"]
+    train = [
+        "loss=topk_fkl",
+        "train.max_steps=2",
+        "train.device=cpu",
+        "train.precision=fp32",
+        "train.gradient_checkpointing=true",
+        f"train.loss_memory_mib={sh.loss_memory_mib}",
+        f"train.micro_batch_tokens={sh.micro_batch_tokens}",
+        "train.trackers=[]",
+    ]
+    overrides = common + rollout + score + train
+    out: dict = {"shape": asdict(sh), "student_params": params_of(sh, sh.student_layers)}
+    out["teacher_params"] = params_of(sh, sh.teacher_layers)
+    stages = {}
+    for stage in ("rollout", "score", "select", "train"):
+        stages[stage] = run_child(stage, overrides, work / f"{stage}.log")
+        print(
+            f"[bench_real_shape] {stage}: peak {stages[stage]['peak_mib']} MiB, "
+            f"{stages[stage]['seconds']} s",
+            flush=True,
+        )
+    r = stages["rollout"]["summary"]
+    tokens = int(r.get("tokens", 0))
+    chunk = chunk_for_budget(sh.loss_memory_mib, sh.vocab)
+    fl = floors(sh, tokens, chunk)
+    for stage, parts in fl.items():
+        s = stages[stage]
+        s["floor_mib"] = round(sum(parts.values()), 1)
+        s["floor_parts_mib"] = {k: round(v, 1) for k, v in parts.items()}
+        s["ratio"] = round(s["peak_mib"] / s["floor_mib"], 3)
+    stages["rollout"]["tok_per_s"] = r.get("tok_per_s")
+    stages["rollout"]["mean_response_len"] = r.get("mean_response_len")
+    stages["rollout"]["bytes_per_token"] = round(
+        disk_bytes(run_dir / "rollouts") / max(tokens, 1), 1
+    )
+    stages["score"]["tok_per_s"] = round(tokens / stages["score"]["seconds"], 1)
+    stages["score"]["bytes_per_token"] = round(disk_bytes(run_dir / "tokens") / max(tokens, 1), 1)
+    steps = stages["train"]["summary"].get("steps", 2)
+    stages["train"]["seconds_per_step"] = round(stages["train"]["seconds"] / max(steps, 1), 2)
+    stages["train"]["loss_chunk"] = chunk
+    ckpt = run_dir / "checkpoints"
+    stages["train"]["checkpoint_bytes"] = disk_bytes(ckpt) if ckpt.exists() else 0
+    for s in stages.values():
+        s.pop("summary", None)
+    out["response_tokens"] = tokens
+    out["stages"] = stages
+    # the loss's working set alone, at the chunk the budget gives (goal: <= 2 blocks + scratch)
+    out["loss_working_set"] = [
+        run_child("loss", [str(sh.vocab), str(chunk), str(sh.hidden), name], work / "loss.log")
+        for name in ("opd_k1", "topk_fkl")
+    ]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="JSON to write")
+    ap.add_argument("--quick", action="store_true", help="the small shape the test suite runs")
+    ap.add_argument("--student-layers", type=int, default=28, help="28 (0.6B shape) or 8")
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument(
+        "--work", type=Path, help="keep the models and the run here (default: a temp dir)"
+    )
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        sys.path.insert(0, str(REPO))
+        if a.child == "loss":
+            vocab, chunk, hidden = (int(x) for x in a.rest[:3])
+            loss_probe(vocab, chunk, hidden, a.rest[3])
+        else:
+            child(a.child, a.rest)
+        return
+    sys.path.insert(0, str(REPO))
+    sh = QUICK if a.quick else Shape(student_layers=a.student_layers, new_tokens=a.new_tokens)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_real_shape_") as tmp:
+        work = a.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        res = bench(sh, work)
+    res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    res["command"] = "python scripts/bench_real_shape.py " + " ".join(sys.argv[1:])
+    text = json.dumps(res, indent=2)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Ray actors on machines that share nothing but a bucket: ``launcher.kind=ray`` with
+``run_dir=s3://...`` (a real local Ray cluster, a real S3 server: moto on 127.0.0.1).
+
+Each "machine" is a mirror folder: the driver's (``DISTILLERY_MIRROR`` of this process) and one
+per actor process (``launcher.env.DISTILLERY_MIRROR=.../actors/{pid}``). During the actor phase
+the driver's mirror is moved away, so an actor that read a path of the driver's would fail. The
+policy is an SFT checkpoint that exists only in the bucket, so every actor must pull it.
+Checks: rollout and score shards byte-identical to a local run; the driver fetches none of the
+shards the actors wrote; each actor holds only what its shards needed; every shard object has
+exactly one version (published once); manifests name the SFT checkpoint inside the run, not by
+a mirror path; an actor SIGKILLed mid-shard is replaced and its shard published once; a second
+driver on the same run is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("boto3")
+pytest.importorskip("moto.server")
+
+from data_schemas import rollouts, tokens  # noqa: E402
+from stages import rollout, score  # noqa: E402
+from stages.lib import raylaunch, remote, store  # noqa: E402
+from stages.lib.config import compose  # noqa: E402
+from tests import reliability_harness as h  # noqa: E402
+from tests.conftest import write_prompts  # noqa: E402
+
+BUCKET = "distillery-ray"
+TABLES = {"rollouts": rollouts, "tokens": tokens}
+SFT = "checkpoints/sft/final"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server, a versioned bucket (every PUT of a key is a version: 'published once'
+    is countable) and the AWS variables that point boto3, pyarrow and the actors at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    yield client
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session(s3):
+    """One local cluster (2 CPUs) for the module, started after the S3 variables are set (the
+    actors inherit the credentials, as a node's own environment would give them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actors: samples bitwise comparable to the local run
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env=raylaunch.job_runtime_env(),
+        logging_level="WARNING",
+    )
+    yield
+    raylaunch.drop_pool()
+    ray.shutdown()
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.parquet", 12)
+
+
+def overrides(run_dir, lm: Path, teacher: Path, prompts: Path, *extra: str) -> list[str]:
+    base = [
+        f"run_dir={run_dir}",
+        f"student.path={lm}",
+        f"teacher.path={teacher}",
+        f"data.prompts={prompts}",
+        "sft.enabled=true",  # the policy: run_dir/checkpoints/sft/final
+        "rollout.backend=hf",
+        "score.backend=hf",
+        "rollout.n=2",
+        "rollout.temperature=0.8",
+        "rollout.guided_fraction=0.5",
+        "rollout.max_new_tokens=8",
+        "rollout.prompts_per_shard=2",
+        "rollout.batch_size=4",
+        "score.batch_tokens=8",  # one sequence per forward: shards last long enough to be killed
+        *extra,
+    ]
+    return list({o.split("=", 1)[0]: o for o in base}.values())
+
+
+def on_actors(tmp_path: Path) -> tuple[str, ...]:
+    """Ray over the bucket, each actor process with a mirror of its own."""
+    mirror = f"{tmp_path}/actors/{{pid}}"
+    return ("launcher.kind=ray", "launcher.actors=2", f"+launcher.env.DISTILLERY_MIRROR='{mirror}'")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_lm, tiny_teacher, prompts_file) -> Path:
+    """Rollout + score by one local process, the policy an SFT checkpoint inside the run."""
+    run_dir = tmp_path_factory.mktemp("local")
+    shutil.copytree(tiny_lm, run_dir / SFT)
+    args = overrides(run_dir, tiny_lm, tiny_teacher, prompts_file)
+    rollout.run(compose("rollout", args))
+    score.run(compose("score", args))
+    return run_dir
+
+
+def put_tree(client, folder: Path, prefix: str) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not any(x.startswith(".") for x in p.relative_to(folder).parts):
+            client.put_object(
+                Bucket=BUCKET, Key=f"{prefix}/{p.relative_to(folder)}", Body=p.read_bytes()
+            )
+
+
+def objects(client, prefix: str) -> dict[str, bytes]:
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for o in page.get("Contents", []):
+            out[o["Key"]] = client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+    return out
+
+
+def versions(client, prefix: str) -> dict[str, int]:
+    """key -> how many times it was PUT (the versioned bucket keeps each)."""
+    n: dict[str, int] = {}
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=BUCKET, Prefix=prefix):
+        for v in page.get("Versions", []):
+            n[v["Key"]] = n.get(v["Key"], 0) + 1
+    return n
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.glob("bucket=*/shard-*.parquet"))
+    }
+
+
+def bucket_shards(client, prefix: str, table: str) -> dict[str, bytes]:
+    got = objects(client, f"{prefix}/{table}/bucket=")
+    return {k[len(f"{prefix}/{table}/") :]: v for k, v in got.items()}
+
+
+def files_under(root: Path) -> list[str]:
+    """The files of a mirror, its own bookkeeping (index, locks: hidden names) left out."""
+    rels = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(r for r in rels if not any(x.startswith(".") for x in r.split("/")))
+
+
+def driver_mirror_hidden(monkeypatch, uri: str) -> list[int]:
+    """While the actors run, the driver's mirror is somewhere else (an actor reading a driver
+    path fails); the calls counted."""
+    real, calls = raylaunch.run_shards, []
+
+    def run_shards(*a, **k):
+        mirror = remote.mirror_of(uri)
+        away = mirror.with_name(f".{mirror.name}-away")
+        os.rename(mirror, away)
+        try:
+            return real(*a, **k)
+        finally:
+            os.rename(away, mirror)
+            calls.append(1)
+
+    monkeypatch.setattr(raylaunch, "run_shards", run_shards)
+    return calls
+
+
+def as_driver(monkeypatch, tmp_path: Path, name: str = "driver") -> Path:
+    d = tmp_path / name
+    monkeypatch.setenv(remote.ENV_MIRROR, str(d))
+    remote._REMOTES.clear()
+    return d
+
+
+def run_stage_in_session(stage, cfg) -> dict:
+    """What the stage's command line does: lease, pull, run, publish."""
+    with remote.stage_session(cfg, stage.__name__.rsplit(".", 1)[1]):
+        return stage.run(cfg)
+
+
+def test_actors_pull_what_they_read_and_publish_the_bytes_of_a_local_run(
+    s3, reference, tmp_path, monkeypatch, tiny_lm, tiny_teacher, prompts_file, capsys
+):
+    prefix = "runs/a"
+    uri = f"s3://{BUCKET}/{prefix}"
+    put_tree(s3, tiny_lm, f"{prefix}/{SFT}")  # the SFT checkpoint exists only in the bucket
+    s3.put_object(
+        Bucket=BUCKET, Key=f"{prefix}/checkpoints/old/final/model.safetensors", Body=b"x" * 4096
+    )
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/eval/results.json", Body=b"{}")
+    driver = as_driver(monkeypatch, tmp_path)
+    hidden = driver_mirror_hidden(monkeypatch, uri)
+    args = overrides(uri, tiny_lm, tiny_teacher, prompts_file, *on_actors(tmp_path))
+
+    r = run_stage_in_session(rollout, compose("rollout", args))
+    assert r["complete"] and r["shards_written"] == 6
+    mine = remote.mirror_of(uri)
+    assert not shard_bytes(mine / "rollouts")  # committed from the actors' reports
+    s = run_stage_in_session(score, compose("score", args))
+    assert s["committed"] and len(hidden) == 2
+    assert not shard_bytes(mine / "tokens")
+    out = capsys.readouterr().out
+    assert "0 redone and 0 kept after 0 actor death(s)" in out
+
+    # the bucket holds the bytes of the local run, each shard PUT once, nothing hidden
+    for table in TABLES:
+        ref = shard_bytes(reference / table)
+        assert len(ref) == 6 and bucket_shards(s3, prefix, table) == ref, table
+    n = versions(s3, prefix)
+    assert all(n[k] == 1 for k in n if "/bucket=" in k) and any("/bucket=" in k for k in n)
+    assert not any("/." in k for k in n)
+
+    # manifests: the policy named inside the run, no machine's mirror path anywhere
+    man = {t: json.loads(objects(s3, f"{prefix}/{t}/_manifest.json")[f"{prefix}/{t}/_manifest.json"]) for t in TABLES}  # fmt: skip
+    assert man["rollouts"]["models"]["policy"]["run_path"] == SFT
+    assert man["tokens"]["models"]["behavior"]["run_path"] == SFT
+    assert man["tokens"]["models"]["teacher"]["path"] == str(Path(tiny_teacher).resolve())
+    assert man["rollouts"]["extra"]["policy_path"] == f"{uri}/{SFT}"
+    actors = sorted((tmp_path / "actors").iterdir())
+    for t in TABLES:  # (the config keeps launcher.env as given: the {pid} template)
+        text = json.dumps(man[t])
+        assert all(str(m) not in text for m in (driver, *actors)), t
+        ref_m = store.open_committed(reference / t, TABLES[t])
+        assert man[t]["dataset_id"] == ref_m["dataset_id"] and man[t]["shards"] == ref_m["shards"]
+
+    # what each machine pulled: the driver, its stages' folders; each actor, what its shards
+    # read (the SFT checkpoint, the rollouts shards it scored); nobody the other objects
+    assert actors and driver not in actors
+    scored: list[str] = []
+    for a in actors:
+        run = a / "s3" / BUCKET / prefix
+        got = files_under(run)
+        if any(f.startswith(("rollouts/bucket=", "tokens/bucket=")) for f in got):
+            assert f"{SFT}/model.safetensors" in got, a  # it ran the policy: pulled it
+        assert {f.split("/")[0] for f in got} <= {"checkpoints", "rollouts", "tokens"}, got
+        assert not any(f.startswith("checkpoints/old") for f in got)
+        scored += [f for f in got if f.startswith("tokens/bucket=")]
+    assert len(scored) == len(set(scored)) == 6  # each tokens shard written on one actor
+    pulled = files_under(driver / "s3" / BUCKET / prefix)
+    assert not any(f.startswith(("checkpoints/old", "eval/")) for f in pulled), pulled
+
+
+def _kill_inside_a_shard(client, key: str, deadline: float) -> int:
+    """SIGKILL a process whose title says it runs ShardActor.run, once ``key`` is published."""
+    while time.time() < deadline:
+        if client.list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount"):
+            for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    title = cmd.read_bytes()
+                except OSError:
+                    continue
+                if title.startswith(b"ray::ShardActor.run"):
+                    pid = int(cmd.parent.name)
+                    os.kill(pid, signal.SIGKILL)
+                    return pid
+        time.sleep(0.02)
+    raise AssertionError("no actor was found inside a shard")
+
+
+def test_killed_actor_is_replaced_its_shard_published_once_and_a_second_driver_refused(
+    s3, reference, tmp_path, monkeypatch, tiny_lm, tiny_teacher, prompts_file, capsys
+):
+    prefix = "runs/b"
+    uri = f"s3://{BUCKET}/{prefix}"
+    put_tree(s3, tiny_lm, f"{prefix}/{SFT}")
+    put_tree(s3, reference / "rollouts", f"{prefix}/rollouts")  # the local run's, moved here
+    as_driver(monkeypatch, tmp_path)
+    extra = (*on_actors(tmp_path), "launcher.max_restarts=1")
+    args = overrides(uri, tiny_lm, tiny_teacher, prompts_file, *extra)
+    cfg = compose("score", args)
+    got: dict = {}
+
+    def drive():
+        try:
+            got["summary"] = score.run(cfg)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            got["error"] = e
+
+    with remote.stage_session(cfg, "score"):  # this driver holds the run's score lease
+        env = h.stage_env(**{remote.ENV_MIRROR: str(tmp_path / "driver2")})
+        second = subprocess.run(
+            h.stage_cmd("score", args),
+            cwd=h.REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert lines[0].startswith(f"error: score-worker-0-of-1 of {uri} is being written by")
+        t = threading.Thread(target=drive)
+        t.start()
+        first = f"{prefix}/tokens/{store.shard_relpath(0)}"
+        killed = _kill_inside_a_shard(s3, first, time.time() + 180)
+        t.join(300)
+    assert "error" not in got, got.get("error")
+    assert got["summary"]["committed"] and killed
+    pattern = r"\[score\] ray: (\d+) shards .* (\d+) redone and (\d+) kept after (\d+) actor"
+    ran, redone, kept, deaths = map(int, re.search(pattern, capsys.readouterr().out).groups())
+    assert deaths == 1 and redone + kept == 1 and ran + kept == 6
+    assert bucket_shards(s3, prefix, "tokens") == shard_bytes(reference / "tokens")
+    n = versions(s3, f"{prefix}/tokens/")
+    assert sorted(k for k in n if "/bucket=" in k) == [
+        f"{prefix}/tokens/{store.shard_relpath(s)}" for s in range(6)
+    ]
+    assert all(v == 1 for v in n.values()), n  # the redone shard too: published exactly once
+    assert not any("/." in k for k in n)
+    assert not (tmp_path / "driver2").exists() or not files_under(tmp_path / "driver2")
+
+
+def test_a_run_moved_to_another_bucket_still_verifies(
+    s3, reference, tmp_path, monkeypatch, tiny_lm, tiny_teacher, prompts_file
+):
+    """The models of a manifest resolve inside the run wherever it is: copied to another
+    bucket and prefix, scored on a fresh machine (empty mirror), the behaviour model (the SFT checkpoint)
+    is the run's own copy there and its fingerprint matches the one that sampled."""
+    src, dst, other = "runs/a", "moved/elsewhere", "distillery-ray-other"
+    if not objects(s3, f"{src}/rollouts/_manifest.json"):
+        pytest.skip("needs test_actors_pull_what_they_read_and_publish_the_bytes_of_a_local_run")
+    s3.create_bucket(Bucket=other)
+    for key, body in objects(s3, f"{src}/").items():
+        if key.startswith((f"{src}/rollouts/", f"{src}/{SFT}/")):
+            s3.put_object(Bucket=other, Key=dst + key[len(src) :], Body=body)
+    as_driver(monkeypatch, tmp_path, "fresh")
+    uri = f"s3://{other}/{dst}"
+    args = overrides(uri, tiny_lm, tiny_teacher, prompts_file, "launcher.kind=local")
+    out = run_stage_in_session(score, compose("score", args))
+    assert out["committed"]
+    here = remote.mirror_of(uri)
+    m = store.open_committed(here / "tokens", tokens)
+    assert store.model_path(m, "behavior", directory=here / "tokens") == str(here / SFT)
+    assert shard_bytes(here / "tokens") == shard_bytes(reference / "tokens")
