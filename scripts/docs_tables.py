@@ -27,6 +27,7 @@ import inspect
 import json
 import re
 import sys
+import textwrap
 import typing
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def current_block(text: str, name: str) -> str:
 def field_comments(cls: type) -> dict[str, str]:
     """Field name -> the comment lines above it in the class's source. A comment covers the
     fields right below it (``# AdamW.`` over lr, weight_decay, betas)."""
-    lines = inspect.getsource(cls).splitlines()
+    lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
     out: dict[str, str] = {}
     last, end = "", -1  # the running comment, and the line where the previous field ended
     for node in ast.parse("\n".join(lines)).body[0].body:
@@ -93,7 +94,9 @@ def _default(f: dataclasses.Field) -> str:
         return ""
     if v == "???":
         return "(required)"
-    return json.dumps(v, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
+    return json.dumps(
+        v, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+    )
 
 
 def config_keys(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
