@@ -44,7 +44,7 @@ from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
 from stages.lib.layout import RunLayout, check_name
-from stages.lib.progress import Progress
+from stages.lib.progress import Progress, log
 from stages.lib.spec import StageSpec
 from stages.lib.store import atomic_write_text, content_id
 
@@ -347,7 +347,7 @@ def run(cfg: Config) -> dict:
     if teacher_tok is not None and cfg.score.cross_tokenizer == "align":
         if chat.id_map_fingerprint(tok) != chat.id_map_fingerprint(teacher_tok):
             # a teacher of another tokenizer: no token-level KL to it (docs/CROSS_TOKENIZER.md)
-            print("[eval] the teacher's tokenizer differs (score.cross_tokenizer=align): no KL")
+            log.info("[eval] the teacher's tokenizer differs (score.cross_tokenizer=align): no KL")
             teacher = teacher_tok = None
     if teacher_tok is not None:
         chat.check_compatible(
@@ -383,13 +383,13 @@ def run(cfg: Config) -> dict:
         "cache": cache,
     }
     atomic_write_text(path, json.dumps(doc, indent=1))
-    print(format_table(results, list(sets)), flush=True)
+    log.info(format_table(results, list(sets)))
     gen_note = (
         f", generations in {gen_root}/<checkpoint>/<set>.parquet"
         if cfg.eval.save_generations
         else ""
     )
-    print(f"[eval] wrote {path}{gen_note}", flush=True)
+    log.info(f"[eval] wrote {path}{gen_note}")
     return results
 
 

@@ -43,6 +43,7 @@ from stages.lib.config import (
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
 from stages.lib.spec import StageSpec
 from stages.lib.store import atomic_write_text
 
@@ -118,10 +119,10 @@ def format_plan(steps: list[Step]) -> str:
 
 def run_stage(name: str, cfg: Config) -> dict:
     t0 = time.time()
-    print(f"\n=== {name} ===", flush=True)
+    log.info(f"\n=== {name} ===")
     with remote.stage_session(cfg, name):  # a run on object storage: lease, pull, publish
         out = spec(name).run(cfg)
-    print(f"=== {name} done in {time.time() - t0:.1f}s ===", flush=True)
+    log.info(f"=== {name} done in {time.time() - t0:.1f}s ===")
     return out if isinstance(out, dict) else {}
 
 
@@ -133,7 +134,7 @@ def run(cfg: Config) -> dict:
 def _run(cfg: Config) -> dict:
     t0 = time.time()
     steps = plan(cfg)  # every derived config composes (and is checked) before anything runs
-    print(format_plan(steps), flush=True)
+    log.info(format_plan(steps))
     timings: dict[str, float] = {}
     costs: dict[int, dict[str, float]] = {}  # round -> stage -> seconds (this invocation)
     decisions = Decisions(cfg) if cfg.pipeline.adaptive.enabled else None
@@ -142,7 +143,7 @@ def _run(cfg: Config) -> dict:
         if st.conditional and decisions is not None and not decisions.runs(st.round):
             continue
         if st.label != st.stage:
-            print(f"\n--- {st.label} ({_describe(st.cfg)}) ---", flush=True)
+            log.info(f"\n--- {st.label} ({_describe(st.cfg)}) ---")
         t = time.time()
         run_stage(st.stage, st.cfg)
         dt = time.time() - t
@@ -153,12 +154,12 @@ def _run(cfg: Config) -> dict:
         if decisions is not None and st.round is not None and st.stage == "train":
             decisions.after_training(st.round, st.cfg, costs.get(st.round, {}))
     timings["total"] = time.time() - t0
-    print("\npipeline timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    log.info("\npipeline timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     lay = RunLayout.of(cfg.run_dir)
     lay.root.mkdir(parents=True, exist_ok=True)
     # read by scripts/bench.py (demo.end_to_end_seconds)
     atomic_write_text(lay.timings, json.dumps(timings, indent=1))
-    print(f"pipeline: done, {len(ran)} steps; wrote {lay.root}/ ({_wrote(cfg, ran)})")
+    log.info(f"pipeline: done, {len(ran)} steps; wrote {lay.root}/ ({_wrote(cfg, ran)})")
     return timings
 
 
@@ -243,10 +244,9 @@ class Decisions:
         self.last_round = nxt or r
         self._write()
         why = "starts round " + str(nxt) if nxt else ("max_rounds reached" if fired else "stops")
-        print(
+        log.info(
             f"pipeline: round {r} {ad.metric} {value:.4g} "
-            f"{'>=' if fired else '<'} {ad.threshold:g}: {why}",
-            flush=True,
+            f"{'>=' if fired else '<'} {ad.threshold:g}: {why}"
         )
 
     def _write(self) -> None:

@@ -39,6 +39,7 @@ from stages.lib.config import Config, ReportConfig
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
 from stages.lib.reporting.browser import browser_data, load_decoder
 from stages.lib.reporting.data import (
     RunData,
@@ -158,10 +159,10 @@ def run(cfg: Config) -> dict:
         raise
     paths = {k: str(layout.report / p.name) for k, p in written.items()}
     for n in notes:
-        print(f"[report] note: {n}")
+        log.info(f"[report] note: {n}")
     for k, p in paths.items():
-        print(f"[report] {k}: {p}")
-    print(f"report: wrote {len(paths)} file(s) to {layout.report}")
+        log.info(f"[report] {k}: {p}")
+    log.info(f"report: wrote {len(paths)} file(s) to {layout.report}")
     return paths
 
 

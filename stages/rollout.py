@@ -33,6 +33,7 @@ from stages.lib.config import Config, RolloutConfig
 from stages.lib.entry import hydra_entry
 from stages.lib.generation import generate_rollouts
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
 from stages.lib.spec import StageSpec
 
 
@@ -56,7 +57,7 @@ def run(cfg: Config) -> dict:
     policy, is_sft = policy_of(cfg)
     fingerprints = {"student": models.model_fingerprint(cfg.student.path, "student")}
     if cfg.sft.enabled and not is_sft:
-        print(
+        log.info(
             f"[rollout] sft.enabled but no checkpoint at {sft_checkpoint(cfg)}: using the student"
         )
     return generate_rollouts(

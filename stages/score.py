@@ -65,7 +65,7 @@ from stages.lib.config import Config, ScoreConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
-from stages.lib.progress import QUIET, Progress, Scaled
+from stages.lib.progress import QUIET, Progress, Scaled, log
 from stages.lib.scoring.cross_tokenizer import (
     score_xtok_teacher,
     with_xtok_columns,
@@ -353,11 +353,10 @@ def run(cfg: Config) -> dict:
         f"reused {reused}; backend {backend}; "
         + ("tokens/ committed" if committed else "waiting for other workers to commit")
     )
-    print(summary, flush=True)
-    print(
+    log.info(summary)
+    log.info(
         f"score: wrote {counts.shards} shard(s) to {layout.tokens} (dataset {dataset_id}"
-        + (", committed)" if committed else ", not committed yet: other workers to finish)"),
-        flush=True,
+        + (", committed)" if committed else ", not committed yet: other workers to finish)")
     )
     return {
         "summary": summary,

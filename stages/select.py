@@ -56,6 +56,7 @@ from stages.lib.config import Config, SelectConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
 from stages.lib.selection.assemble import ROLLOUT_COLUMNS, assemble, read_tokens_shard
 from stages.lib.selection.policies import Rule, resolve_rule
 from stages.lib.selection.summary import print_summary, summarize
@@ -159,7 +160,7 @@ def run(cfg: Config) -> dict:
     summary = _done(out_dir, dataset_id, cfg)
     if summary is not None:
         print_summary(summary, sel.name)
-        print(f"select: {out_dir} is up to date (dataset {dataset_id}); nothing written")
+        log.info(f"select: {out_dir} is up to date (dataset {dataset_id}); nothing written")
         return {"dataset_id": dataset_id, "dir": str(out_dir), "summary": summary}
     tmp_dir = layout.duckdb_tmp / f"select-{sel.name}-{os.getpid()}"  # per process
     con = None
@@ -188,7 +189,7 @@ def run(cfg: Config) -> dict:
             tmp_dir.parent.rmdir()
     print_summary(summary, sel.name)
     m = manifest_mod.read(out_dir)
-    print(
+    log.info(
         f"select: wrote {m['rows']} sequences in {len(m['shards'])} shard(s) to {out_dir} "
         f"(dataset {dataset_id})"
     )

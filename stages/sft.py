@@ -37,6 +37,7 @@ from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.generation import Sampling, build_prompt_ids, generate_rollouts
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
 from stages.lib.spec import StageSpec
 
 
@@ -241,7 +242,7 @@ def run(cfg: Config) -> dict:
     write_selected(scfg, m, tok_s, cross)
     summary["train"] = train.run(scfg)
     lay = RunLayout.of(scfg.run_dir)
-    print(f"sft: wrote {lay.sft_data}, {lay.sft_selected}, {lay.sft_final}", flush=True)
+    log.info(f"sft: wrote {lay.sft_data}, {lay.sft_selected}, {lay.sft_final}")
     return summary
 
 

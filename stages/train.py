@@ -77,6 +77,7 @@ from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
 from stages.lib.loader import MicroBatch, MicroBatchStream, Plan, collate, plan_steps
 from stages.lib.losses import average_metrics
+from stages.lib.progress import Progress, log
 from stages.lib.spec import StageSpec
 from stages.lib.training.checkpoint import (
     find_resume,
@@ -371,7 +372,7 @@ def record(job: Job, state: State, row: dict, plan: Plan, opened: list, bar) -> 
     """Keep a step's row: the loss history, and every ``log_every`` steps metrics + trackers."""
     state.history.append(row["loss"])
     bar.update(1)
-    bar.set_postfix(
+    bar.postfix(
         loss=f"{row['loss']:.4f}", rkl=f"{row.get('rkl_k1', float('nan')):.4f}",
         gn=f"{row['grad_norm']:.2f}", tps=f"{row['tokens_per_s']:.0f}",
     )  # fmt: skip
@@ -382,12 +383,11 @@ def record(job: Job, state: State, row: dict, plan: Plan, opened: list, bar) -> 
                 f.write(json.dumps(row) + "\n")
             for t in opened:
                 t.log(row)
-            if bar.disable:  # not a terminal: a log gets one line per logged step instead
-                print(
+            if not bar.tty:  # not a terminal: a log gets one line per logged step instead
+                log.info(
                     f"train {job.cfg.train.name}: step {state.step}/{plan.steps} "
                     f"loss {row['loss']:.4f} grad_norm {row['grad_norm']:.3f} "
-                    f"tokens/s {row['tokens_per_s']:.0f}",
-                    flush=True,
+                    f"tokens/s {row['tokens_per_s']:.0f}"
                 )
 
 
@@ -396,12 +396,11 @@ def train_loop(
     score, opened: list,
 ) -> None:  # fmt: skip
     """Steps until the plan is done, a checkpoint every ``save_every``, then ``final/``."""
-    from tqdm import tqdm
-
     tc, dist = job.cfg.train, job.dist
     sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
-    tty = dist.main and sys.stderr.isatty()
-    bar = tqdm(total=plan.steps, initial=state.step, desc=f"train {tc.name}", disable=not tty)
+    bar = Progress(
+        plan.steps, f"train {tc.name}", "steps", every=None, initial=state.step, shown=dist.main
+    )  # on a log: one line per logged step (record), not a timed line
     with bar:
         while state.step < plan.steps:
             t0 = time.perf_counter()

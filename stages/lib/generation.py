@@ -36,7 +36,7 @@ from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
 from stages.lib.layout import RunLayout
-from stages.lib.progress import QUIET, Progress
+from stages.lib.progress import QUIET, Progress, log
 
 # Rollout keys that change speed, memory or placement but not what is sampled (left out of the
 # dataset id).
@@ -386,7 +386,7 @@ def generate_rollouts(
         **stats.summary(),
         "wall_seconds": round(stats.seconds_total, 3),
     }
-    print(summary_line(summary, stats, stage_name, out_dir), flush=True)
+    log.info(summary_line(summary, stats, stage_name, out_dir))
     return summary
 
 

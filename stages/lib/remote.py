@@ -54,6 +54,7 @@ from typing import Any
 from data_schemas import manifest as manifest_mod
 from data_schemas.errors import UserError
 from stages.lib import safety
+from stages.lib.progress import log
 from stages.lib.uri import (  # noqa: F401 - the run-URI names, also used as remote.<name>
     ENV_MIRROR,
     REMOTE_SCHEMES,
@@ -748,7 +749,7 @@ def stage_session(cfg: Any, stage: str) -> Iterator[None]:
         streamed = ("selected/",) if stage == "train" else ()
         only = stage_reads(cfg, stage)
         n = pull(r, streamed=streamed, top_only=stage == "pipeline", only=only)
-        print(f"[{stage}] mirror of {r.uri} at {r.mirror} ({n / 1e6:.1f} MB fetched)", flush=True)
+        log.info(f"[{stage}] mirror of {r.uri} at {r.mirror} ({n / 1e6:.1f} MB fetched)")
         yield
     finally:
         try:  # the pipeline's own files (timings, rounds) are published as they are written

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from stages.lib.errors import UserError
+from stages.lib.progress import log
 
 # Engines cached per (path, settings): engine start is ~35 s on CPU, so stages and tests reuse one.
 _LLM_CACHE: dict[tuple, Any] = {}
@@ -74,7 +75,7 @@ def resolve_backend(name: str, key: str) -> str:
             return "hf"
         ok, why = vllm_available()
         if not ok:
-            print(f"[{key}] auto: CUDA present but {why}; using hf", flush=True)
+            log.info(f"[{key}] auto: CUDA present but {why}; using hf")
         return "vllm" if ok else "hf"
     if name == "vllm":
         ok, why = vllm_available()

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from stages.lib.config import Config
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
 from stages.lib.training.precision import MasterWeights
 
 
@@ -73,8 +74,8 @@ class Job:
         return self.cfg.train.fsdp and tdist.is_initialized()
 
     def say(self, *a: Any) -> None:
-        if self.dist.main:
-            print(*a, flush=True)
+        if self.dist.main:  # (the logger filters other ranks too; a Dist may not be torchrun's)
+            log.info(" ".join(map(str, a)))
 
 
 @dataclass
