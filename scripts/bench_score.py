@@ -231,7 +231,7 @@ def body_params(model) -> int:
 
 
 def make_jobs(spec: dict, seed: int = 0):
-    from stages.lib.scoring.plan import Job, Role
+    from stages.lib.scoring.plan import Pass, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", K, True)
@@ -241,14 +241,14 @@ def make_jobs(spec: dict, seed: int = 0):
         r = int(rng.integers(spec["response"] // 2, spec["response"] + 1))
         prefix = [2] + rng.integers(4, spec["vocab"], p - 1).tolist()
         resp = rng.integers(4, spec["vocab"], r).tolist()
-        jobs.append(Job((i,), role, prefix, resp, k=K, entropy=True))
+        jobs.append(Pass((i,), role, prefix, resp, k=K, entropy=True))
     return jobs
 
 
 def shared_jobs(shape: dict, vocab: int, seed: int = 0):
     """``prompts`` prefixes of ``prefix`` tokens, ``n`` responses of ``response`` tokens each:
     one teacher job per sample (the teacher pass of a rollout.n = n run)."""
-    from stages.lib.scoring.plan import Job, Role
+    from stages.lib.scoring.plan import Pass, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", K, True)
@@ -257,7 +257,7 @@ def shared_jobs(shape: dict, vocab: int, seed: int = 0):
         prefix = [2] + rng.integers(4, vocab, shape["prefix"] - 1).tolist()
         for i in range(shape["n"]):
             resp = rng.integers(4, vocab, shape["response"]).tolist()
-            jobs.append(Job((p, i), role, prefix, resp, k=K, entropy=True))
+            jobs.append(Pass((p, i), role, prefix, resp, k=K, entropy=True))
     return jobs
 
 
@@ -267,7 +267,7 @@ def demo_jobs(shape: dict, seed: int = 0):
     prompt gives a group of n samples after its teacher prefix and, unguided, one after its
     train prefix; guided prompts' behaviour passes are the teacher's (one job). K = 8 as the
     demo's score.topk."""
-    from stages.lib.scoring.plan import Job, Role
+    from stages.lib.scoring.plan import Pass, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", shape["topk"], True)
@@ -280,8 +280,8 @@ def demo_jobs(shape: dict, seed: int = 0):
         teacher = train[:1] + ctx + train[1:]
         for i in range(shape["n"]):
             resp = rng.integers(4, shape["vocab"], int(rng.integers(*shape["response"]))).tolist()
-            jobs.append(Job((p, i, "t"), role, teacher, resp, k=shape["topk"], entropy=True))
-            jobs.append(Job((p, i, "r"), role, train, resp, k=shape["topk"], entropy=True))
+            jobs.append(Pass((p, i, "t"), role, teacher, resp, k=shape["topk"], entropy=True))
+            jobs.append(Pass((p, i, "r"), role, train, resp, k=shape["topk"], entropy=True))
     return jobs
 
 

@@ -75,7 +75,7 @@ from stages.lib.config import Config, TrainConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
-from stages.lib.loader import MicroBatch, MicroBatchStream, Plan, collate, plan_steps
+from stages.lib.loader import MicroBatch, MicroBatchStream, StepPlan, collate, plan_steps
 from stages.lib.losses import average_metrics
 from stages.lib.progress import Progress, log
 from stages.lib.spec import StageSpec
@@ -219,7 +219,7 @@ def build_model(
     return distribute(wrapped, job), master
 
 
-def make_plan(job: Job) -> Plan:
+def make_plan(job: Job) -> StepPlan:
     tc = job.cfg.train
     plan = plan_steps(
         job.sel_dir,
@@ -242,7 +242,7 @@ def make_plan(job: Job) -> Plan:
 
 
 def build_trainer(
-    job: Job, wrapped: nn.Module, master: MasterWeights | None, plan: Plan
+    job: Job, wrapped: nn.Module, master: MasterWeights | None, plan: StepPlan
 ) -> Trainer:
     tc = job.cfg.train
     params = master.master if master else [p for p in wrapped.parameters() if p.requires_grad]
@@ -260,7 +260,7 @@ def build_trainer(
 
 
 # ============================================================================ setup: outputs
-def open_outputs(job: Job, state: State, plan: Plan) -> list:
+def open_outputs(job: Job, state: State, plan: StepPlan) -> list:
     """metrics.jsonl (exactly the resumed checkpoint's rows), config.json, the trackers."""
     if not job.dist.main:
         return []
@@ -368,7 +368,7 @@ def train_step(
 
 
 # ============================================================================ loop
-def record(job: Job, state: State, row: dict, plan: Plan, opened: list, bar) -> None:
+def record(job: Job, state: State, row: dict, plan: StepPlan, opened: list, bar) -> None:
     """Keep a step's row: the loss history, and every ``log_every`` steps metrics + trackers."""
     state.history.append(row["loss"])
     bar.update(1)
@@ -392,7 +392,7 @@ def record(job: Job, state: State, row: dict, plan: Plan, opened: list, bar) -> 
 
 
 def train_loop(
-    job: Job, trainer: Trainer, state: State, loader: MicroBatchStream, plan: Plan,
+    job: Job, trainer: Trainer, state: State, loader: MicroBatchStream, plan: StepPlan,
     score, opened: list,
 ) -> None:  # fmt: skip
     """Steps until the plan is done, a checkpoint every ``save_every``, then ``final/``."""

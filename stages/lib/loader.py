@@ -109,7 +109,7 @@ def _rank_lengths(
 
 
 @dataclass
-class Plan:
+class StepPlan:
     """How many optimizer steps every rank runs, and what is dropped to keep ranks in step."""
 
     steps: int
@@ -127,7 +127,7 @@ def plan_steps(
     budget: int,
     grad_accum: int,
     max_steps: int | None,
-) -> Plan:
+) -> StepPlan:
     """Replay the packing for every rank (lengths only) and fix the common number of steps."""
     micro = [
         count_micro_batches(
@@ -138,7 +138,7 @@ def plan_steps(
     steps = min(micro) // grad_accum
     if max_steps is not None:
         steps = min(steps, max_steps)
-    return Plan(steps, micro, sum(micro) - steps * grad_accum * world_size)
+    return StepPlan(steps, micro, sum(micro) - steps * grad_accum * world_size)
 
 
 # ----------------------------------------------------------------------------- row groups

@@ -10,7 +10,7 @@ import torch
 
 from stages.lib import logprobs as lp
 from stages.lib import models
-from stages.lib.scoring.plan import Job, PassKey, length_buckets
+from stages.lib.scoring.plan import Pass, PassKey, length_buckets
 
 
 def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,7 @@ def hf_model(model: torch.nn.Module, device: torch.device, compiled: bool = Fals
     return HFModel(model, head, device, models.compiled_body(model))
 
 
-def share_units(jobs: list[Job], batch_tokens: int) -> tuple[list[list[list[int]]], list[int]]:
+def share_units(jobs: list[Pass], batch_tokens: int) -> tuple[list[list[list[int]]], list[int]]:
     """Which jobs score against a shared prefix, and in which units (pure).
 
     Jobs with the same prefix (``rollout.n`` samples of one prompt; roles of one model reading
@@ -97,13 +97,13 @@ def share_units(jobs: list[Job], batch_tokens: int) -> tuple[list[list[list[int]
 @torch.no_grad()
 def hf_score(
     m: HFModel,
-    jobs: list[Job],
+    jobs: list[Pass],
     *,
     vocab_size: int,
     batch_tokens: int,
     chunk: int,
     pad_id: int,
-    done: dict[PassKey, Job],
+    done: dict[PassKey, Pass],
     behavior_topk: int,
     stats: bool = True,
     gather: bool = True,
@@ -146,12 +146,12 @@ def hf_score(
 
 def _head_pass(
     m: HFModel,
-    batch: list[Job],
+    batch: list[Pass],
     hidden: torch.Tensor,
     *,
     vocab_size: int,
     chunk: int,
-    done: dict[PassKey, Job],
+    done: dict[PassKey, Pass],
     behavior_topk: int,
     stats: bool,
     gather: bool,
