@@ -55,7 +55,11 @@ def test_wheel_ships_every_config_under_the_package(wheel: Path) -> None:
     yamls = sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml"))
     shipped = sorted(n.removeprefix("stages/conf/") for n in names if n.startswith("stages/conf/"))
     assert shipped == yamls
-    for pkg_data in ("stages/sql_policies/tip_q3.sql", "stages/report_assets/report.js"):
+    for pkg_data in (
+        "stages/sql_policies/tip_q3.sql",
+        "stages/report_assets/report.js",
+        "stages/report_assets/report.html.j2",
+    ):
         assert pkg_data in names
 
 
