@@ -1,4 +1,4 @@
-"""Prefix-shared scoring (``score.share_prefix``, stages/score.py ``share_units`` / ``hf_score``,
+"""Prefix-shared scoring (``score.share_prefix``, stages/lib/scoring/hf.py ``share_units`` / ``hf_score``,
 stages/lib/logprobs.py ``shared_prefix_hidden``): each distinct (model, prefix) runs once and its
 responses are scored against its KV cache.
 
