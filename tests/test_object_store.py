@@ -359,13 +359,37 @@ def test_mirror_root_templates_and_what_each_stage_pulls(tmp_path, monkeypatch):
 
     monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "m-{host}" / "{pid}"))
     assert remote.mirror_root() == tmp_path / f"m-{socket.gethostname()}" / str(os.getpid())
-    cfg = SimpleNamespace(select=SimpleNamespace(name="half"))
+    cfg = SimpleNamespace(
+        select=SimpleNamespace(name="half"), train=SimpleNamespace(name="t", selection="half")
+    )
     assert remote.stage_reads(cfg, "rollout") == ("rollouts/", "checkpoints/sft/final/")
     assert "tokens/" in remote.stage_reads(cfg, "score")
     assert not any(p.startswith("selected/") for p in remote.stage_reads(cfg, "score"))
     assert remote.stage_reads(cfg, "select")[-1] == "selected/half/"
-    for stage in ("train", "eval", "sft", "report"):  # they read across the run
+    train = remote.stage_reads(cfg, "train")
+    assert "selected/half/" in train and "checkpoints/t/" in train and "selected/" not in train
+    report = remote.stage_reads(cfg, "report")
+    assert not any(p.startswith("checkpoints/") and "/sft/" not in p for p in report)
+    for stage in ("eval", "sft"):  # they read checkpoints across the run
         assert remote.stage_reads(cfg, stage) is None
     # off a Ray actor, localize and translate leave paths as they are
     assert remote.localize(tmp_path / "x") == str(tmp_path / "x")
     assert remote.translate(tmp_path / "x") == tmp_path / "x"
+
+
+def test_report_on_a_fresh_machine_pulls_no_checkpoint(s3, ov, tmp_path, monkeypatch):
+    """The report stage pulls the datasets, curves and results it shows, not the checkpoints
+    (the trainings' weights): it runs from an empty mirror and publishes report.html."""
+    uri = f"s3://{BUCKET}/pipe/run"
+    if not objects(s3, "pipe/run/checkpoints/"):
+        pytest.skip("needs test_pipeline_on_s3_gives_the_rows_of_a_local_run first")
+    from stages import report
+
+    mirror = machine(monkeypatch, tmp_path, "r")
+    cfg = compose("report", ov(uri))
+    with remote.stage_session(cfg, "report"):
+        report.run(cfg)
+    assert "pipe/run/report/report.html" in objects(s3, "pipe/run/report/")
+    run = mirror / "s3" / BUCKET / "pipe/run"
+    assert (run / "train").is_dir() and (run / "tokens" / "_manifest.json").is_file()
+    assert not (run / "checkpoints").exists()

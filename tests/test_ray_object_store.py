@@ -14,6 +14,7 @@ driver on the same run is refused with one line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ pytest.importorskip("moto.server")
 
 from data_schemas import rollouts, tokens  # noqa: E402
 from stages import rollout, score  # noqa: E402
-from stages.lib import raylaunch, remote, store  # noqa: E402
+from stages.lib import errors, raylaunch, remote, store  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
 from tests import reliability_harness as h  # noqa: E402
 from tests.conftest import write_prompts  # noqa: E402
@@ -374,3 +375,36 @@ def test_a_run_moved_to_another_bucket_still_verifies(
     m = store.open_committed(here / "tokens", tokens)
     assert store.model_path(m, "behavior", directory=here / "tokens") == str(here / SFT)
     assert shard_bytes(here / "tokens") == shard_bytes(reference / "tokens")
+
+
+def test_an_actor_fetches_what_the_driver_names_from_the_bucket_and_checks_it(
+    s3, tmp_path, monkeypatch
+):
+    """As on an actor (this process, attached): a path of the driver's mirror outside the run
+    (an earlier round's checkpoint) is fetched from the bucket into this mirror; a shard whose
+    bytes differ from its manifest entry, a missing object and a model path absent from this
+    machine are one error each."""
+    s3.put_object(Bucket=BUCKET, Key="runs/c/checkpoints/main/final/config.json", Body=b"{}")
+    s3.put_object(
+        Bucket=BUCKET, Key="runs/c/round2/rollouts/bucket=000/shard-00000.parquet", Body=b"x"
+    )
+    driver = tmp_path / "driver" / "s3" / BUCKET / "runs/c"
+    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "actor"))
+    remote._REMOTES.clear()
+    remote.attach(f"s3://{BUCKET}/runs/c/round2", str(tmp_path / "driver"))
+    try:
+        got = Path(remote.localize(driver / "checkpoints/main/final"))
+        assert got == tmp_path / "actor" / "s3" / BUCKET / "runs/c/checkpoints/main/final"
+        assert (got / "config.json").read_bytes() == b"{}" and not driver.exists()
+        shard = driver / "round2/rollouts" / store.shard_relpath(0)
+        ok = {"bytes": 1, "sha256": hashlib.sha256(b"x").hexdigest()}
+        assert Path(remote.localize(shard, ok)).read_bytes() == b"x"
+        with pytest.raises(errors.UserError, match="does not match its manifest"):
+            remote.localize(shard, {**ok, "sha256": "0" * 64})
+        with pytest.raises(errors.UserError, match=r"is not in s3://"):
+            remote.localize(driver / "checkpoints/none")
+        with pytest.raises(errors.UserError, match="not on this Ray node"):
+            remote.localize(tmp_path / "models" / "teacher")
+    finally:
+        remote.detach()
+    assert remote.localize(tmp_path / "models" / "teacher") == str(tmp_path / "models" / "teacher")

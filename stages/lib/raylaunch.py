@@ -184,12 +184,12 @@ class ShardActor:
 
     def load(self, make: Callable, spec: dict, where: dict | None = None) -> dict:
         """Take a stage's ``make`` (deserialising it imports the stage); where this actor runs.
-        ``where`` (a run in object storage): the run's URI and the driver's mirror of it; this
+        ``where`` (a run in object storage): the run's URI and the driver's mirror root; this
         actor works in its own mirror, pulls what a shard needs and publishes what it writes."""
         self.make, self.spec, self.fn, self.where = make, dict(spec), None, where
         remote.detach()
         if where is not None:
-            remote.attach(where["uri"], where["mirror"])
+            remote.attach(where["uri"], where["root"])
             self.spec["directory"] = remote.translate(spec["directory"])
             remove_dead_temps(self.spec["directory"])
         return self.info()
@@ -272,7 +272,7 @@ def _actor_options(lc: LauncherConfig) -> dict:
     }
     if lc.resources:  # custom node resources: actors only on the nodes that have them
         opts["resources"] = dict(lc.resources)
-    if lc.placement == "spread":  # one actor per node first (Ray packs by default)
+    if lc.placement == "spread":  # across the nodes first (Ray's default favours nodes in use)
         opts["scheduling_strategy"] = "SPREAD"
     if lc.env:  # a runtime env of its own starts a fresh worker process (~seconds more)
         opts["runtime_env"] = {"env_vars": {**job_runtime_env()["env_vars"], **lc.env}}
@@ -327,7 +327,7 @@ def run_shards(
     bar = Progress(int(sum(units.get(s, 0) for s in todo)), desc, unit=unit)
     where = None
     if remote.is_remote(run_dir):
-        where = {"uri": str(run_dir), "mirror": str(remote.mirror_of(str(run_dir)))}
+        where = {"uri": str(run_dir), "root": str(remote.mirror_root())}
     try:
         actors = _actors(ray, lc, min(lc.actors, len(todo)))
         out.actors = len(actors)
@@ -367,7 +367,7 @@ class _Dispatch:
     bar: Any
     out: Launched
     inputs: Callable[[int], Any] | None = None
-    where: dict | None = None  # a run in object storage: its URI, the driver's mirror
+    where: dict | None = None  # a run in object storage: its URI, the driver's mirror root
 
     def run(self, todo: list[int]) -> None:
         self.make_ref = self.ray.put(self.make)  # pickled once, fetched by each actor

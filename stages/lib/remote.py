@@ -332,14 +332,20 @@ def pull(
 
 def stage_reads(cfg: Any, stage: str) -> tuple[str, ...] | None:
     """The run's folders (prefixes) a stage reads or resumes: all a pull fetches for it. None =
-    the whole run (train, eval, sft, report read across it). Pure."""
-    sft_policy = ("checkpoints/sft/final/",)  # the policy / behaviour model after SFT
+    the whole run (eval and sft read checkpoints across it). Pure."""
+    sft_policy = ("checkpoints/sft/final/",)  # the policy / behaviour model / init after SFT
     if stage == "rollout":
         return ("rollouts/", *sft_policy)
     if stage == "score":
         return ("rollouts/", "tokens/", "sft_data/_manifest.json", *sft_policy)
     if stage == "select":
         return ("rollouts/", "tokens/", f"selected/{cfg.select.name}/")
+    if stage == "train":  # (the selection's shards are streamed, not pulled)
+        tc = cfg.train
+        own = (f"selected/{tc.selection}/", f"checkpoints/{tc.name}/", f"train/{tc.name}/")
+        return ("rollouts/", "tokens/_manifest.json", *own, *sft_policy)
+    if stage == "report":  # the datasets, the curves and results; a tokenizer, no checkpoint
+        return ("rollouts/", "tokens/", "selected/", "train/", "eval/", "report/", *sft_policy)
     return None
 
 
@@ -641,18 +647,19 @@ def sync_published(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- on a Ray actor
-_DRIVER: list[Path] = []  # on a Ray actor of a remote run: the driver's mirror of the run
+_DRIVER: list[Path] = []  # on a Ray actor of a remote run: the driver's mirror root
 
 
-def attach(run_uri: str, driver_mirror: str) -> Remote:
+def attach(run_uri: str, driver_root: str) -> Remote:
     """On a Ray actor (another machine, its own mirror): commit-time publishing as in a stage
-    session, without a lease (the driver holds it), and :func:`localize` for the driver's paths."""
+    session, without a lease (the driver holds it), and :func:`localize` for the paths of the
+    driver's mirror (rooted at ``driver_root``)."""
     from stages.lib import store
 
     detach()
     r = open_remote(run_uri)
     _ACTIVE.append((r, None))
-    _DRIVER.append(Path(driver_mirror))
+    _DRIVER.append(Path(driver_root))
     store.HOOKS.published = _published
     return r
 
@@ -667,30 +674,31 @@ def detach() -> None:
         store.HOOKS.published = None
 
 
-def _driver_rel(path: str | Path) -> str | None:
-    """``path`` relative to the driver's mirror of the run (posix), or None."""
+def _driver_parts(path: str | Path) -> tuple[str, ...] | None:
+    """``path`` in the driver's mirror as (scheme, bucket, *key parts), or None."""
     if not _DRIVER:
         return None
     try:
-        return Path(path).relative_to(_DRIVER[0]).as_posix()
+        parts = Path(path).relative_to(_DRIVER[0]).parts
     except ValueError:
         return None
+    return parts if len(parts) >= 3 else None
 
 
 def translate(path: str | Path) -> Path:
-    """A path in the driver's mirror of the run as the same path in this machine's mirror (not
+    """A path in the driver's mirror as the same object's path in this machine's mirror (not
     fetched); any other path as it is."""
-    rel = _driver_rel(path)
-    return Path(path) if rel is None else _ACTIVE[0][0].mirror / rel
+    parts = _driver_parts(path)
+    return Path(path) if parts is None else mirror_root().joinpath(*parts)
 
 
 def localize(path: str | Path, expect: dict | None = None) -> str:
-    """What a Ray actor reads, here: a file or folder in the driver's mirror of the run (a
-    rollout shard, an SFT checkpoint) is fetched from the bucket into this machine's mirror
-    (only that; ``expect``: a manifest shard entry its bytes must match); any other path must
-    exist on this machine. Off a Ray actor of a remote run: ``path`` as it is."""
-    rel = _driver_rel(path)
-    if rel is None:
+    """What a Ray actor reads, here: a file or folder in the driver's mirror (a rollouts shard,
+    an SFT checkpoint, an earlier round's checkpoint) is fetched from its bucket into this
+    machine's mirror (only that; ``expect``: a manifest shard entry its bytes must match); any
+    other path must exist on this machine. Off a Ray actor of a remote run: ``path`` as it is."""
+    parts = _driver_parts(path)
+    if parts is None:
         if _DRIVER and not Path(path).exists():
             raise UserError(
                 f"{path} is not on this Ray node ({socket.gethostname()})",
@@ -698,15 +706,15 @@ def localize(path: str | Path, expect: dict | None = None) -> str:
                 "put the models at the same path on every node, or inside the run's bucket",
             )
         return str(path)
-    r = _ACTIVE[0][0]
-    local = r.fetch(rel)
+    r = open_remote(f"{parts[0]}://{parts[1]}")  # the whole bucket: rel = the object's key
+    local = r.fetch("/".join(parts[2:]))
     if expect is not None:
         from stages.lib import store
 
         if local.stat().st_size != expect["bytes"] or store.file_sha256(local) != expect["sha256"]:
             raise UserError(
-                f"{rel} in the bucket does not match its manifest (size or sha256)",
-                r.key(rel),
+                f"{'/'.join(parts[2:])} in the bucket does not match its manifest (size or sha256)",
+                r.key("/".join(parts[2:])),
                 "re-run the stage that wrote it with overwrite=true",
             )
     return str(local)
