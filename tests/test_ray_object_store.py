@@ -14,6 +14,7 @@ driver on the same run is refused with one line.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -284,10 +285,11 @@ def test_actors_pull_what_they_read_and_publish_the_bytes_of_a_local_run(
     assert not any(f.startswith(("checkpoints/old", "eval/")) for f in pulled), pulled
 
 
-def _kill_inside_a_shard(client, key: str, deadline: float) -> int:
-    """SIGKILL a process whose title says it runs ShardActor.run, once ``key`` is published."""
+def _kill_inside_a_shard(written: str, deadline: float) -> int:
+    """SIGKILL a process whose title says it runs ShardActor.run, once a shard has been renamed
+    into place on some actor (``written``: a glob of the actors' shard paths)."""
     while time.time() < deadline:
-        if client.list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount"):
+        if glob.glob(written):
             for cmd in Path("/proc").glob("[0-9]*/cmdline"):
                 try:
                     title = cmd.read_bytes()
@@ -297,7 +299,7 @@ def _kill_inside_a_shard(client, key: str, deadline: float) -> int:
                     pid = int(cmd.parent.name)
                     os.kill(pid, signal.SIGKILL)
                     return pid
-        time.sleep(0.02)
+        time.sleep(0.002)
     raise AssertionError("no actor was found inside a shard")
 
 
@@ -335,8 +337,8 @@ def test_killed_actor_is_replaced_its_shard_published_once_and_a_second_driver_r
         assert lines[0].startswith(f"error: score-worker-0-of-1 of {uri} is being written by")
         t = threading.Thread(target=drive)
         t.start()
-        first = f"{prefix}/tokens/{store.shard_relpath(0)}"
-        killed = _kill_inside_a_shard(s3, first, time.time() + 180)
+        written = f"{tmp_path}/actors/*/s3/{BUCKET}/{prefix}/tokens/bucket=*/shard-*.parquet"
+        killed = _kill_inside_a_shard(written, time.time() + 180)
         t.join(300)
     assert "error" not in got, got.get("error")
     assert got["summary"]["committed"] and killed
