@@ -1,8 +1,11 @@
-"""What the input checks of #28 save: a huge prompt refused from a prefix vs tokenized whole, and a
-tokenizer claiming a huge id refused from its JSON vs loaded. Each pair runs in fresh
-subprocesses on the same machine (wall seconds and peak RSS from ``resource``), written as JSON.
+"""What the input checks of #28 save and cost: a huge prompt refused from a prefix vs tokenized
+whole, a tokenizer claiming a huge id refused from its JSON vs loaded (each pair in fresh
+subprocesses, wall seconds and peak RSS from ``resource``), and what select's new contract checks
+(keys, ids, top-K order) add to a select run on synthetic data (scripts/bench_select.py's run,
+same process). Written as JSON.
 
     python scripts/bench_hardening.py --out bench_hardening.json [--mb 20] [--big-id 200000000]
+        [--select-tokens 500000]
 
 The tiny test tokenizer (tests/conftest.py) stands in for a real one; the numbers are the cost of
 the two paths on it, not of any particular model.
@@ -65,11 +68,53 @@ def child(mode: str, model: Path, arg: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def select_cost(n_tokens: int, work: Path) -> dict:
+    """Seconds of select's pass-1 value check, of the new contract checks, and of a whole
+    select run, on one synthetic run."""
+    import time
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_select import run_ours, write_synthetic_run
+
+    from stages import select
+    from stages.lib import integrity, store
+    from stages.lib.config import compose
+    from stages.lib.layout import RunLayout
+
+    run_dir = work / "sel"
+    n = write_synthetic_run(run_dir, n_tokens)
+    t0 = time.perf_counter()
+    run_ours(run_dir, "bench")
+    whole = time.perf_counter() - t0
+    cfg = compose("select", [f"run_dir={run_dir}", "select=entropy_half"])
+    lay = RunLayout.of(run_dir)
+    ro_m, tk_m = select._inputs(lay)
+    con = select.open_pass1(lay, {"rollouts": ro_m, "tokens": tk_m}, work / "tmp", cfg.select)
+    t0 = time.perf_counter()
+    select.check_values(con, lay.tokens)
+    values = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    integrity.check_select_inputs(
+        con, lay.rollouts, lay.tokens, store.shard_paths(lay.tokens, tk_m),
+        integrity.manifest_vocab_size(tk_m, ro_m),
+    )  # fmt: skip
+    checks = time.perf_counter() - t0
+    con.close()
+    return {
+        "tokens": n,
+        "select_run_seconds": whole,
+        "value_check_seconds": values,
+        "contract_check_seconds": checks,
+        "contract_check_fraction_of_run": checks / whole,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench_hardening.json")
     ap.add_argument("--mb", type=float, default=20.0, help="prompt size in MB")
     ap.add_argument("--big-id", type=int, default=200_000_000, help="the id the tokenizer claims")
+    ap.add_argument("--select-tokens", type=int, default=500_000, help="0 = skip the select part")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from tests.conftest import build_tiny_lm
@@ -98,6 +143,8 @@ def main() -> None:
             "tokenizer_load": load,
             "tokenizer_time_ratio": load["seconds"] / max(check["seconds"], 1e-9),
         }
+        if args.select_tokens:
+            res["select"] = select_cost(args.select_tokens, work)
         Path(args.out).write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))
     finally:

@@ -472,6 +472,7 @@ def train(job: Job) -> dict:
         state = restore(trainer, resumed)
         job.say(
             f"train: resuming {cfg.train.name} from {resume_from.name} (step {state.step}/{plan.steps})"
+            + ("" if "optimizer" in resumed else "; no optimizer state saved: its moments restart")
         )
     loader = MicroBatchStream(
         job.sel_dir, job.manifest, cfg.train.micro_batch_tokens, rank=job.dist.rank,

@@ -226,14 +226,19 @@ def _train_pickled_init(ctx: Ctx, d: Path) -> list[str]:
 # Every file outside the run that a case sets up lives in a sibling ``<case>-*`` folder, which
 # ``outcomes`` snapshots with the run dir: it must be unchanged, and no payload may run.
 def _payload(d: Path) -> str:
-    """A folder name that is SQL: closes the view's quoted name and writes a file outside."""
-    return (
-        f"x\" AS SELECT 1; COPY (SELECT 42) TO '{d.parent / (d.name + '-outside')}/pwned.csv'; --"
-    )
+    """A folder name that is SQL: closes the view's quoted name and writes pwned.csv into the
+    working directory (a folder name has no '/'; before #28 this ran, with full file access)."""
+    return "x\" AS SELECT 1; COPY (SELECT 42) TO 'pwned.csv'; --"
+
+
+def _attach_payload(d: Path) -> str:
+    """The same through ATTACH: would create a database file in the working directory."""
+    return "x\" AS SELECT 1; ATTACH 'pwned.duckdb' AS p; --"
 
 
 HOSTILE_SELECTIONS = {
     "copy": _payload,
+    "attach": _attach_payload,
     "single_quote": lambda d: "it's",
     "trailing_newline": lambda d: "all\n",
     "space": lambda d: "my selection",
@@ -709,7 +714,7 @@ CASES = [
             _hostile_selection(k, "report"),
             "not a safe name",
         )
-        for k in ("copy", "trailing_newline", "semicolon")
+        for k in ("copy", "attach", "trailing_newline", "semicolon")
     ],
     Case("eval_checkpoint_folder_name", "eval", _hostile_checkpoint, "not a safe name"),
     # -------------------------------------------------- no write or delete through a symlink (2)
@@ -837,7 +842,8 @@ def test_bad_input_fails_with_one_clear_error_and_no_output(outcomes, case):
         after = {k: v for k, v in after.items() if not own(k)}
     changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
     assert after == before, f"partial output or changes: {changed}"
-    assert not (h.REPO / "pwned.csv").exists()  # no payload ran in the working directory
+    for f in ("pwned.csv", "pwned.duckdb"):  # no payload ran in the working directory
+        assert not (h.REPO / f).exists(), f
     assert not any(k.endswith("/RAN") for k in after), "code from a model folder ran"
 
 

@@ -66,47 +66,88 @@ def check_rollout_keys(con: duckdb.DuckDBPyConnection, where: str) -> None:
         )
 
 
-def check_token_ids(con: duckdb.DuckDBPyConnection, vocab_size: int, where: str) -> None:
-    """Every id of the tokens table (token, teacher top-K, behaviour top-K) in [0, V)."""
-    bad = {
-        "token_id": "token_id < 0 OR token_id >= $v",
-        "teacher_topk_ids": "list_min(teacher_topk_ids) < 0 OR list_max(teacher_topk_ids) >= $v",
-        "behavior_topk_ids": "list_min(behavior_topk_ids) < 0 OR list_max(behavior_topk_ids) >= $v",
-    }
-    for col, cond in bad.items():
-        row = con.execute(
-            f"SELECT sample_id, pos, {col} FROM tokens WHERE {cond} ORDER BY sample_id, pos "
-            "LIMIT 1",
-            {"v": vocab_size},
-        ).fetchone()
-        if row is not None:
-            shown = row[2] if not isinstance(row[2], list) else row[2][:8]
-            raise UserError(
-                f"tokens column '{col}' holds an id outside the vocabulary [0, {vocab_size}) "
-                f"(sample {row[0]!r}, pos {row[1]}: {shown})",
-                where,
-                REDO_SCORE,
-            )
+_ID_COLS = ("token_id", "teacher_topk_ids", "behavior_topk_ids")
 
 
-def check_topk_order(con: duckdb.DuckDBPyConnection, files: list[Path], where: str) -> None:
-    """Teacher top-K log-probs in descending order, checked on the stored delta code (every
-    delta after the first >= 0), which costs O(K) per token instead of decoding."""
+def _bad_conditions(vocab_size: int | None) -> dict[str, tuple[str, int, int]]:
+    """column -> (SQL condition of a bad row, the valid [lo, hi) of its stored values) over the
+    stored tokens columns. The top-K log-probs are stored delta-coded (data_schemas/codec.py):
+    the first is -log-prob >= 0, the others >= 0 exactly when the list descends."""
+    q = codec.PHYSICAL
+    out = {}
+    if vocab_size is not None:
+        v = int(vocab_size)
+        out["token_id"] = (f"token_id < 0 OR token_id >= {v}", 0, v)
+        for c in _ID_COLS[1:]:
+            out[c] = (f"list_min({c}) < 0 OR list_max({c}) >= {v}", 0, v)
+    out[q] = (f"list_min({q}) < 0", 0, 2**31)
+    return out
+
+
+def _leaf(col: str) -> str:
+    return col if col == "token_id" else f"{col}.list.element"
+
+
+def stats_within(files: list[Path], col: str, lo: int, hi: int) -> bool:
+    """Whether the Parquet statistics of every row group prove ``lo <= value < hi`` for the
+    column (all-null chunks count as within). False when a statistic is missing or says
+    otherwise: then the rows are scanned."""
+    from stages.lib import store
+
+    leaf = _leaf(col)
+    for p in files:
+        md = store.open_shard(p).metadata
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            idx = [i for i in range(rg.num_columns) if rg.column(i).path_in_schema == leaf]
+            if not idx:
+                return col == "behavior_topk_ids"  # an optional column the shard left out
+            c = rg.column(idx[0])
+            st = c.statistics
+            if st is None:
+                return False
+            if not st.has_min_max:
+                if st.null_count != c.num_values:
+                    return False
+                continue
+            if not (lo <= st.min and st.max < hi):
+                return False
+    return True
+
+
+def check_tokens(
+    con: duckdb.DuckDBPyConnection, files: list[Path], vocab_size: int | None, where: str
+) -> None:
+    """Every id of the tokens table (token, teacher top-K, behaviour top-K) in [0, V) and the
+    teacher top-K log-probs in descending order. The Parquet column statistics (min/max per row
+    group, in the footers) prove it for honest files at no cost; where they are missing or show
+    a problem, the stored rows are scanned (O(K) per token, no decoding) and the first bad row is
+    named. A file whose statistics lie passes here and is refused by the trainer's loader."""
     if not files:
         return
-    src = ", ".join("'" + str(p).replace("'", "''") + "'" for p in files)
-    q = codec.PHYSICAL
-    row = con.execute(
-        f"SELECT sample_id, pos FROM read_parquet([{src}]) "
-        f"WHERE len({q}) > 1 AND list_min({q}[2:]) < 0 ORDER BY sample_id, pos LIMIT 1"
-    ).fetchone()
-    if row is not None:
-        raise UserError(
-            f"teacher top-K log-probs are not in descending order (sample {row[0]!r}, pos "
-            f"{row[1]})",
-            where,
-            REDO_SCORE,
-        )
+    names = ", ".join("'" + str(p).replace("'", "''") + "'" for p in files)
+    src = f"read_parquet([{names}])"
+    for col, (cond, lo, hi) in _bad_conditions(vocab_size).items():
+        if stats_within(files, col, lo, hi):
+            continue
+        row = con.execute(
+            f"SELECT count(*) FILTER (WHERE {cond}), min(sample_id) FILTER (WHERE {cond}) FROM {src}"
+        ).fetchone()
+        if not row[0]:
+            continue
+        pos = con.execute(
+            f"SELECT min(pos) FROM {src} WHERE sample_id = $s AND ({cond})", {"s": row[1]}
+        ).fetchone()[0]
+        if col == codec.PHYSICAL:
+            what = (
+                f"teacher top-K log-probs are not in descending order (or > 0) in {row[0]} row(s)"
+            )
+        else:
+            what = (
+                f"tokens column '{col}' holds ids outside the vocabulary [0, {vocab_size}) "
+                f"in {row[0]} row(s)"
+            )
+        raise UserError(f"{what}, first sample {row[1]!r} pos {pos}", where, REDO_SCORE)
 
 
 def check_select_inputs(
@@ -116,11 +157,10 @@ def check_select_inputs(
     tk_files: list[Path],
     vocab_size: int | None,
 ) -> None:
-    """What select checks in pass 1 beyond values (``rollouts``/``tokens`` views of ``con``)."""
+    """What select checks in pass 1 beyond values (``rollouts`` view of ``con``, the tokens
+    shard files)."""
     check_rollout_keys(con, str(ro_dir))
-    if vocab_size is not None:
-        check_token_ids(con, vocab_size, str(tk_dir))
-    check_topk_order(con, tk_files, str(tk_dir))
+    check_tokens(con, tk_files, vocab_size, str(tk_dir))
 
 
 # ----------------------------------------------------------------------------- the loader
