@@ -298,6 +298,10 @@ class ScoreConfig:
     # Stored floats equal the unshared path's to GEMM rounding (<= 1e-5 in log-probs); false runs
     # every prefix ⊕ response row whole. docs/BENCHMARKS.md, prefix-shared scoring.
     share_prefix: bool = True
+    # HF backend: models loaded at once. one = a model is dropped before the next one loads (peak
+    # memory: the largest model, not their sum; each shard loads each model once) | all = every
+    # model stays loaded for the whole run (no reloads; the sum of the models).
+    resident: str = "one"
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
     # Where the HF backend runs the behaviour model: auto (cuda when present, else cpu) | cpu |
@@ -335,6 +339,7 @@ class ScoreConfig:
         _check(self.chunk_positions >= 1, "score.chunk_positions", "must be >= 1")
         _check(isinstance(self.compile, bool), "score.compile", "must be true|false")
         _check(isinstance(self.share_prefix, bool), "score.share_prefix", "must be true|false")
+        _check(self.resident in ("one", "all"), "score.resident", "must be one|all")
 
 
 @dataclass
@@ -510,6 +515,12 @@ class TrainConfig:
     precision: str = "auto"
     # Keep the newest N step checkpoints (older step-* folders are deleted; null = keep all).
     keep_last: int | None = 3
+    # Weights dtype of final/ (weights only, Hugging Face format: what you ship): auto (bfloat16
+    # on CUDA, float32 elsewhere) | float32 | bfloat16 | float16.
+    final_dtype: str = "auto"
+    # Optimizer moments in step checkpoints (an exact resume); false = weights, schedule and RNG
+    # only: a resume restarts the moments, and an Adam checkpoint is a third of the size.
+    save_optimizer: bool = True
     # Token weights read from the selection must lie in [0, max_weight] (else the run stops).
     max_weight: float = 1e3
     # Micro-batches with a non-finite loss that may be skipped (and counted) before the run stops;
@@ -563,6 +574,11 @@ class TrainConfig:
             "is for full fine-tuning (LoRA keeps the base frozen; use precision=bf16)",
         )
         _check(self.keep_last is None or self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(
+            self.final_dtype in ("auto", "float32", "bfloat16", "float16"),
+            "train.final_dtype",
+            f"must be auto|float32|bfloat16|float16 (got {self.final_dtype!r})",
+        )
         _check(self.max_weight > 0, "train.max_weight", "must be > 0")
         _check(self.max_bad_micro_batches >= 0, "train.max_bad_micro_batches", "must be >= 0")
 
