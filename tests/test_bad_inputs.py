@@ -1,6 +1,15 @@
 """Bad input matrix: every case runs a stage through its CLI and must end with a non-zero exit,
 ONE ``error: ...`` line on stderr naming the input and the fix (no traceback), and no partial
-output (no new committed dataset, no new visible file in the run dir).
+output (no new committed dataset, no new visible file in the run dir), and nothing changed in the
+case's folders outside the run (``<case>-*``: prompts, models, symlink targets; files hashed,
+symlinks compared) unless a case names its own output folder (``own_output``).
+
+Besides the everyday mistakes, the hostile cases of docs/RELIABILITY.md ("A handed-over run, a
+bucket or a model folder"): names on disk that are SQL, symlinks out of the run, data that breaks
+the contract across rows and shards, config values with no meaning, model folders asking for
+custom code or claiming ids past the embedding rows, pickled adapters, huge and deeply nested
+prompts. Marker files prove that no payload ran (``pwned.*`` in the working directory, ``RAN`` in
+a model folder). The bucket cases are in tests/test_hostile_bucket.py.
 
 All cases run in one batch (two at a time) through the pre-imported zygote of
 tests/reliability_harness.py, then each parametrised test checks its own case; one case also runs
@@ -757,6 +766,8 @@ CASES = [
     ),
     Case("symlink_eval_dir", "eval", _symlink("eval", extra=("eval.checkpoints=[]",)), "symlink"),
     Case("symlink_report_dir", "report", _symlink("report", "rollouts", extra=()), "symlink"),
+    Case("symlink_sft_selected", "sft", _symlink("selected/sft", extra=()), "symlink"),
+    Case("symlink_sft_data_overwrite", "sft", _symlink("sft_data"), "symlink"),
     *CONTRACT_CASES,
     *CONFIG_CASES,
     *MODEL_CASES,

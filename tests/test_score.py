@@ -753,3 +753,20 @@ def test_one_model_resident_at_a_time_same_shards(tmp_path, tiny_lm, tiny_teache
                 "score.resident=all"))  # fmt: skip
     a, b = _shard_bytes(one), _shard_bytes(every)
     assert a and a == b
+
+
+def test_bf16_teacher_scores_close_to_the_fp32_teacher(tmp_path, tiny_lm, tiny_teacher):
+    """teacher.dtype=bfloat16 (the body in bf16; the head from an fp32 copy of its weight, tested
+    in tests/test_logprobs.py): the stage runs and its log-probs stay within bf16 rounding of the
+    fp32 teacher's, with the same top-1 id wherever the fp32 top-2 gap is clear."""
+    f32, b16 = tmp_path / "f32", tmp_path / "b16"
+    for d in (f32, b16):
+        write_rollouts(d, tiny_lm)
+    run(cfg_for(f32, tiny_lm, tiny_teacher, "score.topk=2"))
+    run(cfg_for(b16, tiny_lm, tiny_teacher, "score.topk=2", "teacher.dtype=bfloat16"))
+    a, b = read_tokens(f32).to_pylist(), read_tokens(b16).to_pylist()
+    diff = [abs(x["teacher_logprob"] - y["teacher_logprob"]) for x, y in zip(a, b, strict=True)]
+    assert 0 < max(diff) < 0.1, max(diff)  # bf16 did run, and stayed close
+    gap = lambda r: r["teacher_topk_logprobs"][0] - r["teacher_topk_logprobs"][1]  # noqa: E731
+    clear = [(x, y) for x, y in zip(a, b) if gap(x) > 0.2]
+    assert clear and all(x["teacher_topk_ids"][0] == y["teacher_topk_ids"][0] for x, y in clear)
