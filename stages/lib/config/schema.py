@@ -504,7 +504,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Rows of a micro-batch with the same train prompt (the rollout.n samples of a prompt) run
     # the prompt through the student once and their responses against its KV cache: the same
-    # loss and gradients to GEMM rounding, less compute with long prompts. Off under
+    # loss and gradients to GEMM rounding, less compute with long prompts. Pays when a prompt's
+    # samples share micro-batches: train.shuffle=true permutes rows inside each row group, so
+    # they meet by chance; with shuffle=false they stay together. Off under
     # gradient_checkpointing and FSDP (one decoder call per micro-batch there).
     share_prefix: bool = True
     # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast on CPU and CUDA) |
