@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from data_schemas import prompts as prompts_schema
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
-from stages.lib import models, store, xtok
+from stages.lib import models, safety, store, xtok
 from stages.lib.config import Config, SftConfig, sft_config
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -210,6 +210,9 @@ def run(cfg: Config) -> dict:
     # answers from its own view (teacher_template, every prompt with a context), and the student
     # trains on the answers with loss=sft under train.name=sft.
     scfg = sft_config(cfg)
+    lay = RunLayout.of(scfg.run_dir)  # no write or delete through a symlink out of the run
+    for out in (lay.sft_data, lay.sft_selected, lay.checkpoints("sft"), lay.train("sft")):
+        safety.check_output(out, lay.root, "the SFT outputs")
     prompts = prompts_schema.read(scfg.data.prompts, max_prompts=scfg.data.max_prompts)
     tok_s = models.load_tokenizer(scfg.student.path, "student")
     tok_t = models.load_tokenizer(scfg.teacher.path, "teacher")

@@ -4,9 +4,10 @@ Reads ``run_dir/selected/<train.selection>/`` (the select stage's train-ready ta
 sequence, teacher top-K flattened T*K) and the initial weights (``train.init``, else
 ``run_dir/checkpoints/sft/final`` when SFT ran, else ``student.path``). Writes
 ``run_dir/checkpoints/<train.name>/step-NNNNNN/`` every ``train.save_every`` steps (the newest
-``train.keep_last`` kept) and ``final/`` (Hugging Face safetensors + tokenizer, loadable by
-transformers and vLLM; ``trainer_state.safetensors`` + ``trainer_state.json`` hold the optimizer,
-scheduler, RNG and loader states, never a pickle), ``run_dir/train/<train.name>/metrics.jsonl``,
+``train.keep_last`` kept; Hugging Face safetensors + tokenizer, and ``trainer_state.safetensors`` +
+``trainer_state.json`` with the optimizer (unless ``train.save_optimizer=false``), scheduler, RNG
+and loader states, never a pickle) and ``final/`` (the weights only, in ``train.final_dtype``, +
+tokenizer, loadable by transformers and vLLM), ``run_dir/train/<train.name>/metrics.jsonl``,
 ``config.json`` and the trackers' outputs (``train.trackers``: TensorBoard in ``tb/``, W&B, MLflow).
 
     python -m stages.train experiment=demo loss=vopd select=entropy_half
@@ -25,8 +26,9 @@ The recipe, in four parts (torchtune's shape, plain functions over two small dat
 
 - The student sees ``train_prompt_ids + response_ids``; only the hidden states at positions that
   predict response tokens go through the LM head (fp32, ``train.chunk_positions`` rows at a time,
-  each chunk under activation checkpointing so one ``[chunk, V]`` block lives at once): ``[B, T, V]``
-  is never built. ``train.gradient_checkpointing`` also recomputes every decoder layer.
+  by default as many as ``train.loss_memory_mib`` holds, each chunk under activation
+  checkpointing; the loss's working set is two ``[chunk, V]`` blocks): ``[B, T, V]`` is never
+  built. ``train.gradient_checkpointing`` also recomputes every decoder layer.
 - Precision (``train.precision``): fp32; ``bf16`` autocast (CPU and CUDA); ``bf16_params``: bf16
   weights with fp32 master copies in the optimizer (FSDP2: its mixed-precision policy). ``auto``
   = bf16 autocast on CUDA, fp32 on CPU. The head, log-softmax and loss are fp32 in every mode.
@@ -461,6 +463,7 @@ def train(job: Job) -> dict:
         state = restore(trainer, resumed)
         job.say(
             f"train: resuming {cfg.train.name} from {resume_from.name} (step {state.step}/{plan.steps})"
+            + ("" if "optimizer" in resumed else "; no optimizer state saved: its moments restart")
         )
     loader = MicroBatchStream(
         job.sel_dir, job.manifest, cfg.train.micro_batch_tokens, rank=job.dist.rank,

@@ -180,6 +180,12 @@ def test_share_units_cover_every_job_once_within_budget():
             assert any(len(piece) > 1 for piece in u)
             for piece in u:  # one prefix per piece
                 assert len({tuple(jobs[i].prefix) for i in piece}) == 1
+        where = {i: n for n, u in enumerate(units) for piece in u for i in piece}
+        for g in range(30):  # a group that fits one unit is never split (its prefix runs once)
+            idx = [i for i, j in enumerate(jobs) if j.key[0] == g]
+            p, r = len(jobs[idx[0]].prefix), max(len(jobs[i].response) for i in idx)
+            if len(idx) > 1 and len(idx) * (p + r) <= budget:
+                assert len({where.get(i, -1) for i in idx}) == 1, (budget, g)
     # room for everything: one unit, and only the groups of one job left unshared
     big_units, big_single = share_units(jobs, 100_000)
     alone = [i for i, j in enumerate(jobs) if sum(x.prefix == j.prefix for x in jobs) == 1]

@@ -105,7 +105,8 @@ def parse(stage: str, argv: list[str]) -> CommandLine:
     return CommandLine(
         stage=stage,
         config_name=ns.config_name or stage,
-        overrides=list(ns.overrides),
+        # s3://KEY:SECRET@...: the keys become AWS variables, never printed (--cfg job) or kept
+        overrides=[remote.adopt_credentials(o) for o in ns.overrides],
         config_dirs=absolute_dirs([ns.config_dir] if ns.config_dir else []),
         flags=flags,
         direct=not any(getattr(ns, k) for k in HYDRA_COMMANDS) and not ns.experimental_rerun,

@@ -217,8 +217,6 @@ def check_row_group(tbl: pa.Table, vocab_size: int | None, max_weight: float) ->
     """The first problem of a row group the trainer is about to read, or None (vectorised)."""
     if (msg := _check_lengths(tbl)) is not None:
         return msg
-    if (msg := integrity.topk_order_problem(tbl)) is not None:
-        return msg
     xtok_lp = ("xtok_chunk_logprob",) if "xtok_chunk_logprob" in tbl.column_names else ()
     for col in ("weights",) + LOGPROB_COLUMNS + xtok_lp + ID_COLUMNS:
         offsets, vals, valid = _list_values(tbl[col])
@@ -243,7 +241,7 @@ def check_row_group(tbl: pa.Table, vocab_size: int | None, max_weight: float) ->
         bad[offsets[-1] :] = False
         if bad.any():
             return f"column {col}, {_first_bad(tbl, col, bad, offsets, vals)} is {why}"
-    return None
+    return integrity.topk_order_problem(tbl)  # after the values: NaN/inf named as such
 
 
 # ----------------------------------------------------------------------------- the stream

@@ -570,7 +570,13 @@ def _streamed(path: Path) -> tuple[int, Any] | None:
         return None
     r, rel = found[0], found[0].rel(path)
     info = r.objects.get(rel)
-    return None if info is None else (info.size, r.fs.open_input_file(r.key(rel)))
+    if info is None:  # published after this session's pull listed the run (a Ray actor's shard)
+        import pyarrow.fs as pafs
+
+        info = r.fs.get_file_info(r.key(rel))
+        if info.type != pafs.FileType.File:
+            return None
+    return info.size, r.fs.open_input_file(r.key(rel))
 
 
 def _checkpoint(tmp: Path, path: Path, dist: Any) -> None:

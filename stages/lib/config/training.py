@@ -127,7 +127,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Rows of a micro-batch with the same train prompt (the rollout.n samples of a prompt) run
     # the prompt through the student once and their responses against its KV cache: the same
-    # loss and gradients to GEMM rounding, less compute with long prompts. Off under
+    # loss and gradients to GEMM rounding, less compute with long prompts. Pays when a prompt's
+    # samples share micro-batches: train.shuffle=true permutes rows inside each row group, so
+    # they meet by chance; with shuffle=false they stay together. Off under
     # gradient_checkpointing and FSDP (one decoder call per micro-batch there).
     share_prefix: bool = True
     # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast on CPU and CUDA) |
@@ -136,6 +138,12 @@ class TrainConfig:
     precision: str = "auto"
     # Keep the newest N step checkpoints (older step-* folders are deleted; null = keep all).
     keep_last: int | None = 3
+    # Weights dtype of final/ (weights only, Hugging Face format: what you ship): auto (bfloat16
+    # on CUDA, float32 elsewhere) | float32 | bfloat16 | float16.
+    final_dtype: str = "auto"
+    # Optimizer moments in step checkpoints (an exact resume); false = weights, schedule and RNG
+    # only: a resume restarts the moments, and an Adam checkpoint is a third of the size.
+    save_optimizer: bool = True
     # Token weights read from the selection must lie in [0, max_weight] (else the run stops).
     max_weight: float = 1e3
     # Micro-batches with a non-finite loss that may be skipped (and counted) before the run stops;
@@ -189,6 +197,11 @@ class TrainConfig:
             "is for full fine-tuning (LoRA keeps the base frozen; use precision=bf16)",
         )
         _check(self.keep_last is None or self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(
+            self.final_dtype in ("auto", "float32", "bfloat16", "float16"),
+            "train.final_dtype",
+            f"must be auto|float32|bfloat16|float16 (got {self.final_dtype!r})",
+        )
         _check(self.max_weight > 0, "train.max_weight", "must be > 0")
         _check(self.max_bad_micro_batches >= 0, "train.max_bad_micro_batches", "must be >= 0")
 

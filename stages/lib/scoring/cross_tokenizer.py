@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from data_schemas import tokens as tokens_table
-from stages.lib import models, xtok
+from stages.lib import models, store, xtok
 from stages.lib.config import Config, as_dict
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
@@ -121,14 +120,15 @@ def with_xtok_columns(table: pa.Table, rows: list[dict], plan: ShardPlan) -> pa.
 
 def xtok_manifest(xt: XtokTeacher, w, n_shards: int) -> dict:
     """The manifest's ``extra.cross_tokenizer``: the path's identity and the refusals, counted
-    from the written shards (every worker's, whatever was resumed)."""
+    from the written shards (every worker's, whatever was resumed; a shard a Ray actor published
+    to the bucket is read there, these columns only)."""
     refused = dict.fromkeys(tokens_table.XTOK_REFUSED.values(), 0)
     tokens = rows = 0
     for s in range(n_shards):
         path = w.shard_path(s)
-        if not path.exists():
+        if not path.exists() and s not in w.reported:
             return xt.identity  # other workers still writing: the last one counts
-        t = pq.read_table(path, columns=["sample_id", "pos", "xtok_chunk"])
+        t = store.open_shard(path).read(columns=["sample_id", "pos", "xtok_chunk"])
         first = t.filter(pc.equal(t["pos"], 0))
         rows += first.num_rows
         for code in first["xtok_chunk"].to_numpy():

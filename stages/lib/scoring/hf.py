@@ -60,9 +60,10 @@ def share_units(jobs: list[Pass], batch_tokens: int) -> tuple[list[list[list[int
     *unit* is one prefix forward plus one response forward: a list of groups (each a list of job
     indices), packed in prefix-length order while ``rows · (longest prefix + longest response)
     <= batch_tokens``, the tokens the unshared batch of those rows would hold (so the repeated KV
-    cache is bounded like today's batches). A group too large for one unit is split across
-    units; every group of one job, and every unit left without two jobs of one group, is
-    returned in ``single`` (the unshared path). Returns ``(units, single)``.
+    cache is bounded like today's batches). A group that does not fit the open unit starts a new
+    one; only a group too large for any unit is split across units. Every group of one job, and
+    every unit left without two jobs of one group, is returned in ``single`` (the unshared
+    path). Returns ``(units, single)``.
     """
     groups: dict[tuple, list[int]] = {}
     for i, j in enumerate(jobs):
@@ -73,9 +74,20 @@ def share_units(jobs: list[Pass], batch_tokens: int) -> tuple[list[list[list[int
     )
     units: list[list[list[int]]] = []
     unit: list[list[int]] = []
+    whole = lambda n, pm, rm: n * (pm + rm) <= batch_tokens  # noqa: E731  n rows fit
     rows = p_max = r_max = 0
     for g in shared:
         p = len(jobs[g[0]].prefix)
+        r_g = max(len(jobs[i].response) for i in g)
+        if (
+            rows
+            and not whole(rows + len(g), max(p_max, p), max(r_max, r_g))
+            and whole(len(g), p, r_g)
+        ):
+            # g fits a unit of its own but not the open one: start a new unit rather than split
+            # g (a split group runs its prefix once per piece)
+            units.append([u for u in unit if u])
+            unit, rows, p_max, r_max = [], 0, 0, 0
         unit.append([])  # g's piece in the open unit
         for i in g:
             r = len(jobs[i].response)

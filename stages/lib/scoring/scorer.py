@@ -1,7 +1,11 @@
 """The shard scorer: runs a plan's passes on the chosen backend (HF, or vLLM plus an HF pass for
-what vLLM cannot give), keeping each model resident while it is needed."""
+what vLLM cannot give). HF models: one loaded at a time by default (``score.resident=one``: the
+peak is the largest model, not the sum of the teacher, behaviour and reference models), or all
+kept loaded for the run (``all``)."""
 
 from __future__ import annotations
+
+import gc
 
 import torch
 
@@ -31,6 +35,19 @@ class Scorer:
         self.devices = devices  # role name -> where its HF model runs (role_devices)
         self.one_teacher = bool(cfg.teachers)  # several teachers: one resident at a time
         self.teacher_keys: set[tuple] = set()
+        self.one_model = cfg.score.resident == "one"  # HF: one model loaded at a time
+
+    def _evict_others(self, key: tuple) -> None:
+        """``score.resident=one``: drop every loaded HF model but ``key`` before ``key`` loads,
+        and hand their memory back (the next model's peak is then its own size)."""
+        stale = [k for k in self.hf if k != key]
+        if not (self.one_model and stale):
+            return
+        for k in stale:
+            self.hf.pop(k)
+        gc.collect()  # a model's modules reference each other: free them now, not later
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _evict_teachers(self, role: Role) -> None:
         """Before loading teacher ``role``: drop the other teachers' models (several teachers)."""
@@ -47,6 +64,7 @@ class Scorer:
         self._evict_teachers(role)
         device = self.devices[role.name]
         key = (*role.model_key, str(device))
+        self._evict_others(key)
         if key not in self.hf:
             model = models.load_model(role.path, role.name, dtype=role.dtype, device=device)
             rows = model.get_output_embeddings().weight.shape[0]
