@@ -2,6 +2,7 @@
 
     python scripts/bench_peer.py --out runs/bench_peer.json [--quick] [--threads N] [--work DIR]
         [--teacher-scale S] [--response-tokens T] [--prompts N] [--samples n] [--prompt-tokens L]
+        [--core-only]
 
 (``--prompts N`` / ``--response-tokens T`` override the mode's sizes; ``--samples n`` samples each
 prompt n times on both sides (ours: ``rollout.n``; TRL, which has no per-prompt repeat in its
@@ -250,7 +251,7 @@ def ours_train(spec: dict, loss: str, name: str) -> dict:
     res = measured(
         lambda: {"steps": train.run(compose("train", ours_overrides(spec, loss, name)))["steps"]}
     )
-    log = RunLayout.of(spec["run_dir"]).train(name) / "metrics.jsonl"
+    log = RunLayout.of(spec["run_dir"]).metrics(name)
     rows = [json.loads(r) for r in log.read_text().splitlines()]
     res["response_tokens"] = int(sum(r["tokens"] for r in rows))
     res["loop_s"] = sum(r["step_s"] for r in rows)
@@ -518,7 +519,7 @@ def _vocab(size: dict) -> int:
 
 def setup(quick: bool, threads: int, work: Path, prompts: int | None, tokens: int | None,
           scale: float | None = None, samples: int | None = None,
-          prompt_tokens: int | None = None):  # fmt: skip
+          prompt_tokens: int | None = None, core_only: bool = False):  # fmt: skip
     """Build the world; the JSON's header (versions, settings, models, commands)."""
     size = sizes_for(quick, prompts, tokens, scale, samples, prompt_tokens)
     t0 = time.perf_counter()
@@ -527,6 +528,8 @@ def setup(quick: bool, threads: int, work: Path, prompts: int | None, tokens: in
     spec_path.write_text(json.dumps(spec))
     (s_all, s_mm), (t_all, t_mm) = n_params(spec["student"]), n_params(spec["teacher"])
     children = (*CHILDREN, LEAN) if quick else (*CHILDREN, EXTRA, LEAN)
+    if core_only:  # the six headline runs only (a loaded machine, a time limit)
+        children = CHILDREN
     header = {
         "quick": quick,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -539,7 +542,14 @@ def setup(quick: bool, threads: int, work: Path, prompts: int | None, tokens: in
             "nice": os.nice(0),
         },  # fmt: skip
         "versions": versions(),
-        "settings": {**size, "topk": TOPK, "lr": LR, "seed": SEED, "threads": threads},
+        "settings": {
+            **size,
+            "topk": TOPK,
+            "lr": LR,
+            "seed": SEED,
+            "threads": threads,
+            "core_only": core_only,
+        },  # fmt: skip
         "models": {
             "student_params": s_all,
             "teacher_params": t_all,
@@ -610,6 +620,10 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--samples", type=int, help="samples per prompt, both sides (default 1)")
     ap.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (BOS included)")
+    ap.add_argument(
+        "--core-only", action="store_true",
+        help=f"only the six headline runs (no {EXTRA}, no {LEAN})",
+    )  # fmt: skip
     ap.add_argument("--work", help="build the world here and keep it (default: a temp dir)")
     ap.add_argument("--child", choices=(*CHILDREN, EXTRA, LEAN), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -629,7 +643,8 @@ def main() -> None:
     out = Path(a.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     sizes = {"prompts": a.prompts, "tokens": a.tokens, "scale": a.teacher_scale,
-             "samples": a.samples, "prompt_tokens": a.prompt_tokens}  # fmt: skip
+             "samples": a.samples, "prompt_tokens": a.prompt_tokens,
+             "core_only": a.core_only}  # fmt: skip
     if a.work:
         Path(a.work).mkdir(parents=True, exist_ok=True)
         result = bench(a.quick, a.threads, Path(a.work).resolve(), out, **sizes)

@@ -17,7 +17,8 @@ Then runs, each stage in a child process of its own:
 For each stage the JSON holds the child's peak RSS (``VmHWM``, its own high-water mark) minus its
 RSS after the imports (``peak_mib``), beside an analytic floor (``floor_mib``, its parts listed):
 the weights it holds, the optimizer state, and one working block: rollout the KV cache and one
-``[batch x n, V]`` fp32 block per decode step; score one ``[score.chunk_positions, V]`` fp32 block;
+``[batch x n, V]`` fp32 block per decode step; score the larger model (``score.resident=one``) and
+one ``[score.chunk_positions, V]`` fp32 block;
 train the loss's ``2 x [chunk, V]`` fp32 working set and the checkpointed layer inputs. Also bytes
 per response token on disk (rollouts, tokens) and tokens/s. ``ratio = peak_mib / floor_mib``.
 
@@ -29,7 +30,9 @@ every step's logits in the rollout, or a loss that holds six ``[chunk, V]`` bloc
 fp32 throughout: on this CPU (no native bf16) bf16 matmuls run at about 1/20 of fp32.
 
 Run: ``python scripts/bench_real_shape.py --out runs/bench/real_shape.json
-[--student-layers 28|8] [--quick]``.
+[--student-layers 28|8] [--new-tokens 512] [--prompts 8] [--quick] [--device cpu|cuda]``
+(``--device cuda``: the stages on the GPU, train in its default precision, and each stage's
+``torch.cuda.max_memory_allocated`` as ``gpu_peak_mib``; scripts/gpu_check.py runs it).
 """
 
 from __future__ import annotations
@@ -166,8 +169,8 @@ def floors(sh: Shape, response_tokens: int, chunk: int) -> dict[str, dict[str, f
     tokens = min(sh.micro_batch_tokens, rows * seq)  # positions in one micro-batch
     return {
         "rollout": {"weights": student, "kv_cache": kv, "step_block": rows * sh.vocab * 4 / MIB},
-        "score": {
-            "weights_teacher_and_behaviour": teacher + student,
+        "score": {  # score.resident=one: the larger of the two models is loaded at a time
+            "weights_largest_model": max(teacher, student),
             "chunk_block": sh.score_chunk * sh.vocab * 4 / MIB,
         },
         "train": {
@@ -212,34 +215,34 @@ def child(stage: str, overrides: list[str]) -> None:
     cfg = compose(stage, overrides)
     warm_up()
     base = _status("VmRSS")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     summary = mod.run(cfg)
     seconds = time.perf_counter() - t0
-    print(
-        "BENCH "
-        + json.dumps(
-            {
-                "base_mib": round(base, 1),
-                "hwm_mib": round(_status("VmHWM"), 1),
-                "seconds": round(seconds, 2),
-                "summary": summary if isinstance(summary, dict) else {},
-            },
-            default=str,
-        ),
-        flush=True,
-    )
+    got = {
+        "base_mib": round(base, 1),
+        "hwm_mib": round(_status("VmHWM"), 1),
+        "seconds": round(seconds, 2),
+        "summary": summary if isinstance(summary, dict) else {},
+    }
+    if cuda:  # on a GPU the floor is about device memory: the allocator's own peak
+        got["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
+    print("BENCH " + json.dumps(got, default=str), flush=True)
 
 
 def loss_probe(vocab: int, chunk: int, hidden: int, loss: str) -> None:
     """The loss's working set alone: one ``[chunk, V]`` chunk through an fp32 head, the loss
-    (``inplace``, as the trainer calls it) and backward; peak above the inputs, in blocks."""
+    (``inplace``, as the trainer calls it) and backward; peak above the inputs, in blocks. The
+    head's weight takes no gradient here: its ``[V, H]`` gradient is the model's, not the loss's."""
     import torch
 
     from stages.lib.losses import combined_loss
 
     torch.manual_seed(0)
     h = torch.randn(chunk, hidden, requires_grad=True)  # [N, H]
-    w = torch.randn(vocab, hidden, requires_grad=True)  # [V, H] the head
+    w = torch.randn(vocab, hidden)  # [V, H] the head (frozen: see above)
     t = torch.log_softmax(torch.randn(chunk, vocab), -1)  # [N, V] a teacher, dropped below
     vals, ids = t.topk(32, -1)  # [N, 32]
     y = torch.randint(0, vocab, (chunk,))  # [N]
@@ -259,7 +262,6 @@ def loss_probe(vocab: int, chunk: int, hidden: int, loss: str) -> None:
     del logits
     out.backward()
     block = chunk * vocab * 4 / MIB
-    grad_w = vocab * hidden * 4 / MIB  # the head's weight gradient: weights, not working set
     peak = _status("VmHWM") - base
     print(
         "BENCH "
@@ -269,8 +271,7 @@ def loss_probe(vocab: int, chunk: int, hidden: int, loss: str) -> None:
                 "chunk": chunk,
                 "block_mib": round(block, 1),
                 "peak_mib": round(peak, 1),
-                "head_grad_mib": round(grad_w, 1),
-                "blocks": round((peak - grad_w) / block, 2),
+                "blocks": round(peak / block, 2),
             }
         ),
         flush=True,
@@ -294,12 +295,33 @@ def run_child(stage: str, overrides: list[str], log: Path) -> dict:
     return got
 
 
+def bf16_speed(sh: Shape, reps: int = 5) -> dict:
+    """bf16 over fp32 matmul rate on this machine at the model's MLP shape (why fp32 is the CPU
+    default): best of ``reps`` for each dtype, same process."""
+    import torch
+
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        a = torch.randn(256, sh.hidden, dtype=dt)
+        b = torch.randn(sh.hidden, sh.intermediate, dtype=dt)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        out[str(dt).removeprefix("torch.")] = 2 * 256 * sh.hidden * sh.intermediate / best / 1e9
+    return {
+        "gflops": {k: round(v, 2) for k, v in out.items()},
+        "bf16_over_fp32": round(out["bfloat16"] / out["float32"], 3),
+    }
+
+
 def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 # ----------------------------------------------------------------------------- the run
-def bench(sh: Shape, work: Path) -> dict:
+def bench(sh: Shape, work: Path, device: str = "cpu") -> dict:
     from stages.lib.losses import chunk_for_budget
 
     tok = build_tokenizer(sh.vocab)
@@ -314,6 +336,9 @@ def bench(sh: Shape, work: Path) -> dict:
         f"data.prompts={prompts}",
         "student.dtype=float32",
         "teacher.dtype=float32",
+        f"rollout.device={device}",
+        f"score.device={device}",
+        f"train.device={device}",
     ]
     rollout = [
         "rollout.backend=hf",
@@ -327,15 +352,17 @@ def bench(sh: Shape, work: Path) -> dict:
     train = [
         "loss=topk_fkl",
         "train.max_steps=2",
-        "train.device=cpu",
-        "train.precision=fp32",
+        # fp32 on CPU (no native bf16 here: bf16 matmuls ran at ~1/20 of fp32); the default
+        # (bf16 autocast, fp32 weights and head) on CUDA
+        f"train.precision={'fp32' if device == 'cpu' else 'auto'}",
         "train.gradient_checkpointing=true",
         f"train.loss_memory_mib={sh.loss_memory_mib}",
         f"train.micro_batch_tokens={sh.micro_batch_tokens}",
         "train.trackers=[]",
     ]
     overrides = common + rollout + score + train
-    out: dict = {"shape": asdict(sh), "student_params": params_of(sh, sh.student_layers)}
+    out: dict = {"shape": asdict(sh), "device": device}
+    out["student_params"] = params_of(sh, sh.student_layers)
     out["teacher_params"] = params_of(sh, sh.teacher_layers)
     stages = {}
     for stage in ("rollout", "score", "select", "train"):
@@ -370,6 +397,7 @@ def bench(sh: Shape, work: Path) -> dict:
         s.pop("summary", None)
     out["response_tokens"] = tokens
     out["stages"] = stages
+    out["matmul_bf16_vs_fp32"] = bf16_speed(sh)
     # the loss's working set alone, at the chunk the budget gives (goal: <= 2 blocks + scratch)
     out["loss_working_set"] = [
         run_child("loss", [str(sh.vocab), str(chunk), str(sh.hidden), name], work / "loss.log")
@@ -384,6 +412,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the small shape the test suite runs")
     ap.add_argument("--student-layers", type=int, default=28, help="28 (0.6B shape) or 8")
     ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts (x 2 samples, one batch)")
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (scripts/gpu_check.py)")
     ap.add_argument(
         "--work", type=Path, help="keep the models and the run here (default: a temp dir)"
     )
@@ -399,12 +429,16 @@ def main() -> None:
             child(a.child, a.rest)
         return
     sys.path.insert(0, str(REPO))
-    sh = QUICK if a.quick else Shape(student_layers=a.student_layers, new_tokens=a.new_tokens)
+    sh = (
+        QUICK
+        if a.quick
+        else Shape(student_layers=a.student_layers, new_tokens=a.new_tokens, prompts=a.prompts)
+    )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_real_shape_") as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        res = bench(sh, work)
+        res = bench(sh, work, a.device)
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     res["command"] = "python scripts/bench_real_shape.py " + " ".join(sys.argv[1:])
     text = json.dumps(res, indent=2)

@@ -24,7 +24,18 @@ warm one, ``break_even_response_tokens`` how many scored tokens repay it, and
 ``max_abs_diff_vs_eager`` the largest difference of each stored float column from the eager path
 (plus the share of top-K ids that differ: near ties swapping places).
 
-Run: ``python scripts/bench_score.py --out bench_score.json [--quick] [--no-vllm] [--no-compile]``.
+Prefix sharing (``prefix_sharing``, ``score.share_prefix``): the teacher pass over ``n = 8``
+samples of 4 prompts of 512 tokens, 64-token responses, with and without sharing, interleaved
+(``speedup``, ``speedup_cpu``; ``token_ratio_ceiling`` is the decoder-token ratio, the most it can
+give), and the same at the demo's own shapes (``prefix_sharing_demo``). The matmul limit
+(``matmul_limit``): every distinct linear of the model and its head, timed on every GEMM path
+the model can take here (MKL, MKL pre-packed as the static-shape compile emits, oneDNN plain and
+pre-packed as the dynamic-shape compile and the compiled head use) at the row counts the passes
+use, the best rate per shape, the best of every measurement in the run. A fraction above 1 is
+listed in ``score.limit_violations`` and the command exits 1 (the JSON still written).
+
+Run: ``python scripts/bench_score.py --out bench_score.json [--quick] [--no-vllm] [--no-compile]
+[--sharing-only]``.
 """
 
 from __future__ import annotations
@@ -231,7 +242,7 @@ def body_params(model) -> int:
 
 
 def make_jobs(spec: dict, seed: int = 0):
-    from stages.lib.scoring.plan import Job, Role
+    from stages.lib.scoring.plan import Pass, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", K, True)
@@ -241,14 +252,14 @@ def make_jobs(spec: dict, seed: int = 0):
         r = int(rng.integers(spec["response"] // 2, spec["response"] + 1))
         prefix = [2] + rng.integers(4, spec["vocab"], p - 1).tolist()
         resp = rng.integers(4, spec["vocab"], r).tolist()
-        jobs.append(Job((i,), role, prefix, resp, k=K, entropy=True))
+        jobs.append(Pass((i,), role, prefix, resp, k=K, entropy=True))
     return jobs
 
 
 def shared_jobs(shape: dict, vocab: int, seed: int = 0):
     """``prompts`` prefixes of ``prefix`` tokens, ``n`` responses of ``response`` tokens each:
     one teacher job per sample (the teacher pass of a rollout.n = n run)."""
-    from stages.lib.scoring.plan import Job, Role
+    from stages.lib.scoring.plan import Pass, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", K, True)
@@ -257,7 +268,7 @@ def shared_jobs(shape: dict, vocab: int, seed: int = 0):
         prefix = [2] + rng.integers(4, vocab, shape["prefix"] - 1).tolist()
         for i in range(shape["n"]):
             resp = rng.integers(4, vocab, shape["response"]).tolist()
-            jobs.append(Job((p, i), role, prefix, resp, k=K, entropy=True))
+            jobs.append(Pass((p, i), role, prefix, resp, k=K, entropy=True))
     return jobs
 
 
@@ -267,7 +278,7 @@ def demo_jobs(shape: dict, seed: int = 0):
     prompt gives a group of n samples after its teacher prefix and, unguided, one after its
     train prefix; guided prompts' behaviour passes are the teacher's (one job). K = 8 as the
     demo's score.topk."""
-    from stages.lib.scoring.plan import Job, Role
+    from stages.lib.scoring.plan import Pass, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", shape["topk"], True)
@@ -280,18 +291,25 @@ def demo_jobs(shape: dict, seed: int = 0):
         teacher = train[:1] + ctx + train[1:]
         for i in range(shape["n"]):
             resp = rng.integers(4, shape["vocab"], int(rng.integers(*shape["response"]))).tolist()
-            jobs.append(Job((p, i, "t"), role, teacher, resp, k=shape["topk"], entropy=True))
-            jobs.append(Job((p, i, "r"), role, train, resp, k=shape["topk"], entropy=True))
+            jobs.append(Pass((p, i, "t"), role, teacher, resp, k=shape["topk"], entropy=True))
+            jobs.append(Pass((p, i, "r"), role, train, resp, k=shape["topk"], entropy=True))
     return jobs
 
 
-def processed_tokens(jobs, shared: bool) -> int:
-    """Real tokens through the decoder: every prefix ⊕ response, or with sharing each distinct
-    prefix once plus every response but its last token (the first is scored by the prefix)."""
+def processed_tokens(jobs, shared: bool, batch_tokens: int = 8192) -> int:
+    """Real tokens through the decoder: every prefix ⊕ response, or with sharing each unit's
+    distinct prefixes once plus every response but its last token (the first is scored by the
+    prefix), as ``share_units`` packs them (unshared leftovers whole)."""
+    from stages.lib.scoring.hf import share_units
+
     if not shared:
         return sum(len(j.prefix) + len(j.response) for j in jobs)
-    prefixes = {tuple(j.prefix) for j in jobs}
-    return sum(len(p) for p in prefixes) + sum(len(j.response) - 1 for j in jobs)
+    units, single = share_units(jobs, batch_tokens)
+    n = sum(len(jobs[i].prefix) + len(jobs[i].response) for i in single)
+    for u in units:
+        n += sum(len(jobs[piece[0]].prefix) for piece in u)
+        n += sum(len(jobs[i].response) - 1 for piece in u for i in piece)
+    return n
 
 
 def bench_sharing(path: Path, jobs, limit: dict, *, batch_tokens: int, chunk: int,
@@ -327,7 +345,7 @@ def bench_sharing(path: Path, jobs, limit: dict, *, batch_tokens: int, chunk: in
         "unshared_jobs": len(single),
     }
     for name, shared in (("shared", True), ("unshared", False)):
-        proc = processed_tokens(jobs, shared)
+        proc = processed_tokens(jobs, shared, batch_tokens)
         res[name] = {
             "seconds": best[name],
             "cpu_seconds": cpu[name],
@@ -339,7 +357,9 @@ def bench_sharing(path: Path, jobs, limit: dict, *, batch_tokens: int, chunk: in
     res["speedup_cpu"] = cpu["unshared"] / cpu["shared"]  # steadier on a shared machine
     res["rounds"] = rounds
     # the most sharing can give: tokens through the decoder, unshared over shared
-    res["token_ratio_ceiling"] = processed_tokens(jobs, False) / processed_tokens(jobs, True)
+    res["token_ratio_ceiling"] = processed_tokens(jobs, False) / processed_tokens(
+        jobs, True, batch_tokens
+    )
     res["max_abs_diff_shared_vs_unshared"] = max_abs_diff(outs["shared"], outs["unshared"])
     return res
 
@@ -604,14 +624,53 @@ def bench(
     return out
 
 
+def bench_sharing_only(quick: bool) -> dict:
+    """``--sharing-only``: the prefix-sharing figures alone (the limit, the issue's shape on the
+    bench's model, the demo's shapes), without the batching sweep and the compile."""
+    from transformers import AutoModelForCausalLM
+
+    spec = QUICK if quick else FULL
+    shape = SHARED_QUICK if quick else SHARED
+    out: dict = {"mode": ("quick " if quick else "full ") + "sharing only", "model": spec,
+                 "topk": K, "threads": torch.get_num_threads(), "device": "cpu",
+                 "load_average_1min_before": os.getloadavg()[0]}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_model(Path(tmp) / "m", spec)
+        m = AutoModelForCausalLM.from_pretrained(path)
+        _keep_policy()
+        jobs = shared_jobs(shape, spec["vocab"])
+        rows = sorted({len(jobs[0].prefix), 8 * (len(jobs[0].response) - 1)})  # the forwards
+        limits = [gemm_limit(m, rows, 256)]
+        sharing = bench_sharing(path, jobs, limits[0], batch_tokens=8192, chunk=256)
+        limits.append(gemm_limit(m, rows, 256))
+        limit = out["matmul_limit"] = best_limit(*limits)
+        for name in ("shared", "unshared"):  # against the best limit of the run
+            x = sharing[name]
+            ideal = ideal_seconds(limit, x["processed_tokens"], sharing["scored_tokens"])
+            x["fraction_of_matmul_limit"] = ideal / x["seconds"]
+        out["prefix_sharing"] = {"shape": shape} | sharing
+        out["score.prefix_sharing_speedup"] = sharing["speedup"]
+        out["prefix_sharing_demo"] = bench_demo(Path(tmp))
+        out["score.prefix_sharing_speedup_demo"] = out["prefix_sharing_demo"]["speedup"]
+    out["load_average_1min_after"] = os.getloadavg()[0]
+    out["score.limit_violations"] = check_fractions(out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the score.compile variant")
+    ap.add_argument(
+        "--sharing-only", action="store_true", help="only the prefix-sharing figures (and limit)"
+    )
     a = ap.parse_args()
-    res = bench(a.quick, with_vllm=not a.no_vllm, with_compile=not a.no_compile)
+    if a.sharing_only:
+        res = bench_sharing_only(a.quick)
+    else:
+        res = bench(a.quick, with_vllm=not a.no_vllm, with_compile=not a.no_compile)
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     if res["score.limit_violations"]:  # the JSON is written; the run still fails

@@ -1,4 +1,4 @@
-"""GPU check: one command, a few minutes on one CUDA GPU, every figure in one JSON file.
+"""GPU check: one command on one CUDA GPU (minutes; part 4 longer), every figure in one JSON file.
 
     python scripts/gpu_check.py --out runs/gpu_check.json [--steps 40]
 
@@ -14,6 +14,12 @@
    a Hugging Face bf16 forward on the same GPU: the sampled tokens' log-probs from generation and
    teacher-forced scoring (``stages.lib.vllm_backend.score``), mean and max |Δ| in nats (goal: mean
    <= 1e-2) and the top-32 id overlap.
+
+4. ``real_shape``: ``scripts/bench_real_shape.py --device cuda`` at the shapes users run (a
+   random-weight Qwen3 of the 0.6B shape, 28 layers, V = 151,936; an 8-layer teacher of the same
+   width) with 1,024 and 2,048 new tokens, 16 prompts x 2 samples: per stage the host peak, the
+   GPU allocator's peak (``gpu_peak_mib``) beside the analytic floor, bytes per token on disk and
+   tokens/s; and the loss's working set in ``[chunk, V]`` blocks.
 
 Without CUDA it stops at once with one ``error:`` line (exit 2). Nothing outside ``--work`` (a temp
 folder by default) and ``--out`` is written.
@@ -136,9 +142,7 @@ def train(work: Path, student: Path, steps: int, n_params: int, peak: float) -> 
     from stages.lib.layout import RunLayout
 
     lay = RunLayout(rd)
-    rows = [
-        json.loads(x) for x in (lay.train("gpu_check") / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(x) for x in lay.metrics("gpu_check").read_text().splitlines()]
     warm = rows[min(5, len(rows) - 1) :]
     tps = statistics.median(r["tokens_per_s"] for r in warm)
     # training FLOPs per token: 6·N (the input embedding is a lookup) + attention 12·L·H·T
@@ -199,12 +203,28 @@ def vllm_parity(final: str) -> dict:
     }
 
 
+def real_shape(work: Path, new_tokens: int) -> dict:
+    """scripts/bench_real_shape.py on the GPU at one response length (its JSON, or the error)."""
+    out = work / f"real_shape_{new_tokens}.json"
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "bench_real_shape.py"), "--device", "cuda",
+        "--student-layers", "28", "--new-tokens", str(new_tokens), "--prompts", "16",
+        "--work", str(work / f"real_shape_{new_tokens}"), "--out", str(out),
+    ]  # fmt: skip
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=1800)  # fmt: skip
+    if p.returncode != 0:
+        return {"ok": False, "rc": p.returncode, "stderr": p.stderr[-3000:]}
+    return {"ok": True, **json.loads(out.read_text())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/gpu_check.json")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--work", default=None, help="work folder (default: a temp folder)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny training part on CPU only")
+    ap.add_argument("--no-real-shape", action="store_true", help="skip part 4 (real shapes)")
     a = ap.parse_args()
     import torch
 
@@ -234,6 +254,8 @@ def main() -> None:
                 out["vllm"] = vllm_parity(out["train"]["final"])
             except Exception as e:  # noqa: BLE001 - reported in the JSON, the rest stays
                 out["vllm"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+        if not a.no_real_shape:
+            out["real_shape"] = {str(t): real_shape(work, t) for t in (1024, 2048)}
     out["seconds"] = time.perf_counter() - t0
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))

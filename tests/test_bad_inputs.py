@@ -1,6 +1,15 @@
 """Bad input matrix: every case runs a stage through its CLI and must end with a non-zero exit,
 ONE ``error: ...`` line on stderr naming the input and the fix (no traceback), and no partial
-output (no new committed dataset, no new visible file in the run dir).
+output (no new committed dataset, no new visible file in the run dir), and nothing changed in the
+case's folders outside the run (``<case>-*``: prompts, models, symlink targets; files hashed,
+symlinks compared) unless a case names its own output folder (``own_output``).
+
+Besides the everyday mistakes, the hostile cases of docs/RELIABILITY.md ("A handed-over run, a
+bucket or a model folder"): names on disk that are SQL, symlinks out of the run, data that breaks
+the contract across rows and shards, config values with no meaning, model folders asking for
+custom code or claiming ids past the embedding rows, pickled adapters, huge and deeply nested
+prompts. Marker files prove that no payload ran (``pwned.*`` in the working directory, ``RAN`` in
+a model folder). The bucket cases are in tests/test_hostile_bucket.py.
 
 All cases run in one batch (two at a time) through the pre-imported zygote of
 tests/reliability_harness.py, then each parametrised test checks its own case; one case also runs
@@ -226,14 +235,19 @@ def _train_pickled_init(ctx: Ctx, d: Path) -> list[str]:
 # Every file outside the run that a case sets up lives in a sibling ``<case>-*`` folder, which
 # ``outcomes`` snapshots with the run dir: it must be unchanged, and no payload may run.
 def _payload(d: Path) -> str:
-    """A folder name that is SQL: closes the view's quoted name and writes a file outside."""
-    return (
-        f"x\" AS SELECT 1; COPY (SELECT 42) TO '{d.parent / (d.name + '-outside')}/pwned.csv'; --"
-    )
+    """A folder name that is SQL: closes the view's quoted name and writes pwned.csv into the
+    working directory (a folder name has no '/'; before #28 this ran, with full file access)."""
+    return "x\" AS SELECT 1; COPY (SELECT 42) TO 'pwned.csv'; --"
+
+
+def _attach_payload(d: Path) -> str:
+    """The same through ATTACH: would create a database file in the working directory."""
+    return "x\" AS SELECT 1; ATTACH 'pwned.duckdb' AS p; --"
 
 
 HOSTILE_SELECTIONS = {
     "copy": _payload,
+    "attach": _attach_payload,
     "single_quote": lambda d: "it's",
     "trailing_newline": lambda d: "all\n",
     "space": lambda d: "my selection",
@@ -709,7 +723,7 @@ CASES = [
             _hostile_selection(k, "report"),
             "not a safe name",
         )
-        for k in ("copy", "trailing_newline", "semicolon")
+        for k in ("copy", "attach", "trailing_newline", "semicolon")
     ],
     Case("eval_checkpoint_folder_name", "eval", _hostile_checkpoint, "not a safe name"),
     # -------------------------------------------------- no write or delete through a symlink (2)
@@ -752,6 +766,8 @@ CASES = [
     ),
     Case("symlink_eval_dir", "eval", _symlink("eval", extra=("eval.checkpoints=[]",)), "symlink"),
     Case("symlink_report_dir", "report", _symlink("report", "rollouts", extra=()), "symlink"),
+    Case("symlink_sft_selected", "sft", _symlink("selected/sft", extra=()), "symlink"),
+    Case("symlink_sft_data_overwrite", "sft", _symlink("sft_data"), "symlink"),
     *CONTRACT_CASES,
     *CONFIG_CASES,
     *MODEL_CASES,
@@ -837,7 +853,8 @@ def test_bad_input_fails_with_one_clear_error_and_no_output(outcomes, case):
         after = {k: v for k, v in after.items() if not own(k)}
     changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
     assert after == before, f"partial output or changes: {changed}"
-    assert not (h.REPO / "pwned.csv").exists()  # no payload ran in the working directory
+    for f in ("pwned.csv", "pwned.duckdb"):  # no payload ran in the working directory
+        assert not (h.REPO / f).exists(), f
     assert not any(k.endswith("/RAN") for k in after), "code from a model folder ran"
 
 

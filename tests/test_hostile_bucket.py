@@ -199,3 +199,13 @@ def test_credentials_in_a_failing_uri_are_redacted(s3, tmp_path):  # noqa: F811
         h.assert_user_error(r)
         _no_secret(r, tmp_path, objects={})
     assert os.environ.get("AWS_ACCESS_KEY_ID") == "test"  # this process' keys are untouched
+
+
+def test_credentials_are_not_printed_by_cfg_job(tmp_path):
+    """Hydra's ``--cfg job`` prints the composed config: the URI appears without its keys."""
+    work = tmp_path / "work"
+    work.mkdir()
+    args = [f"run_dir=s3://AKIAHOSTILE:{SECRET}@{BUCKET}/run", "--cfg", "job"]
+    r = cli("select", args, tmp_path / "m", work)
+    assert r.rc == 0 and f"s3://{BUCKET}/run" in r.stdout, r.describe()
+    _no_secret(r, tmp_path, objects={})

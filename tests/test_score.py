@@ -718,3 +718,55 @@ def test_progress_lines_when_stdout_is_not_a_tty(tmp_path, tiny_lm, tiny_teacher
     wrote = [i for i, line in enumerate(out) if line.startswith("score: wrote 3 shard(s) to ")]
     assert progress and wrote and progress[-1] < wrote[0], out
     assert "(100%)" in out[progress[-1]] and "response tokens" in out[progress[-1]]
+
+
+# ----------------------------------------------------------------------------- residency
+def test_one_model_resident_at_a_time_same_shards(tmp_path, tiny_lm, tiny_teacher):
+    """score.resident=one (the default) drops a model before the next loads (its memory is
+    freed: no reference survives), and writes the very shards resident=all writes."""
+    import gc
+    import weakref
+
+    from stages.lib.scoring.plan import Role
+    from stages.lib.scoring.scorer import Scorer
+
+    cfg = cfg_for(tmp_path / "unit", tiny_lm, tiny_teacher)
+    dev = torch.device("cpu")
+    scorer = Scorer(cfg, "hf", 100, 0, 64, {"teacher": dev, "behavior": dev, "ref": dev})
+    teacher = Role("teacher", str(tiny_teacher), "float32", "fp-teacher", 4, False)
+    student = Role("behavior", str(tiny_lm), "float32", "fp-student", 0, False)
+    first = weakref.ref(scorer.hf_model(teacher).model)
+    assert scorer.hf_model(student) is not None and len(scorer.hf) == 1
+    gc.collect()
+    assert first() is None  # the teacher's weights are gone, not merely unlisted
+    cfg_all = cfg_for(tmp_path / "unit", tiny_lm, tiny_teacher, "score.resident=all")
+    keep_all = Scorer(cfg_all, "hf", 100, 0, 64, {"teacher": dev, "behavior": dev, "ref": dev})
+    keep_all.hf_model(teacher), keep_all.hf_model(student)
+    assert len(keep_all.hf) == 2
+
+    one, every = tmp_path / "one", tmp_path / "all"
+    for d in (one, every):
+        write_rollouts(d, tiny_lm)
+    ref = f"ref.path={tiny_teacher}"  # a third pass on the teacher model after the train prompt
+    run(cfg_for(one, tiny_lm, tiny_teacher, ref, "score.topk=4", "score.behavior_topk=3"))
+    run(cfg_for(every, tiny_lm, tiny_teacher, ref, "score.topk=4", "score.behavior_topk=3",
+                "score.resident=all"))  # fmt: skip
+    a, b = _shard_bytes(one), _shard_bytes(every)
+    assert a and a == b
+
+
+def test_bf16_teacher_scores_close_to_the_fp32_teacher(tmp_path, tiny_lm, tiny_teacher):
+    """teacher.dtype=bfloat16 (the body in bf16; the head from an fp32 copy of its weight, tested
+    in tests/test_logprobs.py): the stage runs and its log-probs stay within bf16 rounding of the
+    fp32 teacher's, with the same top-1 id wherever the fp32 top-2 gap is clear."""
+    f32, b16 = tmp_path / "f32", tmp_path / "b16"
+    for d in (f32, b16):
+        write_rollouts(d, tiny_lm)
+    run(cfg_for(f32, tiny_lm, tiny_teacher, "score.topk=2"))
+    run(cfg_for(b16, tiny_lm, tiny_teacher, "score.topk=2", "teacher.dtype=bfloat16"))
+    a, b = read_tokens(f32).to_pylist(), read_tokens(b16).to_pylist()
+    diff = [abs(x["teacher_logprob"] - y["teacher_logprob"]) for x, y in zip(a, b, strict=True)]
+    assert 0 < max(diff) < 0.1, max(diff)  # bf16 did run, and stayed close
+    gap = lambda r: r["teacher_topk_logprobs"][0] - r["teacher_topk_logprobs"][1]  # noqa: E731
+    clear = [(x, y) for x, y in zip(a, b) if gap(x) > 0.2]
+    assert clear and all(x["teacher_topk_ids"][0] == y["teacher_topk_ids"][0] for x, y in clear)

@@ -484,3 +484,80 @@ def test_sigkilled_training_resumes_with_the_same_losses(world, tmp_path):
         pytest.skip("the run finished before it could be killed")
     again = run(train_cfg(rd, student, *args))
     assert again["history"] == full["history"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def test_final_is_weights_only_in_its_dtype_steps_keep_the_optimizer(world, tmp_path):
+    """final/ is what users ship: HF weights in train.final_dtype plus the tokenizer, and a
+    trainer state without optimizer moments; step checkpoints keep the moments (exact resume)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from stages.lib import trainer_state
+
+    root, student, teacher = world
+    rd = tmp_path / "run"
+    make_selection(rd, student, teacher, n=8)
+    args = ["train.max_steps=3", "train.save_every=1", "train.micro_batch_tokens=22"]
+    res = run(train_cfg(rd, student, *args, "train.final_dtype=bfloat16"))
+    final = Path(res["final"])
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert "optimizer" not in trainer_state.load(final, 0)
+    step = final.parent / "step-000002"
+    assert "optimizer" in trainer_state.load(step, 0)
+    assert _dir_bytes(final) < _dir_bytes(step) / 4  # bf16 weights only vs fp32 + Adam moments
+    loaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).state_dict()
+    trained = params_of(str(step))  # fp32; final is one step further, so only the keys match
+    assert loaded.keys() == trained.keys()
+    # a finished run is not retrained (final's trainer state still marks it finished)
+    assert run(train_cfg(rd, student, *args, "train.final_dtype=bfloat16"))["skipped"]
+
+
+def test_without_optimizer_state_steps_are_smaller_and_resume(world, tmp_path):
+    """train.save_optimizer=false: step checkpoints hold no moments; a resume from one runs to
+    the end (the moments restart), and final/ is float32 on CPU (final_dtype=auto)."""
+    from safetensors import safe_open
+
+    from stages.lib import trainer_state
+
+    root, student, teacher = world
+    rd = tmp_path / "run"
+    make_selection(rd, student, teacher, n=8)
+    args = ["train.max_steps=3", "train.save_every=1", "train.micro_batch_tokens=22"]
+    full = run(train_cfg(rd, student, *args, "train.save_optimizer=false"))
+    ckpts = Path(full["final"]).parent
+    assert "optimizer" not in trainer_state.load(ckpts / "step-000002", 0)
+    with safe_open(str(Path(full["final"]) / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    shutil.rmtree(ckpts / "final")
+    again = run(train_cfg(rd, student, *args, "train.save_optimizer=false"))
+    assert not again["skipped"] and again["steps"] == 3
+    assert again["history"][:2] == full["history"][:2]  # the steps before the resume point
+
+
+def test_final_cast_keeps_tied_embeddings_written_once(tmp_path):
+    """A tied head cast to bf16 for final/ is saved once and loads tied (as the fp32 save)."""
+    from safetensors import safe_open
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from stages.lib.training.checkpoint import _cast
+
+    cfg = Qwen3Config(
+        vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Qwen3ForCausalLM(cfg)
+    model.save_pretrained(tmp_path, state_dict=_cast(model.state_dict(), torch.bfloat16))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert "lm_head.weight" not in keys and all(
+            f.get_tensor(k).dtype == torch.bfloat16 for k in keys
+        )
+    back = Qwen3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(back.lm_head.weight, model.lm_head.weight.bfloat16().float())

@@ -35,6 +35,7 @@ from stages.lib.config import (
     check_override_keys,
     compose,
     compose_dict,
+    hydra_arg_parser,
     quote,
     to_config,
 )
@@ -69,9 +70,7 @@ class CommandLine:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from hydra._internal.utils import get_args_parser
-
-    parser = get_args_parser()
+    parser = hydra_arg_parser()
 
     def error(message: str) -> None:  # argparse's usage + error, as one line
         raise UserError(
@@ -106,7 +105,8 @@ def parse(stage: str, argv: list[str]) -> CommandLine:
     return CommandLine(
         stage=stage,
         config_name=ns.config_name or stage,
-        overrides=list(ns.overrides),
+        # s3://KEY:SECRET@...: the keys become AWS variables, never printed (--cfg job) or kept
+        overrides=[remote.adopt_credentials(o) for o in ns.overrides],
         config_dirs=absolute_dirs([ns.config_dir] if ns.config_dir else []),
         flags=flags,
         direct=not any(getattr(ns, k) for k in HYDRA_COMMANDS) and not ns.experimental_rerun,

@@ -427,7 +427,8 @@ def shared_prefix_hidden(
     p_lens = g_mask.sum(1)  # [G]
     out = decoder(input_ids=g_ids.to(device), attention_mask=g_mask.to(device), use_cache=True)
     h_pre = out.last_hidden_state  # [G, P, H]
-    last = h_pre[torch.arange(len(prefixes)), (p_lens - 1).to(device)]  # [G, H]
+    rows_g = torch.arange(len(prefixes), device=device)  # [G]
+    last = h_pre[rows_g, (p_lens - 1).to(device)]  # [G, H]
     del h_pre
     own = torch.as_tensor(list(owner), dtype=torch.long)  # [R]
     tails = [list(r[:-1]) for r in responses]  # the tokens whose outputs score tokens 1..r-1

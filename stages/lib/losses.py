@@ -64,7 +64,7 @@ TAIL_SETS = {
     "tropd": "teacher_topk_ids",
     "mapped_topk_fkl": "teacher_mapped_ids",
 }
-ROW_BLOCK = 64  # rows per pass over [rows, V] scratch: bounds temporaries to [64, V]
+ROW_BLOCK = 32  # rows per pass over [rows, V] scratch: bounds temporaries to [32, V]
 WORKING_BLOCKS = 2  # [N, V] fp32 blocks the fused path holds at its peak (log-softmax + gradient)
 
 

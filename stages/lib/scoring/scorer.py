@@ -1,7 +1,11 @@
 """The shard scorer: runs a plan's passes on the chosen backend (HF, or vLLM plus an HF pass for
-what vLLM cannot give), keeping each model resident while it is needed."""
+what vLLM cannot give). HF models: one loaded at a time by default (``score.resident=one``: the
+peak is the largest model, not the sum of the teacher, behaviour and reference models), or all
+kept loaded for the run (``all``)."""
 
 from __future__ import annotations
+
+import gc
 
 import torch
 
@@ -9,7 +13,7 @@ from stages.lib import models
 from stages.lib.config import Config
 from stages.lib.errors import UserError
 from stages.lib.scoring.hf import HFModel, hf_model, hf_score
-from stages.lib.scoring.plan import Job, PassKey, Role
+from stages.lib.scoring.plan import Pass, PassKey, Role
 
 
 class Scorer:
@@ -31,6 +35,19 @@ class Scorer:
         self.devices = devices  # role name -> where its HF model runs (role_devices)
         self.one_teacher = bool(cfg.teachers)  # several teachers: one resident at a time
         self.teacher_keys: set[tuple] = set()
+        self.one_model = cfg.score.resident == "one"  # HF: one model loaded at a time
+
+    def _evict_others(self, key: tuple) -> None:
+        """``score.resident=one``: drop every loaded HF model but ``key`` before ``key`` loads,
+        and hand their memory back (the next model's peak is then its own size)."""
+        stale = [k for k in self.hf if k != key]
+        if not (self.one_model and stale):
+            return
+        for k in stale:
+            self.hf.pop(k)
+        gc.collect()  # a model's modules reference each other: free them now, not later
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _evict_teachers(self, role: Role) -> None:
         """Before loading teacher ``role``: drop the other teachers' models (several teachers)."""
@@ -47,6 +64,7 @@ class Scorer:
         self._evict_teachers(role)
         device = self.devices[role.name]
         key = (*role.model_key, str(device))
+        self._evict_others(key)
         if key not in self.hf:
             model = models.load_model(role.path, role.name, dtype=role.dtype, device=device)
             rows = model.get_output_embeddings().weight.shape[0]
@@ -69,10 +87,10 @@ class Scorer:
         return self.hf[key]
 
     def run(
-        self, jobs: list[Job], done: dict[PassKey, Job], *, stats: bool, gather: bool, progress
+        self, jobs: list[Pass], done: dict[PassKey, Pass], *, stats: bool, gather: bool, progress
     ) -> None:
         sc = self.cfg.score
-        by_model: dict[tuple, list[Job]] = {}
+        by_model: dict[tuple, list[Pass]] = {}
         for j in jobs:
             by_model.setdefault(j.role.model_key, []).append(j)
 
@@ -111,7 +129,7 @@ class Scorer:
                 continue
             run_hf(role, group, stats, progress)
 
-    def _vllm(self, role: Role, group: list[Job]) -> None:
+    def _vllm(self, role: Role, group: list[Pass]) -> None:
         from stages.lib import vllm_backend as vb
 
         k = max(1, max(j.k for j in group))

@@ -16,7 +16,7 @@ import torch.distributed as tdist
 
 from stages.lib import store, trainer_state
 from stages.lib.errors import UserError, fault_point
-from stages.lib.loader import MicroBatchStream, Plan
+from stages.lib.loader import MicroBatchStream, StepPlan
 from stages.lib.training.job import Job, State, Trainer
 from stages.lib.training.objective import unwrap
 
@@ -142,9 +142,11 @@ def _rewrap_dtensors(optim: torch.optim.Optimizer) -> None:
 
 
 def restore(trainer: Trainer, resumed: dict) -> State:
-    trainer.optim.load_state_dict(resumed["optimizer"])
-    if tdist.is_initialized():
-        _rewrap_dtensors(trainer.optim)
+    """Optimizer (when the checkpoint has it: ``train.save_optimizer``), schedule, RNG, position."""
+    if "optimizer" in resumed:
+        trainer.optim.load_state_dict(resumed["optimizer"])
+        if tdist.is_initialized():
+            _rewrap_dtensors(trainer.optim)
     trainer.sched.load_state_dict(resumed["scheduler"])
     set_rng_state(resumed["rng"])
     return State(
@@ -170,8 +172,34 @@ def check_finite_params(job: Job, trainer: Trainer) -> None:
         )
 
 
-def _write_checkpoint(job: Job, trainer: Trainer, payload: dict, tmp: Path, merge: bool) -> None:
-    """HF weights + tokenizer (rank 0) and every rank's trainer state, into ``tmp``."""
+def final_dtype(tc, device: torch.device) -> torch.dtype:
+    """``train.final_dtype``: auto = bfloat16 on CUDA, float32 elsewhere."""
+    name = tc.final_dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return getattr(torch, name)
+
+
+def _cast(sd: dict, dtype: torch.dtype) -> dict:
+    """The state dict with its floating tensors in ``dtype`` (others as they are). Tensors that
+    share storage (tied embeddings) stay shared, so ``save_pretrained`` still writes them once."""
+    out, done = {}, {}
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            out[k] = v
+            continue
+        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()))
+        if key not in done:
+            done[key] = v.to(dtype)
+        out[k] = done[key]
+    return out
+
+
+def _write_checkpoint(
+    job: Job, trainer: Trainer, payload: dict, tmp: Path, merge: bool, dtype: torch.dtype | None
+) -> None:
+    """HF weights + tokenizer (rank 0) and every rank's trainer state, into ``tmp``; ``dtype``:
+    the weights' dtype on disk (None = as trained)."""
     dist = job.dist
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,6 +218,8 @@ def _write_checkpoint(job: Job, trainer: Trainer, payload: dict, tmp: Path, merg
     if dist.main:
         if merge and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()  # LoRA folded into a plain checkpoint (end of run)
+        if dtype is not None and not hasattr(model, "peft_config"):  # adapters stay as trained
+            sd = _cast(sd if sd is not None else model.state_dict(), dtype)
         model.save_pretrained(tmp, state_dict=sd) if sd is not None else model.save_pretrained(tmp)
         job.tok.save_pretrained(tmp)
     fault_point("mid_checkpoint")  # weights written, trainer state not yet
@@ -197,24 +227,31 @@ def _write_checkpoint(job: Job, trainer: Trainer, payload: dict, tmp: Path, merg
 
 
 def save_checkpoint(
-    job: Job, trainer: Trainer, state: State, loader: MicroBatchStream, plan: Plan, path: Path,
+    job: Job, trainer: Trainer, state: State, loader: MicroBatchStream, plan: StepPlan, path: Path,
     *, merge: bool,
 ) -> None:  # fmt: skip
     """Write a checkpoint into a temp folder, then rename it to ``path`` (atomic); prune old steps.
 
+    ``final/`` (what users ship) holds the weights in ``train.final_dtype`` and a trainer state
+    without optimizer moments (it marks the run finished); step checkpoints hold the weights as
+    trained and, with ``train.save_optimizer``, the optimizer moments (an exact resume).
     A full disk (or any write error) removes the temp folder and raises one UserError; the
     checkpoints written before stay, so a re-run resumes from the newest of them.
     """
     check_finite_params(job, trainer)
+    final = path == job.final_dir
     payload = {
-        "step": state.step, "optimizer": trainer.optim.state_dict(),
+        "step": state.step,
         "scheduler": trainer.sched.state_dict(), "rng": rng_state(), "loader": loader.position(),
         "history": state.history, "logged": state.logged, "skipped": state.skipped,
         "identity": job.identity, "plan": plan.__dict__,
     }  # fmt: skip
+    if job.cfg.train.save_optimizer and not final:
+        payload["optimizer"] = trainer.optim.state_dict()
+    dtype = final_dtype(job.cfg.train, job.dist.device) if final else None
     tmp = path.with_name(f"{store.TMP_PREFIX}{path.name}")
     try:
-        _write_checkpoint(job, trainer, payload, tmp, merge)
+        _write_checkpoint(job, trainer, payload, tmp, merge, dtype)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise store.disk_error(e, str(path)) from None
