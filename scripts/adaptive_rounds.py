@@ -141,7 +141,7 @@ def share_rounds(fixed: Path, adaptive: Path, args: argparse.Namespace) -> list[
     for rel in ROUND1:
         if not (adaptive / rel).exists():
             shutil.copytree(fixed / rel, adaptive / rel)
-    rows = pipeline.read_metrics(fixed / "train" / NAME / "metrics.jsonl")
+    rows = pipeline.read_metrics(RunLayout.of(fixed).metrics(NAME))
     fired, _ = pipeline.decide(rows, args.metric, args.threshold, args.window, "round 1")
     if fired and args.max_rounds >= 2 and (fixed / "round2").is_dir():
         if not (adaptive / "round2").exists():
@@ -155,7 +155,7 @@ def what_if(root: Path, metric: str, window: int, thresholds: list[float], max_r
     vals = {}
     for r in range(1, max_rounds + 1):
         lay = RunLayout.of(root if r == 1 else root / f"round{r}")
-        path = lay.train(NAME if r == 1 else f"{NAME}-r{r}") / "metrics.jsonl"
+        path = lay.metrics(NAME if r == 1 else f"{NAME}-r{r}")
         if path.is_file():
             rows = pipeline.read_metrics(path)
             vals[r] = pipeline.decide(rows, metric, 0.0, window, str(path))[1]

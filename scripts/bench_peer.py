@@ -251,7 +251,7 @@ def ours_train(spec: dict, loss: str, name: str) -> dict:
     res = measured(
         lambda: {"steps": train.run(compose("train", ours_overrides(spec, loss, name)))["steps"]}
     )
-    log = RunLayout.of(spec["run_dir"]).train(name) / "metrics.jsonl"
+    log = RunLayout.of(spec["run_dir"]).metrics(name)
     rows = [json.loads(r) for r in log.read_text().splitlines()]
     res["response_tokens"] = int(sum(r["tokens"] for r in rows))
     res["loop_s"] = sum(r["step_s"] for r in rows)

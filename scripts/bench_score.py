@@ -242,7 +242,7 @@ def body_params(model) -> int:
 
 
 def make_jobs(spec: dict, seed: int = 0):
-    from stages.lib.scoring.plan import Job, Role
+    from stages.lib.scoring.plan import Pass, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", K, True)
@@ -252,14 +252,14 @@ def make_jobs(spec: dict, seed: int = 0):
         r = int(rng.integers(spec["response"] // 2, spec["response"] + 1))
         prefix = [2] + rng.integers(4, spec["vocab"], p - 1).tolist()
         resp = rng.integers(4, spec["vocab"], r).tolist()
-        jobs.append(Job((i,), role, prefix, resp, k=K, entropy=True))
+        jobs.append(Pass((i,), role, prefix, resp, k=K, entropy=True))
     return jobs
 
 
 def shared_jobs(shape: dict, vocab: int, seed: int = 0):
     """``prompts`` prefixes of ``prefix`` tokens, ``n`` responses of ``response`` tokens each:
     one teacher job per sample (the teacher pass of a rollout.n = n run)."""
-    from stages.lib.scoring.plan import Job, Role
+    from stages.lib.scoring.plan import Pass, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", K, True)
@@ -268,7 +268,7 @@ def shared_jobs(shape: dict, vocab: int, seed: int = 0):
         prefix = [2] + rng.integers(4, vocab, shape["prefix"] - 1).tolist()
         for i in range(shape["n"]):
             resp = rng.integers(4, vocab, shape["response"]).tolist()
-            jobs.append(Job((p, i), role, prefix, resp, k=K, entropy=True))
+            jobs.append(Pass((p, i), role, prefix, resp, k=K, entropy=True))
     return jobs
 
 
@@ -278,7 +278,7 @@ def demo_jobs(shape: dict, seed: int = 0):
     prompt gives a group of n samples after its teacher prefix and, unguided, one after its
     train prefix; guided prompts' behaviour passes are the teacher's (one job). K = 8 as the
     demo's score.topk."""
-    from stages.lib.scoring.plan import Job, Role
+    from stages.lib.scoring.plan import Pass, Role
 
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "bench", shape["topk"], True)
@@ -291,18 +291,25 @@ def demo_jobs(shape: dict, seed: int = 0):
         teacher = train[:1] + ctx + train[1:]
         for i in range(shape["n"]):
             resp = rng.integers(4, shape["vocab"], int(rng.integers(*shape["response"]))).tolist()
-            jobs.append(Job((p, i, "t"), role, teacher, resp, k=shape["topk"], entropy=True))
-            jobs.append(Job((p, i, "r"), role, train, resp, k=shape["topk"], entropy=True))
+            jobs.append(Pass((p, i, "t"), role, teacher, resp, k=shape["topk"], entropy=True))
+            jobs.append(Pass((p, i, "r"), role, train, resp, k=shape["topk"], entropy=True))
     return jobs
 
 
-def processed_tokens(jobs, shared: bool) -> int:
-    """Real tokens through the decoder: every prefix ⊕ response, or with sharing each distinct
-    prefix once plus every response but its last token (the first is scored by the prefix)."""
+def processed_tokens(jobs, shared: bool, batch_tokens: int = 8192) -> int:
+    """Real tokens through the decoder: every prefix ⊕ response, or with sharing each unit's
+    distinct prefixes once plus every response but its last token (the first is scored by the
+    prefix), as ``share_units`` packs them (unshared leftovers whole)."""
+    from stages.lib.scoring.hf import share_units
+
     if not shared:
         return sum(len(j.prefix) + len(j.response) for j in jobs)
-    prefixes = {tuple(j.prefix) for j in jobs}
-    return sum(len(p) for p in prefixes) + sum(len(j.response) - 1 for j in jobs)
+    units, single = share_units(jobs, batch_tokens)
+    n = sum(len(jobs[i].prefix) + len(jobs[i].response) for i in single)
+    for u in units:
+        n += sum(len(jobs[piece[0]].prefix) for piece in u)
+        n += sum(len(jobs[i].response) - 1 for piece in u for i in piece)
+    return n
 
 
 def bench_sharing(path: Path, jobs, limit: dict, *, batch_tokens: int, chunk: int,
@@ -338,7 +345,7 @@ def bench_sharing(path: Path, jobs, limit: dict, *, batch_tokens: int, chunk: in
         "unshared_jobs": len(single),
     }
     for name, shared in (("shared", True), ("unshared", False)):
-        proc = processed_tokens(jobs, shared)
+        proc = processed_tokens(jobs, shared, batch_tokens)
         res[name] = {
             "seconds": best[name],
             "cpu_seconds": cpu[name],
@@ -350,7 +357,9 @@ def bench_sharing(path: Path, jobs, limit: dict, *, batch_tokens: int, chunk: in
     res["speedup_cpu"] = cpu["unshared"] / cpu["shared"]  # steadier on a shared machine
     res["rounds"] = rounds
     # the most sharing can give: tokens through the decoder, unshared over shared
-    res["token_ratio_ceiling"] = processed_tokens(jobs, False) / processed_tokens(jobs, True)
+    res["token_ratio_ceiling"] = processed_tokens(jobs, False) / processed_tokens(
+        jobs, True, batch_tokens
+    )
     res["max_abs_diff_shared_vs_unshared"] = max_abs_diff(outs["shared"], outs["unshared"])
     return res
 

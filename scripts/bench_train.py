@@ -204,7 +204,7 @@ def pair_ratio(num: list[float], den: list[float]) -> float:
 
 def trainer(cfg, student: Path, vocab: int):
     """The student under ``stages.train``'s loss and optimizer, as ``run`` builds them."""
-    from stages.lib.training.distributed import Dist
+    from stages.lib.training.job import Dist
     from stages.lib.training.objective import ResponseLoss
 
     tc = cfg.train
@@ -344,7 +344,7 @@ def bench_online(w: dict, pairs: int, end_to_end: bool) -> dict:
         med = {}
         for mode in ("offline", "online"):
             run(train_cfg(w, mode, pairs + 1))
-            metrics = RunLayout(w["run_dir"]).train(mode) / "metrics.jsonl"
+            metrics = RunLayout(w["run_dir"]).metrics(mode)
             rows = metrics.read_text().splitlines()
             med[mode] = statistics.median(json.loads(r)["step_s"] for r in rows[1:])  # warm-up
         out["c.run_offline_step_s"] = med["offline"]

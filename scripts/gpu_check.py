@@ -142,9 +142,7 @@ def train(work: Path, student: Path, steps: int, n_params: int, peak: float) -> 
     from stages.lib.layout import RunLayout
 
     lay = RunLayout(rd)
-    rows = [
-        json.loads(x) for x in (lay.train("gpu_check") / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(x) for x in lay.metrics("gpu_check").read_text().splitlines()]
     warm = rows[min(5, len(rows) - 1) :]
     tps = statistics.median(r["tokens_per_s"] for r in warm)
     # training FLOPs per token: 6·N (the input embedding is a lookup) + attention 12·L·H·T

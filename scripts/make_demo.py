@@ -1,8 +1,13 @@
 """Build the demo world (tokenizer, private-facts prompts, tiny Llamas) under one directory.
 
     python scripts/make_demo.py --out runs/world [--teacher-big] [--quick] [--seed 0] [--force]
+                                [--threads 2] [--kernels portable|native]
 
-Deterministic for a fixed seed; a second call with the same settings returns at once.
+Deterministic for a fixed seed on one machine; a second call with the same settings returns at
+once. The printed content hash names what was built (weights, vocabulary, prompt rows). With
+``--kernels portable`` (torch's AVX2 kernels, MKL_CBWR=COMPATIBLE, a fixed thread count) the bits
+are meant to be the same on every x86 CPU with AVX2, at about 2.8x the build time; the default
+``native`` kernels are this CPU's fastest, and their bits differ between CPUs (docs/RESULTS.md).
 What it writes and the text format: see ``scripts/demoworld/world.py``.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,10 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from demoworld import world as demoworld  # noqa: E402
+# The kernel settings torch and MKL read once, at import: kept in sync with world.PORTABLE_ENV
+# (which imports torch, so it cannot be imported before they are set).
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="runs/world", help="output directory (default runs/world)")
     ap.add_argument(
@@ -40,14 +48,38 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads (part of the cache key: results depend on it bit-wise);"
         " 1 is faster when other jobs share the cores",
     )
-    args = ap.parse_args(argv)
-
-    base = demoworld.WorldSettings.quick() if args.quick else demoworld.WorldSettings()
-    settings = dataclasses.replace(
-        base, seed=args.seed, teacher_big=args.teacher_big, threads=args.threads
+    ap.add_argument(
+        "--kernels",
+        choices=["portable", "native"],
+        default="native",
+        help="native (default): this CPU's fastest kernels (the bits differ between CPUs);"
+        " portable: the same bits on every x86 CPU with AVX2, ~2.8x slower",
     )
+    # Internal: the full settings as JSON (world.build_world re-runs itself through this script).
+    ap.add_argument("--settings-json", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    kernels = json.loads(args.settings_json)["kernels"] if args.settings_json else args.kernels
+    if kernels == "portable":
+        os.environ.update(PORTABLE_ENV)  # before torch is imported (by demoworld)
+    from demoworld import world as demoworld
+
+    if args.settings_json:
+        settings = demoworld.settings_from_dict(json.loads(args.settings_json))
+    else:
+        base = demoworld.WorldSettings.quick() if args.quick else demoworld.WorldSettings()
+        settings = dataclasses.replace(
+            base,
+            seed=args.seed,
+            teacher_big=args.teacher_big,
+            threads=args.threads,
+            kernels=args.kernels,
+        )
     cached = demoworld.is_complete(args.out, settings) and not args.force
-    info = demoworld.build_world(args.out, settings, force=args.force)
+    info = demoworld.build_world(args.out, settings, force=args.force, _in_child=True)
     print(
         f"world {'(cached) ' if cached else ''}at {args.out}: key {info['key']}, "
         f"vocab {info['tokenizer']['vocab_size']}, {info['seconds']['total']} s"
@@ -55,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in info["models"].items():
         print(f"  {name}: {m['params']:,} params, accuracy {json.dumps(m['accuracy'])}")
     print(f"  chance: {json.dumps(info['chance_accuracy'])}")
+    active = info.get("kernels_active", {})
+    print(
+        f"  content hash {info.get('content_hash')} "
+        f"(kernels {active.get('mode')}: torch {active.get('torch_cpu_capability')}, "
+        f"{active.get('threads')} threads)"
+    )
     return 0
 
 

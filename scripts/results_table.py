@@ -1,6 +1,6 @@
 """Re-run the demo's results table: every ablation of the README, several seeds, one command.
 
-    python scripts/results_table.py --seeds 0 1 2 --ablation-seeds 0           # docs/RESULTS.md
+    python scripts/results_table.py --seeds 0 1 2 --ablation-seeds 0           # docs/RESULTS.md (its table block)
     python scripts/results_table.py --seeds 0 1 2 --out docs/RESULTS.md        # everything
     python scripts/results_table.py --seeds 0 1 2 --rows headline               # base + EDGE-OPD
     python scripts/results_table.py --seeds 0 --rows guided,unguided,lightning  # one seed of the rest
@@ -269,7 +269,12 @@ def write_table(args, table: dict, raw: dict, root: Path, seconds: float) -> Non
         + f"--rows {args.rows}` (this call: {seconds:.0f} s; runs already on disk are reused, "
         "only new ones train). The seeds column says how many seeds each row has.\n\n"
     )
-    out.write_text(head + md + "\n")
+    text = head + md + "\n"
+    if out.exists() and "<!-- generated: results-table -->" in out.read_text():
+        from docs_tables import replace_block  # docs/RESULTS.md: only its generated block
+
+        text = replace_block(out.read_text(), "results-table", text)
+    out.write_text(text)
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(
         json.dumps({"table": table, "raw": raw}, indent=1, default=str)

@@ -37,13 +37,15 @@ import pyarrow.parquet as pq
 import torch
 
 from data_schemas import prompts as prompts_schema
-from stages.lib import chat, decoding, models, safety
-from stages.lib.config import Config, as_dict
+from stages.lib import adapters, chat, decoding, models, safety
+from stages.lib.adapters import adapter_base, is_adapter_dir
+from stages.lib.config import Config, EvalConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
 from stages.lib.layout import RunLayout, check_name
-from stages.lib.progress import Progress
+from stages.lib.progress import Progress, log
+from stages.lib.spec import StageSpec
 from stages.lib.store import atomic_write_text, content_id
 
 
@@ -124,46 +126,22 @@ def reverse_kl_per_token(
     return total / max(count, 1)
 
 
-def is_adapter_dir(path: str) -> bool:
-    """An adapter-only checkpoint (train.lora.save_merged=false): adapter files, no config.json."""
-    p = Path(path)
-    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
-
-
-def adapter_base(cfg: Config, path: str) -> str:
-    """The model an adapter was trained on: its adapter_config's base when that directory exists
-    (relative paths as the trainer wrote them), else the student."""
-    f = Path(path) / "adapter_config.json"
-    fix = "re-save the adapter (model.save_pretrained(DIR)) or evaluate a merged checkpoint"
-    base = safety.parse_json_object(f.read_bytes(), "adapter_config.json", str(f), fix).get(
-        "base_model_name_or_path"
-    )
-    return base if base and (Path(base) / "config.json").is_file() else cfg.student.path
-
-
 def load_checkpoint(cfg: Config, name: str, path: str):
     """A model to evaluate; adapter-only checkpoints are applied to their base through peft and
     merged."""
     if not is_adapter_dir(path):
         return models.load_model(path, f"checkpoint {name}")
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise UserError(
-            f"checkpoint {name} holds a LoRA adapter only and peft is not installed",
-            path,
-            "pip install peft (or train with train.lora.save_merged=true)",
-        ) from None
-    models.check_safe_weights(Path(path), f"checkpoint {name} (LoRA adapter)", allow_pickle=False)
-    base = models.load_model(adapter_base(cfg, path), f"base of checkpoint {name}")
-    return PeftModel.from_pretrained(base, path).merge_and_unload().eval()
+    base = models.load_model(adapter_base(path, cfg.student.path), f"base of checkpoint {name}")
+    return adapters.merged(base, path, f"checkpoint {name} (a LoRA adapter only)")
 
 
 def checkpoint_fingerprint(cfg: Config, name: str, path: str) -> str:
     """The model fingerprint, or for an adapter its files' hash with its base's fingerprint."""
     if not is_adapter_dir(path):
         return models.model_fingerprint(path, name)
-    h = hashlib.sha256(models.model_fingerprint(adapter_base(cfg, path), "base").encode())
+    h = hashlib.sha256(
+        models.model_fingerprint(adapter_base(path, cfg.student.path), "base").encode()
+    )
     for f in sorted(Path(path).iterdir()):
         if f.is_file() and f.name.startswith("adapter_"):
             h.update(f.name.encode() + f.read_bytes())
@@ -369,7 +347,7 @@ def run(cfg: Config) -> dict:
     if teacher_tok is not None and cfg.score.cross_tokenizer == "align":
         if chat.id_map_fingerprint(tok) != chat.id_map_fingerprint(teacher_tok):
             # a teacher of another tokenizer: no token-level KL to it (docs/CROSS_TOKENIZER.md)
-            print("[eval] the teacher's tokenizer differs (score.cross_tokenizer=align): no KL")
+            log.info("[eval] the teacher's tokenizer differs (score.cross_tokenizer=align): no KL")
             teacher = teacher_tok = None
     if teacher_tok is not None:
         chat.check_compatible(
@@ -405,13 +383,13 @@ def run(cfg: Config) -> dict:
         "cache": cache,
     }
     atomic_write_text(path, json.dumps(doc, indent=1))
-    print(format_table(results, list(sets)), flush=True)
+    log.info(format_table(results, list(sets)))
     gen_note = (
         f", generations in {gen_root}/<checkpoint>/<set>.parquet"
         if cfg.eval.save_generations
         else ""
     )
-    print(f"[eval] wrote {path}{gen_note}", flush=True)
+    log.info(f"[eval] wrote {path}{gen_note}")
     return results
 
 
@@ -443,6 +421,17 @@ def _read_cache(path: Path) -> dict:
             "delete it; the eval stage recomputes every result",
         ) from None
 
+
+SPEC = StageSpec(
+    name="eval",
+    run=run,
+    config=EvalConfig,
+    uses=("data", "student", "teacher", "rollout", "score"),
+    reads=("checkpoints/", "data.eval_sets", "teacher.path"),
+    writes=("eval/",),
+    dataset_id=("per entry: checkpoint fingerprint", "eval set", "settings"),
+    extras=("dev", "s3"),
+)
 
 main = hydra_entry("eval")(run)
 

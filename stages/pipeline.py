@@ -34,13 +34,17 @@ from pathlib import Path
 from stages.lib import remote
 from stages.lib.config import (
     ADAPTIVE_METRICS,
+    STAGES,
     Config,
+    PipelineConfig,
     round_config,
     variant_config,
 )
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
+from stages.lib.spec import StageSpec
 from stages.lib.store import atomic_write_text
 
 
@@ -77,7 +81,7 @@ def plan(cfg: Config) -> list[Step]:
         for v in cfg.pipeline.variants:
             vcfg = variant_config(cfg, v)
             label, group = f"variant {v.name}", f"variant:{v.name}"
-            steps += [Step(s, vcfg, f"{label}: {s}", group) for s in ("select", "train")]
+            steps += [Step(s, vcfg, f"{label}: {s}", group) for s in VARIANT_STAGES]
         for r in range(2, last + 1):  # adaptive: every possible round, each conditional
             rcfg, mark = round_config(cfg, r), "?" if ad.enabled else ""
             steps += [
@@ -87,7 +91,14 @@ def plan(cfg: Config) -> list[Step]:
     return steps
 
 
-ROUND_STAGES = ("rollout", "score", "select", "train")  # the stages a round runs again
+def spec(name: str) -> StageSpec:
+    """Stage ``name``'s spec (``SPEC`` of ``stages/<name>.py``)."""
+    return importlib.import_module(f"stages.{name}").SPEC
+
+
+# What a round of fresh rollouts, and a training variant, run again: from the stages' specs.
+ROUND_STAGES = tuple(s for s in STAGES if spec(s).rounds)
+VARIANT_STAGES = tuple(s for s in STAGES if spec(s).variants)
 
 
 def format_plan(steps: list[Step]) -> str:
@@ -107,12 +118,11 @@ def format_plan(steps: list[Step]) -> str:
 
 
 def run_stage(name: str, cfg: Config) -> dict:
-    mod = importlib.import_module(f"stages.{name}")
     t0 = time.time()
-    print(f"\n=== {name} ===", flush=True)
+    log.info(f"\n=== {name} ===")
     with remote.stage_session(cfg, name):  # a run on object storage: lease, pull, publish
-        out = mod.run(cfg)
-    print(f"=== {name} done in {time.time() - t0:.1f}s ===", flush=True)
+        out = spec(name).run(cfg)
+    log.info(f"=== {name} done in {time.time() - t0:.1f}s ===")
     return out if isinstance(out, dict) else {}
 
 
@@ -124,7 +134,7 @@ def run(cfg: Config) -> dict:
 def _run(cfg: Config) -> dict:
     t0 = time.time()
     steps = plan(cfg)  # every derived config composes (and is checked) before anything runs
-    print(format_plan(steps), flush=True)
+    log.info(format_plan(steps))
     timings: dict[str, float] = {}
     costs: dict[int, dict[str, float]] = {}  # round -> stage -> seconds (this invocation)
     decisions = Decisions(cfg) if cfg.pipeline.adaptive.enabled else None
@@ -133,7 +143,7 @@ def _run(cfg: Config) -> dict:
         if st.conditional and decisions is not None and not decisions.runs(st.round):
             continue
         if st.label != st.stage:
-            print(f"\n--- {st.label} ({_describe(st.cfg)}) ---", flush=True)
+            log.info(f"\n--- {st.label} ({_describe(st.cfg)}) ---")
         t = time.time()
         run_stage(st.stage, st.cfg)
         dt = time.time() - t
@@ -144,12 +154,12 @@ def _run(cfg: Config) -> dict:
         if decisions is not None and st.round is not None and st.stage == "train":
             decisions.after_training(st.round, st.cfg, costs.get(st.round, {}))
     timings["total"] = time.time() - t0
-    print("\npipeline timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    log.info("\npipeline timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     lay = RunLayout.of(cfg.run_dir)
     lay.root.mkdir(parents=True, exist_ok=True)
     # read by scripts/bench.py (demo.end_to_end_seconds)
     atomic_write_text(lay.timings, json.dumps(timings, indent=1))
-    print(f"pipeline: done, {len(ran)} steps; wrote {lay.root}/ ({_wrote(cfg, ran)})")
+    log.info(f"pipeline: done, {len(ran)} steps; wrote {lay.root}/ ({_wrote(cfg, ran)})")
     return timings
 
 
@@ -219,7 +229,7 @@ class Decisions:
         if same:
             fired, value = old["fired"], old["value"]
         else:
-            path = RunLayout.of(rcfg.run_dir).train(rcfg.train.name) / "metrics.jsonl"
+            path = RunLayout.of(rcfg.run_dir).metrics(rcfg.train.name)
             rows = read_metrics(path)
             fired, value = decide(rows, ad.metric, ad.threshold, ad.window, str(path))
         nxt = r + 1 if fired and r < ad.max_rounds else None
@@ -234,10 +244,9 @@ class Decisions:
         self.last_round = nxt or r
         self._write()
         why = "starts round " + str(nxt) if nxt else ("max_rounds reached" if fired else "stops")
-        print(
+        log.info(
             f"pipeline: round {r} {ad.metric} {value:.4g} "
-            f"{'>=' if fired else '<'} {ad.threshold:g}: {why}",
-            flush=True,
+            f"{'>=' if fired else '<'} {ad.threshold:g}: {why}"
         )
 
     def _write(self) -> None:
@@ -267,6 +276,17 @@ def _wrote(cfg: Config, steps: list[Step]) -> str:
     out.append(str(lay.timings))
     return ", ".join(out)
 
+
+SPEC = StageSpec(
+    name="pipeline",
+    run=run,
+    config=PipelineConfig,
+    uses=("sft", "select", "train"),
+    reads=(),
+    writes=("timings.json", "rounds.json"),
+    dataset_id=(),
+    extras=("s3",),
+)
 
 main = hydra_entry("pipeline")(run)
 

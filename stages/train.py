@@ -72,13 +72,15 @@ from torch import Tensor, nn
 
 from data_schemas import manifest as manifest_mod
 from data_schemas import selected as selected_table
-from stages.lib import models, safety, store, trackers
-from stages.lib.config import Config, as_dict
+from stages.lib import adapters, models, safety, store, trackers
+from stages.lib.config import Config, TrainConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
-from stages.lib.loader import MicroBatch, MicroBatchStream, Plan, collate, plan_steps
+from stages.lib.loader import MicroBatch, MicroBatchStream, StepPlan, collate, plan_steps
 from stages.lib.losses import average_metrics
+from stages.lib.progress import Progress, log
+from stages.lib.spec import StageSpec
 from stages.lib.training.checkpoint import (
     find_resume,
     load_resume,
@@ -88,14 +90,13 @@ from stages.lib.training.checkpoint import (
     step_dir_name,
 )
 from stages.lib.training.distributed import (
-    Dist,
     distribute,
     no_sync_unless_last,
     reduce_totals,
     setup_distributed,
     step_counts,
 )
-from stages.lib.training.job import Job, State, Trainer
+from stages.lib.training.job import Dist, Job, State, Trainer
 from stages.lib.training.objective import ResponseLoss, add_metrics, loss_chunk, lr_factor
 from stages.lib.training.online import online_scorer
 from stages.lib.training.precision import MasterWeights, autocast_for
@@ -180,19 +181,9 @@ def setup_job(cfg: Config, dist: Dist) -> Job:
 
 # ============================================================================ setup: model
 def apply_lora(model: nn.Module, lc, resume_from: Path | None) -> nn.Module:
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if resume_from is not None:  # adapters load from safetensors only, as weights do
-        models.check_safe_weights(resume_from, "LoRA adapter", allow_pickle=False)
-        return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-    cfg = LoraConfig(
-        r=lc.r,
-        lora_alpha=lc.alpha,
-        lora_dropout=lc.dropout,
-        target_modules=list(lc.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, cfg)
+    if resume_from is not None:
+        return adapters.attach(model, resume_from, trainable=True, what="resuming a LoRA run")
+    return adapters.new_adapter(model, lc)
 
 
 def build_model(
@@ -230,7 +221,7 @@ def build_model(
     return distribute(wrapped, job), master
 
 
-def make_plan(job: Job) -> Plan:
+def make_plan(job: Job) -> StepPlan:
     tc = job.cfg.train
     plan = plan_steps(
         job.sel_dir,
@@ -253,7 +244,7 @@ def make_plan(job: Job) -> Plan:
 
 
 def build_trainer(
-    job: Job, wrapped: nn.Module, master: MasterWeights | None, plan: Plan
+    job: Job, wrapped: nn.Module, master: MasterWeights | None, plan: StepPlan
 ) -> Trainer:
     tc = job.cfg.train
     params = master.master if master else [p for p in wrapped.parameters() if p.requires_grad]
@@ -271,7 +262,7 @@ def build_trainer(
 
 
 # ============================================================================ setup: outputs
-def open_outputs(job: Job, state: State, plan: Plan) -> list:
+def open_outputs(job: Job, state: State, plan: StepPlan) -> list:
     """metrics.jsonl (exactly the resumed checkpoint's rows), config.json, the trackers."""
     if not job.dist.main:
         return []
@@ -279,10 +270,10 @@ def open_outputs(job: Job, state: State, plan: Plan) -> list:
     out.mkdir(parents=True, exist_ok=True)
     # rows logged after the resumed checkpoint (a crash, a second writer) are dropped here
     store.atomic_write_text(
-        out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.logged)
+        job.layout.metrics(tc.name), "".join(json.dumps(r) + "\n" for r in state.logged)
     )
     resolved = as_dict(cfg)
-    (out / "config.json").write_text(json.dumps(resolved, indent=1))
+    job.layout.train_config(tc.name).write_text(json.dumps(resolved, indent=1))
     opened = trackers.open_trackers(tc.trackers, out, resolved, state.step, tc=tc, name=tc.name)
     job.say(f"train: config\n{json.dumps(resolved['train'], indent=1)}\nloss: {cfg.loss.terms}")
     job.say(
@@ -379,41 +370,39 @@ def train_step(
 
 
 # ============================================================================ loop
-def record(job: Job, state: State, row: dict, plan: Plan, opened: list, bar) -> None:
+def record(job: Job, state: State, row: dict, plan: StepPlan, opened: list, bar) -> None:
     """Keep a step's row: the loss history, and every ``log_every`` steps metrics + trackers."""
     state.history.append(row["loss"])
     bar.update(1)
-    bar.set_postfix(
+    bar.postfix(
         loss=f"{row['loss']:.4f}", rkl=f"{row.get('rkl_k1', float('nan')):.4f}",
         gn=f"{row['grad_norm']:.2f}", tps=f"{row['tokens_per_s']:.0f}",
     )  # fmt: skip
     if state.step % job.cfg.train.log_every == 0 or state.step == plan.steps:
         state.logged.append(row)
         if job.dist.main:
-            with open(job.out_dir / "metrics.jsonl", "a") as f:
+            with open(job.layout.metrics(job.cfg.train.name), "a") as f:
                 f.write(json.dumps(row) + "\n")
             for t in opened:
                 t.log(row)
-            if bar.disable:  # not a terminal: a log gets one line per logged step instead
-                print(
+            if not bar.tty:  # not a terminal: a log gets one line per logged step instead
+                log.info(
                     f"train {job.cfg.train.name}: step {state.step}/{plan.steps} "
                     f"loss {row['loss']:.4f} grad_norm {row['grad_norm']:.3f} "
-                    f"tokens/s {row['tokens_per_s']:.0f}",
-                    flush=True,
+                    f"tokens/s {row['tokens_per_s']:.0f}"
                 )
 
 
 def train_loop(
-    job: Job, trainer: Trainer, state: State, loader: MicroBatchStream, plan: Plan,
+    job: Job, trainer: Trainer, state: State, loader: MicroBatchStream, plan: StepPlan,
     score, opened: list,
 ) -> None:  # fmt: skip
     """Steps until the plan is done, a checkpoint every ``save_every``, then ``final/``."""
-    from tqdm import tqdm
-
     tc, dist = job.cfg.train, job.dist
     sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
-    tty = dist.main and sys.stderr.isatty()
-    bar = tqdm(total=plan.steps, initial=state.step, desc=f"train {tc.name}", disable=not tty)
+    bar = Progress(
+        plan.steps, f"train {tc.name}", "steps", every=None, initial=state.step, shown=dist.main
+    )  # on a log: one line per logged step (record), not a timed line
     with bar:
         while state.step < plan.steps:
             t0 = time.perf_counter()
@@ -492,7 +481,7 @@ def train(job: Job) -> dict:
         trackers.close_all(opened)
     job.say(
         f"train: done, {state.step} steps, final loss {state.history[-1]:.4f}; wrote "
-        f"{job.final_dir} and {job.out_dir / 'metrics.jsonl'}"
+        f"{job.final_dir} and {job.layout.metrics(job.cfg.train.name)}"
     )
     return summary(job, state, plan.__dict__, skipped=False)
 
@@ -504,6 +493,19 @@ def run(cfg: Config) -> dict:
     with run_lock(job):
         return train(job)
 
+
+SPEC = StageSpec(
+    name="train",
+    run=run,
+    config=TrainConfig,
+    uses=("loss", "student", "teacher", "sft"),
+    reads=("selected/<train.selection>/", "checkpoints/sft/", "rollouts/"),
+    writes=("checkpoints/<train.name>/", "train/<train.name>/"),
+    dataset_id=("init model", "tokenizer", "selection id", "world size"),
+    extras=("trackers", "dev", "s3"),
+    rounds=True,
+    variants=True,
+)
 
 _main = hydra_entry("train")(run)
 

@@ -766,6 +766,8 @@ CASES = [
     ),
     Case("symlink_eval_dir", "eval", _symlink("eval", extra=("eval.checkpoints=[]",)), "symlink"),
     Case("symlink_report_dir", "report", _symlink("report", "rollouts", extra=()), "symlink"),
+    Case("symlink_sft_selected", "sft", _symlink("selected/sft", extra=()), "symlink"),
+    Case("symlink_sft_data_overwrite", "sft", _symlink("sft_data"), "symlink"),
     *CONTRACT_CASES,
     *CONFIG_CASES,
     *MODEL_CASES,

@@ -14,6 +14,7 @@ driver on the same run is refused with one line.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -284,10 +285,11 @@ def test_actors_pull_what_they_read_and_publish_the_bytes_of_a_local_run(
     assert not any(f.startswith(("checkpoints/old", "eval/")) for f in pulled), pulled
 
 
-def _kill_inside_a_shard(client, key: str, deadline: float) -> int:
-    """SIGKILL a process whose title says it runs ShardActor.run, once ``key`` is published."""
+def _kill_inside_a_shard(written: str, deadline: float) -> int:
+    """SIGKILL a process whose title says it runs ShardActor.run, once a shard has been renamed
+    into place on some actor (``written``: a glob of the actors' shard paths)."""
     while time.time() < deadline:
-        if client.list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount"):
+        if glob.glob(written):
             for cmd in Path("/proc").glob("[0-9]*/cmdline"):
                 try:
                     title = cmd.read_bytes()
@@ -297,7 +299,7 @@ def _kill_inside_a_shard(client, key: str, deadline: float) -> int:
                     pid = int(cmd.parent.name)
                     os.kill(pid, signal.SIGKILL)
                     return pid
-        time.sleep(0.02)
+        time.sleep(0.002)
     raise AssertionError("no actor was found inside a shard")
 
 
@@ -335,8 +337,8 @@ def test_killed_actor_is_replaced_its_shard_published_once_and_a_second_driver_r
         assert lines[0].startswith(f"error: score-worker-0-of-1 of {uri} is being written by")
         t = threading.Thread(target=drive)
         t.start()
-        first = f"{prefix}/tokens/{store.shard_relpath(0)}"
-        killed = _kill_inside_a_shard(s3, first, time.time() + 180)
+        written = f"{tmp_path}/actors/*/s3/{BUCKET}/{prefix}/tokens/bucket=*/shard-*.parquet"
+        killed = _kill_inside_a_shard(written, time.time() + 180)
         t.join(300)
     assert "error" not in got, got.get("error")
     assert got["summary"]["committed"] and killed
@@ -408,3 +410,41 @@ def test_an_actor_fetches_what_the_driver_names_from_the_bucket_and_checks_it(
     finally:
         remote.detach()
     assert remote.localize(tmp_path / "models" / "teacher") == str(tmp_path / "models" / "teacher")
+
+
+def test_cross_tokenizer_counts_come_from_shards_the_driver_never_fetched(
+    s3, tmp_path, monkeypatch
+):
+    """With score.cross_tokenizer=align the tokens manifest counts the refusals of the written
+    shards; shards Ray actors published (reported, not in the driver's mirror) are read in the
+    bucket, three columns by byte ranges, and nothing is downloaded."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.lib.scoring.cross_tokenizer import xtok_manifest
+
+    uri = f"s3://{BUCKET}/runs/x"
+    as_driver(monkeypatch, tmp_path)
+    shards = [  # (sample_id, pos, xtok_chunk): -1 roundtrip, -6 too_long refusals
+        [("a", 0, -1), ("a", 1, -1), ("b", 0, 0)],
+        [("c", 0, -6), ("d", 0, 0), ("d", 1, 1)],
+    ]
+    cfg = SimpleNamespace(run_dir=uri, worker=SimpleNamespace(index=0, count=1))
+    tokens_dir = remote.mirror_of(uri) / "tokens"
+    xt = SimpleNamespace(identity={"mode": "align"})
+    with remote.stage_session(cfg, "score"):
+        for s, rows in enumerate(shards):  # published by the actors while the driver runs
+            cols = dict(zip(("sample_id", "pos", "xtok_chunk"), map(list, zip(*rows)), strict=True))
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.table(cols), sink)
+            key = f"runs/x/tokens/{store.shard_relpath(s)}"
+            s3.put_object(Bucket=BUCKET, Key=key, Body=sink.getvalue().to_pybytes())
+        w = SimpleNamespace(shard_path=lambda s: tokens_dir / store.shard_relpath(s), reported={})
+        assert xtok_manifest(xt, w, 2) == {"mode": "align"}  # not all written yet
+        w.reported = {0: {}, 1: {}}  # both published by actors
+        got = xtok_manifest(xt, w, 2)
+    assert got["rows"] == 4 and got["refused_rows"] == 2 and got["refused_tokens"] == 3
+    assert got["refused"]["roundtrip"] == 1 and got["refused"]["too_long"] == 1
+    assert not list(tokens_dir.rglob("*.parquet"))

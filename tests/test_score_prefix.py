@@ -1,4 +1,4 @@
-"""Prefix-shared scoring (``score.share_prefix``, stages/score.py ``share_units`` / ``hf_score``,
+"""Prefix-shared scoring (``score.share_prefix``, stages/lib/scoring/hf.py ``share_units`` / ``hf_score``,
 stages/lib/logprobs.py ``shared_prefix_hidden``): each distinct (model, prefix) runs once and its
 responses are scored against its KV cache.
 
@@ -20,7 +20,7 @@ from stages.lib import models
 from stages.lib.config import compose
 from stages.lib.errors import UserError
 from stages.lib.scoring.hf import hf_model, hf_score, share_units
-from stages.lib.scoring.plan import Job, Role
+from stages.lib.scoring.plan import Pass, Role
 from stages.score import run
 from tests.test_score import cfg_for, read_tokens, write_rollouts
 
@@ -47,7 +47,7 @@ def qwen2_gqa(vocab: int) -> torch.nn.Module:
     return model
 
 
-def ragged_jobs(vocab: int, seed: int, k: int = 8) -> list[Job]:
+def ragged_jobs(vocab: int, seed: int, k: int = 8) -> list[Pass]:
     """Groups of 1-5 responses (1-30 tokens) after prefixes of 1-60 tokens, shuffled."""
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "t", k, True)
@@ -56,12 +56,12 @@ def ragged_jobs(vocab: int, seed: int, k: int = 8) -> list[Job]:
         prefix = [2] + rng.integers(4, vocab, p - 1).tolist()
         for i in range(int(rng.integers(1, 6))):
             resp = rng.integers(4, vocab, int(rng.integers(1, 31))).tolist()
-            jobs.append(Job((g, i), role, prefix, resp, k=k, entropy=True))
+            jobs.append(Pass((g, i), role, prefix, resp, k=k, entropy=True))
     order = rng.permutation(len(jobs))
     return [jobs[i] for i in order]
 
 
-def score(m, jobs: list[Job], vocab: int, share: bool, batch_tokens: int = 512) -> list[dict]:
+def score(m, jobs: list[Pass], vocab: int, share: bool, batch_tokens: int = 512) -> list[dict]:
     for j in jobs:
         j.result = None
     with torch.inference_mode():
@@ -150,7 +150,7 @@ def test_one_token_responses_and_budget_splits(two_models):
         prefix = rng.integers(4, vocab, p).tolist()
         for i in range(4):
             r = 1 if i < 2 else int(rng.integers(2, 12))
-            jobs.append(Job((g, i), role, prefix, rng.integers(4, vocab, r).tolist(), k=4,
+            jobs.append(Pass((g, i), role, prefix, rng.integers(4, vocab, r).tolist(), k=4,
                             entropy=True))  # fmt: skip
     units, single = share_units(jobs, 150)
     shared = {i for u in units for piece in u for i in piece}
@@ -167,7 +167,7 @@ def test_share_units_cover_every_job_once_within_budget():
     for g in range(30):
         prefix = [g] + [1] * int(rng.integers(0, 80))  # distinct per group
         for i in range(int(rng.integers(1, 9))):
-            jobs.append(Job((g, i), role, prefix, [1] * int(rng.integers(1, 40))))
+            jobs.append(Pass((g, i), role, prefix, [1] * int(rng.integers(1, 40))))
     for budget in (64, 300, 2048, 100_000):
         units, single = share_units(jobs, budget)
         seen = sorted([i for u in units for piece in u for i in piece] + single)
@@ -180,6 +180,12 @@ def test_share_units_cover_every_job_once_within_budget():
             assert any(len(piece) > 1 for piece in u)
             for piece in u:  # one prefix per piece
                 assert len({tuple(jobs[i].prefix) for i in piece}) == 1
+        where = {i: n for n, u in enumerate(units) for piece in u for i in piece}
+        for g in range(30):  # a group that fits one unit is never split (its prefix runs once)
+            idx = [i for i, j in enumerate(jobs) if j.key[0] == g]
+            p, r = len(jobs[idx[0]].prefix), max(len(jobs[i].response) for i in idx)
+            if len(idx) > 1 and len(idx) * (p + r) <= budget:
+                assert len({where.get(i, -1) for i in idx}) == 1, (budget, g)
     # room for everything: one unit, and only the groups of one job left unshared
     big_units, big_single = share_units(jobs, 100_000)
     alone = [i for i, j in enumerate(jobs) if sum(x.prefix == j.prefix for x in jobs) == 1]

@@ -20,7 +20,7 @@ from stages.lib import models
 from stages.lib.config import compose
 from stages.lib.errors import UserError
 from stages.lib.scoring.hf import hf_model, hf_score
-from stages.lib.scoring.plan import Job, Role
+from stages.lib.scoring.plan import Pass, Role
 from stages.score import run
 from tests.test_score import cfg_for, read_tokens, write_rollouts
 
@@ -31,14 +31,14 @@ FP16_TOL = 2e-3  # the fp16-stored top-K log-probs and entropies
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _jobs(vocab: int, seed: int = 0) -> list[Job]:
+def _jobs(vocab: int, seed: int = 0) -> list[Pass]:
     """Rows of different lengths (batches of several rows with padding, and one long row)."""
     rng = np.random.default_rng(seed)
     role = Role("teacher", "", "float32", "t", 8, True)
     out = []
     for i, (p, r) in enumerate([(5, 9), (7, 3), (4, 12), (6, 6), (9, 30)]):
         prefix = [2] + rng.integers(4, vocab, p - 1).tolist()
-        out.append(Job((i,), role, prefix, rng.integers(4, vocab, r).tolist(), k=8, entropy=True))
+        out.append(Pass((i,), role, prefix, rng.integers(4, vocab, r).tolist(), k=8, entropy=True))
     return out
 
 

@@ -24,7 +24,7 @@ from stages.lib import errors, models, store
 from stages.lib.config import compose
 from stages.lib.errors import UserError
 from stages.lib.loader import check_row_group, collate
-from stages.lib.training.distributed import Dist
+from stages.lib.training.job import Dist
 from stages.lib.training.objective import ResponseLoss
 from stages.train import run, train_step
 from tests import reliability_harness as h
@@ -201,6 +201,7 @@ def _table(**edit) -> pa.Table:
         ),
         ({"teacher_topk_logprobs": [-1.0, float("inf"), -2, -3]}, "teacher_topk_logprobs"),
         ({"teacher_topk_logmass": [0.5, -0.1]}, "teacher_topk_logmass"),
+        ({"teacher_topk_logprobs": [-1.0, -2.0, -3.0, -2.0]}, "token 1: teacher top-K log-probs"),
         ({"weights": [1.0, -1.0]}, "column weights, sample 's0', element 1"),
         ({"weights": [1.0, 1e9]}, "max_weight"),
         ({"response_ids": [6, 500]}, "response_ids, sample 's0', element 1: 500"),

@@ -13,6 +13,9 @@ Writes (under ``out_dir``, default ``runs/world``)::
     prompts/private_paraphrase.parquet  private facts, held-out question templates
     prompts/public_closed.parquet       public facts (retention)
     prompts/reading.parquet             open-book, evidence inside the prompt (capability retention)
+    prompts/train_mix.parquet           train + open-book reading anchors
+    prompts/train_fit.parquet           train_mix without the held-out anchors of val.parquet
+    prompts/val.parquet                 validation carved from train_mix (validation_split)
     world.json            settings, cache key, sizes, chance levels, timings, greedy accuracies
 
 Chat format (the rest of the pipeline relies on it): prompt rows are ``messages``::
@@ -132,7 +135,14 @@ class WorldSettings:
     teacher_private_frac: float = 0.5
     eval_max_new_tokens: int = 16
     eval_batch: int = 256
+    # Torch CPU threads of the build: a parallel reduction's order depends on it, so it is part
+    # of the key (the same count on every machine gives the same bits).
     threads: int = 2
+    # "native": the fastest kernels of this CPU (the bits differ between CPUs); "portable":
+    # torch's AVX2 kernels and MKL's conditional numerical reproducibility mode
+    # (MKL_CBWR=COMPATIBLE), one code path on every x86 CPU with AVX2, so the same bits, but about
+    # 2.8x slower here (PORTABLE_ENV; docs/RESULTS.md), so not the default.
+    kernels: str = "native"
 
     @staticmethod
     def quick() -> WorldSettings:
@@ -152,6 +162,21 @@ class WorldSettings:
             base=tiny,
             teacher=dataclasses.replace(tiny, hidden=128, heads=2, layers=2, intermediate=256),
         )
+
+
+# Set before torch is imported: torch's AVX2 kernels (present on every x86 CPU since 2013; an
+# AVX-512 CPU otherwise takes other reduction orders and other exp/log approximations) and MKL's
+# CPU-independent code path. Measured on a quick world: thread count, torch kernel path and MKL's
+# instruction set each changed the weights' bits; with these two settings and a fixed thread count
+# the bits matched across MKL_ENABLE_INSTRUCTIONS=AVX512/AVX2/AVX (docs/RESULTS.md).
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+
+
+def kernels_active() -> str:
+    """The mode this process computes in: "portable" when PORTABLE_ENV took effect, else "native"."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    ok = cap == "AVX2" and os.environ.get("MKL_CBWR") == PORTABLE_ENV["MKL_CBWR"]
+    return "portable" if ok else "native"
 
 
 def settings_from_dict(d: dict[str, Any]) -> WorldSettings:
@@ -588,7 +613,33 @@ def make_prompt_sets(world: World) -> dict[str, list[dict[str, Any]]]:
     arng = random.Random(s.seed + 7)
     anchors = _reading_rows(world, arng, s.n_reading_train, "anchor", "reading_anchor")
     sets["train_mix"] = sets["train"] + anchors
+    sets["train_fit"], sets["val"] = validation_split(sets["train_mix"])
     return sets
+
+
+# Every VAL_EVERY-th row of each kind of train_mix goes into val.parquet (a pure function of
+# train_mix: no RNG draws, so every other set and the models stay as they were).
+VAL_EVERY = 6
+
+
+def validation_split(train_mix: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict]]:
+    """(train_fit, val) carved from the TRAINING prompts only, never from an eval set.
+
+    val holds every VAL_EVERY-th reading anchor, held out (train_fit drops them: open-book
+    prompts the student never trains on, to watch its reading), and every VAL_EVERY-th private
+    and public training question, kept in train_fit too (closed-book facts can only be learnt
+    from their own questions: these measure how well the training questions are fitted).
+    """
+    seen: dict[str, int] = {}
+    fit, val = [], []
+    for r in train_mix:
+        i = seen[r["kind"]] = seen.get(r["kind"], -1) + 1
+        held = i % VAL_EVERY == 0
+        if held:
+            val.append(r)
+        if not (held and r["kind"] == "reading_anchor"):
+            fit.append(r)
+    return fit, val
 
 
 def _reading_rows(
@@ -839,6 +890,23 @@ def chance_accuracy(world: World, rows: list[dict[str, Any]]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def content_hash(out_dir: str | os.PathLike[str]) -> str:
+    """sha256 (16 hex) of what a world *is*: each model's weight file, the tokenizer's vocabulary
+    and every prompt file's rows (as JSON, so neither the pyarrow nor the transformers version that
+    wrote the files changes it). Two builds with the same hash hold the same world."""
+    root = Path(out_dir)
+    h = hashlib.sha256()
+    for f in sorted((root / "models").glob("*/model.safetensors")):
+        h.update(f"{f.parent.name}\n".encode() + f.read_bytes())
+    for f in sorted((root / "models").glob("*/tokenizer.json")):
+        vocab = json.loads(f.read_text())["model"]["vocab"]
+        h.update(json.dumps(vocab, sort_keys=True).encode())
+    for f in sorted((root / "prompts").glob("*.parquet")):
+        rows = pq.read_table(f).to_pylist()
+        h.update(f"{f.name}\n".encode() + json.dumps(rows, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
 def is_complete(out_dir: str | os.PathLike[str], settings: WorldSettings) -> bool:
     p = Path(out_dir) / "world.json"
     if not p.exists():
@@ -900,7 +968,10 @@ def _remove_stale_temps(out: Path) -> None:
 
 
 def build_world(
-    out_dir: str | os.PathLike[str], settings: WorldSettings | None = None, force: bool = False
+    out_dir: str | os.PathLike[str],
+    settings: WorldSettings | None = None,
+    force: bool = False,
+    _in_child: bool = False,
 ) -> dict[str, Any]:
     """Build (or return the cached) world under ``out_dir``; returns the world.json content.
 
@@ -914,6 +985,12 @@ def build_world(
     with_big = dataclasses.replace(s, teacher_big=True)
     if not force and (is_complete(out, s) or is_complete(out, with_big)):
         return json.loads((out / "world.json").read_text())
+    if s.kernels == "portable" and kernels_active() != "portable" and not _in_child:
+        # torch reads ATEN_CPU_CAPABILITY and MKL reads MKL_CBWR once, at start: build in a fresh
+        # process that sets them first.
+        return _build_in_child(out, s, force)
+    if s.kernels not in ("portable", "native"):
+        raise ValueError(f"kernels must be 'portable' or 'native', not {s.kernels!r}")
     key = cache_key(s)  # taken before building: the key names the code that built the world
     torch.set_num_threads(s.threads)
     t_start = time.time()
@@ -940,12 +1017,30 @@ def build_world(
         if s.teacher_big:
             models["teacher_big"] = _build_teacher_big(s, world, tok, sets, tmp, models["base"])
         info = _world_info(key, s, world, tok, sets, models, t_data, t_start, reuse)
+        info["content_hash"] = content_hash(tmp)
+        info["kernels_active"] = {
+            "mode": kernels_active(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+        }
         # world.json last: its presence (with the key) marks the world complete.
         (tmp / "world.json").write_text(json.dumps(info, indent=2) + "\n")
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return json.loads(json.dumps(info))  # the same types a cached call returns
+
+
+def _build_in_child(out: Path, s: WorldSettings, force: bool) -> dict[str, Any]:
+    """Run the build in ``python scripts/make_demo.py --settings-json`` with PORTABLE_ENV set."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "make_demo.py"
+    cmd = [sys.executable, str(script), "--out", str(out)]
+    cmd += ["--settings-json", json.dumps(dataclasses.asdict(s))] + (["--force"] if force else [])
+    subprocess.run(cmd, check=True, env={**os.environ, **PORTABLE_ENV})
+    return json.loads((out / "world.json").read_text())
 
 
 # (accuracy name, prompt set, with evidence) the base and teacher_big are evaluated on

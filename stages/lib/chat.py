@@ -37,6 +37,7 @@ from typing import Any
 
 from stages.lib.config import RolloutConfig
 from stages.lib.errors import UserError
+from stages.lib.progress import log
 
 
 @dataclass(frozen=True)
@@ -280,11 +281,10 @@ class Renderer:
             if not self._system[key]:
                 placement = "user"
                 if not self.fallbacks:
-                    print(
+                    log.info(
                         f"[chat] the chat template of {tok.name_or_path or 'a tokenizer'} has no "
                         "system role: the context goes to the user turn "
-                        "(rollout.context_placement=user)",
-                        flush=True,
+                        "(rollout.context_placement=user)"
                     )
                 self.fallbacks += 1
             else:

@@ -35,6 +35,7 @@ from stages.lib.config import (
     check_override_keys,
     compose,
     compose_dict,
+    hydra_arg_parser,
     quote,
     to_config,
 )
@@ -69,9 +70,7 @@ class CommandLine:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from hydra._internal.utils import get_args_parser
-
-    parser = get_args_parser()
+    parser = hydra_arg_parser()
 
     def error(message: str) -> None:  # argparse's usage + error, as one line
         raise UserError(

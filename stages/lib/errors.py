@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from data_schemas.errors import UserError
+from stages.lib import progress
 from stages.lib.safety import redact
 
 EXIT_USER_ERROR = 2
@@ -32,9 +33,7 @@ def report_and_exit(err: BaseException) -> None:
     """Print a user error as one readable line and exit non-zero (traceback only in debug)."""
     if debug_enabled():
         traceback.print_exception(err)
-    tqdm_mod = sys.modules.get("tqdm")  # a live progress bar would swallow the start of the line
-    for bar in list(getattr(getattr(tqdm_mod, "tqdm", None), "_instances", ())):
-        bar.close()
+    progress.close_all()  # a live progress bar would swallow the start of the line
     if isinstance(err, UserError):
         print(f"error: {redact(err.line())}", file=sys.stderr, flush=True)
     else:

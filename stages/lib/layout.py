@@ -28,7 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_schemas.errors import UserError
-from stages.lib import remote, safety
+from stages.lib import safety, uri
+
+# File names inside a run's folders (the folders: RunLayout below)
+METRICS = "metrics.jsonl"  # train/<name>/: one JSON row per logged training step
+TRAIN_CONFIG = "config.json"  # train/<name>/: the resolved config of the training run
 
 
 def check_name(name: str | None, key: str) -> str:
@@ -55,17 +59,17 @@ class RunLayout:
         whose files stages read and write in its local working mirror (``stages.lib.remote``)."""
         if run_dir is None or str(run_dir).strip() == "":
             raise UserError("run_dir is empty", "config", "set run_dir=<a directory for this run>")
-        if remote.is_remote(run_dir):
-            return cls(remote.mirror_of(str(run_dir)))
-        return cls(Path(remote.local_path(run_dir)))
+        if uri.is_remote(run_dir):
+            return cls(uri.mirror_of(str(run_dir)))
+        return cls(Path(uri.local_path(run_dir)))
 
     @staticmethod
     def round_dir(run_dir: str, r: int) -> str:
         """The ``run_dir`` of round ``r`` (a URI stays a URI: round r writes to the bucket too)."""
         if r == 1:
             return run_dir
-        if remote.is_remote(run_dir):
-            return remote.join(run_dir, f"round{r}")
+        if uri.is_remote(run_dir):
+            return uri.join(run_dir, f"round{r}")
         return str(RunLayout.of(run_dir).round(r).root)
 
     # ---------------------------------------------------------------- datasets
@@ -117,6 +121,13 @@ class RunLayout:
 
     def train(self, name: str) -> Path:
         return self.train_root / check_name(name, "train.name")
+
+    def metrics(self, name: str) -> Path:
+        """The logged rows of training run ``name`` (``train/<name>/metrics.jsonl``)."""
+        return self.train(name) / METRICS
+
+    def train_config(self, name: str) -> Path:
+        return self.train(name) / TRAIN_CONFIG
 
     # ---------------------------------------------------------------- outputs
     @property

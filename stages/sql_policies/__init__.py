@@ -1,1 +1,1 @@
-"""Selection policies as parameterised DuckDB SQL files (see stages/select.py)."""
+"""Selection policies as parameterised DuckDB SQL files (the registry: stages/lib/selection/policies.py)."""

@@ -16,7 +16,7 @@ they follow exactly the command line's rules; their names are computed here, in 
 """
 
 # The package's public names: import them from ``stages.lib.config``. Where each lives:
-# schema.py (the group dataclasses), root.py (``Config`` and the pipeline's keys), checks.py
+# schema.py (the data stages' groups), training.py (the training groups), root.py (``Config`` and the pipeline's keys), checks.py
 # (value checks), keys.py (the closed schema), compose.py (composition and derived configs).
 from stages.lib.config.checks import check_loss_term, loss_arguments
 from stages.lib.config.compose import (
@@ -26,6 +26,7 @@ from stages.lib.config.compose import (
     compose,
     compose_dict,
     derive,
+    hydra_arg_parser,
     quote,
     round_config,
     round_name,
@@ -47,16 +48,11 @@ from stages.lib.config.schema import (
     CONF_DIR,
     LAUNCHERS,
     POLICY_DIR,
-    PRECISIONS,
     ROUTE_COLUMNS,
     STAGES,
-    TRACKERS,
     DataConfig,
     EvalConfig,
     LauncherConfig,
-    LoraConfig,
-    LossConfig,
-    LossTerm,
     ModelConfig,
     ReportConfig,
     RolloutConfig,
@@ -64,9 +60,16 @@ from stages.lib.config.schema import (
     ScoreConfig,
     SelectConfig,
     SelectRule,
+    WorkerConfig,
+)
+from stages.lib.config.training import (
+    PRECISIONS,
+    TRACKERS,
+    LoraConfig,
+    LossConfig,
+    LossTerm,
     SftConfig,
     TrainConfig,
-    WorkerConfig,
 )
 
 __all__ = [
@@ -107,6 +110,7 @@ __all__ = [
     "compose",
     "compose_dict",
     "derive",
+    "hydra_arg_parser",
     "is_config_group",
     "loss_arguments",
     "quote",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from collections.abc import Sequence
@@ -96,6 +97,14 @@ def compose_dict(
         gh.clear()
         if outer is not None:
             gh.initialize(outer)
+
+
+def hydra_arg_parser() -> argparse.ArgumentParser:
+    """Hydra's own command-line parser (``stages/lib/entry.py`` reads argv with it). Hydra's
+    private API is used in this module only: here and in :func:`compose_dict`."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser()
 
 
 def compose(

@@ -16,16 +16,14 @@ from stages.lib.config.schema import (
     DataConfig,
     EvalConfig,
     LauncherConfig,
-    LossConfig,
     ModelConfig,
     ReportConfig,
     RolloutConfig,
     ScoreConfig,
     SelectConfig,
-    SftConfig,
-    TrainConfig,
     WorkerConfig,
 )
+from stages.lib.config.training import LossConfig, SftConfig, TrainConfig
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout, check_name
 

@@ -14,10 +14,11 @@ from data_schemas import manifest as manifest_mod
 from stages.lib import views
 from stages.lib.config import Config
 from stages.lib.errors import UserError
-from stages.lib.layout import RunLayout
+from stages.lib.layout import METRICS, RunLayout
+from stages.lib.selection.policies import Q3_PARAMS
 
-# tip_q3.sql defaults (conf/select/tip_q3.yaml): median entropy, top 10 % divergence
-Q3_DEFAULTS = {"entropy_quantile": 0.5, "divergence_quantile": 0.9, "divergence": "rkl"}
+# tip_q3.sql defaults, from the policy registry: median entropy, top 10 % divergence
+Q3_DEFAULTS = {k: p.default for k, p in Q3_PARAMS.items()}
 
 
 # The report only reads: shard sizes and footers (dataset ids) are checked, but hashing every byte
@@ -82,7 +83,7 @@ def open_run(layout: RunLayout) -> RunData:
 def read_metrics(run_dir: Path, notes: list[str]) -> dict[str, list[dict]]:
     """Training run name -> its metrics.jsonl records (bad lines skipped with a note)."""
     runs: dict[str, list[dict]] = {}
-    for f in sorted(RunLayout.of(run_dir).train_root.glob("*/metrics.jsonl")):
+    for f in sorted(RunLayout.of(run_dir).train_root.glob(f"*/{METRICS}")):
         recs, bad = [], 0
         for line in f.read_text().splitlines():
             if not line.strip():

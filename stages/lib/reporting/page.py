@@ -1,4 +1,5 @@
-"""The report page: one self-contained HTML file (figures inline, CSS/JS from stages/report_assets)."""
+"""The report page: one self-contained HTML file, from the template stages/report_assets/report.html.j2
+(figures inline, CSS/JS from the same folder); the tables and sections it fills are built here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import math
 import time
 from importlib import resources
 from pathlib import Path
+
+import jinja2
 
 from stages.lib.layout import RunLayout
 from stages.lib.reporting.data import KeptCurve, RunData
@@ -159,40 +162,25 @@ def render_html(
     decoded = (
         "" if blob["decoded"] else '<div class="note">No tokenizer: tokens are shown as ids.</div>'
     )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>distillery report — {e(data.run_dir.name)}</title>
-<style>{asset("report.css")}</style></head>
-<body>
-<header><h1>distillery report — {e(data.run_dir.name)}</h1><div class="sub">{sub}</div></header>
-<main>
-{f'<section id="notes"><h2>Notes</h2>{notes_html}</section>' if notes else ""}
-<section id="plots"><h2>Plots <span class="dim">(click one to enlarge)</span></h2><div class="plots">{figs}</div></section>
-<section id="results"><h2>Eval results</h2>{results_table(ev)}</section>
-<section id="selections"><h2>Selections</h2>{selections_table(data, curves)}</section>
-<section id="browser"><h2>Rollouts</h2>{decoded}
-<div class="controls">
- <span>colour by:
-  <label><input type="radio" name="colour" id="color-weight" value="weight"> selection weight</label>
-  <label><input type="radio" name="colour" id="color-gap" value="gap"> teacher − student log-prob</label>
- </span>
- <label>selection <select id="selection"></select></label>
- <label>prompt / sample id <input id="filter-prompt" type="search" placeholder="filter…" size="14"></label>
- <label>kind <select id="filter-kind"><option value="__all">all</option></select></label>
- <label>guided <select id="filter-guided"><option value="all">all</option>
-  <option value="guided">guided only</option><option value="unguided">unguided only</option></select></label>
-</div>
-<div><span class="legend" id="legend"></span> <span id="legend-text" class="dim"></span></div>
-<p id="count"></p>
-<p class="dim">Hover a token for the teacher's top-{blob["show_topk"]}; click to pin it (Esc closes).
-Dashed tokens are teacher-prefix segments (not student tokens).</p>
-<div id="rollouts"></div><button id="show-more" type="button">show more</button>
-</section>
-<section id="config"><h2>Resolved configs (from the manifests)</h2>{config_section(data)}</section>
-</main>
-<div id="topk-popup" role="dialog"></div>
-<script type="application/json" id="report-data">{_json_for_script(blob)}</script>
-<script>{asset("report.js")}</script>
-</body></html>
-"""
+    return template("report.html.j2").render(
+        name=data.run_dir.name,
+        css=asset("report.css"),
+        sub=sub,
+        notes_html=notes_html,
+        figs=figs,
+        results=results_table(ev),
+        selections=selections_table(data, curves),
+        decoded=decoded,
+        show_topk=blob["show_topk"],
+        config=config_section(data),
+        data_json=_json_for_script(blob),
+        js=asset("report.js"),
+    )
+
+
+def template(name: str) -> jinja2.Template:
+    """A page template of stages/report_assets/ (package data). Values are HTML already: each
+    part escapes what it takes from the run (``html.escape``), the template adds no escaping but
+    for the run's name (``| e``)."""
+    env = jinja2.Environment(autoescape=False, keep_trailing_newline=True)
+    return env.from_string(asset(name))

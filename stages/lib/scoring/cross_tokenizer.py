@@ -8,14 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from data_schemas import tokens as tokens_table
-from stages.lib import models, xtok
+from stages.lib import models, store, xtok
 from stages.lib.config import Config, as_dict
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
-from stages.lib.scoring.plan import Job, Plan, Role
+from stages.lib.scoring.plan import Pass, Role, ShardPlan
 from stages.lib.scoring.scorer import Scorer, role_devices
 
 
@@ -64,7 +63,7 @@ def xtok_setup(cfg: Config, rm: dict, layout: RunLayout, s_tok, roles: list[Role
     return XtokTeacher(first, xtok.Vocabs.of(s_tok, t_tok), prefixes, scorer, identity)
 
 
-def score_xtok_teacher(xt: XtokTeacher, rows: list[dict], plan: Plan, sc) -> int:
+def score_xtok_teacher(xt: XtokTeacher, rows: list[dict], plan: ShardPlan, sc) -> int:
     """Score one shard's rows with the cross-tokenizer teacher and put each row's aligned result
     in ``plan`` as its teacher pass; returns the number of teacher passes run."""
     k_t = min(sc.topk, xt.scorer.vocab)
@@ -86,7 +85,7 @@ def score_xtok_teacher(xt: XtokTeacher, rows: list[dict], plan: Plan, sc) -> int
         preps.append(prep)
         key = (tuple(prefix), tuple(prep.response))
         if not prep.refused and key not in jobs:
-            jobs[key] = Job(key, xt.role, list(prefix), prep.response, k_t, sc.entropy)
+            jobs[key] = Pass(key, xt.role, list(prefix), prep.response, k_t, sc.entropy)
     if jobs:
         xt.scorer.run(list(jobs.values()), {}, stats=True, gather=False, progress=None)
     for i, (row, prep) in enumerate(zip(rows, preps, strict=True)):
@@ -98,13 +97,13 @@ def score_xtok_teacher(xt: XtokTeacher, rows: list[dict], plan: Plan, sc) -> int
             else jobs[(tuple(xt.prefixes[row["prompt_id"]]), tuple(prep.response))].result
         )
         key = ("xtok", i)
-        plan.jobs[key] = Job(key, xt.role, [], [])
+        plan.jobs[key] = Pass(key, xt.role, [], [])
         plan.jobs[key].result = xtok.student_columns(xt.vocabs, prep, t, sc.topk, fallback)
         plan.of[i]["teacher"] = key
     return len(jobs)
 
 
-def with_xtok_columns(table: pa.Table, rows: list[dict], plan: Plan) -> pa.Table:
+def with_xtok_columns(table: pa.Table, rows: list[dict], plan: ShardPlan) -> pa.Table:
     """The shard's tokens table with the xtok_* columns (from each row's aligned result)."""
     res = [plan.jobs[keys["teacher"]].result for keys in plan.of]
     for f in tokens_table.XTOK_FIELDS:
@@ -121,14 +120,15 @@ def with_xtok_columns(table: pa.Table, rows: list[dict], plan: Plan) -> pa.Table
 
 def xtok_manifest(xt: XtokTeacher, w, n_shards: int) -> dict:
     """The manifest's ``extra.cross_tokenizer``: the path's identity and the refusals, counted
-    from the written shards (every worker's, whatever was resumed)."""
+    from the written shards (every worker's, whatever was resumed; a shard a Ray actor published
+    to the bucket is read there, these columns only)."""
     refused = dict.fromkeys(tokens_table.XTOK_REFUSED.values(), 0)
     tokens = rows = 0
     for s in range(n_shards):
         path = w.shard_path(s)
-        if not path.exists():
+        if not path.exists() and s not in w.reported:
             return xt.identity  # other workers still writing: the last one counts
-        t = pq.read_table(path, columns=["sample_id", "pos", "xtok_chunk"])
+        t = store.open_shard(path).read(columns=["sample_id", "pos", "xtok_chunk"])
         first = t.filter(pc.equal(t["pos"], 0))
         rows += first.num_rows
         for code in first["xtok_chunk"].to_numpy():

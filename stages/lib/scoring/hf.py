@@ -10,7 +10,7 @@ import torch
 
 from stages.lib import logprobs as lp
 from stages.lib import models
-from stages.lib.scoring.plan import Job, PassKey, length_buckets
+from stages.lib.scoring.plan import Pass, PassKey, length_buckets
 
 
 def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,7 @@ def hf_model(model: torch.nn.Module, device: torch.device, compiled: bool = Fals
     return HFModel(model, head, device, models.compiled_body(model))
 
 
-def share_units(jobs: list[Job], batch_tokens: int) -> tuple[list[list[list[int]]], list[int]]:
+def share_units(jobs: list[Pass], batch_tokens: int) -> tuple[list[list[list[int]]], list[int]]:
     """Which jobs score against a shared prefix, and in which units (pure).
 
     Jobs with the same prefix (``rollout.n`` samples of one prompt; roles of one model reading
@@ -60,9 +60,10 @@ def share_units(jobs: list[Job], batch_tokens: int) -> tuple[list[list[list[int]
     *unit* is one prefix forward plus one response forward: a list of groups (each a list of job
     indices), packed in prefix-length order while ``rows · (longest prefix + longest response)
     <= batch_tokens``, the tokens the unshared batch of those rows would hold (so the repeated KV
-    cache is bounded like today's batches). A group too large for one unit is split across
-    units; every group of one job, and every unit left without two jobs of one group, is
-    returned in ``single`` (the unshared path). Returns ``(units, single)``.
+    cache is bounded like today's batches). A group that does not fit the open unit starts a new
+    one; only a group too large for any unit is split across units. Every group of one job, and
+    every unit left without two jobs of one group, is returned in ``single`` (the unshared
+    path). Returns ``(units, single)``.
     """
     groups: dict[tuple, list[int]] = {}
     for i, j in enumerate(jobs):
@@ -73,9 +74,20 @@ def share_units(jobs: list[Job], batch_tokens: int) -> tuple[list[list[list[int]
     )
     units: list[list[list[int]]] = []
     unit: list[list[int]] = []
+    whole = lambda n, pm, rm: n * (pm + rm) <= batch_tokens  # noqa: E731  n rows fit
     rows = p_max = r_max = 0
     for g in shared:
         p = len(jobs[g[0]].prefix)
+        r_g = max(len(jobs[i].response) for i in g)
+        if (
+            rows
+            and not whole(rows + len(g), max(p_max, p), max(r_max, r_g))
+            and whole(len(g), p, r_g)
+        ):
+            # g fits a unit of its own but not the open one: start a new unit rather than split
+            # g (a split group runs its prefix once per piece)
+            units.append([u for u in unit if u])
+            unit, rows, p_max, r_max = [], 0, 0, 0
         unit.append([])  # g's piece in the open unit
         for i in g:
             r = len(jobs[i].response)
@@ -97,13 +109,13 @@ def share_units(jobs: list[Job], batch_tokens: int) -> tuple[list[list[list[int]
 @torch.no_grad()
 def hf_score(
     m: HFModel,
-    jobs: list[Job],
+    jobs: list[Pass],
     *,
     vocab_size: int,
     batch_tokens: int,
     chunk: int,
     pad_id: int,
-    done: dict[PassKey, Job],
+    done: dict[PassKey, Pass],
     behavior_topk: int,
     stats: bool = True,
     gather: bool = True,
@@ -146,12 +158,12 @@ def hf_score(
 
 def _head_pass(
     m: HFModel,
-    batch: list[Job],
+    batch: list[Pass],
     hidden: torch.Tensor,
     *,
     vocab_size: int,
     chunk: int,
-    done: dict[PassKey, Job],
+    done: dict[PassKey, Pass],
     behavior_topk: int,
     stats: bool,
     gather: bool,

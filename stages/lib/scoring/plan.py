@@ -36,7 +36,7 @@ PassKey = tuple
 
 
 @dataclass
-class Job:
+class Pass:
     """One forward pass over prefix ⊕ response with one model, shared by every role that needs it."""
 
     key: PassKey
@@ -52,10 +52,10 @@ class Job:
 
 
 @dataclass
-class Plan:
+class ShardPlan:
     """The passes of one shard and which pass serves which (row, role)."""
 
-    jobs: dict[PassKey, Job]
+    jobs: dict[PassKey, Pass]
     of: list[dict[str, PassKey]]  # per row: role -> pass key
     requests: int  # (row, role) pairs asked for; requests - len(jobs) were reused
 
@@ -70,10 +70,10 @@ FORWARD_COST_TOKENS = 256
 
 def plan_shard(
     rows: list[dict], roles: list[Role], behavior_topk: int, teacher_of: list[Role] | None = None
-) -> Plan:
+) -> ShardPlan:
     """Group the (row, role) requests of a shard into distinct passes (pure, no model).
     ``teacher_of``: each row's routed teacher role (several teachers), replacing ``roles``' one."""
-    jobs: dict[PassKey, Job] = {}
+    jobs: dict[PassKey, Pass] = {}
     of: list[dict[str, PassKey]] = []
     for i, row in enumerate(rows):
         keys = {}
@@ -84,7 +84,7 @@ def plan_shard(
             key = (role.model_key, tuple(prefix), tuple(row["response_ids"]))
             job = jobs.get(key)
             if job is None:
-                job = jobs[key] = Job(key, role, prefix, list(row["response_ids"]))
+                job = jobs[key] = Pass(key, role, prefix, list(row["response_ids"]))
             job.k = max(job.k, role.k)
             job.entropy = job.entropy or role.entropy
             keys[role.name] = key
@@ -95,7 +95,7 @@ def plan_shard(
             if keys["behavior"] not in t.gathers:
                 t.gathers.append(keys["behavior"])
         of.append(keys)
-    return Plan(jobs, of, requests=len(rows) * len(roles))
+    return ShardPlan(jobs, of, requests=len(rows) * len(roles))
 
 
 def length_buckets(

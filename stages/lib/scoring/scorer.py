@@ -13,7 +13,7 @@ from stages.lib import models
 from stages.lib.config import Config
 from stages.lib.errors import UserError
 from stages.lib.scoring.hf import HFModel, hf_model, hf_score
-from stages.lib.scoring.plan import Job, PassKey, Role
+from stages.lib.scoring.plan import Pass, PassKey, Role
 
 
 class Scorer:
@@ -87,10 +87,10 @@ class Scorer:
         return self.hf[key]
 
     def run(
-        self, jobs: list[Job], done: dict[PassKey, Job], *, stats: bool, gather: bool, progress
+        self, jobs: list[Pass], done: dict[PassKey, Pass], *, stats: bool, gather: bool, progress
     ) -> None:
         sc = self.cfg.score
-        by_model: dict[tuple, list[Job]] = {}
+        by_model: dict[tuple, list[Pass]] = {}
         for j in jobs:
             by_model.setdefault(j.role.model_key, []).append(j)
 
@@ -129,7 +129,7 @@ class Scorer:
                 continue
             run_hf(role, group, stats, progress)
 
-    def _vllm(self, role: Role, group: list[Job]) -> None:
+    def _vllm(self, role: Role, group: list[Pass]) -> None:
         from stages.lib import vllm_backend as vb
 
         k = max(1, max(j.k for j in group))

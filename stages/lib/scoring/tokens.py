@@ -8,12 +8,12 @@ import pyarrow as pa
 
 from data_schemas import tokens as tokens_table
 from stages.lib.scoring.hf import topk_logmass
-from stages.lib.scoring.plan import Plan
+from stages.lib.scoring.plan import ShardPlan
 
 
 def build_tokens_table(
     rows: list[dict],
-    plan: Plan,
+    plan: ShardPlan,
     sc,
     vocab_size: int,
     behavior: bool,

@@ -12,7 +12,7 @@ from typing import Any
 
 from stages.lib.errors import UserError
 
-POLICY_DIR = Path(__file__).resolve().parents[2] / "sql_policies"
+POLICY_DIR = Path(__file__).resolve().parents[2] / "sql_policies"  # the policies' SQL files
 
 
 NEEDS_FIX = {

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import duckdb
 import numpy as np
 
+from stages.lib.progress import log
+
 POSITION_BUCKETS = ((0, 3), (4, 7), (8, 15), (16, 31), (32, None))
 
 
@@ -96,12 +98,12 @@ def print_summary(summary: dict, name: str) -> None:
     """The summary as a small table on stdout."""
     if not summary:
         return
-    print(
+    log.info(
         f"selection '{name}': kept {summary['tokens_kept']} / {summary['student_tokens']} student "
         f"tokens ({100 * summary['kept_fraction']:.1f} %), weight sum {summary['weight_sum']:.1f}, "
         f"{summary.get('sequences_no_kept', 0)} of {summary['sequences']} sequences with none kept"
     )
-    print(f"  {'group':<36} {'tokens':>10} {'kept':>10} {'fraction':>9}")
+    log.info(f"  {'group':<36} {'tokens':>10} {'kept':>10} {'fraction':>9}")
     for section in ("by_quadrant", "by_guided", "by_position"):
         for g, v in summary.get(section, {}).items():
-            print(f"  {g:<36} {v['tokens']:>10} {v['kept']:>10} {v['fraction']:>9.3f}")
+            log.info(f"  {g:<36} {v['tokens']:>10} {v['kept']:>10} {v['fraction']:>9.3f}")

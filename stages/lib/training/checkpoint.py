@@ -16,7 +16,7 @@ import torch.distributed as tdist
 
 from stages.lib import store, trainer_state
 from stages.lib.errors import UserError, fault_point
-from stages.lib.loader import MicroBatchStream, Plan
+from stages.lib.loader import MicroBatchStream, StepPlan
 from stages.lib.training.job import Job, State, Trainer
 from stages.lib.training.objective import unwrap
 
@@ -227,7 +227,7 @@ def _write_checkpoint(
 
 
 def save_checkpoint(
-    job: Job, trainer: Trainer, state: State, loader: MicroBatchStream, plan: Plan, path: Path,
+    job: Job, trainer: Trainer, state: State, loader: MicroBatchStream, plan: StepPlan, path: Path,
     *, merge: bool,
 ) -> None:  # fmt: skip
     """Write a checkpoint into a temp folder, then rename it to ``path`` (atomic); prune old steps.

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as tdist
@@ -15,31 +13,8 @@ from torch import Tensor, nn
 from stages.lib import models
 from stages.lib.loader import MicroBatch
 from stages.lib.losses import MAX_SUFFIX
+from stages.lib.training.job import Dist, Job
 from stages.lib.training.objective import unwrap
-
-if TYPE_CHECKING:  # annotations only: a Job holds a Dist
-    from stages.lib.training.job import Job
-
-
-# ============================================================================ distributed seams
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            tdist.barrier()
-
-    def all_reduce(self, x: Tensor, op: str = "sum") -> Tensor:
-        if self.world_size > 1:
-            tdist.all_reduce(x, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
-        return x
 
 
 def setup_distributed(device_name: str) -> Dist:

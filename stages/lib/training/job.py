@@ -1,5 +1,6 @@
-"""The trainer's three records: ``Job`` (the fixed facts of one run), ``Trainer`` (what a step
-changes) and ``State`` (what a checkpoint restores besides weights, optimizer and RNG)."""
+"""The trainer's records: ``Dist`` (this process's rank, world size and device), ``Job`` (the
+fixed facts of one run), ``Trainer`` (what a step changes) and ``State`` (what a checkpoint
+restores besides weights, optimizer and RNG)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,30 @@ from torch import Tensor, nn
 
 from stages.lib.config import Config
 from stages.lib.layout import RunLayout
-from stages.lib.training.distributed import Dist
+from stages.lib.progress import log
 from stages.lib.training.precision import MasterWeights
+
+
+@dataclass
+class Dist:
+    """This process in the (possibly one-process) group: collectives are no-ops alone."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            tdist.barrier()
+
+    def all_reduce(self, x: Tensor, op: str = "sum") -> Tensor:
+        if self.world_size > 1:
+            tdist.all_reduce(x, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
+        return x
 
 
 # ============================================================================ setup: the job
@@ -51,8 +74,8 @@ class Job:
         return self.cfg.train.fsdp and tdist.is_initialized()
 
     def say(self, *a: Any) -> None:
-        if self.dist.main:
-            print(*a, flush=True)
+        if self.dist.main:  # (the logger filters other ranks too; a Dist may not be torchrun's)
+            log.info(" ".join(map(str, a)))
 
 
 @dataclass
@@ -76,3 +99,6 @@ class State:
     logged: list[dict] = field(default_factory=list)  # the metrics.jsonl rows
     loader: dict | None = None  # MicroBatchStream.position()
     skipped: int = 0  # micro-batches skipped for a non-finite loss
+
+
+# ============================================================================ distributed seams
