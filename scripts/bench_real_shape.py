@@ -17,8 +17,8 @@ Then runs, each stage in a child process of its own:
 For each stage the JSON holds the child's peak RSS (``VmHWM``, its own high-water mark) minus its
 RSS after the imports (``peak_mib``), beside an analytic floor (``floor_mib``, its parts listed):
 the weights it holds, the optimizer state, and one working block: rollout the KV cache and one
-``[batch x n, V]`` fp32 block per decode step; score the larger model (``score.resident=one``) and
-one ``[score.chunk_positions, V]`` fp32 block;
+``[batch x n, V]`` fp32 block per decode step; score both models (on CUDA the larger one:
+``score.resident=auto``) and one ``[score.chunk_positions, V]`` fp32 block;
 train the loss's ``2 x [chunk, V]`` fp32 working set and the checkpointed layer inputs. Also bytes
 per response token on disk (rollouts, tokens) and tokens/s. ``ratio = peak_mib / floor_mib``.
 ``peak_anon_mib``: the peak of the child's own allocations (``RssAnon``, sampled every 20 ms)
@@ -162,8 +162,11 @@ def params_of(sh: Shape, layers: int) -> int:
 
 
 # ----------------------------------------------------------------------------- floors
-def floors(sh: Shape, response_tokens: int, chunk: int) -> dict[str, dict[str, float]]:
-    """Analytic floors in MiB, per stage, by part (fp32 everywhere)."""
+def floors(
+    sh: Shape, response_tokens: int, chunk: int, one_model: bool
+) -> dict[str, dict[str, float]]:
+    """Analytic floors in MiB, per stage, by part (fp32 everywhere); ``one_model``: the score
+    stage holds one model at a time (``score.resident=auto`` on CUDA), else both."""
     student = params_of(sh, sh.student_layers) * 4 / MIB
     teacher = params_of(sh, sh.teacher_layers) * 4 / MIB
     rows = sh.prompts * sh.n
@@ -172,8 +175,8 @@ def floors(sh: Shape, response_tokens: int, chunk: int) -> dict[str, dict[str, f
     tokens = min(sh.micro_batch_tokens, rows * seq)  # positions in one micro-batch
     return {
         "rollout": {"weights": student, "kv_cache": kv, "step_block": rows * sh.vocab * 4 / MIB},
-        "score": {  # score.resident=one: the larger of the two models is loaded at a time
-            "weights_largest_model": max(teacher, student),
+        "score": {
+            "weights": max(teacher, student) if one_model else teacher + student,
             "chunk_block": sh.score_chunk * sh.vocab * 4 / MIB,
         },
         "train": {
@@ -403,7 +406,7 @@ def bench(sh: Shape, work: Path, device: str = "cpu") -> dict:
     r = stages["rollout"]["summary"]
     tokens = int(r.get("tokens", 0))
     chunk = chunk_for_budget(sh.loss_memory_mib, sh.vocab)
-    fl = floors(sh, tokens, chunk)
+    fl = floors(sh, tokens, chunk, one_model=device != "cpu")
     for stage, parts in fl.items():
         s = stages[stage]
         s["floor_mib"] = round(sum(parts.values()), 1)

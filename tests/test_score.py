@@ -722,15 +722,15 @@ def test_progress_lines_when_stdout_is_not_a_tty(tmp_path, tiny_lm, tiny_teacher
 
 # ----------------------------------------------------------------------------- residency
 def test_one_model_resident_at_a_time_same_shards(tmp_path, tiny_lm, tiny_teacher):
-    """score.resident=one (the default) drops a model before the next loads (its memory is
-    freed: no reference survives), and writes the very shards resident=all writes."""
+    """score.resident=one drops a model before the next loads (its memory is freed: no reference
+    survives), and writes the very shards resident=all writes; auto on CPU keeps them all."""
     import gc
     import weakref
 
     from stages.lib.scoring.plan import Role
     from stages.lib.scoring.scorer import Scorer
 
-    cfg = cfg_for(tmp_path / "unit", tiny_lm, tiny_teacher)
+    cfg = cfg_for(tmp_path / "unit", tiny_lm, tiny_teacher, "score.resident=one")
     dev = torch.device("cpu")
     scorer = Scorer(cfg, "hf", 100, 0, 64, {"teacher": dev, "behavior": dev, "ref": dev})
     teacher = Role("teacher", str(tiny_teacher), "float32", "fp-teacher", 4, False)
@@ -743,12 +743,15 @@ def test_one_model_resident_at_a_time_same_shards(tmp_path, tiny_lm, tiny_teache
     keep_all = Scorer(cfg_all, "hf", 100, 0, 64, {"teacher": dev, "behavior": dev, "ref": dev})
     keep_all.hf_model(teacher), keep_all.hf_model(student)
     assert len(keep_all.hf) == 2
+    cfg_auto = cfg_for(tmp_path / "unit", tiny_lm, tiny_teacher)  # auto: all on a CPU
+    assert not Scorer(cfg_auto, "hf", 100, 0, 64, {"teacher": dev, "behavior": dev}).one_model
 
     one, every = tmp_path / "one", tmp_path / "all"
     for d in (one, every):
         write_rollouts(d, tiny_lm)
     ref = f"ref.path={tiny_teacher}"  # a third pass on the teacher model after the train prompt
-    run(cfg_for(one, tiny_lm, tiny_teacher, ref, "score.topk=4", "score.behavior_topk=3"))
+    run(cfg_for(one, tiny_lm, tiny_teacher, ref, "score.topk=4", "score.behavior_topk=3",
+                "score.resident=one"))  # fmt: skip
     run(cfg_for(every, tiny_lm, tiny_teacher, ref, "score.topk=4", "score.behavior_topk=3",
                 "score.resident=all"))  # fmt: skip
     a, b = _shard_bytes(one), _shard_bytes(every)

@@ -304,10 +304,11 @@ class ScoreConfig:
     # Stored floats equal the unshared path's to GEMM rounding (<= 1e-5 in log-probs); false runs
     # every prefix ⊕ response row whole. docs/BENCHMARKS.md, prefix-shared scoring.
     share_prefix: bool = True
-    # HF backend: models loaded at once. one = a model is dropped before the next one loads (peak
+    # HF backend: models loaded at once. one = a model is dropped before the next one loads (GPU
     # memory: the largest model, not their sum; each shard loads each model once) | all = every
-    # model stays loaded for the whole run (no reloads; the sum of the models).
-    resident: str = "one"
+    # model stays loaded (no reloads) | auto = one when a role runs on CUDA, else all (on CPU
+    # the fp32 weights are mmapped from their safetensors file: one lowered no peak there).
+    resident: str = "auto"
     # Allow an OPD teacher that differs from the SFT teacher (Lightning OPD teacher consistency).
     allow_teacher_mismatch: bool = False
     # Where the HF backend runs the behaviour model: auto (cuda when present, else cpu) | cpu |
@@ -345,7 +346,7 @@ class ScoreConfig:
         _check(self.chunk_positions >= 1, "score.chunk_positions", "must be >= 1")
         _check(isinstance(self.compile, bool), "score.compile", "must be true|false")
         _check(isinstance(self.share_prefix, bool), "score.share_prefix", "must be true|false")
-        _check(self.resident in ("one", "all"), "score.resident", "must be one|all")
+        _check(self.resident in ("one", "all", "auto"), "score.resident", "must be one|all|auto")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The shard scorer: runs a plan's passes on the chosen backend (HF, or vLLM plus an HF pass for
-what vLLM cannot give). HF models: one loaded at a time by default (``score.resident=one``: the
-peak is the largest model, not the sum of the teacher, behaviour and reference models), or all
-kept loaded for the run (``all``)."""
+what vLLM cannot give). HF models: one loaded at a time (``score.resident=one``, the default on
+CUDA: the peak is the largest model, not the sum of the teacher, behaviour and reference models),
+or all kept loaded for the run (``all``, the default on CPU)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ class Scorer:
         self.devices = devices  # role name -> where its HF model runs (role_devices)
         self.one_teacher = bool(cfg.teachers)  # several teachers: one resident at a time
         self.teacher_keys: set[tuple] = set()
-        self.one_model = cfg.score.resident == "one"  # HF: one model loaded at a time
+        # HF: one model loaded at a time (auto: where weights live in GPU memory; on CPU the fp32
+        # weights are mmapped file pages and reloading them lowered no peak: docs/BENCHMARKS.md)
+        on_gpu = any(d.type == "cuda" for d in devices.values())
+        self.one_model = cfg.score.resident == "one" or (cfg.score.resident == "auto" and on_gpu)
 
     def _evict_others(self, key: tuple) -> None:
         """``score.resident=one``: drop every loaded HF model but ``key`` before ``key`` loads,
