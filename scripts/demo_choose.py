@@ -9,8 +9,10 @@ reading anchors (never trained on) and a sample of the private and public *train
 (``world.validation_split``; no eval set is read). The rule, fixed before any eval number was
 seen: among the checkpoints whose validation reading and public accuracy stay within
 ``--reading-margin`` / ``--public-margin`` points of the base, the one with the most private
-training questions right (ties: the earliest); when none stays within, the one with the least
-violation. The chosen weights are copied to ``checkpoints/<name>-val/final`` (the eval stage picks
+training questions right (ties: the earliest). When none stays within, the same rule holds each
+checkpoint to the best reading and public level any checkpoint kept (the drop then came with
+training itself, from the first checkpoint on), and only when even that leaves none, the one
+with the least violation. The chosen weights are copied to ``checkpoints/<name>-val/final`` (the eval stage picks
 them up with every other ``final``) and every checkpoint's numbers to
 ``checkpoints/<name>-val/choice.json``. A second call with the same inputs returns at once.
 """
@@ -97,9 +99,17 @@ def violation(acc: dict[str, float], base: dict[str, float], margins: dict[str, 
 def choose(table: list[dict[str, Any]], base: dict[str, float], margins: dict[str, float]) -> int:
     """Index into ``table`` (rows with step and accuracies, in step order) of the chosen one."""
     within = [i for i, r in enumerate(table) if violation(r["val"], base, margins) == 0]
-    if within:
-        return max(within, key=lambda i: (table[i]["val"]["private"], -i))
-    return min(range(len(table)), key=lambda i: (violation(table[i]["val"], base, margins), i))
+    if not within:
+        # No checkpoint keeps the base's level: the drop came with training itself (it is there
+        # from the first checkpoint on), so hold each checkpoint to the best level any checkpoint
+        # kept instead of choosing the least-trained one.
+        best = {k: max(r["val"][k] for r in table) for k in margins}
+        within = [i for i, r in enumerate(table) if violation(r["val"], best, margins) == 0]
+        if not within:
+            return min(
+                range(len(table)), key=lambda i: (violation(table[i]["val"], best, margins), i)
+            )
+    return max(within, key=lambda i: (table[i]["val"]["private"], -i))
 
 
 def copy_model(src: Path, dest: Path) -> None:

@@ -83,10 +83,13 @@ def test_choice_is_the_most_private_within_the_margins() -> None:
     assert demo_choose.choose(table, BASE, MARGINS) == 2  # exactly 3 below: in
 
 
-def test_choice_ties_go_to_the_earliest_and_none_within_takes_the_least_violation() -> None:
+def test_choice_ties_go_to_the_earliest_and_none_within_holds_to_the_best_kept() -> None:
     assert demo_choose.choose(_t((90, 100, 90), (90, 100, 89)), BASE, MARGINS) == 0
+    # None within 3 of the base's reading 90: held to the best kept (public 100, reading 85).
     table = _t((99, 90, 80), (80, 100, 85), (95, 100, 84))
-    assert demo_choose.choose(table, BASE, MARGINS) == 1  # 2 points over vs 3 and 14
+    assert demo_choose.choose(table, BASE, MARGINS) == 2  # 84 >= 85 - 3; row 0's public is out
+    table = _t((10, 100, 86), (40, 100, 85), (80, 100, 82.5))
+    assert demo_choose.choose(table, BASE, MARGINS) == 1  # 82.5 is 3.5 below the best kept
 
 
 def test_choose_end_to_end_copies_the_weights(world: Path, tmp_path: Path) -> None:
