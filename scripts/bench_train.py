@@ -205,14 +205,14 @@ def pair_ratio(num: list[float], den: list[float]) -> float:
 def trainer(cfg, student: Path, vocab: int):
     """The student under ``stages.train``'s loss and optimizer, as ``run`` builds them."""
     from stages.lib.training.job import Dist
-    from stages.lib.training.objective import ResponseLoss
+    from stages.lib.training.objective import ResponseLoss, loss_chunk
 
     tc = cfg.train
     torch.manual_seed(0)
     model = models.load_model(str(student)).train()
     model.config.use_cache = False
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in cfg.loss.terms]
-    wrapped = ResponseLoss(model, terms, vocab, cfg.loss.temperature, tc.chunk_positions)
+    wrapped = ResponseLoss(model, terms, vocab, cfg.loss.temperature, loss_chunk(tc, vocab))
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
