@@ -9,7 +9,6 @@ stage needs comes from the bucket, not from a local leftover.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import time
@@ -29,6 +28,7 @@ from stages.lib.config import compose  # noqa: E402
 from stages.lib.errors import UserError  # noqa: E402
 from stages.lib.layout import RunLayout  # noqa: E402
 from tests import reliability_harness as h  # noqa: E402
+from tests import servers  # noqa: E402
 from tests.conftest import write_prompts  # noqa: E402
 
 BUCKET = "distillery-test"
@@ -36,41 +36,11 @@ KEYS = {"rollouts": ["sample_id"], "tokens": ["sample_id", "pos"], "selected/ent
 TABLES = {"rollouts": rollouts, "tokens": tokens, "selected/entropy_half": selected}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server and the AWS variables that point boto3 and pyarrow at it."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with servers.moto_s3(BUCKET) as client:
+        yield client
 
 
 def machine(monkeypatch, tmp_path: Path, name: str) -> Path:
@@ -271,7 +241,7 @@ def test_two_torchrun_nodes_train_from_the_bucket(s3, ov, tmp_path, monkeypatch)
         pytest.skip("needs test_pipeline_on_s3_gives_the_rows_of_a_local_run first")
     extra = ("train.name=two_nodes", "train.max_steps=3", "train.keep_last=1")
     args = ov(uri, *extra, "train.micro_batch_tokens=40", *SMALL_GROUPS)
-    port = _free_port()
+    port = servers.free_port()
     # node 0 first: its agent binds the rendezvous endpoint and hosts the c10d store, as the
     # host named by --rdzv_endpoint does on a cluster (it outlives the other node: rank 0
     # publishes last)

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 
@@ -26,6 +25,7 @@ from data_schemas import rollouts, tokens  # noqa: E402
 from stages import rollout, score  # noqa: E402
 from stages.lib import errors, raylaunch, store  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
+from tests import servers  # noqa: E402
 from tests.conftest import write_prompts  # noqa: E402
 
 RAY = ("launcher.kind=ray", "launcher.actors=2")
@@ -33,21 +33,9 @@ RAY = ("launcher.kind=ray", "launcher.actors=2")
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    """One local cluster for the module (its start-up costs seconds); one torch thread here, as
-    in the actors (OMP_NUM_THREADS=1 is inherited), so samples are bitwise comparable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env=raylaunch.job_runtime_env(),
-        logging_level="WARNING",
-    )
-    yield
-    raylaunch.drop_pool()
-    ray.shutdown()
-    torch.set_num_threads(before)
+    """One local cluster for the module (its start-up costs seconds)."""
+    with servers.local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("boto3")
@@ -40,6 +37,7 @@ from stages import rollout, score  # noqa: E402
 from stages.lib import errors, raylaunch, remote, store  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
 from tests import reliability_harness as h  # noqa: E402
+from tests import servers  # noqa: E402
 from tests.conftest import write_prompts  # noqa: E402
 
 BUCKET = "distillery-ray"
@@ -47,62 +45,20 @@ TABLES = {"rollouts": rollouts, "tokens": tokens}
 SFT = "checkpoints/sft/final"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server, a versioned bucket (every PUT of a key is a version: 'published once'
-    is countable) and the AWS variables that point boto3, pyarrow and the actors at it."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-    yield client
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    """A moto S3 server with a versioned bucket (every PUT of a key is a version: 'published
+    once' is countable) and the AWS variables that point boto3, pyarrow and the actors at it."""
+    with servers.moto_s3(BUCKET, versioned=True) as client:
+        yield client
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session(s3):
-    """One local cluster (2 CPUs) for the module, started after the S3 variables are set (the
-    actors inherit the credentials, as a node's own environment would give them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the actors: samples bitwise comparable to the local run
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env=raylaunch.job_runtime_env(),
-        logging_level="WARNING",
-    )
-    yield
-    raylaunch.drop_pool()
-    ray.shutdown()
-    torch.set_num_threads(before)
+    """One local cluster for the module, started after the S3 variables are set (the actors
+    inherit the credentials, as a node's own environment would give them)."""
+    with servers.local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -218,7 +218,7 @@ def load_engine(
                 eos_id=stops.all_ids,
                 stop=stops.strings,
             )
-            return [[_vllm_sample(d, stops, s, tok) for d in per] for per in out]
+            return [[_vllm_sample(d, stops, s) for d in per] for per in out]
 
         return Engine("vllm", sample_vllm, {"stops": stops})
 
@@ -244,7 +244,7 @@ def load_engine(
     return Engine("hf", sample_hf, {"device": str(device), "stops": stops})
 
 
-def _vllm_sample(d: dict, stops: decoding.Stops, s: Sampling, tok: Any) -> Sample:
+def _vllm_sample(d: dict, stops: decoding.Stops, s: Sampling) -> Sample:
     """A vLLM sample cut and labelled by the same rule as the HF backend (stop strings too)."""
     length, reason = decoding.cut(d["response_ids"], stops, s.max_new_tokens)
     return Sample(d["response_ids"][:length], d["logprobs"][:length], reason)
