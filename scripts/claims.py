@@ -1,0 +1,210 @@
+"""The seed papers' claims on the chat demo world: several seeds, one command, one table.
+
+    python scripts/claims.py --world runs/world --root runs/claims --seeds 0 1 2
+    python scripts/claims.py --groups online,edge --seeds 0 --dry     # compose only, run nothing
+
+Every row trains with the `demo` experiment as it is (its train settings: lr, warmup, epochs,
+selection, loss), on the cached rollouts and teacher log-probs of its run dir, and is evaluated
+at its ``final`` checkpoint (the same number of optimizer steps for every row). Groups, run in
+this order (a call with several seeds runs a group for every seed before the next group):
+
+* ``online`` (Lightning OPD's headline): offline OPD, the demo itself (one rollout + scoring pass,
+  ``train.epochs`` passes over it) against online OPD: ``pipeline.rounds=R`` rounds, each with
+  fresh rollouts from the current student scored by a live teacher pass, ``train.epochs / R``
+  epochs each (the same total optimizer steps; round 1 shares the offline row's rollouts).
+* ``edge`` (EDGE-OPD): guided vs unguided rollouts (``rollout.guided_fraction`` 0.5 vs 0), each
+  with the top-K loss (``topk_fkl``, the demo; the guided one is the offline row) and the
+  sampled-token loss (``opd_k1``).
+* ``tip`` (TIP): ``select=entropy_half`` (50 % of tokens, sampled by entropy) vs ``select=all``,
+  both on the demo's guided cache with its loss.
+
+Compute: every rollout, scoring, selection and training call is timed in process CPU seconds
+(``time.process_time``: every thread of this process) and added to ``<run_dir>/cpu.json``; a row's
+compute is the sum over the calls it needs (its cache's rollout + score, its select + train; the
+online row: all of its rounds). A re-run skips finished work (the stages resume) and adds only the
+seconds it spends. Writes ``<root>/claims.json`` (every number) and ``<root>/claims.md`` (the
+table: mean ± std over seeds, then the per-seed values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (REPO, REPO / "scripts"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from results_table import SETS  # noqa: E402
+
+from stages import eval as eval_stage  # noqa: E402
+from stages import rollout, score, select, train  # noqa: E402
+from stages.lib.config import Config, compose, derive, round_config  # noqa: E402
+from stages.lib.config.compose import round_name  # noqa: E402
+from stages.lib.store import atomic_write_text  # noqa: E402
+
+# (group, row label, run-dir kind, train name, overrides of the demo config; None = online rounds)
+ROWS = [
+    ("online", "offline OPD (the demo: 1 rollout + scoring pass)", "guided", "offline", []),
+    ("online", "online OPD (fresh rollouts + teacher pass every round)", "guided", "online", None),
+    ("edge", "EDGE: guided rollouts, topk_fkl (= offline OPD)", "guided", "offline", []),
+    ("edge", "EDGE: unguided rollouts, topk_fkl", "unguided", "topk", []),
+    ("edge", "EDGE: guided rollouts, opd_k1", "guided", "opd_k1", ["loss=opd_k1"]),
+    ("edge", "EDGE: unguided rollouts, opd_k1", "unguided", "opd_k1", ["loss=opd_k1"]),
+    ("tip", "TIP: all tokens", "guided", "all", ["select=all"]),
+    ("tip", "TIP: 50 % of tokens by entropy", "guided", "tip50", ["select=entropy_half"]),
+]
+GROUPS = ["online", "edge", "tip"]
+
+
+def demo_config(kind: str, seed: int, root: Path, world: Path) -> Config:
+    """The `demo` experiment on ``world``: the run dir whose rollouts + scores rows share."""
+    base, p = world / "models" / "base", world / "prompts"
+    ov = [
+        "experiment=demo",
+        f"seed={seed}",
+        f"run_dir={root / f'seed{seed}' / kind}",
+        f"data.prompts={p / 'train_fit.parquet'}",
+        *[f"data.eval_sets.{s}={p / (s + '.parquet')}" for s in SETS],
+        f"student.path={base}",
+        f"teacher.path={base}",
+        f"ref.path={base}",
+    ]
+    if kind == "unguided":
+        ov.append("rollout.guided_fraction=0")
+    return compose("pipeline", ov)
+
+
+def online_rounds(epochs: int, rounds: int) -> list[str]:
+    """``rounds`` rounds of ``epochs / rounds`` epochs: the offline row's optimizer steps."""
+    if rounds < 1 or epochs % rounds:
+        raise SystemExit(f"error: --rounds {rounds} must divide train.epochs {epochs}")
+    return [f"pipeline.rounds={rounds}", f"train.epochs={epochs // rounds}"]
+
+
+def row_config(cfg: Config, name: str, extra: list[str] | None, rounds: int) -> Config:
+    """A row's select + train config: the demo's plus the row's overrides and its train.name."""
+    ov = online_rounds(cfg.train.epochs, rounds) if extra is None else extra
+    return derive(cfg, [*ov, f"train.name={name}"], f"claims row {name}")
+
+
+class Ledger:
+    """Process CPU seconds per call, added up in ``<run_dir>/cpu.json`` across invocations."""
+
+    def __init__(self, run_dir: str):
+        self.path = Path(run_dir) / "cpu.json"
+        self.cpu = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def run(self, key: str, stage, cfg: Config):
+        t = time.process_time()
+        out = stage.run(cfg)
+        self.cpu[key] = self.cpu.get(key, 0.0) + time.process_time() - t
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.cpu, indent=1, sort_keys=True))
+        return out
+
+
+def train_row(cfg: Config, led: Ledger, r: int = 1) -> list[str]:
+    """One select + train (round ``r`` of a run dir); its ledger keys."""
+    pre = "" if r == 1 else f"round{r}/"
+    keys = [f"{pre}select/{cfg.select.name}", f"{pre}train/{cfg.train.name}"]
+    led.run(keys[0], select, cfg)
+    led.run(keys[1], train, cfg)
+    return keys
+
+
+def ensure_row(cfg: Config, rcfg: Config, led: Ledger) -> tuple[str, list[str]]:
+    """Run one row (its cache first); (its eval checkpoint name, the ledger keys it costs)."""
+    keys = ["rollout", "score"]
+    led.run("rollout", rollout, cfg)
+    led.run("score", score, cfg)
+    keys += train_row(rcfg, led)
+    for r in range(2, rcfg.pipeline.rounds + 1):  # online: fresh rollouts from round r-1
+        c = round_config(rcfg, r)
+        led.run(f"round{r}/rollout", rollout, c)
+        led.run(f"round{r}/score", score, c)
+        keys += [f"round{r}/rollout", f"round{r}/score", *train_row(c, led, r)]
+    return round_name(rcfg.train.name, rcfg.pipeline.rounds), keys
+
+
+def fmt(vals: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not vals:
+        return "-"
+    m = f"{scale * statistics.mean(vals):.{digits}f}"
+    return m if len(vals) == 1 else f"{m} ± {scale * statistics.stdev(vals):.{digits}f}"
+
+
+def table(rows: dict, seeds: list[int], command: str) -> str:
+    """Mean ± std per row, then the per-seed values; every number from ``command``."""
+    head = ["claim / row", *SETS, "CPU s", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    per = ["| row | seed | " + " | ".join(SETS) + " | CPU s |", "|---" * (len(SETS) + 3) + "|"]
+    for label, row in rows.items():
+        acc = {s: [row["seeds"][k][s] for k in sorted(row["seeds"])] for s in SETS}
+        cpu = [row["seeds"][k]["cpu_s"] for k in sorted(row["seeds"])]
+        cells = [fmt(acc[s]) for s in SETS] + [fmt(cpu, 1.0, 0), str(len(cpu))]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for k in sorted(row["seeds"]):
+            v = row["seeds"][k]
+            cells = [f"{100 * v[s]:.1f}" for s in SETS] + [f"{v['cpu_s']:.0f}"]
+            per.append(f"| {label} | {k} | " + " | ".join(cells) + " |")
+    return (
+        f"Greedy accuracy (%) at the final checkpoint, mean ± std over seeds; CPU s = process CPU "
+        f"seconds of the row's rollouts, teacher scoring, selection and training. Command: "
+        f"`{command}`.\n\n" + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(per) + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--world", default="runs/world", help="demo world dir (make_demo.py --out)")
+    ap.add_argument("--root", default="runs/claims", help="where the run dirs go")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--groups", default=",".join(GROUPS), help="subset of " + ",".join(GROUPS))
+    ap.add_argument("--rounds", type=int, default=3, help="online rounds (divides train.epochs)")
+    ap.add_argument("--dry", action="store_true", help="compose every row's config, run nothing")
+    args = ap.parse_args(argv)
+    world, root = Path(args.world), Path(args.root)
+    groups = [g for g in GROUPS if g in args.groups.split(",")]
+    command = "python scripts/claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out: dict = {"command": command, "rows": {"base (no training)": {"group": "-", "seeds": {}}}}
+    for group in groups:
+        for seed in args.seeds:
+            for g, label, kind, name, extra in ROWS:
+                if g != group:
+                    continue
+                cfg = demo_config(kind, seed, root, world)
+                rcfg = row_config(cfg, name, extra, args.rounds)
+                if args.dry:
+                    c = rcfg
+                    print(
+                        f"seed {seed} {kind:8s} {name:8s} rounds={c.pipeline.rounds} "
+                        f"epochs={c.train.epochs} select={c.select.name} loss={c.loss.name} "
+                        f"guided={c.rollout.guided_fraction} {c.run_dir}"
+                    )
+                    continue
+                led = Ledger(cfg.run_dir)
+                ckpt, keys = ensure_row(cfg, rcfg, led)
+                res = eval_stage.run(derive(cfg, [f"eval.checkpoints=[base,{ckpt}]"], "claims"))
+                v = {s: res[ckpt][s]["accuracy"] for s in SETS}
+                v["cpu_s"] = sum(led.cpu[k] for k in keys)
+                v["cpu_parts"] = {k: round(led.cpu[k], 1) for k in keys}
+                row = out["rows"].setdefault(label, {"group": g, "seeds": {}})
+                row["seeds"][seed] = v
+                base = {s: res["base"][s]["accuracy"] for s in SETS}
+                out["rows"]["base (no training)"]["seeds"][seed] = {**base, "cpu_s": 0.0}
+                root.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(root / "claims.json", json.dumps(out, indent=1))
+                md = table(out["rows"], args.seeds, command)
+                atomic_write_text(root / "claims.md", md)
+                print(md, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

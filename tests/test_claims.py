@@ -1,0 +1,62 @@
+"""scripts/claims.py: its rows' configs, its CPU ledger and its table (no model runs)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import claims
+import pytest
+
+
+def configs(tmp_path, rounds=3):
+    out = {}
+    for _, _, kind, name, extra in claims.ROWS:
+        cfg = claims.demo_config(kind, 0, tmp_path / "runs", tmp_path / "world")
+        out[(kind, name)] = (cfg, claims.row_config(cfg, name, extra, rounds))
+    return out
+
+
+def test_rows_keep_the_demo_recipe_and_differ_only_where_the_claim_says(tmp_path):
+    rows = configs(tmp_path)
+    demo, offline = rows[("guided", "offline")]
+    assert (offline.train.epochs, offline.pipeline.rounds) == (demo.train.epochs, 1)
+    _, online = rows[("guided", "online")]
+    # online: the same optimizer steps as offline, spread over rounds of fresh rollouts
+    assert online.pipeline.rounds * online.train.epochs == offline.train.epochs
+    assert (online.train.lr, online.select.name, online.loss.name) == (
+        offline.train.lr,
+        offline.select.name,
+        offline.loss.name,
+    )
+    ung, ung_k1 = rows[("unguided", "opd_k1")]
+    assert ung.rollout.guided_fraction == 0 and demo.rollout.guided_fraction == 0.5
+    assert ung_k1.loss.name == "opd_k1" and ung_k1.select.name == offline.select.name
+    assert rows[("guided", "tip50")][1].select.name == "entropy_half"
+    assert rows[("guided", "all")][1].select.name == "all"
+    # rows sharing a run dir share its rollouts and scores, so their train names must differ
+    names = [(c.run_dir, c.train.name) for _, c in rows.values()]
+    assert len(set(names)) == len(names)
+
+
+def test_rounds_must_divide_the_epochs(tmp_path):
+    cfg = claims.demo_config("guided", 0, tmp_path, tmp_path)
+    with pytest.raises(SystemExit, match="must divide"):
+        claims.row_config(cfg, "online", None, 5)
+
+
+def test_ledger_adds_cpu_seconds_across_calls(tmp_path):
+    burn = SimpleNamespace(run=lambda cfg: sum(i * i for i in range(300_000)))
+    claims.Ledger(str(tmp_path)).run("rollout", burn, None)
+    first = json.loads((tmp_path / "cpu.json").read_text())["rollout"]
+    claims.Ledger(str(tmp_path)).run("rollout", burn, None)  # a second invocation adds
+    assert json.loads((tmp_path / "cpu.json").read_text())["rollout"] > first > 0
+
+
+def test_table_has_mean_std_and_every_seed():
+    v = {s: 0.5 for s in claims.SETS}
+    rows = {"r": {"seeds": {0: {**v, "cpu_s": 10.0}, 1: {**v, "private_closed": 0.7, "cpu_s": 20}}}}
+    md = claims.table(rows, [0, 1], "python scripts/claims.py --seeds 0 1")
+    assert "| r | 60.0 ± 14.1 | 50.0 ± 0.0 |" in md
+    assert "| 15 ± 7 | 2 |" in md
+    assert "| r | 1 | 70.0 |" in md and "python scripts/claims.py --seeds 0 1" in md
