@@ -11,7 +11,9 @@ this order (a call with several seeds runs a group for every seed before the nex
 * ``online`` (Lightning OPD's headline): offline OPD, the demo itself (one rollout + scoring pass,
   ``train.epochs`` passes over it) against online OPD: ``pipeline.rounds=R`` rounds, each with
   fresh rollouts from the current student scored by a live teacher pass, ``train.epochs / R``
-  epochs each (the same total optimizer steps; round 1 shares the offline row's rollouts).
+  epochs each (the same total optimizer steps; round 1 shares the offline row's rollouts;
+  default R = ``train.epochs``: one epoch per round). Each round is a training of its own (the
+  pipeline's rounds): fresh optimizer, the demo's warmup and cosine within the round.
 * ``edge`` (EDGE-OPD): guided vs unguided rollouts (``rollout.guided_fraction`` 0.5 vs 0), each
   with the top-K loss (``topk_fkl``, the demo; the guided one is the offline row) and the
   sampled-token loss (``opd_k1``).
@@ -81,7 +83,9 @@ def demo_config(kind: str, seed: int, root: Path, world: Path) -> Config:
 
 
 def online_rounds(epochs: int, rounds: int) -> list[str]:
-    """``rounds`` rounds of ``epochs / rounds`` epochs: the offline row's optimizer steps."""
+    """``rounds`` rounds of ``epochs / rounds`` epochs: the offline row's optimizer steps (0: one
+    round per epoch, each with its own warmup + cosine, as every round of ``pipeline.rounds``)."""
+    rounds = rounds or epochs
     if rounds < 1 or epochs % rounds:
         raise SystemExit(f"error: --rounds {rounds} must divide train.epochs {epochs}")
     return [f"pipeline.rounds={rounds}", f"train.epochs={epochs // rounds}"]
@@ -166,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="runs/claims", help="where the run dirs go")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--groups", default=",".join(GROUPS), help="subset of " + ",".join(GROUPS))
-    ap.add_argument("--rounds", type=int, default=3, help="online rounds (divides train.epochs)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="online rounds (divides train.epochs; 0 = one a epoch)",
+    )
     ap.add_argument("--dry", action="store_true", help="compose every row's config, run nothing")
     args = ap.parse_args(argv)
     world, root = Path(args.world), Path(args.root)

@@ -9,7 +9,7 @@ import claims
 import pytest
 
 
-def configs(tmp_path, rounds=3):
+def configs(tmp_path, rounds=0):
     out = {}
     for _, _, kind, name, extra in claims.ROWS:
         cfg = claims.demo_config(kind, 0, tmp_path / "runs", tmp_path / "world")
@@ -23,7 +23,8 @@ def test_rows_keep_the_demo_recipe_and_differ_only_where_the_claim_says(tmp_path
     assert (offline.train.epochs, offline.pipeline.rounds) == (demo.train.epochs, 1)
     _, online = rows[("guided", "online")]
     # online: the same optimizer steps as offline, spread over rounds of fresh rollouts
-    assert online.pipeline.rounds * online.train.epochs == offline.train.epochs
+    assert (online.pipeline.rounds, online.train.epochs) == (offline.train.epochs, 1)
+    assert claims.row_config(demo, "online", None, 3).train.epochs * 3 == offline.train.epochs
     assert (online.train.lr, online.select.name, online.loss.name) == (
         offline.train.lr,
         offline.select.name,
