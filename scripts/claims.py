@@ -21,10 +21,10 @@ this order (a call with several seeds runs a group for every seed before the nex
   both on the demo's guided cache with its loss.
 
 Compute: every rollout, scoring, selection and training call is timed in process CPU seconds
-(``time.process_time``: every thread of this process) and added to ``<run_dir>/cpu.json``; a row's
+(``time.process_time``: every thread of this process) into ``<run_dir>/cpu.json``; a row's
 compute is the sum over the calls it needs (its cache's rollout + score, its select + train; the
-online row: all of its rounds). A re-run skips finished work (the stages resume) and adds only the
-seconds it spends. Writes ``<root>/claims.json`` (every number) and ``<root>/claims.md`` (the
+online row: all of its rounds). A re-run skips finished work (the stages resume); a call killed
+before it completes is not recorded, and its work's rerun then counts only what was left. Writes ``<root>/claims.json`` (every number) and ``<root>/claims.md`` (the
 table: mean ± std over seeds, then the per-seed values).
 """
 
@@ -98,16 +98,20 @@ def row_config(cfg: Config, name: str, extra: list[str] | None, rounds: int) -> 
 
 
 class Ledger:
-    """Process CPU seconds per call, added up in ``<run_dir>/cpu.json`` across invocations."""
+    """Process CPU seconds of each stage call, kept in ``<run_dir>/cpu.json``: the first call that
+    completes is the work's cost; a later call (another row on the same cache) only finds it
+    done, and its few seconds of loading are not added."""
 
     def __init__(self, run_dir: str):
         self.path = Path(run_dir) / "cpu.json"
         self.cpu = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def run(self, key: str, stage, cfg: Config):
+        if key in self.cpu:
+            return stage.run(cfg)
         t = time.process_time()
         out = stage.run(cfg)
-        self.cpu[key] = self.cpu.get(key, 0.0) + time.process_time() - t
+        self.cpu[key] = time.process_time() - t
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(self.cpu, indent=1, sort_keys=True))
         return out

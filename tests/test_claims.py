@@ -46,12 +46,15 @@ def test_rounds_must_divide_the_epochs(tmp_path):
         claims.row_config(cfg, "online", None, 5)
 
 
-def test_ledger_adds_cpu_seconds_across_calls(tmp_path):
-    burn = SimpleNamespace(run=lambda cfg: sum(i * i for i in range(300_000)))
+def test_ledger_keeps_the_first_completed_call(tmp_path):
+    calls = []
+    burn = SimpleNamespace(run=lambda cfg: calls.append(sum(i * i for i in range(300_000))))
     claims.Ledger(str(tmp_path)).run("rollout", burn, None)
     first = json.loads((tmp_path / "cpu.json").read_text())["rollout"]
-    claims.Ledger(str(tmp_path)).run("rollout", burn, None)  # a second invocation adds
-    assert json.loads((tmp_path / "cpu.json").read_text())["rollout"] > first > 0
+    assert first > 0
+    claims.Ledger(str(tmp_path)).run("rollout", burn, None)  # another row: runs, not re-counted
+    assert json.loads((tmp_path / "cpu.json").read_text())["rollout"] == first
+    assert len(calls) == 2
 
 
 def test_table_has_mean_std_and_every_seed():
