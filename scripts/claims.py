@@ -48,12 +48,25 @@ from stages import eval as eval_stage  # noqa: E402
 from stages import rollout, score, select, train  # noqa: E402
 from stages.lib.config import Config, compose, derive, round_config  # noqa: E402
 from stages.lib.config.compose import round_name  # noqa: E402
+from stages.lib.layout import RunLayout  # noqa: E402
 from stages.lib.store import atomic_write_text  # noqa: E402
 
-# (group, row label, run-dir kind, train name, overrides of the demo config; None = online rounds)
+# A row's training: overrides of the demo config, or rounds of epochs / R epochs each, every round
+# a training of its own from the previous round's final weights: with fresh rollouts scored by the
+# teacher (ONLINE, the pipeline's rounds), or on the round-1 rollouts again (RESTARTS: the same
+# schedule restarts and optimizer resets as ONLINE, without fresh data).
+ONLINE, RESTARTS = "online", "restarts"
+# (group, row label, run-dir kind, train name, its training)
 ROWS = [
     ("online", "offline OPD (the demo: 1 rollout + scoring pass)", "guided", "offline", []),
-    ("online", "online OPD (fresh rollouts + teacher pass every round)", "guided", "online", None),
+    (
+        "online",
+        "online OPD (fresh rollouts + teacher pass every round)",
+        "guided",
+        "online",
+        ONLINE,
+    ),
+    ("control", "control: online's rounds on the offline rollouts", "guided", "restarts", RESTARTS),
     ("edge", "EDGE: guided rollouts, topk_fkl (= offline OPD)", "guided", "offline", []),
     ("edge", "EDGE: unguided rollouts, topk_fkl", "unguided", "topk", []),
     ("edge", "EDGE: guided rollouts, opd_k1", "guided", "opd_k1", ["loss=opd_k1"]),
@@ -61,7 +74,7 @@ ROWS = [
     ("tip", "TIP: all tokens", "guided", "all", ["select=all"]),
     ("tip", "TIP: 50 % of tokens by entropy", "guided", "tip50", ["select=entropy_half"]),
 ]
-GROUPS = ["online", "edge", "tip"]
+GROUPS = ["online", "control", "edge", "tip"]
 
 
 def demo_config(kind: str, seed: int, root: Path, world: Path) -> Config:
@@ -91,9 +104,9 @@ def online_rounds(epochs: int, rounds: int) -> list[str]:
     return [f"pipeline.rounds={rounds}", f"train.epochs={epochs // rounds}"]
 
 
-def row_config(cfg: Config, name: str, extra: list[str] | None, rounds: int) -> Config:
+def row_config(cfg: Config, name: str, extra: list[str] | str, rounds: int) -> Config:
     """A row's select + train config: the demo's plus the row's overrides and its train.name."""
-    ov = online_rounds(cfg.train.epochs, rounds) if extra is None else extra
+    ov = online_rounds(cfg.train.epochs, rounds) if isinstance(extra, str) else extra
     return derive(cfg, [*ov, f"train.name={name}"], f"claims row {name}")
 
 
@@ -102,11 +115,14 @@ class Ledger:
     completes is the work's cost; a later call (another row on the same cache) only finds it
     done, and its few seconds of loading are not added."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, execute: bool = True):
         self.path = Path(run_dir) / "cpu.json"
         self.cpu = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.execute = execute  # False: walk a row's calls without running them (--report)
 
     def run(self, key: str, stage, cfg: Config):
+        if not self.execute:
+            return None
         if key in self.cpu:
             return stage.run(cfg)
         t = time.process_time()
@@ -126,18 +142,25 @@ def train_row(cfg: Config, led: Ledger, r: int = 1) -> list[str]:
     return keys
 
 
-def ensure_row(cfg: Config, rcfg: Config, led: Ledger) -> tuple[str, list[str]]:
+def ensure_row(cfg: Config, rcfg: Config, led: Ledger, how) -> tuple[str, list[str]]:
     """Run one row (its cache first); (its eval checkpoint name, the ledger keys it costs)."""
     keys = ["rollout", "score"]
     led.run("rollout", rollout, cfg)
     led.run("score", score, cfg)
     keys += train_row(rcfg, led)
-    for r in range(2, rcfg.pipeline.rounds + 1):  # online: fresh rollouts from round r-1
-        c = round_config(rcfg, r)
-        led.run(f"round{r}/rollout", rollout, c)
-        led.run(f"round{r}/score", score, c)
-        keys += [f"round{r}/rollout", f"round{r}/score", *train_row(c, led, r)]
-    return round_name(rcfg.train.name, rcfg.pipeline.rounds), keys
+    name, rounds = rcfg.train.name, rcfg.pipeline.rounds
+    for r in range(2, rounds + 1 if isinstance(how, str) else 0):
+        if how == ONLINE:  # fresh rollouts from round r-1's weights, scored by the teacher
+            c = round_config(rcfg, r)
+            led.run(f"round{r}/rollout", rollout, c)
+            led.run(f"round{r}/score", score, c)
+            keys += [f"round{r}/rollout", f"round{r}/score", *train_row(c, led, r)]
+        else:  # RESTARTS: the same cached selection, from round r-1's weights
+            prev = RunLayout.of(rcfg.run_dir).final(round_name(name, r - 1))
+            c = derive(rcfg, [f"train.name={round_name(name, r)}", f"train.init={prev}"], "claims")
+            keys.append(f"train/{c.train.name}")
+            led.run(keys[-1], train, c)
+    return round_name(name, rounds), keys
 
 
 def fmt(vals: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -168,6 +191,29 @@ def table(rows: dict, seeds: list[int], command: str) -> str:
     )
 
 
+def dry_line(seed: int, kind: str, name: str, c: Config) -> str:
+    return (
+        f"seed {seed} {kind:8s} {name:8s} rounds={c.pipeline.rounds} epochs={c.train.epochs} "
+        f"select={c.select.name} loss={c.loss.name} guided={c.rollout.guided_fraction} {c.run_dir}"
+    )
+
+
+def one_row(cfg: Config, rcfg: Config, how, report: bool) -> dict | None:
+    """Run (or with ``report`` only read) one row: its accuracies, the base's, and its CPU s."""
+    led = Ledger(cfg.run_dir, execute=not report)
+    ckpt, keys = ensure_row(cfg, rcfg, led, how)
+    done = RunLayout.of(cfg.run_dir).final(ckpt).is_dir() or any(
+        RunLayout.of(cfg.run_dir).root.glob(f"round*/checkpoints/{ckpt}/final")
+    )
+    if not done or any(k not in led.cpu for k in keys):
+        return None  # --report: a row still running (or not started)
+    res = eval_stage.run(derive(cfg, [f"eval.checkpoints=[base,{ckpt}]"], "claims eval"))
+    v = {s: res[ckpt][s]["accuracy"] for s in SETS}
+    v["cpu_s"] = sum(led.cpu[k] for k in keys)
+    v["cpu_parts"] = {k: round(led.cpu[k], 1) for k in keys}
+    return {"row": v, "base": {s: res["base"][s]["accuracy"] for s in SETS}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--world", default="runs/world", help="demo world dir (make_demo.py --out)")
@@ -178,44 +224,35 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=0,
-        help="online rounds (divides train.epochs; 0 = one a epoch)",
+        help="online rounds (divide train.epochs; 0 = one an epoch)",
     )
     ap.add_argument("--dry", action="store_true", help="compose every row's config, run nothing")
+    ap.add_argument("--report", action="store_true", help="tabulate the finished rows, train none")
     args = ap.parse_args(argv)
     world, root = Path(args.world), Path(args.root)
     groups = [g for g in GROUPS if g in args.groups.split(",")]
     command = "python scripts/claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out: dict = {"command": command, "rows": {"base (no training)": {"group": "-", "seeds": {}}}}
-    for group in groups:
+    for group in groups:  # a group for every seed before the next group: the priority order
         for seed in args.seeds:
-            for g, label, kind, name, extra in ROWS:
+            for g, label, kind, name, how in ROWS:
                 if g != group:
                     continue
                 cfg = demo_config(kind, seed, root, world)
-                rcfg = row_config(cfg, name, extra, args.rounds)
+                rcfg = row_config(cfg, name, how, args.rounds)
                 if args.dry:
-                    c = rcfg
-                    print(
-                        f"seed {seed} {kind:8s} {name:8s} rounds={c.pipeline.rounds} "
-                        f"epochs={c.train.epochs} select={c.select.name} loss={c.loss.name} "
-                        f"guided={c.rollout.guided_fraction} {c.run_dir}"
-                    )
+                    print(dry_line(seed, kind, name, rcfg))
                     continue
-                led = Ledger(cfg.run_dir)
-                ckpt, keys = ensure_row(cfg, rcfg, led)
-                res = eval_stage.run(derive(cfg, [f"eval.checkpoints=[base,{ckpt}]"], "claims"))
-                v = {s: res[ckpt][s]["accuracy"] for s in SETS}
-                v["cpu_s"] = sum(led.cpu[k] for k in keys)
-                v["cpu_parts"] = {k: round(led.cpu[k], 1) for k in keys}
-                row = out["rows"].setdefault(label, {"group": g, "seeds": {}})
-                row["seeds"][seed] = v
-                base = {s: res["base"][s]["accuracy"] for s in SETS}
-                out["rows"]["base (no training)"]["seeds"][seed] = {**base, "cpu_s": 0.0}
+                got = one_row(cfg, rcfg, how, args.report)
+                if got is None:
+                    continue
+                out["rows"].setdefault(label, {"group": g, "seeds": {}})["seeds"][seed] = got["row"]
+                out["rows"]["base (no training)"]["seeds"][seed] = {**got["base"], "cpu_s": 0.0}
                 root.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(root / "claims.json", json.dumps(out, indent=1))
-                md = table(out["rows"], args.seeds, command)
-                atomic_write_text(root / "claims.md", md)
-                print(md, flush=True)
+                atomic_write_text(root / "claims.md", table(out["rows"], args.seeds, command))
+    if not args.dry and (root / "claims.md").is_file():
+        print((root / "claims.md").read_text(), flush=True)
     return 0
 
 

@@ -24,7 +24,9 @@ def test_rows_keep_the_demo_recipe_and_differ_only_where_the_claim_says(tmp_path
     _, online = rows[("guided", "online")]
     # online: the same optimizer steps as offline, spread over rounds of fresh rollouts
     assert (online.pipeline.rounds, online.train.epochs) == (offline.train.epochs, 1)
-    assert claims.row_config(demo, "online", None, 3).train.epochs * 3 == offline.train.epochs
+    assert claims.row_config(demo, "online", claims.ONLINE, 3).train.epochs * 3 == 12
+    _, restarts = rows[("guided", "restarts")]
+    assert (restarts.pipeline.rounds, restarts.train.epochs) == (12, 1)
     assert (online.train.lr, online.select.name, online.loss.name) == (
         offline.train.lr,
         offline.select.name,
@@ -43,7 +45,7 @@ def test_rows_keep_the_demo_recipe_and_differ_only_where_the_claim_says(tmp_path
 def test_rounds_must_divide_the_epochs(tmp_path):
     cfg = claims.demo_config("guided", 0, tmp_path, tmp_path)
     with pytest.raises(SystemExit, match="must divide"):
-        claims.row_config(cfg, "online", None, 5)
+        claims.row_config(cfg, "online", claims.ONLINE, 5)
 
 
 def test_ledger_keeps_the_first_completed_call(tmp_path):
