@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -55,7 +56,11 @@ from stages.lib.store import atomic_write_text  # noqa: E402
 # a training of its own from the previous round's final weights: with fresh rollouts scored by the
 # teacher (ONLINE, the pipeline's rounds), or on the round-1 rollouts again (RESTARTS: the same
 # schedule restarts and optimizer resets as ONLINE, without fresh data).
-ONLINE, RESTARTS = "online", "restarts"
+# ONLINE_SCHEDULE: ONLINE with the demo's one schedule split over the rounds (round r starts at the
+# lr the cosine has at (r-1)/R of the run and ends at its lr at r/R; the warmup once, then a
+# RESET_WARMUP-step warmup after each round's fresh optimizer).
+ONLINE, RESTARTS, ONLINE_SCHEDULE = "online", "restarts", "online_schedule"
+RESET_WARMUP = 5
 # (group, row label, run-dir kind, train name, its training)
 ROWS = [
     ("online", "offline OPD (the demo: 1 rollout + scoring pass)", "guided", "offline", []),
@@ -67,6 +72,13 @@ ROWS = [
         ONLINE,
     ),
     ("control", "control: online's rounds on the offline rollouts", "guided", "restarts", RESTARTS),
+    (
+        "schedule",
+        "online OPD, the demo's lr schedule split over the rounds",
+        "sched",  # its own run dir: the online row's round dirs hold that row's rollouts
+        "online_sched",
+        ONLINE_SCHEDULE,
+    ),
     ("edge", "EDGE: guided rollouts, topk_fkl (= offline OPD)", "guided", "offline", []),
     ("edge", "EDGE: unguided rollouts, topk_fkl", "unguided", "topk", []),
     ("edge", "EDGE: guided rollouts, opd_k1", "guided", "opd_k1", ["loss=opd_k1"]),
@@ -74,7 +86,7 @@ ROWS = [
     ("tip", "TIP: all tokens", "guided", "all", ["select=all"]),
     ("tip", "TIP: 50 % of tokens by entropy", "guided", "tip50", ["select=entropy_half"]),
 ]
-GROUPS = ["online", "control", "edge", "tip"]
+GROUPS = ["online", "control", "schedule", "edge", "tip"]
 
 
 def demo_config(kind: str, seed: int, root: Path, world: Path) -> Config:
@@ -107,7 +119,24 @@ def online_rounds(epochs: int, rounds: int) -> list[str]:
 def row_config(cfg: Config, name: str, extra: list[str] | str, rounds: int) -> Config:
     """A row's select + train config: the demo's plus the row's overrides and its train.name."""
     ov = online_rounds(cfg.train.epochs, rounds) if isinstance(extra, str) else extra
+    if extra == ONLINE_SCHEDULE:
+        ov += round_schedule(cfg.train, 1, rounds or cfg.train.epochs)
     return derive(cfg, [*ov, f"train.name={name}"], f"claims row {name}")
+
+
+def round_schedule(tc, r: int, rounds: int) -> list[str]:
+    """Round ``r``'s slice of the run's cosine (``tc``: the demo's train config)."""
+
+    def f(p: float) -> float:  # the cosine's lr factor at progress p of the whole run
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+    a, b = f((r - 1) / rounds), f(r / rounds)
+    warmup = tc.warmup_steps if r == 1 else RESET_WARMUP
+    return [
+        f"train.lr={tc.lr * a:.6g}",
+        f"train.min_lr_ratio={b / a:.6g}",
+        f"train.warmup_steps={warmup}",
+    ]
 
 
 class Ledger:
@@ -150,8 +179,10 @@ def ensure_row(cfg: Config, rcfg: Config, led: Ledger, how) -> tuple[str, list[s
     keys += train_row(rcfg, led)
     name, rounds = rcfg.train.name, rcfg.pipeline.rounds
     for r in range(2, rounds + 1 if isinstance(how, str) else 0):
-        if how == ONLINE:  # fresh rollouts from round r-1's weights, scored by the teacher
-            c = round_config(rcfg, r)
+        if how in (ONLINE, ONLINE_SCHEDULE):  # fresh rollouts from round r-1's weights, scored
+            c = round_config(rcfg, r)  # by the teacher
+            if how == ONLINE_SCHEDULE:
+                c = derive(c, round_schedule(cfg.train, r, rounds), "claims round schedule")
             led.run(f"round{r}/rollout", rollout, c)
             led.run(f"round{r}/score", score, c)
             keys += [f"round{r}/rollout", f"round{r}/score", *train_row(c, led, r)]

@@ -66,3 +66,15 @@ def test_table_has_mean_std_and_every_seed():
     assert "| r | 60.0 ± 14.1 | 50.0 ± 0.0 |" in md
     assert "| 15 ± 7 | 2 |" in md
     assert "| r | 1 | 70.0 |" in md and "python scripts/claims.py --seeds 0 1" in md
+
+
+def test_round_schedules_split_the_demo_cosine(tmp_path):
+    tc = claims.demo_config("guided", 0, tmp_path, tmp_path).train
+    parts = [dict(o.split("=") for o in claims.round_schedule(tc, r, 12)) for r in range(1, 13)]
+    assert float(parts[0]["train.lr"]) == pytest.approx(tc.lr)
+    assert int(parts[0]["train.warmup_steps"]) == tc.warmup_steps
+    end = float(parts[-1]["train.lr"]) * float(parts[-1]["train.min_lr_ratio"])
+    assert end == pytest.approx(tc.lr * tc.min_lr_ratio, rel=1e-4)  # ends where the demo ends
+    for a, b in zip(parts, parts[1:], strict=False):  # each round starts where the last ended
+        a_end = float(a["train.lr"]) * float(a["train.min_lr_ratio"])
+        assert float(b["train.lr"]) == pytest.approx(a_end, rel=1e-4)
