@@ -66,18 +66,24 @@ ROWS = [
     ("online", "offline OPD (the demo: 1 rollout + scoring pass)", "guided", "offline", []),
     (
         "online",
-        "online OPD (fresh rollouts + teacher pass every round)",
+        "online OPD: fresh rollouts + teacher pass every round, the demo's lr schedule split",
+        "sched",  # its own run dir: the rounds row's round dirs hold that row's rollouts
+        "online_sched",
+        ONLINE_SCHEDULE,
+    ),
+    (
+        "rounds",
+        "online OPD as pipeline.rounds (schedule restarts per round)",
         "guided",
         "online",
         ONLINE,
     ),
-    ("control", "control: online's rounds on the offline rollouts", "guided", "restarts", RESTARTS),
     (
-        "schedule",
-        "online OPD, the demo's lr schedule split over the rounds",
-        "sched",  # its own run dir: the online row's round dirs hold that row's rollouts
-        "online_sched",
-        ONLINE_SCHEDULE,
+        "rounds",
+        "control: the same restarts on the offline rollouts",
+        "guided",
+        "restarts",
+        RESTARTS,
     ),
     ("edge", "EDGE: guided rollouts, topk_fkl (= offline OPD)", "guided", "offline", []),
     ("edge", "EDGE: unguided rollouts, topk_fkl", "unguided", "topk", []),
@@ -86,7 +92,7 @@ ROWS = [
     ("tip", "TIP: all tokens", "guided", "all", ["select=all"]),
     ("tip", "TIP: 50 % of tokens by entropy", "guided", "tip50", ["select=entropy_half"]),
 ]
-GROUPS = ["online", "control", "schedule", "edge", "tip"]
+GROUPS = ["online", "rounds", "edge", "tip"]
 
 
 def demo_config(kind: str, seed: int, root: Path, world: Path) -> Config:
