@@ -53,26 +53,41 @@ MAX_SUFFIX = "_max"
 
 # ---------------------------------------------------------------------------- shared inputs
 
-# Id columns whose student log-probs the fused path gathers in its one pass (any present).
-GATHER_COLUMNS = ("token_id", "teacher_topk_ids", "behavior_topk_ids", "teacher_mapped_ids")
-# Losses that read the student's log-probs at columns they choose themselves (not a stored id
-# column): they take the dense path, an [N, V] log-softmax under autograd (more memory).
-DENSE_LOSSES = ("uld",)
+# Id columns whose student log-probs the fused path gathers in its one pass (any present);
+# ``student_topk_ids`` is the student's own top-k (``uld``), found before the log-softmax.
+GATHER_COLUMNS = (
+    "token_id",
+    "teacher_topk_ids",
+    "behavior_topk_ids",
+    "teacher_mapped_ids",
+    "student_topk_ids",
+)
 # Loss -> the id column whose complement's student log-mass it reads (the tail bucket).
 TAIL_SETS = {
     "topk_fkl": "teacher_topk_ids",
     "tropd": "teacher_topk_ids",
     "mapped_topk_fkl": "teacher_mapped_ids",
 }
-ROW_BLOCK = 32  # rows per pass over [rows, V] scratch: bounds temporaries to [32, V]
-WORKING_BLOCKS = 2  # [N, V] fp32 blocks the fused path holds at its peak (log-softmax + gradient)
+# The fused path's working set is ONE [N, V] fp32 block (the head's output, overwritten by the
+# log-softmax and then by the gradient) plus scratch: it passes over the block a few rows at a
+# time, each temporary at most ROW_ELEMS elements. The budget reserves SCRATCH_BUFFERS of them:
+# up to four are alive at once (a tail's backward), the rest covers the head matmul's workspace
+# (measured: scripts/bench_real_shape.py, loss_working_set).
+ROW_ELEMS = 2**20  # elements per row-block temporary (4 MiB fp32)
+SCRATCH_BUFFERS = 6
+MIN_CHUNK = 32  # positions per loss call at the least (smaller head matmuls waste the GEMM)
+
+
+def row_block(width: int) -> int:
+    """Rows per pass over an [N, width] block: the most whose [rows, width] fits ROW_ELEMS."""
+    return max(1, ROW_ELEMS // width)
 
 
 def chunk_for_budget(budget_mib: float, vocab_size: int) -> int:
-    """Positions per loss call whose working set (``WORKING_BLOCKS`` x [chunk, V] fp32) fits
-    ``budget_mib`` MiB; at least one row block (below that the scratch dominates anyway)."""
-    per_row = WORKING_BLOCKS * vocab_size * 4  # bytes per position
-    return max(ROW_BLOCK, int(budget_mib * 2**20) // per_row)
+    """Positions per loss call whose working set (one [chunk, V] fp32 block and the scratch)
+    fits ``budget_mib`` MiB; at least ``MIN_CHUNK``."""
+    scratch = SCRATCH_BUFFERS * ROW_ELEMS * 4  # bytes
+    return max(MIN_CHUNK, int((budget_mib * 2**20 - scratch) // (vocab_size * 4)))
 
 
 def _id_columns(batch: Mapping[str, Tensor]) -> tuple[list[str], Tensor | None]:
@@ -89,38 +104,64 @@ def _in_set(ids: Tensor, valid: Tensor, width: int) -> Tensor:
     return hit.scatter_(1, torch.where(valid, ids, width), True)[:, :width]
 
 
+def _student_topk(z: Tensor, k: int, vocab_size: int) -> Tensor:
+    """The ids [N, k] of each row's ``k`` largest logits among the first ``vocab_size`` columns,
+    by row block. The log-softmax at any temperature keeps the order, so these are the student's
+    ``k`` most probable tokens; found on the logits, before they are overwritten."""
+    out = torch.empty(z.shape[0], k, dtype=torch.long, device=z.device)  # [N, k]
+    rb = row_block(z.shape[1])
+    with torch.no_grad():
+        for s in range(0, z.shape[0], rb):
+            out[s : s + rb] = z[s : s + rb, :vocab_size].topk(k, dim=-1).indices
+    return out
+
+
+def _lse_(x: Tensor) -> Tensor:
+    """``logsumexp`` over the last axis of ``x`` [b, W] -> [b, 1], computed over ``x`` itself
+    (destroyed: no temporary of its size); a row of -inf gives -inf."""
+    m = x.amax(dim=-1, keepdim=True)  # [b, 1]
+    m = torch.where(torch.isfinite(m), m, 0.0)  # all -inf (or +inf) rows: no inf - inf NaN
+    return x.sub_(m).exp_().sum(dim=-1, keepdim=True).log_().add_(m)
+
+
 def _log_softmax_(z: Tensor, temperature: float, vocab_size: int) -> Tensor:
     """``z`` [N, W] fp32 becomes its log-softmax at ``temperature`` over the first ``vocab_size``
-    columns (the rest -inf), IN PLACE, row block by row block: no second [N, W] buffer."""
+    columns (the rest -inf), IN PLACE, row block by row block: one [row_block, W] scratch."""
     if temperature != 1.0:
         z.div_(temperature)
     if z.shape[1] > vocab_size:
         z[:, vocab_size:] = float("-inf")
-    for s in range(0, z.shape[0], ROW_BLOCK):
-        blk = z[s : s + ROW_BLOCK]  # [b, W] view
-        blk.sub_(torch.logsumexp(blk, dim=-1, keepdim=True))
+    rb = row_block(z.shape[1])
+    buf = z.new_empty(min(rb, z.shape[0]), z.shape[1])  # [b, W]
+    for s in range(0, z.shape[0], rb):
+        blk = z[s : s + rb]  # [b, W] view
+        blk.sub_(_lse_(buf[: blk.shape[0]].copy_(blk)))
     return z
 
 
 def _outside_lse(logp: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
     """``log Σ_{j ∉ ids} exp(logp_j)`` per row [N] (-inf when nothing is outside), by row block."""
     out = torch.empty(logp.shape[0], device=logp.device)  # [N]
-    for s in range(0, logp.shape[0], ROW_BLOCK):
-        blk = logp[s : s + ROW_BLOCK]  # [b, W]
-        mask = _in_set(ids[s : s + ROW_BLOCK], valid[s : s + ROW_BLOCK], blk.shape[1])
-        out[s : s + ROW_BLOCK] = torch.logsumexp(blk.masked_fill(mask, float("-inf")), dim=-1)
+    rb = row_block(logp.shape[1])
+    buf = logp.new_empty(min(rb, logp.shape[0]), logp.shape[1])  # [b, W] scratch
+    for s in range(0, logp.shape[0], rb):
+        blk = logp[s : s + rb]  # [b, W]
+        mask = _in_set(ids[s : s + rb], valid[s : s + rb], blk.shape[1])  # [b, W] bool
+        masked = buf[: blk.shape[0]].copy_(blk).masked_fill_(mask, float("-inf"))  # [b, W]
+        out[s : s + rb] = _lse_(masked)[:, 0]
     return out
 
 
 class _FusedLogProbs(torch.autograd.Function):
     """The student's fp32 log-softmax, its values at the stored id columns and its log-mass
-    outside chosen id sets, with ONE [N, V] block alive besides the logits.
+    outside chosen id sets, in ONE [N, V] block: the logits' own, reused twice.
 
     Forward: the logits become the log-softmax in place (``inplace``; else in a copy), gathered
-    once at every id column. Backward builds dL/dlogp in one [N, V] buffer (scatter of the
-    gathered values' gradients, plus each tail's dense term) and turns it, in place, into the
-    gradient of the logits: ``g − softmax · Σ g`` (divided by the temperature). Peak: the saved
-    log-softmax and that buffer, 2 x [N, V] fp32, plus [ROW_BLOCK, V] scratch.
+    once at every id column. Backward, row block by row block: dL/dlogp of the block in a
+    [row_block, V] scratch (scatter of the gathered values' gradients plus each tail's dense term),
+    then ``(g − softmax · Σ g) / T`` written over the block of the saved log-softmax, which is
+    returned as the logits' gradient. Peak: that one block plus ``SCRATCH_BUFFERS`` row blocks.
+    The saved log-softmax is consumed, so the backward runs once (no ``retain_graph``).
     """
 
     @staticmethod
@@ -130,41 +171,44 @@ class _FusedLogProbs(torch.autograd.Function):
         _log_softmax_(logp, temperature, vocab_size)
         vals = logp.gather(1, ids)  # [N, K_all]
         tails = [_outside_lse(logp, ids[:, lo:hi], valid) for lo, hi, valid in sets]  # [N] each
-        ctx.sets, ctx.temperature, ctx.dtype = (
-            [(lo, hi) for lo, hi, _ in sets],
-            temperature,
-            z.dtype,
-        )
+        ctx.sets = [(lo, hi) for lo, hi, _ in sets]
+        ctx.temperature, ctx.dtype, ctx.spent = temperature, z.dtype, False
         ctx.save_for_backward(logp, ids, *tails, *[v for _, _, v in sets])
-        ctx.mark_non_differentiable(logp)
-        return (logp, vals, *tails)
+        return (vals, *tails)
 
     @staticmethod
-    def backward(ctx, _g_logp, g_vals, *g_tails):  # noqa: ANN001
+    def backward(ctx, g_vals, *g_tails):  # noqa: ANN001
+        if ctx.spent:
+            raise RuntimeError(
+                "the fused log-softmax's backward runs once: its buffer became the gradient "
+                "(backward(retain_graph=True) twice through a loss is not supported)"
+            )
+        ctx.spent = True
         logp, ids, *rest = ctx.saved_tensors
         k = len(ctx.sets)
-        tails, valids = rest[:k], rest[k:]
-        grad = torch.zeros_like(logp)  # [N, W] dL/dlogp
-        if g_vals is not None:
-            grad.scatter_add_(1, ids, g_vals)
-        for (lo, hi), lse, valid, g in zip(ctx.sets, tails, valids, g_tails, strict=True):
-            if g is None:
-                continue
-            has = torch.isfinite(lse)  # [N]; no tail: no gradient (and no -inf - -inf NaN)
-            g, lse = torch.where(has, g, 0.0), torch.where(has, lse, 0.0)
-            for s in range(0, logp.shape[0], ROW_BLOCK):
-                blk = logp[s : s + ROW_BLOCK]  # [b, W]
-                mask = _in_set(
-                    ids[s : s + ROW_BLOCK, lo:hi], valid[s : s + ROW_BLOCK], blk.shape[1]
-                )
-                share = torch.sub(blk, lse[s : s + ROW_BLOCK, None]).exp_().masked_fill_(mask, 0.0)
-                grad[s : s + ROW_BLOCK].add_(share.mul_(g[s : s + ROW_BLOCK, None]))  # [b, W]
-        for s in range(0, logp.shape[0], ROW_BLOCK):  # through the log-softmax, in place
-            gb = grad[s : s + ROW_BLOCK]  # [b, W]
-            gb.sub_(logp[s : s + ROW_BLOCK].exp().mul_(gb.sum(-1, keepdim=True)))
+        tails = []  # (lo, hi, log-mass, valid, gradient) of each tail that has a gradient
+        for (lo, hi), lse, valid, g in zip(ctx.sets, rest[:k], rest[k:], g_tails, strict=True):
+            if g is not None:
+                has = torch.isfinite(lse)  # [N]; no tail: no gradient (and no -inf - -inf NaN)
+                tails.append((lo, hi, torch.where(has, lse, 0.0), valid, torch.where(has, g, 0.0)))
+        rows, width = logp.shape
+        rb = row_block(width)
+        acc = logp.new_empty(min(rb, rows), width)  # [b, W] dL/dlogp of one row block
+        share = torch.empty_like(acc) if tails else None  # [b, W] one tail's dense term
+        for s in range(0, rows, rb):
+            e = min(s + rb, rows)
+            blk, g = logp[s:e], acc[: e - s].zero_()  # [b, W] views
+            if g_vals is not None:
+                g.scatter_add_(1, ids[s:e], g_vals[s:e])
+            for lo, hi, lse, valid, g_t in tails:
+                mask = _in_set(ids[s:e, lo:hi], valid[s:e], width)  # [b, W]
+                sh = torch.sub(blk, lse[s:e, None], out=share[: e - s]).exp_()
+                g.add_(sh.masked_fill_(mask, 0.0).mul_(g_t[s:e, None]))
+            # through the log-softmax, over the saved block: g − softmax · Σ g
+            blk.exp_().mul_(g.sum(-1, keepdim=True)).neg_().add_(g)
         if ctx.temperature != 1.0:
-            grad.div_(ctx.temperature)
-        return grad.to(ctx.dtype), None, None, None, None, None
+            logp.div_(ctx.temperature)
+        return logp.to(ctx.dtype), None, None, None, None, None
 
 
 @dataclass
@@ -172,12 +216,12 @@ class Prepared:
     """The student's log-probs and the cleaned per-token batch, computed once per call.
 
     ``combined_loss`` builds one and passes it as ``logits`` to every term, so the [N, V]
-    log-softmax is computed once per call however many terms there are. Fused path (default): the
-    log-probs the losses use are gathered in one pass (``at``, ``tail``) and ``logp`` carries no
-    gradient; dense path (``DENSE_LOSSES``): ``logp`` is differentiable.
+    log-softmax is computed once per call however many terms there are. The losses read the
+    student only through the gathered columns (``at``) and the tails (``tail``): no [N, V] tensor
+    is handed out (the fused path's one block becomes the gradient in backward).
     """
 
-    logp: Tensor  # [N, V] fp32 log π_θ at the loss temperature; padded columns -inf
+    vocab_size: int  # real vocabulary columns (the rest are padding)
     token_logp: Tensor  # [N] log π_θ(y_t), with grad
     batch: dict[str, Tensor]  # per-token fields, excluded rows zeroed, floats in fp32
     w: Tensor  # [N] fp32 selection weight
@@ -236,14 +280,18 @@ def prepare(
     temperature: float = 1.0,
     *,
     tails: tuple[str, ...] = (),
+    topk: int = 0,
     dense: bool = False,
     inplace: bool = False,
 ) -> Prepared:
     """Student log-softmax (fp32, full unpadded vocabulary, at ``temperature``) + cleaned batch.
 
-    ``tails``: id columns whose complement's log-mass to prepare (``TAIL_SETS``). ``dense``: keep
-    a differentiable [N, V] ``logp`` (for ``DENSE_LOSSES``). ``inplace``: the fused path may
-    overwrite fp32 ``logits`` with the log-softmax (the trainer's own head output; saves a block).
+    ``tails``: id columns whose complement's log-mass to prepare (``TAIL_SETS``). ``topk``: also
+    gather the student's ``topk`` most probable tokens (column ``student_topk_ids``, in decreasing
+    order). ``inplace``: the fused path may overwrite fp32 ``logits`` with the log-softmax and,
+    in backward, with its gradient (the trainer's own head output: no second block).
+    ``dense``: plain autograd through an [N, V] ``torch.log_softmax`` instead of the fused path:
+    the reference the fused path is tested against (several blocks of memory; no loss uses it).
     """
     if isinstance(logits, Prepared):
         return logits
@@ -254,6 +302,8 @@ def prepare(
     w = batch.get("weight")
     w = torch.ones(n, device=logits.device) if w is None else w.float()  # [N]
     clean = _clean(batch, n, w)
+    if topk:
+        clean["student_topk_ids"] = _student_topk(logits.detach(), topk, vocab_size)  # [N, k]
     names, ids = _id_columns(clean)  # [N, K_all]
     span, lo = {}, 0  # column -> its [lo, hi) range in ids
     for c in names:
@@ -280,9 +330,7 @@ def prepare(
             got[c] = (torch.where(has, got[c], 0.0), has)
     else:
         sets = [(*span[c], valids[c]) for c in wanted]
-        logp, vals, *lses = _FusedLogProbs.apply(
-            logits, ids, sets, temperature, vocab_size, inplace
-        )
+        vals, *lses = _FusedLogProbs.apply(logits, ids, sets, temperature, vocab_size, inplace)
         got = {}
         for c, lse in zip(wanted, lses, strict=True):
             has = torch.isfinite(lse)  # [N]
@@ -291,7 +339,7 @@ def prepare(
     for c in names:
         lo, hi = span[c]
         cols[c] = vals[:, lo:hi].reshape(clean[c].shape)  # [N] or [N, K]
-    return Prepared(logp=logp, token_logp=cols["token_id"], batch=clean, w=w, cols=cols, tails=got)
+    return Prepared(vocab_size, cols["token_id"], clean, w, cols, got)
 
 
 def _segment(p: Prepared) -> Tensor:
@@ -751,6 +799,17 @@ def mapped_topk_fkl(
     return _finish(p, per_token, {"mapped_mass": mass})
 
 
+def _uld_k(batch: Mapping[str, Tensor], k: int | None, vocab_size: int) -> int:
+    """The student's top-k length in ``uld``: ``k`` (default the teacher's K_T), at most V."""
+    t = batch.get("teacher_sorted_probs")
+    if t is None:
+        raise KeyError("batch has no 'teacher_sorted_probs' column, needed by uld")
+    k_s = min(t.shape[1] if k is None else k, vocab_size)
+    if k_s < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return k_s
+
+
 def uld(
     logits: Tensor | Prepared,
     batch: Mapping[str, Tensor],
@@ -765,15 +824,14 @@ def uld(
     (default K_T, at most V), both zero-padded to the longer length:
     ``L_t = Σ_i |sort(p_θ)_i − sort(p_T)_i|``. With K_T and k covering both vocabularies this is
     ULD's full-vocabulary distance (the smaller vocabulary padded with zeros). Rows whose teacher
-    probabilities are all 0 (no comparable teacher position) contribute 0.
+    probabilities are all 0 (no comparable teacher position) contribute 0. The student's top-k
+    are gathered like any id column (``prepare(topk=k)``): no [N, V] tensor under autograd.
     """
-    p = prepare(logits, batch, vocab_size, temperature, dense=True)
+    vocab = logits.vocab_size if isinstance(logits, Prepared) else vocab_size or logits.shape[1]
+    k_s = _uld_k(batch, k, vocab)
+    p = prepare(logits, batch, vocab_size, temperature, topk=k_s)
     t = p.need("teacher_sorted_probs", "uld")  # [N, K_T]
-    width = int(torch.isfinite(p.logp[:1]).sum()) if p.logp.shape[0] else p.logp.shape[1]
-    k_s = min(t.shape[1] if k is None else k, width)
-    if k_s < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    s = p.logp.topk(k_s, dim=-1).values.exp()  # [N, k_s] sorted, with grad
+    s = p.at("student_topk_ids")[:, :k_s].exp()  # [N, k_s] decreasing, with grad
     n = max(k_s, t.shape[1])
     s = torch.nn.functional.pad(s, (0, n - k_s))  # [N, n]
     t = torch.nn.functional.pad(t, (0, n - t.shape[1]))  # [N, n]
@@ -813,7 +871,8 @@ def combined_loss(
     ``terms``: ``[(name, coefficient, kwargs), ...]`` with names from ``LOSSES``. Metrics: the
     shared diagnostics once (``tokens``, ``reward``, ...), ``loss`` (the total) and each term's own
     metrics prefixed ``<name>/`` (``<name>#<j>/`` when a name repeats). ``inplace``: ``logits``
-    (fp32, owned by the caller, not used again) become the log-softmax: one [N, V] block less.
+    (fp32, owned by the caller, not used again) become the log-softmax, then its gradient: the
+    call's one [N, V] block.
     """
     if not terms:
         raise ValueError("combined_loss needs at least one term")
@@ -822,8 +881,17 @@ def combined_loss(
         if name not in LOSSES:
             raise KeyError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
     tails = tuple(TAIL_SETS[n] for n in names if n in TAIL_SETS)
-    dense = any(n in DENSE_LOSSES for n in names)
-    p = prepare(logits, batch, vocab_size, temperature, tails=tails, dense=dense, inplace=inplace)
+    vocab = vocab_size or logits.shape[1]
+    ks = [_uld_k(batch, (kw or {}).get("k"), vocab) for n, _, kw in terms if n == "uld"]
+    p = prepare(
+        logits,
+        batch,
+        vocab_size,
+        temperature,
+        tails=tails,
+        topk=max(ks, default=0),
+        inplace=inplace,
+    )
     total: Tensor | None = None
     metrics: Metrics = {}
     for j, (name, coef, kwargs) in enumerate(terms):
