@@ -704,8 +704,9 @@ def test_fused_path_over_several_row_blocks(monkeypatch, name, kw):
     """Row blocks of 5 rows over N = 12 (5, 5, 2): the same loss and gradient as the dense
     autograd path (at V = 20 one block holds every row, so the loop is forced here)."""
     from stages.lib import losses
+    from stages.lib.losses import fused
 
-    monkeypatch.setattr(losses, "ROW_ELEMS", 5 * (V + 3))
+    monkeypatch.setattr(fused, "ROW_ELEMS", 5 * (V + 3))
     assert losses.row_block(V + 3) == 5
     student, _, batch = make(k=6, seed=11)
     batch["weight"][::5] = 0.0
