@@ -28,6 +28,9 @@ A Ray actor of such a run (another machine) works in its own mirror: :func:`atta
 publish what it commits, and :func:`localize` fetches the one file or folder of the driver's it
 reads (docs/CLUSTER.md, "Ray and a bucket together").
 
+Where the pieces live: the mirror and its transfers (``Remote``, ``pull``, ``publish_changed``)
+in stages/lib/mirror.py, the lease in stages/lib/lease.py; the session and the store hooks here.
+
 Object stores have no rename: a reader trusts only what a manifest lists (``store.open_committed``
 checks the mirrored files against it), so a shard published by a killed writer is invisible until
 a manifest lists it, and a re-run (on any machine, empty mirror or not) pulls the published shards
