@@ -24,8 +24,6 @@ from stages.lib.mirror import LEASES, Remote
 from stages.lib.uri import join
 
 ENV_LEASE = "DISTILLERY_LEASE_SECONDS"  # lease lifetime; renewed every third of it
-
-
 DEFAULT_LEASE_SECONDS = 60.0
 
 

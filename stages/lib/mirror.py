@@ -22,14 +22,8 @@ from stages.lib import safety
 from stages.lib.uri import join, mirror_of, split
 
 INDEX = ".mirror-index.json"  # rel -> {"size", "mtime" (remote), "local" (mirror mtime_ns)}
-
-
 LEASES = "_leases"
-
-
 _SHARD = re.compile(r"^(?:(.*)/)?bucket=\d+/shard-\d+\.parquet$")
-
-
 _MANIFEST = manifest_mod.FILENAME
 
 

@@ -20,8 +20,6 @@ import pyarrow.parquet as pq
 from stages.lib.errors import UserError, fault_point
 
 SHARDS_PER_BUCKET = 256
-
-
 TMP_PREFIX = ".tmp-"
 
 
