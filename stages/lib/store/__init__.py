@@ -49,7 +49,7 @@ from stages.lib.store.legacy import migrate, migrate_run
 from stages.lib.store.model_refs import model_entries, model_path, run_root_of, shown_path
 from stages.lib.store.reader import open_committed, read_table, shard_paths
 from stages.lib.store.resume import up_to_date
-from stages.lib.store.streaming import rank_units, row_group_units, stream
+from stages.lib.store.streaming import grouped_permutation, rank_units, row_group_units, stream
 from stages.lib.store.writer import DatasetWriter, open_writer, shard_entry
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "disk_error",
     "file_lock",
     "file_sha256",
+    "grouped_permutation",
     "hidden",
     "migrate",
     "migrate_run",
