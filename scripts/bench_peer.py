@@ -3,6 +3,7 @@
     python scripts/bench_peer.py --out runs/bench_peer.json [--quick] [--threads N] [--work DIR]
         [--teacher-scale S] [--response-tokens T] [--prompts N] [--samples n] [--prompt-tokens L]
         [--core-only]
+    python scripts/bench_peer.py --rescore runs/bench_peer.json  # ratios again from its runs
 
 (``--prompts N`` / ``--response-tokens T`` override the mode's sizes; ``--samples n`` samples each
 prompt n times on both sides (ours: ``rollout.n``; TRL, which has no per-prompt repeat in its
@@ -109,8 +110,9 @@ DIFFERENCES = [
     "SFT, (b): same sequences, same 8 per step, fp32 both, and both project only the labelled "
     "(response) positions through the LM head, in tiles: ours in fp32 chunks of "
     "train.chunk_positions, TRL through its fused LM head, which also computes its default "
-    "per-token entropy and top-1 accuracy metrics. TRL shuffles (its default); ours shuffles "
-    "row groups (train.shuffle, its default).",
+    "per-token entropy and top-1 accuracy metrics. TRL shuffles rows (its default); ours "
+    "shuffles row groups and, inside each, whole prompts (train.shuffle=prompts, its default: a "
+    "prompt's n samples stay adjacent, so train.share_prefix runs the prompt once for them).",
     "Ours runs select with select.threads=1 (DuckDB) so both sides use one compute thread.",
     "Samples per prompt (settings.samples = n, --samples): ours sets rollout.n = n, so the HF "
     "rollout prefills each prompt once for its n samples and the score stage runs each (model, "
@@ -479,6 +481,9 @@ def ratios(r: dict) -> dict:
         "two_losses_wall_ours_over_trl": (r["ours_epoch"]["wall_s"] + r["ours_second"]["wall_s"])
         / (r["trl_epoch"]["wall_s"] + r["trl_second"]["wall_s"]),
         "trainer_tokens_per_s_ours_over_trl": tps("ours_sft", "wall_s") / tps("trl_sft", "wall_s"),
+        # per CPU second: the figure that holds on a loaded machine (same tokens both sides)
+        "trainer_tokens_per_cpu_s_ours_over_trl": tps("ours_sft", "cpu_s")
+        / tps("trl_sft", "cpu_s"),
         "trainer_loop_tokens_per_s_ours_over_trl": tps("ours_sft", "loop_s")
         / tps("trl_sft", "loop_s"),
         "sft_tokens_per_s": {"ours": tps("ours_sft", "wall_s"), "trl": tps("trl_sft", "wall_s")},
@@ -488,6 +493,27 @@ def ratios(r: dict) -> dict:
         },
         "response_tokens": {k: v.get("response_tokens") for k, v in r.items()},
     }
+
+
+def figures(out: dict) -> dict:
+    """The headline CPU-second ratios under a key naming the setting, for docs/benchmarks.json
+    (``scripts/docs_tables.py --record``): ``peer.n<samples>_p<prompt tokens>_t<teacher>x.*``,
+    e.g. ``peer.n4_p256_t4.6x.epoch_cpu_ours_over_trl``."""
+    s, r = out["settings"], out["ratios"]
+    prompt = s["prompt_words"] + 1  # BOS + words
+    tag = f"n{s['samples']}_p{prompt}_t{out['models']['teacher_over_student_matmul_params']:.1f}x"
+    keys = ("epoch_cpu_ours_over_trl", "second_loss_cpu_ours_over_trl",
+            "trainer_tokens_per_cpu_s_ours_over_trl")  # fmt: skip
+    return {"peer": {tag: {k: round(r[k], 3) for k in keys}}}
+
+
+def rescore(path: Path) -> dict:
+    """Recompute a finished JSON's ratios and figures from its runs (after a change to them)."""
+    out = json.loads(path.read_text())
+    out["ratios"] = ratios(out["runs"])
+    out |= figures(out)
+    path.write_text(json.dumps(out, indent=1))
+    return out
 
 
 def sizes_for(
@@ -585,6 +611,7 @@ def bench(quick: bool, threads: int, work: Path, out_path: Path, **sizes) -> dic
         out["seconds"] = time.perf_counter() - t0
         if all(n in out["runs"] for n in CHILDREN):
             out["ratios"] = ratios(out["runs"])
+            out |= figures(out)
         out_path.write_text(json.dumps(out, indent=1))
     return out
 
@@ -627,7 +654,13 @@ def main() -> None:
     ap.add_argument("--work", help="build the world here and keep it (default: a temp dir)")
     ap.add_argument("--child", choices=(*CHILDREN, EXTRA, LEAN), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--rescore", help="recompute this finished JSON's ratios and figures, run nothing"
+    )
     a = ap.parse_args()
+    if a.rescore:
+        print(json.dumps(figures(rescore(Path(a.rescore))), indent=1))
+        return
     if a.child:
         run_child(a.child, a.spec, a.threads)
         return

@@ -52,6 +52,7 @@ from bench_rollout import build_model, write_prompts  # noqa: E402
 from stages import rollout, score  # noqa: E402
 from stages.lib import raylaunch, remote  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
+from stages.lib.uri import ENV_MIRROR, is_remote  # noqa: E402
 
 WARM_IMPORTS = (
     "stages.rollout",
@@ -87,7 +88,7 @@ def stages(ray, run_dir: Path | str, args: list[str]) -> dict:
     """Rollout then score into a fresh ``run_dir`` (each stage in its session, as its command
     line runs it: nothing for a local folder): wall seconds of each, and the CPU seconds of this
     process plus the actors (what the work cost, whatever else the machine is running)."""
-    if not remote.is_remote(run_dir):
+    if not is_remote(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
     c0, a0, t0 = time.process_time(), actors_cpu(ray), time.perf_counter()
     with remote.stage_session(cfg := compose("rollout", args), "rollout"):
@@ -140,7 +141,7 @@ def start_s3(work: Path) -> object:
         AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
         AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1",
     )  # fmt: skip
-    os.environ[remote.ENV_MIRROR] = str(work / "driver")
+    os.environ[ENV_MIRROR] = str(work / "driver")
     boto3.client("s3").create_bucket(Bucket=BUCKET)
     return server
 
@@ -183,7 +184,7 @@ def bench(quick: bool, bucket: bool = False) -> dict:
     server = None
     if bucket:  # every Ray setting with the same actor env: one actor pool for all of them
         server = start_s3(work)
-        base.append(f"+launcher.env.{remote.ENV_MIRROR}='{work}/actors/{{pid}}'")
+        base.append(f"+launcher.env.{ENV_MIRROR}='{work}/actors/{{pid}}'")
         settings["ray_2_actors_bucket"] = SETTINGS["ray_2_actors"]
     res: dict = {"quick": quick, "workload": w, "cpus": os.cpu_count(), "repeats": w["repeats"]}
     res["load_avg_1m_before"] = os.getloadavg()[0]

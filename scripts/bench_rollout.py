@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.lib import decoding, generation, store  # noqa: E402
+from stages.lib import decoding, engine, rollout_plan, store  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
 
 N_WORDS = 4092  # + 4 specials = vocab 4096
@@ -105,7 +105,7 @@ def response_ids(run_dir: Path) -> list[list[int]]:
     return [r["response_ids"] for r in sorted(t.to_pylist(), key=lambda r: r["sample_id"])]
 
 
-def bare_hf(model_dir: Path, shards: dict, cfg, s: generation.Sampling) -> tuple[float, int, list]:
+def bare_hf(model_dir: Path, shards: dict, cfg, s: decoding.Sampling) -> tuple[float, int, list]:
     """Plain ``model.generate`` over the same batches and per-shard seeds as the stage."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +115,7 @@ def bare_hf(model_dir: Path, shards: dict, cfg, s: generation.Sampling) -> tuple
     eos, pad = tok.eos_token_id, tok.pad_token_id
     seconds, tokens, samples = 0.0, 0, {}
     for sh, prompts in shards.items():
-        torch.manual_seed(generation.shard_seed(cfg.seed, sh))
+        torch.manual_seed(rollout_plan.shard_seed(cfg.seed, sh))
         for b in range(0, len(prompts), cfg.rollout.batch_size):
             batch = prompts[b : b + cfg.rollout.batch_size]
             ids, mask = decoding.left_pad(batch, pad)  # [B, L]
@@ -141,7 +141,7 @@ def bare_hf(model_dir: Path, shards: dict, cfg, s: generation.Sampling) -> tuple
     return seconds, tokens, [samples[k] for k in sorted(samples)]
 
 
-def bare_vllm(llm, shards: dict, cfg, s: generation.Sampling, eos: int) -> tuple[float, int]:
+def bare_vllm(llm, shards: dict, cfg, s: decoding.Sampling, eos: int) -> tuple[float, int]:
     """Plain ``llm.generate`` (token ids in, no log-probs), one call per shard like the stage."""
     from vllm import SamplingParams
 
@@ -153,7 +153,7 @@ def bare_vllm(llm, shards: dict, cfg, s: generation.Sampling, eos: int) -> tuple
                 temperature=s.temperature,
                 top_p=s.top_p,
                 max_tokens=s.max_new_tokens,
-                seed=generation.shard_seed(cfg.seed, sh) + i * s.n,
+                seed=rollout_plan.shard_seed(cfg.seed, sh) + i * s.n,
                 stop_token_ids=[eos],
                 detokenize=False,
             )
@@ -178,14 +178,14 @@ def run_stage(run_dir: Path, overrides: list[str]) -> tuple[float, dict]:
 
 def _bench_hf(
     work: Path, model_dir: Path, common: list[str], repeats: int
-) -> tuple[dict, dict, generation.Sampling]:
+) -> tuple[dict, dict, decoding.Sampling]:
     """HF: warm-up (the first generate call pays one-off costs), then bare and stage, interleaved.
     Returns (results, the stage's prompt ids per shard, the sampling both used)."""
     hf = [*common, "rollout.backend=hf"]
     run_stage(work / "warm", [*hf, "data.max_prompts=2"])
     stage_s, summary = run_stage(work / "hf", hf)
     cfg = compose("rollout", hf)
-    s = generation.Sampling.of(cfg.rollout)
+    s = decoding.Sampling.of(cfg.rollout)
     shards = stage_prompt_ids(work / "hf")
     bare_s, bare_tokens, bare_samples = bare_hf(model_dir, shards, cfg, s)
     for _ in range(repeats - 1):  # interleaved repeats: the machine's load drifts
@@ -210,7 +210,7 @@ def _bench_vllm(
     common: list[str],
     repeats: int,
     shards: dict,
-    s: generation.Sampling,
+    s: decoding.Sampling,
 ) -> dict:
     """vLLM: start the engine the stage will reuse (cached per settings), then bare and stage."""
     from stages.lib import vllm_backend
@@ -221,8 +221,8 @@ def _bench_vllm(
     llm = vllm_backend.get_llm(
         str(model_dir),
         seed=0,
-        max_model_len=generation.policy_context_length(str(model_dir)),
-        max_logprobs=generation.VLLM_MAX_LOGPROBS,
+        max_model_len=rollout_plan.policy_context_length(str(model_dir)),
+        max_logprobs=engine.VLLM_MAX_LOGPROBS,
         dtype=cfg.student.dtype,
         gpu_memory_utilization=cfg.rollout.vllm_memory_fraction,
     )

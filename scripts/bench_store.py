@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stages.lib import remote, store  # noqa: E402
+from stages.lib.mirror import _REMOTES, open_remote, pull  # noqa: E402
+from stages.lib.uri import ENV_MIRROR, mirror_of  # noqa: E402
 
 BUCKET = "distillery-bench"
 
@@ -109,23 +111,23 @@ def bench(n_shards: int, rows: int, tokens: int, work: Path) -> dict:
     t_local_r, n_rows = read_all(paths)
 
     uri = f"s3://{BUCKET}/bench/run"
-    os.environ[remote.ENV_MIRROR] = str(work / "mirror-writer")
-    remote._REMOTES.clear()
+    os.environ[ENV_MIRROR] = str(work / "mirror-writer")
+    _REMOTES.clear()
     with remote.stage_session(SimpleNamespace(run_dir=uri), "bench"):
-        t_s3_w = write_shards(remote.mirror_of(uri) / "tokens", tables)
+        t_s3_w = write_shards(mirror_of(uri) / "tokens", tables)
 
-    os.environ[remote.ENV_MIRROR] = str(work / "mirror-reader-pull")  # another machine
-    remote._REMOTES.clear()
+    os.environ[ENV_MIRROR] = str(work / "mirror-reader-pull")  # another machine
+    _REMOTES.clear()
     t0 = time.perf_counter()
-    remote.pull(remote.open_remote(uri))
-    pulled = [remote.mirror_of(uri) / "tokens" / store.shard_relpath(s) for s in range(n_shards)]
+    pull(open_remote(uri))
+    pulled = [mirror_of(uri) / "tokens" / store.shard_relpath(s) for s in range(n_shards)]
     t_pull = time.perf_counter() - t0
     t_pull_read, _ = read_all(pulled)
 
-    os.environ[remote.ENV_MIRROR] = str(work / "mirror-reader-stream")
-    remote._REMOTES.clear()
-    r = remote.open_remote(uri)
-    remote.pull(r, streamed=("tokens/",))  # the manifest only
+    os.environ[ENV_MIRROR] = str(work / "mirror-reader-stream")
+    _REMOTES.clear()
+    r = open_remote(uri)
+    pull(r, streamed=("tokens/",))  # the manifest only
     with remote.streaming(r):
         streamed = [r.mirror / "tokens" / store.shard_relpath(s) for s in range(n_shards)]
         assert not any(p.exists() for p in streamed)

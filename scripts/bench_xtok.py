@@ -99,12 +99,12 @@ def write_rollouts(run_dir: Path, student: Path, prompts: Path, responses: list[
 
     from data_schemas import prompts as prompts_schema
     from data_schemas import rollouts as rollouts_table
-    from stages.lib import generation, models, store
+    from stages.lib import models, rollout_plan, store
     from stages.lib.config import compose
 
     cfg = compose("score", [f"run_dir={run_dir}", f"student.path={student}"])
     tok = models.load_tokenizer(str(student))
-    items = generation.build_prompt_ids(tok, prompts_schema.read(str(prompts)), cfg.rollout, 0)
+    items = rollout_plan.build_prompt_ids(tok, prompts_schema.read(str(prompts)), cfg.rollout, 0)
     rows = []
     for i, (p, text) in enumerate(zip(items, responses, strict=True)):
         r = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

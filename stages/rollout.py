@@ -14,7 +14,8 @@ same tokens (``extra.tokenizers`` in the manifest records their special-token se
 A killed run re-run with the same config continues at the first missing shard; workers split the
 shards (``worker.index``/``worker.count``). Backends: ``hf`` (transformers generate), ``vllm``;
 ``auto`` = vLLM where CUDA is present, else HF. The sampling code lives in stages/lib/generation.py
-(the SFT stage reuses it with the teacher as the policy).
+(its checked plan in rollout_plan.py, the HF/vLLM engine in engine.py; the SFT stage reuses it
+with the teacher as the policy).
 
 Run::
 

@@ -33,11 +33,13 @@ from data_schemas import rollouts as rollouts_schema
 from data_schemas import selected as selected_schema
 from stages.lib import models, safety, store, xtok
 from stages.lib.config import Config, SftConfig, sft_config
+from stages.lib.decoding import Sampling
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
-from stages.lib.generation import Sampling, build_prompt_ids, generate_rollouts
+from stages.lib.generation import generate_rollouts
 from stages.lib.layout import RunLayout
 from stages.lib.progress import log
+from stages.lib.rollout_plan import build_prompt_ids
 from stages.lib.spec import StageSpec
 
 

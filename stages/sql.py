@@ -36,7 +36,7 @@ from pathlib import Path
 
 import duckdb
 
-from stages.lib import remote, store, views
+from stages.lib import mirror, store, uri, views
 from stages.lib.errors import UserError, user_errors_exit
 from stages.lib.layout import RunLayout
 
@@ -60,8 +60,8 @@ def connect(
 ) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     """An in-memory DuckDB with views over the committed datasets of ``run_dir`` (read-only
     unless ``allow_writes``) and the names of its views."""
-    if remote.is_remote(run_dir):  # the committed datasets, fetched into the local mirror
-        remote.pull(remote.open_remote(str(run_dir)), datasets_only=True)
+    if uri.is_remote(run_dir):  # the committed datasets, fetched into the local mirror
+        mirror.pull(mirror.open_remote(str(run_dir)), datasets_only=True)
     rv = views.open_run(RunLayout.of(run_dir), read_only=not allow_writes)
     if not rv.views:
         raise UserError(
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.run_dir is None:
         raise UserError("no run dir given", "command line", "distillery-sql RUN_DIR [QUERY]")
-    args.run_dir = remote.adopt_credentials(args.run_dir)  # s3://KEY:SECRET@...: never printed
+    args.run_dir = mirror.adopt_credentials(args.run_dir)  # s3://KEY:SECRET@...: never printed
     if args.migrate:
         done = store.migrate_run(RunLayout.of(args.run_dir).root)
         print(f"sql: migrated {len(done)} dataset folder(s) under {args.run_dir} to _manifest.json")

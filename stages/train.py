@@ -77,7 +77,14 @@ from stages.lib.config import Config, TrainConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
-from stages.lib.loader import MicroBatch, MicroBatchStream, StepPlan, collate, plan_steps
+from stages.lib.loader import (
+    MicroBatch,
+    MicroBatchStream,
+    StepPlan,
+    collate,
+    plan_steps,
+    shuffle_order,
+)
 from stages.lib.losses import average_metrics
 from stages.lib.progress import Progress, log
 from stages.lib.spec import StageSpec
@@ -228,7 +235,7 @@ def make_plan(job: Job) -> StepPlan:
         job.manifest,
         world_size=job.dist.world_size,
         epochs=tc.epochs,
-        shuffle_seed=job.cfg.seed if tc.shuffle else None,
+        **shuffle_order(tc.shuffle, job.cfg.seed),
         budget=tc.micro_batch_tokens,
         grad_accum=tc.grad_accum,
         max_steps=tc.max_steps,
@@ -468,7 +475,7 @@ def train(job: Job) -> dict:
     loader = MicroBatchStream(
         job.sel_dir, job.manifest, cfg.train.micro_batch_tokens, rank=job.dist.rank,
         world_size=job.dist.world_size, epochs=cfg.train.epochs,
-        shuffle_seed=cfg.seed if cfg.train.shuffle else None, prefetch=cfg.train.prefetch,
+        **shuffle_order(cfg.train.shuffle, cfg.seed), prefetch=cfg.train.prefetch,
         start=state.loader, vocab_size=job.vocab, max_weight=cfg.train.max_weight,
     )  # fmt: skip
     opened: list = []

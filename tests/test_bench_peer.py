@@ -70,6 +70,15 @@ def test_quick_run_writes_valid_json(tmp_path):
         r["runs"]["ours_epoch"]["wall_s"] / r["runs"]["trl_epoch"]["wall_s"]
     )
     assert len(r["differences"]) >= 5
+    # the docs' figures (docs/benchmarks.json keys), named by the setting: 2 samples, quick sizes
+    tag = f"n2_p{s['prompt_words'] + 1}_t{r['models']['teacher_over_student_matmul_params']:.1f}x"
+    fig = r["peer"][tag]
+    for key in ("epoch_cpu_ours_over_trl", "second_loss_cpu_ours_over_trl"):
+        assert fig[key] == pytest.approx(ratios[key], abs=1e-3), key
+    cpu = {side: r["runs"][f"{side}_sft"]["cpu_s"] for side in ("ours", "trl")}
+    assert fig["trainer_tokens_per_cpu_s_ours_over_trl"] == pytest.approx(
+        cpu["trl"] / cpu["ours"], abs=1e-3
+    )  # same tokens on both sides: tokens per CPU second is the inverse CPU ratio
     assert ratios["epoch_lean_cpu_ours_over_trl"] > 0
 
 

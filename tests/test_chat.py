@@ -20,7 +20,7 @@ import torch
 
 from data_schemas import prompts as prompts_schema
 from data_schemas import rollouts as rollouts_schema
-from stages.lib import chat, decoding, generation, store
+from stages.lib import chat, decoding, rollout_plan, store
 from stages.lib.config import RolloutConfig, compose
 from stages.lib.errors import UserError
 from stages.rollout import run as rollout_run
@@ -182,7 +182,7 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
 
 def items_of(tok, rows, r: RolloutConfig | None = None, teacher_tok=None):
     table = prompts_schema.from_rows(rows, "test")
-    return generation.build_prompt_ids(tok, table, r or RolloutConfig(), 0, teacher_tok)
+    return rollout_plan.build_prompt_ids(tok, table, r or RolloutConfig(), 0, teacher_tok)
 
 
 def template_ids(tok, msgs, **kw) -> list[int]:
@@ -321,7 +321,7 @@ def test_every_input_layout_gives_the_same_prefixes(tmp_path, qwen_tok):
     for t in tables:
         got = [
             (i.prompt_id, i.train_ids, i.teacher_ids)
-            for i in generation.build_prompt_ids(qwen_tok, t, RolloutConfig(), 0)
+            for i in rollout_plan.build_prompt_ids(qwen_tok, t, RolloutConfig(), 0)
         ]
         assert ref is None or got == ref
         ref = got
@@ -581,7 +581,7 @@ def test_sharegpt_content_parts_and_trl_completions_read_as_messages(tmp_path, q
         prompts_schema.read(str(tmp_path / "parts")),
         prompts_schema.from_rows(trl, "trl"),
     ):
-        got = _ids(generation.build_prompt_ids(qwen_tok, table, RolloutConfig(), 0))
+        got = _ids(rollout_plan.build_prompt_ids(qwen_tok, table, RolloutConfig(), 0))
         assert got == want
 
 

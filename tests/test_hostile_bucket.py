@@ -18,8 +18,11 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 
-from stages.lib import remote, safety  # noqa: E402
+from stages.lib import safety  # noqa: E402
 from stages.lib.errors import UserError  # noqa: E402
+from stages.lib.lease import Lease  # noqa: E402
+from stages.lib.mirror import adopt_credentials, open_remote  # noqa: E402
+from stages.lib.uri import mirror_of  # noqa: E402
 from tests import reliability_harness as h  # noqa: E402
 from tests.test_object_store import BUCKET, machine, ov, prompts, s3  # noqa: E402, F401
 
@@ -111,9 +114,9 @@ CORRUPT = {
 @pytest.mark.parametrize("kind", sorted(CORRUPT))
 def test_corrupt_lease_object_is_one_line(s3, kind, tmp_path, monkeypatch):  # noqa: F811
     machine(monkeypatch, tmp_path, kind)
-    r = remote.open_remote(f"s3://{BUCKET}/lease-{kind}/run")
+    r = open_remote(f"s3://{BUCKET}/lease-{kind}/run")
     put(s3, f"lease-{kind}/run/_leases/select-x.json", CORRUPT[kind])
-    lease = remote.Lease(r, "select-x", 30)
+    lease = Lease(r, "select-x", 30)
     with pytest.raises(UserError, match="lease select-x is not") as e:
         lease.acquire()
     assert "delete the lease object" in e.value.line()
@@ -148,9 +151,9 @@ def test_credentials_are_split_and_redacted_pure():
     assert clean == "run_dir='s3://b/r'" and scheme == "s3"
     assert creds == ("AKIA1", "sEcReT/with-slash")
     assert safety.split_credentials("s3://b/r") == ("s3://b/r", "", None)
-    assert remote.mirror_of("s3://AK:SK@b/run") == remote.mirror_of("s3://b/run")
+    assert mirror_of("s3://AK:SK@b/run") == mirror_of("s3://b/run")
     with pytest.raises(UserError) as e:  # gs:// has no keys in a URI: refused, still redacted
-        remote.adopt_credentials("gs://user:pw@b/run")
+        adopt_credentials("gs://user:pw@b/run")
     assert "pw" not in e.value.line() and "***" in e.value.line()
 
 

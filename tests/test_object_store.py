@@ -27,6 +27,9 @@ from stages.lib import remote  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
 from stages.lib.errors import UserError  # noqa: E402
 from stages.lib.layout import RunLayout  # noqa: E402
+from stages.lib.lease import ENV_LEASE, Lease  # noqa: E402
+from stages.lib.mirror import _REMOTES, open_remote, plan_pull, pull  # noqa: E402
+from stages.lib.uri import ENV_MIRROR, mirror_of, mirror_root  # noqa: E402
 from tests import reliability_harness as h  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.conftest import write_prompts  # noqa: E402
@@ -46,8 +49,8 @@ def s3():
 def machine(monkeypatch, tmp_path: Path, name: str) -> Path:
     """Switch to a fresh mirror folder (another machine's empty cache)."""
     d = tmp_path / f"mirror-{name}"
-    monkeypatch.setenv(remote.ENV_MIRROR, str(d))
-    remote._REMOTES.clear()
+    monkeypatch.setenv(ENV_MIRROR, str(d))
+    _REMOTES.clear()
     return d
 
 
@@ -102,7 +105,7 @@ def test_pipeline_on_s3_gives_the_rows_of_a_local_run(s3, ov, local_ref, tmp_pat
 
     # another machine (empty mirror) reads the run from the bucket: the rows of the local run
     mirror = machine(monkeypatch, tmp_path, "b")
-    remote.pull(remote.open_remote(uri))
+    pull(open_remote(uri))
     assert RunLayout.of(uri).root == mirror / "s3" / BUCKET / "pipe/run"
     assert digests(RunLayout.of(uri).root) == digests(local_ref)
 
@@ -129,9 +132,9 @@ def test_killed_stage_resumes_from_the_bucket_and_a_live_lease_refuses(
     s3, ov, local_ref, tmp_path, monkeypatch
 ):
     uri = f"s3://{BUCKET}/kill/run"
-    monkeypatch.setenv(remote.ENV_LEASE, "6")
+    monkeypatch.setenv(ENV_LEASE, "6")
     # machine A: rollout SIGKILLed right after its first shard is published
-    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "mA"))
+    monkeypatch.setenv(ENV_MIRROR, str(tmp_path / "mA"))
     r = h.run_stage("rollout", ov(uri), fault="after_shard:1")
     assert r.killed, r.describe()
     keys = objects(s3, "kill/run/")
@@ -146,7 +149,7 @@ def test_killed_stage_resumes_from_the_bucket_and_a_live_lease_refuses(
     doc = json.loads(s3.get_object(Bucket=BUCKET, Key=lease_key)["Body"].read())
     time.sleep(max(0.0, doc["expires"] - time.time()) + 0.5)
     machine(monkeypatch, tmp_path, "B")
-    holder = remote.Lease(remote.open_remote(uri), "rollout-worker-0-of-1", 60)
+    holder = Lease(open_remote(uri), "rollout-worker-0-of-1", 60)
     holder.acquire()
     r = h.run_stage("rollout", ov(uri))
     holder.release()
@@ -165,7 +168,7 @@ def test_killed_stage_resumes_from_the_bucket_and_a_live_lease_refuses(
     assert "kill/run/rollouts/_manifest.json" in after
     assert lease_key not in objects(s3, "kill/run/_leases/")
     machine(monkeypatch, tmp_path, "C")
-    remote.pull(remote.open_remote(uri))
+    pull(open_remote(uri))
     got = h.rows_digest(RunLayout.of(uri).rollouts, rollouts, ["sample_id"])  # unique keys
     assert got == h.rows_digest(local_ref / "rollouts", rollouts, ["sample_id"])
 
@@ -173,8 +176,8 @@ def test_killed_stage_resumes_from_the_bucket_and_a_live_lease_refuses(
 def test_lease_conditional_writes(s3, tmp_path, monkeypatch):
     """Two writers race for one lease: one wins; an expired lease is taken over exactly once."""
     machine(monkeypatch, tmp_path, "l")
-    r = remote.open_remote(f"s3://{BUCKET}/lease/run")
-    a, b = remote.Lease(r, "select-x", 30), remote.Lease(r, "select-x", 30)
+    r = open_remote(f"s3://{BUCKET}/lease/run")
+    a, b = Lease(r, "select-x", 30), Lease(r, "select-x", 30)
     a.acquire()
     with pytest.raises(UserError, match="select-x of s3://"):
         b.acquire()
@@ -187,7 +190,7 @@ def test_lease_conditional_writes(s3, tmp_path, monkeypatch):
         Key="lease/run/_leases/select-x.json",
         Body=json.dumps({"holder": b.holder, "expires": time.time() - 1}).encode(),
     )
-    c, d = remote.Lease(r, "select-x", 30), remote.Lease(r, "select-x", 30)
+    c, d = Lease(r, "select-x", 30), Lease(r, "select-x", 30)
     c.acquire()
     with pytest.raises(UserError):
         d.acquire()
@@ -227,7 +230,7 @@ def torchrun_node(node_rank: int, port: int, overrides: list[str], mirror: Path)
         f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
         "--rdzv_id=object-store-test", "-m", "stages.train", *overrides,
     ]  # fmt: skip
-    env = h.stage_env(**{remote.ENV_MIRROR: str(mirror)})
+    env = h.stage_env(**{ENV_MIRROR: str(mirror)})
     return subprocess.Popen(
         cmd, cwd=h.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -263,7 +266,7 @@ def test_two_torchrun_nodes_train_from_the_bucket(s3, ov, tmp_path, monkeypatch)
         sel = tmp_path / f"node{i}" / "s3" / BUCKET / "pipe/run/selected/entropy_half"
         assert (sel / "_manifest.json").is_file() and not list(sel.rglob("*.parquet"))
     machine(monkeypatch, tmp_path, "check")
-    remote.pull(remote.open_remote(uri))
+    pull(open_remote(uri))
     assert len(losses(uri, "two_nodes")) == 3
 
 
@@ -271,8 +274,8 @@ def test_a_lease_taken_over_stops_its_old_holder(s3, tmp_path, monkeypatch):
     """A holder that stalled past its expiry and was taken over notices at its next renewal
     and refuses to publish anything more."""
     machine(monkeypatch, tmp_path, "s")
-    r = remote.open_remote(f"s3://{BUCKET}/stall/run")
-    old = remote.Lease(r, "train-x", 0.6)
+    r = open_remote(f"s3://{BUCKET}/stall/run")
+    old = Lease(r, "train-x", 0.6)
     old.acquire()
     s3.put_object(  # another writer took the (expired) lease over: a new etag
         Bucket=BUCKET,
@@ -292,19 +295,19 @@ def test_a_lease_taken_over_stops_its_old_holder(s3, tmp_path, monkeypatch):
 def test_a_missing_bucket_is_one_line(s3, tmp_path, monkeypatch):
     machine(monkeypatch, tmp_path, "x")
     with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
-        remote.open_remote("s3://no-such-bucket/run")
+        open_remote("s3://no-such-bucket/run")
 
 
 def test_uris_and_what_a_pull_takes(tmp_path, monkeypatch):
     """file:// is the local folder; a mirror is a function of the URI; a pull takes the
     manifest's shards and not a stray one, and every published shard of an uncommitted folder."""
-    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path))
+    monkeypatch.setenv(ENV_MIRROR, str(tmp_path))
     assert RunLayout.of("file:///data/run").root == Path("/data/run")
     assert RunLayout.of(f"s3://{BUCKET}/a/run/").root == tmp_path / "s3" / BUCKET / "a/run"
     assert RunLayout.round_dir("s3://b/run", 2) == "s3://b/run/round2"
     assert RunLayout.round_dir("runs/x", 2) == "runs/x/round2"
     with pytest.raises(UserError):
-        remote.mirror_of("s3://b/../etc")
+        mirror_of("s3://b/../etc")
     objs = dict.fromkeys(
         [
             "rollouts/_manifest.json",
@@ -315,7 +318,7 @@ def test_uris_and_what_a_pull_takes(tmp_path, monkeypatch):
         ]
     )
     mans = {"rollouts": {"shards": [{"path": "bucket=000/shard-00000.parquet"}]}}
-    assert remote.plan_pull(objs, mans) == [
+    assert plan_pull(objs, mans) == [
         "rollouts/_manifest.json",
         "rollouts/bucket=000/shard-00000.parquet",
         "tokens/bucket=000/shard-00000.parquet",
@@ -327,8 +330,8 @@ def test_mirror_root_templates_and_what_each_stage_pulls(tmp_path, monkeypatch):
     """``{host}``/``{pid}`` in DISTILLERY_MIRROR; the folders a stage's pull is limited to."""
     from types import SimpleNamespace
 
-    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "m-{host}" / "{pid}"))
-    assert remote.mirror_root() == tmp_path / f"m-{socket.gethostname()}" / str(os.getpid())
+    monkeypatch.setenv(ENV_MIRROR, str(tmp_path / "m-{host}" / "{pid}"))
+    assert mirror_root() == tmp_path / f"m-{socket.gethostname()}" / str(os.getpid())
     cfg = SimpleNamespace(
         select=SimpleNamespace(name="half"), train=SimpleNamespace(name="t", selection="half")
     )

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -43,6 +44,22 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return whl
 
 
+def test_every_package_is_listed_in_pyproject() -> None:
+    """The packages are listed by hand (``conf`` is mapped into ``stages``): a new sub-package
+    must be listed too, or the installed wheel lacks it."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("stages", "data_schemas")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
+    assert found <= listed, (
+        f"pyproject.toml [tool.setuptools] packages misses {sorted(found - listed)}"
+    )
+
+
 def test_repository_checkout_composes_from_conf() -> None:
     assert CONF_DIR == ROOT / "conf"
     assert compose("pipeline", ["experiment=demo"]).source.config_name == "pipeline"
@@ -55,6 +72,14 @@ def test_wheel_ships_every_config_under_the_package(wheel: Path) -> None:
     yamls = sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml"))
     shipped = sorted(n.removeprefix("stages/conf/") for n in names if n.startswith("stages/conf/"))
     assert shipped == yamls
+    modules = sorted(
+        p.relative_to(ROOT).as_posix()
+        for top in ("stages", "data_schemas")
+        for p in (ROOT / top).rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
+    missing = [m for m in modules if m not in names]  # a sub-package not listed in pyproject.toml
+    assert not missing, f"the wheel lacks {missing[:5]}: add their package to pyproject.toml"
     for pkg_data in (
         "stages/sql_policies/tip_q3.sql",
         "stages/report_assets/report.js",

@@ -36,6 +36,8 @@ from data_schemas import rollouts, tokens  # noqa: E402
 from stages import rollout, score  # noqa: E402
 from stages.lib import errors, raylaunch, remote, store  # noqa: E402
 from stages.lib.config import compose  # noqa: E402
+from stages.lib.mirror import _REMOTES  # noqa: E402
+from stages.lib.uri import ENV_MIRROR, mirror_of  # noqa: E402
 from tests import reliability_harness as h  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.conftest import write_prompts  # noqa: E402
@@ -153,7 +155,7 @@ def driver_mirror_hidden(monkeypatch, uri: str) -> list[int]:
     real, calls = raylaunch.run_shards, []
 
     def run_shards(*a, **k):
-        mirror = remote.mirror_of(uri)
+        mirror = mirror_of(uri)
         away = mirror.with_name(f".{mirror.name}-away")
         os.rename(mirror, away)
         try:
@@ -168,8 +170,8 @@ def driver_mirror_hidden(monkeypatch, uri: str) -> list[int]:
 
 def as_driver(monkeypatch, tmp_path: Path, name: str = "driver") -> Path:
     d = tmp_path / name
-    monkeypatch.setenv(remote.ENV_MIRROR, str(d))
-    remote._REMOTES.clear()
+    monkeypatch.setenv(ENV_MIRROR, str(d))
+    _REMOTES.clear()
     return d
 
 
@@ -195,7 +197,7 @@ def test_actors_pull_what_they_read_and_publish_the_bytes_of_a_local_run(
 
     r = run_stage_in_session(rollout, compose("rollout", args))
     assert r["complete"] and r["shards_written"] == 6
-    mine = remote.mirror_of(uri)
+    mine = mirror_of(uri)
     assert not shard_bytes(mine / "rollouts")  # committed from the actors' reports
     s = run_stage_in_session(score, compose("score", args))
     assert s["committed"] and len(hidden) == 2
@@ -279,7 +281,7 @@ def test_killed_actor_is_replaced_its_shard_published_once_and_a_second_driver_r
             got["error"] = e
 
     with remote.stage_session(cfg, "score"):  # this driver holds the run's score lease
-        env = h.stage_env(**{remote.ENV_MIRROR: str(tmp_path / "driver2")})
+        env = h.stage_env(**{ENV_MIRROR: str(tmp_path / "driver2")})
         second = subprocess.run(
             h.stage_cmd("score", args),
             cwd=h.REPO,
@@ -329,7 +331,7 @@ def test_a_run_moved_to_another_bucket_still_verifies(
     args = overrides(uri, tiny_lm, tiny_teacher, prompts_file, "launcher.kind=local")
     out = run_stage_in_session(score, compose("score", args))
     assert out["committed"]
-    here = remote.mirror_of(uri)
+    here = mirror_of(uri)
     m = store.open_committed(here / "tokens", tokens)
     assert store.model_path(m, "behavior", directory=here / "tokens") == str(here / SFT)
     assert shard_bytes(here / "tokens") == shard_bytes(reference / "tokens")
@@ -347,8 +349,8 @@ def test_an_actor_fetches_what_the_driver_names_from_the_bucket_and_checks_it(
         Bucket=BUCKET, Key="runs/c/round2/rollouts/bucket=000/shard-00000.parquet", Body=b"x"
     )
     driver = tmp_path / "driver" / "s3" / BUCKET / "runs/c"
-    monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "actor"))
-    remote._REMOTES.clear()
+    monkeypatch.setenv(ENV_MIRROR, str(tmp_path / "actor"))
+    _REMOTES.clear()
     remote.attach(f"s3://{BUCKET}/runs/c/round2", str(tmp_path / "driver"))
     try:
         got = Path(remote.localize(driver / "checkpoints/main/final"))
@@ -388,7 +390,7 @@ def test_cross_tokenizer_counts_come_from_shards_the_driver_never_fetched(
         [("c", 0, -6), ("d", 0, 0), ("d", 1, 1)],
     ]
     cfg = SimpleNamespace(run_dir=uri, worker=SimpleNamespace(index=0, count=1))
-    tokens_dir = remote.mirror_of(uri) / "tokens"
+    tokens_dir = mirror_of(uri) / "tokens"
     xt = SimpleNamespace(identity={"mode": "align"})
     with remote.stage_session(cfg, "score"):
         for s, rows in enumerate(shards):  # published by the actors while the driver runs

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from data_schemas import rollouts
-from stages.lib import generation, store
+from stages.lib import rollout_plan, store
 from stages.lib.config import compose
 from stages.rollout import run
 from tests.conftest import write_prompts
@@ -124,7 +124,7 @@ def test_rows_samples_and_guided_prefixes(reference, tiny_lm, prompts_file):
             assert contains(r["rollout_prompt_ids"], ctx) == r["is_guided"]
             if not r["is_guided"]:
                 assert r["rollout_prompt_ids"] == r["train_prompt_ids"]
-        assert r["is_guided"] == generation.is_guided(0, p["id"], p["context"] is not None, 0.5)
+        assert r["is_guided"] == rollout_plan.is_guided(0, p["id"], p["context"] is not None, 0.5)
         if r["is_guided"]:
             guided.add(p["id"])
         assert r["answer"] == p["answer"] and r["kind"] == p["kind"]
@@ -142,9 +142,9 @@ def test_rows_samples_and_guided_prefixes(reference, tiny_lm, prompts_file):
 def test_guided_fraction_matches_config():
     """The hash selection hits the configured fraction (2000 prompt ids, sd ~0.01)."""
     for frac in (0.0, 0.3, 1.0):
-        got = sum(generation.is_guided(7, f"q{i}", True, frac) for i in range(2000)) / 2000
+        got = sum(rollout_plan.is_guided(7, f"q{i}", True, frac) for i in range(2000)) / 2000
         assert abs(got - frac) < 0.04
-    assert not generation.is_guided(7, "q1", False, 1.0)  # no context: never guided
+    assert not rollout_plan.is_guided(7, "q1", False, 1.0)  # no context: never guided
 
 
 # ----------------------------------------------------------------------------- log-probs

@@ -27,7 +27,7 @@ from data_schemas import manifest
 from data_schemas import prompts as prompts_schema
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
-from stages.lib import generation, models, store
+from stages.lib import models, rollout_plan, store
 from stages.lib.config import compose
 from stages.lib.errors import UserError
 from stages.score import run
@@ -112,7 +112,7 @@ def write_run(run_dir: Path, student: Path, responses: list[list[int]]) -> Path:
     cfg = compose("score", [f"run_dir={run_dir}", f"student.path={student}"])
     tok = models.load_tokenizer(str(student))
     table = prompts_schema.read(str(prompts))
-    items = generation.build_prompt_ids(tok, table, cfg.rollout, 0)
+    items = rollout_plan.build_prompt_ids(tok, table, cfg.rollout, 0)
     rows = [
         {
             "sample_id": f"s{i:03d}", "prompt_id": p.prompt_id, "sample_idx": 0,

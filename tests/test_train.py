@@ -30,14 +30,17 @@ from tests.conftest import WORDS, build_tiny_lm
 
 # ----------------------------------------------------------------------------- data builder
 @torch.no_grad()
-def sample_sequences(student: Path, n: int, prompt_len: int, resp_len: int, seed: int):
-    """(prompts, responses): random prompts after BOS, responses sampled from the student."""
+def sample_sequences(
+    student: Path, n: int, prompt_len: int, resp_len: int, seed: int, samples: int = 1
+):
+    """(prompts, responses): random prompts after BOS, responses sampled from the student
+    (``samples`` per prompt, next to each other, as the rollout writes them)."""
     model = models.load_model(str(student), "student")
     tok = models.load_tokenizer(str(student))
     v = models.vocab_size(tok)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, v, (n, prompt_len), generator=g)  # [B, P]
-    ids = torch.cat([torch.full((n, 1), tok.bos_token_id), ids], 1)
+    ids = torch.cat([torch.full((n, 1), tok.bos_token_id), ids], 1).repeat_interleave(samples, 0)
     for _ in range(resp_len):
         logits = model(input_ids=ids).logits[:, -1, :v]  # [B, V]
         nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=g)  # [B, 1]
@@ -60,13 +63,15 @@ def make_selection(
     weights=None,
     keep_first: int | None = None,
     tok_fp: str | None = None,
+    samples: int = 1,
 ) -> Path:
     """Write and commit ``run_dir/selected/<name>`` (see the module docstring).
 
     ``weights(i, t)`` gives token weights; ``keep_first`` truncates every response to its first
-    tokens AFTER scoring (the "only the kept tokens" table).
+    tokens AFTER scoring (the "only the kept tokens" table). ``samples``: responses per prompt
+    (``n`` prompts, ``n * samples`` rows).
     """
-    prompts, responses = sample_sequences(student, n, prompt_len, resp_len, seed)
+    prompts, responses = sample_sequences(student, n, prompt_len, resp_len, seed, samples)
     tok = models.load_tokenizer(str(student))
     v = models.vocab_size(tok)
     t_model = models.load_model(str(teacher), "teacher")
@@ -80,8 +85,8 @@ def make_selection(
         cut = keep_first or len(r)
         rows.append(
             {
-                "sample_id": f"p{i}#0",
-                "prompt_id": f"p{i}",
+                "sample_id": f"p{i // samples}#{i % samples}",
+                "prompt_id": f"p{i // samples}",
                 "is_guided": False,
                 "train_prompt_ids": p,
                 "response_ids": r[:cut],
@@ -107,7 +112,9 @@ def make_selection(
     with store.open_writer(
         out,
         selected,
-        dataset_id=store.content_id([name, seed, n, keep_first, str(run_dir)]),
+        dataset_id=store.content_id(
+            [name, seed, n, keep_first, str(run_dir)] + ([samples] if samples > 1 else [])
+        ),
         stage="select",
         row_group_rows=row_group_rows,
         vocab_size=v,

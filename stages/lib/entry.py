@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.lib import remote
+from stages.lib import mirror, remote
 from stages.lib.config import (
     CONF_DIR,
     Config,
@@ -106,7 +106,7 @@ def parse(stage: str, argv: list[str]) -> CommandLine:
         stage=stage,
         config_name=ns.config_name or stage,
         # s3://KEY:SECRET@...: the keys become AWS variables, never printed (--cfg job) or kept
-        overrides=[remote.adopt_credentials(o) for o in ns.overrides],
+        overrides=[mirror.adopt_credentials(o) for o in ns.overrides],
         config_dirs=absolute_dirs([ns.config_dir] if ns.config_dir else []),
         flags=flags,
         direct=not any(getattr(ns, k) for k in HYDRA_COMMANDS) and not ns.experimental_rerun,

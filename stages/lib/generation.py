@@ -17,26 +17,23 @@ not depend on the worker layout or on resume. For a given backend the same seed 
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pyarrow as pa
-import torch
 
 from data_schemas import rollouts as rollouts_schema
-from stages.lib import chat, decoding, input_limits, models, remote, safety, store, vllm_backend
+from stages.lib import models, remote, safety, store, vllm_backend
 from stages.lib.config import Config, RolloutConfig, as_dict
 from stages.lib.decoding import Sample, Sampling
-from stages.lib.errors import UserError
+from stages.lib.engine import Engine, load_engine
 from stages.lib.grading import answer_matches
 from stages.lib.layout import RunLayout
 from stages.lib.progress import QUIET, Progress, log
+from stages.lib.rollout_plan import PromptIds, RolloutPlan, plan_rollouts, shard_seed
 
 # Rollout keys that change speed, memory or placement but not what is sampled (left out of the
 # dataset id).
@@ -49,22 +46,6 @@ BACKEND_ONLY_KEYS = (
     "device",
     "tensor_parallel_size",
 )
-VLLM_MAX_LOGPROBS = 20  # vLLM's default; sharing one value lets the stages share cached engines
-
-
-@dataclass
-class PromptIds:
-    """One prompt turned into the three token-id prefixes the pipeline stores."""
-
-    index: int  # row in the prompts table (shard s holds indices [s*P, (s+1)*P))
-    prompt_id: str
-    train_ids: list[int]  # what the student is trained on: never the context
-    rollout_ids: list[int]  # what the policy is given (context included when guided)
-    teacher_ids: list[int]  # the prefix the teacher scores the response after
-    is_guided: bool
-    answer: str | None
-    kind: str | None
-    turn: int = 0  # index of the generated assistant turn (0 for plain prompts)
 
 
 @dataclass
@@ -94,170 +75,6 @@ class Stats:
         }
 
 
-# ----------------------------------------------------------------------------- small pure helpers
-def unit_hash(*parts: object) -> float:
-    """A deterministic number in [0, 1) from ``parts`` (same on every machine and Python run)."""
-    h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64
-
-
-def is_guided(seed: int, prompt_id: str, has_context: bool, fraction: float) -> bool:
-    """EDGE-OPD guided rollout: a prompt with a context, selected by a hash of (seed, id)."""
-    return has_context and unit_hash("guided", seed, prompt_id) < fraction
-
-
-def shard_seed(seed: int, shard: int) -> int:
-    """The RNG seed of one shard: depends on (seed, shard) only, never on workers or resume."""
-    return int(unit_hash("shard", seed, shard) * (2**31 - 1))
-
-
-def n_shards_for(n_prompts: int, prompts_per_shard: int) -> int:
-    return max(1, math.ceil(n_prompts / prompts_per_shard))
-
-
-def build_prompt_ids(
-    tok: Any, table: pa.Table, r: RolloutConfig, seed: int, teacher_tok: Any = None
-) -> list[PromptIds]:
-    """Every generation point of every prompts row (one per row; one per assistant turn with
-    ``rollout.expand_turns``) as train / rollout / teacher prefixes, rendered by stages.lib.chat."""
-    render = chat.Renderer.of(r, tok, teacher_tok)
-    out: list[PromptIds] = []
-    for row in table.to_pylist():
-        for t in chat.turns(row, r.expand_turns, r.final_assistant):
-            g = is_guided(seed, t.prompt_id, row.get("context") is not None, r.guided_fraction)
-            train = render.train_ids(t, row)
-            out.append(
-                PromptIds(
-                    index=len(out),
-                    prompt_id=t.prompt_id,
-                    train_ids=train,
-                    rollout_ids=render.guided_ids(t, row) if g else train,
-                    teacher_ids=render.teacher_ids(t, row),
-                    is_guided=g,
-                    answer=t.answer,
-                    kind=row.get("kind"),
-                    turn=t.turn,
-                )
-            )
-    return out
-
-
-def check_lengths(
-    items: list[PromptIds], limit: int, too_long: str, where: str
-) -> tuple[list[PromptIds], list[dict]]:
-    """Apply ``rollout.max_prompt_tokens``: raise on the first too-long prompt, or skip them.
-
-    The rollout prefix and the teacher prefix must both fit (the teacher scores after its own).
-    Returns (kept prompts, skipped [{id, tokens}]).
-    """
-    kept, skipped = [], []
-    for p in items:
-        n = max(len(p.rollout_ids), len(p.teacher_ids))
-        if n <= limit:
-            kept.append(p)
-        elif too_long == "skip":
-            skipped.append({"id": p.prompt_id, "tokens": n})
-        else:
-            raise UserError(
-                f"prompt {p.prompt_id!r} is {n} tokens long, over the limit of {limit} "
-                "(rollout/teacher prefix incl. template and context)",
-                where,
-                "shorten it, raise rollout.max_prompt_tokens (within the model's context "
-                "length minus rollout.max_new_tokens), or set rollout.too_long=skip",
-            )
-    return kept, skipped
-
-
-# ----------------------------------------------------------------------------- the engine seam
-@dataclass
-class Engine:
-    """A loaded policy: ``sample(prompt_ids, seed) -> per prompt list of Sample``."""
-
-    backend: str
-    sample: Any
-    info: dict = field(default_factory=dict)
-
-
-def load_engine(
-    backend: str,
-    policy_path: str,
-    tok: Any,
-    s: Sampling,
-    r: RolloutConfig,
-    *,
-    dtype: str,
-    ctx_len: int,
-    device: torch.device | None = None,
-) -> Engine:
-    """The policy behind one ``sample`` call; ``device`` (HF only; None = auto) holds the model,
-    inputs move to it and samples come back to the CPU (stages/lib/decoding.py)."""
-    stops = decoding.stops_for(tok, policy_path, r.stop_token_ids, r.stop_strings)
-    if backend == "vllm":
-        # seed=0: every request carries its own seed, so the engine seed changes nothing, and a
-        # constant keeps one cached engine across runs with different seeds.
-        llm = vllm_backend.get_llm(
-            policy_path,
-            seed=0,
-            max_model_len=ctx_len,
-            max_logprobs=VLLM_MAX_LOGPROBS,
-            dtype=dtype,
-            gpu_memory_utilization=r.vllm_memory_fraction,
-            tensor_parallel_size=r.tensor_parallel_size,
-            tokenizer=tok.name_or_path if stops.strings else None,
-        )
-
-        def sample_vllm(prompt_ids: list[list[int]], seed: int) -> list[list[Sample]]:
-            out = vllm_backend.generate(
-                llm,
-                prompt_ids,
-                n=s.n,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                max_new_tokens=s.max_new_tokens,
-                seed=seed,
-                eos_id=stops.all_ids,
-                stop=stops.strings,
-            )
-            return [[_vllm_sample(d, stops, s) for d in per] for per in out]
-
-        return Engine("vllm", sample_vllm, {"stops": stops})
-
-    device = device or models.pick_device("auto")
-    model = models.load_model(policy_path, "policy", dtype=dtype, device=device)
-    models.check_embedding_rows(model, tok, "policy")
-    decoding.plain_generation_config(model, tok)
-    n_ids = models.vocab_size(tok)
-
-    def sample_hf(prompt_ids: list[list[int]], seed: int) -> list[list[Sample]]:
-        return decoding.hf_generate(
-            model,
-            prompt_ids,
-            s,
-            stops=stops,
-            pad=decoding.pad_id(tok),
-            n_ids=n_ids,
-            batch_size=r.batch_size,
-            seed=seed,
-            tok=tok,
-        )
-
-    return Engine("hf", sample_hf, {"device": str(device), "stops": stops})
-
-
-def _vllm_sample(d: dict, stops: decoding.Stops, s: Sampling) -> Sample:
-    """A vLLM sample cut and labelled by the same rule as the HF backend (stop strings too)."""
-    length, reason = decoding.cut(d["response_ids"], stops, s.max_new_tokens)
-    return Sample(d["response_ids"][:length], d["logprobs"][:length], reason)
-
-
-def policy_context_length(path: str) -> int:
-    """The policy's context length from its config (without loading the weights)."""
-    from transformers import AutoConfig
-
-    return models.context_length(SimpleNamespace(config=AutoConfig.from_pretrained(path)))
-
-
-# ----------------------------------------------------------------------------- rows
 def shard_table(
     prompts: list[PromptIds],
     samples: list[list[Sample]],
@@ -294,14 +111,6 @@ def shard_table(
             for k, v in row.items():
                 cols[k].append(v)
     return pa.Table.from_pydict(cols, schema=rollouts_schema.SCHEMA)
-
-
-# ----------------------------------------------------------------------------- the driver
-def tokenizer_dir(policy_path: str, fallback: str | None) -> str:
-    """The policy's own tokenizer when saved next to it, else ``fallback`` (e.g. the student)."""
-    p = Path(policy_path)
-    has_tok = any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return policy_path if has_tok or not fallback else fallback
 
 
 def generate_rollouts(
@@ -390,56 +199,6 @@ def generate_rollouts(
     return summary
 
 
-@dataclass
-class RolloutPlan:
-    """The checked inputs of one rollout run: what will be sampled, shard by shard."""
-
-    tok: Any  # the policy's tokenizer
-    ctx_len: int  # the policy's context length
-    limit: int  # longest prompt accepted (tokens)
-    compat: dict | None  # the student/teacher tokenizer check (None without a teacher)
-    n_items: int  # generation points before the too-long ones were dropped
-    skipped: list[dict]  # too-long prompts skipped: [{id, tokens}]
-    by_shard: dict[int, list[PromptIds]]
-    n_shards: int
-
-
-def plan_rollouts(
-    cfg: Config,
-    policy_path: str,
-    prompts_table: pa.Table,
-    r: RolloutConfig,
-    s: Sampling,
-    tokenizer_path: str | None,
-    teacher_path: str | None,
-) -> RolloutPlan:
-    """Everything that can be wrong with the inputs is checked here, before any output exists."""
-    models._check_dir(policy_path, "policy")
-    tok = models.load_tokenizer(tokenizer_dir(policy_path, tokenizer_path), "policy")
-    ctx_len = policy_context_length(policy_path)
-    limit = prompt_limit(r, s, ctx_len)
-    teacher_tok, compat = None, None
-    if teacher_path:
-        teacher_tok = models.load_tokenizer(teacher_path, "teacher")
-        if cfg.score.cross_tokenizer == "align" and chat.id_map_fingerprint(
-            tok
-        ) != chat.id_map_fingerprint(teacher_tok):
-            teacher_tok = None  # another tokenizer: score renders the teacher's own prefix
-        else:
-            compat = chat.check_compatible(
-                {"student": tok, "teacher": teacher_tok}, "student.path / teacher.path"
-            )
-    where = "rollout.max_prompt_tokens"  # a huge prompt is refused before it is tokenized
-    prompts_table, huge = input_limits.precheck(prompts_table, tok, limit, r.too_long, where)
-    items = build_prompt_ids(tok, prompts_table, r, cfg.seed, teacher_tok)
-    n_items = len(items) + len(huge)
-    items, skipped = check_lengths(items, limit, r.too_long, where)
-    skipped = huge + skipped
-    by_shard = shard_groups(items, r.prompts_per_shard)
-    n_shards = n_shards_for(n_items, r.prompts_per_shard)
-    return RolloutPlan(tok, ctx_len, limit, compat, n_items, skipped, by_shard, n_shards)
-
-
 def _write_rollouts(
     cfg: Config,
     out_dir: str | Path,
@@ -479,14 +238,6 @@ def _write_rollouts(
         return w.complete
 
 
-def shard_groups(items: list[PromptIds], per_shard: int) -> dict[int, list[PromptIds]]:
-    """Shard s holds generation points [s*P, (s+1)*P) (too-long ones already dropped)."""
-    by_shard: dict[int, list[PromptIds]] = {}
-    for p in items:
-        by_shard.setdefault(p.index // per_shard, []).append(p)
-    return by_shard
-
-
 def rollouts_dataset_id(
     stage: str, r: RolloutConfig, s: Sampling, dtype: str, seed: int, fps: dict, inputs: dict
 ) -> str:
@@ -521,26 +272,6 @@ def summary_line(summary: dict, stats: Stats, stage_name: str, out_dir: str | Pa
         + ("" if summary["complete"] else " (other workers still running)")
         + f"; {where}"
     )
-
-
-def prompt_limit(r: RolloutConfig, s: Sampling, ctx_len: int) -> int:
-    """``rollout.max_prompt_tokens`` (null = what the context leaves after the response)."""
-    limit = r.max_prompt_tokens if r.max_prompt_tokens is not None else ctx_len - s.max_new_tokens
-    if limit + s.max_new_tokens > ctx_len:
-        raise UserError(
-            f"rollout.max_prompt_tokens={limit} + max_new_tokens={s.max_new_tokens} exceeds the "
-            f"policy's context length {ctx_len}",
-            "rollout.max_prompt_tokens",
-            f"set it to at most {ctx_len - s.max_new_tokens} (or null for exactly that)",
-        )
-    if limit < 1:
-        raise UserError(
-            f"no room for a prompt: limit {limit} tokens (context {ctx_len}, "
-            f"max_new_tokens {s.max_new_tokens})",
-            "rollout.max_prompt_tokens / rollout.max_new_tokens",
-            "lower rollout.max_new_tokens or set rollout.max_prompt_tokens >= 1",
-        )
-    return limit
 
 
 def _sample_shards(

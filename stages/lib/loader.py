@@ -1,15 +1,23 @@
 """The trainer's streaming loader: selected shards -> packed, padded micro-batches, resumably.
 
 Reads ``run_dir/selected/<name>/`` row group by row group (``store.stream``: row groups strided by
-rank, a seeded shuffle per epoch), converts each row group to per-sequence numpy arrays in a
+rank, a seeded shuffle per epoch; ``shuffle_order`` turns ``train.shuffle`` into its arguments),
+converts each row group to per-sequence numpy arrays in a
 background thread (a bounded queue of ``prefetch`` row groups; pyarrow releases the GIL), and packs
 sequences greedily, in stream order, into micro-batches whose *padded* size
 ``n_seqs * max(prompt + response length)`` stays under ``micro_batch_tokens`` (a sequence longer
 than the budget gets a micro-batch of its own). The whole dataset is never in memory.
 
+Row order (``train.shuffle``): ``prompts`` (the default) shuffles the row groups and, inside each,
+the blocks of rows with the same train prompt (the ``rollout.n`` samples of a prompt), keeping a
+prompt's rows adjacent so they share micro-batches and ``train.share_prefix`` runs the prompt once
+for them; ``rows`` (also ``true``) shuffles single rows inside each row group, which scatters a
+prompt's samples over micro-batches; ``false`` reads the storage order.
+
 Position (saved in checkpoints): ``{"store": <stream state before the row group being consumed>,
-"skip": <rows of it already packed>}``. Checkpoints are taken at step boundaries, so a resumed
-loader yields exactly the micro-batches an uninterrupted run would have.
+"skip": <rows of it already packed>, "order": [shuffle_seed, group_by]}``. Checkpoints are taken
+at step boundaries, so a resumed loader yields exactly the micro-batches an uninterrupted run
+would have; a resume under another row order is refused (it would train other batches).
 
 Validation: every row group is checked as it is read (``check_row_group``), like the select stage
 checks what it writes: finite log-probs (<= 0 up to rounding), weights in ``[0, max_weight]``,
@@ -72,6 +80,18 @@ def columns_of(directory: Path, m: dict) -> list[str]:
 
 Seq = dict  # one sequence: column name -> numpy array (lists) or scalar; None for null lists
 
+# The column whose equal values (one train prompt) move as one block under train.shuffle=prompts:
+# the key train.share_prefix groups rows by, so a block is exactly what it can share.
+PROMPT_KEY = "train_prompt_ids"
+
+
+def shuffle_order(shuffle: bool | str, seed: int) -> dict:
+    """``train.shuffle`` (prompts | rows | true = rows | false) as ``store.stream``'s
+    ``shuffle_seed`` and ``group_by`` arguments."""
+    if shuffle is False:
+        return {"shuffle_seed": None, "group_by": None}
+    return {"shuffle_seed": seed, "group_by": PROMPT_KEY if shuffle == "prompts" else None}
+
 
 # ----------------------------------------------------------------------------- packing rule
 def fits(n: int, max_len: int, new_len: int, budget: int) -> bool:
@@ -90,7 +110,13 @@ def count_micro_batches(lengths: Iterator[int], budget: int) -> int:
 
 
 def _rank_lengths(
-    directory: Path, m: dict, rank: int, world_size: int, epochs: int, seed: int | None
+    directory: Path,
+    m: dict,
+    rank: int,
+    world_size: int,
+    epochs: int,
+    seed: int | None,
+    group_by: str | None = None,
 ) -> Iterator[int]:
     cols = ["train_prompt_ids", "response_len"]
     for tbl, _ in store.stream(
@@ -101,6 +127,7 @@ def _rank_lengths(
         epochs=epochs,
         shuffle_seed=seed,
         columns=cols,
+        group_by=group_by,
     ):
         import pyarrow.compute as pc
 
@@ -127,11 +154,12 @@ def plan_steps(
     budget: int,
     grad_accum: int,
     max_steps: int | None,
+    group_by: str | None = None,
 ) -> StepPlan:
     """Replay the packing for every rank (lengths only) and fix the common number of steps."""
     micro = [
         count_micro_batches(
-            _rank_lengths(directory, m, r, world_size, epochs, shuffle_seed), budget
+            _rank_lengths(directory, m, r, world_size, epochs, shuffle_seed, group_by), budget
         )
         for r in range(world_size)
     ]
@@ -259,6 +287,7 @@ class MicroBatchStream:
     world_size: int = 1
     epochs: int = 1
     shuffle_seed: int | None = None
+    group_by: str | None = None  # with shuffle_seed: rows equal in this column stay adjacent
     prefetch: int = 2
     start: dict | None = None  # a ``position()`` from a checkpoint
     vocab_size: int | None = None  # ids must be < vocab_size (None: not checked)
@@ -270,6 +299,7 @@ class MicroBatchStream:
 
     def __post_init__(self) -> None:
         start = self.start or {"store": {"epoch": 0, "index": 0}, "skip": 0}
+        self._check_order(start)
         self._next_state = dict(start["store"])
         self._skip = int(start["skip"])
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
@@ -278,6 +308,20 @@ class MicroBatchStream:
         self._check_unique()
         self._thread = threading.Thread(target=self._produce, name="selected-prefetch", daemon=True)
         self._thread.start()
+
+    def _check_order(self, start: dict) -> None:
+        """A position saved under another row order resumes into other batches: refuse it
+        (positions saved before the order was recorded carry none and are taken as they are)."""
+        saved = start.get("order")
+        if saved is None or list(saved) == [self.shuffle_seed, self.group_by]:
+            return
+        raise UserError(
+            f"the checkpoint's loader read the selection in another order (seed, grouping "
+            f"{saved}; now {[self.shuffle_seed, self.group_by]}): resuming would train other "
+            "batches than the run it continues",
+            str(self.directory),
+            "resume with the train.shuffle and seed the run started with, or train.resume=false",
+        )
 
     def _check_unique(self) -> None:
         """One row per sample across the selection's shards (a sample trained twice per epoch
@@ -306,6 +350,7 @@ class MicroBatchStream:
                 epochs=self.epochs,
                 shuffle_seed=self.shuffle_seed,
                 columns=self._columns,
+                group_by=self.group_by,
             ):
                 self._check(tbl, before)
                 if not self._put((table_to_seqs(tbl), before)):
@@ -372,7 +417,11 @@ class MicroBatchStream:
 
     def position(self) -> dict:
         """Where the next micro-batch starts (call at a step boundary)."""
-        return {"store": dict(self._rg_state), "skip": self._i}
+        return {
+            "store": dict(self._rg_state),
+            "skip": self._i,
+            "order": [self.shuffle_seed, self.group_by],
+        }
 
     def close(self) -> None:
         self._stop.set()
@@ -486,7 +535,7 @@ def collate(seqs: list[Seq], pad_id: int, where: str = "selected") -> MicroBatch
 
 
 def xtok_batch(seqs: list[Seq], batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """The cross-tokenizer loss inputs (stages/lib/losses.py: chunk_opd, mapped_topk_fkl, uld).
+    """The cross-tokenizer loss inputs (stages/lib/losses/xtok.py: chunk_opd, mapped_topk_fkl, uld).
 
     ``chunk_index`` [M]: the aligned chunk ids made unique across the micro-batch (a token the
     teacher did not score, chunk < 0, is a chunk of its own; its weight is 0 anyway);

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.lib import remote, store
+from stages.lib import remote, store, uri
 from stages.lib.config import LauncherConfig
 from stages.lib.errors import UserError
 from stages.lib.progress import Progress, log
@@ -326,8 +326,8 @@ def run_shards(
     out, t0 = Launched(), time.perf_counter()
     bar = Progress(int(sum(units.get(s, 0) for s in todo)), desc, unit=unit)
     where = None
-    if remote.is_remote(run_dir):
-        where = {"uri": str(run_dir), "root": str(remote.mirror_root())}
+    if uri.is_remote(run_dir):
+        where = {"uri": str(run_dir), "root": str(uri.mirror_root())}
     try:
         actors = _actors(ray, lc, min(lc.actors, len(todo)))
         out.actors = len(actors)

@@ -1,5 +1,5 @@
 """Run URIs: a plain path, ``file://``, or an object-store URI (``s3://``, ``gs://``), and the
-local working mirror a remote run is read and written through (``stages/lib/remote.py``).
+local working mirror a remote run is read and written through (``stages/lib/mirror.py``).
 
 Dependency-free: it imports nothing of the library but ``safety`` (credentials in a URI, itself
 stdlib-only), so the run layout, the store and the remote session can all name paths without

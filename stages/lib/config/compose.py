@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from stages.lib import remote
+from stages.lib import mirror
 from stages.lib.config.keys import (
     _one_line,
     _unknown_in_tree,
@@ -117,7 +117,7 @@ def compose(
     """Compose a config exactly as ``python -m stages.<config_name> <overrides>`` does (the
     entry points, tests, the pipeline, notebooks). ``config_dirs``: extra config folders, as
     ``--config-dir``. Every failure is a UserError."""
-    ovs, dirs = [remote.adopt_credentials(o) for o in overrides or []], absolute_dirs(config_dirs)
+    ovs, dirs = [mirror.adopt_credentials(o) for o in overrides or []], absolute_dirs(config_dirs)
     check_override_keys(ovs, dirs, where)
     cfg = to_config(compose_dict(config_name, ovs, dirs, where), where)
     cfg.source = Source(config_name=config_name, overrides=ovs, config_dirs=dirs)

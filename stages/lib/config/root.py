@@ -9,7 +9,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from stages.lib import remote
+from stages.lib import mirror
 from stages.lib.config.checks import _check, _check_finite, _closest
 from stages.lib.config.schema import (
     STAGES,
@@ -164,7 +164,7 @@ class Config:
     source: Source = field(default_factory=Source)
 
     def __post_init__(self) -> None:
-        self.run_dir = remote.adopt_credentials(self.run_dir)  # never kept in the config
+        self.run_dir = mirror.adopt_credentials(self.run_dir)  # never kept in the config
         # numpy's seeds are 0..2**32-1: anything else is a traceback deep inside a stage
         _check(
             isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", "must be in 0..2**32-1"

@@ -92,8 +92,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     # Gradient clipping by global norm (0 = off).
     grad_clip: float = 1.0
-    # Shuffle row groups per epoch (seeded).
-    shuffle: bool = True
+    # Row order per epoch (seeded; row groups are shuffled in every mode but false):
+    # prompts = the blocks of rows with the same train prompt (a prompt's rollout.n samples) are
+    # shuffled inside each row group, its rows kept adjacent, so they share micro-batches and
+    # share_prefix runs the prompt once for them; rows (or true, its meaning before prompts
+    # existed) = single rows, scattering a prompt's samples; false = storage order.
+    shuffle: bool | str = "prompts"
     # Log metrics every N steps; save a resumable checkpoint every N steps (null = end only).
     log_every: int = 10
     save_every: int | None = None
@@ -106,10 +110,10 @@ class TrainConfig:
     # Shard the model with FSDP2 under torchrun (else DDP when world size > 1).
     fsdp: bool = False
     # Positions per chunk of the student's LM head inside the loss; null = the most that fit
-    # train.loss_memory_mib (the loss's working set is 2 x [chunk, V] fp32).
+    # train.loss_memory_mib (the loss's working set is one [chunk, V] fp32 block and scratch).
     chunk_positions: int | None = None
     # Memory budget of the loss's [chunk, V] working set, in MiB (used when chunk_positions is
-    # null): at V = 151,936 the default 512 gives 441 positions per chunk.
+    # null): at V = 151,936 the default 512 gives 841 positions per chunk.
     loss_memory_mib: int = 512
     # Row groups prefetched by the background loader thread.
     prefetch: int = 2
@@ -128,9 +132,9 @@ class TrainConfig:
     # Rows of a micro-batch with the same train prompt (the rollout.n samples of a prompt) run
     # the prompt through the student once and their responses against its KV cache: the same
     # loss and gradients to GEMM rounding, less compute with long prompts. Pays when a prompt's
-    # samples share micro-batches: train.shuffle=true permutes rows inside each row group, so
-    # they meet by chance; with shuffle=false they stay together. Off under
-    # gradient_checkpointing and FSDP (one decoder call per micro-batch there).
+    # samples share micro-batches: train.shuffle=prompts (the default) or false keeps them
+    # adjacent; rows scatters them. Off under gradient_checkpointing and FSDP (one decoder call
+    # per micro-batch there).
     share_prefix: bool = True
     # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast on CPU and CUDA) |
     # bf16_params (bf16 parameters, fp32 master weights in the optimizer). The LM head, the
@@ -191,6 +195,11 @@ class TrainConfig:
         )
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
         _check(isinstance(self.share_prefix, bool), "train.share_prefix", "must be true|false")
+        _check(
+            self.shuffle in (True, False, "prompts", "rows"),
+            "train.shuffle",
+            f"must be prompts|rows|false (true = rows), not {self.shuffle!r}",
+        )
         _check(
             not (self.precision == "bf16_params" and self.lora.r > 0),
             "train.precision=bf16_params",

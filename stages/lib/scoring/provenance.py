@@ -4,7 +4,7 @@ consistency (the scoring teacher is the SFT teacher) per teacher."""
 from __future__ import annotations
 
 from data_schemas import manifest as manifest_mod
-from stages.lib import chat, generation, models, store, xtok
+from stages.lib import chat, models, rollout_plan, store, xtok
 from stages.lib.config import Config
 from stages.lib.errors import UserError
 from stages.lib.layout import RunLayout
@@ -94,7 +94,7 @@ def check_models(cfg: Config, rm: dict, layout: RunLayout) -> tuple[list[Role], 
             "re-run the rollout stage with this version of distillery",
         )
     # Same id -> token maps (EOS/pad settings may differ); the rollouts' own tokenizer unchanged.
-    s_dir = generation.tokenizer_dir(policy_path, cfg.student.path) if policy_path else None
+    s_dir = rollout_plan.tokenizer_dir(policy_path, cfg.student.path) if policy_path else None
     s_tok = models.load_tokenizer(s_dir or cfg.student.path, "student")
     models.check_same_tokenizer(tok_fp, models.tokenizer_fingerprint(s_tok), "rollouts'", "student")
     if sc.cross_tokenizer == "align" and xtok.differ(s_tok, tok):
