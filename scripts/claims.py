@@ -107,6 +107,7 @@ def demo_config(kind: str, seed: int, root: Path, world: Path) -> Config:
         f"student.path={base}",
         f"teacher.path={base}",
         f"ref.path={base}",
+        "train.shuffle=true",  # rows shuffled, as the demo did when these runs began (main d9fc6d4)
     ]
     if kind == "unguided":
         ov.append("rollout.guided_fraction=0")
