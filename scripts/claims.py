@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--dry", action="store_true", help="compose every row's config, run nothing")
     ap.add_argument("--report", action="store_true", help="tabulate the finished rows, train none")
+    ap.add_argument("--out", default=None, help="also into this Markdown file's claims-table block")
     args = ap.parse_args(argv)
     world, root = Path(args.world), Path(args.root)
     groups = [g for g in GROUPS if g in args.groups.split(",")]
@@ -290,7 +291,13 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_text(root / "claims.json", json.dumps(out, indent=1))
                 atomic_write_text(root / "claims.md", table(out["rows"], args.seeds, command))
     if not args.dry and (root / "claims.md").is_file():
-        print((root / "claims.md").read_text(), flush=True)
+        md = (root / "claims.md").read_text()
+        if args.out:  # e.g. docs/RESULTS.md: only its generated block
+            from docs_tables import replace_block
+
+            out_md = Path(args.out)
+            atomic_write_text(out_md, replace_block(out_md.read_text(), "claims-table", md))
+        print(md, flush=True)
     return 0
 
 
