@@ -60,6 +60,8 @@ from stages.lib.store import atomic_write_text  # noqa: E402
 # lr the cosine has at (r-1)/R of the run and ends at its lr at r/R; the warmup once, then a
 # RESET_WARMUP-step warmup after each round's fresh optimizer).
 ONLINE, RESTARTS, ONLINE_SCHEDULE = "online", "restarts", "online_schedule"
+RESTARTS_SCHEDULE = "restarts_schedule"  # RESTARTS with ONLINE_SCHEDULE's split schedule
+SPLIT = (ONLINE_SCHEDULE, RESTARTS_SCHEDULE)
 RESET_WARMUP = 5
 # (group, row label, run-dir kind, train name, its training)
 ROWS = [
@@ -84,6 +86,13 @@ ROWS = [
         "guided",
         "restarts",
         RESTARTS,
+    ),
+    (
+        "rounds",
+        "control: the split schedule's rounds on the offline rollouts",
+        "guided",
+        "restarts_sched",
+        RESTARTS_SCHEDULE,
     ),
     ("edge", "EDGE: guided rollouts, topk_fkl (= offline OPD)", "guided", "offline", []),
     ("edge", "EDGE: unguided rollouts, topk_fkl", "unguided", "topk", []),
@@ -126,7 +135,7 @@ def online_rounds(epochs: int, rounds: int) -> list[str]:
 def row_config(cfg: Config, name: str, extra: list[str] | str, rounds: int) -> Config:
     """A row's select + train config: the demo's plus the row's overrides and its train.name."""
     ov = online_rounds(cfg.train.epochs, rounds) if isinstance(extra, str) else extra
-    if extra == ONLINE_SCHEDULE:
+    if extra in SPLIT:
         ov += round_schedule(cfg.train, 1, rounds or cfg.train.epochs)
     return derive(cfg, [*ov, f"train.name={name}"], f"claims row {name}")
 
@@ -195,7 +204,9 @@ def ensure_row(cfg: Config, rcfg: Config, led: Ledger, how) -> tuple[str, list[s
             keys += [f"round{r}/rollout", f"round{r}/score", *train_row(c, led, r)]
         else:  # RESTARTS: the same cached selection, from round r-1's weights
             prev = RunLayout.of(rcfg.run_dir).final(round_name(name, r - 1))
-            c = derive(rcfg, [f"train.name={round_name(name, r)}", f"train.init={prev}"], "claims")
+            ov = [f"train.name={round_name(name, r)}", f"train.init={prev}"]
+            ov += round_schedule(cfg.train, r, rounds) if how in SPLIT else []
+            c = derive(rcfg, ov, "claims")
             keys.append(f"train/{c.train.name}")
             led.run(keys[-1], train, c)
     return round_name(name, rounds), keys
