@@ -1,6 +1,7 @@
 """The seed papers' claims on the chat demo world: several seeds, one command, one table.
 
     python scripts/claims.py --world runs/world --root runs/claims --seeds 0 1 2
+    python scripts/claims.py --seeds 0 1 2 --report --out docs/RESULTS.md  # tabulate, train none
     python scripts/claims.py --groups online,edge --seeds 0 --dry     # compose only, run nothing
 
 Every row trains with the `demo` experiment as it is (its train settings: lr, warmup, epochs,
@@ -9,11 +10,14 @@ at its ``final`` checkpoint (the same number of optimizer steps for every row). 
 this order (a call with several seeds runs a group for every seed before the next group):
 
 * ``online`` (Lightning OPD's headline): offline OPD, the demo itself (one rollout + scoring pass,
-  ``train.epochs`` passes over it) against online OPD: ``pipeline.rounds=R`` rounds, each with
-  fresh rollouts from the current student scored by a live teacher pass, ``train.epochs / R``
-  epochs each (the same total optimizer steps; round 1 shares the offline row's rollouts;
-  default R = ``train.epochs``: one epoch per round). Each round is a training of its own (the
-  pipeline's rounds): fresh optimizer, the demo's warmup and cosine within the round.
+  ``train.epochs`` passes over it) against online OPD: R rounds (default R = ``train.epochs``:
+  one epoch per round), each with fresh rollouts from the current student scored by a live
+  teacher pass, ``train.epochs / R`` epochs each (the same total optimizer steps; round 1 shares
+  the offline row's rollouts), the demo's one lr schedule split over the rounds
+  (``round_schedule``). Each round is a training of its own (fresh Adam state).
+* ``rounds`` (what separates the two): online OPD as ``pipeline.rounds`` runs it (the warmup and
+  cosine restart every round), and two controls that train the same rounds on the offline
+  rollouts, without fresh data: with the restarted and with the split schedule.
 * ``edge`` (EDGE-OPD): guided vs unguided rollouts (``rollout.guided_fraction`` 0.5 vs 0), each
   with the top-K loss (``topk_fkl``, the demo; the guided one is the offline row) and the
   sampled-token loss (``opd_k1``).
@@ -24,8 +28,10 @@ Compute: every rollout, scoring, selection and training call is timed in process
 (``time.process_time``: every thread of this process) into ``<run_dir>/cpu.json``; a row's
 compute is the sum over the calls it needs (its cache's rollout + score, its select + train; the
 online row: all of its rounds). A re-run skips finished work (the stages resume); a call killed
-before it completes is not recorded, and its work's rerun then counts only what was left. Writes ``<root>/claims.json`` (every number) and ``<root>/claims.md`` (the
-table: mean ± std over seeds, then the per-seed values).
+before it completes is not recorded, and its work's rerun then counts only what was left.
+Writes ``<root>/claims.json`` (every number) and ``<root>/claims.md`` (the table: mean ± std over
+seeds, then the per-seed values); ``--report`` tabulates the finished rows without training,
+``--out FILE`` also replaces FILE's ``claims-table`` block.
 """
 
 from __future__ import annotations
