@@ -113,7 +113,7 @@ class TrainConfig:
     # train.loss_memory_mib (the loss's working set is one [chunk, V] fp32 block and scratch).
     chunk_positions: int | None = None
     # Memory budget of the loss's [chunk, V] working set, in MiB (used when chunk_positions is
-    # null): at V = 151,936 the default 512 gives 841 positions per chunk.
+    # null): at V = 151,936 the default 512 gives 828 positions per chunk.
     loss_memory_mib: int = 512
     # Row groups prefetched by the background loader thread.
     prefetch: int = 2
