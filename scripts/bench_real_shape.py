@@ -19,7 +19,8 @@ RSS after the imports (``peak_mib``), beside an analytic floor (``floor_mib``, i
 the weights it holds, the optimizer state, and one working block: rollout the KV cache and one
 ``[batch x n, V]`` fp32 block per decode step; score both models (on CUDA the larger one:
 ``score.resident=auto``) and one ``[score.chunk_positions, V]`` fp32 block;
-train the loss's ``2 x [chunk, V]`` fp32 working set and the checkpointed layer inputs. Also bytes
+train the loss's working set (one ``[chunk, V]`` fp32 block and its row-block scratch) and the
+checkpointed layer inputs. Also bytes
 per response token on disk (rollouts, tokens) and tokens/s. ``ratio = peak_mib / floor_mib``.
 ``peak_anon_mib``: the peak of the child's own allocations (``RssAnon``, sampled every 20 ms)
 above their level after the imports; ``VmHWM`` also counts the pages of a model file mmapped while
@@ -28,12 +29,15 @@ the model loads (page cache), so ``peak_mib`` can exceed the floor by up to one 
 ``--quick`` (the test suite runs it, tests/test_real_shape.py): a 2-layer model of width 64 and a
 32,768-token vocabulary, 4 prompts x 2 samples of 128 new tokens; the test asserts each stage's
 peak stays within a fixed margin of its floor, so a regression to ``O(T x V)`` memory (e.g. keeping
-every step's logits in the rollout, or a loss that holds six ``[chunk, V]`` blocks) fails.
+every step's logits in the rollout, or a loss that holds two ``[chunk, V]`` blocks) fails. Every
+loss in ``LOSSES`` runs through the loss probe (its working set alone: ``loss_working_set``).
 
 fp32 throughout: on this CPU (no native bf16) bf16 matmuls run at about 1/20 of fp32.
 
 Run: ``python scripts/bench_real_shape.py --out runs/bench/real_shape.json
-[--student-layers 28|8] [--new-tokens 512] [--prompts 8] [--quick] [--device cpu|cuda]``
+[--student-layers 28|8] [--new-tokens 512] [--prompts 8] [--quick] [--device cpu|cuda]
+[--work DIR [--stages train]]`` (``--stages``: run only these stages, the others' results read
+from an earlier run's ``--work`` dir: e.g. the train stage again on the same rollouts)
 (``--device cuda``: the stages on the GPU, train in its default precision, and each stage's
 ``torch.cuda.max_memory_allocated`` as ``gpu_peak_mib``; scripts/gpu_check.py runs it).
 """
@@ -43,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +57,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
+STAGES = ("rollout", "score", "select", "train")
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ QUICK = Shape(
     teacher_layers=2,
     prompts=4,
     new_tokens=128,
-    loss_memory_mib=128,  # chunk 512: the [64, V] row-block scratch is 1/8 of a block
+    loss_memory_mib=128,  # chunk 832: [832, V] (104 MiB) and 24 MiB reserved for scratch
     micro_batch_tokens=1024,
 )
 
@@ -167,6 +173,8 @@ def floors(
 ) -> dict[str, dict[str, float]]:
     """Analytic floors in MiB, per stage, by part (fp32 everywhere); ``one_model``: the score
     stage holds one model at a time (``score.resident=auto`` on CUDA), else both."""
+    from stages.lib.losses import ROW_ELEMS, SCRATCH_BUFFERS
+
     student = params_of(sh, sh.student_layers) * 4 / MIB
     teacher = params_of(sh, sh.teacher_layers) * 4 / MIB
     rows = sh.prompts * sh.n
@@ -181,7 +189,9 @@ def floors(
         },
         "train": {
             "weights_grads_adam": 4 * student,
-            "loss_blocks": 2 * min(chunk, response_tokens) * sh.vocab * 4 / MIB,
+            # one [chunk, V] fp32 block (logits -> log-softmax -> gradient) and row-block scratch
+            "loss_block": min(chunk, response_tokens) * sh.vocab * 4 / MIB
+            + SCRATCH_BUFFERS * ROW_ELEMS * 4 / MIB,
             "checkpointed_layer_inputs": sh.student_layers * tokens * sh.hidden * 4 / MIB,
         },
     }
@@ -263,10 +273,40 @@ def child(stage: str, overrides: list[str]) -> None:
     print("BENCH " + json.dumps(got, default=str), flush=True)
 
 
-def loss_probe(vocab: int, chunk: int, hidden: int, loss: str) -> None:
+def probe_batch(vocab: int, chunk: int, topk: int = 32) -> dict:
+    """Every stored column any loss reads, for ``chunk`` positions (random, consistent shapes)."""
+    import torch
+
+    t = torch.log_softmax(torch.randn(chunk, vocab), -1)  # [N, V] a teacher, dropped here
+    vals, ids = t.topk(topk, -1)  # [N, K]
+    y = torch.randint(0, vocab, (chunk,))  # [N]
+    b_ids = torch.randint(0, vocab, (chunk, topk))  # [N, K] a behaviour top-K
+    mapped = torch.where(torch.rand(chunk, topk) < 0.8, ids, -1)  # [N, K] some unmapped
+    return {
+        "token_id": y,
+        "weight": torch.ones(chunk),
+        "segment": (torch.rand(chunk) < 0.2).to(torch.uint8),  # some teacher-prefix tokens
+        "teacher_logprob": t.gather(1, y[:, None])[:, 0],
+        "teacher_topk_ids": ids,
+        "teacher_topk_logprobs": vals,
+        "teacher_topk_logmass": torch.logsumexp(vals, -1),
+        "behavior_logprob": t.gather(1, y[:, None])[:, 0] + 0.1,
+        "ref_logprob": t.gather(1, y[:, None])[:, 0] - 0.1,
+        "behavior_topk_ids": b_ids,
+        "teacher_logprobs_on_behavior_topk": t.gather(1, b_ids),
+        "chunk_index": torch.arange(chunk) // 2,  # two-token aligned chunks
+        "teacher_chunk_logprob": torch.full((chunk,), -3.0),
+        "teacher_mapped_ids": mapped,
+        "teacher_mapped_logprobs": vals,
+        "teacher_sorted_probs": vals.exp(),
+    }
+
+
+def loss_probe(vocab: int, chunk: int, hidden: int, loss: str, budget_mib: float) -> None:
     """The loss's working set alone: one ``[chunk, V]`` chunk through an fp32 head, the loss
-    (``inplace``, as the trainer calls it) and backward; peak above the inputs, in blocks. The
-    head's weight takes no gradient here: its ``[V, H]`` gradient is the model's, not the loss's."""
+    (``inplace``, as the trainer calls it) and backward; peak above the inputs, in blocks and
+    against the budget the chunk came from. The head's weight takes no gradient here: its
+    ``[V, H]`` gradient is the model's, not the loss's."""
     import torch
 
     from stages.lib.losses import combined_loss
@@ -274,39 +314,20 @@ def loss_probe(vocab: int, chunk: int, hidden: int, loss: str) -> None:
     torch.manual_seed(0)
     h = torch.randn(chunk, hidden, requires_grad=True)  # [N, H]
     w = torch.randn(vocab, hidden)  # [V, H] the head (frozen: see above)
-    t = torch.log_softmax(torch.randn(chunk, vocab), -1)  # [N, V] a teacher, dropped below
-    vals, ids = t.topk(32, -1)  # [N, 32]
-    y = torch.randint(0, vocab, (chunk,))  # [N]
-    batch = {
-        "token_id": y,
-        "weight": torch.ones(chunk),
-        "teacher_logprob": t.gather(1, y[:, None])[:, 0],
-        "teacher_topk_ids": ids,
-        "teacher_topk_logprobs": vals,
-        "teacher_topk_logmass": torch.logsumexp(vals, -1),
-    }
-    del t
+    batch = probe_batch(vocab, chunk)
     warm_up()
     base = _status("VmRSS")
     logits = h @ w.T  # [N, V] fp32
     out, _ = combined_loss(logits, batch, [(loss, 1.0, {})], vocab, 0.7, inplace=True)
     del logits
     out.backward()
+    assert torch.isfinite(out) and torch.isfinite(h.grad).all(), loss
     block = chunk * vocab * 4 / MIB
     peak = _status("VmHWM") - base
-    print(
-        "BENCH "
-        + json.dumps(
-            {
-                "loss": loss,
-                "chunk": chunk,
-                "block_mib": round(block, 1),
-                "peak_mib": round(peak, 1),
-                "blocks": round(peak / block, 2),
-            }
-        ),
-        flush=True,
-    )
+    got = {"loss": loss, "chunk": chunk, "block_mib": round(block, 1), "peak_mib": round(peak, 1)}
+    got |= {"blocks": round(peak / block, 2), "budget_mib": budget_mib}
+    got["peak_over_budget"] = round(peak / budget_mib, 3)
+    print("BENCH " + json.dumps(got), flush=True)
 
 
 def run_child(stage: str, overrides: list[str], log: Path) -> dict:
@@ -352,12 +373,14 @@ def disk_bytes(path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- the run
-def bench(sh: Shape, work: Path, device: str = "cpu") -> dict:
-    from stages.lib.losses import chunk_for_budget
+def bench(sh: Shape, work: Path, device: str = "cpu", only: tuple[str, ...] = STAGES) -> dict:
+    from stages.lib.losses import LOSSES, chunk_for_budget
 
     tok = build_tokenizer(sh.vocab)
-    student = build_model(work / "student", sh, sh.student_layers, 0, tok)
-    teacher = build_model(work / "teacher", sh, sh.teacher_layers, 1, tok)
+    student, teacher = work / "student", work / "teacher"
+    if not (student / "config.json").exists():  # a --work dir from an earlier run keeps them
+        build_model(student, sh, sh.student_layers, 0, tok)
+        build_model(teacher, sh, sh.teacher_layers, 1, tok)
     prompts = write_prompts(work / "prompts.parquet", sh)
     run_dir = work / "run"
     common = [
@@ -383,6 +406,7 @@ def bench(sh: Shape, work: Path, device: str = "cpu") -> dict:
     train = [
         "loss=topk_fkl",
         "train.max_steps=2",
+        "train.save_every=2",  # one step checkpoint (with the optimizer) beside final/
         # fp32 on CPU (no native bf16 here: bf16 matmuls ran at ~1/20 of fp32); the default
         # (bf16 autocast, fp32 weights and head) on CUDA
         f"train.precision={'fp32' if device == 'cpu' else 'auto'}",
@@ -396,8 +420,16 @@ def bench(sh: Shape, work: Path, device: str = "cpu") -> dict:
     out["student_params"] = params_of(sh, sh.student_layers)
     out["teacher_params"] = params_of(sh, sh.teacher_layers)
     stages = {}
-    for stage in ("rollout", "score", "select", "train"):
+    if "train" in only:  # a re-run trains afresh (train.resume would find the last run's steps)
+        for d in ("checkpoints", "train"):
+            shutil.rmtree(run_dir / d, ignore_errors=True)
+    for stage in STAGES:
+        saved = work / f"{stage}.json"  # a stage not re-run keeps its result from the --work dir
+        if stage not in only:
+            stages[stage] = json.loads(saved.read_text())
+            continue
         stages[stage] = run_child(stage, overrides, work / f"{stage}.log")
+        saved.write_text(json.dumps(stages[stage]))
         print(
             f"[bench_real_shape] {stage}: peak {stages[stage]['peak_mib']} MiB, "
             f"{stages[stage]['seconds']} s",
@@ -425,15 +457,20 @@ def bench(sh: Shape, work: Path, device: str = "cpu") -> dict:
     stages["train"]["loss_chunk"] = chunk
     ckpt = run_dir / "checkpoints"
     stages["train"]["checkpoint_bytes"] = disk_bytes(ckpt) if ckpt.exists() else 0
+    # final/ (weights only) beside a step checkpoint (weights, trainer state, optimizer moments)
+    stages["train"]["checkpoint_dirs_bytes"] = {
+        d.name: disk_bytes(d) for d in sorted(ckpt.glob("*/*")) if d.is_dir()
+    }
     for s in stages.values():
         s.pop("summary", None)
     out["response_tokens"] = tokens
     out["stages"] = stages
     out["matmul_bf16_vs_fp32"] = bf16_speed(sh)
-    # the loss's working set alone, at the chunk the budget gives (goal: <= 2 blocks + scratch)
+    # every loss's working set alone, at the chunk the budget gives (one block + scratch)
+    probe = [str(sh.vocab), str(chunk), str(sh.hidden)]
     out["loss_working_set"] = [
-        run_child("loss", [str(sh.vocab), str(chunk), str(sh.hidden), name], work / "loss.log")
-        for name in ("opd_k1", "topk_fkl")
+        run_child("loss", [*probe, name, str(sh.loss_memory_mib)], work / f"loss_{name}.log")
+        for name in LOSSES
     ]
     return out
 
@@ -449,14 +486,21 @@ def main() -> None:
     ap.add_argument(
         "--work", type=Path, help="keep the models and the run here (default: a temp dir)"
     )
+    ap.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="stages to run (comma-separated); the others' results are read from --work",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if set(a.stages.split(",")) != set(STAGES) and not a.work:
+        ap.error("--stages needs --work (the stages not run are read from there)")
     if a.child:
         sys.path.insert(0, str(REPO))
         if a.child == "loss":
             vocab, chunk, hidden = (int(x) for x in a.rest[:3])
-            loss_probe(vocab, chunk, hidden, a.rest[3])
+            loss_probe(vocab, chunk, hidden, a.rest[3], float(a.rest[4]))
         else:
             child(a.child, a.rest)
         return
@@ -470,7 +514,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_real_shape_") as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        res = bench(sh, work, a.device)
+        res = bench(sh, work, a.device, tuple(a.stages.split(",")))
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     res["command"] = "python scripts/bench_real_shape.py " + " ".join(sys.argv[1:])
     text = json.dumps(res, indent=2)

@@ -641,9 +641,13 @@ def test_uld_topk_truncated_and_identity_is_zero():
     t = b["teacher_sorted_probs"].double()  # [N, 6]
     close(uld(logits, b)[0], (w * dense_uld(logits.double(), t, k=6)).sum())
     close(uld(logits, b, k=3)[0], (w * dense_uld(logits.double(), t, k=3)).sum())
+    ref = lambda x: (w * dense_uld(x, t, k=3)).sum()  # noqa: E731
+    close(grad_of(uld, logits, b, k=3)[1], dense_grad(ref, logits))  # top-3 only get gradient
     # the student's own sorted probabilities as the teacher's: zero distance, whatever the ids
     own = torch.softmax(logits, -1).sort(-1, descending=True).values
-    close(uld(logits, dict(b, teacher_sorted_probs=own))[0], 0.0, atol=1e-6)
+    # to fp32 rounding: the loss's probabilities come from the fused in-place log-softmax, not
+    # torch.softmax (a few ulp on each of the N x 20 entries)
+    close(uld(logits, dict(b, teacher_sorted_probs=own))[0], 0.0, atol=1e-5)
 
 
 # --------------------------------------------------------------- the fused (low-memory) path
@@ -659,6 +663,8 @@ FUSED_CASES = [
     ("sft", {}),
     ("chunk_opd", {}),
     ("mapped_topk_fkl", {}),
+    ("uld", {}),
+    ("uld", {"k": 3}),
 ]
 
 
@@ -675,10 +681,11 @@ def test_fused_path_equals_the_dense_autograd_path(name, kw, k):
     batch["segment"][1::3] = 1
     logits = torch.cat([student, torch.randn(N, 3)], dim=1)  # 3 padded columns
     tails = (TAIL_SETS[name],) if name in TAIL_SETS else ()
+    topk = kw.get("k", batch["teacher_sorted_probs"].shape[1]) if name == "uld" else 0
 
     def run(dense: bool):
         x = logits.clone().requires_grad_(True)
-        p = prepare(x, batch, V, 0.7, tails=tails, dense=dense)
+        p = prepare(x, batch, V, 0.7, tails=tails, topk=topk, dense=dense)
         loss, m = LOSSES[name](p, batch, **kw)
         loss.backward()
         return loss.detach(), x.grad, m
@@ -692,21 +699,58 @@ def test_fused_path_equals_the_dense_autograd_path(name, kw, k):
         close(m_got[key], m_ref[key])
 
 
+@pytest.mark.parametrize("name,kw", [("topk_fkl", {}), ("mapped_topk_fkl", {}), ("uld", {})])
+def test_fused_path_over_several_row_blocks(monkeypatch, name, kw):
+    """Row blocks of 5 rows over N = 12 (5, 5, 2): the same loss and gradient as the dense
+    autograd path (at V = 20 one block holds every row, so the loop is forced here)."""
+    from stages.lib import losses
+    from stages.lib.losses import fused
+
+    monkeypatch.setattr(fused, "ROW_ELEMS", 5 * (V + 3))
+    assert losses.row_block(V + 3) == 5
+    student, _, batch = make(k=6, seed=11)
+    batch["weight"][::5] = 0.0
+    logits = torch.cat([student, torch.randn(N, 3)], dim=1)  # 3 padded columns
+    got = []
+    for dense in (False, True):
+        x = logits.clone().requires_grad_(True)
+        tails = (losses.TAIL_SETS[name],) if name in losses.TAIL_SETS else ()
+        topk = 6 if name == "uld" else 0
+        p = losses.prepare(x, batch, V, 1.4, tails=tails, topk=topk, dense=dense)
+        loss, _ = LOSSES[name](p, batch, **kw)
+        loss.backward()
+        got.append((loss.detach(), x.grad))
+    close(got[0][0], got[1][0])
+    close(got[0][1], got[1][1])
+
+
 def test_combined_inplace_overwrites_logits_and_keeps_the_gradient():
-    """``inplace=True`` (the trainer's head output): same loss and gradient, the logits tensor
-    itself holds the log-softmax afterwards."""
+    """``inplace=True`` (the trainer's head output): same loss and gradient; the logits tensor
+    itself holds the log-softmax after the forward and its own gradient after the backward (the
+    call's one [N, V] block), and a second backward through it is refused."""
     student, _, batch = make(k=6, seed=3)
-    terms = [("tropd", 1.0, {}), ("topk_fkl", 0.5, {}), ("mapped_topk_fkl", 0.1, {})]
+    terms = [
+        ("tropd", 1.0, {}),
+        ("topk_fkl", 0.5, {}),
+        ("mapped_topk_fkl", 0.1, {}),
+        ("uld", 0.2, {}),
+    ]
     w = torch.randn(8, V, requires_grad=True)
     h = torch.randn(N, 8)
     grads = []
     for inplace in (False, True):
         w.grad = None
         logits = h @ w  # [N, V] not a leaf: may be overwritten
+        logits.retain_grad()
         loss, _ = combined_loss(logits, batch, terms, V, 1.3, inplace=inplace)
-        loss.backward()
-        grads.append((loss.detach(), w.grad.clone()))
         if inplace:
             close(logits.detach(), torch.log_softmax((h @ w).detach() / 1.3, -1))
+        loss.backward(retain_graph=True)
+        grads.append((loss.detach(), w.grad.clone(), logits.grad.clone()))
+        if inplace:
+            close(logits.detach(), grads[0][2])  # the buffer became dL/dlogits
+            with pytest.raises(RuntimeError, match="runs once"):
+                loss.backward()
     close(grads[0][0], grads[1][0])
     close(grads[0][1], grads[1][1])
+    close(grads[0][2], grads[1][2])

@@ -535,7 +535,7 @@ def collate(seqs: list[Seq], pad_id: int, where: str = "selected") -> MicroBatch
 
 
 def xtok_batch(seqs: list[Seq], batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """The cross-tokenizer loss inputs (stages/lib/losses.py: chunk_opd, mapped_topk_fkl, uld).
+    """The cross-tokenizer loss inputs (stages/lib/losses/xtok.py: chunk_opd, mapped_topk_fkl, uld).
 
     ``chunk_index`` [M]: the aligned chunk ids made unique across the micro-batch (a token the
     teacher did not score, chunk < 0, is a chunk of its own; its weight is 0 anyway);

@@ -116,7 +116,7 @@ def check_loss_term(name: str, kwargs: dict[str, Any]) -> None:
         raise UserError(
             f"unknown loss {name!r}",
             where,
-            f"use one of {known}{_closest(name, known)} (stages/lib/losses.py)",
+            f"use one of {known}{_closest(name, known)} (stages/lib/losses/)",
         )
     params = loss_arguments(name)
     for k, v in kwargs.items():

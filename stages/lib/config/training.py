@@ -110,10 +110,10 @@ class TrainConfig:
     # Shard the model with FSDP2 under torchrun (else DDP when world size > 1).
     fsdp: bool = False
     # Positions per chunk of the student's LM head inside the loss; null = the most that fit
-    # train.loss_memory_mib (the loss's working set is 2 x [chunk, V] fp32).
+    # train.loss_memory_mib (the loss's working set is one [chunk, V] fp32 block and scratch).
     chunk_positions: int | None = None
     # Memory budget of the loss's [chunk, V] working set, in MiB (used when chunk_positions is
-    # null): at V = 151,936 the default 512 gives 441 positions per chunk.
+    # null): at V = 151,936 the default 512 gives 841 positions per chunk.
     loss_memory_mib: int = 512
     # Row groups prefetched by the background loader thread.
     prefetch: int = 2

@@ -50,7 +50,7 @@ class ResponseLoss(nn.Module):
         # The head and log-softmax stay fp32 under bf16 autocast and bf16 weights (docs: fp32 head).
         with torch.autocast(h.device.type, enabled=False):
             logits = model_head(self.model)(h.float())  # [n, V] fp32
-            # in place: the logits become the log-softmax (losses.py: 2 x [n, V] working set)
+            # in place: the logits become the log-softmax, then its gradient (one [n, V] block)
             return combined_loss(
                 logits, batch, self.terms, self.vocab_size, self.temperature, inplace=True
             )
