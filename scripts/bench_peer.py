@@ -95,7 +95,9 @@ DIFFERENCES = [
     "Sampling: both sample from the student at temperature 1, top_p 1, no top-k, T new tokens; "
     "ours samples every prompt before training (rollout.batch_size 64, one pass, the student "
     "stays at its initial weights: offline), TRL samples each batch of 8 with the current "
-    "weights (fully on-policy, lmbda=1 in GKD terms). Different random samples.",
+    "weights (fully on-policy, lmbda=1 in GKD terms). Different random samples. With n > 1 "
+    "ours decodes into a preallocated KV cache (decoding.preallocated); TRL calls transformers' "
+    "generate with its default dynamic cache, which grows by concatenation at every step.",
     "Batching: both 8 sequences per optimizer step, one epoch, AdamW, same lr; ours packs by a "
     "token budget (train.micro_batch_tokens = 8 * (prompt + T)), TRL batches 8 prompts. "
     "Schedules: ours cosine (its default), TRL linear (its default); grad clip 1.0 both.",

@@ -1,7 +1,7 @@
 """Choose the demo's checkpoint on the validation split carved from the training prompts.
 
     python scripts/demo_choose.py --run-dir runs/demo --name topk_fkl-evidence_retain \
-        --world runs/world [--reading-margin 3] [--public-margin 3]
+        --world runs/world [--reading-margin 4] [--public-margin 3]
 
 The train stage of the `demo` experiment saves a checkpoint every ``train.save_every`` steps. Each
 of them (and ``final``) answers ``prompts/val.parquet`` of the world greedily: held-out open-book
@@ -46,7 +46,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--name", default="topk_fkl-evidence_retain", help="train.name of the run")
     ap.add_argument("--world", default="runs/world", help="the demo world (make_demo.py --out)")
     ap.add_argument("--base", default=None, help="base model dir (default <world>/models/base)")
-    ap.add_argument("--reading-margin", type=float, default=3.0, help="points below the base")
+    # 4, not 3: with 3, on the make-demo world every checkpoint from step 100 on sat 2.5-4 points
+    # under the base on validation reading, so the rule threw away the late checkpoints the goal
+    # (5 points on eval) allows and kept step 500 (docs/RESULTS.md shows both margins per run).
+    ap.add_argument("--reading-margin", type=float, default=4.0, help="points below the base")
     ap.add_argument("--public-margin", type=float, default=3.0, help="points below the base")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return ap.parse_args(argv)

@@ -62,6 +62,7 @@ import functools
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -193,6 +194,30 @@ def apply_lora(model: nn.Module, lc, resume_from: Path | None) -> nn.Module:
     return adapters.new_adapter(model, lc)
 
 
+def freeze(model: nn.Module, patterns: list[str]) -> None:
+    """Keep the parameters whose name matches one of ``patterns`` (``train.freeze``) frozen."""
+    if not patterns:
+        return
+    names = [n for n, _ in model.named_parameters()]
+    for pat in patterns:
+        if not any(re.search(pat, n) for n in names):
+            raise UserError(
+                f"train.freeze pattern {pat!r} matches no parameter of the student",
+                f"e.g. {names[0]}",
+                "match a part of the names the model has (python -c 'print([n for n, _ in "
+                "model.named_parameters()])')",
+            )
+    for n, p in model.named_parameters():
+        if any(re.search(pat, n) for pat in patterns):
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(
+            "train.freeze freezes every parameter of the student",
+            str(patterns),
+            "leave some parameters trainable",
+        )
+
+
 def build_model(
     job: Job, resume_from: Path | None, resumed: dict | None
 ) -> tuple[nn.Module, MasterWeights | None]:
@@ -212,6 +237,7 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.lora.r > 0:
         model = apply_lora(model, tc.lora, resume_from if resumed is not None else None)
+    freeze(model, tc.freeze)
     model.train()
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in job.cfg.loss.terms]
     # Prefix sharing calls the decoder twice per micro-batch with a KV cache: not with activation

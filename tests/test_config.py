@@ -141,12 +141,19 @@ def test_free_dict_keys_still_take_plus():
         ("+select.rules.0.params.rho=nan", r"params.rho must be finite"),
         ("pipeline.stages=[rollout,scor]", r"unknown stage 'scor'.*closest: score"),
         ("student.dtype=fp8", r"model dtype must be"),
+        ("train.freeze=['mlp(']", r"train.freeze.*not a valid regular expression"),
+        ("train.freeze=['']", r"train.freeze.*not a valid regular expression"),
     ],
 )
 def test_bad_values_fail_at_compose_with_one_line(override, match):
     with pytest.raises(UserError, match=match) as e:
         compose("train", [override])
     assert "\n" not in e.value.line()
+
+
+def test_freeze_with_lora_is_refused_at_compose():
+    with pytest.raises(UserError, match=r"train.freeze.*is for full fine-tuning"):
+        compose("train", ["train.freeze=[mlp]", "train.lora.r=4"])
 
 
 def test_kl_set_must_be_an_eval_set():

@@ -90,6 +90,24 @@ def test_teacher_big_reuses_an_existing_base(tmp_path: Path, quick_world: Path) 
     assert _digests(out) == after and "teacher_big" in again["models"]
 
 
+def test_base_trains_on_in_chunks_until_it_reads_or_the_cap(tmp_path: Path) -> None:
+    # Unreachable target: every chunk up to the cap, each one checked on the validation split.
+    s = dataclasses.replace(
+        dw.WorldSettings.quick(), converge_target=1.01, converge_max_steps=20, converge_chunk=10
+    )
+    base = dw.build_world(tmp_path / "w", s)["models"]["base"]
+    assert base["extra_steps"] == 20
+    assert [h["extra_steps"] for h in base["converge"]] == [0, 10, 20]
+    assert all(0 <= h["val_reading"] <= 1 for h in base["converge"])
+    # A target the base already meets: no extra step, and the same weights as without the phase.
+    met = dataclasses.replace(s, converge_target=0.0)
+    info = dw.build_world(tmp_path / "met", met)
+    assert info["models"]["base"]["extra_steps"] == 0
+    off = dw.build_world(tmp_path / "off", dataclasses.replace(s, converge_max_steps=0))
+    assert info["content_hash"] == off["content_hash"]
+    assert info["content_hash"] != dw.content_hash(tmp_path / "w")
+
+
 def test_stale_temp_dirs_are_cleaned(tmp_path: Path) -> None:
     stale = tmp_path / ".w.tmp-999999999"  # no such pid
     (stale / "models").mkdir(parents=True)

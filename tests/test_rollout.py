@@ -393,6 +393,32 @@ def test_prefill_once_for_n_samples_same_rows(padded_lm, seed, batch, temperatur
     assert any(len({tuple(x.response_ids) for x in per}) > 1 for per in shared)
 
 
+def test_prefilled_cache_is_preallocated_for_full_attention_only(padded_lm):
+    """The shared prefill's cache becomes a StaticCache of prompt + new-token positions holding
+    the prefix (what generate then writes in place); a model with sliding-window layers keeps the
+    dynamic cache (a window has its own rule)."""
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, StaticCache
+
+    from stages.lib import decoding
+
+    model = AutoModelForCausalLM.from_pretrained(padded_lm, dtype=torch.float32).eval()
+    ids, mask = decoding.left_pad(RAGGED[:3], 0)  # [3, L]
+    with torch.no_grad():
+        _, _, dyn = decoding.prefill_shared(model, ids, mask, 2)
+        rows, _, pre = decoding.prefill_shared(model, ids, mask, 2, new_tokens=5)
+    assert isinstance(pre, StaticCache) and rows.shape[0] == 6
+    for a, b in zip(dyn.layers, pre.layers, strict=True):
+        p = a.keys.shape[2]  # the prefix's L - 1 positions, then zeros for the new tokens
+        assert b.keys.shape[2] == ids.shape[1] + 5 and torch.equal(b.keys[:, :, :p], a.keys)
+        assert torch.equal(b.values[:, :, :p], a.values) and not b.keys[:, :, p:].any()
+    cfg = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, sliding_window=4)  # fmt: skip
+    windowed = MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        _, _, cache = decoding.prefill_shared(windowed, ids % 64, mask, 2, new_tokens=5)
+    assert not isinstance(cache, StaticCache)
+
+
 def test_step_logprobs_are_the_masked_raw_distribution(padded_lm):
     """The log-prob recorded each step is the fp32 log-softmax of the raw logits over the
     tokenizer's rows (padded rows excluded, as sampled at temperature 1), at the sampled token."""

@@ -450,6 +450,36 @@ def test_lora_trains_and_saves_merged_or_adapter(world, tmp_path):
     )
 
 
+def test_freeze_keeps_the_matched_parameters_bit_identical(world, tmp_path):
+    root, student, teacher = world
+    rd = tmp_path / "run"
+    make_selection(rd, student, teacher, n=8)
+    base = params_of(str(student))
+    pats = "train.freeze=[self_attn,embed_tokens]"
+    res = run(train_cfg(rd, student, pats, "train.max_steps=2", "train.micro_batch_tokens=44"))
+    after = params_of(res["final"])
+    frozen = [k for k in base if "self_attn" in k or "embed_tokens" in k]
+    assert frozen and all(torch.equal(base[k], after[k]) for k in frozen)
+    moved = [k for k in base if "mlp" in k and not torch.equal(base[k], after[k])]
+    assert moved  # the MLPs trained
+
+
+@pytest.mark.parametrize(
+    "pats, what",
+    [
+        ("[no_such_module]", "matches no parameter"),
+        ("[.]", "freezes every parameter"),
+    ],
+)
+def test_freeze_that_matches_nothing_or_everything_is_one_line(world, tmp_path, pats, what):
+    root, student, teacher = world
+    rd = tmp_path / "run"
+    make_selection(rd, student, teacher, n=8)
+    with pytest.raises(UserError, match=what):
+        run(train_cfg(rd, student, f"train.freeze={pats}", "train.max_steps=1"))
+    assert not (rd / "checkpoints").exists() or not any((rd / "checkpoints").rglob("*.safetensors"))
+
+
 @pytest.mark.slow
 def test_sigkilled_training_resumes_with_the_same_losses(world, tmp_path):
     """A real crash: SIGKILL the CLI after its step-2 checkpoint, re-run, compare the curves."""

@@ -4,6 +4,7 @@ a comment on every key, values checked in ``__post_init__``."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +114,7 @@ class TrainConfig:
     # train.loss_memory_mib (the loss's working set is one [chunk, V] fp32 block and scratch).
     chunk_positions: int | None = None
     # Memory budget of the loss's [chunk, V] working set, in MiB (used when chunk_positions is
-    # null): at V = 151,936 the default 512 gives 841 positions per chunk.
+    # null): at V = 151,936 the default 512 gives 828 positions per chunk.
     loss_memory_mib: int = 512
     # Row groups prefetched by the background loader thread.
     prefetch: int = 2
@@ -157,6 +158,11 @@ class TrainConfig:
     allow_pickled_weights: bool = False
     # Optional LoRA adapters.
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Parameters kept frozen in full fine-tuning: regular expressions searched in each parameter's
+    # name (e.g. [self_attn, embed_tokens] trains only the MLPs and norms: new facts go into the
+    # MLPs while the attention that reads the context stays the base's). Each must match at
+    # least one parameter and one parameter must stay trainable (checked when the model loads).
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")  # first: lr=nan fails every comparison below
@@ -206,6 +212,13 @@ class TrainConfig:
             "is for full fine-tuning (LoRA keeps the base frozen; use precision=bf16)",
         )
         _check(self.keep_last is None or self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        for pat in self.freeze:
+            _check(_regex_ok(pat), "train.freeze", f"{pat!r} is not a valid regular expression")
+        _check(
+            not (self.freeze and self.lora.r > 0),
+            "train.freeze",
+            "is for full fine-tuning (LoRA already keeps the base frozen; use train.lora.target_modules)",
+        )
         _check(
             self.final_dtype in ("auto", "float32", "bfloat16", "float16"),
             "train.final_dtype",
@@ -238,3 +251,11 @@ class SftConfig:
         _check(self.temperature >= 0, "sft.temperature", "must be >= 0 (0 = greedy)")
         _check(self.epochs >= 1, "sft.epochs", "must be >= 1")
         _check(self.lr > 0, "sft.lr", "must be > 0")
+
+
+def _regex_ok(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return bool(pattern)

@@ -15,9 +15,9 @@ from torch import Tensor
 # log-softmax and then by the gradient) plus scratch: it passes over the block a few rows at a
 # time, each temporary at most ROW_ELEMS elements. The budget reserves SCRATCH_BUFFERS of them:
 # up to four are alive at once (a tail's backward), the rest covers the head matmul's workspace
-# (measured: scripts/bench_real_shape.py, loss_working_set).
+# (16 MiB at V = 151,936; measured: scripts/bench_real_shape.py, loss_working_set).
 ROW_ELEMS = 2**20  # elements per row-block temporary (4 MiB fp32)
-SCRATCH_BUFFERS = 6
+SCRATCH_BUFFERS = 8
 MIN_CHUNK = 32  # positions per loss call at the least (smaller head matmuls waste the GEMM)
 
 
