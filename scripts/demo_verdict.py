@@ -56,7 +56,8 @@ def verdict(c: Criterion, base: float, run: float) -> tuple[bool, str]:
         drop = base - run
         margin = c.max_drop - drop
         what = f"{run:.1f} % vs base {base:.1f} ({-drop:+.1f} points)"
-    met = margin >= 0
+    # Accuracies are counts / n in %: a drop of exactly 5 points can come out as 5.000000000000014.
+    met = round(margin, 9) >= 0
     how = f"by {margin:.1f} points" if met else f"missed by {-margin:.1f} points"
     return met, f"  {'MET   ' if met else 'MISSED'} {c.text()}: {what}, {how}"
 

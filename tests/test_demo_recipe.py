@@ -122,6 +122,9 @@ def test_verdict_margins_and_boundaries() -> None:
     met, line = demo_verdict.verdict(floor, 2.0, 71.0)
     assert not met and "missed by 9.0 points" in line
     assert demo_verdict.verdict(drop, 94.0, 89.0)[0]  # exactly 5 below
+    # 293 and 278 of 300 right: 5 points, which float arithmetic makes 5.000000000000014.
+    assert demo_verdict.verdict(drop, 100 * 293 / 300, 100 * 278 / 300)[0]
+    assert not demo_verdict.verdict(drop, 100 * 293 / 300, 100 * 277 / 300)[0]
     met, line = demo_verdict.verdict(drop, 92.7, 86.0)
     assert not met and "missed by 1.7 points" in line
 
