@@ -49,6 +49,7 @@ for p in (REPO, REPO / "scripts"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import demo_matrix  # noqa: E402
 from results_table import SETS  # noqa: E402
 
 from stages import eval as eval_stage  # noqa: E402
@@ -112,16 +113,7 @@ GROUPS = ["online", "rounds", "edge", "tip"]
 
 def demo_config(kind: str, seed: int, root: Path, world: Path) -> Config:
     """The `demo` experiment on ``world``: the run dir whose rollouts + scores rows share."""
-    base, p = world / "models" / "base", world / "prompts"
-    ov = [
-        "experiment=demo",
-        f"seed={seed}",
-        f"run_dir={root / f'seed{seed}' / kind}",
-        f"data.prompts={p / 'train_fit.parquet'}",
-        *[f"data.eval_sets.{s}={p / (s + '.parquet')}" for s in SETS],
-        f"student.path={base}",
-        f"teacher.path={base}",
-        f"ref.path={base}",
+    ov = demo_matrix.overrides(world, root / f"seed{seed}" / kind, seed) + [
         "train.shuffle=true",  # rows shuffled, as the demo did when these runs began (main d9fc6d4)
     ]
     if kind == "unguided":

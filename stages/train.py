@@ -199,7 +199,7 @@ def freeze(model: nn.Module, patterns: list[str]) -> None:
     if not patterns:
         return
     names = [n for n, _ in model.named_parameters()]
-    for pat in patterns:
+    for pat in patterns:  # each must match: a typo would otherwise train what it meant to freeze
         if not any(re.search(pat, n) for n in names):
             raise UserError(
                 f"train.freeze pattern {pat!r} matches no parameter of the student",
@@ -207,8 +207,9 @@ def freeze(model: nn.Module, patterns: list[str]) -> None:
                 "match a part of the names the model has (python -c 'print([n for n, _ in "
                 "model.named_parameters()])')",
             )
+    frozen = re.compile("|".join(f"(?:{pat})" for pat in patterns))
     for n, p in model.named_parameters():
-        if any(re.search(pat, n) for pat in patterns):
+        if frozen.search(n):
             p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(
