@@ -282,7 +282,10 @@ def build_trainer(
 ) -> Trainer:
     tc = job.cfg.train
     params = master.master if master else [p for p in wrapped.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    optim = torch.optim.AdamW(
+        params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+        fused=tc.fused_adamw or None,  # None: torch's default (per-tensor) kernel
+    )  # fmt: skip
     lam = functools.partial(
         lr_factor,
         warmup=tc.warmup_steps,

@@ -127,3 +127,28 @@ def test_bad_samples_or_prompt_length_is_one_line(tmp_path, flag):
     assert p.returncode == 2
     assert p.stderr.startswith(f"error: {flag[0]}") and p.stderr.count("\n") == 1
     assert not out.exists()
+
+
+def test_preload_takes_first_use_imports_out_of_the_timed_region():
+    """Our child's preload leaves nothing heavy for the timed region to import: pandas (pyarrow's
+    first numpy conversion) and Hydra's plugins (its first compose) are loaded by then, as TRL's
+    side has everything loaded before its timed region."""
+    code = (
+        "import sys, bench_peer, pyarrow as pa\n"
+        "bench_peer.preload('ours')\n"
+        "before = set(sys.modules)\n"
+        "from stages.lib.config import compose\n"
+        "compose('train', ['run_dir=/nonexistent'])\n"
+        "pa.array([[1, 2]]).flatten().to_numpy()\n"
+        "new = set(sys.modules) - before\n"
+        "print(sorted(m for m in new if m.startswith(('pandas', 'hydra._internal.core_plugins'))))\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "scripts")])}
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    new, has_pandas = p.stdout.splitlines()[-2:]
+    assert new == "[]"
+    assert has_pandas == "True"  # installed here (the dev extra): the preload took it
