@@ -20,6 +20,10 @@ an interrupted call continues where it stopped and a second call only re-evaluat
   that checkpoint, scored by the same teacher, and 8 more epochs.
 * ``lightning``: ``demo_lightning`` (teacher_big): SFT only; SFT + offline OPD; a teacher-mismatch
   ablation (OPD teacher != SFT teacher, ``score.allow_teacher_mismatch=true``).
+* ``consistency``: the other half of a 2 x 2 over (SFT teacher, OPD teacher) in {teacher_big, the
+  base reading the evidence}: SFT on the base-with-evidence's answers, then OPD from that same
+  teacher, and from teacher_big (mismatched). With ``lightning`` it tells teacher consistency
+  apart from one teacher simply being the better one.
 
 Writes a Markdown table (mean ± standard deviation over seeds, and n) and the raw numbers as JSON.
 """
@@ -130,6 +134,14 @@ LIGHTNING = [
     ("Lightning: SFT + offline OPD (topk_fkl)", "lightning", "opd", []),
     ("Lightning: teacher mismatch (OPD teacher = base reading evidence)", "mismatch", "opd", []),
 ]
+# SFT teacher = the base reading the evidence ("self"): consistent OPD teacher, and teacher_big.
+CONSISTENCY = [
+    ("Consistency: SFT on self (base reading evidence) only", "selfsft", "sft", None),
+    ("Consistency: SFT on self + OPD from self (consistent)", "selfsft", "opd", []),
+    ("Consistency: SFT on self + OPD from teacher_big (mismatch)", "selfsft_big", "opd", []),
+]
+# The base reading the evidence as a teacher (SFT answers or OPD scores).
+SELF_TEACHER = ["rollout.teacher_template='{context} {prompt}'"]
 
 
 def run_dir_config(kind: str, seed: int, root: Path, world: Path) -> tuple[list[str], bool]:
@@ -158,8 +170,18 @@ def run_dir_config(kind: str, seed: int, root: Path, world: Path) -> tuple[list[
     ]
     if kind == "lightning":
         return lightning, True
+    self_sft = [*lightning, f"teacher.path={base}", *SELF_TEACHER, f"ref.path={base}"]
+    if kind == "selfsft":  # SFT and OPD teacher: the base reading the evidence
+        return self_sft, True
+    if kind == "selfsft_big":  # selfsft's SFT, then scored by teacher_big (run_config)
+        return [*self_sft, MISMATCH_OK], True
     # mismatch: SFT on teacher_big's answers, but the OPD teacher is the base reading the evidence
-    return [*lightning, "score.allow_teacher_mismatch=true"], True
+    return [*lightning, MISMATCH_OK], True
+
+
+MISMATCH_OK = "score.allow_teacher_mismatch=true"
+# A run dir whose SFT is another run dir's (same SFT config, deterministic): copied, not redone.
+SFT_FROM = {"mismatch": "lightning", "selfsft_big": "selfsft"}
 
 
 def row_configs(kind: str, seed: int, root: Path, world: Path, rows: list) -> list:
@@ -175,19 +197,16 @@ def row_configs(kind: str, seed: int, root: Path, world: Path, rows: list) -> li
 def run_config(kind: str, seed: int, root: Path, world: Path) -> Config:
     """The config a run dir's rollouts and scores come from (the mismatch run: its OPD teacher)."""
     ov, _ = run_dir_config(kind, seed, root, world)
+    base, big = world / "models" / "base", world / "models" / "teacher_big"
     if kind == "mismatch":  # same SFT student, then scored by a different teacher
-        base = world / "models" / "base"
-        ov = [
-            *ov,
-            f"teacher.path={base}",
-            "rollout.teacher_template='{context} {prompt}'",
-            f"ref.path={base}",
-        ]
+        ov = [*ov, f"teacher.path={base}", *SELF_TEACHER, f"ref.path={base}"]
+    if kind == "selfsft_big":  # teacher_big knows the facts closed-book: it reads no evidence
+        ov = [*ov, f"teacher.path={big}", "rollout.teacher_template='{prompt}'", f"ref.path={big}"]
     return compose("pipeline", ov)
 
 
 def copy_sft(src: RunLayout, dst: RunLayout) -> None:
-    """The lightning run's SFT (same config, deterministic) into the mismatch run: not redone."""
+    """A run dir's SFT (same config, deterministic) into the run that shares it: not redone."""
     pairs = [
         (src.sft_data, dst.sft_data),
         (src.sft_selected, dst.sft_selected),
@@ -203,9 +222,10 @@ def ensure_run(kind: str, seed: int, root: Path, world: Path, rows: list) -> dic
     ov, has_sft = run_dir_config(kind, seed, root, world)
     cfg = compose("pipeline", ov)
     lay = RunLayout.of(cfg.run_dir)
-    if kind == "mismatch" and not lay.checkpoints("sft").exists():
-        ensure_run("lightning", seed, root, world, LIGHTNING[:1])
-        copy_sft(RunLayout.of(root / f"seed{seed}" / "lightning"), lay)
+    if kind in SFT_FROM and not lay.checkpoints("sft").exists():
+        src = SFT_FROM[kind]
+        ensure_run(src, seed, root, world, [r for r in LIGHTNING + CONSISTENCY if r[1] == src][:1])
+        copy_sft(RunLayout.of(root / f"seed{seed}" / src), lay)
     if has_sft:
         sft.run(cfg)
     cfg = run_config(kind, seed, root, world)
@@ -312,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_build:
         from demoworld import world as demoworld
 
-        demoworld.build_world(world, demoworld.WorldSettings(teacher_big="lightning" in wanted))
+        demoworld.build_world(
+            world, demoworld.WorldSettings(teacher_big=bool(wanted & {"lightning", "consistency"}))
+        )
     plan: dict[str, list] = {}
     if wanted & {"headline", "guided"}:
         plan["guided"] = GUIDED if "guided" in wanted else GUIDED[:4]
@@ -325,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     if "lightning" in wanted:
         plan["lightning"] = LIGHTNING[:2]
         plan["mismatch"] = LIGHTNING[2:]
+    if "consistency" in wanted:
+        plan["selfsft"] = CONSISTENCY[:2]
+        plan["selfsft_big"] = CONSISTENCY[2:]
     if args.dry:
         return dry_run(plan, args.seeds, root, world)
     ablation_seeds = args.seeds if args.ablation_seeds is None else args.ablation_seeds

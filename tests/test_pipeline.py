@@ -170,11 +170,13 @@ def test_results_table_rows_compose(tmp_path, capsys):
     """Every row of scripts/results_table.py composes (its --dry path: no world, no model)."""
     import results_table
 
-    rows = "headline,guided,unguided,unguided_mask,rounds,lightning"
+    rows = "headline,guided,unguided,unguided_mask,rounds,lightning,consistency"
     args = ["--dry", "--no-build", "--seeds", "0", "--rows", rows, "--root", str(tmp_path)]
     assert results_table.main(args) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "results_table: 19 rows compose"
+    assert out[-1] == "results_table: 22 rows compose"
+    # the 2 x 2 of teacher consistency: selfsft_big scores with teacher_big, its SFT is selfsft's
+    assert any(ln.startswith("seed 0 selfsft_big") for ln in out)
     assert any("retain_w3" in ln and "select=evidence_retain_w3" in ln for ln in out)
     assert not any(tmp_path.iterdir())  # nothing written
 
@@ -283,3 +285,22 @@ def test_adaptive_rounds_fire_or_not(quick_world, tmp_path, capsys):
     pipeline.run(cfg0)
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "round2").rglob("*.parquet")} == stamp
     assert json.loads((run_dir / "rounds.json").read_text()) == doc
+
+
+def test_consistency_rows_swap_only_the_opd_teacher(tmp_path):
+    """The 2 x 2 of teacher consistency: selfsft_big trains the SFT of selfsft (same SFT teacher:
+    the base reading the evidence, so its SFT is copied, not redone) and scores with teacher_big."""
+    import results_table as rt
+
+    world = tmp_path / "world"
+    sft_cfg = {
+        k: rt.compose("pipeline", rt.run_dir_config(k, 0, tmp_path, world)[0])
+        for k in ("selfsft", "selfsft_big")
+    }
+    assert sft_cfg["selfsft"].teacher.path == sft_cfg["selfsft_big"].teacher.path
+    assert str(sft_cfg["selfsft"].teacher.path).endswith("models/base")
+    assert "{context}" in sft_cfg["selfsft_big"].rollout.teacher_template
+    opd = rt.run_config("selfsft_big", 0, tmp_path, world)
+    assert str(opd.teacher.path).endswith("models/teacher_big")
+    assert opd.rollout.teacher_template == "{prompt}" and opd.score.allow_teacher_mismatch
+    assert rt.SFT_FROM["selfsft_big"] == "selfsft"
