@@ -273,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="online rounds (divide train.epochs; 0 = one an epoch)",
     )
+    ap.add_argument(
+        "--names",
+        default=None,
+        help="only the rows of these train names (comma-separated, e.g. restarts_sched)",
+    )
     ap.add_argument("--dry", action="store_true", help="compose every row's config, run nothing")
     ap.add_argument("--report", action="store_true", help="tabulate the finished rows, train none")
     ap.add_argument("--out", default=None, help="also into this Markdown file's claims-table block")
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     for group in groups:  # a group for every seed before the next group: the priority order
         for seed in args.seeds:
             for g, label, kind, name, how in ROWS:
-                if g != group:
+                if g != group or (args.names and name not in args.names.split(",")):
                     continue
                 cfg = demo_config(kind, seed, root, world)
                 rcfg = row_config(cfg, name, how, args.rounds)

@@ -78,3 +78,22 @@ def test_round_schedules_split_the_demo_cosine(tmp_path):
     for a, b in zip(parts, parts[1:], strict=False):  # each round starts where the last ended
         a_end = float(a["train.lr"]) * float(a["train.min_lr_ratio"])
         assert float(b["train.lr"]) == pytest.approx(a_end, rel=1e-4)
+
+
+def test_names_picks_single_rows_of_a_group(tmp_path, capsys):
+    """--names runs only the named rows (a control re-run without its group's expensive rows)."""
+    common = [
+        "--world",
+        str(tmp_path / "w"),
+        "--root",
+        str(tmp_path / "r"),
+        "--seeds",
+        "0",
+        "--dry",
+    ]
+    assert claims.main([*common, "--groups", "rounds", "--names", "restarts_sched"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("seed 0")]
+    assert len(lines) == 1 and " restarts_sched rounds=" in lines[0]
+    assert claims.main([*common, "--groups", "rounds"]) == 0
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("seed")]) == 3
+    assert not (tmp_path / "r").exists()  # --dry writes nothing
