@@ -57,7 +57,7 @@ from stages import rollout, score, select, train  # noqa: E402
 from stages.lib.config import Config, compose, derive, round_config  # noqa: E402
 from stages.lib.config.compose import round_name  # noqa: E402
 from stages.lib.layout import RunLayout  # noqa: E402
-from stages.lib.store import atomic_write_text  # noqa: E402
+from stages.lib.store import atomic_write_text, file_lock  # noqa: E402
 
 # A row's training: overrides of the demo config, or rounds of epochs / R epochs each, every round
 # a training of its own from the previous round's final weights: with fresh rollouts scored by the
@@ -170,10 +170,17 @@ class Ledger:
             return stage.run(cfg)
         t = time.process_time()
         out = stage.run(cfg)
-        self.cpu[key] = time.process_time() - t
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(self.cpu, indent=1, sort_keys=True))
+        self.record(key, time.process_time() - t)
         return out
+
+    def record(self, key: str, seconds: float) -> None:
+        """Add one entry: re-read under a lock, so claims processes sharing a run dir (seeds run
+        side by side, a control beside a group) never drop each other's entries."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.path.with_name("cpu.json.lock"), "the CPU ledger"):
+            on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            self.cpu = {**on_disk, **self.cpu, key: seconds}
+            atomic_write_text(self.path, json.dumps(self.cpu, indent=1, sort_keys=True))
 
 
 def train_row(cfg: Config, led: Ledger, r: int = 1) -> list[str]:

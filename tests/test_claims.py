@@ -97,3 +97,14 @@ def test_names_picks_single_rows_of_a_group(tmp_path, capsys):
     assert claims.main([*common, "--groups", "rounds"]) == 0
     assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("seed")]) == 3
     assert not (tmp_path / "r").exists()  # --dry writes nothing
+
+
+def test_ledgers_sharing_a_run_dir_keep_each_others_entries(tmp_path):
+    """Two claims processes on one run dir (a control beside a group): each opened the ledger
+    before the other wrote; neither write may drop the other's entry."""
+    burn = SimpleNamespace(run=lambda cfg: sum(i * i for i in range(100_000)))
+    a, b = claims.Ledger(str(tmp_path)), claims.Ledger(str(tmp_path))
+    a.run("train/restarts_sched-r13", burn, None)
+    b.run("train/tip50", burn, None)  # b's in-memory copy predates a's entry
+    on_disk = json.loads((tmp_path / "cpu.json").read_text())
+    assert set(on_disk) == {"train/restarts_sched-r13", "train/tip50"}
