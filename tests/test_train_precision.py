@@ -158,22 +158,26 @@ def test_bf16_params_with_fp32_masters(world, tmp_path):
     weights = load_file(Path(full["final"]) / "model.safetensors")
     assert all(v.dtype == torch.float32 for v in weights.values())  # the masters, not bf16
     # resume: the checkpoint's fp32 masters continue the run exactly
-    args_s = [*args, "train.save_every=2", "train.precision=bf16_params"]
-    a = run(train_cfg(rd, student, *args_s, "train.name=mp2"))
-    ckpts = Path(a["final"]).parent
+    a, b = _run_then_resume(rd, student, [*args, "train.precision=bf16_params"], "mp2")
+    assert b["history"] == a["history"] == full["history"]
+
+
+def _run_then_resume(rd: Path, student: Path, args: list[str], name: str) -> tuple[dict, dict]:
+    """A run saving every 2 steps, then the same run resumed from its step-2 checkpoint (the
+    later checkpoints removed): (the first run's result, the resumed one's)."""
     import shutil
 
+    args = [*args, "train.save_every=2", f"train.name={name}"]
+    a = run(train_cfg(rd, student, *args))
+    ckpts = Path(a["final"]).parent
     shutil.rmtree(ckpts / "final")
     shutil.rmtree(ckpts / "step-000004")
-    b = run(train_cfg(rd, student, *args_s, "train.name=mp2"))
-    assert b["history"] == a["history"] == full["history"]
+    return a, run(train_cfg(rd, student, *args))
 
 
 def test_fused_adamw_trains_like_the_default_kernel_and_resumes_exactly(world, tmp_path):
     """train.fused_adamw: torch's fused kernel, the same update up to rounding (losses within
     1e-4 of the per-tensor kernel's over 6 steps at lr 2e-3), and its checkpoint resumes exactly."""
-    import shutil
-
     root, student, teacher = world
     rd = tmp_path / "run"
     make_selection(rd, student, teacher, n=16)
@@ -182,12 +186,7 @@ def test_fused_adamw_trains_like_the_default_kernel_and_resumes_exactly(world, t
     fused = run(train_cfg(rd, student, *args, "train.name=fused", "train.fused_adamw=true"))
     assert fused["history"] == pytest.approx(ref["history"], rel=1e-4, abs=1e-4)
     assert fused["history"][-1] < fused["history"][0]
-    args_s = [*args, "train.save_every=2", "train.fused_adamw=true"]
-    a = run(train_cfg(rd, student, *args_s, "train.name=fused2"))
-    ckpts = Path(a["final"]).parent
-    shutil.rmtree(ckpts / "final")
-    shutil.rmtree(ckpts / "step-000004")
-    b = run(train_cfg(rd, student, *args_s, "train.name=fused2"))
+    a, b = _run_then_resume(rd, student, [*args, "train.fused_adamw=true"], "fused2")
     assert b["history"] == a["history"] == fused["history"]
     pb, pf, pr = params_of(b["final"]), params_of(fused["final"]), params_of(ref["final"])
     assert all(torch.equal(pb[k], pf[k]) for k in pf)
