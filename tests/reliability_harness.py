@@ -98,6 +98,9 @@ def start_stage(stage: str, overrides: list[str], *, fault: str | None = None) -
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C reaches the stage even when this test run was started with SIGINT ignored (a
+        # background job of a non-interactive shell): ignored signals survive exec.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
