@@ -142,6 +142,10 @@ CONSISTENCY = [
 ]
 # The base reading the evidence as a teacher (SFT answers or OPD scores).
 SELF_TEACHER = ["rollout.teacher_template='{context} {prompt}'"]
+MISMATCH_OK = "score.allow_teacher_mismatch=true"
+# A run dir whose SFT is another run dir's (same SFT config, deterministic): copied, not redone.
+# kind -> the SFT row of the run dir it copies from.
+SFT_FROM = {"mismatch": LIGHTNING[0], "selfsft_big": CONSISTENCY[0]}
 
 
 def run_dir_config(kind: str, seed: int, root: Path, world: Path) -> tuple[list[str], bool]:
@@ -177,11 +181,6 @@ def run_dir_config(kind: str, seed: int, root: Path, world: Path) -> tuple[list[
         return [*self_sft, MISMATCH_OK], True
     # mismatch: SFT on teacher_big's answers, but the OPD teacher is the base reading the evidence
     return [*lightning, MISMATCH_OK], True
-
-
-MISMATCH_OK = "score.allow_teacher_mismatch=true"
-# A run dir whose SFT is another run dir's (same SFT config, deterministic): copied, not redone.
-SFT_FROM = {"mismatch": "lightning", "selfsft_big": "selfsft"}
 
 
 def row_configs(kind: str, seed: int, root: Path, world: Path, rows: list) -> list:
@@ -223,9 +222,9 @@ def ensure_run(kind: str, seed: int, root: Path, world: Path, rows: list) -> dic
     cfg = compose("pipeline", ov)
     lay = RunLayout.of(cfg.run_dir)
     if kind in SFT_FROM and not lay.checkpoints("sft").exists():
-        src = SFT_FROM[kind]
-        ensure_run(src, seed, root, world, [r for r in LIGHTNING + CONSISTENCY if r[1] == src][:1])
-        copy_sft(RunLayout.of(root / f"seed{seed}" / src), lay)
+        sft_row = SFT_FROM[kind]
+        ensure_run(sft_row[1], seed, root, world, [sft_row])
+        copy_sft(RunLayout.of(root / f"seed{seed}" / sft_row[1]), lay)
     if has_sft:
         sft.run(cfg)
     cfg = run_config(kind, seed, root, world)

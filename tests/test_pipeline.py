@@ -303,4 +303,4 @@ def test_consistency_rows_swap_only_the_opd_teacher(tmp_path):
     opd = rt.run_config("selfsft_big", 0, tmp_path, world)
     assert str(opd.teacher.path).endswith("models/teacher_big")
     assert opd.rollout.teacher_template == "{prompt}" and opd.score.allow_teacher_mismatch
-    assert rt.SFT_FROM["selfsft_big"] == "selfsft"
+    assert rt.SFT_FROM["selfsft_big"][1] == "selfsft"

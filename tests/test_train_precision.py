@@ -133,11 +133,18 @@ def _close_to_fp32(got: list[float], ref: list[float]) -> None:
         assert abs(x - y) <= BF16_RTOL * abs(y) + BF16_ATOL, (s, x, y)
 
 
-def test_bf16_autocast_on_cpu_trains_within_tolerance_of_fp32(world, tmp_path):
-    root, student, teacher = world
+def _six_step_run(world, tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A 16-row selection and the overrides of a 6-step top-K run at lr 2e-3: the A/B runs of
+    the precision and optimizer-kernel tests. (run dir, student, overrides)."""
+    _, student, teacher = world
     rd = tmp_path / "run"
     make_selection(rd, student, teacher, n=16)
     args = ["loss=topk_fkl", "train.max_steps=6", "train.micro_batch_tokens=22", "train.lr=2e-3"]
+    return rd, student, args
+
+
+def test_bf16_autocast_on_cpu_trains_within_tolerance_of_fp32(world, tmp_path):
+    rd, student, args = _six_step_run(world, tmp_path)
     fp32 = run(train_cfg(rd, student, *args, "train.name=fp32", "train.precision=fp32"))
     bf16 = run(train_cfg(rd, student, *args, "train.name=bf16", "train.precision=bf16"))
     _close_to_fp32(bf16["history"], fp32["history"])
@@ -148,10 +155,7 @@ def test_bf16_autocast_on_cpu_trains_within_tolerance_of_fp32(world, tmp_path):
 def test_bf16_params_with_fp32_masters(world, tmp_path):
     from safetensors.torch import load_file
 
-    root, student, teacher = world
-    rd = tmp_path / "run"
-    make_selection(rd, student, teacher, n=16)
-    args = ["loss=topk_fkl", "train.max_steps=6", "train.micro_batch_tokens=22", "train.lr=2e-3"]
+    rd, student, args = _six_step_run(world, tmp_path)
     fp32 = run(train_cfg(rd, student, *args, "train.name=fp32", "train.precision=fp32"))
     full = run(train_cfg(rd, student, *args, "train.name=mp", "train.precision=bf16_params"))
     _close_to_fp32(full["history"], fp32["history"])
@@ -178,10 +182,7 @@ def _run_then_resume(rd: Path, student: Path, args: list[str], name: str) -> tup
 def test_fused_adamw_trains_like_the_default_kernel_and_resumes_exactly(world, tmp_path):
     """train.fused_adamw: torch's fused kernel, the same update up to rounding (losses within
     1e-4 of the per-tensor kernel's over 6 steps at lr 2e-3), and its checkpoint resumes exactly."""
-    root, student, teacher = world
-    rd = tmp_path / "run"
-    make_selection(rd, student, teacher, n=16)
-    args = ["loss=topk_fkl", "train.max_steps=6", "train.micro_batch_tokens=22", "train.lr=2e-3"]
+    rd, student, args = _six_step_run(world, tmp_path)
     ref = run(train_cfg(rd, student, *args, "train.name=ref", "train.fused_adamw=false"))
     fused = run(train_cfg(rd, student, *args, "train.name=fused", "train.fused_adamw=true"))
     assert fused["history"] == pytest.approx(ref["history"], rel=1e-4, abs=1e-4)
