@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stages.lib.prefix_attention import split_rows
+
 Head = Callable[[Tensor], Tensor] | nn.Module
 
 
@@ -437,7 +439,7 @@ def shared_prefix_hidden(
     if width:
         r_ids, r_mask = _pad_right(tails, pad_id)  # [R, L] each
         pos = p_lens[own][:, None] + torch.arange(width)  # [R, L] continuing each prefix
-        h_resp = _split_responses(decoder, out.past_key_values, g_mask, own, r_ids, pos)
+        h_resp = split_rows(decoder, out.past_key_values, g_mask, own, r_ids, pos)
         if h_resp is None:  # the prefix's cache repeated per row (the model's own attention)
             cache = out.past_key_values
             cache.batch_select_indices(own.to(device))  # [G, ...] -> [R, ...] per layer
@@ -457,41 +459,6 @@ def shared_prefix_hidden(
     if not rows:
         return last.new_zeros(0, last.shape[-1])
     return torch.cat(rows)  # [M, H]
-
-
-def _split_responses(
-    decoder: nn.Module,
-    cache,
-    g_mask: Tensor,
-    own: Tensor,
-    r_ids: Tensor,
-    pos: Tensor,
-) -> Tensor | None:
-    """The response rows' hidden states ``[R, L, H]`` with each layer's attention split into
-    the prefix's keys (one tensor per prefix, ``stages.lib.prefix_attention``) and the row's
-    own, or None where that split does not suit the model (then the caller repeats the cache).
-    Right-padded rows need no mask of their own: a real token never sees the padding after it."""
-    from stages.lib import prefix_attention as pa
-
-    layers = getattr(cache, "layers", None)
-    if not layers or not pa.fits(decoder, r_ids.shape[1]):
-        return None
-    device, dtype = layers[0].keys.device, layers[0].keys.dtype
-    slots, row_slot, n = pa.layout(own.tolist(), g_mask.shape[0], device)
-    ctx = pa.PrefixContext(
-        keys=[layer.keys for layer in layers],  # [G, kv_heads, P, d] each
-        values=[layer.values for layer in layers],
-        prefix_bias=pa.padding_bias(g_mask.to(device), dtype),  # [G, 1, 1, P]
-        slots=slots,
-        row_slot=row_slot,
-        n=n,
-        own_bias=pa.causal_bias(r_ids.shape[1], dtype, device),  # [1, 1, L, L]
-    )
-    with pa.active(decoder, ctx):
-        h = decoder(input_ids=r_ids.to(device), position_ids=pos.to(device), use_cache=False)
-    if ctx.calls != len(layers):  # attention that bypasses transformers' interface: not split
-        return None
-    return h.last_hidden_state  # [R, L, H]
 
 
 def prefix_groups(

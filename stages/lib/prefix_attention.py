@@ -203,6 +203,39 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return split_attention(query, key, value, ctx, module.layer_idx, scale), None
 
 
+def split_rows(
+    decoder: nn.Module,
+    cache,
+    g_mask: Tensor,
+    own: Tensor,
+    r_ids: Tensor,
+    pos: Tensor,
+) -> Tensor | None:
+    """The response rows' hidden states ``[R, L, H]`` with each layer's attention split into
+    the prefix's keys (one tensor per prefix, ``stages.lib.prefix_attention``) and the row's
+    own, or None where that split does not suit the model (then the caller repeats the cache).
+    Right-padded rows need no mask of their own: a real token never sees the padding after it."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not fits(decoder, r_ids.shape[1]):
+        return None
+    device, dtype = layers[0].keys.device, layers[0].keys.dtype
+    slots, row_slot, n = layout(own.tolist(), g_mask.shape[0], device)
+    ctx = PrefixContext(
+        keys=[layer.keys for layer in layers],  # [G, kv_heads, P, d] each
+        values=[layer.values for layer in layers],
+        prefix_bias=padding_bias(g_mask.to(device), dtype),  # [G, 1, 1, P]
+        slots=slots,
+        row_slot=row_slot,
+        n=n,
+        own_bias=causal_bias(r_ids.shape[1], dtype, device),  # [1, 1, L, L]
+    )
+    with active(decoder, ctx):
+        h = decoder(input_ids=r_ids.to(device), position_ids=pos.to(device), use_cache=False)
+    if ctx.calls != len(layers):  # attention that bypasses transformers' interface: not split
+        return None
+    return h.last_hidden_state  # [R, L, H]
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
