@@ -118,7 +118,8 @@ DIFFERENCES = [
     "Ours runs select with select.threads=1 (DuckDB) so both sides use one compute thread.",
     "Optimizer: AdamW both, same lr (betas: each side's default); TRL's kernel is transformers' "
     "default since torch 2.8 (optim=adamw_torch_fused: one fused pass per tensor), ours is "
-    "torch's per-tensor kernel (train.fused_adamw=false, our default; fused differs by rounding).",
+    "torch's fused kernel too (train.fused_adamw=true, our default; the per-tensor kernel, "
+    "which the demo experiments pin, differs by rounding).",
     "Samples per prompt (settings.samples = n, --samples): ours sets rollout.n = n, so the HF "
     "rollout prefills each prompt once for its n samples and the score stage runs each (model, "
     "prefix) once for them (score.share_prefix, its default); TRL's DistillationTrainer has no "

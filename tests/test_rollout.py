@@ -393,6 +393,39 @@ def test_prefill_once_for_n_samples_same_rows(padded_lm, seed, batch, temperatur
     assert any(len({tuple(x.response_ids) for x in per}) > 1 for per in shared)
 
 
+@pytest.mark.parametrize("strings", [(), ("w1",)])
+def test_split_decoding_runs_and_equals_the_repeated_cache(padded_lm, monkeypatch, strings):
+    """With n > 1 the HF loop keeps each prefix once (decoding.split_decode: every layer's
+    attention split into prefix and own keys) and samples what the repeated-cache ``generate``
+    samples: the same tokens, finish reasons (stop strings too) and log-probs within 1e-5."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.lib import decoding
+    from stages.lib import prefix_attention as pa
+
+    model = AutoModelForCausalLM.from_pretrained(padded_lm, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(padded_lm)
+    decoding.plain_generation_config(model, tok)
+    s = decoding.Sampling(3, 0.9, 0.95, 12)
+    kw = dict(stops=decoding.stops_for(tok, padded_lm, strings=strings), pad=decoding.pad_id(tok),
+              n_ids=len(tok), batch_size=4, seed=5, tok=tok, share_prefix=True)  # fmt: skip
+    calls = []
+    real = pa.split_attention
+    monkeypatch.setattr(pa, "split_attention", lambda *a: calls.append(1) or real(*a))
+    split = decoding.hf_generate(model, RAGGED, s, **kw)
+    assert calls, "the split decoding did not run"
+    monkeypatch.setattr(pa, "fits", lambda *a: False)
+    repeated = decoding.hf_generate(model, RAGGED, s, **kw)
+    worst, reasons = 0.0, set()
+    for a, b in zip(split, repeated, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert (x.response_ids, x.finish_reason) == (y.response_ids, y.finish_reason)
+            reasons.add(x.finish_reason)
+            worst = max([worst] + [abs(u - v) for u, v in zip(x.logprobs, y.logprobs, strict=True)])
+    assert worst <= 1e-5, worst
+    assert ("stop" in reasons) == bool(strings)
+
+
 def test_prefilled_cache_is_preallocated_for_full_attention_only(padded_lm):
     """The shared prefill's cache becomes a StaticCache of prompt + new-token positions holding
     the prefix (what generate then writes in place); a model with sliding-window layers keeps the

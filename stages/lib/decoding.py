@@ -287,6 +287,89 @@ def preallocated(model: Any, cache: Any, length: int) -> Any:
     return pre
 
 
+def split_decode(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    s: Sampling,
+    procs: Any,
+    stops: Stops,
+    pad: int,
+    criteria: list,
+) -> torch.Tensor | None:
+    """``s.n`` samples per prompt with each prompt's prefix kept ONCE for the whole decoding: its
+    keys and values stay one tensor per prompt that every step's attention reads in one batched
+    matmul for the prompt's ``n`` rows (``stages.lib.prefix_attention``), while each row's own
+    tokens go into a ``[rows, max_new_tokens]`` static cache. The repeated-cache path reads the
+    prompt ``n`` times per step and copies it ``n`` times before decoding.
+
+    The loop is ``generate``'s sampling loop: the same logits processors (``procs``, then
+    temperature and top-p), one ``torch.multinomial`` draw per step, finished rows padded, EOS
+    and ``criteria`` stopping a row, the loop ending when every row is done; so the same seed
+    draws the same random numbers, and the tokens equal ``generate``'s wherever the fp32 logits
+    do not round across a sampling boundary. Returns the generated ids ``[B * n, T']``, or None
+    where the split attention does not suit the model (the caller then uses ``generate``).
+    """
+    from transformers import StaticCache, TemperatureLogitsWarper, TopPLogitsWarper
+
+    from stages.lib import prefix_attention as pa
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model or not pa.fits(decoder, 1):
+        return None
+    b, n, steps = ids.shape[0], s.n, s.max_new_tokens
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L] generate's rule for left padding
+    pre = decoder(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                  use_cache=True).past_key_values  # fmt: skip
+    layers = getattr(pre, "layers", None)
+    if not layers:
+        return None
+    dtype, device = layers[0].keys.dtype, ids.device
+    slots, row_slot, _ = pa.layout([i // n for i in range(b * n)], b, device)
+    filled = torch.arange(steps, device=device)  # [T] own positions
+    ctx = pa.PrefixContext(
+        keys=[x.keys for x in layers], values=[x.values for x in layers],  # [B, kvh, L - 1, d]
+        prefix_bias=pa.padding_bias(mask[:, :-1], dtype), slots=slots, row_slot=row_slot, n=n,
+        own_bias=torch.zeros(1, 1, 1, steps, dtype=dtype, device=device),
+    )  # fmt: skip
+    greedy = s.temperature == 0
+    warpers = [] if greedy else [
+        *([TemperatureLogitsWarper(s.temperature)] if s.temperature != 1.0 else []),
+        *([TopPLogitsWarper(s.top_p)] if s.top_p < 1.0 else []),
+    ]  # fmt: skip
+    own = StaticCache(config=model.config, max_cache_len=steps)
+    seq = ids.repeat_interleave(n, dim=0)  # [R, L] the rows so far, as generate keeps them
+    cur, start = seq[:, -1:], pos[:, -1].repeat_interleave(n)[:, None]  # [R, 1] each
+    alive = torch.ones(seq.shape[0], dtype=torch.bool, device=device)  # [R]
+    eos = torch.tensor(stops.all_ids, dtype=torch.long, device=device)
+    for t in range(steps):
+        ctx.own_bias = torch.zeros_like(ctx.own_bias).masked_fill(filled > t, float("-inf"))
+        ctx.calls = 0
+        with pa.active(decoder, ctx):
+            out = model(input_ids=cur, position_ids=start + t, past_key_values=own, use_cache=True)
+        if ctx.calls != len(layers):  # attention outside transformers' interface: not split
+            if t == 0:  # nothing drawn or recorded yet: generate can take over
+                return None
+            raise RuntimeError("split decoding: a layer left the split attention mid-decode")
+        scores = procs(seq, out.logits[:, -1, :].to(dtype=torch.float32, copy=True))  # [R, V]
+        for w in warpers:
+            scores = w(seq, scores)
+        if greedy:
+            nxt = scores.argmax(-1)  # [R]
+        else:
+            nxt = torch.multinomial(torch.softmax(scores, -1), num_samples=1).squeeze(1)  # [R]
+        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad))
+        seq = torch.cat([seq, nxt[:, None]], dim=-1)  # [R, L + t + 1]
+        done = torch.isin(nxt, eos)
+        for c in criteria:
+            done = done | c(seq, scores)
+        alive = alive & ~done
+        if not bool(alive.any()):
+            break
+        cur = nxt[:, None]
+    return seq[:, ids.shape[1] :]  # [R, T']
+
+
 @torch.no_grad()
 def hf_generate(
     model: Any,
@@ -333,30 +416,37 @@ def hf_generate(
         extra: dict[str, Any] = {"num_return_sequences": s.n}
         if stops.strings:  # generation stops at a stop string, where ``cut`` cuts
             extra["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(stops)])
+        gen = None
         if share_prefix and s.n > 1 and ids.shape[1] > 1:
+            crit = [StopStringCriteria(stops)] if stops.strings else []
+            gen = split_decode(model, ids, mask, s, procs, stops, pad, crit)  # [B*n, T']
+        if gen is not None:
+            gen = gen.cpu()
+        elif share_prefix and s.n > 1 and ids.shape[1] > 1:
             ids, mask, cache = prefill_shared(model, ids, mask, s.n, s.max_new_tokens)  # [B*n, L]
             extra = {"past_key_values": cache} | {
                 k: v for k, v in extra.items() if k == "stopping_criteria"
             }
             extra["disable_compile"] = True  # a static cache would turn on compiling on CUDA
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=not greedy,
-            temperature=None if greedy else s.temperature,
-            top_p=None if greedy else s.top_p,
-            top_k=None if greedy else 0,
-            max_new_tokens=s.max_new_tokens,
-            eos_token_id=stops.all_ids,
-            pad_token_id=pad,
-            logits_processor=procs,
-            return_dict_in_generate=True,
-            **extra,
-        )
-        gen = out.sequences[:, ids.shape[1] :].cpu()  # [B*n, T]
+        if gen is None:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=not greedy,
+                temperature=None if greedy else s.temperature,
+                top_p=None if greedy else s.top_p,
+                top_k=None if greedy else 0,
+                max_new_tokens=s.max_new_tokens,
+                eos_token_id=stops.all_ids,
+                pad_token_id=pad,
+                logits_processor=procs,
+                return_dict_in_generate=True,
+                **extra,
+            )
+            gen = out.sequences[:, ids.shape[1] :].cpu()  # [B*n, T]
         gen_l = gen.tolist()
         lps_l = record.finish(gen).tolist() if record else None  # [B*n, T]
-        del out, extra
+        del extra
         for i in range(len(batch)):
             samples = []
             for j in range(s.n):
