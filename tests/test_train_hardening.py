@@ -321,3 +321,21 @@ def test_ctrl_c_exits_130_without_a_traceback_and_resumes(sel_run):
     assert "interrupted" in r.stderr
     res = run(train_cfg(rd, student, *args, "train.save_every=1000"))
     assert res["steps"] == 300 and not res["skipped"]
+
+
+def test_all_finite_is_exact_at_the_edges():
+    """The one-pass finiteness check of the weights before a save: one inf, -inf or NaN in a
+    large tensor is caught; huge finite values (whose fp32 sum would overflow) are not."""
+    import torch
+
+    from stages.lib.training.checkpoint import all_finite
+
+    big = torch.full((1 << 16,), 3.0e38)  # fp32 sum overflows; fp64 does not
+    assert all_finite([big, torch.zeros(3), big.to(torch.bfloat16)])
+    assert all_finite([])
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.randn(1000)
+        t[617] = bad
+        assert not all_finite([torch.ones(2), t])
+    both = torch.tensor([float("inf"), float("-inf")])  # sums to NaN, still caught
+    assert not all_finite([both])
