@@ -2,7 +2,7 @@
 
     python scripts/bench_peer.py --out runs/bench_peer.json [--quick] [--threads N] [--work DIR]
         [--teacher-scale S] [--response-tokens T] [--prompts N] [--samples n] [--prompt-tokens L]
-        [--core-only]
+        [--core-only] [--repeats K]
     python scripts/bench_peer.py --rescore runs/bench_peer.json  # ratios again from its runs
 
 (``--prompts N`` / ``--response-tokens T`` override the mode's sizes; ``--samples n`` samples each
@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -518,20 +519,21 @@ def ratios(r: dict) -> dict:
 def figures(out: dict) -> dict:
     """The headline CPU-second ratios under a key naming the setting, for docs/benchmarks.json
     (``scripts/docs_tables.py --record``): ``peer.n<samples>_p<prompt tokens>_t<teacher>x.*``,
-    e.g. ``peer.n4_p256_t4.6x.epoch_cpu_ours_over_trl``."""
+    e.g. ``peer.n4_p256_t4.6x.epoch_cpu_ours_over_trl``; with repeats, each median and its worst
+    repeat (``..._worst``)."""
     s, r = out["settings"], out["ratios"]
     prompt = s["prompt_words"] + 1  # BOS + words
     tag = f"n{s['samples']}_p{prompt}_t{out['models']['teacher_over_student_matmul_params']:.1f}x"
-    keys = ("epoch_cpu_ours_over_trl", "second_loss_cpu_ours_over_trl",
-            "trainer_tokens_per_cpu_s_ours_over_trl")  # fmt: skip
-    return {"peer": {tag: {k: round(r[k], 3) for k in keys}}}
+    fig = {k: round(r[k], 3) for k in WORST}
+    if len(out.get("ratios_per_repeat", [])) > 1:  # the median above, the worst repeat here
+        fig |= {f"{k}_worst": round(v, 3) for k, v in out["ratios_worst"].items()}
+    return {"peer": {tag: fig}}
 
 
 def rescore(path: Path) -> dict:
     """Recompute a finished JSON's ratios and figures from its runs (after a change to them)."""
     out = json.loads(path.read_text())
-    out["ratios"] = ratios(out["runs"])
-    out |= figures(out)
+    out |= summarize(out)
     path.write_text(json.dumps(out, indent=1))
     return out
 
@@ -611,29 +613,54 @@ def setup(quick: bool, threads: int, work: Path, prompts: int | None, tokens: in
     return header, spec_path, children
 
 
-def bench(quick: bool, threads: int, work: Path, out_path: Path, **sizes) -> dict:
-    """Every child in order (ours, TRL, ours, TRL, ...); the JSON is rewritten after each one, so
-    a run stopped by a timeout still leaves what it measured."""
+def bench(quick: bool, threads: int, work: Path, out_path: Path, repeats: int = 1, **sizes) -> dict:
+    """Every child in order (ours, TRL, ours, TRL, ...), the whole sequence ``repeats`` times;
+    the JSON is rewritten after each child, so a run stopped by a timeout still leaves what it
+    measured. ``runs`` is the first repeat; ``repeats`` holds them all, ``ratios`` is each
+    ratio's median over the complete repeats and ``ratios_worst`` the worst of each headline."""
     t0 = time.perf_counter()
     out, spec_path, children = setup(quick, threads, work, **sizes)
-    out["runs"] = {}
+    out["settings"]["repeats"] = repeats
+    out["repeats"] = []
     timeout = 600 if quick else 1800
-    for name in children:
-        try:
-            out["runs"][name] = spawn(name, spec_path, threads, timeout)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            if name not in (EXTRA, LEAN):
-                raise
-            out["runs"][name] = {"error": str(e)[-2000:]}
-        out["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
-        out["machine"]["loadavg_1_5_15m_at_end"] = os.getloadavg()
-        out["machine"]["parent_peak_rss_mb"] = _rss_mb("VmHWM")  # the floor of ru_maxrss
-        out["seconds"] = time.perf_counter() - t0
-        if all(n in out["runs"] for n in CHILDREN):
-            out["ratios"] = ratios(out["runs"])
-            out |= figures(out)
-        out_path.write_text(json.dumps(out, indent=1))
+    for _ in range(repeats):
+        runs: dict = {}
+        out["repeats"].append(runs)
+        out["runs"] = out["repeats"][0]
+        for name in children:
+            try:
+                runs[name] = spawn(name, spec_path, threads, timeout)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                if name not in (EXTRA, LEAN):
+                    raise
+                runs[name] = {"error": str(e)[-2000:]}
+            out["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
+            out["machine"]["loadavg_1_5_15m_at_end"] = os.getloadavg()
+            out["machine"]["parent_peak_rss_mb"] = _rss_mb("VmHWM")  # the floor of ru_maxrss
+            out["seconds"] = time.perf_counter() - t0
+            out |= summarize(out)
+            out_path.write_text(json.dumps(out, indent=1))
     return out
+
+
+# the headline ratios and which way is worse: CPU seconds ours / TRL (higher), tokens per CPU
+# second ours / TRL (lower)
+WORST = {"epoch_cpu_ours_over_trl": max, "second_loss_cpu_ours_over_trl": max,
+         "trainer_tokens_per_cpu_s_ours_over_trl": min}  # fmt: skip
+
+
+def summarize(out: dict) -> dict:
+    """``ratios`` (each scalar's median over the complete repeats; nested ones from the first),
+    ``ratios_per_repeat``, ``ratios_worst`` and the figures; {} before one repeat is complete."""
+    done = [r for r in out.get("repeats") or [out["runs"]] if all(n in r for n in CHILDREN)]
+    if not done:
+        return {}
+    per = [ratios(r) for r in done]
+    med = {k: statistics.median(p[k] for p in per) if isinstance(v, int | float) else v
+           for k, v in per[0].items()}  # fmt: skip
+    res = {"ratios": med, "ratios_per_repeat": per,
+           "ratios_worst": {k: f(p[k] for p in per) for k, f in WORST.items()}}  # fmt: skip
+    return res | figures(out | res)
 
 
 def _bad_size(a: argparse.Namespace) -> str | None:
@@ -645,7 +672,7 @@ def _bad_size(a: argparse.Namespace) -> str | None:
     if a.prompt_tokens is not None and a.prompt_tokens < 2:
         return f"--prompt-tokens {a.prompt_tokens} must be >= 2 (bench_peer). Fix: give 2 or more"
     for flag, v in (("--prompts", a.prompts), ("--response-tokens", a.tokens),
-                    ("--samples", a.samples)):  # fmt: skip
+                    ("--samples", a.samples), ("--repeats", a.repeats)):  # fmt: skip
         if v is not None and v < 1:
             return f"{flag} {v} must be >= 1 (bench_peer). Fix: give a positive count"
     return None
@@ -670,6 +697,11 @@ def main() -> None:
     ap.add_argument(
         "--core-only", action="store_true",
         help=f"only the six headline runs (no {EXTRA}, no {LEAN})",
+    )  # fmt: skip
+    ap.add_argument(
+        "--repeats", type=int, default=1,
+        help="run the whole interleaved sequence this many times: ratios are medians, with the "
+        "worst repeat beside them (the machine's noise moves one pair's ratio by ~10 %%)",
     )  # fmt: skip
     ap.add_argument("--work", help="build the world here and keep it (default: a temp dir)")
     ap.add_argument("--child", choices=(*CHILDREN, EXTRA, LEAN), help=argparse.SUPPRESS)
@@ -697,7 +729,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     sizes = {"prompts": a.prompts, "tokens": a.tokens, "scale": a.teacher_scale,
              "samples": a.samples, "prompt_tokens": a.prompt_tokens,
-             "core_only": a.core_only}  # fmt: skip
+             "core_only": a.core_only, "repeats": a.repeats}  # fmt: skip
     if a.work:
         Path(a.work).mkdir(parents=True, exist_ok=True)
         result = bench(a.quick, a.threads, Path(a.work).resolve(), out, **sizes)

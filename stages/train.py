@@ -246,8 +246,9 @@ def build_model(
     # layer call is what it schedules for); DDP and one process are fine.
     share = tc.share_prefix and not tc.gradient_checkpointing and not job.fsdp
     wrapped = ResponseLoss(
-        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab), share
-    )
+        model, terms, job.vocab, job.cfg.loss.temperature, loss_chunk(tc, job.vocab), share,
+        tc.split_attention,
+    )  # fmt: skip
     wrapped = wrapped.to(job.dist.device)
     master = None
     if tc.precision == "bf16_params" and not job.fsdp:

@@ -152,3 +152,32 @@ def test_preload_takes_first_use_imports_out_of_the_timed_region():
     new, has_pandas = p.stdout.splitlines()[-2:]
     assert new == "[]"
     assert has_pandas == "True"  # installed here (the dev extra): the preload took it
+
+
+def test_repeats_give_medians_and_the_worst_repeat():
+    """--repeats K: each headline ratio is the median over the complete repeats, the worst
+    repeat sits beside it (the highest CPU ratio, the lowest tokens ratio); an incomplete repeat
+    counts for nothing."""
+
+    def runs(ours: float, trl: float) -> dict:
+        r = {}
+        for kind in ("epoch", "second", "sft"):
+            for side, cpu in (("ours", ours), ("trl", trl)):
+                r[f"{side}_{kind}"] = {"wall_s": cpu, "cpu_s": cpu, "loop_s": cpu,
+                                       "process_wall_s": cpu, "response_tokens": 100,
+                                       "peak_rss_mb": 1.0}  # fmt: skip
+        return r
+
+    out = {"settings": {"prompt_words": 255, "samples": 4},
+           "models": {"teacher_over_student_matmul_params": 4.6},
+           "repeats": [runs(4.0, 25.0), runs(5.0, 25.0), runs(4.5, 30.0), {"ours_epoch": {}}]}  # fmt: skip
+    got = bench_peer.summarize(out)
+    assert len(got["ratios_per_repeat"]) == 3
+    assert got["ratios"]["second_loss_cpu_ours_over_trl"] == pytest.approx(0.16)  # 4/25, 5/25, .15
+    assert got["ratios_worst"]["second_loss_cpu_ours_over_trl"] == pytest.approx(0.2)
+    assert got["ratios_worst"]["trainer_tokens_per_cpu_s_ours_over_trl"] == pytest.approx(5.0)
+    fig = got["peer"]["n4_p256_t4.6x"]
+    assert fig["second_loss_cpu_ours_over_trl"] == 0.16
+    assert fig["second_loss_cpu_ours_over_trl_worst"] == 0.2
+    one = bench_peer.summarize(out | {"repeats": out["repeats"][:1]})
+    assert "second_loss_cpu_ours_over_trl_worst" not in one["peer"]["n4_p256_t4.6x"]

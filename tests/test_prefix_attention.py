@@ -90,7 +90,8 @@ def test_layout_slots_and_rows():
 
 def test_model_takes_the_split_path_and_matches_the_repeated_cache(tiny_lm, monkeypatch):
     """Llama through transformers: every layer runs split_attention, the hidden states equal the
-    repeated-cache path's, and the model's attention setting is back to SDPA afterwards."""
+    copied-cache path's (score/train.split_attention=false), and the model's attention setting is
+    back to SDPA afterwards."""
     model = models.load_model(str(tiny_lm), "student")
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -103,9 +104,8 @@ def test_model_takes_the_split_path_and_matches_the_repeated_cache(tiny_lm, monk
     with torch.no_grad():
         split = lp.shared_prefix_hidden(model, prefixes, responses, owner)
         assert len(calls) == model.config.num_hidden_layers
-        monkeypatch.setattr(pa, "fits", lambda *a: False)
-        repeated = lp.shared_prefix_hidden(model, prefixes, responses, owner)
-    assert len(calls) == model.config.num_hidden_layers  # the second call did not split
+        repeated = lp.shared_prefix_hidden(model, prefixes, responses, owner, split=False)
+    assert len(calls) == model.config.num_hidden_layers  # split=False: the copied cache
     assert float((split - repeated).abs().max()) <= 1e-5
     assert model.config._attn_implementation == "sdpa"
 
@@ -132,3 +132,18 @@ def test_active_restores_the_attention_setting_on_error(tiny_lm):
         assert model.config._attn_implementation == pa.NAME
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_split_attention_keys(tmp_path):
+    from stages.lib.config import compose
+    from stages.lib.errors import UserError
+
+    cfg = compose("train", [f"run_dir={tmp_path}"])
+    assert cfg.train.split_attention is True and cfg.score.split_attention is True
+    demo = compose("train", [f"run_dir={tmp_path}", "experiment=demo"])  # pinned: see demo.yaml
+    assert (demo.train.split_attention, demo.score.split_attention) == (False, False)
+    assert demo.train.fused_adamw is False
+    for key in ("train.split_attention", "score.split_attention"):
+        with pytest.raises(UserError) as e:
+            compose("train", [f"run_dir={tmp_path}", f"{key}=sometimes"])
+        assert key in str(e.value)

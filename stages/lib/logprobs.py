@@ -398,6 +398,7 @@ def shared_prefix_hidden(
     responses: list[list[int]],
     owner: Sequence[int],
     pad_id: int = 0,
+    split: bool = True,
 ) -> Tensor:
     """Final hidden states ``[M, H]`` at the positions that score each response (``M = Σ
     len(responses)``, rows in order, as ``response_positions`` orders them), with each distinct
@@ -405,8 +406,10 @@ def shared_prefix_hidden(
 
     ``responses[b]`` continues ``prefixes[owner[b]]``. Two forwards: the ``G`` prefixes
     (right-padded ``[G, P]``, KV cache kept), then every response row ``[R, L]`` against its
-    prefix's cache (``batch_select_indices`` repeats it per row), with position ids continuing the
-    prefix (``P_g + j``) and an attention mask that hides the other prefixes' padding. Response
+    prefix's keys, with position ids continuing the prefix (``P_g + j``) and the prefix's padding
+    masked. ``split`` (default): each layer's attention reads a prefix's keys once for all its
+    rows (``stages.lib.prefix_attention``, where it suits the model); else, or where it does not
+    suit, ``batch_select_indices`` repeats the prefix's cache per row. Response
     token 0 is scored by the prefix's last position (one hidden state, shared by its responses);
     token ``j >= 1`` by response position ``j - 1``, so a response's last token is never fed.
 
@@ -439,7 +442,9 @@ def shared_prefix_hidden(
     if width:
         r_ids, r_mask = _pad_right(tails, pad_id)  # [R, L] each
         pos = p_lens[own][:, None] + torch.arange(width)  # [R, L] continuing each prefix
-        h_resp = split_rows(decoder, out.past_key_values, g_mask, own, r_ids, pos)
+        h_resp = None
+        if split:  # the prefix's keys read once per prefix (stages.lib.prefix_attention)
+            h_resp = split_rows(decoder, out.past_key_values, g_mask, own, r_ids, pos)
         if h_resp is None:  # the prefix's cache repeated per row (the model's own attention)
             cache = out.past_key_values
             cache.batch_select_indices(own.to(device))  # [G, ...] -> [R, ...] per layer
@@ -499,6 +504,7 @@ def response_hidden(
     attention_mask: Tensor,
     positions: Tensor,
     share_prefix: bool = False,
+    split: bool = True,
 ) -> Tensor:
     """Final hidden states ``[M, H]`` at ``positions`` of a right-padded ``prefix ⊕ response``
     batch, with gradient (the trainer's forward). ``share_prefix``: rows with the same prefix
@@ -507,7 +513,7 @@ def response_hidden(
     if share_prefix and can_share_prefix(model):
         groups = prefix_groups(input_ids, attention_mask, positions)
         if groups is not None:
-            return shared_prefix_hidden(model, *groups)  # [M, H]
+            return shared_prefix_hidden(model, *groups, split=split)  # [M, H]
     hidden = model_hidden_states(model, input_ids, attention_mask)  # [B, L, H]
     return hidden.reshape(-1, hidden.shape[-1])[positions]  # [M, H]
 

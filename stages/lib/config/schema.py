@@ -304,6 +304,11 @@ class ScoreConfig:
     # Stored floats equal the unshared path's to GEMM rounding (<= 1e-5 in log-probs); false runs
     # every prefix ⊕ response row whole. docs/BENCHMARKS.md, prefix-shared scoring.
     share_prefix: bool = True
+    # With share_prefix: each layer's attention reads a prefix's keys once for all its responses
+    # (split into the prefix part and each row's own, one softmax) instead of a copy per row;
+    # the same floats to GEMM rounding. false: the copied cache (the numerics the demo's
+    # documented runs were measured with).
+    split_attention: bool = True
     # HF backend: models loaded at once. one = a model is dropped before the next one loads (GPU
     # memory: the largest model, not their sum; each shard loads each model once) | all = every
     # model stays loaded (no reloads) | auto = one when a role runs on CUDA, else all (on CPU
@@ -346,6 +351,9 @@ class ScoreConfig:
         _check(self.chunk_positions >= 1, "score.chunk_positions", "must be >= 1")
         _check(isinstance(self.compile, bool), "score.compile", "must be true|false")
         _check(isinstance(self.share_prefix, bool), "score.share_prefix", "must be true|false")
+        _check(
+            isinstance(self.split_attention, bool), "score.split_attention", "must be true|false"
+        )
         _check(self.resident in ("one", "all", "auto"), "score.resident", "must be one|all|auto")
 
 

@@ -142,6 +142,11 @@ class TrainConfig:
     # adjacent; rows scatters them. Off under gradient_checkpointing and FSDP (one decoder call
     # per micro-batch there).
     share_prefix: bool = True
+    # With share_prefix: each layer's attention reads the prompt's keys once for all its rows
+    # (split into the prompt part and each row's own, one softmax) instead of a copy per row;
+    # the same loss and gradients to GEMM rounding. false: the copied cache (the numerics the
+    # demo's documented runs were measured with).
+    split_attention: bool = True
     # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast on CPU and CUDA) |
     # bf16_params (bf16 parameters, fp32 master weights in the optimizer). The LM head, the
     # log-softmax and the loss are fp32 in every mode.
@@ -206,6 +211,9 @@ class TrainConfig:
         )
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
         _check(isinstance(self.share_prefix, bool), "train.share_prefix", "must be true|false")
+        _check(
+            isinstance(self.split_attention, bool), "train.split_attention", "must be true|false"
+        )
         _check(
             self.shuffle in (True, False, "prompts", "rows"),
             "train.shuffle",

@@ -121,6 +121,7 @@ def hf_score(
     gather: bool = True,
     progress=None,
     share_prefix: bool = True,
+    split: bool = True,
 ) -> None:
     """Run ``jobs`` through a transformers model; fill ``job.result`` (when ``stats``) and
     ``job.gathered`` (when ``gather``: teacher log-probs at the behaviour top-Kb ids of
@@ -128,7 +129,8 @@ def hf_score(
 
     ``share_prefix`` (score.share_prefix): jobs with the same prefix run it once and score their
     responses against its KV cache (``share_units``, ``lp.shared_prefix_hidden``; always the
-    eager decoder); the others, and everything when off, run as padded ``prefix ⊕ response``
+    eager decoder; ``split``, score.split_attention: the prefix's keys read once per prefix, not
+    copied per row); the others, and everything when off, run as padded ``prefix ⊕ response``
     rows. Memory: at most ``batch_tokens`` padded tokens per forward (cache tokens counted); the
     fp32 head sees ``chunk`` response positions at a time (``[chunk, V]``, never ``[B, T, V]``).
     """
@@ -142,7 +144,7 @@ def hf_score(
         prefixes = [jobs[g[0]].prefix for g in unit]
         owner = [u for u, g in enumerate(unit) for _ in g]
         hidden = lp.shared_prefix_hidden(
-            m.model, prefixes, [j.response for j in batch], owner, pad_id
+            m.model, prefixes, [j.response for j in batch], owner, pad_id, split
         )  # [M, H]
         _head_pass(m, batch, hidden, **kw)
     lengths = [len(jobs[i].prefix) + len(jobs[i].response) for i in single]

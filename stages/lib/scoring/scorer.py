@@ -111,6 +111,7 @@ class Scorer:
                 gather=gather,
                 progress=bar,
                 share_prefix=sc.share_prefix,
+                split=sc.split_attention,
             )
 
         for group in by_model.values():

@@ -39,12 +39,14 @@ class ResponseLoss(nn.Module):
         temperature: float,
         chunk: int,
         share_prefix: bool = False,
+        split: bool = True,
     ):
         super().__init__()
         self.model = model
         self.terms, self.vocab_size = terms, vocab_size
         self.temperature, self.chunk = temperature, chunk
         self.share_prefix = share_prefix  # train.share_prefix: rows of one prompt run it once
+        self.split = split  # train.split_attention: its keys read once, not copied per row
 
     def _chunk_loss(self, h: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         # The head and log-softmax stay fp32 under bf16 autocast and bf16 weights (docs: fp32 head).
@@ -57,7 +59,7 @@ class ResponseLoss(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, batch: dict):
         h = response_hidden(  # [M, H]
-            self.model, input_ids, attention_mask, positions, self.share_prefix
+            self.model, input_ids, attention_mask, positions, self.share_prefix, self.split
         )
         n = h.shape[0]
         if n <= self.chunk:
