@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -623,7 +624,12 @@ def bench(quick: bool, threads: int, work: Path, out_path: Path, repeats: int = 
     out["settings"]["repeats"] = repeats
     out["repeats"] = []
     timeout = 600 if quick else 1800
+    spec = json.loads(spec_path.read_text())
     for _ in range(repeats):
+        # every repeat (and a re-run over the same --work) starts without our cached stages:
+        # a completed rollout or score would be skipped, not measured
+        for d in (spec["run_dir"], spec["run_dir"] + "_lean", spec["trl_dir"]):
+            shutil.rmtree(d, ignore_errors=True)
         runs: dict = {}
         out["repeats"].append(runs)
         out["runs"] = out["repeats"][0]
