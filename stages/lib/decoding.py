@@ -324,14 +324,10 @@ def split_decode(
     layers = getattr(pre, "layers", None)
     if not layers:
         return None
-    dtype, device = layers[0].keys.dtype, ids.device
-    slots, row_slot, _ = pa.layout([i // n for i in range(b * n)], b, device)
-    filled = torch.arange(steps, device=device)  # [T] own positions
-    ctx = pa.PrefixContext(
-        keys=[x.keys for x in layers], values=[x.values for x in layers],  # [B, kvh, L - 1, d]
-        prefix_bias=pa.padding_bias(mask[:, :-1], dtype), slots=slots, row_slot=row_slot, n=n,
-        own_bias=torch.zeros(1, 1, 1, steps, dtype=dtype, device=device),
-    )  # fmt: skip
+    device = ids.device
+    # step t's query sees own positions 0..t: row t of the causal mask over the T own positions
+    causal = pa.causal_bias(steps, layers[0].keys.dtype, device)  # [1, 1, T, T]
+    ctx = pa.context(layers, mask[:, :-1], [i // n for i in range(b * n)], causal[:, :, :1])
     greedy = s.temperature == 0
     warpers = [] if greedy else [
         *([TemperatureLogitsWarper(s.temperature)] if s.temperature != 1.0 else []),
@@ -343,7 +339,7 @@ def split_decode(
     alive = torch.ones(seq.shape[0], dtype=torch.bool, device=device)  # [R]
     eos = torch.tensor(stops.all_ids, dtype=torch.long, device=device)
     for t in range(steps):
-        ctx.own_bias = torch.zeros_like(ctx.own_bias).masked_fill(filled > t, float("-inf"))
+        ctx.own_bias = causal[:, :, t : t + 1]  # [1, 1, 1, T]
         ctx.calls = 0
         with pa.active(decoder, ctx):
             out = model(input_ids=cur, position_ids=start + t, past_key_values=own, use_cache=True)
@@ -413,21 +409,18 @@ def hf_generate(
         procs = LogitsProcessorList(
             ([_MaskRows(n_ids)] if rows > n_ids else []) + ([record] if record else [])
         )
-        extra: dict[str, Any] = {"num_return_sequences": s.n}
-        if stops.strings:  # generation stops at a stop string, where ``cut`` cuts
-            extra["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(stops)])
-        gen = None
-        if share_prefix and s.n > 1 and ids.shape[1] > 1:
-            crit = [StopStringCriteria(stops)] if stops.strings else []
-            gen = split_decode(model, ids, mask, s, procs, stops, pad, crit)  # [B*n, T']
-        if gen is not None:
-            gen = gen.cpu()
-        elif share_prefix and s.n > 1 and ids.shape[1] > 1:
+        # generation stops at a stop string, where ``cut`` cuts (split_decode returns None
+        # before its first call, so generate can take the same criterion over)
+        crit = [StopStringCriteria(stops)] if stops.strings else []
+        extra: dict[str, Any] = {"stopping_criteria": StoppingCriteriaList(crit)} if crit else {}
+        shared = share_prefix and s.n > 1 and ids.shape[1] > 1
+        gen = split_decode(model, ids, mask, s, procs, stops, pad, crit) if shared else None
+        if gen is None and shared:  # the prefix's cache copied per sample
             ids, mask, cache = prefill_shared(model, ids, mask, s.n, s.max_new_tokens)  # [B*n, L]
-            extra = {"past_key_values": cache} | {
-                k: v for k, v in extra.items() if k == "stopping_criteria"
-            }
-            extra["disable_compile"] = True  # a static cache would turn on compiling on CUDA
+            # a static cache would turn on compiling on CUDA
+            extra |= {"past_key_values": cache, "disable_compile": True}
+        elif gen is None:
+            extra["num_return_sequences"] = s.n
         if gen is None:
             out = model.generate(
                 input_ids=ids,
@@ -443,7 +436,8 @@ def hf_generate(
                 return_dict_in_generate=True,
                 **extra,
             )
-            gen = out.sequences[:, ids.shape[1] :].cpu()  # [B*n, T]
+            gen = out.sequences[:, ids.shape[1] :]  # [B*n, T]
+        gen = gen.cpu()
         gen_l = gen.tolist()
         lps_l = record.finish(gen).tolist() if record else None  # [B*n, T]
         del extra

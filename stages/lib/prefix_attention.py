@@ -60,20 +60,32 @@ class PrefixContext:
     calls: int = 0  # layers that ran through split_attention (checked by the caller)
 
 
+def context(layers: list, prefix_mask: Tensor, owner: list[int], own_bias: Tensor) -> PrefixContext:
+    """The context of rows ``owner`` (row r continues prefix ``owner[r]``) over a prefix cache's
+    ``layers`` (transformers cache layers, keys and values ``[G, kv_heads, P, d]``) whose tokens
+    ``prefix_mask`` ``[G, P]`` marks."""
+    keys = layers[0].keys
+    slots, row_slot, n = layout(owner, prefix_mask.shape[0], keys.device)
+    return PrefixContext(
+        keys=[x.keys for x in layers],
+        values=[x.values for x in layers],
+        prefix_bias=padding_bias(prefix_mask.to(keys.device), keys.dtype),  # [G, 1, 1, P]
+        slots=slots,
+        row_slot=row_slot,
+        n=n,
+        own_bias=own_bias,
+    )
+
+
 def layout(owner: list[int], groups: int, device: torch.device | str) -> tuple[Tensor, Tensor, int]:
     """``(slots [G·n], row_slot [R], n)`` for rows whose prefix is ``owner[r]``: row ``r`` takes
     the next free slot of its group; ``n`` is the largest group; empty slots name row ``R``."""
-    counts = [0] * groups
-    row_slot = []
-    for g in owner:
-        row_slot.append(g)
-        counts[g] += 1
-    n = max(counts) if counts else 1
+    n = max([owner.count(g) for g in range(groups)] + [1])
     used = [0] * groups
-    slots = [len(owner)] * (groups * n)
+    slots, row_slot = [len(owner)] * (groups * n), []
     for r, g in enumerate(owner):
-        row_slot[r] = g * n + used[g]
-        slots[row_slot[r]] = r
+        row_slot.append(g * n + used[g])
+        slots[row_slot[-1]] = r
         used[g] += 1
     as_long = dict(dtype=torch.long, device=device)
     return torch.tensor(slots, **as_long), torch.tensor(row_slot, **as_long), n
@@ -160,18 +172,19 @@ def split_attention(
     s_own = torch.matmul(q.reshape(r, kvh, g * length, d), k.transpose(-1, -2))
     s_own = (s_own.view(r, kvh, g, length, -1) + ctx.own_bias[:, :, None]).view(s_own.shape)
     with torch.no_grad():  # one maximum per query row over both parts
-        top = torch.maximum(_slots_to_rows(s_pre.amax(-1), ctx, groups, n), s_own.amax(-1))
-        top_g = _rows_to_slots(top, ctx, groups, n)  # [G, kvh, Q]
+        top = torch.maximum(_slots_to_rows(s_pre.amax(-1), ctx), s_own.amax(-1))
+        top_g = _rows_to_slots(top, ctx)  # [G, kvh, Q]
     e_pre = torch.exp(s_pre - top_g[..., None])  # [G, kvh, Q, P]
     e_own = torch.exp(s_own - top[..., None])  # [R, kvh, g·L, S]
-    den = _slots_to_rows(e_pre.sum(-1), ctx, groups, n) + e_own.sum(-1)  # [R, kvh, g·L]
-    num = _slots_to_rows(torch.matmul(e_pre, vp), ctx, groups, n) + torch.matmul(e_own, v)
+    den = _slots_to_rows(e_pre.sum(-1), ctx) + e_own.sum(-1)  # [R, kvh, g·L]
+    num = _slots_to_rows(torch.matmul(e_pre, vp), ctx) + torch.matmul(e_own, v)
     out = (num / den[..., None]).view(r, h, length, d)  # [R, h, L, d]
     return out.transpose(1, 2)  # [R, L, h, d]
 
 
-def _rows_to_slots(x: Tensor, ctx: PrefixContext, groups: int, n: int) -> Tensor:
+def _rows_to_slots(x: Tensor, ctx: PrefixContext) -> Tensor:
     """``[R, kvh, Q']`` per row -> ``[G, kvh, n·Q']`` in slot layout (empty slots 0)."""
+    groups, n = len(ctx.slots) // ctx.n, ctx.n
     pad = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # [R + 1, kvh, Q']
     return (
         pad[ctx.slots]
@@ -181,8 +194,9 @@ def _rows_to_slots(x: Tensor, ctx: PrefixContext, groups: int, n: int) -> Tensor
     )
 
 
-def _slots_to_rows(x: Tensor, ctx: PrefixContext, groups: int, n: int) -> Tensor:
+def _slots_to_rows(x: Tensor, ctx: PrefixContext) -> Tensor:
     """``[G, kvh, n·Q', ...]`` in slot layout -> ``[R, kvh, Q', ...]`` per row."""
+    groups, n = x.shape[0], ctx.n
     kvh, tail = x.shape[1], x.shape[3:]
     per = x.view(groups, kvh, n, -1, *tail).transpose(1, 2)  # [G, n, kvh, Q', ...]
     return per.reshape(groups * n, kvh, -1, *tail)[ctx.row_slot]  # [R, kvh, Q', ...]
@@ -219,16 +233,8 @@ def split_rows(
     if not layers or not fits(decoder, r_ids.shape[1]):
         return None
     device, dtype = layers[0].keys.device, layers[0].keys.dtype
-    slots, row_slot, n = layout(own.tolist(), g_mask.shape[0], device)
-    ctx = PrefixContext(
-        keys=[layer.keys for layer in layers],  # [G, kv_heads, P, d] each
-        values=[layer.values for layer in layers],
-        prefix_bias=padding_bias(g_mask.to(device), dtype),  # [G, 1, 1, P]
-        slots=slots,
-        row_slot=row_slot,
-        n=n,
-        own_bias=causal_bias(r_ids.shape[1], dtype, device),  # [1, 1, L, L]
-    )
+    causal = causal_bias(r_ids.shape[1], dtype, device)  # [1, 1, L, L]
+    ctx = context(layers, g_mask, own.tolist(), causal)
     with active(decoder, ctx):
         h = decoder(input_ids=r_ids.to(device), position_ids=pos.to(device), use_cache=False)
     if ctx.calls != len(layers):  # attention that bypasses transformers' interface: not split
