@@ -324,15 +324,21 @@ def test_ctrl_c_exits_130_without_a_traceback_and_resumes(sel_run):
 
 
 def test_all_finite_is_exact_at_the_edges():
-    """The one-pass finiteness check of the weights before a save: one inf, -inf or NaN in a
-    large tensor is caught; huge finite values (whose fp32 sum would overflow) are not."""
+    """The one-pass finiteness check of the weights before a save (``aminmax``): one inf, -inf
+    or NaN in a large tensor is caught, in any lane of the vectorised kernel or its scalar tail;
+    huge finite values (whose fp32 sum would overflow) are not; empty tensors have no ends."""
     import torch
 
     from stages.lib.training.checkpoint import all_finite
 
     big = torch.full((1 << 16,), 3.0e38)  # fp32 sum overflows; fp64 does not
     assert all_finite([big, torch.zeros(3), big.to(torch.bfloat16)])
-    assert all_finite([])
+    assert all_finite([]) and all_finite([torch.zeros(0), torch.ones(3)])
+    for dtype in (torch.float32, torch.bfloat16):
+        for pos in range(37):
+            t = torch.randn(37).to(dtype)
+            t[pos] = float("nan")
+            assert not all_finite([torch.ones(2), t]), (dtype, pos)
     for bad in (float("inf"), float("-inf"), float("nan")):
         t = torch.randn(1000)
         t[617] = bad

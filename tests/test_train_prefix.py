@@ -20,11 +20,11 @@ from stages.lib.training.objective import ResponseLoss
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def batch_of(vocab: int, seed: int):
+def batch_of(vocab: int, seed: int, lens=(1, 6, 23, 40)):
     """Rows grouped by prompt (as the rollout writes a prompt's n samples), right-padded."""
     rng = np.random.default_rng(seed)
     prefixes, responses = [], []
-    for p in (1, 6, 23, 40):
+    for p in lens:
         prefix = rng.integers(4, vocab, p).tolist()
         for _ in range(int(rng.integers(1, 5))):
             prefixes.append(prefix)
@@ -45,16 +45,26 @@ def loss_and_grads(model, ids, mask, pos, responses, share: bool):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_shared_training_forward_and_gradients_equal_unshared(tiny_lm, seed):
+@pytest.mark.parametrize("lens", [(1, 6, 23, 40), (2, 6, 23, 40)])
+def test_shared_training_forward_and_gradients_equal_unshared(tiny_lm, seed, lens):
+    """With every prompt >= 2 tokens, a prompt's last token is fed with each of its rows (the
+    prompt pass has no read output, so no backward through its last layer); a 1-token prompt
+    keeps the prompt whole (its pass would be empty)."""
     model = models.load_model(str(tiny_lm), "student")
     model.train()
     vocab = model.config.vocab_size
-    ids, mask, pos, prefixes, responses = batch_of(vocab, seed)
+    ids, mask, pos, prefixes, responses = batch_of(vocab, seed, lens)
     groups = lp.prefix_groups(ids, mask, pos)
     assert groups is not None and len(groups[0]) == 4 < len(prefixes)  # 4 prompts, more rows
     assert groups[1] == responses
     a, ga = loss_and_grads(model, ids, mask, pos, responses, share=False)
+    widths = []  # the token width of each decoder call: the prompt pass first
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
     b, gb = loss_and_grads(model, ids, mask, pos, responses, share=True)
+    hook.remove()
+    assert widths[0] == max(lens) - (min(lens) >= 2)
     assert abs(a - b) <= 1e-5 * abs(a)
     for name, g in ga.items():
         scale = float(g.abs().max()) + 1e-12

@@ -412,6 +412,8 @@ def shared_prefix_hidden(
     suit, ``batch_select_indices`` repeats the prefix's cache per row. Response
     token 0 is scored by the prefix's last position (one hidden state, shared by its responses);
     token ``j >= 1`` by response position ``j - 1``, so a response's last token is never fed.
+    Under autograd (every prefix >= 2 tokens) that last position is fed as each row's first
+    token instead, so nothing reads the prefix pass's output and backward skips its last layer.
 
     Equal to one forward over each ``prefix ⊕ response`` up to GEMM rounding (the same floats
     in another summation order: ~1e-6 in log-probs, tests/test_score_prefix.py). Memory: the
@@ -428,21 +430,25 @@ def shared_prefix_hidden(
         raise ValueError("empty prefix: nothing scores the first response token")
     device = next(model.parameters()).device
     decoder = model.get_decoder()
-    g_ids, g_mask = _pad_right(prefixes, pad_id)  # [G, P] each
+    # Under autograd a prefix's last token is fed with each of its rows (n copies of one
+    # position): the prefix pass then has no output anyone reads, so backward does not run its
+    # last layer's MLP and projections over every prefix position for one position's nonzero
+    # gradient (~4 % of a training step at a 256-token prompt; measured in docs/BENCHMARKS.md)
+    lead = 1 if torch.is_grad_enabled() and all(len(p) >= 2 for p in prefixes) else 0
+    g_ids, g_mask = _pad_right([p[: len(p) - lead] for p in prefixes], pad_id)  # [G, P] each
     p_lens = g_mask.sum(1)  # [G]
     out = decoder(input_ids=g_ids.to(device), attention_mask=g_mask.to(device), use_cache=True)
     h_pre = out.last_hidden_state  # [G, P, H]
-    rows_g = torch.arange(len(prefixes), device=device)  # [G]
-    last = h_pre[rows_g, (p_lens - 1).to(device)]  # [G, H]
-    del h_pre
     own = torch.as_tensor(list(owner), dtype=torch.long)  # [R]
-    tails = [list(r[:-1]) for r in responses]  # the tokens whose outputs score tokens 1..r-1
+    rows_g = torch.arange(len(prefixes), device=device)  # [G]
+    last = h_pre[rows_g, (p_lens - 1).to(device)]  # [G, H] scores token 0, unless lead
+    # the tokens whose outputs score tokens 1..r-1 (and token 0 too when lead)
+    tails = [[prefixes[o][-1]] * lead + list(r[:-1]) for r, o in zip(responses, owner)]
     width = max((len(t) for t in tails), default=0)
     h_resp = None
     if width:
         r_ids, r_mask = _pad_right(tails, pad_id)  # [R, L] each
         pos = p_lens[own][:, None] + torch.arange(width)  # [R, L] continuing each prefix
-        h_resp = None
         if split:  # the prefix's keys read once per prefix (stages.lib.prefix_attention)
             h_resp = split_rows(decoder, out.past_key_values, g_mask, own, r_ids, pos)
         if h_resp is None:  # the prefix's cache repeated per row (the model's own attention)
@@ -458,11 +464,12 @@ def shared_prefix_hidden(
             ).last_hidden_state  # [R, L, H]
     rows = []
     for b, r in enumerate(responses):
-        rows.append(last[int(own[b])][None])  # [1, H] scores token 0
-        if len(r) > 1:
-            rows.append(h_resp[b, : len(r) - 1])  # [r - 1, H]
+        if not lead:
+            rows.append(last[int(own[b])][None])  # [1, H] scores token 0
+        if len(r) > 1 - lead:
+            rows.append(h_resp[b, : len(r) - 1 + lead])  # [r - 1 + lead, H]
     if not rows:
-        return last.new_zeros(0, last.shape[-1])
+        return h_pre.new_zeros(0, h_pre.shape[-1])
     return torch.cat(rows)  # [M, H]
 
 
