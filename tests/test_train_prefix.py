@@ -71,6 +71,20 @@ def test_shared_training_forward_and_gradients_equal_unshared(tiny_lm, seed, len
         assert float((g - gb[name]).abs().max()) <= 1e-4 * scale, name
 
 
+def test_unsplit_sharing_runs_the_whole_prompt(tiny_lm):
+    """``split=False`` (the arithmetic the demo pins) keeps each prompt whole in its pass."""
+    model = models.load_model(str(tiny_lm), "student")
+    ids, mask, pos, _, _ = batch_of(model.config.vocab_size, 0, (2, 6, 23, 40))
+    widths = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    lp.response_hidden(model, ids, mask, pos, share_prefix=True, split=False)
+    lp.response_hidden(model, ids, mask, pos, share_prefix=True, split=True)
+    hook.remove()
+    assert widths[0] == 40 and widths[2] == 39
+
+
 def test_prefix_groups_is_none_when_nothing_repeats(tiny_lm):
     ids, mask = pad_right([[5, 6, 7], [5, 6, 8], [9]], 0)  # [3, 3]
     pos = response_positions([2, 2, 1], [1, 1, 0], 3)

@@ -412,8 +412,9 @@ def shared_prefix_hidden(
     suit, ``batch_select_indices`` repeats the prefix's cache per row. Response
     token 0 is scored by the prefix's last position (one hidden state, shared by its responses);
     token ``j >= 1`` by response position ``j - 1``, so a response's last token is never fed.
-    Under autograd (every prefix >= 2 tokens) that last position is fed as each row's first
-    token instead, so nothing reads the prefix pass's output and backward skips its last layer.
+    With ``split``, under autograd (every prefix >= 2 tokens), that last position is fed as each
+    row's first token instead, so nothing reads the prefix pass's output and backward skips its
+    last layer.
 
     Equal to one forward over each ``prefix ⊕ response`` up to GEMM rounding (the same floats
     in another summation order: ~1e-6 in log-probs, tests/test_score_prefix.py). Memory: the
@@ -433,8 +434,9 @@ def shared_prefix_hidden(
     # Under autograd a prefix's last token is fed with each of its rows (n copies of one
     # position): the prefix pass then has no output anyone reads, so backward does not run its
     # last layer's MLP and projections over every prefix position for one position's nonzero
-    # gradient (~4 % of a training step at a 256-token prompt; measured in docs/BENCHMARKS.md)
-    lead = 1 if torch.is_grad_enabled() and all(len(p) >= 2 for p in prefixes) else 0
+    # gradient (~4 % of a training step at a 256-token prompt). With ``split`` only:
+    # ``split=False`` keeps the arithmetic of runs measured before both (the demo pins it).
+    lead = int(split and torch.is_grad_enabled() and all(len(p) >= 2 for p in prefixes))
     g_ids, g_mask = _pad_right([p[: len(p) - lead] for p in prefixes], pad_id)  # [G, P] each
     p_lens = g_mask.sum(1)  # [G]
     out = decoder(input_ids=g_ids.to(device), attention_mask=g_mask.to(device), use_cache=True)
