@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_schemas import prompts as prompts_schema
-from stages.lib import models
+from stages.lib import allocator, models
 from stages.lib.config import Config, RolloutConfig
 from stages.lib.entry import hydra_entry
 from stages.lib.generation import generate_rollouts
@@ -50,6 +50,7 @@ def policy_of(cfg: Config) -> tuple[str, bool]:
     return str(cfg.student.path), False
 
 
+@allocator.reuse()
 def run(cfg: Config) -> dict:
     prompts = prompts_schema.read(
         cfg.data.prompts, max_prompts=cfg.data.max_prompts, split=cfg.data.split

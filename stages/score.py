@@ -60,7 +60,7 @@ import torch
 
 from data_schemas import rollouts as rollouts_table
 from data_schemas import tokens as tokens_table
-from stages.lib import models, safety, store, vllm_backend
+from stages.lib import allocator, models, safety, store, vllm_backend
 from stages.lib.config import Config, ScoreConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -304,6 +304,7 @@ def _commit(
     )
 
 
+@allocator.reuse()
 def run(cfg: Config) -> dict:
     """Score the rollouts of ``cfg.run_dir`` into ``run_dir/tokens/``; return a summary dict."""
     sc, layout = cfg.score, RunLayout.of(cfg.run_dir)

@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from data_schemas import manifest as manifest_mod
 from data_schemas import selected as selected_table
-from stages.lib import adapters, models, safety, store, trackers
+from stages.lib import adapters, allocator, models, safety, store, trackers
 from stages.lib.config import Config, TrainConfig, as_dict
 from stages.lib.entry import hydra_entry
 from stages.lib.errors import UserError
@@ -524,6 +524,7 @@ def train(job: Job) -> dict:
     return summary(job, state, plan.__dict__, skipped=False)
 
 
+@allocator.reuse()
 def run(cfg: Config) -> dict:
     """Train on ``run_dir/selected/<train.selection>``; return a summary (steps, losses, paths)."""
     dist = setup_distributed(cfg.train.device)
