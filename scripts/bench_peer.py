@@ -128,6 +128,10 @@ DIFFERENCES = [
     "per-prompt repeat, so its dataset holds each prompt n times: each copy is sampled, scored "
     "by the teacher and trained on as its own row (as every online trainer re-encodes the prompt "
     "per sample). Both train on the same N * n sequences, 8 per step.",
+    "Memory: our stages keep freed memory for reuse while they run (stages/lib/allocator.py "
+    "sets glibc's mmap threshold to 32 MiB and its trim threshold to 1 GiB, and hands the memory "
+    "back at the end), so a training step reuses the last step's pages; TRL runs with glibc's "
+    "defaults, under which each step's activations are unmapped or trimmed and faulted in again.",
     "ours_epoch_lean (not a headline figure): our epoch with score.behavior=false (the behaviour "
     "log-prob is the rollout's own fp32 record, no student pass in score), score.entropy=false "
     "(no entropy columns) and train.trackers=[] (no TensorBoard, as TRL's report_to=none).",
