@@ -442,8 +442,9 @@ def shared_prefix_hidden(
     out = decoder(input_ids=g_ids.to(device), attention_mask=g_mask.to(device), use_cache=True)
     h_pre = out.last_hidden_state  # [G, P, H]
     own = torch.as_tensor(list(owner), dtype=torch.long)  # [R]
-    rows_g = torch.arange(len(prefixes), device=device)  # [G]
-    last = h_pre[rows_g, (p_lens - 1).to(device)]  # [G, H] scores token 0, unless lead
+    last = None  # [G, H]: the prefix's last position scores token 0 (unless lead)
+    if not lead:
+        last = h_pre[torch.arange(len(prefixes), device=device), (p_lens - 1).to(device)]
     # the tokens whose outputs score tokens 1..r-1 (and token 0 too when lead)
     tails = [[prefixes[o][-1]] * lead + list(r[:-1]) for r, o in zip(responses, owner)]
     width = max((len(t) for t in tails), default=0)
