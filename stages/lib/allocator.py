@@ -4,8 +4,8 @@ A training step frees its activations (hundreds of MB) at the end of backward an
 again in the next forward. With glibc's defaults most of that memory goes back to the kernel
 in between (blocks above the mmap threshold are unmapped; the top of the heap is trimmed once it
 holds more than the trim threshold), so every step takes its page faults again: first-touch
-faults of ~50-200 MB per step on the peer benchmark's 24M student, whose kernel work and cold
-pages made a steady CPU step 8-19 % slower (``scripts/bench_peer.py``'s world, 12 steps,
+faults of ~40-60 MB per step on the peer benchmark's 24M student, whose kernel work and cold
+pages made a steady CPU step 7-19 % slower (``scripts/bench_peer.py``'s world, 12 steps,
 docs/BENCHMARKS.md). Inside :func:`reuse`, blocks up to 32 MiB (glibc's largest mmap threshold)
 come from the heap and up to 1 GiB of free heap top is kept, so a step reuses the last step's
 pages; on leaving, the trim threshold drops to 64 MiB (what glibc's own adjustment reaches for
