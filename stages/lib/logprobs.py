@@ -432,10 +432,9 @@ def shared_prefix_hidden(
     device = next(model.parameters()).device
     decoder = model.get_decoder()
     # Under autograd a prefix's last token is fed with each of its rows (n copies of one
-    # position): the prefix pass then has no output anyone reads, so backward does not run its
-    # last layer's MLP and projections over every prefix position for one position's nonzero
-    # gradient (~4 % of a training step at a 256-token prompt). With ``split`` only:
-    # ``split=False`` keeps the arithmetic of runs measured before both (the demo pins it).
+    # position): no one reads the prefix pass's output, so backward skips its last layer over
+    # every prefix position for one nonzero gradient (~4 % of a step at a 256-token prompt). With
+    # ``split`` only: ``split=False`` keeps the arithmetic of earlier runs (the demo pins it).
     lead = int(split and torch.is_grad_enabled() and all(len(p) >= 2 for p in prefixes))
     g_ids, g_mask = _pad_right([p[: len(p) - lead] for p in prefixes], pad_id)  # [G, P] each
     p_lens = g_mask.sum(1)  # [G]
