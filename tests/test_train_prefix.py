@@ -5,6 +5,8 @@ groups of 1-4 rows per prompt, prompts of 1-40 tokens and ragged responses."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -34,6 +36,19 @@ def batch_of(vocab: int, seed: int, lens=(1, 6, 23, 40)):
     return ids, mask, pos, prefixes, responses
 
 
+@contextlib.contextmanager
+def decoder_widths(model):
+    """The token width of each decoder call made inside the block, in order."""
+    widths: list[int] = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        yield widths
+    finally:
+        hook.remove()
+
+
 def loss_and_grads(model, ids, mask, pos, responses, share: bool):
     model.zero_grad()
     targets = torch.tensor([t for r in responses for t in r])  # [M]
@@ -58,12 +73,8 @@ def test_shared_training_forward_and_gradients_equal_unshared(tiny_lm, seed, len
     assert groups is not None and len(groups[0]) == 4 < len(prefixes)  # 4 prompts, more rows
     assert groups[1] == responses
     a, ga = loss_and_grads(model, ids, mask, pos, responses, share=False)
-    widths = []  # the token width of each decoder call: the prompt pass first
-    hook = model.get_decoder().register_forward_pre_hook(
-        lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
-    )
-    b, gb = loss_and_grads(model, ids, mask, pos, responses, share=True)
-    hook.remove()
+    with decoder_widths(model) as widths:  # the prompt pass first
+        b, gb = loss_and_grads(model, ids, mask, pos, responses, share=True)
     assert widths[0] == max(lens) - (min(lens) >= 2)
     assert abs(a - b) <= 1e-5 * abs(a)
     for name, g in ga.items():
@@ -75,13 +86,9 @@ def test_unsplit_sharing_runs_the_whole_prompt(tiny_lm):
     """``split=False`` (the arithmetic the demo pins) keeps each prompt whole in its pass."""
     model = models.load_model(str(tiny_lm), "student")
     ids, mask, pos, _, _ = batch_of(model.config.vocab_size, 0, (2, 6, 23, 40))
-    widths = []
-    hook = model.get_decoder().register_forward_pre_hook(
-        lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
-    )
-    lp.response_hidden(model, ids, mask, pos, share_prefix=True, split=False)
-    lp.response_hidden(model, ids, mask, pos, share_prefix=True, split=True)
-    hook.remove()
+    with decoder_widths(model) as widths:
+        lp.response_hidden(model, ids, mask, pos, share_prefix=True, split=False)
+        lp.response_hidden(model, ids, mask, pos, share_prefix=True, split=True)
     assert widths[0] == 40 and widths[2] == 39
 
 
